@@ -1,0 +1,36 @@
+"""banger core: models, state, daemon/RPC, CLI shell, VM state machine and hookspecs.
+
+The core knows no feature; every capability is a plugin (see docs/plugins.md).
+Plugins write ``from banger_core import hookimpl``.
+
+Imports here are lazy so that ``banger --version`` does not pay for pluggy/pydantic.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# Bumped when the request/response envelope changes incompatibly.
+PROTOCOL_VERSION = 1
+
+if TYPE_CHECKING:  # pragma: no cover
+    from banger_core.hookspecs import hookimpl as hookimpl
+
+_LAZY = {
+    "hookimpl": ("banger_core.hookspecs", "hookimpl"),
+    "hookspec": ("banger_core.hookspecs", "hookspec"),
+    "BangerError": ("banger_core.errors", "BangerError"),
+    "ErrorCode": ("banger_core.errors", "ErrorCode"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'banger_core' has no attribute {name!r}") from None
+    import importlib
+
+    return getattr(importlib.import_module(module), attr)

@@ -1,0 +1,1 @@
+"""The banger CLI (typer). ``entry.main`` is the console script."""

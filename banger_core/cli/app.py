@@ -1,0 +1,148 @@
+"""The typer app: core commands, plus whatever enabled plugins register."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+
+from banger_core import __version__
+from banger_core.cli import style
+from banger_core.errors import BangerError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from banger_core.paths import Paths
+    from banger_core.runtime import Runtime
+
+
+class _State:
+    """Lazily loaded process state shared by commands."""
+
+    def __init__(self) -> None:
+        self._rt: Runtime | None = None
+        self.load_error: BangerError | None = None
+        self._paths: Paths | None = None
+
+    @property
+    def paths(self) -> "Paths":
+        if self._paths is None:
+            from banger_core.paths import Paths
+
+            self._paths = Paths.from_env()
+        return self._paths
+
+    def try_runtime(self) -> "Runtime | None":
+        if self._rt is None and self.load_error is None:
+            from banger_core.runtime import Runtime
+
+            try:
+                self._rt = Runtime.load(self.paths)
+            except BangerError as exc:
+                self.load_error = exc
+        return self._rt
+
+    def runtime(self) -> "Runtime":
+        rt = self.try_runtime()
+        if rt is None:
+            assert self.load_error is not None
+            raise self.load_error
+        return rt
+
+    def client(self):  # noqa: ANN201 - avoid importing at module load
+        from banger_core.client import Client
+
+        return Client(self.paths)
+
+
+state = _State()
+
+
+def echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"banger {__version__}")
+        raise typer.Exit()
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="banger",
+        help="A real, disposable Linux machine in one command.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @app.callback()
+    def _root(
+        version: Optional[bool] = typer.Option(
+            None, "--version", "-V", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        ),
+    ) -> None:
+        pass
+
+    @app.command()
+    def version(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+        """Show the CLI's and the running daemon's versions."""
+        info = state.client().hello()
+        data = {"cli": __version__, "daemon": info.get("version") if info else None}
+        if as_json:
+            echo_json(data)
+            return
+        typer.echo(f"banger  {__version__}")
+        typer.echo(f"bangerd {data['daemon'] or 'not running'}")
+
+    from banger_core.cli import daemon_cmd, doctor_cmd, plugins_cmd
+
+    app.add_typer(daemon_cmd.app, name="daemon")
+    app.add_typer(plugins_cmd.app, name="plugins")
+    app.command("doctor")(doctor_cmd.doctor)
+    _register_plugin_commands(app)
+    return app
+
+
+def _register_plugin_commands(app: typer.Typer) -> None:
+    rt = state.try_runtime()
+    if rt is None:
+        return
+    for name in rt.host.enabled:
+        try:
+            rt.host.call("register_commands", name, app=app)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
+            rec = rt.host.records[name]
+            rec.status, rec.reason = "broken", f"register_commands failed: {type(exc).__name__}: {exc}"
+
+
+def fail(err: BangerError) -> None:
+    msg = f"banger: {err.message}"
+    if err.op_id:
+        msg += f" ({err.op_id})"
+    print(style.paint(msg, "red", sys.stderr), file=sys.stderr)
+    sys.exit(1)
+
+
+def run(argv: list[str]) -> None:
+    import logging
+
+    # Problems the CLI cares about are reported through plugins list / doctor / errors;
+    # keep library warnings off the terminal unless tracing is asked for.
+    root = logging.getLogger("banger")
+    if os.environ.get("BANGER_TRACE_PLUGINS") == "1" or os.environ.get("BANGER_DEBUG") == "1":
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    else:
+        root.addHandler(logging.NullHandler())
+        root.propagate = False
+    try:
+        app = build_app()
+        app(args=argv, prog_name="banger")
+    except BangerError as err:
+        fail(err)
+    except KeyboardInterrupt:
+        print("banger: interrupted", file=sys.stderr)
+        sys.exit(130)

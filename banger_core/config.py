@@ -1,0 +1,196 @@
+"""The one config loader: user ``config.toml`` and per-project ``banger.toml``.
+
+``config.toml`` (in the config dir)::
+
+    [plugins]
+    enable = ["dns", "nat"]   # optional allow-list: only these plugins load
+    disable = ["filesync"]    # never load these
+
+    [daemon]
+    log_level = "info"
+
+    [<plugin>]                # one table per plugin, validated by its own model
+    key = "value"
+
+A project's ``banger.toml`` (in the directory a VM is made from) has the same
+``[plugins]`` table, applied on top for that project's VMs only, and plugin tables
+whose keys override the user's.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from banger_core.errors import BangerError, ErrorCode
+from banger_core.paths import PROJECT_FILE
+
+if TYPE_CHECKING:  # pragma: no cover
+    from banger_core.plugins import PluginHost
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PluginsTable(_Table):
+    enable: list[str] | None = Field(default=None, description="allow-list of plugins")
+    disable: list[str] = Field(default_factory=list, description="block-list of plugins")
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> "PluginsTable":
+        both = sorted(set(self.enable or ()) & set(self.disable))
+        if both:
+            raise ValueError(f"plugin(s) both enabled and disabled: {', '.join(both)}")
+        return self
+
+
+class DaemonTable(_Table):
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class CoreConfig(_Table):
+    plugins: PluginsTable = Field(default_factory=PluginsTable)
+    daemon: DaemonTable = Field(default_factory=DaemonTable)
+
+
+CORE_TABLES = frozenset(CoreConfig.model_fields)
+
+
+def format_validation_error(path: Path, table: str | None, exc: ValidationError) -> str:
+    """``FILE: [table] key: what was expected (got …)`` — one line per problem."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        if table is None and loc:
+            tbl, loc = loc[0], loc[1:]
+        else:
+            tbl = table
+        key = ".".join(loc) if loc else "(table)"
+        msg = err.get("msg", "invalid")
+        where = f"[{tbl}] {key}" if tbl else key
+        got = ""
+        if err.get("type") not in ("missing",) and "input" in err and not isinstance(err["input"], dict):
+            got = f" (got {err['input']!r})"
+        lines.append(f"{path}: {where}: {msg}{got}")
+    return "; ".join(lines)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise BangerError(ErrorCode.CONFIG, f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise BangerError(ErrorCode.CONFIG, f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _plugin_tables(path: Path, raw: dict[str, Any], core_tables: frozenset[str]) -> dict[str, dict[str, Any]]:
+    tables: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        if key in core_tables:
+            continue
+        if not isinstance(value, dict):
+            raise BangerError(
+                ErrorCode.CONFIG, f"{path}: {key}: expected a table [{key}], got {type(value).__name__}"
+            )
+        tables[key] = value
+    return tables
+
+
+@dataclass
+class ProjectConfig:
+    """A project's ``banger.toml``."""
+
+    path: Path
+    plugins: PluginsTable
+    tables: dict[str, dict[str, Any]]
+
+    @classmethod
+    def load(cls, directory: Path) -> "ProjectConfig | None":
+        path = directory / PROJECT_FILE
+        if not path.exists():
+            return None
+        raw = _read_toml(path)
+        try:
+            plugins = PluginsTable.model_validate(raw.get("plugins", {}))
+        except ValidationError as exc:
+            raise BangerError(ErrorCode.CONFIG, format_validation_error(path, "plugins", exc)) from None
+        return cls(path=path, plugins=plugins, tables=_plugin_tables(path, raw, frozenset({"plugins"})))
+
+
+@dataclass
+class Config:
+    path: Path
+    core: CoreConfig = field(default_factory=CoreConfig)
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> "Config":
+        raw = _read_toml(path)
+        core_raw = {k: v for k, v in raw.items() if k in CORE_TABLES}
+        try:
+            core = CoreConfig.model_validate(core_raw)
+        except ValidationError as exc:
+            raise BangerError(ErrorCode.CONFIG, format_validation_error(path, None, exc)) from None
+        return cls(path=path, core=core, tables=_plugin_tables(path, raw, CORE_TABLES))
+
+    # --- plugin enablement --------------------------------------------------------
+    def globally_disabled(self, installed: list[str]) -> set[str]:
+        """Plugins that must not even be loaded, per this config."""
+        out = set(self.core.plugins.disable)
+        if self.core.plugins.enable is not None:
+            out |= {n for n in installed if n not in self.core.plugins.enable}
+        return out
+
+    def enabled_for(self, host: "PluginHost", project: ProjectConfig | None) -> list[str]:
+        """The dependency-ordered plugins that act on VMs made from ``project``."""
+        names = list(host.enabled)
+        if project is not None:
+            for key in ("enable", "disable"):
+                for n in getattr(project.plugins, key) or ():
+                    if n not in host.records:
+                        raise BangerError(
+                            ErrorCode.CONFIG,
+                            f"{project.path}: [plugins] {key}: plugin {n!r} is not installed",
+                        )
+                    if key == "enable" and n not in names:
+                        raise BangerError(
+                            ErrorCode.CONFIG,
+                            f"{project.path}: [plugins] enable: plugin {n!r} is "
+                            f"{host.records[n].status} for this user ({host.records[n].reason})",
+                        )
+            if project.plugins.enable is not None:
+                names = [n for n in names if n in project.plugins.enable]
+            names = [n for n in names if n not in project.plugins.disable]
+        return host.order(names)
+
+    # --- plugin settings ----------------------------------------------------------
+    def settings_for(self, host: "PluginHost", plugin: str, project: ProjectConfig | None = None) -> BaseModel | None:
+        model = host.call("config_model", plugin)
+        user = self.tables.get(plugin, {})
+        proj = project.tables.get(plugin, {}) if project else {}
+        if model is None:
+            if user or proj:
+                src = project.path if proj else self.path
+                raise BangerError(ErrorCode.CONFIG, f"{src}: [{plugin}]: plugin {plugin!r} takes no settings")
+            return None
+        try:
+            model.model_validate(user)
+        except ValidationError as exc:
+            raise BangerError(ErrorCode.CONFIG, format_validation_error(self.path, plugin, exc)) from None
+        try:
+            return model.model_validate({**user, **proj})
+        except ValidationError as exc:  # only the project's keys can be at fault now
+            assert project is not None
+            raise BangerError(ErrorCode.CONFIG, format_validation_error(project.path, plugin, exc)) from None
+
+    def unknown_tables(self, host: "PluginHost") -> list[str]:
+        return sorted(t for t in self.tables if t not in host.records)

@@ -1,0 +1,1 @@
+"""bangerd: the per-user daemon (Unix socket RPC, state owner, reconcile)."""

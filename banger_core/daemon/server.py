@@ -1,0 +1,343 @@
+"""bangerd: one daemon per user, serving RPC on an owner-only Unix socket."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+from banger_core import PROTOCOL_VERSION, __version__, protocol
+from banger_core.daemon.rpc import Call, Registry
+from banger_core.errors import BangerError, ErrorCode
+from banger_core.fingerprint import fingerprint
+from banger_core.logs import current_op, setup_json_logging
+from banger_core.paths import Paths
+
+log = logging.getLogger("banger.daemon")
+
+DRAIN_TIMEOUT = 30.0
+
+
+def peer_uid(sock: socket.socket) -> tuple[int, int]:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
+
+
+class Daemon:
+    def __init__(self, paths: Paths) -> None:
+        from banger_core.handles import HandleStore
+        from banger_core.runtime import Runtime
+        from banger_core.store import Store
+
+        self.paths = paths
+        self.rt = Runtime.load(paths)
+        self.store = Store(paths.db_file)
+        self.handles = HandleStore(paths)
+        self.registry = Registry()
+        self.started = time.time()
+        self.fingerprint = fingerprint(paths)
+        self.owner_uid = os.getuid()
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+        self._register_core_methods()
+        self._register_plugin_methods()
+
+    # --- methods ------------------------------------------------------------------
+    def _register_core_methods(self) -> None:
+        reg = self.registry.register
+
+        async def hello(_params: Any, call: Call) -> dict[str, Any]:
+            return {
+                "version": __version__,
+                "protocol": PROTOCOL_VERSION,
+                "pid": os.getpid(),
+                "fingerprint": self.fingerprint,
+            }
+
+        async def status(_params: Any, call: Call) -> dict[str, Any]:
+            return {
+                "version": __version__,
+                "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started, 3),
+                "socket": str(self.paths.socket),
+                "log": str(self.paths.daemon_log),
+                "state_dir": str(self.paths.state_dir),
+                "inflight": len(self._inflight) - 1,
+                "plugins": self.rt.order or [],
+                "plugin_error": self.rt.order_error.message if self.rt.order_error else None,
+                "methods": sorted(self.registry.methods),
+                "vms": len(self.store.list_vms()),
+            }
+
+        async def shutdown(_params: Any, call: Call) -> dict[str, Any]:
+            call.log.info("shutdown requested by uid %s", call.peer_uid)
+            asyncio.get_running_loop().call_soon(self._stopping.set)
+            return {"pid": os.getpid()}
+
+        reg("daemon.hello", hello)
+        reg("daemon.status", status)
+        reg("daemon.shutdown", shutdown)
+
+    def _register_plugin_methods(self) -> None:
+        host = self.rt.host
+        for name in host.enabled:
+            try:
+                host.call("register_rpc_methods", name, register=self.registry.for_plugin(name))
+            except Exception as exc:  # noqa: BLE001 - one plugin must not take the daemon down
+                log.error("plugin %s: register_rpc_methods failed: %s", name, exc)
+
+    # --- reconcile ----------------------------------------------------------------
+    def reconcile(self) -> None:
+        from banger_core.context import ReconcileContext
+
+        self.handles.load_all()
+        if self.rt.order_error:
+            log.error("plugins not usable: %s", self.rt.order_error.message)
+            return
+        host = self.rt.host
+
+        def ctx(name: str) -> dict[str, Any]:
+            return {
+                "ctx": ReconcileContext(
+                    plugin=name,
+                    paths=self.paths,
+                    store=self.store,
+                    settings=self.rt.config.settings_for(host, name),
+                    log=logging.LoggerAdapter(logging.getLogger(f"banger.plugin.{name}"), {"op_id": "reconcile"}),
+                )
+            }
+
+        order = [n for n in self.rt.order or [] if host.impl("reconcile", n)]
+        for name, exc in host.call_each("reconcile", order, kwargs_for=ctx):
+            log.error("plugin %s: reconcile failed: %s", name, exc)
+
+    # --- connections --------------------------------------------------------------
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._inflight.add(task)
+        try:
+            await self._handle(reader, writer)
+        except (ConnectionError, BrokenPipeError):
+            pass
+        except Exception:  # noqa: BLE001 - the daemon stays up whatever a client sends
+            log.exception("unexpected error serving a connection")
+        finally:
+            self._inflight.discard(task)
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    async def _reply_error(self, writer: asyncio.StreamWriter, err: BangerError) -> None:
+        log.warning("request failed: %s: %s", err.code.value, err.message, extra={"op_id": err.op_id})
+        await self._send(writer, protocol.encode(protocol.error(err.op_id, err.to_dict())))
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        pid, uid = peer_uid(sock)
+        op_id = protocol.new_op_id()
+        if uid not in (self.owner_uid, 0):
+            await self._reply_error(
+                writer,
+                BangerError(
+                    ErrorCode.UNAUTHORIZED,
+                    f"uid {uid} may not use the banger daemon of uid {self.owner_uid}",
+                    op_id=op_id,
+                ),
+            )
+            return
+        try:
+            line = await reader.readline()
+        except ValueError:  # longer than MAX_FRAME without a newline
+            await self._reply_error(
+                writer, BangerError(ErrorCode.BAD_REQUEST, f"frame exceeds {protocol.MAX_FRAME} bytes", op_id=op_id)
+            )
+            return
+        if not line:
+            return  # connected and left
+        if not line.endswith(b"\n"):
+            await self._reply_error(
+                writer,
+                BangerError(
+                    ErrorCode.BAD_REQUEST, f"truncated frame: {len(line)} bytes without a newline", op_id=op_id
+                ),
+            )
+            return
+        try:
+            req = json.loads(line)
+        except (UnicodeDecodeError, ValueError) as exc:
+            await self._reply_error(
+                writer, BangerError(ErrorCode.BAD_REQUEST, f"frame is not valid JSON: {exc}", op_id=op_id)
+            )
+            return
+        if not isinstance(req, dict):
+            await self._reply_error(writer, BangerError(ErrorCode.BAD_REQUEST, "request must be a JSON object", op_id=op_id))
+            return
+        if isinstance(req.get("op_id"), str) and protocol.OP_ID_RE.match(req["op_id"]):
+            op_id = req["op_id"]
+        if req.get("v") != PROTOCOL_VERSION:
+            await self._reply_error(
+                writer,
+                BangerError(
+                    ErrorCode.BAD_VERSION,
+                    f"protocol version {req.get('v')!r} not supported; this daemon speaks {PROTOCOL_VERSION}",
+                    op_id=op_id,
+                ),
+            )
+            return
+        method = req.get("method")
+        if not isinstance(method, str):
+            await self._reply_error(writer, BangerError(ErrorCode.BAD_REQUEST, "request has no method", op_id=op_id))
+            return
+        await self._run(method, req.get("params", {}), op_id, uid, reader, writer)
+
+    async def _run(
+        self,
+        method: str,
+        params: Any,
+        op_id: str,
+        uid: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        token = current_op.set(op_id)
+        try:
+            call = Call(op_id=op_id, method=method, peer_uid=uid, _send=lambda b: self._send(writer, b))
+            log.info("request %s", method, extra={"method": method, "peer_uid": uid})
+            t0 = time.perf_counter()
+            work = asyncio.create_task(self.registry.dispatch(method, params, call))
+            watch = asyncio.create_task(self._until_eof(reader))
+            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if work not in done:
+                work.cancel()
+                try:
+                    await work
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                    pass
+                log.warning("request %s cancelled: client disconnected", method)
+                return
+            watch.cancel()
+            try:
+                value = work.result()
+            except BangerError as exc:
+                exc.op_id = op_id
+                await self._reply_error(writer, exc)
+                return
+            except asyncio.CancelledError:
+                await self._reply_error(writer, BangerError(ErrorCode.CANCELLED, "request cancelled: daemon shutting down", op_id=op_id))
+                return
+            except Exception as exc:  # noqa: BLE001
+                log.exception("%s failed", method)
+                await self._reply_error(
+                    writer,
+                    BangerError(ErrorCode.OPERATION_FAILED, f"{method} failed: {type(exc).__name__}: {exc}", op_id=op_id),
+                )
+                return
+            log.info("request %s ok in %.1f ms", method, (time.perf_counter() - t0) * 1000)
+            await self._send(writer, protocol.encode(protocol.result(op_id, value)))
+        finally:
+            current_op.reset(token)
+
+    @staticmethod
+    async def _until_eof(reader: asyncio.StreamReader) -> None:
+        while await reader.read(4096):
+            pass
+
+    # --- lifecycle ----------------------------------------------------------------
+    async def serve(self) -> None:
+        sock_path = self.paths.socket
+        try:
+            sock_path.unlink()
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)  # the socket is born 0600: no window where others may connect
+        try:
+            server = await asyncio.start_unix_server(self.handle, path=str(sock_path), limit=protocol.MAX_FRAME)
+        finally:
+            os.umask(old)
+        os.chmod(sock_path, 0o600)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        log.info("bangerd %s listening on %s (pid %s)", __version__, sock_path, os.getpid())
+        async with server:
+            await self._stopping.wait()
+            log.info("shutting down")
+            server.close()
+            pending = {t for t in self._inflight if t is not asyncio.current_task()}
+            if pending:
+                _, late = await asyncio.wait(pending, timeout=DRAIN_TIMEOUT)
+                for t in late:
+                    t.cancel()
+        try:
+            sock_path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _acquire_lock(paths: Paths) -> int | None:
+    fd = os.open(paths.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bangerd", description="banger's per-user daemon")
+    parser.add_argument("--version", action="version", version=f"bangerd {__version__}")
+    parser.parse_args(argv)
+    paths = Paths.from_env()
+    paths.ensure()
+    lock_fd = _acquire_lock(paths)
+    if lock_fd is None:
+        print(f"bangerd: another daemon holds {paths.lock_file}; exiting", file=sys.stderr)
+        return 0
+    try:
+        from banger_core.config import Config
+
+        try:
+            level = Config.load(paths.config_file).core.daemon.log_level
+        except BangerError:
+            level = "info"
+        setup_json_logging(paths.daemon_log, level)
+        try:
+            daemon = Daemon(paths)
+        except BangerError as exc:
+            log.error("cannot start: %s", exc.message)
+            print(f"bangerd: {exc.message}", file=sys.stderr)
+            return 1
+        daemon.reconcile()
+        paths.pid_file.write_text(f"{os.getpid()}\n")
+        asyncio.run(daemon.serve())
+        return 0
+    finally:
+        try:
+            if paths.pid_file.read_text().strip() == str(os.getpid()):
+                paths.pid_file.unlink()
+        except OSError:
+            pass
+        os.close(lock_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""``banger doctor``: core checks plus every plugin's registered checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+from typing import TYPE_CHECKING, Callable
+
+from banger_core.context import CheckResult
+from banger_core.errors import BangerError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from banger_core.paths import Paths
+    from banger_core.runtime import Runtime
+
+
+def core_checks(paths: "Paths", rt: "Runtime | None", load_error: BangerError | None) -> list[CheckResult]:
+    out: list[CheckResult] = []
+    v = sys.version_info
+    out.append(
+        CheckResult.ok("python", f"{v.major}.{v.minor}.{v.micro}")
+        if v >= (3, 11)
+        else CheckResult.fail("python", f"{v.major}.{v.minor}: banger needs Python 3.11+")
+    )
+    if load_error is not None:
+        out.append(CheckResult.fail("config", load_error.message))
+    else:
+        assert rt is not None
+        detail = str(paths.config_file) if paths.config_file.exists() else f"{paths.config_file} (absent: defaults)"
+        out.append(CheckResult.ok("config", detail))
+        unknown = rt.config.unknown_tables(rt.host)
+        if unknown:
+            out.append(
+                CheckResult.warn(
+                    "config tables", f"{paths.config_file}: no installed plugin named {', '.join(unknown)}; ignored"
+                )
+            )
+        for rec in rt.host.records.values():
+            if rec.status == "broken":
+                out.append(CheckResult.fail(f"plugin {rec.name}", rec.reason))
+        if rt.order_error is not None:
+            out.append(CheckResult.fail("plugin order", rt.order_error.message))
+        else:
+            out.append(CheckResult.ok("plugin order", " -> ".join(rt.order or []) or "(no plugins)"))
+        for name in rt.order or []:
+            try:
+                rt.config.settings_for(rt.host, name)
+            except BangerError as exc:
+                out.append(CheckResult.fail(f"settings {name}", exc.message))
+    out.append(_state_check(paths))
+    out.append(_runtime_dir_check(paths))
+    out.append(_daemon_check(paths))
+    qemu = shutil.which("qemu-system-x86_64")
+    out.append(
+        CheckResult.ok("qemu", qemu)
+        if qemu
+        else CheckResult.warn("qemu", "qemu-system-x86_64 not found: VMs cannot boot under QEMU (apt install qemu-system-x86)")
+    )
+    if os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK):
+        out.append(CheckResult.ok("kvm", "/dev/kvm is accessible (boots probe it before use)"))
+    else:
+        out.append(CheckResult.warn("kvm", "/dev/kvm not accessible: guests run under TCG software emulation (slow)"))
+    return out
+
+
+def _state_check(paths: "Paths") -> CheckResult:
+    from banger_core.store import MIGRATIONS, Store
+
+    try:
+        store = Store(paths.db_file)
+        try:
+            applied = store.applied_migrations()
+        finally:
+            store.close()
+    except Exception as exc:  # noqa: BLE001
+        return CheckResult.fail("state", f"{paths.db_file}: {exc}")
+    latest = MIGRATIONS[-1][0]
+    if applied and applied[-1] == latest:
+        return CheckResult.ok("state", f"{paths.db_file} (schema {latest})")
+    return CheckResult.fail("state", f"{paths.db_file}: schema at {applied[-1] if applied else 0}, want {latest}")
+
+
+def _runtime_dir_check(paths: "Paths") -> CheckResult:
+    d = paths.runtime_dir
+    if not d.exists():
+        return CheckResult.ok("runtime dir", f"{d} (created on first use)")
+    st = d.stat()
+    if st.st_uid != os.getuid():
+        return CheckResult.fail("runtime dir", f"{d} is owned by uid {st.st_uid}, not you ({os.getuid()})")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        return CheckResult.fail("runtime dir", f"{d} has mode {oct(stat.S_IMODE(st.st_mode))}; want 0700")
+    return CheckResult.ok("runtime dir", f"{d} (0700)")
+
+
+def _daemon_check(paths: "Paths") -> CheckResult:
+    from banger_core import __version__
+    from banger_core.client import Client
+
+    try:
+        info = Client(paths).hello()
+    except BangerError as exc:
+        return CheckResult.fail("daemon", exc.message)
+    if info is None:
+        return CheckResult.ok("daemon", "not running (the CLI starts it on demand)")
+    if info.get("version") != __version__:
+        return CheckResult.warn("daemon", f"pid {info['pid']} runs {info.get('version')}; replaced on next use")
+    return CheckResult.ok("daemon", f"pid {info['pid']}, {paths.socket}")
+
+
+def plugin_checks(rt: "Runtime") -> list[CheckResult]:
+    out: list[CheckResult] = []
+    checks: list[tuple[str, str, Callable]] = []
+    for name in rt.order or rt.host.enabled:
+
+        def register(check_name: str, fn: Callable, _plugin: str = name) -> None:
+            checks.append((_plugin, check_name, fn))
+
+        try:
+            rt.host.call("register_doctor_checks", name, register=register)
+        except Exception as exc:  # noqa: BLE001
+            out.append(CheckResult.fail(f"{name}", f"register_doctor_checks failed: {exc}"))
+    for plugin, check_name, fn in checks:
+        label = f"{plugin}: {check_name}"
+        try:
+            settings = rt.config.settings_for(rt.host, plugin)
+            res = fn(settings)
+        except Exception as exc:  # noqa: BLE001
+            out.append(CheckResult.fail(label, f"check raised {type(exc).__name__}: {exc}"))
+            continue
+        for r in res if isinstance(res, list) else [res]:
+            if not isinstance(r, CheckResult):
+                out.append(CheckResult.fail(label, f"check returned {r!r}, not a CheckResult"))
+                continue
+            out.append(CheckResult(f"{plugin}: {r.name}" if r.name != check_name else label, r.status, r.detail))
+    return out

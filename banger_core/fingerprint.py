@@ -1,0 +1,30 @@
+"""What a running daemon must match to be reused: banger's version, the user's
+config.toml and the installed plugin distributions. Stdlib only (the CLI runs it on
+every daemon call); when it differs the CLI replaces the daemon."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib.metadata import entry_points
+
+from banger_core import __version__
+from banger_core.paths import Paths
+
+
+def installed_plugins() -> list[tuple[str, str]]:
+    out = set()
+    for ep in entry_points(group="banger.plugins"):
+        dist = getattr(ep, "dist", None)
+        out.add((ep.name, f"{ep.value}@{dist.version if dist else '?'}"))
+    return sorted(out)
+
+
+def fingerprint(paths: Paths) -> str:
+    h = hashlib.sha256(__version__.encode())
+    try:
+        h.update(paths.config_file.read_bytes())
+    except OSError:
+        h.update(b"<no config>")
+    for name, ver in installed_plugins():
+        h.update(f"\0{name}={ver}".encode())
+    return h.hexdigest()[:16]

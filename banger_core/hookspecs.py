@@ -1,0 +1,143 @@
+"""The hooks a banger plugin can implement, in lifecycle order.
+
+Call convention: the core always calls hooks with keyword arguments, so an
+implementation may accept any subset of a hook's parameters, and new parameters can be
+added later without breaking existing plugins.
+
+Registry hooks (``register_*``) receive a ``register`` callable and return nothing.
+Lifecycle hooks are called per plugin, in the order resolved from each plugin's
+declared ``requires``/``provides`` (setup stages forward, ``cleanup`` in reverse);
+see docs/plugins.md for the diagram.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    import typer
+    from pydantic import BaseModel
+
+    from banger_core.context import CheckFn, ReconcileContext, StageContext
+    from banger_core.models import Machine
+
+PROJECT = "banger"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+# ---------------------------------------------------------------------------------
+# Contribution: what a plugin adds to banger (called when plugins load)
+# ---------------------------------------------------------------------------------
+
+
+@hookspec
+def config_model() -> "type[BaseModel] | None":
+    """Return the pydantic model of this plugin's settings.
+
+    The user's ``config.toml`` table ``[<plugin name>]``, merged with the same table of
+    a project's ``banger.toml``, is validated by it; the validated instance is handed
+    to every lifecycle hook as ``ctx.settings``. Errors name the file, table and key.
+    Called once per plugin. Added in 0.1.
+    """
+
+
+@hookspec
+def register_commands(app: "typer.Typer") -> None:
+    """Add CLI commands or sub-apps to ``banger``'s typer app.
+
+    Keep imports inside the command functions: this hook runs on every CLI start.
+    Added in 0.1.
+    """
+
+
+@hookspec
+def register_rpc_methods(register: "Callable[..., None]") -> None:
+    """Add daemon RPC methods.
+
+    ``register(name, handler, params=Model | None)``: ``name`` must be
+    ``<plugin>.<method>``; ``handler`` is ``async def handler(params, call)`` where
+    ``params`` is the validated params model and ``call`` the request (op id, logger,
+    ``emit(event)`` for progress). Return a JSON-able value or pydantic model; raise
+    ``BangerError`` for user errors. Added in 0.1.
+    """
+
+
+@hookspec
+def register_doctor_checks(register: "Callable[[str, CheckFn], None]") -> None:
+    """Add checks to ``banger doctor``.
+
+    ``register(name, fn)``; ``fn(settings)`` returns a ``CheckResult`` (or a list).
+    An exception in ``fn`` is reported as FAIL for that check. Added in 0.1.
+    """
+
+
+# ---------------------------------------------------------------------------------
+# Daemon start
+# ---------------------------------------------------------------------------------
+
+
+@hookspec
+def reconcile(ctx: "ReconcileContext") -> None:
+    """Bring host state back in line with the store at daemon start.
+
+    Runs once per daemon start in dependency order, before requests are served:
+    rebuild in-memory tables (DNS records), and remove leftovers of VMs that are no
+    longer running. Must be idempotent. Added in 0.1.
+    """
+
+
+# ---------------------------------------------------------------------------------
+# VM lifecycle, in order: prepare_host -> configure_machine -> (boot) -> post_boot
+#                          ... -> cleanup (reverse order)
+# ---------------------------------------------------------------------------------
+
+
+@hookspec
+def prepare_host(ctx: "StageContext") -> None:
+    """Create host-side resources for a VM about to boot (TAP, NAT rules, disks).
+
+    Record in ``ctx.teardown`` what ``cleanup`` needs before creating anything.
+    If it raises, the VM does not boot and every enabled plugin's ``cleanup`` runs.
+    Added in 0.1.
+    """
+
+
+@hookspec
+def configure_machine(ctx: "StageContext", machine: "Machine") -> None:
+    """Extend the VMM-neutral machine description (drives, NICs, boot args).
+
+    Mutate ``machine`` in place. Runs after every plugin's ``prepare_host``.
+    Added in 0.1.
+    """
+
+
+@hookspec
+def post_boot(ctx: "StageContext") -> None:
+    """Act on a booted guest (health checks, file sync, DNS records). Added in 0.1."""
+
+
+@hookspec
+def cleanup(ctx: "StageContext") -> None:
+    """Undo everything ``prepare_host``/``post_boot`` did for the VM.
+
+    Runs in reverse dependency order when a VM stops, fails to start or is deleted,
+    and again for leftovers at reconcile. Must be idempotent and must not assume
+    ``prepare_host`` ran (or finished): rely on ``ctx.teardown``. Every plugin's
+    cleanup runs even if another's raised; all errors are reported together.
+    Added in 0.1.
+    """
+
+
+LIFECYCLE_STAGES: tuple[str, ...] = ("prepare_host", "configure_machine", "post_boot", "cleanup")
+ALL_HOOKS: tuple[str, ...] = (
+    "config_model",
+    "register_commands",
+    "register_rpc_methods",
+    "register_doctor_checks",
+    "reconcile",
+    *LIFECYCLE_STAGES,
+)
+
+

@@ -1,0 +1,89 @@
+"""Runs the plugin lifecycle for one VM: setup stages in dependency order around the
+boot, cleanup in reverse. The VM state machine (issue: lifecycle) drives this."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from banger_core.config import ProjectConfig
+from banger_core.context import StageContext
+from banger_core.errors import BangerError, MultiError
+from banger_core.models import VM, Machine
+from banger_core.runtime import Runtime
+
+log = logging.getLogger("banger.lifecycle")
+
+
+class Lifecycle:
+    """The plugins acting on one VM, their settings, and the stage runner.
+
+    Construction resolves the plugin set (the user's config plus the VM's project
+    banger.toml) and validates every plugin's settings, so bad config fails before
+    any host state exists.
+    """
+
+    def __init__(
+        self,
+        rt: Runtime,
+        vm: VM,
+        *,
+        op_id: str,
+        persist: Callable[[VM], None] | None = None,
+        handles: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        self.rt = rt
+        self.vm = vm
+        self.op_id = op_id
+        self._persist = persist or (lambda _vm: None)
+        self.handles = handles if handles is not None else {}
+        project_dir = Path(vm.project_dir) if vm.project_dir else None
+        self.plugins, self.project = rt.plugins_for(project_dir)
+        self.settings: dict[str, BaseModel | None] = {
+            name: rt.config.settings_for(rt.host, name, self.project) for name in self.plugins
+        }
+
+    def ctx(self, plugin: str, stage: str) -> StageContext:
+        return StageContext(
+            plugin=plugin,
+            stage=stage,
+            vm=self.vm,
+            paths=self.rt.paths,
+            settings=self.settings[plugin],
+            op_id=self.op_id,
+            log=logging.LoggerAdapter(logging.getLogger(f"banger.plugin.{plugin}"), {"op_id": self.op_id}),
+            teardown=self.vm.teardown.setdefault(plugin, {}),
+            handles=self.handles.setdefault(plugin, {}),
+            persist=lambda: self._persist(self.vm),
+        )
+
+    def _stage(self, stage: str, **kwargs: Any) -> None:
+        self.rt.host.run_setup(stage, self.plugins, lambda n: self.ctx(n, stage), **kwargs)
+        self._persist(self.vm)
+
+    def start(self, machine: Machine, boot: Callable[[Machine], None]) -> None:
+        """prepare_host -> configure_machine -> boot -> post_boot; on any failure run
+        cleanup for every plugin and raise the first error (cleanup errors attached)."""
+        try:
+            self._stage("prepare_host")
+            self._stage("configure_machine", machine=machine)
+            boot(machine)
+            self._stage("post_boot")
+        except BaseException as exc:
+            try:
+                self.cleanup()
+            except MultiError as cleanup_exc:
+                if isinstance(exc, BangerError):
+                    exc.details["cleanup_failures"] = cleanup_exc.details["failures"]
+                log.error("cleanup after failed start also failed: %s", cleanup_exc, extra={"op_id": self.op_id})
+            raise
+
+    def cleanup(self) -> None:
+        """Every plugin's cleanup, reverse order; all errors raised together."""
+        try:
+            self.rt.host.run_cleanup(self.plugins, lambda n: self.ctx(n, "cleanup"))
+        finally:
+            self._persist(self.vm)

@@ -1,0 +1,107 @@
+"""The one path layout of banger. Everything on disk is named here.
+
+Directories follow XDG, each overridable by an environment variable so tests and
+system installs can relocate them:
+
+=================  ======================  ==========================================
+what               override                default
+=================  ======================  ==========================================
+config             ``BANGER_CONFIG_DIR``   ``$XDG_CONFIG_HOME/banger`` (~/.config/banger)
+state (durable)    ``BANGER_STATE_DIR``    ``$XDG_STATE_HOME/banger`` (~/.local/state/banger)
+cache              ``BANGER_CACHE_DIR``    ``$XDG_CACHE_HOME/banger`` (~/.cache/banger)
+runtime (socket)   ``BANGER_RUNTIME_DIR``  ``$XDG_RUNTIME_DIR/banger`` or /tmp/banger-<uid>
+=================  ======================  ==========================================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    config_dir: Path
+    state_dir: Path
+    cache_dir: Path
+    runtime_dir: Path
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Paths":
+        env = dict(os.environ if env is None else env)
+
+        def pick(override: str, xdg: str, fallback: str) -> Path:
+            if env.get(override):
+                return Path(env[override]).expanduser().absolute()
+            if env.get(xdg) and os.path.isabs(env[xdg]):
+                return Path(env[xdg]) / "banger"
+            return Path.home() / fallback / "banger"
+
+        if env.get("BANGER_RUNTIME_DIR"):
+            runtime = Path(env["BANGER_RUNTIME_DIR"]).expanduser().absolute()
+        elif env.get("XDG_RUNTIME_DIR") and os.path.isabs(env["XDG_RUNTIME_DIR"]):
+            runtime = Path(env["XDG_RUNTIME_DIR"]) / "banger"
+        else:
+            runtime = Path(f"/tmp/banger-{os.getuid()}")
+        return cls(
+            config_dir=pick("BANGER_CONFIG_DIR", "XDG_CONFIG_HOME", ".config"),
+            state_dir=pick("BANGER_STATE_DIR", "XDG_STATE_HOME", ".local/state"),
+            cache_dir=pick("BANGER_CACHE_DIR", "XDG_CACHE_HOME", ".cache"),
+            runtime_dir=runtime,
+        )
+
+    # --- config -------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.config_dir / "config.toml"
+
+    # --- state --------------------------------------------------------------------
+    @property
+    def db_file(self) -> Path:
+        return self.state_dir / "banger.db"
+
+    @property
+    def daemon_log(self) -> Path:
+        return self.state_dir / "bangerd.log"
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.state_dir / "vms"
+
+    def vm_dir(self, vm_id: str) -> Path:
+        return self.vms_dir / vm_id
+
+    def vm_handles(self, vm_id: str) -> Path:
+        return self.vm_dir(vm_id) / "handles.json"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.state_dir / "images"
+
+    @property
+    def kernels_dir(self) -> Path:
+        return self.state_dir / "kernels"
+
+    # --- runtime ------------------------------------------------------------------
+    @property
+    def socket(self) -> Path:
+        return self.runtime_dir / "bangerd.sock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.runtime_dir / "bangerd.pid"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.runtime_dir / "bangerd.lock"
+
+    def ensure(self) -> None:
+        """Create the directories with owner-only permissions where it matters."""
+        for d in (self.config_dir, self.state_dir, self.cache_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.runtime_dir, 0o700)
+
+
+PROJECT_FILE = "banger.toml"

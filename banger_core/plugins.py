@@ -1,0 +1,299 @@
+"""Plugin loading, enablement, dependency ordering and the per-plugin hook runner.
+
+pluggy provides the markers, hookspec validation and the registry. Ordering does not
+come from pluggy (it only knows LIFO + tryfirst/trylast): every plugin declares
+``requires`` (names of plugins or capabilities it needs) and optionally ``provides``
+(capabilities it offers besides its own name) as module attributes; banger resolves
+the order with ``graphlib`` and runs each stage as an explicit loop over plugins, one
+try/except per plugin.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable, Iterable
+
+import pluggy
+
+from banger_core import hookspecs
+from banger_core.errors import BangerError, ErrorCode, MultiError
+
+ENTRY_POINT_GROUP = "banger.plugins"
+ENV_DISABLE = "BANGER_DISABLE_PLUGINS"  # comma-separated names, on top of config
+ENV_STRICT = "BANGER_STRICT_PLUGINS"  # "1": a broken plugin is a hard error
+ENV_TRACE = "BANGER_TRACE_PLUGINS"  # "1": log every hook call with its duration
+
+log = logging.getLogger("banger.plugins")
+
+
+@dataclass
+class PluginRecord:
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    module: Any = None
+    status: str = "enabled"  # enabled | disabled | broken
+    reason: str = ""
+    requires: tuple[str, ...] = ()
+    provides: tuple[str, ...] = ()
+    description: str = ""
+    hooks: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "distribution": self.distribution,
+            "status": self.status,
+            "reason": self.reason,
+            "requires": list(self.requires),
+            "provides": list(self.provides),
+            "description": self.description,
+            "hooks": list(self.hooks),
+        }
+
+
+def _str_tuple(module: Any, attr: str) -> tuple[str, ...]:
+    value = getattr(module, attr, ())
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"module attribute {attr!r} must be a list of plugin names, got {value!r}")
+    return tuple(value)
+
+
+class PluginHost:
+    """Owns the plugin manager and every fact about the installed plugins."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.records: dict[str, PluginRecord] = {}
+        self.trace = os.environ.get(ENV_TRACE) == "1"
+
+    # --- loading ------------------------------------------------------------------
+    def load_entry_points(self, disabled: Iterable[str] = (), strict: bool | None = None) -> None:
+        from importlib.metadata import entry_points
+
+        disabled = set(disabled) | {
+            n.strip() for n in os.environ.get(ENV_DISABLE, "").split(",") if n.strip()
+        }
+        strict = os.environ.get(ENV_STRICT) == "1" if strict is None else strict
+        seen: set[str] = set()
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if ep.name in seen:  # the same distribution visible twice on sys.path
+                continue
+            seen.add(ep.name)
+            dist = getattr(ep, "dist", None)
+            rec = PluginRecord(
+                name=ep.name,
+                distribution=dist.metadata["Name"] if dist else None,
+                version=dist.version if dist else None,
+            )
+            if ep.name in disabled:
+                rec.status, rec.reason = "disabled", "disabled in config"
+                self.pm.set_blocked(ep.name)
+                self.records[ep.name] = rec
+                continue
+            try:
+                module = ep.load()
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - a plugin may raise anything, even SystemExit
+                self._broken(rec, f"import failed: {type(exc).__name__}: {exc}", strict)
+                continue
+            self.add(module, rec, strict=strict)
+
+    def add(self, module: ModuleType | object, rec: PluginRecord | str, strict: bool = False) -> PluginRecord:
+        """Register one plugin object (a module or an instance) under a name."""
+        if isinstance(rec, str):
+            rec = PluginRecord(name=rec)
+        if rec.name in self.records and self.records[rec.name].status != "disabled":
+            raise BangerError(ErrorCode.PLUGIN, f"plugin {rec.name!r} is registered twice")
+        rec.module = module
+        rec.description = (getattr(module, "__doc__", None) or "").strip().split("\n")[0]
+        try:
+            rec.requires = _str_tuple(module, "requires")
+            rec.provides = _str_tuple(module, "provides")
+            self.pm.register(module, name=rec.name)
+        except Exception as exc:  # noqa: BLE001
+            self._broken(rec, f"invalid plugin: {exc}", strict)
+            return rec
+        unknown = [name for name in self._impl_names(module) if name not in hookspecs.ALL_HOOKS]
+        if unknown:
+            self.pm.unregister(module)
+            self._broken(rec, f"implements unknown hook(s): {', '.join(sorted(unknown))}", strict)
+            return rec
+        rec.hooks = [h for h in hookspecs.ALL_HOOKS if h in self._impl_names(module)]
+        self.records[rec.name] = rec
+        return rec
+
+    def _impl_names(self, module: object) -> list[str]:
+        names = []
+        for attr in dir(module):
+            try:
+                obj = getattr(module, attr)
+            except Exception:  # noqa: BLE001
+                continue
+            opts = self.pm.parse_hookimpl_opts(module, attr) if callable(obj) else None
+            if opts is not None:
+                names.append(opts.get("specname") or attr)
+        return names
+
+    def _broken(self, rec: PluginRecord, reason: str, strict: bool) -> None:
+        rec.status, rec.reason, rec.module = "broken", reason, None
+        self.records[rec.name] = rec
+        log.warning("plugin %s is broken: %s", rec.name, reason)
+        if strict:
+            raise BangerError(ErrorCode.PLUGIN, f"plugin {rec.name!r} is broken: {reason}")
+
+    def finish_loading(self) -> None:
+        # Every registered hookimpl must match a hookspec; per-plugin checks above make
+        # this pass, so a failure here is a bug in banger, not in a plugin.
+        self.pm.check_pending()
+
+    # --- ordering -----------------------------------------------------------------
+    @property
+    def enabled(self) -> list[str]:
+        return sorted(n for n, r in self.records.items() if r.status == "enabled")
+
+    def order(self, names: Iterable[str] | None = None) -> list[str]:
+        """Dependency order of ``names`` (default: every enabled plugin).
+
+        Raises one ``BangerError`` naming the plugins for a missing requirement or a
+        cycle.
+        """
+        selected = list(self.enabled if names is None else names)
+        providers: dict[str, list[str]] = {}
+        for n in selected:
+            rec = self.records[n]
+            for cap in (n, *rec.provides):
+                providers.setdefault(cap, []).append(n)
+        graph: dict[str, set[str]] = {}
+        missing: list[str] = []
+        for n in selected:
+            deps: set[str] = set()
+            for req in self.records[n].requires:
+                if req in providers:
+                    deps.update(p for p in providers[req] if p != n)
+                else:
+                    missing.append(f"{n} requires {req}, which {self._why_absent(req)}")
+            graph[n] = deps
+        if missing:
+            raise BangerError(ErrorCode.PLUGIN, "; ".join(missing), details={"missing": missing})
+        sorter = graphlib.TopologicalSorter(graph)
+        try:
+            sorter.prepare()
+        except graphlib.CycleError as exc:
+            cycle = list(exc.args[1])
+            raise BangerError(
+                ErrorCode.PLUGIN,
+                "plugin dependency cycle: " + " -> ".join(cycle),
+                details={"cycle": cycle},
+            ) from None
+        # Deterministic: among ready plugins, alphabetical.
+        out: list[str] = []
+        while sorter.is_active():
+            ready = sorted(sorter.get_ready())
+            out.extend(ready)
+            sorter.done(*ready)
+        return out
+
+    def _why_absent(self, req: str) -> str:
+        rec = self.records.get(req)
+        if rec is None:
+            for other in self.records.values():
+                if req in other.provides:
+                    return f"is provided by {other.name}, which is {other.status}" + (
+                        f" ({other.reason})" if other.reason else ""
+                    )
+            return "is not installed"
+        if rec.status == "broken":
+            return f"is broken ({rec.reason})"
+        return "is disabled"
+
+    # --- calling ------------------------------------------------------------------
+    def impl(self, hook: str, plugin: str) -> Any:
+        caller = getattr(self.pm.hook, hook)
+        for impl in caller.get_hookimpls():
+            if impl.plugin_name == plugin:
+                return impl
+        return None
+
+    def call(self, hook: str, plugin: str, /, **kwargs: Any) -> Any:
+        """Call one plugin's implementation of ``hook`` (keyword arguments only)."""
+        impl = self.impl(hook, plugin)
+        if impl is None:
+            return None
+        args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
+        if not self.trace:
+            return impl.function(**args)
+        t0 = time.perf_counter()
+        try:
+            return impl.function(**args)
+        finally:
+            log.info("hook %s.%s took %.1f ms", plugin, hook, (time.perf_counter() - t0) * 1000)
+
+    def call_each(
+        self,
+        hook: str,
+        plugins: Iterable[str],
+        *,
+        kwargs_for: Callable[[str], dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> list[tuple[str, BaseException]]:
+        """Call ``hook`` on each plugin in turn; keep going past failures, return them."""
+        failures: list[tuple[str, BaseException]] = []
+        for name in plugins:
+            try:
+                extra = kwargs_for(name) if kwargs_for else {}
+                self.call(hook, name, **kwargs, **extra)
+            except Exception as exc:  # noqa: BLE001
+                log.error("plugin %s: %s failed: %s\n%s", name, hook, exc, traceback.format_exc())
+                failures.append((name, exc))
+        return failures
+
+    def run_setup(self, stage: str, order: list[str], ctx_for: Callable[[str], Any], **kwargs: Any) -> list[str]:
+        """Run a setup stage in dependency order; stop at the first failure.
+
+        Returns the plugins whose hook ran. On failure raises ``BangerError`` naming
+        the plugin and the stage (the caller then runs ``run_cleanup``).
+        """
+        ran: list[str] = []
+        for name in order:
+            if self.impl(stage, name) is None:
+                continue
+            ctx = ctx_for(name)
+            try:
+                self.call(stage, name, ctx=ctx, **kwargs)
+            except BangerError as exc:
+                raise BangerError(exc.code, f"{name}: {stage}: {exc.message}", details={"plugin": name, "stage": stage}) from exc
+            except Exception as exc:  # noqa: BLE001
+                raise BangerError(
+                    ErrorCode.OPERATION_FAILED,
+                    f"{name}: {stage} failed: {type(exc).__name__}: {exc}",
+                    details={"plugin": name, "stage": stage},
+                ) from exc
+            ran.append(name)
+        return ran
+
+    def run_cleanup(self, order: list[str], ctx_for: Callable[[str], Any], what: str = "cleanup") -> None:
+        """Run every plugin's ``cleanup`` in reverse order; raise all failures together."""
+        failures = self.call_each(
+            "cleanup",
+            [n for n in reversed(order) if self.impl("cleanup", n) is not None],
+            kwargs_for=lambda n: {"ctx": ctx_for(n)},
+        )
+        if failures:
+            raise MultiError(what, failures)
+
+
+def load_plugins(disabled: Iterable[str] = (), strict: bool | None = None) -> PluginHost:
+    host = PluginHost()
+    host.load_entry_points(disabled=disabled, strict=strict)
+    host.finish_loading()
+    return host

@@ -1,0 +1,161 @@
+"""SQLite state (durable intent) through sqlite-utils, with numbered migrations.
+
+Each migration runs once, in a transaction, and is recorded in ``migrations``;
+running them again is a no-op. Add a migration by appending to ``MIGRATIONS`` —
+never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import sqlite_utils
+
+from banger_core.errors import BangerError, ErrorCode
+from banger_core.models import VM, Image, Kernel, utcnow
+
+
+def _m001_initial(db: sqlite_utils.Database) -> None:
+    db["vms"].create(
+        {
+            "id": str,
+            "name": str,
+            "state": str,
+            "image": str,
+            "spec": str,
+            "driver": str,
+            "guest_ip": str,
+            "project_dir": str,
+            "teardown": str,
+            "created_at": str,
+            "updated_at": str,
+        },
+        pk="id",
+        not_null={"name", "state", "spec"},
+    )
+    db["vms"].create_index(["name"], unique=True)
+    db["images"].create(
+        {"name": str, "rootfs": str, "kernel_ref": str, "managed": int, "sha256": str, "created_at": str},
+        pk="name",
+        not_null={"rootfs"},
+    )
+    db["kernels"].create(
+        {"name": str, "kernel": str, "initrd": str, "modules": str, "created_at": str},
+        pk="name",
+        not_null={"kernel"},
+    )
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
+    (1, "initial: vms, images, kernels", _m001_initial),
+]
+
+
+class Store:
+    """The state store. Thread-safe; one connection guarded by a lock."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        conn = sqlite3.connect(str(path), check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        self.migrate()
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # --- migrations ---------------------------------------------------------------
+    def migrate(self) -> list[int]:
+        """Apply pending migrations; return the numbers applied now."""
+        applied_now = []
+        with self._lock:
+            self.db["migrations"].create(
+                {"number": int, "name": str, "applied_at": str}, pk="number", if_not_exists=True
+            )
+            done = {row["number"] for row in self.db["migrations"].rows}
+            for number, name, fn in MIGRATIONS:
+                if number in done:
+                    continue
+                with self.db.atomic():  # one transaction per migration
+                    fn(self.db)
+                    self.db["migrations"].insert(
+                        {"number": number, "name": name, "applied_at": datetime.now(timezone.utc).isoformat()}
+                    )
+                applied_now.append(number)
+        return applied_now
+
+    def applied_migrations(self) -> list[int]:
+        return sorted(row["number"] for row in self.db["migrations"].rows)
+
+    # --- VMs ----------------------------------------------------------------------
+    @staticmethod
+    def _vm_row(vm: VM) -> dict:
+        data = vm.model_dump(mode="json")
+        data["spec"] = json.dumps(data["spec"])
+        data["teardown"] = json.dumps(data["teardown"])
+        return data
+
+    @staticmethod
+    def _vm_from_row(row: dict) -> VM:
+        row = dict(row)
+        row["spec"] = json.loads(row["spec"])
+        row["teardown"] = json.loads(row["teardown"] or "{}")
+        return VM.model_validate({k: v for k, v in row.items() if v is not None})
+
+    def insert_vm(self, vm: VM) -> VM:
+        with self._lock:
+            try:
+                self.db["vms"].insert(self._vm_row(vm))
+            except sqlite3.IntegrityError:
+                raise BangerError(ErrorCode.ALREADY_EXISTS, f"a VM named {vm.name!r} already exists") from None
+        return vm
+
+    def update_vm(self, vm: VM) -> VM:
+        vm.updated_at = utcnow()
+        with self._lock:
+            self.db["vms"].update(vm.id, self._vm_row(vm))
+        return vm
+
+    def get_vm(self, vm_id: str) -> VM:
+        with self._lock:
+            try:
+                return self._vm_from_row(self.db["vms"].get(vm_id))
+            except sqlite_utils.db.NotFoundError:
+                raise BangerError(ErrorCode.NOT_FOUND, f"no VM with id {vm_id!r}") from None
+
+    def list_vms(self) -> list[VM]:
+        with self._lock:
+            return [self._vm_from_row(r) for r in self.db["vms"].rows_where(order_by="created_at")]
+
+    def delete_vm(self, vm_id: str) -> None:
+        with self._lock:
+            self.db["vms"].delete_where("id = ?", [vm_id])
+
+    # --- images & kernels ---------------------------------------------------------
+    def upsert_image(self, image: Image) -> None:
+        with self._lock:
+            self.db["images"].upsert(image.model_dump(mode="json"), pk="name")
+
+    def list_images(self) -> list[Image]:
+        with self._lock:
+            return [Image.model_validate({k: v for k, v in r.items() if v is not None}) for r in self.db["images"].rows]
+
+    def upsert_kernel(self, kernel: Kernel) -> None:
+        with self._lock:
+            self.db["kernels"].upsert(kernel.model_dump(mode="json"), pk="name")
+
+    def list_kernels(self) -> list[Kernel]:
+        with self._lock:
+            return [Kernel.model_validate({k: v for k, v in r.items() if v is not None}) for r in self.db["kernels"].rows]
+
+    def tables(self) -> Iterator[str]:
+        return iter(self.db.table_names())

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Install banger on this machine, then run its main job.
+#   1. system packages (apt): QEMU, e2fsprogs, iproute2, iptables, git, zstd, python3-venv
+#   2. a virtual environment in .venv with banger's core and every first-party plugin
+#      (editable: pip with local path installs), plus the test tools
+#   3. `banger` and `bangerd` on PATH (/usr/local/bin as root, else ~/.local/bin)
+#   4. the main job: `banger plugins list` and `banger doctor`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+APT_PACKAGES=(
+  python3 python3-venv
+  qemu-system-x86 qemu-utils
+  e2fsprogs iproute2 iptables git zstd
+)
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "==> apt: installing ${missing[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "==> apt: all system packages present"
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+echo "==> pip: installing banger and its plugins into .venv"
+plugin_args=()
+for d in plugins/*/; do plugin_args+=(-e "$d"); done
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" "${plugin_args[@]}" 2>&1 \
+  | { grep -v "^WARNING: Location .* is ignored" || true; }
+
+if [ -w /usr/local/bin ]; then BIN=/usr/local/bin; else BIN=$HOME/.local/bin; mkdir -p "$BIN"; fi
+for exe in banger bangerd; do ln -sf "$ROOT/.venv/bin/$exe" "$BIN/$exe"; done
+echo "==> linked banger and bangerd into $BIN"
+
+echo "==> banger plugins list"
+"$BIN/banger" plugins list
+echo "==> banger doctor"
+"$BIN/banger" doctor

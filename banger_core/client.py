@@ -152,14 +152,18 @@ def _wait_gone(pid: int, timeout: float) -> bool:
             return True
         except PermissionError:
             return False
-        # a zombie child of ours counts as gone
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return True
-        except ChildProcessError:
-            pass
+        if _is_zombie(pid):  # exited; its parent has not reaped it yet
+            return True
         time.sleep(0.02)
     return False
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _tail(path: os.PathLike[str] | str, start: int, limit: int = 2000) -> str:

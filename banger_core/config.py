@@ -170,6 +170,7 @@ class Config:
             if project.plugins.enable is not None:
                 names = [n for n in names if n in project.plugins.enable]
             names = [n for n in names if n not in project.plugins.disable]
+            return host.order(names, excluded_by=str(project.path))
         return host.order(names)
 
     # --- plugin settings ----------------------------------------------------------

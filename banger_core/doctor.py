@@ -125,6 +125,9 @@ def plugin_checks(rt: "Runtime") -> list[CheckResult]:
         label = f"{plugin}: {check_name}"
         try:
             settings = rt.config.settings_for(rt.host, plugin)
+        except BangerError:
+            continue  # reported once, as "settings <plugin>", by core_checks
+        try:
             res = fn(settings)
         except Exception as exc:  # noqa: BLE001
             out.append(CheckResult.fail(label, f"check raised {type(exc).__name__}: {exc}"))

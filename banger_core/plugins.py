@@ -161,11 +161,12 @@ class PluginHost:
     def enabled(self) -> list[str]:
         return sorted(n for n, r in self.records.items() if r.status == "enabled")
 
-    def order(self, names: Iterable[str] | None = None) -> list[str]:
+    def order(self, names: Iterable[str] | None = None, excluded_by: str = "") -> list[str]:
         """Dependency order of ``names`` (default: every enabled plugin).
 
         Raises one ``BangerError`` naming the plugins for a missing requirement or a
-        cycle.
+        cycle. ``excluded_by`` says why enabled plugins outside ``names`` were left out
+        (e.g. a project's banger.toml).
         """
         selected = list(self.enabled if names is None else names)
         providers: dict[str, list[str]] = {}
@@ -181,7 +182,7 @@ class PluginHost:
                 if req in providers:
                     deps.update(p for p in providers[req] if p != n)
                 else:
-                    missing.append(f"{n} requires {req}, which {self._why_absent(req)}")
+                    missing.append(f"{n} requires {req}, which {self._why_absent(req, excluded_by)}")
             graph[n] = deps
         if missing:
             raise BangerError(ErrorCode.PLUGIN, "; ".join(missing), details={"missing": missing})
@@ -203,18 +204,19 @@ class PluginHost:
             sorter.done(*ready)
         return out
 
-    def _why_absent(self, req: str) -> str:
+    def _why_absent(self, req: str, excluded_by: str = "") -> str:
+        def state(rec: PluginRecord) -> str:
+            if rec.status == "enabled":
+                return f"disabled by {excluded_by}" if excluded_by else "disabled"
+            return rec.status + (f" ({rec.reason})" if rec.reason else "")
+
         rec = self.records.get(req)
-        if rec is None:
-            for other in self.records.values():
-                if req in other.provides:
-                    return f"is provided by {other.name}, which is {other.status}" + (
-                        f" ({other.reason})" if other.reason else ""
-                    )
-            return "is not installed"
-        if rec.status == "broken":
-            return f"is broken ({rec.reason})"
-        return "is disabled"
+        if rec is not None:
+            return f"is {state(rec)}"
+        for other in self.records.values():
+            if req in other.provides:
+                return f"is provided by {other.name}, which is {state(other)}"
+        return "is not installed"
 
     # --- calling ------------------------------------------------------------------
     def impl(self, hook: str, plugin: str) -> Any:

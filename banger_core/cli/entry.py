@@ -16,3 +16,7 @@ def main() -> None:
     from banger_core.cli.app import run
 
     run(argv)
+
+
+if __name__ == "__main__":
+    main()

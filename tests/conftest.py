@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+BANGER = str(BIN / "banger")
+
+
+@dataclass
+class BangerEnv:
+    """An isolated banger installation state: its own config/state/runtime dirs."""
+
+    root: Path
+    extra_path: list[str] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "cfg"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def config_file(self) -> Path:
+        return self.config_dir / "config.toml"
+
+    @property
+    def socket(self) -> Path:
+        return self.runtime_dir / "bangerd.sock"
+
+    def env(self, **over: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
+        env.update(
+            BANGER_CONFIG_DIR=str(self.config_dir),
+            BANGER_STATE_DIR=str(self.state_dir),
+            BANGER_CACHE_DIR=str(self.root / "cache"),
+            BANGER_RUNTIME_DIR=str(self.runtime_dir),
+            NO_COLOR="1",
+        )
+        if self.extra_path:
+            env["PYTHONPATH"] = os.pathsep.join(self.extra_path)
+        env.update(self.extra_env)
+        env.update(over)
+        return env
+
+    def write_config(self, text: str) -> None:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(textwrap.dedent(text))
+
+    def run(self, *args: str, check: bool = False, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [BANGER, *args], env=self.env(**env), capture_output=True, text=True, timeout=timeout
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"banger {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def python(self, code: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)], env=self.env(**env), capture_output=True, text=True, timeout=60
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"python exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def daemon_pid(self) -> int | None:
+        try:
+            return int((self.runtime_dir / "bangerd.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def stop_daemon(self) -> None:
+        pid = self.daemon_pid()
+        self.run("daemon", "stop", timeout=60)
+        if pid and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(pred, timeout: float = 10.0, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {pred}")
+
+
+@pytest.fixture
+def benv():
+    # Short path: Unix socket paths are limited to 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="bg-", dir="/tmp"))
+    env = BangerEnv(root)
+    try:
+        yield env
+    finally:
+        env.stop_daemon()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def make_dist(target: Path, dist: str, plugin: str, code: str, version: str = "0.0.1") -> None:
+    """Write an installed distribution (module + dist-info with an entry point) by hand.
+
+    This is what pip leaves on disk for a wheel; used for deliberately broken plugins.
+    """
+    module = f"banger_t_{plugin.replace('-', '_')}"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / f"{module}.py").write_text(textwrap.dedent(code))
+    info = target / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[banger.plugins]\n{plugin} = {module}\n")
+    (info / "RECORD").write_text("")
+
+
+@pytest.fixture(scope="session")
+def example_plugin_dir(tmp_path_factory) -> Path:
+    """The out-of-tree example plugin, installed with pip into its own target dir."""
+    target = tmp_path_factory.mktemp("example-plugin")
+    build = tmp_path_factory.mktemp("example-src")
+    src = build / "example"
+    shutil.copytree(REPO / "tests" / "plugins" / "example", src)
+    subprocess.run(
+        [
+            sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+            "--no-deps", "--no-build-isolation", "--target", str(target), str(src),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert list(target.glob("banger_example-1.2.3.dist-info")), list(target.iterdir())
+    return target

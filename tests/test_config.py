@@ -1,0 +1,152 @@
+"""Config loading: errors name the file, table and key; project files layer on top."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from banger_core.config import Config, ProjectConfig
+from banger_core.errors import BangerError
+from banger_core.paths import Paths
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_missing_config_is_defaults(tmp_path):
+    cfg = Config.load(tmp_path / "nope.toml")
+    assert cfg.core.daemon.log_level == "info"
+    assert cfg.core.plugins.enable is None and cfg.core.plugins.disable == []
+
+
+def test_invalid_toml_names_file(tmp_path):
+    p = write(tmp_path / "config.toml", "[daemon\nlog_level = 1\n")
+    with pytest.raises(BangerError) as ei:
+        Config.load(p)
+    assert ei.value.message.startswith(f"{p}: invalid TOML")
+
+
+def test_core_value_error_names_file_table_key_and_expected(tmp_path):
+    p = write(tmp_path / "config.toml", '[daemon]\nlog_level = "loud"\n')
+    with pytest.raises(BangerError) as ei:
+        Config.load(p)
+    msg = ei.value.message
+    assert msg.startswith(f"{p}: [daemon] log_level: Input should be 'debug', 'info', 'warning' or 'error'")
+    assert "(got 'loud')" in msg
+
+
+def test_unknown_core_key_rejected(tmp_path):
+    p = write(tmp_path / "config.toml", "[plugins]\nenabled = ['dns']\n")
+    with pytest.raises(BangerError, match=r"\[plugins\] enabled: Extra inputs are not permitted"):
+        Config.load(p)
+
+
+def test_enable_and_disable_same_plugin_rejected(tmp_path):
+    p = write(tmp_path / "config.toml", "[plugins]\nenable = ['dns']\ndisable = ['dns']\n")
+    with pytest.raises(BangerError, match=r"both enabled and disabled: dns"):
+        Config.load(p)
+
+
+def test_plugin_table_must_be_a_table(tmp_path):
+    p = write(tmp_path / "config.toml", "dns = 3\n")
+    with pytest.raises(BangerError, match=r"dns: expected a table \[dns\], got int"):
+        Config.load(p)
+
+
+def test_allow_and_block_lists(tmp_path):
+    p = write(tmp_path / "config.toml", "[plugins]\nenable = ['a', 'b']\ndisable = ['c']\n")
+    cfg = Config.load(p)
+    assert cfg.globally_disabled(["a", "b", "c", "d"]) == {"c", "d"}
+
+
+def test_project_file_validation_names_project_file(tmp_path):
+    p = write(tmp_path / "proj" / "banger.toml", "[plugins]\ndisable = 'dns'\n")
+    with pytest.raises(BangerError) as ei:
+        ProjectConfig.load(p.parent)
+    assert ei.value.message.startswith(f"{p}: [plugins] disable: Input should be a valid list")
+
+
+def test_paths_env_overrides(tmp_path):
+    env = {
+        "BANGER_CONFIG_DIR": str(tmp_path / "c"),
+        "BANGER_STATE_DIR": str(tmp_path / "s"),
+        "BANGER_CACHE_DIR": str(tmp_path / "k"),
+        "BANGER_RUNTIME_DIR": str(tmp_path / "r"),
+        "HOME": str(tmp_path),
+    }
+    p = Paths.from_env(env)
+    assert p.config_file == tmp_path / "c" / "config.toml"
+    assert p.db_file == tmp_path / "s" / "banger.db"
+    assert p.socket == tmp_path / "r" / "bangerd.sock"
+    xdg = Paths.from_env({"XDG_CONFIG_HOME": "/x/cfg", "XDG_STATE_HOME": "/x/st", "XDG_RUNTIME_DIR": "/run/user/7"})
+    assert xdg.config_dir == Path("/x/cfg/banger") and xdg.state_dir == Path("/x/st/banger")
+    assert xdg.runtime_dir == Path("/run/user/7/banger")
+    bare = Paths.from_env({})
+    assert bare.runtime_dir == Path(f"/tmp/banger-{os.getuid()}")
+
+
+# --- through the CLI, with the real first-party plugins ----------------------------------
+
+
+def test_cli_invalid_plugin_value_names_file_table_key(benv):
+    benv.write_config("[dns]\nport = 'high'\n")
+    r = benv.run("plugins", "resolve")
+    assert r.returncode == 1
+    assert f"banger: {benv.config_file}: [dns] port: Input should be a valid integer" in r.stderr
+    d = benv.run("doctor")
+    assert d.returncode == 1
+    assert f"FAIL  settings dns" in d.stdout and "[dns] port" in d.stdout
+
+
+def test_cli_invalid_toml_every_command_says_so_and_doctor_reports(benv):
+    benv.write_config("[daemon\n")
+    r = benv.run("plugins", "list")
+    assert r.returncode == 1 and f"banger: {benv.config_file}: invalid TOML" in r.stderr
+    d = benv.run("doctor")
+    assert d.returncode == 1 and "FAIL  config" in d.stdout
+    assert benv.run("--version").returncode == 0
+
+
+def test_cli_project_file_overrides_user_settings_and_plugins(benv, tmp_path):
+    benv.write_config("[dns]\nttl = 30\nport = 5353\n[plugins]\ndisable = ['filesync']\n")
+    proj = tmp_path / "proj"
+    write(proj / "banger.toml", "[plugins]\ndisable = ['workspace']\n[dns]\nttl = 7\n")
+    r = benv.run("plugins", "resolve", "--project", str(proj), "--json", check=True)
+    data = json.loads(r.stdout)
+    assert data["project_file"] == str(proj / "banger.toml")
+    assert "workspace" not in data["order"] and "filesync" not in data["order"]
+    assert data["settings"]["dns"]["ttl"] == 7  # project wins
+    assert data["settings"]["dns"]["port"] == 5353  # user's kept
+    user_only = json.loads(benv.run("plugins", "resolve", "--json", check=True).stdout)
+    assert user_only["settings"]["dns"]["ttl"] == 30 and "workspace" in user_only["order"]
+
+
+def test_cli_project_bad_value_names_project_file(benv, tmp_path):
+    proj = tmp_path / "proj"
+    write(proj / "banger.toml", "[filesync]\nentries = [{host = '/etc/hosts', guest = '/etc/x'}]\n")
+    r = benv.run("plugins", "resolve", "--project", str(proj))
+    assert r.returncode == 1
+    assert f"{proj / 'banger.toml'}: [filesync] entries.0.guest: Value error, must be under ~ or /root" in r.stderr
+
+
+def test_cli_project_disabling_a_requirement_is_one_clear_error(benv, tmp_path):
+    proj = tmp_path / "proj"
+    write(proj / "banger.toml", "[plugins]\ndisable = ['network']\n")
+    r = benv.run("plugins", "resolve", "--project", str(proj))
+    assert r.returncode == 1
+    assert f"banger: dns requires net, which is provided by network, which is disabled by {proj / 'banger.toml'}" in r.stderr
+    assert "nat requires net" in r.stderr
+
+
+def test_cli_project_enabling_unknown_plugin(benv, tmp_path):
+    proj = tmp_path / "proj"
+    write(proj / "banger.toml", "[plugins]\nenable = ['teleport']\n")
+    r = benv.run("plugins", "resolve", "--project", str(proj))
+    assert r.returncode == 1
+    assert f"{proj / 'banger.toml'}: [plugins] enable: plugin 'teleport' is not installed" in r.stderr

@@ -1,0 +1,270 @@
+"""bangerd through its socket and the CLI: start on demand, survive bad input, typed errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from banger_core import PROTOCOL_VERSION, __version__
+from conftest import pid_alive, wait_for
+
+
+def raw(benv, payload: bytes, shutdown: bool = True, timeout: float = 10) -> dict:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(str(benv.socket))
+    s.sendall(payload)
+    if shutdown:
+        s.shutdown(socket.SHUT_WR)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    return json.loads(data)
+
+
+def request(method: str, params=None, v=PROTOCOL_VERSION, op_id="op-0123456789ab") -> bytes:
+    return json.dumps({"v": v, "method": method, "params": params or {}, "op_id": op_id}).encode() + b"\n"
+
+
+@pytest.fixture
+def daemon(benv):
+    r = benv.run("daemon", "start", check=True)
+    assert "running" in r.stdout
+    return benv
+
+
+def test_started_on_demand_owner_only(benv):
+    assert "not running" in benv.run("daemon", "status", check=True).stdout
+    benv.run("daemon", "start", check=True)
+    pid = benv.daemon_pid()
+    assert pid and pid_alive(pid)
+    assert stat.S_IMODE(os.stat(benv.socket).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(benv.runtime_dir).st_mode) == 0o700
+    st = json.loads(benv.run("daemon", "status", "--json", check=True).stdout)
+    assert st["running"] and st["pid"] == pid and st["version"] == __version__
+    assert st["plugins"][0] == "network" and "daemon.hello" in st["methods"]
+    assert benv.run("daemon", "socket", check=True).stdout.strip() == str(benv.socket)
+    v = json.loads(benv.run("version", "--json", check=True).stdout)
+    assert v == {"cli": __version__, "daemon": __version__}
+
+
+def test_stop_is_idempotent_and_cleans_up(daemon):
+    pid = daemon.daemon_pid()
+    assert f"stopped (pid {pid})" in daemon.run("daemon", "stop", check=True).stdout
+    assert not pid_alive(pid)
+    assert not daemon.socket.exists() and not (daemon.runtime_dir / "bangerd.pid").exists()
+    assert "not running" in daemon.run("daemon", "stop", check=True).stdout
+
+
+def test_kill_9_then_cli_just_works(daemon):
+    pid = daemon.daemon_pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid))
+    assert daemon.socket.exists()  # stale socket left behind by the crash
+    assert "not running" in daemon.run("daemon", "status", check=True).stdout
+    r = daemon.run("daemon", "start", check=True)
+    new = daemon.daemon_pid()
+    assert new != pid and pid_alive(new) and f"pid {new}" in r.stdout
+    assert json.loads(daemon.run("daemon", "status", "--json", check=True).stdout)["pid"] == new
+
+
+def test_concurrent_cli_starts_make_one_daemon(benv):
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "banger_core.cli.entry", "daemon", "start"], env=benv.env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    pids = {o[0].strip().rsplit(" ", 1)[-1] for o in outs}
+    assert len(pids) == 1 and pids == {str(benv.daemon_pid())}
+
+
+BAD_INPUTS = {
+    "random bytes": (os.urandom(64).replace(b"\n", b"x") + b"\n", "bad_request", "not valid JSON"),
+    "random bytes no newline": (b"\x00\xff\xfe garbage", "bad_request", "truncated frame"),
+    "truncated frame": (request("daemon.hello")[:20], "bad_request", "truncated frame: 20 bytes"),
+    "not an object": (b"[1, 2, 3]\n", "bad_request", "request must be a JSON object"),
+    "no method": (b'{"v": 1}\n', "bad_request", "request has no method"),
+    "wrong version": (request("daemon.hello", v=99), "bad_version", "protocol version 99 not supported"),
+    "unknown method": (request("vm.teleport"), "unknown_method", "unknown method 'vm.teleport'"),
+    "params not object": (
+        json.dumps({"v": 1, "method": "daemon.hello", "params": [1]}).encode() + b"\n",
+        "bad_request",
+        "params must be a JSON object",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_typed_error_and_daemon_stays_up(daemon, case):
+    payload, code, text = BAD_INPUTS[case]
+    pid = daemon.daemon_pid()
+    reply = raw(daemon, payload)
+    assert reply["ok"] is False
+    err = reply["error"]
+    assert err["code"] == code and text in err["message"]
+    assert err["op_id"] and err["op_id"].startswith("op-") and reply["op_id"] == err["op_id"]
+    ok = raw(daemon, request("daemon.hello"))
+    assert ok["ok"] and ok["result"]["pid"] == pid and ok["op_id"] == "op-0123456789ab"
+
+
+def test_oversized_frame_rejected(daemon):
+    from banger_core.protocol import MAX_FRAME
+
+    reply = raw(daemon, b"x" * (MAX_FRAME + 10), shutdown=False)
+    assert reply["error"]["code"] == "bad_request" and "exceeds" in reply["error"]["message"]
+    assert raw(daemon, request("daemon.hello"))["ok"]
+
+
+def test_connect_and_leave_does_not_hurt(daemon):
+    for _ in range(20):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(daemon.socket))
+        s.close()
+    assert raw(daemon, request("daemon.hello"))["ok"]
+
+
+def _connect_as(uid: int, path: str) -> str:
+    """Connect to the socket from a child running as ``uid``; return what happened."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            try:
+                s.connect(path)
+                s.sendall(request("daemon.hello"))
+                out = s.makefile("rb").readline().decode()
+            except OSError as exc:
+                out = f"oserror {exc.errno}"
+            os.write(w, out.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        out = fh.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+def test_other_users_are_refused(daemon):
+    import errno
+
+    # The filesystem refuses first: runtime dir 0700, socket 0600.
+    assert _connect_as(65533, str(daemon.socket)) == f"oserror {errno.EACCES}"
+    # With the permissions opened up by mistake, SO_PEERCRED still refuses.
+    for d in (daemon.root, daemon.runtime_dir):
+        os.chmod(d, 0o755)
+    os.chmod(daemon.socket, 0o666)
+    try:
+        reply = json.loads(_connect_as(65533, str(daemon.socket)))
+    finally:
+        os.chmod(daemon.socket, 0o600)
+        for d in (daemon.root, daemon.runtime_dir):
+            os.chmod(d, 0o700)
+    assert reply["ok"] is False and reply["error"]["code"] == "unauthorized"
+    assert "uid 65533 may not use the banger daemon of uid 0" in reply["error"]["message"]
+    assert raw(daemon, request("daemon.hello"))["ok"]
+
+
+def test_every_log_record_of_a_request_carries_its_op_id(daemon):
+    op = "op-feedfacecafe"
+    raw(daemon, request("daemon.status", op_id=op))
+    raw(daemon, request("no.such", op_id="op-0badc0de0bad"))
+    lines = [json.loads(ln) for ln in (daemon.state_dir / "bangerd.log").read_text().splitlines()]
+    mine = [ln for ln in lines if ln["op_id"] == op]
+    assert [m["msg"] for m in mine][0] == "request daemon.status"
+    assert mine[-1]["msg"].startswith("request daemon.status ok")
+    bad = [ln for ln in lines if ln["op_id"] == "op-0badc0de0bad"]
+    assert bad and "unknown_method" in bad[-1]["msg"]
+    # no request-scoped record without an op id
+    assert not [ln for ln in lines if ln["msg"].startswith("request ") and not ln["op_id"]]
+
+
+FAKE_OLD_DAEMON = r'''
+import json, os, socket, sys
+path = sys.argv[1]
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(8)
+open(sys.argv[2], "w").write(str(os.getpid()))
+while True:
+    c, _ = s.accept()
+    req = json.loads(c.makefile("rb").readline())
+    if req["method"] == "daemon.hello":
+        res = {"version": "0.0.1-old", "protocol": 1, "pid": os.getpid(), "fingerprint": "old"}
+    else:
+        res = {"pid": os.getpid()}
+    c.sendall(json.dumps({"v": 1, "op_id": req["op_id"], "ok": True, "result": res}).encode() + b"\n")
+    c.close()
+    if req["method"] == "daemon.shutdown":
+        os.unlink(path)
+        sys.exit(0)
+'''
+
+
+def test_daemon_of_another_version_is_replaced(benv, tmp_path):
+    benv.runtime_dir.mkdir(parents=True, mode=0o700)
+    script = tmp_path / "old.py"
+    script.write_text(FAKE_OLD_DAEMON)
+    pidfile = tmp_path / "old.pid"
+    old = subprocess.Popen([sys.executable, str(script), str(benv.socket), str(pidfile)])
+    try:
+        wait_for(lambda: benv.socket.exists() and pidfile.exists())
+        assert json.loads(benv.run("version", "--json", check=True).stdout)["daemon"] == "0.0.1-old"
+        r = benv.run("daemon", "start", check=True)
+        assert old.wait(timeout=30) == 0  # asked to shut down, and did
+        assert f"bangerd {__version__}: running" in r.stdout
+        assert json.loads(benv.run("version", "--json", check=True).stdout)["daemon"] == __version__
+    finally:
+        old.kill()
+
+
+def test_config_change_replaces_daemon(daemon):
+    pid = daemon.daemon_pid()
+    daemon.run("daemon", "start", check=True)
+    assert daemon.daemon_pid() == pid  # same config: reused
+    daemon.write_config("[daemon]\nlog_level = 'debug'\n")
+    daemon.run("daemon", "start", check=True)
+    new = daemon.daemon_pid()
+    assert new != pid and not pid_alive(pid)
+
+
+def test_bad_config_core_value_stops_start_plugin_value_is_reported(benv):
+    # A bad plugin setting concerns that plugin only: the daemon runs, doctor names it.
+    benv.write_config("[dns]\nport = 0\n")
+    benv.run("daemon", "start", check=True)
+    d = benv.run("doctor")
+    assert d.returncode == 1
+    assert re.search(
+        rf"^FAIL +settings dns +{re.escape(str(benv.config_file))}: \[dns\] port: Input should be greater than or equal to 1",
+        d.stdout,
+        re.M,
+    ), d.stdout
+    assert "1 fail" in d.stdout
+    # A bad core value: nothing can start, and the error says where.
+    benv.write_config("[daemon]\nlog_level = 3\n")
+    r = benv.run("daemon", "start")
+    assert r.returncode == 1
+    assert f"banger: {benv.config_file}: [daemon] log_level: Input should be" in r.stderr

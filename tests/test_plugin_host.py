@@ -1,0 +1,248 @@
+"""The plugin host: registration, validation, ordering, stage runner (in-process)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+from pydantic import BaseModel
+
+from banger_core import hookimpl, hookspecs
+from banger_core.context import StageContext
+from banger_core.errors import BangerError, ErrorCode, MultiError
+from banger_core.lifecycle import Lifecycle
+from banger_core.models import Machine
+from banger_core.plugins import PluginHost
+from banger_core.testing import sample_vm
+
+
+def plugin(name: str, requires=(), provides=(), calls=None, fail_in=(), **extra):
+    """A plugin module that records every lifecycle call into ``calls``."""
+    mod = types.ModuleType(f"plug_{name}", f"{name} test plugin")
+    mod.requires = requires if isinstance(requires, str) else list(requires)
+    mod.provides = list(provides)
+
+    def make(stage):
+        def record():
+            calls.append((stage, name))
+            if stage in fail_in:
+                raise RuntimeError(f"{name} broke in {stage}")
+
+        if stage == "configure_machine":
+
+            def impl(ctx, machine):
+                record()
+                machine.boot_args.append(f"{name}=1")
+
+        else:
+
+            def impl(ctx):
+                record()
+
+        return hookimpl(impl, specname=stage)
+
+    if calls is not None:
+        for stage in hookspecs.LIFECYCLE_STAGES:
+            setattr(mod, stage, make(stage))
+    for k, v in extra.items():
+        setattr(mod, k, v)
+    return mod
+
+
+def host_with(*mods: types.ModuleType) -> PluginHost:
+    host = PluginHost()
+    for m in mods:
+        host.add(m, m.__name__.removeprefix("plug_"))
+    host.finish_loading()
+    return host
+
+
+def test_order_follows_requires_and_provides():
+    host = host_with(
+        plugin("nat", requires=["net"]),
+        plugin("network", provides=["net"]),
+        plugin("workspace", requires=["agent", "workdisk"]),
+        plugin("vsock", provides=["agent"]),
+        plugin("workdisk"),
+    )
+    order = host.order()
+    assert order.index("network") < order.index("nat")
+    assert order.index("vsock") < order.index("workspace")
+    assert order.index("workdisk") < order.index("workspace")
+    assert sorted(order) == sorted(host.enabled)
+
+
+def test_missing_requirement_is_one_error_naming_both():
+    host = host_with(plugin("nat", requires=["network"]), plugin("dns", requires=["network"]))
+    with pytest.raises(BangerError) as ei:
+        host.order()
+    assert ei.value.code is ErrorCode.PLUGIN
+    assert "nat requires network, which is not installed" in ei.value.message
+    assert "dns requires network, which is not installed" in ei.value.message
+
+
+def test_cycle_is_one_error_naming_the_cycle():
+    host = host_with(plugin("a", requires=["b"]), plugin("b", requires=["c"]), plugin("c", requires=["a"]), plugin("d"))
+    with pytest.raises(BangerError) as ei:
+        host.order()
+    msg = ei.value.message
+    assert msg.startswith("plugin dependency cycle: ")
+    assert all(n in msg for n in "abc") and "d" not in msg.split(": ", 1)[1]
+
+
+def test_unknown_hook_marks_plugin_broken_others_fine():
+    bad = plugin("bad")
+
+    @hookimpl
+    def prepare_hots(ctx):  # misspelt on purpose
+        pass
+
+    bad.prepare_hots = prepare_hots
+    host = host_with(bad, plugin("good"))
+    assert host.records["bad"].status == "broken"
+    assert "unknown hook(s): prepare_hots" in host.records["bad"].reason
+    assert host.enabled == ["good"]
+
+
+def test_wrong_hook_signature_marks_plugin_broken():
+    bad = plugin("bad")
+
+    @hookimpl
+    def prepare_host(ctx, nonsense):
+        pass
+
+    bad.prepare_host = prepare_host
+    host = host_with(bad)
+    assert host.records["bad"].status == "broken"
+    assert "nonsense" in host.records["bad"].reason
+
+
+def test_bad_requires_declaration_is_broken():
+    host = host_with(plugin("bad", requires="network"))  # a str, not a list
+    assert host.records["bad"].status == "broken"
+    assert "requires" in host.records["bad"].reason
+
+
+def test_strict_mode_raises_for_broken_plugin():
+    host = PluginHost()
+    with pytest.raises(BangerError, match="plugin 'bad' is broken"):
+        host.add(plugin("bad", requires="x"), "bad", strict=True)
+
+
+def test_requirement_on_broken_plugin_says_so():
+    host = host_with(plugin("network", requires="oops"), plugin("nat", requires=["network"]))
+    with pytest.raises(BangerError, match=r"nat requires network, which is broken \(invalid plugin"):
+        host.order()
+
+
+def _runtime_for(host, tmp_path):
+    from banger_core.config import Config
+    from banger_core.paths import Paths
+    from banger_core.runtime import Runtime
+
+    paths = Paths(tmp_path / "c", tmp_path / "s", tmp_path / "k", tmp_path / "r")
+    return Runtime(paths=paths, config=Config(path=paths.config_file), host=host, order=host.order())
+
+
+def test_whole_lifecycle_order_across_plugins(tmp_path):
+    calls: list[tuple[str, str]] = []
+    host = host_with(
+        plugin("nat", requires=["network"], calls=calls),
+        plugin("network", calls=calls),
+        plugin("dns", requires=["network"], calls=calls),
+    )
+    rt = _runtime_for(host, tmp_path)
+    vm = sample_vm()
+    lc = Lifecycle(rt, vm, op_id="op-abcdef")
+    machine = Machine(kernel="k", vcpus=1, memory_mib=128)
+    booted = []
+    lc.start(machine, boot=lambda m: (booted.append(list(m.boot_args)), calls.append(("boot", "-"))))
+    lc.cleanup()
+    fwd = ["network", "dns", "nat"]
+    assert calls == (
+        [("prepare_host", n) for n in fwd]
+        + [("configure_machine", n) for n in fwd]
+        + [("boot", "-")]
+        + [("post_boot", n) for n in fwd]
+        + [("cleanup", n) for n in reversed(fwd)]
+    )
+    assert booted == [["network=1", "dns=1", "nat=1"]]
+
+
+def test_failed_setup_runs_every_cleanup_and_reports_all_cleanup_errors(tmp_path):
+    calls: list[tuple[str, str]] = []
+    host = host_with(
+        plugin("a", calls=calls, fail_in=("cleanup",)),
+        plugin("b", requires=["a"], calls=calls, fail_in=("prepare_host", "cleanup")),
+        plugin("c", requires=["b"], calls=calls),
+    )
+    rt = _runtime_for(host, tmp_path)
+    lc = Lifecycle(rt, sample_vm(), op_id="op-abcdef")
+    with pytest.raises(BangerError) as ei:
+        lc.start(Machine(kernel="k", vcpus=1, memory_mib=128), boot=lambda m: calls.append(("boot", "-")))
+    assert "b: prepare_host failed: RuntimeError: b broke in prepare_host" in ei.value.message
+    assert ei.value.details["plugin"] == "b"
+    # c never prepared, no boot, but every cleanup ran (reverse), past a's and b's failures
+    assert calls == [("prepare_host", "a"), ("prepare_host", "b"), ("cleanup", "c"), ("cleanup", "b"), ("cleanup", "a")]
+    assert [f["part"] for f in ei.value.details["cleanup_failures"]] == ["b", "a"]
+
+
+def test_cleanup_collects_all_errors(tmp_path):
+    calls: list[tuple[str, str]] = []
+    host = host_with(plugin("a", calls=calls, fail_in=("cleanup",)), plugin("b", calls=calls, fail_in=("cleanup",)))
+    rt = _runtime_for(host, tmp_path)
+    lc = Lifecycle(rt, sample_vm(), op_id="op-abcdef")
+    with pytest.raises(MultiError) as ei:
+        lc.cleanup()
+    assert "cleanup failed for 2 part(s)" in ei.value.message
+    assert "a: a broke in cleanup" in ei.value.message and "b: b broke in cleanup" in ei.value.message
+    # idempotent: a second run behaves the same and still runs both
+    with pytest.raises(MultiError):
+        lc.cleanup()
+    assert calls.count(("cleanup", "a")) == 2 and calls.count(("cleanup", "b")) == 2
+
+
+def test_teardown_slices_are_per_plugin_and_persisted(tmp_path):
+    persisted = []
+
+    mod = plugin("net")
+
+    @hookimpl
+    def prepare_host(ctx: StageContext):
+        ctx.teardown["tap"] = "tap-x"
+        ctx.persist()
+
+    mod.prepare_host = prepare_host
+    host = host_with(mod)
+    rt = _runtime_for(host, tmp_path)
+    vm = sample_vm()
+    lc = Lifecycle(rt, vm, op_id="op-abcdef", persist=lambda v: persisted.append(dict(v.teardown)))
+    lc.start(Machine(kernel="k", vcpus=1, memory_mib=128), boot=lambda m: None)
+    assert vm.teardown == {"net": {"tap": "tap-x"}}
+    assert persisted[0] == {"net": {"tap": "tap-x"}}  # persisted by the plugin itself, first
+
+
+def test_settings_validated_before_any_hook_runs(tmp_path):
+    from banger_core.config import Config
+
+    calls: list = []
+
+    class S(BaseModel):
+        n: int = 1
+
+    mod = plugin("p", calls=calls, config_model=hookimpl(lambda: S, specname="config_model"))
+    host = host_with(mod)
+    rt = _runtime_for(host, tmp_path)
+    rt.config = Config(path=tmp_path / "config.toml", tables={"p": {"n": "many"}})
+    with pytest.raises(BangerError, match=r"config.toml: \[p\] n: Input should be a valid integer"):
+        Lifecycle(rt, sample_vm(), op_id="op-abcdef")
+    assert calls == []
+
+
+def test_trace_logs_each_hook_call(tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("BANGER_TRACE_PLUGINS", "1")
+    calls: list = []
+    host = host_with(plugin("a", calls=calls))
+    caplog.set_level("INFO", logger="banger.plugins")
+    host.call("prepare_host", "a", ctx=None)
+    assert any("hook a.prepare_host took" in r.getMessage() for r in caplog.records)

@@ -101,6 +101,9 @@ class Client:
         return self.start_daemon()
 
     def start_daemon(self) -> dict[str, Any]:
+        from banger_core.config import Config
+
+        Config.load(self.paths.config_file)  # a config error is reported here, directly
         self.paths.ensure()
         log_path = self.paths.state_dir / "bangerd.stderr"
         with open(log_path, "ab") as err:

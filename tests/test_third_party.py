@@ -1,0 +1,212 @@
+"""Out-of-tree plugins installed with pip, driven through the CLI and the daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+
+from conftest import make_dist, pid_alive, wait_for
+
+FIRST_PARTY = {"network", "nat", "dns", "workdisk", "filesync", "vsock", "workspace"}
+
+
+@pytest.fixture
+def xenv(benv, example_plugin_dir):
+    benv.extra_path.append(str(example_plugin_dir))
+    return benv
+
+
+def plugins_json(env) -> dict:
+    return json.loads(env.run("plugins", "list", "--json", check=True).stdout)
+
+
+def test_first_party_plugins_listed_in_dependency_order(benv):
+    data = plugins_json(benv)
+    names = {p["name"] for p in data["plugins"]}
+    assert names == FIRST_PARTY
+    order = data["order"]
+    assert order.index("network") < order.index("nat") and order.index("network") < order.index("dns")
+    assert order.index("vsock") < order.index("workspace") and order.index("workdisk") < order.index("workspace")
+    assert order.index("workdisk") < order.index("filesync")
+    for p in data["plugins"]:
+        assert p["distribution"] == f"banger-{p['name']}" and p["status"] == "enabled" and p["version"]
+    text = benv.run("plugins", "list", check=True).stdout
+    assert "order: " + " -> ".join(order) in text
+
+
+def test_example_plugin_discovered_and_ordered_by_requires(xenv):
+    data = plugins_json(xenv)
+    ex = next(p for p in data["plugins"] if p["name"] == "example")
+    assert ex["distribution"] == "banger-example" and ex["version"] == "1.2.3" and ex["status"] == "enabled"
+    assert ex["requires"] == ["dns"]
+    assert set(ex["hooks"]) >= {"prepare_host", "configure_machine", "post_boot", "cleanup", "reconcile",
+                                "register_commands", "register_rpc_methods", "register_doctor_checks"}
+    order = data["order"]
+    assert order.index("dns") < order.index("example") and order.index("network") < order.index("example")
+
+
+def test_example_plugin_configured_from_config_and_project_via_daemon(xenv, tmp_path):
+    r = xenv.run("example", "greet", "bob", check=True)
+    assert r.stdout.strip() == "hello, bob!"
+    xenv.write_config("[example]\ngreeting = 'hi'\ntimes = 2\n")
+    assert xenv.run("example", "greet", "bob", check=True).stdout.strip() == "hi, bob! hi, bob!"
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "banger.toml").write_text("[example]\ngreeting = 'yo'\n")
+    r = xenv.run("example", "greet", "bob", "--project", str(proj), check=True)
+    assert r.stdout.strip() == "yo, bob! yo, bob!"  # project's greeting, user's times
+    xenv.write_config("[example]\ntimes = 11\n")
+    r = xenv.run("example", "greet", "bob")
+    assert r.returncode == 1
+    assert f"{xenv.config_file}: [example] times: Input should be less than or equal to 10 (got 11)" in r.stderr
+    assert "(op-" in r.stderr  # the error came back over RPC with its op id
+
+
+def test_example_plugin_rpc_param_validation(xenv):
+    r = xenv.run("example", "greet", "")
+    assert r.returncode == 1
+    assert "example.greet: invalid params: name: String should have at least 1 character" in r.stderr
+
+
+def test_lifecycle_hooks_called_in_order_with_settings(xenv, tmp_path):
+    record = tmp_path / "calls.jsonl"
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "banger.toml").write_text(f"[example]\ngreeting = 'from-project'\nrecord = '{record}'\n")
+    out = xenv.python(
+        f"""
+        import json
+        from pathlib import Path
+        from banger_core.testing import run_lifecycle, sample_vm
+        vm, machine = run_lifecycle(vm=sample_vm("demo", project_dir=Path({str(proj)!r})))
+        print(json.dumps({{"teardown": vm.teardown, "boot_args": machine.boot_args}}))
+        """
+    )
+    result = json.loads(out.stdout)
+    calls = [json.loads(ln) for ln in record.read_text().splitlines()]
+    assert [c["hook"] for c in calls] == ["prepare_host", "configure_machine", "post_boot", "cleanup"]
+    assert calls[0]["greeting"] == "from-project" and all(c["vm"] == "demo" for c in calls)
+    assert calls[-1]["teardown"] == "made"  # cleanup saw what prepare_host recorded
+    assert result["teardown"]["example"] == {"example": "made"}
+    assert "example.greeting=from-project" in result["boot_args"]
+
+
+def test_reconcile_runs_at_daemon_start(xenv, tmp_path):
+    record = tmp_path / "calls.jsonl"
+    xenv.write_config(f"[example]\nrecord = '{record}'\n")
+    xenv.run("daemon", "start", check=True)
+    assert [json.loads(ln)["hook"] for ln in record.read_text().splitlines()] == ["reconcile"]
+
+
+def test_client_disconnect_cancels_in_flight_handler(xenv, tmp_path):
+    xenv.run("daemon", "start", check=True)
+    pid = xenv.daemon_pid()
+    marker = tmp_path / "marker"
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(xenv.socket))
+    req = {"v": 1, "method": "example.wait", "params": {"marker": str(marker)}, "op_id": "op-abcabcabcabc"}
+    s.sendall(json.dumps(req).encode() + b"\n")
+    wait_for(lambda: marker.exists() and marker.read_text().startswith("started"))
+    s.close()
+    wait_for(lambda: marker.read_text().startswith("cancelled"))
+    assert marker.read_text().strip() == "cancelled op-abcabcabcabc"
+    assert pid_alive(pid)
+    log = (xenv.state_dir / "bangerd.log").read_text()
+    assert "request example.wait cancelled: client disconnected" in log
+    assert xenv.run("example", "greet", "again", check=True).stdout.strip() == "hello, again!"
+
+
+def test_example_doctor_check_runs(xenv):
+    r = xenv.run("doctor", "--json")
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert checks["example: greeting"]["status"] == "PASS" and checks["example: greeting"]["detail"] == "hello"
+
+
+def test_plugin_raising_on_import_is_broken_and_everything_still_works(xenv, tmp_path):
+    bad = tmp_path / "bad"
+    make_dist(bad, "banger-kaboom", "kaboom", "raise RuntimeError('kaboom at import')\n")
+    xenv.extra_path.append(str(bad))
+    data = plugins_json(xenv)
+    kb = next(p for p in data["plugins"] if p["name"] == "kaboom")
+    assert kb["status"] == "broken" and kb["distribution"] == "banger-kaboom"
+    assert kb["reason"] == "import failed: RuntimeError: kaboom at import"
+    assert data["error"] is None and "kaboom" not in data["order"]
+    text = xenv.run("plugins", "list", check=True).stdout
+    assert "kaboom: import failed: RuntimeError: kaboom at import" in text
+    d = xenv.run("doctor")
+    assert d.returncode == 1 and "plugin kaboom" in d.stdout and "kaboom at import" in d.stdout
+    assert xenv.run("example", "greet", "bob", check=True).stdout.strip() == "hello, bob!"
+    xenv.run("daemon", "status", check=True)
+    xenv.run("plugins", "resolve", check=True)
+    strict = xenv.run("plugins", "list", BANGER_STRICT_PLUGINS="1")
+    assert strict.returncode == 1 and "plugin 'kaboom' is broken: import failed" in strict.stderr
+
+
+def test_plugin_requires_cycle_is_one_clear_error(xenv, tmp_path):
+    d = tmp_path / "cyc"
+    make_dist(d, "banger-alpha", "alpha", "requires = ['beta']\n")
+    make_dist(d, "banger-beta", "beta", "requires = ['alpha']\n")
+    xenv.extra_path.append(str(d))
+    data = plugins_json(xenv)
+    assert data["error"] in ("plugin dependency cycle: alpha -> beta -> alpha", "plugin dependency cycle: beta -> alpha -> beta")
+    r = xenv.run("plugins", "resolve")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "plugin dependency cycle:" in r.stderr
+    doc = xenv.run("doctor")
+    assert doc.returncode == 1 and "FAIL  plugin order" in doc.stdout
+    # disabling one side of the cycle fixes it
+    xenv.write_config("[plugins]\ndisable = ['beta']\n")
+    r = xenv.run("plugins", "resolve")
+    assert r.returncode == 1 and "alpha requires beta, which is disabled" in r.stderr
+
+
+def test_missing_requirement_is_one_clear_error(xenv, tmp_path):
+    d = tmp_path / "miss"
+    make_dist(d, "banger-needy", "needy", "requires = ['teleporter']\n")
+    xenv.extra_path.append(str(d))
+    data = plugins_json(xenv)
+    assert data["error"] == "needy requires teleporter, which is not installed"
+    r = xenv.run("plugins", "resolve")
+    assert r.returncode == 1 and r.stderr.strip() == "banger: needy requires teleporter, which is not installed"
+
+
+def test_plugin_disabled_in_config(xenv):
+    xenv.write_config("[plugins]\ndisable = ['example']\n")
+    ex = next(p for p in plugins_json(xenv)["plugins"] if p["name"] == "example")
+    assert ex["status"] == "disabled" and ex["reason"] == "disabled in config"
+    r = xenv.run("example", "greet", "bob")
+    assert r.returncode == 2 and "No such command 'example'" in r.stderr
+    env_off = next(
+        p for p in json.loads(xenv.run("plugins", "list", "--json", BANGER_DISABLE_PLUGINS="nat,example").stdout)["plugins"]
+        if p["name"] == "nat"
+    )
+    assert env_off["status"] == "disabled"
+
+
+def test_allow_list_keeps_only_named_plugins(xenv):
+    xenv.write_config("[plugins]\nenable = ['network', 'dns', 'example']\n")
+    data = plugins_json(xenv)
+    assert data["order"][0] == "network" and sorted(data["order"]) == ["dns", "example", "network"]
+
+
+def test_register_commands_failure_marks_plugin_broken_cli_survives(xenv, tmp_path):
+    d = tmp_path / "cmdfail"
+    make_dist(
+        d,
+        "banger-cmdfail",
+        "cmdfail",
+        """
+        from banger_core import hookimpl
+        requires = []
+        @hookimpl
+        def register_commands(app):
+            raise ValueError("no commands today")
+        """,
+    )
+    xenv.extra_path.append(str(d))
+    r = xenv.run("plugins", "list", check=True)
+    assert "cmdfail: register_commands failed: ValueError: no commands today" in r.stdout
+    assert xenv.run("example", "greet", "x", check=True).returncode == 0

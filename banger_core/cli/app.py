@@ -61,12 +61,12 @@ state = _State()
 
 
 def echo_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str))
+    style.echo(json.dumps(data, indent=2, default=str))
 
 
 def _version_callback(value: bool) -> None:
     if value:
-        typer.echo(f"banger {__version__}")
+        style.echo(f"banger {__version__}")
         raise typer.Exit()
 
 
@@ -95,8 +95,8 @@ def build_app() -> typer.Typer:
         if as_json:
             echo_json(data)
             return
-        typer.echo(f"banger  {__version__}")
-        typer.echo(f"bangerd {data['daemon'] or 'not running'}")
+        style.echo(f"banger  {__version__}")
+        style.echo(f"bangerd {data['daemon'] or 'not running'}")
 
     from banger_core.cli import daemon_cmd, doctor_cmd, plugins_cmd
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from banger_core.cli import style
 from banger_core.cli.app import echo_json, state
 
 app = typer.Typer(help="Manage bangerd, the per-user daemon (started on demand).", no_args_is_help=True)
@@ -18,37 +19,37 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         if as_json:
             echo_json({"running": False, "socket": str(state.paths.socket)})
         else:
-            typer.echo(f"bangerd: not running (socket {state.paths.socket})")
+            style.echo(f"bangerd: not running (socket {state.paths.socket})")
         return
     st = client.call("daemon.status", autostart=False)
     st["running"] = True
     if as_json:
         echo_json(st)
         return
-    typer.echo(f"bangerd {st['version']}: running, pid {st['pid']}, up {st['uptime_s']:.1f}s")
-    typer.echo(f"socket:  {st['socket']}")
-    typer.echo(f"log:     {st['log']}")
-    typer.echo(f"plugins: {' -> '.join(st['plugins']) or '(none)'}")
+    style.echo(f"bangerd {st['version']}: running, pid {st['pid']}, up {st['uptime_s']:.1f}s")
+    style.echo(f"socket:  {st['socket']}")
+    style.echo(f"log:     {st['log']}")
+    style.echo(f"plugins: {' -> '.join(st['plugins']) or '(none)'}")
     if st.get("plugin_error"):
-        typer.echo(f"plugin problem: {st['plugin_error']}")
-    typer.echo(f"VMs:     {st['vms']}")
+        style.echo(f"plugin problem: {st['plugin_error']}")
+    style.echo(f"VMs:     {st['vms']}")
 
 
 @app.command()
 def start() -> None:
     """Start bangerd if it is not running (or replace a stale one)."""
     info = state.client().ensure_daemon()
-    typer.echo(f"bangerd {info['version']}: running, pid {info['pid']}")
+    style.echo(f"bangerd {info['version']}: running, pid {info['pid']}")
 
 
 @app.command()
 def stop() -> None:
     """Stop bangerd. Running VMs keep running and are re-adopted on next start."""
     pid = state.client().stop_daemon()
-    typer.echo("bangerd: not running" if pid is None else f"bangerd: stopped (pid {pid})")
+    style.echo("bangerd: not running" if pid is None else f"bangerd: stopped (pid {pid})")
 
 
 @app.command()
 def socket() -> None:
     """Print the daemon's socket path."""
-    typer.echo(str(state.paths.socket))
+    style.echo(str(state.paths.socket))

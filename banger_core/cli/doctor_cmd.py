@@ -22,8 +22,8 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     else:
         width = max(len(r.name) for r in results)
         for r in results:
-            typer.echo(f"{style.status(r.status, 4)}  {r.name.ljust(width)}  {r.detail}")
+            style.echo(f"{style.status(r.status, 4)}  {r.name.ljust(width)}  {r.detail}")
         warned = sum(r.status == "WARN" for r in results)
-        typer.echo(f"\n{len(results)} checks: {len(results) - failed - warned} pass, {warned} warn, {failed} fail")
+        style.echo(f"\n{len(results)} checks: {len(results) - failed - warned} pass, {warned} warn, {failed} fail")
     if failed:
         raise typer.Exit(1)

@@ -31,7 +31,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
         )
         return
     if not records:
-        typer.echo("no plugins installed")
+        style.echo("no plugins installed")
         return
     rows = [
         [
@@ -44,14 +44,14 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
         ]
         for r in records
     ]
-    typer.echo(style.table(rows, ["NAME", "VERSION", "DISTRIBUTION", "STATUS", "REQUIRES", "HOOKS"], color_col=3))
+    style.echo(style.table(rows, ["NAME", "VERSION", "DISTRIBUTION", "STATUS", "REQUIRES", "HOOKS"], color_col=3))
     for r in records:
         if r.reason and r.status != "enabled":
-            typer.echo(f"  {r.name}: {r.reason}")
+            style.echo(f"  {r.name}: {r.reason}")
     if rt.order_error:
-        typer.echo(style.paint(f"error: {rt.order_error.message}", "red"))
+        style.echo(style.paint(f"error: {rt.order_error.message}", "red"))
     else:
-        typer.echo(f"order: {' -> '.join(order)}")
+        style.echo(f"order: {' -> '.join(order)}")
 
 
 @app.command()
@@ -75,9 +75,9 @@ def resolve(
         echo_json({"project_file": str(proj.path) if proj else None, "order": order, "settings": settings})
         return
     if proj:
-        typer.echo(f"project: {proj.path}")
-    typer.echo(f"order: {' -> '.join(order) or '(none)'}")
+        style.echo(f"project: {proj.path}")
+    style.echo(f"order: {' -> '.join(order) or '(none)'}")
     for name in order:
-        typer.echo(f"[{name}]")
+        style.echo(f"[{name}]")
         for key, value in (settings[name] or {}).items():
-            typer.echo(f"  {key} = {json.dumps(value)}")
+            style.echo(f"  {key} = {json.dumps(value)}")

@@ -40,3 +40,12 @@ def table(rows: list[list[str]], header: list[str], color_col: int | None = None
             cells.append(status(str(c), w) if i == color_col else str(c).ljust(w))
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)
+
+
+def echo(text: str = "", err: bool = False) -> None:
+    """Print a line; keep our colour codes when we decided to colour (click would strip
+    them whenever the stream is not a TTY, defeating FORCE_COLOR)."""
+    import click
+
+    stream = sys.stderr if err else sys.stdout
+    click.echo(text, err=err, color=color_enabled(stream))

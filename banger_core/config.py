@@ -175,7 +175,7 @@ class Config:
 
     # --- plugin settings ----------------------------------------------------------
     def settings_for(self, host: "PluginHost", plugin: str, project: ProjectConfig | None = None) -> BaseModel | None:
-        model = host.call("config_model", plugin)
+        model = host.config_model(plugin)
         user = self.tables.get(plugin, {})
         proj = project.tables.get(plugin, {}) if project else {}
         if model is None:

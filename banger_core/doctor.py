@@ -30,6 +30,14 @@ def core_checks(paths: "Paths", rt: "Runtime | None", load_error: BangerError | 
         assert rt is not None
         detail = str(paths.config_file) if paths.config_file.exists() else f"{paths.config_file} (absent: defaults)"
         out.append(CheckResult.ok("config", detail))
+        allow = rt.config.core.plugins.enable or []
+        absent = [n for n in allow if n not in rt.host.records]
+        if absent:
+            out.append(
+                CheckResult.warn(
+                    "config plugins", f"{paths.config_file}: [plugins] enable names uninstalled {', '.join(absent)}"
+                )
+            )
         unknown = rt.config.unknown_tables(rt.host)
         if unknown:
             out.append(
@@ -68,6 +76,8 @@ def core_checks(paths: "Paths", rt: "Runtime | None", load_error: BangerError | 
 def _state_check(paths: "Paths") -> CheckResult:
     from banger_core.store import MIGRATIONS, Store
 
+    if not paths.db_file.exists():
+        return CheckResult.ok("state", f"{paths.db_file} (created on first use)")
     try:
         store = Store(paths.db_file)
         try:

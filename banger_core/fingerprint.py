@@ -5,6 +5,7 @@ every daemon call); when it differs the CLI replaces the daemon."""
 from __future__ import annotations
 
 import hashlib
+import os
 from importlib.metadata import entry_points
 
 from banger_core import __version__
@@ -27,4 +28,7 @@ def fingerprint(paths: Paths) -> str:
         h.update(b"<no config>")
     for name, ver in installed_plugins():
         h.update(f"\0{name}={ver}".encode())
+    # Environment that changes what the daemon loads or logs.
+    for var in ("BANGER_DISABLE_PLUGINS", "BANGER_STRICT_PLUGINS", "BANGER_TRACE_PLUGINS"):
+        h.update(f"\0{var}={os.environ.get(var, '')}".encode())
     return h.hexdigest()[:16]

@@ -39,7 +39,7 @@ def config_model() -> "type[BaseModel] | None":
     The user's ``config.toml`` table ``[<plugin name>]``, merged with the same table of
     a project's ``banger.toml``, is validated by it; the validated instance is handed
     to every lifecycle hook as ``ctx.settings``. Errors name the file, table and key.
-    Called once per plugin. Added in 0.1.
+    Asked once per process per plugin; the result is cached. Added in 0.1.
     """
 
 
@@ -123,7 +123,7 @@ def cleanup(ctx: "StageContext") -> None:
     """Undo everything ``prepare_host``/``post_boot`` did for the VM.
 
     Runs in reverse dependency order when a VM stops, fails to start or is deleted,
-    and again for leftovers at reconcile. Must be idempotent and must not assume
+    and for the leftovers of VMs found dead. Must be idempotent and must not assume
     ``prepare_host`` ran (or finished): rely on ``ctx.teardown``. Every plugin's
     cleanup runs even if another's raised; all errors are reported together.
     Added in 0.1.

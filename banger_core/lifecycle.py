@@ -61,8 +61,13 @@ class Lifecycle:
         )
 
     def _stage(self, stage: str, **kwargs: Any) -> None:
-        self.rt.host.run_setup(stage, self.plugins, lambda n: self.ctx(n, stage), **kwargs)
-        self._persist(self.vm)
+        try:
+            self.rt.host.run_setup(stage, self.plugins, lambda n: self.ctx(n, stage), **kwargs)
+        except BangerError as exc:
+            exc.op_id = self.op_id
+            raise
+        finally:
+            self._persist(self.vm)
 
     def start(self, machine: Machine, boot: Callable[[Machine], None]) -> None:
         """prepare_host -> configure_machine -> boot -> post_boot; on any failure run

@@ -79,9 +79,8 @@ class PluginHost:
     def load_entry_points(self, disabled: Iterable[str] = (), strict: bool | None = None) -> None:
         from importlib.metadata import entry_points
 
-        disabled = set(disabled) | {
-            n.strip() for n in os.environ.get(ENV_DISABLE, "").split(",") if n.strip()
-        }
+        disabled = set(disabled)
+        env_disabled = {n.strip() for n in os.environ.get(ENV_DISABLE, "").split(",") if n.strip()}
         strict = os.environ.get(ENV_STRICT) == "1" if strict is None else strict
         seen: set[str] = set()
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
@@ -94,8 +93,9 @@ class PluginHost:
                 distribution=dist.metadata["Name"] if dist else None,
                 version=dist.version if dist else None,
             )
-            if ep.name in disabled:
-                rec.status, rec.reason = "disabled", "disabled in config"
+            if ep.name in disabled or ep.name in env_disabled:
+                rec.status = "disabled"
+                rec.reason = f"disabled by {ENV_DISABLE}" if ep.name in env_disabled else "disabled in config"
                 self.pm.set_blocked(ep.name)
                 self.records[ep.name] = rec
                 continue
@@ -128,6 +128,11 @@ class PluginHost:
             self.pm.unregister(module)
             self._broken(rec, f"implements unknown hook(s): {', '.join(sorted(unknown))}", strict)
             return rec
+        problems = self._unsupported_impls(module)
+        if problems:
+            self.pm.unregister(module)
+            self._broken(rec, "; ".join(problems), strict)
+            return rec
         rec.hooks = [h for h in hookspecs.ALL_HOOKS if h in self._impl_names(module)]
         self.records[rec.name] = rec
         return rec
@@ -143,6 +148,33 @@ class PluginHost:
             if opts is not None:
                 names.append(opts.get("specname") or attr)
         return names
+
+    def _unsupported_impls(self, module: object) -> list[str]:
+        """banger calls each plugin's hooks itself, in dependency order: pluggy's
+        wrappers and tryfirst/trylast would be silently ignored, so refuse them."""
+        import inspect
+
+        out = []
+        for attr in dir(module):
+            obj = getattr(module, attr, None)
+            opts = self.pm.parse_hookimpl_opts(module, attr) if callable(obj) else None
+            if not opts:
+                continue
+            if opts.get("hookwrapper") or opts.get("wrapper"):
+                out.append(f"{attr}: hook wrappers are not supported")
+            if opts.get("tryfirst") or opts.get("trylast"):
+                out.append(f"{attr}: tryfirst/trylast are not supported; declare `requires` instead")
+            if inspect.iscoroutinefunction(obj) or inspect.isasyncgenfunction(obj):
+                out.append(f"{attr}: hooks must be plain functions, not async")
+        return out
+
+    def mark_broken(self, name: str, reason: str) -> None:
+        """A plugin failed after loading (e.g. in a register_* hook): take it out."""
+        rec = self.records[name]
+        if rec.module is not None and self.pm.is_registered(rec.module):
+            self.pm.unregister(rec.module)
+        rec.status, rec.reason, rec.module = "broken", reason, None
+        log.warning("plugin %s is broken: %s", name, reason)
 
     def _broken(self, rec: PluginRecord, reason: str, strict: bool) -> None:
         rec.status, rec.reason, rec.module = "broken", reason, None
@@ -219,6 +251,13 @@ class PluginHost:
         return "is not installed"
 
     # --- calling ------------------------------------------------------------------
+    def config_model(self, plugin: str) -> Any:
+        """The plugin's settings model (asked once, then cached)."""
+        cache = self.__dict__.setdefault("_models", {})
+        if plugin not in cache:
+            cache[plugin] = self.call("config_model", plugin)
+        return cache[plugin]
+
     def impl(self, hook: str, plugin: str) -> Any:
         caller = getattr(self.pm.hook, hook)
         for impl in caller.get_hookimpls():
@@ -273,7 +312,11 @@ class PluginHost:
             try:
                 self.call(stage, name, ctx=ctx, **kwargs)
             except BangerError as exc:
-                raise BangerError(exc.code, f"{name}: {stage}: {exc.message}", details={"plugin": name, "stage": stage}) from exc
+                raise BangerError(
+                    exc.code,
+                    f"{name}: {stage}: {exc.message}",
+                    details={**exc.details, "plugin": name, "stage": stage},
+                ) from exc
             except Exception as exc:  # noqa: BLE001
                 raise BangerError(
                     ErrorCode.OPERATION_FAILED,

@@ -32,11 +32,15 @@ class Runtime:
         host.load_entry_points(disabled=config.globally_disabled(names), strict=strict)
         host.finish_loading()
         rt = cls(paths=paths, config=config, host=host)
-        try:
-            rt.order = host.order()
-        except BangerError as exc:
-            rt.order_error = exc
+        rt.resolve()
         return rt
+
+    def resolve(self) -> None:
+        """(Re)compute the plugin order, e.g. after a plugin broke while registering."""
+        try:
+            self.order, self.order_error = self.host.order(), None
+        except BangerError as exc:
+            self.order, self.order_error = None, exc
 
     def require_order(self) -> list[str]:
         if self.order_error is not None:

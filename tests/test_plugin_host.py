@@ -246,3 +246,45 @@ def test_trace_logs_each_hook_call(tmp_path, caplog, monkeypatch):
     caplog.set_level("INFO", logger="banger.plugins")
     host.call("prepare_host", "a", ctx=None)
     assert any("hook a.prepare_host took" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "opts,fn_async,expect",
+    [
+        ({"hookwrapper": True}, False, "hook wrappers are not supported"),
+        ({"wrapper": True}, False, "hook wrappers are not supported"),
+        ({"tryfirst": True}, False, "declare `requires` instead"),
+        ({}, True, "hooks must be plain functions, not async"),
+    ],
+)
+def test_unsupported_hookimpl_styles_are_refused(opts, fn_async, expect):
+    mod = plugin("odd")
+    if fn_async:
+
+        async def post_boot(ctx):
+            pass
+
+    else:
+
+        def post_boot(ctx):
+            yield
+
+    mod.post_boot = hookimpl(post_boot, **opts)
+    host = host_with(mod)
+    assert host.records["odd"].status == "broken" and expect in host.records["odd"].reason
+
+
+def test_plugin_error_details_kept_and_op_id_set(tmp_path):
+    mod = plugin("p")
+
+    @hookimpl
+    def prepare_host(ctx):
+        raise BangerError(ErrorCode.NOT_FOUND, "no bridge", details={"bridge": "br0"})
+
+    mod.prepare_host = prepare_host
+    rt = _runtime_for(host_with(mod), tmp_path)
+    with pytest.raises(BangerError) as ei:
+        Lifecycle(rt, sample_vm(), op_id="op-123456").start(Machine(kernel="k", vcpus=1, memory_mib=1), lambda m: None)
+    e = ei.value
+    assert e.code is ErrorCode.NOT_FOUND and e.message == "p: prepare_host: no bridge" and e.op_id == "op-123456"
+    assert e.details == {"bridge": "br0", "plugin": "p", "stage": "prepare_host"}

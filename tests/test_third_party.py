@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 
@@ -210,3 +211,47 @@ def test_register_commands_failure_marks_plugin_broken_cli_survives(xenv, tmp_pa
     r = xenv.run("plugins", "list", check=True)
     assert "cmdfail: register_commands failed: ValueError: no commands today" in r.stdout
     assert xenv.run("example", "greet", "x", check=True).returncode == 0
+
+
+def test_register_rpc_methods_failure_marks_plugin_broken_in_daemon(xenv, tmp_path):
+    d = tmp_path / "rpcfail"
+    make_dist(
+        d,
+        "banger-rpcfail",
+        "rpcfail",
+        """
+        from banger_core import hookimpl
+        requires = []
+        @hookimpl
+        def register_rpc_methods(register):
+            register("rpcfail.ok", lambda p, c: 1)
+            register("not-namespaced", lambda p, c: 2)
+        """,
+    )
+    xenv.extra_path.append(str(d))
+    xenv.run("daemon", "start", check=True)
+    st = json.loads(xenv.run("daemon", "status", "--json", check=True).stdout)
+    assert "may only register methods named 'rpcfail.*'" in st["broken"]["rpcfail"]
+    assert "rpcfail" not in st["plugins"] and "example" in st["plugins"]
+    assert "rpcfail.ok" not in st["methods"]  # nothing half-registered
+    assert "example.greet" in st["methods"]
+
+
+def test_env_disable_is_reported_and_reaches_the_daemon(xenv):
+    xenv.run("daemon", "start", check=True)
+    ex = next(p for p in plugins_json_env(xenv, BANGER_DISABLE_PLUGINS="example") if p["name"] == "example")
+    assert ex["reason"] == "disabled by BANGER_DISABLE_PLUGINS"
+    # the daemon started without the variable was replaced by one that honours it
+    xenv.run("daemon", "start", check=True, BANGER_DISABLE_PLUGINS="example")
+    st = json.loads(xenv.run("daemon", "status", "--json", BANGER_DISABLE_PLUGINS="example").stdout)
+    assert "example" not in st["plugins"] and "example.greet" not in st["methods"]
+
+
+def plugins_json_env(env, **over) -> list[dict]:
+    return json.loads(env.run("plugins", "list", "--json", check=True, **over).stdout)["plugins"]
+
+
+def test_allow_list_naming_uninstalled_plugin_warns(xenv):
+    xenv.write_config("[plugins]\nenable = ['network', 'nope']\n")
+    r = xenv.run("doctor")
+    assert re.search(r"^WARN +config plugins +.*\[plugins\] enable names uninstalled nope", r.stdout, re.M), r.stdout

@@ -111,12 +111,15 @@ def _register_plugin_commands(app: typer.Typer) -> None:
     rt = state.try_runtime()
     if rt is None:
         return
+    broke = False
     for name in rt.host.enabled:
         try:
             rt.host.call("register_commands", name, app=app)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
-            rec = rt.host.records[name]
-            rec.status, rec.reason = "broken", f"register_commands failed: {type(exc).__name__}: {exc}"
+            rt.host.mark_broken(name, f"register_commands failed: {type(exc).__name__}: {exc}")
+            broke = True
+    if broke:
+        rt.resolve()
 
 
 def fail(err: BangerError) -> None:
@@ -141,6 +144,11 @@ def run(argv: list[str]) -> None:
     try:
         app = build_app()
         app(args=argv, prog_name="banger")
+    except SystemExit as exit_:
+        if exit_.code == 2 and state.load_error is not None:
+            # a usage error while plugins could not load: their commands are missing
+            print(f"banger: note: plugin commands are unavailable: {state.load_error.message}", file=sys.stderr)
+        raise
     except BangerError as err:
         fail(err)
     except KeyboardInterrupt:

@@ -34,6 +34,9 @@ class Call:
     method: str
     peer_uid: int
     _send: Callable[[bytes], Awaitable[None]]
+    #: the daemon's Runtime (paths, config, plugin host) and Store
+    runtime: Any = None
+    store: Any = None
     log: logging.LoggerAdapter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +59,10 @@ class Registry:
                 ErrorCode.PLUGIN, f"RPC method {name!r} registered by both {self.methods[name].owner} and {owner}"
             )
         self.methods[name] = Method(name, handler, params, owner)
+
+    def drop_owner(self, owner: str) -> None:
+        for name in [n for n, m in self.methods.items() if m.owner == owner]:
+            del self.methods[name]
 
     def for_plugin(self, plugin: str) -> Callable[..., None]:
         def register(name: str, handler: Handler, params: type[BaseModel] | None = None) -> None:

@@ -73,6 +73,7 @@ class Daemon:
                 "state_dir": str(self.paths.state_dir),
                 "inflight": len(self._inflight) - 1,
                 "plugins": self.rt.order or [],
+                "broken": {n: r.reason for n, r in self.rt.host.records.items() if r.status == "broken"},
                 "plugin_error": self.rt.order_error.message if self.rt.order_error else None,
                 "methods": sorted(self.registry.methods),
                 "vms": len(self.store.list_vms()),
@@ -89,11 +90,16 @@ class Daemon:
 
     def _register_plugin_methods(self) -> None:
         host = self.rt.host
+        broke = False
         for name in host.enabled:
             try:
                 host.call("register_rpc_methods", name, register=self.registry.for_plugin(name))
             except Exception as exc:  # noqa: BLE001 - one plugin must not take the daemon down
-                log.error("plugin %s: register_rpc_methods failed: %s", name, exc)
+                self.registry.drop_owner(name)
+                host.mark_broken(name, f"register_rpc_methods failed: {type(exc).__name__}: {exc}")
+                broke = True
+        if broke:
+            self.rt.resolve()
 
     # --- reconcile ----------------------------------------------------------------
     def reconcile(self) -> None:
@@ -147,12 +153,27 @@ class Daemon:
         log.warning("request failed: %s: %s", err.code.value, err.message, extra={"op_id": err.op_id})
         await self._send(writer, protocol.encode(protocol.error(err.op_id, err.to_dict())))
 
+    async def _reject(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, err: BangerError) -> None:
+        """Reply with an error before the request was (fully) read.
+
+        Closing a Unix socket with unread input resets the connection and can destroy
+        the reply in flight, so half-close and drain the rest first (bounded).
+        """
+        await self._reply_error(writer, err)
+        if writer.can_write_eof():
+            writer.write_eof()
+        try:
+            await asyncio.wait_for(self._until_eof(reader), timeout=2.0)
+        except (asyncio.TimeoutError, ValueError, ConnectionError):
+            pass
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
         pid, uid = peer_uid(sock)
         op_id = protocol.new_op_id()
         if uid not in (self.owner_uid, 0):
-            await self._reply_error(
+            await self._reject(
+                reader,
                 writer,
                 BangerError(
                     ErrorCode.UNAUTHORIZED,
@@ -164,14 +185,16 @@ class Daemon:
         try:
             line = await reader.readline()
         except ValueError:  # longer than MAX_FRAME without a newline
-            await self._reply_error(
+            await self._reject(
+                reader,
                 writer, BangerError(ErrorCode.BAD_REQUEST, f"frame exceeds {protocol.MAX_FRAME} bytes", op_id=op_id)
             )
             return
         if not line:
             return  # connected and left
         if not line.endswith(b"\n"):
-            await self._reply_error(
+            await self._reject(
+                reader,
                 writer,
                 BangerError(
                     ErrorCode.BAD_REQUEST, f"truncated frame: {len(line)} bytes without a newline", op_id=op_id
@@ -181,17 +204,19 @@ class Daemon:
         try:
             req = json.loads(line)
         except (UnicodeDecodeError, ValueError) as exc:
-            await self._reply_error(
+            await self._reject(
+                reader,
                 writer, BangerError(ErrorCode.BAD_REQUEST, f"frame is not valid JSON: {exc}", op_id=op_id)
             )
             return
         if not isinstance(req, dict):
-            await self._reply_error(writer, BangerError(ErrorCode.BAD_REQUEST, "request must be a JSON object", op_id=op_id))
+            await self._reject(reader, writer, BangerError(ErrorCode.BAD_REQUEST, "request must be a JSON object", op_id=op_id))
             return
         if isinstance(req.get("op_id"), str) and protocol.OP_ID_RE.match(req["op_id"]):
             op_id = req["op_id"]
         if req.get("v") != PROTOCOL_VERSION:
-            await self._reply_error(
+            await self._reject(
+                reader,
                 writer,
                 BangerError(
                     ErrorCode.BAD_VERSION,
@@ -202,7 +227,7 @@ class Daemon:
             return
         method = req.get("method")
         if not isinstance(method, str):
-            await self._reply_error(writer, BangerError(ErrorCode.BAD_REQUEST, "request has no method", op_id=op_id))
+            await self._reject(reader, writer, BangerError(ErrorCode.BAD_REQUEST, "request has no method", op_id=op_id))
             return
         await self._run(method, req.get("params", {}), op_id, uid, reader, writer)
 
@@ -217,7 +242,14 @@ class Daemon:
     ) -> None:
         token = current_op.set(op_id)
         try:
-            call = Call(op_id=op_id, method=method, peer_uid=uid, _send=lambda b: self._send(writer, b))
+            call = Call(
+                op_id=op_id,
+                method=method,
+                peer_uid=uid,
+                _send=lambda b: self._send(writer, b),
+                runtime=self.rt,
+                store=self.store,
+            )
             log.info("request %s", method, extra={"method": method, "peer_uid": uid})
             t0 = time.perf_counter()
             work = asyncio.create_task(self.registry.dispatch(method, params, call))

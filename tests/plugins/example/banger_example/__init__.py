@@ -65,11 +65,9 @@ class WaitParams(BaseModel):
 @hookimpl
 def register_rpc_methods(register) -> None:  # noqa: ANN001
     async def greet(params: GreetParams, call) -> dict:  # noqa: ANN001
-        from banger_core.config import Config, ProjectConfig
-        from banger_core.paths import Paths
-        from banger_core.runtime import Runtime
+        from banger_core.config import ProjectConfig
 
-        rt = Runtime.load(Paths.from_env())
+        rt = call.runtime
         project = ProjectConfig.load(Path(params.project)) if params.project else None
         s = rt.config.settings_for(rt.host, "example", project)
         call.log.info("greeting %s", params.name)

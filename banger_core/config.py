@@ -53,9 +53,32 @@ class DaemonTable(_Table):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class VMDefaultsTable(_Table):
+    """Unset values are derived from the host (see ``host_defaults``)."""
+
+    vcpus: int | None = Field(default=None, gt=0)
+    memory_mib: int | None = Field(default=None, gt=0)
+    disk_size_mib: int = Field(default=4096, gt=0)
+    image: str | None = None
+
+
+class VMMTable(_Table):
+    driver: Literal["auto", "qemu", "firecracker"] = "auto"
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    qemu_binary: str = "qemu-system-x86_64"
+    qemu_machine: Literal["auto", "pc", "microvm", "q35"] = "auto"
+    firecracker_binary: str = "firecracker"
+    kvm_probe_timeout_s: float = Field(default=10.0, gt=0)
+    stop_timeout_s: float = Field(default=30.0, gt=0, description="graceful stop, per phase")
+    disk_strategy: Literal["auto", "reflink", "qcow2", "sparse"] = "auto"
+    boot_args: list[str] = Field(default_factory=list, description="extra kernel arguments for every VM")
+
+
 class CoreConfig(_Table):
     plugins: PluginsTable = Field(default_factory=PluginsTable)
     daemon: DaemonTable = Field(default_factory=DaemonTable)
+    vm_defaults: VMDefaultsTable = Field(default_factory=VMDefaultsTable)
+    vmm: VMMTable = Field(default_factory=VMMTable)
 
 
 CORE_TABLES = frozenset(CoreConfig.model_fields)

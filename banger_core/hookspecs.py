@@ -118,6 +118,15 @@ def post_boot(ctx: "StageContext") -> None:
     """Act on a booted guest (health checks, file sync, DNS records). Added in 0.1."""
 
 
+@hookspec(firstresult=True)
+def request_guest_shutdown(ctx: "StageContext") -> bool | None:
+    """Ask the guest to ``sync`` and power off by a channel this plugin owns (agent,
+    SSH). Return True if asked (the core then waits for the VMM to exit), None to
+    pass. Tried in dependency order before ACPI/Ctrl-Alt-Del and SIGKILL; the first
+    plugin returning True wins. Added in 0.1.
+    """
+
+
 @hookspec
 def cleanup(ctx: "StageContext") -> None:
     """Undo everything ``prepare_host``/``post_boot`` did for the VM.
@@ -137,7 +146,11 @@ ALL_HOOKS: tuple[str, ...] = (
     "register_rpc_methods",
     "register_doctor_checks",
     "reconcile",
-    *LIFECYCLE_STAGES,
+    "prepare_host",
+    "configure_machine",
+    "post_boot",
+    "request_guest_shutdown",
+    "cleanup",
 )
 
 

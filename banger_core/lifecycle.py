@@ -86,6 +86,18 @@ class Lifecycle:
                 log.error("cleanup after failed start also failed: %s", cleanup_exc, extra={"op_id": self.op_id})
             raise
 
+    def request_guest_shutdown(self) -> str | None:
+        """Ask plugins, in order, to shut the guest down; the first that did wins."""
+        for name in self.plugins:
+            if self.rt.host.impl("request_guest_shutdown", name) is None:
+                continue
+            try:
+                if self.rt.host.call("request_guest_shutdown", name, ctx=self.ctx(name, "request_guest_shutdown")):
+                    return name
+            except Exception as exc:  # noqa: BLE001 - fall through to the next way
+                log.warning("plugin %s: request_guest_shutdown failed: %s", name, exc, extra={"op_id": self.op_id})
+        return None
+
     def cleanup(self) -> None:
         """Every plugin's cleanup, reverse order; all errors raised together."""
         try:

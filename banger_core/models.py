@@ -50,8 +50,10 @@ class VM(Strict):
     image: str | None = None
     spec: VMSpec
     driver: str = "qemu"
+    disk_strategy: str | None = None
     guest_ip: str | None = None
     project_dir: str | None = None
+    last_error: str | None = None
     # What teardown needs even if handles.json is lost (tap name, nat rules, ...),
     # keyed by plugin name. Durable: lives in SQLite.
     teardown: dict[str, dict[str, Any]] = Field(default_factory=dict)

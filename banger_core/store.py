@@ -29,8 +29,10 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
             "image": str,
             "spec": str,
             "driver": str,
+            "disk_strategy": str,
             "guest_ip": str,
             "project_dir": str,
+            "last_error": str,
             "teardown": str,
             "created_at": str,
             "updated_at": str,
@@ -54,6 +56,10 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial: vms, images, kernels", _m001_initial),
 ]
+
+
+def _like_prefix(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 class Store:
@@ -135,6 +141,36 @@ class Store:
     def list_vms(self) -> list[VM]:
         with self._lock:
             return [self._vm_from_row(r) for r in self.db["vms"].rows_where(order_by="created_at")]
+
+    def find_vms(self, name: str | None = None, id_prefix: str | None = None) -> list[VM]:
+        with self._lock:
+            if name is not None:
+                rows = self.db["vms"].rows_where("name = ?", [name])
+            else:
+                rows = self.db["vms"].rows_where("id LIKE ? ESCAPE '\\'", [_like_prefix(id_prefix or "")])
+            return [self._vm_from_row(r) for r in rows]
+
+    def get_image(self, name: str) -> Image:
+        with self._lock:
+            try:
+                return Image.model_validate({k: v for k, v in self.db["images"].get(name).items() if v is not None})
+            except sqlite_utils.db.NotFoundError:
+                raise BangerError(ErrorCode.NOT_FOUND, f"no image named {name!r} (see `banger image list`)") from None
+
+    def get_kernel(self, name: str) -> Kernel:
+        with self._lock:
+            try:
+                return Kernel.model_validate({k: v for k, v in self.db["kernels"].get(name).items() if v is not None})
+            except sqlite_utils.db.NotFoundError:
+                raise BangerError(ErrorCode.NOT_FOUND, f"no kernel named {name!r} (see `banger kernel list`)") from None
+
+    def delete_image(self, name: str) -> None:
+        with self._lock:
+            self.db["images"].delete_where("name = ?", [name])
+
+    def delete_kernel(self, name: str) -> None:
+        with self._lock:
+            self.db["kernels"].delete_where("name = ?", [name])
 
     def delete_vm(self, vm_id: str) -> None:
         with self._lock:

@@ -98,8 +98,11 @@ def build_app() -> typer.Typer:
         style.echo(f"banger  {__version__}")
         style.echo(f"bangerd {data['daemon'] or 'not running'}")
 
-    from banger_core.cli import daemon_cmd, doctor_cmd, plugins_cmd
+    from banger_core.cli import artifacts_cmd, daemon_cmd, doctor_cmd, plugins_cmd, vm_cmd
 
+    app.add_typer(vm_cmd.app, name="vm")
+    app.add_typer(artifacts_cmd.kernel_app, name="kernel")
+    app.add_typer(artifacts_cmd.image_app, name="image")
     app.add_typer(daemon_cmd.app, name="daemon")
     app.add_typer(plugins_cmd.app, name="plugins")
     app.command("doctor")(doctor_cmd.doctor)

@@ -48,7 +48,12 @@ class Daemon:
         self.owner_uid = os.getuid()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
+        from banger_core.daemon import methods
+        from banger_core.vms import VMService
+
+        self.vms = VMService(self.rt, self.store, self.handles)
         self._register_core_methods()
+        methods.register(self.registry, self.vms, self.store, paths)
         self._register_plugin_methods()
 
     # --- methods ------------------------------------------------------------------
@@ -106,6 +111,8 @@ class Daemon:
         from banger_core.context import ReconcileContext
 
         self.handles.load_all()
+        report = self.vms.reconcile()
+        log.info("reconciled VMs: %s", report, extra={"op_id": "reconcile"})
         if self.rt.order_error:
             log.error("plugins not usable: %s", self.rt.order_error.message)
             return
@@ -285,6 +292,17 @@ class Daemon:
         finally:
             current_op.reset(token)
 
+    async def _monitor(self, interval: float = 2.0) -> None:
+        """Notice VMMs that exit behind banger's back and clean up after them."""
+        from banger_core.daemon.methods import run_simple
+
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await run_simple(self.vms.monitor_once)
+            except Exception:  # noqa: BLE001
+                log.exception("VM monitor pass failed")
+
     @staticmethod
     async def _until_eof(reader: asyncio.StreamReader) -> None:
         while await reader.read(4096):
@@ -307,10 +325,12 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         log.info("bangerd %s listening on %s (pid %s)", __version__, sock_path, os.getpid())
+        monitor = asyncio.create_task(self._monitor())
         async with server:
             await self._stopping.wait()
             log.info("shutting down")
             server.close()
+            monitor.cancel()
             pending = {t for t in self._inflight if t is not asyncio.current_task()}
             if pending:
                 _, late = await asyncio.wait(pending, timeout=DRAIN_TIMEOUT)

@@ -114,5 +114,11 @@ def post_boot(ctx) -> None:  # noqa: ANN001
 
 
 @hookimpl
+def request_guest_shutdown(ctx) -> None:  # noqa: ANN001
+    _record(ctx.settings, {"hook": "request_guest_shutdown", "vm": ctx.vm.name})
+    return None  # pass: let the core use ACPI
+
+
+@hookimpl
 def cleanup(ctx) -> None:  # noqa: ANN001
     _record(ctx.settings, {"hook": "cleanup", "vm": ctx.vm.name, "teardown": ctx.teardown.get("example")})

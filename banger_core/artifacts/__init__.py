@@ -1,0 +1,1 @@
+"""Guest artifacts banger builds on the host: kernels, initrds, root filesystems."""

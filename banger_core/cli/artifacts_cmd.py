@@ -1,0 +1,83 @@
+"""``banger kernel ...`` and ``banger image ...``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from banger_core.cli import style
+from banger_core.cli.app import echo_json, state
+
+kernel_app = typer.Typer(help="Kernels VMs boot.", no_args_is_help=True)
+image_app = typer.Typer(help="Root filesystem images VMs boot from.", no_args_is_help=True)
+
+
+def _call(method: str, params: dict) -> dict:
+    return state.client().call(method, params)
+
+
+@kernel_app.command("import")
+def kernel_import(
+    name: str,
+    source: Path = typer.Option(..., "--from", help="dir with vmlinux|vmlinuz|bzImage, optional initrd.img, modules/"),
+    force: bool = typer.Option(False, "--force", help="replace an existing kernel of that name"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Copy a kernel (and its initrd and modules) into banger's store."""
+    k = _call("kernel.import", {"name": name, "source": str(source.resolve()), "force": force})
+    if as_json:
+        echo_json(k)
+        return
+    style.echo(f"kernel {k['name']}: {k['kernel']}" + (f" + {Path(k['initrd']).name}" if k.get("initrd") else ""))
+
+
+@kernel_app.command("list")
+def kernel_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List imported kernels."""
+    ks = _call("kernel.list", {})["kernels"]
+    if as_json:
+        echo_json(ks)
+        return
+    rows = [[k["name"], Path(k["kernel"]).name, Path(k["initrd"]).name if k.get("initrd") else "-", "yes" if k.get("modules") else "-"] for k in ks]
+    style.echo(style.table(rows, ["NAME", "KERNEL", "INITRD", "MODULES"]) if rows else "no kernels")
+
+
+@kernel_app.command("rm")
+def kernel_rm(name: str) -> None:
+    """Remove a kernel no image uses."""
+    _call("kernel.rm", {"name": name})
+    style.echo(f"kernel {name}: removed")
+
+
+@image_app.command("register")
+def image_register(
+    name: str,
+    rootfs: Path = typer.Option(..., "--rootfs", help="an ext4 root filesystem image (used in place, never written)"),
+    kernel_ref: str = typer.Option(..., "--kernel-ref", help="name of an imported kernel"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Register a root filesystem image."""
+    i = _call("image.register", {"name": name, "rootfs": str(rootfs.resolve()), "kernel_ref": kernel_ref})
+    if as_json:
+        echo_json(i)
+        return
+    style.echo(f"image {i['name']}: {i['rootfs']} (kernel {i['kernel_ref']})")
+
+
+@image_app.command("list")
+def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List images."""
+    imgs = _call("image.list", {})["images"]
+    if as_json:
+        echo_json(imgs)
+        return
+    rows = [[i["name"], i.get("kernel_ref") or "-", "managed" if i.get("managed") else "registered", i["rootfs"]] for i in imgs]
+    style.echo(style.table(rows, ["NAME", "KERNEL", "KIND", "ROOTFS"]) if rows else "no images")
+
+
+@image_app.command("delete")
+def image_delete(name: str) -> None:
+    """Delete an image no VM uses (a registered rootfs file is left in place)."""
+    _call("image.delete", {"name": name})
+    style.echo(f"image {name}: deleted")

@@ -1,0 +1,280 @@
+"""``banger vm ...``: VM lifecycle."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from banger_core.cli import style
+from banger_core.cli.app import echo_json, state
+from banger_core.errors import BangerError, ErrorCode
+
+app = typer.Typer(help="Create, run and manage VMs.", no_args_is_help=True)
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
+
+
+def parse_mib(value: str | None, what: str) -> int | None:
+    """'512' (MiB), '512M', '2G', '1GiB' -> MiB. Zero and negatives are refused."""
+    if value is None:
+        return None
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"{what}: cannot parse size {value!r} (e.g. 512, 512M, 2G)")
+    n, unit = int(m.group(1)), (m.group(2) or "m").lower()
+    mib = {"k": n / 1024, "m": n, "g": n * 1024, "t": n * 1024 * 1024}[unit]
+    if mib < 1:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"{what} must be greater than 0, got {value!r}")
+    return int(mib)
+
+
+def positive(value: int | None, what: str) -> int | None:
+    if value is not None and value <= 0:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"{what} must be greater than 0, got {value}")
+    return value
+
+
+def check_name(name: str | None) -> str | None:
+    if name is None:
+        return None
+    from banger_core.models import validate_vm_name
+
+    try:
+        return validate_vm_name(name)
+    except ValueError as exc:
+        raise BangerError(ErrorCode.BAD_REQUEST, str(exc)) from None
+
+
+class Progress:
+    def __init__(self, quiet: bool) -> None:
+        self.t0 = time.monotonic()
+        self.quiet = quiet
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        stage = ev.get("stage")
+        elapsed = f"[{time.monotonic() - self.t0:6.1f}s]"
+        if stage == "spec":
+            style.echo(
+                f"spec: name={ev['vm']} id={ev['id']} image={ev['image']} driver={ev['driver']} "
+                f"vcpu={ev['vcpus']} memory={ev['memory_mib']}MiB disk={ev['disk_size_mib']}MiB",
+                err=True,
+            )
+        else:
+            style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)} {stage}", err=True)
+
+
+def _call(method: str, params: dict[str, Any], on_event: Any = None) -> Any:
+    return state.client().call(method, params, on_event=on_event)
+
+
+def _fan_out(method: str, refs: list[str], as_json: bool, verb: str, **extra: Any) -> None:
+    progress = Progress(quiet=as_json)
+    res = _call(method, {"refs": refs, **extra}, on_event=progress)["results"]
+    if as_json:
+        echo_json(res)
+    failed = 0
+    for r in res:
+        if r["ok"]:
+            if not as_json:
+                style.echo(f"{r['vm']['name']}: {r['vm'].get('state', verb)}")
+        else:
+            failed += 1
+            e = r["error"]
+            style.echo(style.paint(f"banger: {r['ref']}: {e['message']} ({e['op_id']})", "red", sys.stderr), err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def create(
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="DNS-label name (default: generated)"),
+    image: Optional[str] = typer.Option(None, "--image", "-i", help="image name (default: [vm_defaults] image)"),
+    vcpu: Optional[int] = typer.Option(None, "--vcpu", help="vCPUs (default: host cpus/4, 1..4)"),
+    memory: Optional[str] = typer.Option(None, "--memory", "-m", help="memory, e.g. 1024 or 2G (default: RAM/8)"),
+    disk_size: Optional[str] = typer.Option(None, "--disk-size", help="root disk size, e.g. 4G"),
+    driver: Optional[str] = typer.Option(None, "--driver", help="qemu | firecracker (default: [vmm] driver)"),
+    project: Optional[Path] = typer.Option(None, "--project", "-p", help="project dir whose banger.toml applies"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Create a VM and boot it, showing each stage."""
+    params = {
+        "name": check_name(name),
+        "image": image,
+        "vcpus": positive(vcpu, "--vcpu"),
+        "memory_mib": parse_mib(memory, "--memory"),
+        "disk_size_mib": parse_mib(disk_size, "--disk-size"),
+        "driver": driver,
+        "project_dir": str(project.resolve()) if project else None,
+    }
+    t0 = time.monotonic()
+    vm = _call("vm.create", {k: v for k, v in params.items() if v is not None}, on_event=Progress(quiet=as_json))
+    if as_json:
+        echo_json(vm)
+        return
+    style.echo(f"{vm['name']} {style.paint(vm['state'], 'green')} (id {vm['id'][:8]}) in {time.monotonic() - t0:.1f}s")
+
+
+@app.command()
+def start(refs: List[str] = typer.Argument(..., help="VM names or ID prefixes"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Boot stopped VMs."""
+    _fan_out("vm.start", refs, as_json, "running")
+
+
+@app.command()
+def stop(
+    refs: List[str] = typer.Argument(..., help="VM names or ID prefixes"),
+    force: bool = typer.Option(False, "--force", "-f", help="skip the graceful shutdown"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Shut VMs down: guest sync + poweroff, then ACPI, then SIGKILL after a timeout."""
+    _fan_out("vm.stop", refs, as_json, "stopped", force=force)
+
+
+@app.command()
+def restart(refs: List[str] = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Stop (gracefully) and boot again: a real new boot."""
+    _fan_out("vm.restart", refs, as_json, "running")
+
+
+@app.command()
+def kill(
+    refs: List[str] = typer.Argument(...),
+    signal: str = typer.Option("KILL", "--signal", "-s", help="signal for the VMM process (KILL, TERM, ...)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Send a signal to VMs' VMM processes (default SIGKILL)."""
+    _fan_out("vm.kill", refs, as_json, "stopped", signal=signal)
+
+
+@app.command()
+def delete(
+    refs: List[str] = typer.Argument(...),
+    force: bool = typer.Option(False, "--force", "-f", help="also delete running VMs (killed first)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Delete VMs and everything they left on the host."""
+    _fan_out("vm.delete", refs, as_json, "deleted", force=force)
+
+
+@app.command()
+def prune(
+    force: bool = typer.Option(False, "--force", "-f", help="do not ask"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Delete every VM that is not running."""
+    if not force:
+        if not sys.stdin.isatty():
+            raise BangerError(ErrorCode.BAD_REQUEST, "prune deletes every stopped VM: pass --force (no terminal to ask)")
+        if not typer.confirm("Delete every VM that is not running?"):
+            raise typer.Exit(1)
+    res = _call("vm.prune", {})
+    if as_json:
+        echo_json(res)
+        return
+    for v in res["deleted"]:
+        style.echo(f"{v['name']}: deleted")
+    if not res["deleted"]:
+        style.echo("nothing to prune")
+
+
+@app.command("set")
+def set_(
+    ref: str = typer.Argument(...),
+    vcpu: Optional[int] = typer.Option(None, "--vcpu"),
+    memory: Optional[str] = typer.Option(None, "--memory", "-m"),
+    disk_size: Optional[str] = typer.Option(None, "--disk-size"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Change a stopped VM's vCPUs, memory or disk size (disks only grow)."""
+    params = {
+        "ref": ref,
+        "vcpus": positive(vcpu, "--vcpu"),
+        "memory_mib": parse_mib(memory, "--memory"),
+        "disk_size_mib": parse_mib(disk_size, "--disk-size"),
+    }
+    if all(v is None for k, v in params.items() if k != "ref"):
+        raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give --vcpu, --memory or --disk-size")
+    vm = _call("vm.set", {k: v for k, v in params.items() if v is not None})
+    if as_json:
+        echo_json(vm)
+        return
+    s = vm["spec"]
+    style.echo(f"{vm['name']}: vcpu={s['vcpus']} memory={s['memory_mib']}MiB disk={s['disk_size_mib']}MiB")
+
+
+def _age(ts: str) -> str:
+    secs = (datetime.now(timezone.utc) - datetime.fromisoformat(ts)).total_seconds()
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= n:
+            return f"{int(secs // n)}{unit}"
+    return f"{int(secs)}s"
+
+
+@app.command("list")
+def list_(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List VMs."""
+    vms = _call("vm.list", {})["vms"]
+    if as_json:
+        echo_json(vms)
+        return
+    if not vms:
+        style.echo("no VMs")
+        return
+    rows = [
+        [v["name"], v["id"][:8], v["state"], v["image"] or "-", str(v["spec"]["vcpus"]),
+         f"{v['spec']['memory_mib']}M", f"{v['spec']['disk_size_mib']}M", v["driver"], _age(v["created_at"])]
+        for v in vms
+    ]
+    style.echo(style.table(rows, ["NAME", "ID", "STATE", "IMAGE", "VCPU", "MEM", "DISK", "VMM", "AGE"]))
+
+
+@app.command()
+def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show one VM."""
+    vm = _call("vm.show", {"ref": ref})
+    if as_json:
+        echo_json(vm)
+        return
+    s = vm["spec"]
+    for key, value in [
+        ("name", vm["name"]), ("id", vm["id"]), ("state", vm["state"]), ("image", vm["image"]),
+        ("vmm", vm["driver"]), ("vcpu", s["vcpus"]), ("memory", f"{s['memory_mib']} MiB"),
+        ("disk", f"{s['disk_size_mib']} MiB ({vm.get('disk_strategy') or '-'})"), ("pid", vm.get("pid") or "-"),
+        ("console", vm["console_log"]), ("created", vm["created_at"]), ("error", vm.get("last_error") or "-"),
+    ]:
+        style.echo(f"{key + ':':9} {value}")
+
+
+@app.command()
+def logs(
+    ref: str,
+    lines: int = typer.Option(200, "--lines", "-n", help="last N lines (0: all)"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new output"),
+) -> None:
+    """Print a VM's serial console output."""
+    res = _call("vm.logs", {"ref": ref, "lines": lines})
+    if res["text"]:
+        style.echo(res["text"])
+    if follow:
+        path = Path(res["path"])
+        pos = path.stat().st_size if path.exists() else 0
+        try:
+            while True:
+                if path.exists() and path.stat().st_size > pos:
+                    with path.open("rb") as fh:
+                        fh.seek(pos)
+                        chunk = fh.read()
+                    pos += len(chunk)
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass

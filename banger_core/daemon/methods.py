@@ -1,0 +1,227 @@
+"""The core's RPC methods for VMs, kernels and images."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import signal as signals
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from banger_core import images
+from banger_core.daemon.rpc import Call, Registry
+from banger_core.errors import BangerError, ErrorCode
+from banger_core.vms import CreateParams, SetParams, VMService
+
+if TYPE_CHECKING:  # pragma: no cover
+    from banger_core.paths import Paths
+    from banger_core.store import Store
+
+# Blocking VM work runs here, not on the event loop; sized for many slow operations.
+EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="banger-op")
+
+
+class _P(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RefsParams(_P):
+    refs: list[str] = Field(min_length=1)
+    force: bool = False
+
+
+class KillParams(_P):
+    refs: list[str] = Field(min_length=1)
+    signal: str = "KILL"
+
+    @field_validator("signal")
+    @classmethod
+    def _sig(cls, v: str) -> str:
+        name = v.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if name not in signals.Signals.__members__:
+            raise ValueError(f"unknown signal {v!r}")
+        return name
+
+
+class RefParams(_P):
+    ref: str
+
+
+class LogsParams(_P):
+    ref: str
+    lines: int = Field(default=200, ge=0)
+
+
+class KernelImportParams(_P):
+    name: str
+    source: str
+    force: bool = False
+
+
+class NameParams(_P):
+    name: str
+
+
+class ImageRegisterParams(_P):
+    name: str
+    rootfs: str
+    kernel_ref: str
+
+
+async def run_blocking(call: Call, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args, progress, cancel)`` in a worker thread.
+
+    Progress events stream to the client; if the client goes away the request task is
+    cancelled, ``cancel`` is set and we wait for ``fn`` to roll back before returning.
+    """
+    loop = asyncio.get_running_loop()
+    cancel = threading.Event()
+
+    def progress(stage: str, data: dict[str, Any]) -> None:
+        asyncio.run_coroutine_threadsafe(call.emit({"stage": stage, **data}), loop)
+
+    ctx = contextvars.copy_context()  # keeps the op id on log records from the thread
+    fut = loop.run_in_executor(EXECUTOR, functools.partial(ctx.run, fn, *args, progress, cancel))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        cancel.set()
+        try:
+            await fut
+        except Exception:  # noqa: BLE001 - the client is gone; rollback is logged
+            pass
+        raise
+
+
+async def run_simple(fn: Callable[..., Any], *args: Any) -> Any:
+    loop = asyncio.get_running_loop()
+    ctx = contextvars.copy_context()
+    return await loop.run_in_executor(EXECUTOR, functools.partial(ctx.run, fn, *args))
+
+
+def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> None:
+    async def fan_out(call: Call, refs: list[str], op: Callable[..., Any]) -> dict[str, Any]:
+        """Run ``op(vm)`` for each ref concurrently; report per ref, in input order."""
+
+        async def one(ref: str) -> dict[str, Any]:
+            try:
+                vm = await run_simple(vms.resolve, ref)
+                shown = await op(vm)
+                return {"ref": ref, "ok": True, "vm": shown}
+            except BangerError as exc:
+                exc.op_id = call.op_id
+                return {"ref": ref, "ok": False, "error": exc.to_dict()}
+
+        return {"results": list(await asyncio.gather(*(one(r) for r in refs)))}
+
+    async def create(p: CreateParams, call: Call) -> dict[str, Any]:
+        vm = await run_blocking(call, lambda prog, cancel: vms.create(p, call.op_id, prog, cancel))
+        return vms.show(vm)
+
+    async def start(p: RefsParams, call: Call) -> dict[str, Any]:
+        async def op(vm):  # noqa: ANN001, ANN202
+            done = await run_blocking(call, lambda prog, cancel: vms.start(vm, call.op_id, prog, cancel))
+            return vms.show(done)
+
+        return await fan_out(call, p.refs, op)
+
+    async def restart(p: RefsParams, call: Call) -> dict[str, Any]:
+        async def op(vm):  # noqa: ANN001, ANN202
+            done = await run_blocking(call, lambda prog, cancel: vms.restart(vm, call.op_id, prog, cancel))
+            return vms.show(done)
+
+        return await fan_out(call, p.refs, op)
+
+    async def stop(p: RefsParams, call: Call) -> dict[str, Any]:
+        async def op(vm):  # noqa: ANN001, ANN202
+            return vms.show(await run_simple(vms.stop, vm, call.op_id, p.force))
+
+        return await fan_out(call, p.refs, op)
+
+    async def kill(p: KillParams, call: Call) -> dict[str, Any]:
+        sig = int(signals.Signals[p.signal])
+
+        async def op(vm):  # noqa: ANN001, ANN202
+            return vms.show(await run_simple(vms.kill, vm, call.op_id, sig))
+
+        return await fan_out(call, p.refs, op)
+
+    async def delete(p: RefsParams, call: Call) -> dict[str, Any]:
+        async def op(vm):  # noqa: ANN001, ANN202
+            gone = await run_simple(vms.delete, vm, call.op_id, p.force)
+            return {"id": gone.id, "name": gone.name, "state": "deleted"}
+
+        return await fan_out(call, p.refs, op)
+
+    async def prune(_p: Any, call: Call) -> dict[str, Any]:
+        gone = await run_simple(vms.prune, call.op_id)
+        return {"deleted": [{"id": v.id, "name": v.name} for v in gone]}
+
+    async def set_(p: SetParams, call: Call) -> dict[str, Any]:
+        return vms.show(await run_simple(vms.set, p, call.op_id))
+
+    async def list_(_p: Any, call: Call) -> dict[str, Any]:
+        return {"vms": await run_simple(vms.list)}
+
+    async def show(p: RefParams, call: Call) -> dict[str, Any]:
+        return await run_simple(lambda: vms.show(vms.resolve(p.ref)))
+
+    async def logs(p: LogsParams, call: Call) -> dict[str, Any]:
+        def read() -> dict[str, Any]:
+            vm = vms.resolve(p.ref)
+            path = vms.console_log(vm)
+            try:
+                text = path.read_text(errors="replace")
+            except FileNotFoundError:
+                text = ""
+            lines = text.splitlines()[-p.lines :] if p.lines else text.splitlines()
+            return {"vm": vm.name, "path": str(path), "text": "\n".join(lines)}
+
+        return await run_simple(read)
+
+    async def kernel_import(p: KernelImportParams, call: Call) -> dict[str, Any]:
+        k = await run_simple(images.import_kernel, store, paths, p.name, Path(p.source), p.force)
+        return k.model_dump(mode="json")
+
+    async def kernel_list(_p: Any, call: Call) -> dict[str, Any]:
+        return {"kernels": [k.model_dump(mode="json") for k in store.list_kernels()]}
+
+    async def kernel_rm(p: NameParams, call: Call) -> dict[str, Any]:
+        await run_simple(images.remove_kernel, store, paths, p.name)
+        return {"name": p.name, "state": "removed"}
+
+    async def image_register(p: ImageRegisterParams, call: Call) -> dict[str, Any]:
+        i = await run_simple(images.register_image, store, p.name, Path(p.rootfs), p.kernel_ref)
+        return i.model_dump(mode="json")
+
+    async def image_list(_p: Any, call: Call) -> dict[str, Any]:
+        return {"images": [i.model_dump(mode="json") for i in store.list_images()]}
+
+    async def image_delete(p: NameParams, call: Call) -> dict[str, Any]:
+        await run_simple(images.delete_image, store, p.name)
+        return {"name": p.name, "state": "deleted"}
+
+    r = reg.register
+    r("vm.create", create, CreateParams)
+    r("vm.start", start, RefsParams)
+    r("vm.restart", restart, RefsParams)
+    r("vm.stop", stop, RefsParams)
+    r("vm.kill", kill, KillParams)
+    r("vm.delete", delete, RefsParams)
+    r("vm.prune", prune)
+    r("vm.set", set_, SetParams)
+    r("vm.list", list_)
+    r("vm.show", show, RefParams)
+    r("vm.logs", logs, LogsParams)
+    r("kernel.import", kernel_import, KernelImportParams)
+    r("kernel.list", kernel_list)
+    r("kernel.rm", kernel_rm, NameParams)
+    r("image.register", image_register, ImageRegisterParams)
+    r("image.list", image_list)
+    r("image.delete", image_delete, NameParams)

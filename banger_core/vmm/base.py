@@ -1,0 +1,107 @@
+"""The driver interface every VMM implements."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from banger_core.models import Machine
+
+
+def process_tag(vm_id: str) -> str:
+    """A string on the VMM's command line that identifies the VM it runs."""
+    return f"banger-{vm_id}"
+
+
+@dataclass
+class Launch:
+    pid: int
+    api_socket: str | None = None
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def is_vmm_of(pid: int, vm_id: str) -> bool:
+    """``pid`` is alive and is the VMM process banger started for ``vm_id``."""
+    return alive(pid) and any(process_tag(vm_id) in a for a in cmdline(pid))
+
+
+def find_vmm(vm_id: str) -> int | None:
+    """Find a VM's VMM by process inspection (when its handles file is lost)."""
+    tag = process_tag(vm_id)
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            pid = int(entry.name)
+            if any(tag in a for a in cmdline(pid)) and alive(pid) and pid != os.getpid():
+                return pid
+    return None
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            _reap(pid)
+            return True
+        time.sleep(0.05)
+    return not alive(pid)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def send_signal(pid: int, sig: int = signal.SIGKILL) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+class Driver(ABC):
+    """One VMM. Instances are cheap; every method takes what it needs explicitly."""
+
+    name: str
+
+    @abstractmethod
+    def available(self) -> tuple[bool, str]:
+        """Whether this VMM can run here, and why (binary, KVM...)."""
+
+    @abstractmethod
+    def launch(self, vm_id: str, machine: Machine, run_dir: Path) -> Launch:
+        """Start the VMM for ``machine``, detached so it outlives the daemon and the
+        request that started it. Returns once the guest is booting."""
+
+    @abstractmethod
+    def request_shutdown(self, pid: int, run_dir: Path) -> None:
+        """Ask the guest to shut down (ACPI power button / Ctrl-Alt-Del)."""
+
+    def force_stop(self, pid: int, run_dir: Path) -> None:
+        send_signal(pid, signal.SIGKILL)
+
+    def run_files(self, run_dir: Path) -> list[Path]:
+        """Per-boot files to remove once the VMM is gone (sockets, pid files)."""
+        return []

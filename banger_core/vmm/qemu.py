@@ -1,0 +1,199 @@
+"""QEMU driver: one qemu-system-x86_64 per VM, daemonized, controlled over QMP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from banger_core import proc
+from banger_core.errors import BangerError, ErrorCode
+from banger_core.models import Machine
+from banger_core.vmm.base import Driver, Launch, process_tag
+from banger_core.vmm.qmp import QMP
+
+log = logging.getLogger("banger.vmm.qemu")
+
+ELF_MAGIC = b"\x7fELF"
+
+
+def kernel_is_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == ELF_MAGIC
+    except OSError:
+        return False
+
+
+class QemuDriver(Driver):
+    name = "qemu"
+
+    def __init__(
+        self,
+        binary: str = "qemu-system-x86_64",
+        accel: str = "auto",
+        machine_type: str = "auto",
+        kvm_probe_timeout: float = 10.0,
+        probe_cache: Path | None = None,
+    ) -> None:
+        self.binary = binary
+        self.accel = accel
+        self.machine_type = machine_type
+        self.kvm_probe_timeout = kvm_probe_timeout
+        self.probe_cache = probe_cache
+
+    def available(self) -> tuple[bool, str]:
+        path = shutil.which(self.binary)
+        if path is None:
+            return False, f"{self.binary} not found (apt install qemu-system-x86)"
+        return True, path
+
+    # --- acceleration -----------------------------------------------------------------
+    def choose_accel(self, machine: Machine) -> tuple[str, str]:
+        """Pick KVM when a probe boot shows it works, TCG otherwise; say why."""
+        if self.accel in ("kvm", "tcg"):
+            return self.accel, f"accel={self.accel} set in config"
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            return "tcg", "/dev/kvm is not usable"
+        key = f"{machine.kernel}:{os.stat(machine.kernel).st_mtime_ns}"
+        cached = self._read_probe_cache(key)
+        if cached is not None:
+            return cached["accel"], cached["why"] + " (cached probe)"
+        accel, why = self._probe_kvm(machine)
+        self._write_probe_cache(key, accel, why)
+        return accel, why
+
+    def _read_probe_cache(self, key: str) -> dict | None:
+        if not self.probe_cache:
+            return None
+        try:
+            data = json.loads(self.probe_cache.read_text())
+            return data if data.get("key") == key else None
+        except (OSError, ValueError):
+            return None
+
+    def _write_probe_cache(self, key: str, accel: str, why: str) -> None:
+        if self.probe_cache:
+            self.probe_cache.parent.mkdir(parents=True, exist_ok=True)
+            self.probe_cache.write_text(json.dumps({"key": key, "accel": accel, "why": why}))
+
+    def _probe_kvm(self, machine: Machine) -> tuple[str, str]:
+        """Boot the kernel under KVM with no disk; KVM works if it prints within the
+        timeout. (Some hosts expose a /dev/kvm on which stock kernels hang.)"""
+        args = [
+            self.binary, "-accel", "kvm", "-M", self._machine_type(machine), "-cpu", "host",
+            "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-serial", "stdio", "-kernel", machine.kernel,
+            "-append", "console=ttyS0 earlyprintk=serial panic=-1 root=/dev/null",
+        ]
+        t0 = time.monotonic()
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        try:
+            os.set_blocking(p.stdout.fileno(), False)  # type: ignore[union-attr]
+            seen = b""
+            while time.monotonic() - t0 < self.kvm_probe_timeout and p.poll() is None:
+                chunk = p.stdout.read(4096) or b""  # type: ignore[union-attr]
+                seen += chunk
+                if b"Linux version" in seen:
+                    return "kvm", f"KVM probe boot printed the kernel banner in {time.monotonic() - t0:.1f}s"
+                time.sleep(0.05)
+            if p.poll() is not None and b"Linux version" not in seen:
+                err = (p.stderr.read() or b"").decode(errors="replace").strip().splitlines()  # type: ignore[union-attr]
+                return "tcg", f"KVM probe failed: {err[-1] if err else 'qemu exited'}"
+            return "tcg", f"KVM probe boot printed nothing in {self.kvm_probe_timeout:.0f}s (KVM unusable here)"
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+    def _machine_type(self, machine: Machine) -> str:
+        if self.machine_type != "auto":
+            return self.machine_type
+        # An ELF vmlinux boots via PVH on the lean microvm machine; a bzImage needs pc.
+        return "microvm" if kernel_is_elf(machine.kernel) else "pc"
+
+    # --- launch -------------------------------------------------------------------
+    def argv(self, vm_id: str, machine: Machine, run_dir: Path, accel: str) -> list[str]:
+        mtype = self._machine_type(machine)
+        micro = mtype == "microvm"
+        dev = (lambda kind: f"virtio-{kind}-device") if micro else (lambda kind: f"virtio-{kind}-pci")
+        console = machine.console_log or str(run_dir / "console.log")
+        args = [
+            self.binary,
+            "-name", f"{process_tag(vm_id)},process={process_tag(vm_id)}",
+            "-M", mtype + (",acpi=on" if micro else ""),
+            "-accel", accel,
+            "-cpu", "host" if accel == "kvm" else "max",
+            "-smp", str(machine.vcpus),
+            "-m", f"{machine.memory_mib}M",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", machine.kernel,
+            "-append", " ".join(machine.boot_args),
+            "-serial", f"file:{console}",
+            "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
+            "-pidfile", str(run_dir / "vmm.pid"),
+            "-daemonize",
+        ]
+        if machine.initrd:
+            args += ["-initrd", machine.initrd]
+        for d in machine.drives:
+            fmt = "qcow2" if d.path.endswith(".qcow2") else "raw"
+            ro = ",readonly=on" if d.read_only else ""
+            args += [
+                "-drive", f"id={d.id},file={d.path},format={fmt},if=none,cache=writeback,discard=unmap{ro}",
+                "-device", f"{dev('blk')},drive={d.id}",
+            ]
+        for n in machine.nics:
+            args += [
+                "-netdev", f"tap,id={n.id},ifname={n.tap},script=no,downscript=no",
+                "-device", f"{dev('net')},netdev={n.id},mac={n.mac}",
+            ]
+        if machine.agent is not None and machine.agent.kind == "serial":
+            args += [
+                "-device", "virtio-serial-device" if micro else "virtio-serial-pci",
+                "-chardev", f"socket,id=agent,path={machine.agent.host_path},server=on,wait=off",
+                "-device", "virtserialport,chardev=agent,name=banger.agent",
+            ]
+        elif machine.agent is not None and machine.agent.kind == "vsock":
+            args += ["-device", f"{'vhost-vsock-device' if micro else 'vhost-vsock-pci'},guest-cid={machine.agent.guest_cid}"]
+        return args
+
+    def launch(self, vm_id: str, machine: Machine, run_dir: Path) -> Launch:
+        ok, why = self.available()
+        if not ok:
+            raise BangerError(ErrorCode.OPERATION_FAILED, f"cannot boot with QEMU: {why}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for f in self.run_files(run_dir):
+            f.unlink(missing_ok=True)
+        accel, why = self.choose_accel(machine)
+        log.info("QEMU for %s uses %s: %s", vm_id, accel.upper(), why)
+        # -daemonize: QEMU forks once it has initialised, so configuration errors come
+        # back here as an exit status, and the VM is not our child: it outlives both
+        # this request and the daemon.
+        proc.run(self.argv(vm_id, machine, run_dir, accel), timeout=60, what="starting QEMU")
+        pid = int((run_dir / "vmm.pid").read_text().strip())
+        return Launch(pid=pid, api_socket=str(run_dir / "qmp.sock"))
+
+    def request_shutdown(self, pid: int, run_dir: Path) -> None:
+        with QMP(str(run_dir / "qmp.sock")) as q:
+            q.execute("system_powerdown")
+
+    def status(self, run_dir: Path) -> str:
+        with QMP(str(run_dir / "qmp.sock")) as q:
+            return str(q.execute("query-status").get("status"))
+
+    def force_stop(self, pid: int, run_dir: Path) -> None:
+        try:
+            with QMP(str(run_dir / "qmp.sock"), timeout=2) as q:
+                q.execute("quit")
+                return
+        except (BangerError, OSError):
+            pass
+        super().force_stop(pid, run_dir)
+
+    def run_files(self, run_dir: Path) -> list[Path]:
+        return [run_dir / "qmp.sock", run_dir / "vmm.pid"]

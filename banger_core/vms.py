@@ -1,0 +1,468 @@
+"""The VM state machine and every lifecycle operation.
+
+Operations are blocking (they shell out, copy disks, wait for processes) and run in
+worker threads; the daemon's RPC layer bridges them to asyncio, progress and
+cancellation. Locking: a short global lock reserves a name and a DB row; everything
+after runs under that VM's own lock, so creates of different VMs overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import signal as signals
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from banger_core import disks, host
+from banger_core.errors import BangerError, ErrorCode, MultiError
+from banger_core.handles import HandleStore
+from banger_core.lifecycle import Lifecycle
+from banger_core.models import VM, Drive, Machine, VMHandles, VMSpec, VMState, utcnow, validate_vm_name
+from banger_core.runtime import Runtime
+from banger_core.store import Store
+from banger_core.vmm import base as vmm
+from banger_core.vmm.drivers import driver_for, pick_driver
+
+log = logging.getLogger("banger.vms")
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+# Legal state transitions; anything else is refused.
+TRANSITIONS: dict[VMState, set[VMState]] = {
+    VMState.CREATED: {VMState.RUNNING, VMState.ERROR, VMState.STOPPED},
+    VMState.RUNNING: {VMState.STOPPED, VMState.ERROR},
+    VMState.STOPPED: {VMState.RUNNING, VMState.ERROR},
+    VMState.ERROR: {VMState.RUNNING, VMState.STOPPED, VMState.ERROR},
+}
+
+
+class Cancelled(BangerError):
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.CANCELLED, "cancelled: the client went away")
+
+
+class CreateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    image: str | None = None
+    vcpus: int | None = Field(default=None, gt=0)
+    memory_mib: int | None = Field(default=None, gt=0)
+    disk_size_mib: int | None = Field(default=None, gt=0)
+    driver: str | None = None
+    project_dir: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return validate_vm_name(v) if v is not None else v
+
+
+class SetParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ref: str
+    vcpus: int | None = Field(default=None, gt=0)
+    memory_mib: int | None = Field(default=None, gt=0)
+    disk_size_mib: int | None = Field(default=None, gt=0)
+
+
+def check_host_limits(spec: VMSpec) -> None:
+    cpus, mem = host.cpu_count(), host.memory_mib()
+    if spec.vcpus > cpus:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"vcpus {spec.vcpus} exceeds this host's {cpus} CPUs")
+    if spec.memory_mib > mem:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"memory {spec.memory_mib} MiB exceeds this host's {mem} MiB")
+
+
+def random_name() -> str:
+    adjectives = ["brisk", "calm", "eager", "fuzzy", "jolly", "lucid", "nimble", "quiet", "rapid", "witty"]
+    nouns = ["otter", "falcon", "badger", "heron", "lynx", "marten", "osprey", "puffin", "tapir", "wren"]
+    return f"{secrets.choice(adjectives)}-{secrets.choice(nouns)}-{secrets.token_hex(2)}"
+
+
+class VMService:
+    def __init__(self, rt: Runtime, store: Store, handles: HandleStore) -> None:
+        self.rt = rt
+        self.store = store
+        self.handles = handles
+        self.paths = rt.paths
+        self._global = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # --- helpers ----------------------------------------------------------------------
+    def lock(self, vm_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(vm_id, threading.Lock())
+
+    @property
+    def cfg(self):  # noqa: ANN201
+        return self.rt.config.core
+
+    def resolve(self, ref: str) -> VM:
+        """A VM by exact name, else by unique ID prefix."""
+        if not ref:
+            raise BangerError(ErrorCode.BAD_REQUEST, "empty VM reference")
+        by_name = self.store.find_vms(name=ref)
+        if by_name:
+            return by_name[0]
+        matches = self.store.find_vms(id_prefix=ref)
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise BangerError(ErrorCode.NOT_FOUND, f"no VM named or with ID prefix {ref!r}")
+        names = ", ".join(f"{m.name} ({m.id})" for m in matches[:5])
+        raise BangerError(ErrorCode.BAD_REQUEST, f"VM reference {ref!r} is ambiguous: {names}")
+
+    def _transition(self, vm: VM, to: VMState, error: str | None = None) -> None:
+        if to not in TRANSITIONS[vm.state] and to != vm.state:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} cannot go from {vm.state.value} to {to.value}")
+        vm.state = to
+        vm.last_error = error
+        self.store.update_vm(vm)
+
+    def run_dir(self, vm: VM) -> Path:
+        return self.paths.vm_dir(vm.id)
+
+    def console_log(self, vm: VM) -> Path:
+        return self.run_dir(vm) / "console.log"
+
+    def _pid(self, vm: VM) -> int | None:
+        h = self.handles.get(vm.id)
+        if h and h.pid and vmm.is_vmm_of(h.pid, vm.id):
+            return h.pid
+        return None
+
+    def refresh(self, vm: VM, op_id: str = "op-monitor") -> VM:
+        """If a running VM's VMM is gone, finalise it as stopped (cleanup included)."""
+        if vm.state is VMState.RUNNING and self._pid(vm) is None:
+            with self.lock(vm.id):
+                vm = self.store.get_vm(vm.id)
+                if vm.state is VMState.RUNNING and self._pid(vm) is None:
+                    log.warning("VM %s: VMM exited behind banger's back; cleaning up", vm.name, extra={"op_id": op_id})
+                    self._finalize_stopped(vm, op_id)
+        return vm
+
+    def _lifecycle(self, vm: VM, op_id: str) -> Lifecycle:
+        h = self.handles.get(vm.id)
+        return Lifecycle(
+            self.rt, vm, op_id=op_id, persist=self.store.update_vm, handles=dict(h.plugins) if h else None
+        )
+
+    # --- create / start -----------------------------------------------------------
+    def create(self, params: CreateParams, op_id: str, progress: Progress, cancel: threading.Event) -> VM:
+        t0 = time.monotonic()
+        progress("reserve", {})
+        d = self.cfg.vm_defaults
+        try:
+            spec = VMSpec(
+                vcpus=params.vcpus or d.vcpus or host.default_vcpus(),
+                memory_mib=params.memory_mib or d.memory_mib or host.default_memory_mib(),
+                disk_size_mib=params.disk_size_mib or d.disk_size_mib,
+            )
+        except ValidationError as exc:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"invalid spec: {exc.errors()[0]['msg']}") from None
+        check_host_limits(spec)
+        image_name = params.image or d.image
+        if not image_name:
+            raise BangerError(ErrorCode.BAD_REQUEST, "no image given and no [vm_defaults] image configured")
+        image = self.store.get_image(image_name)
+        if not image.kernel_ref:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"image {image.name} names no kernel")
+        self.store.get_kernel(image.kernel_ref)
+        driver_name = pick_driver(params.driver or self.cfg.vmm.driver, self.cfg.vmm)
+        vm = VM(
+            id=secrets.token_hex(8),
+            name=params.name or random_name(),
+            image=image.name,
+            spec=spec,
+            driver=driver_name,
+            project_dir=params.project_dir,
+        )
+        # Resolve plugins and validate their settings before anything exists.
+        self._lifecycle(vm, op_id)
+        with self._global:  # short: name + row only
+            if self.store.find_vms(name=vm.name):
+                raise BangerError(ErrorCode.ALREADY_EXISTS, f"a VM named {vm.name!r} already exists")
+            self.store.insert_vm(vm)
+        progress("spec", {"vm": vm.name, "id": vm.id, "image": image.name, "driver": driver_name, **spec.model_dump()})
+        try:
+            with self.lock(vm.id):
+                if cancel.is_set():
+                    raise Cancelled()
+                self._start_locked(vm, op_id, progress, cancel)
+        except BaseException as exc:
+            # A create that did not finish leaves nothing behind: no row, no files.
+            errors = self._destroy(vm, op_id)
+            if errors and isinstance(exc, BangerError):
+                exc.details["cleanup_failures"] = [str(e) for e in errors]
+            raise
+        progress("ready", {"elapsed_s": round(time.monotonic() - t0, 3)})
+        return vm
+
+    def start(self, vm: VM, op_id: str, progress: Progress, cancel: threading.Event) -> VM:
+        with self.lock(vm.id):
+            vm = self.refresh(self.store.get_vm(vm.id), op_id)
+            if vm.state is VMState.RUNNING:
+                raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is already running")
+            try:
+                self._start_locked(vm, op_id, progress, cancel)
+            except BangerError as exc:
+                self._transition(vm, VMState.ERROR, exc.message)
+                raise
+        return vm
+
+    def _start_locked(self, vm: VM, op_id: str, progress: Progress, cancel: threading.Event) -> None:
+        image = self.store.get_image(vm.image or "")
+        kernel = self.store.get_kernel(image.kernel_ref or "")
+        driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
+        run_dir = self.run_dir(vm)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        progress("prepare_host", {})
+        if not vm.disk_strategy:
+            vm.disk_strategy = disks.choose_strategy(run_dir, vm.driver, self.cfg.vmm.disk_strategy)
+            self.store.update_vm(vm)
+        root = disks.root_disk_path(run_dir, vm.disk_strategy)
+        if not root.exists():
+            disks.create_root_disk(Path(image.rootfs), run_dir, vm.spec.disk_size_mib, vm.disk_strategy)
+        console = self.console_log(vm)
+        machine = Machine(
+            kernel=kernel.kernel,
+            initrd=kernel.initrd,
+            boot_args=self._boot_args(vm),
+            vcpus=vm.spec.vcpus,
+            memory_mib=vm.spec.memory_mib,
+            drives=[Drive(id="root", path=str(root), root=True)],
+            console_log=str(console),
+        )
+        lc = self._lifecycle(vm, op_id)
+
+        def boot(m: Machine) -> None:
+            if cancel.is_set():
+                raise Cancelled()
+            progress("boot", {"driver": driver.name})
+            launch = driver.launch(vm.id, m, run_dir)
+            # handles.json first (atomically), then the cache, then the DB state.
+            self.handles.set(VMHandles(vm_id=vm.id, pid=launch.pid, driver=driver.name, api_socket=launch.api_socket, plugins=lc.handles))
+            self._transition(vm, VMState.RUNNING)
+            if cancel.is_set():
+                raise Cancelled()
+            progress("wait_agent", {})
+
+        try:
+            lc.start(machine, boot)
+        except BaseException:
+            self._stop_vmm(vm, driver, graceful=False)
+            for f in driver.run_files(run_dir):
+                f.unlink(missing_ok=True)
+            self.handles.drop(vm.id)
+            raise
+
+    def _boot_args(self, vm: VM) -> list[str]:
+        args = ["console=ttyS0", "root=/dev/vda", "rw", "panic=-1", "net.ifnames=0", f"banger.vm={vm.name}"]
+        if vm.driver == "firecracker":
+            args += ["reboot=k", "pci=off"]
+        return args + list(self.cfg.vmm.boot_args)
+
+    # --- stop / kill -----------------------------------------------------------------
+    def stop(self, vm: VM, op_id: str, force: bool = False) -> VM:
+        with self.lock(vm.id):
+            vm = self.refresh(self.store.get_vm(vm.id), op_id)
+            if vm.state is not VMState.RUNNING:
+                raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running ({vm.state.value})")
+            driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
+            self._stop_vmm(vm, driver, graceful=not force, op_id=op_id)
+            self._finalize_stopped(vm, op_id)
+        return vm
+
+    def _stop_vmm(self, vm: VM, driver: vmm.Driver, graceful: bool, op_id: str = "") -> str:
+        """Graceful: plugin (agent/SSH sync+poweroff) -> ACPI/Ctrl-Alt-Del -> kill."""
+        pid = self._pid(vm) or vmm.find_vmm(vm.id)
+        if pid is None:
+            return "not running"
+        timeout = self.cfg.vmm.stop_timeout_s
+        run_dir = self.run_dir(vm)
+        if graceful:
+            try:
+                by = self._lifecycle(vm, op_id).request_guest_shutdown()
+            except BangerError:
+                by = None
+            if by and vmm.wait_exit(pid, timeout):
+                return f"shut down by {by}"
+            try:
+                driver.request_shutdown(pid, run_dir)
+                if vmm.wait_exit(pid, timeout):
+                    return "shut down (ACPI)"
+            except BangerError as exc:
+                log.warning("VM %s: shutdown request failed: %s", vm.name, exc, extra={"op_id": op_id})
+        driver.force_stop(pid, run_dir)
+        if not vmm.wait_exit(pid, 5):
+            vmm.send_signal(pid, signals.SIGKILL)
+            vmm.wait_exit(pid, 5)
+        return "killed"
+
+    def kill(self, vm: VM, op_id: str, sig: int = signals.SIGKILL) -> VM:
+        with self.lock(vm.id):
+            vm = self.refresh(self.store.get_vm(vm.id), op_id)
+            pid = self._pid(vm)
+            if vm.state is not VMState.RUNNING or pid is None:
+                raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running ({vm.state.value})")
+            vmm.send_signal(pid, sig)
+            if vmm.wait_exit(pid, 10):
+                self._finalize_stopped(vm, op_id)
+            else:
+                raise BangerError(
+                    ErrorCode.OPERATION_FAILED,
+                    f"sent {signals.Signals(sig).name} to VM {vm.name} (pid {pid}); it is still running",
+                )
+        return vm
+
+    def _finalize_stopped(self, vm: VM, op_id: str) -> None:
+        """The VMM is gone: undo host state, drop handles, mark stopped."""
+        failures: list[tuple[str, BaseException]] = []
+        try:
+            self._lifecycle(vm, op_id).cleanup()
+        except MultiError as exc:
+            failures += exc.failures
+        except BangerError as exc:  # plugins unusable (config): still finish the rest
+            failures.append(("plugins", exc))
+        driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
+        for f in driver.run_files(self.run_dir(vm)):
+            f.unlink(missing_ok=True)
+        self.handles.drop(vm.id)
+        self._transition(vm, VMState.STOPPED, "; ".join(f"{w}: {e}" for w, e in failures) or None)
+        if failures:
+            raise MultiError("cleanup", failures, op_id=op_id)
+
+    def restart(self, vm: VM, op_id: str, progress: Progress, cancel: threading.Event) -> VM:
+        vm = self.refresh(self.store.get_vm(vm.id), op_id)
+        if vm.state is VMState.RUNNING:
+            self.stop(vm, op_id)
+        return self.start(vm, op_id, progress, cancel)
+
+    # --- delete / prune ------------------------------------------------------------
+    def delete(self, vm: VM, op_id: str, force: bool = False) -> VM:
+        with self.lock(vm.id):
+            vm = self.refresh(self.store.get_vm(vm.id), op_id)
+            if vm.state is VMState.RUNNING and not force:
+                raise BangerError(
+                    ErrorCode.BAD_REQUEST, f"VM {vm.name} is running: stop it first or delete with --force"
+                )
+            errors = self._destroy(vm, op_id)
+        with self._locks_guard:
+            self._locks.pop(vm.id, None)
+        if errors:
+            raise MultiError("delete", [(str(i), e) for i, e in enumerate(errors)], op_id=op_id)
+        return vm
+
+    def _destroy(self, vm: VM, op_id: str) -> list[BaseException]:
+        """Remove every trace of a VM; keep going past failures and return them."""
+        errors: list[BaseException] = []
+        try:
+            driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
+            self._stop_vmm(vm, driver, graceful=False, op_id=op_id)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+        try:
+            self._lifecycle(vm, op_id).cleanup()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+        self.handles.drop(vm.id)
+        try:
+            shutil.rmtree(self.run_dir(vm))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            errors.append(exc)
+        if errors:
+            log.error("VM %s: destroy had failures: %s", vm.name, errors, extra={"op_id": op_id})
+        self.store.delete_vm(vm.id)
+        return errors
+
+    def prune(self, op_id: str) -> list[VM]:
+        gone = []
+        for vm in self.store.list_vms():
+            vm = self.refresh(vm, op_id)
+            if vm.state is not VMState.RUNNING:
+                gone.append(self.delete(vm, op_id))
+        return gone
+
+    # --- set / inspect ----------------------------------------------------------------
+    def set(self, params: SetParams, op_id: str) -> VM:
+        vm = self.resolve(params.ref)
+        with self.lock(vm.id):
+            vm = self.refresh(self.store.get_vm(vm.id), op_id)
+            if vm.state is VMState.RUNNING:
+                raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is running: stop it before changing its spec")
+            spec = vm.spec.model_copy(
+                update={k: v for k, v in params.model_dump().items() if k != "ref" and v is not None}
+            )
+            check_host_limits(spec)
+            if params.disk_size_mib and vm.disk_strategy:
+                root = disks.root_disk_path(self.run_dir(vm), vm.disk_strategy)
+                if root.exists():
+                    disks.resize_root_disk(root, params.disk_size_mib)
+            vm.spec = spec
+            self.store.update_vm(vm)
+        return vm
+
+    def show(self, vm: VM) -> dict[str, Any]:
+        vm = self.refresh(vm)
+        data = vm.model_dump(mode="json")
+        h = self.handles.get(vm.id)
+        data["pid"] = h.pid if h and vm.state is VMState.RUNNING else None
+        data["console_log"] = str(self.console_log(vm))
+        data["dir"] = str(self.run_dir(vm))
+        return data
+
+    def list(self) -> list[dict[str, Any]]:
+        return [self.show(vm) for vm in self.store.list_vms()]
+
+    def monitor_once(self) -> None:
+        for vm in self.store.list_vms():
+            if vm.state is VMState.RUNNING:
+                try:
+                    self.refresh(vm)
+                except BangerError as exc:
+                    log.error("VM %s: cleanup after VMM exit failed: %s", vm.name, exc)
+
+    # --- reconcile (daemon start) ---------------------------------------------------
+    def reconcile(self) -> dict[str, list[str]]:
+        """Re-adopt live VMMs; demote dead ones and tear down their leftovers."""
+        report: dict[str, list[str]] = {"adopted": [], "stopped": [], "interrupted": []}
+        for vm in self.store.list_vms():
+            h = self.handles.get(vm.id) or self.handles.read_file(vm.id)
+            pid = h.pid if h and h.pid and vmm.is_vmm_of(h.pid, vm.id) else vmm.find_vmm(vm.id)
+            op = "op-reconcile"
+            try:
+                if vm.state is VMState.RUNNING and pid is not None:
+                    self.handles.set(
+                        (h or VMHandles(vm_id=vm.id, driver=vm.driver)).model_copy(update={"pid": pid})
+                    )
+                    report["adopted"].append(vm.name)
+                elif vm.state is VMState.RUNNING:
+                    self._finalize_stopped(vm, op)
+                    report["stopped"].append(vm.name)
+                elif vm.state is VMState.CREATED:
+                    # a create cut off by a daemon crash: undo it, keep the record visible
+                    driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
+                    self._stop_vmm(vm, driver, graceful=False, op_id=op)
+                    self._lifecycle(vm, op).cleanup()
+                    self.handles.drop(vm.id)
+                    self._transition(vm, VMState.ERROR, "create interrupted by a daemon restart")
+                    report["interrupted"].append(vm.name)
+                elif pid is not None or h is not None:
+                    driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
+                    self._stop_vmm(vm, driver, graceful=False, op_id=op)
+                    self._lifecycle(vm, op).cleanup()
+                    self.handles.drop(vm.id)
+            except BangerError as exc:
+                log.error("reconcile %s: %s", vm.name, exc.message, extra={"op_id": op})
+        return report

@@ -124,7 +124,7 @@ def test_vm_lifecycle_through_cli_with_firecracker_driver(benv, tmp_path):
     benv.run("kernel", "import", "fck", "--from", str(kdir), check=True)
     benv.run("image", "register", "fcimg", "--rootfs", str(rootfs), "--kernel-ref", "fck", check=True)
     r = benv.run("vm", "create", "--name", "fc1", "--image", "fcimg", "--driver", "firecracker", "--vcpu", "1", "--memory", "128", "--disk-size", "32M", check=True)
-    assert "fc1 running" in r.stdout and "driver=firecracker" in r.stderr
+    assert "fc1 running" in r.stdout and "| firecracker |" in r.stderr and "ready in" in r.stderr
     vm = json.loads(benv.run("vm", "show", "fc1", "--json", check=True).stdout)
     assert vm["state"] == "running" and vm["driver"] == "firecracker" and pid_alive(vm["pid"])
     assert "fake firecracker: guest 'booted'" in benv.run("vm", "logs", "fc1", check=True).stdout

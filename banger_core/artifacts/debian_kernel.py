@@ -386,7 +386,7 @@ def _read_module(path: Path, log: Log) -> bytes:
         zstd = shutil.which("zstd") or shutil.which("unzstd")
         if zstd is None:
             raise ArtifactBuildError(f"{name} is zstd-compressed and no zstd tool is installed")
-        return _run([zstd, "-dc", str(path)], log, text=False).stdout
+        return bytes(_run([zstd, "-dc", str(path)], log, text=False).stdout)
     return path.read_bytes()
 
 
@@ -569,7 +569,7 @@ def _run(
     """Run a command, logging it and (on failure) its exit status and stderr."""
     log(f"$ {' '.join(args)}")
     proc = subprocess.run(
-        list(args), capture_output=True, text=text, cwd=cwd, stdin=subprocess.DEVNULL
+        list(args), capture_output=True, text=text, cwd=cwd, stdin=subprocess.DEVNULL, check=False
     )
     if proc.returncode != 0:
         stderr = proc.stderr if text else proc.stderr.decode(errors="replace")

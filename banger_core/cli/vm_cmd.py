@@ -63,8 +63,8 @@ class Progress:
         elapsed = f"[{time.monotonic() - self.t0:6.1f}s]"
         if stage == "spec":
             style.echo(
-                f"spec: name={ev['vm']} id={ev['id']} image={ev['image']} driver={ev['driver']} "
-                f"vcpu={ev['vcpus']} memory={ev['memory_mib']}MiB disk={ev['disk_size_mib']}MiB",
+                f"spec: {ev['vcpus']} vcpu | {ev['memory_mib']} MiB | {ev['disk_size_mib']} MiB disk"
+                f" | image {ev['image']} | {ev['driver']} | {ev['vm']} ({ev['id'][:8]})",
                 err=True,
             )
         else:
@@ -119,7 +119,8 @@ def create(
     if as_json:
         echo_json(vm)
         return
-    style.echo(f"{vm['name']} {style.paint(vm['state'], 'green')} (id {vm['id'][:8]}) in {time.monotonic() - t0:.1f}s")
+    style.echo(f"{vm['name']} {style.paint(vm['state'], 'green')} (id {vm['id'][:8]})")
+    style.echo(style.paint(f"ready in {time.monotonic() - t0:.1f}s", "dim", sys.stderr), err=True)
 
 
 @app.command()

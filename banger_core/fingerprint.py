@@ -20,8 +20,24 @@ def installed_plugins() -> list[tuple[str, str]]:
     return sorted(out)
 
 
+def _code_stamp() -> str:
+    """Newest modification time of banger_core's own sources: an editable install
+    edited in place (same version) must not keep talking to a daemon running old code."""
+    newest = 0
+    stack = [os.path.dirname(os.path.abspath(__file__))]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False) and e.name != "__pycache__":
+                    stack.append(e.path)
+                elif e.name.endswith(".py"):
+                    newest = max(newest, e.stat().st_mtime_ns)
+    return str(newest)
+
+
 def fingerprint(paths: Paths) -> str:
     h = hashlib.sha256(__version__.encode())
+    h.update(_code_stamp().encode())
     try:
         h.update(paths.config_file.read_bytes())
     except OSError:

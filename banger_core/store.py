@@ -29,10 +29,8 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
             "image": str,
             "spec": str,
             "driver": str,
-            "disk_strategy": str,
             "guest_ip": str,
             "project_dir": str,
-            "last_error": str,
             "teardown": str,
             "created_at": str,
             "updated_at": str,
@@ -53,8 +51,14 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m002_vm_disk_and_error(db: sqlite_utils.Database) -> None:
+    db["vms"].add_column("disk_strategy", str)
+    db["vms"].add_column("last_error", str)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial: vms, images, kernels", _m001_initial),
+    (2, "vms: disk_strategy, last_error", _m002_vm_disk_and_error),
 ]
 
 

@@ -4,7 +4,8 @@
 #   2. a virtual environment in .venv with banger's core and every first-party plugin
 #      (editable: pip with local path installs), plus the test tools
 #   3. `banger` and `bangerd` on PATH (/usr/local/bin as root, else ~/.local/bin)
-#   4. the main job: `banger plugins list` and `banger doctor`
+#   4. the main job: `banger doctor`, then boot a real VM and show what it printed
+#      (scripts/first_vm.py: Debian's cloud kernel + a busybox root disk, built once)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -13,6 +14,7 @@ APT_PACKAGES=(
   python3 python3-venv
   qemu-system-x86 qemu-utils
   e2fsprogs iproute2 iptables git zstd
+  kmod
 )
 
 SUDO=""
@@ -45,7 +47,7 @@ if [ -w /usr/local/bin ]; then BIN=/usr/local/bin; else BIN=$HOME/.local/bin; mk
 for exe in banger bangerd; do ln -sf "$ROOT/.venv/bin/$exe" "$BIN/$exe"; done
 echo "==> linked banger and bangerd into $BIN"
 
-echo "==> banger plugins list"
-"$BIN/banger" plugins list
 echo "==> banger doctor"
 "$BIN/banger" doctor
+echo "==> booting a first VM"
+.venv/bin/python scripts/first_vm.py

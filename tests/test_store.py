@@ -31,7 +31,7 @@ def test_migrations_recorded_and_idempotent(paths):
     s2 = Store(paths.db_file)  # reopening applies nothing again
     assert s2.migrate() == []
     rows = list(s2.db["migrations"].rows)
-    assert [r["number"] for r in rows] == [1] and rows[0]["name"].startswith("initial")
+    assert [r["number"] for r in rows] == [1, 2] and rows[0]["name"].startswith("initial")
     assert {"vms", "images", "kernels"} <= set(s2.tables())
 
 
@@ -42,11 +42,24 @@ def test_a_failing_migration_rolls_back_and_is_not_recorded(paths, monkeypatch):
         db["half_done"].create({"x": int})
         raise RuntimeError("migration 2 failed")
 
-    monkeypatch.setattr(store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, (2, "broken", boom)])
+    n = len(store_mod.MIGRATIONS) + 1
+    monkeypatch.setattr(store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, (n, "broken", boom)])
     with pytest.raises(RuntimeError):
         s.migrate()
-    assert s.applied_migrations() == [1]
+    assert s.applied_migrations() == list(range(1, n))
     assert "half_done" not in set(s.tables())
+
+
+def test_upgrade_from_schema_1_keeps_rows(paths, monkeypatch):
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
+    old = Store(paths.db_file)
+    old.db["vms"].insert({"id": "abc", "name": "keep", "state": "stopped", "spec": '{"vcpus":1,"memory_mib":1,"disk_size_mib":1}', "teardown": "{}"})
+    old.close()
+    monkeypatch.undo()
+    new = Store(paths.db_file)
+    assert new.applied_migrations() == [1, 2]
+    vm = new.get_vm("abc")
+    assert vm.name == "keep" and vm.disk_strategy is None and vm.last_error is None
 
 
 def test_vm_round_trip_and_unique_name(paths):

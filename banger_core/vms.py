@@ -143,11 +143,20 @@ class VMService:
     def refresh(self, vm: VM, op_id: str = "op-monitor") -> VM:
         """If a running VM's VMM is gone, finalise it as stopped (cleanup included)."""
         if vm.state is VMState.RUNNING and self._pid(vm) is None:
-            with self.lock(vm.id):
-                vm = self.store.get_vm(vm.id)
-                if vm.state is VMState.RUNNING and self._pid(vm) is None:
-                    log.warning("VM %s: VMM exited behind banger's back; cleaning up", vm.name, extra={"op_id": op_id})
-                    self._finalize_stopped(vm, op_id)
+            lock = self.lock(vm.id)
+            if not lock.acquire(blocking=False):
+                return vm  # an operation on this VM is under way; it will settle the state
+            try:
+                vm = self._settle(self.store.get_vm(vm.id), op_id)
+            finally:
+                lock.release()
+        return vm
+
+    def _settle(self, vm: VM, op_id: str) -> VM:
+        """Under the VM's lock: a 'running' VM whose VMM is gone becomes stopped."""
+        if vm.state is VMState.RUNNING and self._pid(vm) is None:
+            log.warning("VM %s: VMM exited behind banger's back; cleaning up", vm.name, extra={"op_id": op_id})
+            self._finalize_stopped(vm, op_id)
         return vm
 
     def _lifecycle(self, vm: VM, op_id: str) -> Lifecycle:
@@ -209,7 +218,7 @@ class VMService:
 
     def start(self, vm: VM, op_id: str, progress: Progress, cancel: threading.Event) -> VM:
         with self.lock(vm.id):
-            vm = self.refresh(self.store.get_vm(vm.id), op_id)
+            vm = self._settle(self.store.get_vm(vm.id), op_id)
             if vm.state is VMState.RUNNING:
                 raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is already running")
             try:
@@ -274,7 +283,7 @@ class VMService:
     # --- stop / kill -----------------------------------------------------------------
     def stop(self, vm: VM, op_id: str, force: bool = False) -> VM:
         with self.lock(vm.id):
-            vm = self.refresh(self.store.get_vm(vm.id), op_id)
+            vm = self._settle(self.store.get_vm(vm.id), op_id)
             if vm.state is not VMState.RUNNING:
                 raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running ({vm.state.value})")
             driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
@@ -310,7 +319,7 @@ class VMService:
 
     def kill(self, vm: VM, op_id: str, sig: int = signals.SIGKILL) -> VM:
         with self.lock(vm.id):
-            vm = self.refresh(self.store.get_vm(vm.id), op_id)
+            vm = self._settle(self.store.get_vm(vm.id), op_id)
             pid = self._pid(vm)
             if vm.state is not VMState.RUNNING or pid is None:
                 raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running ({vm.state.value})")
@@ -350,7 +359,7 @@ class VMService:
     # --- delete / prune ------------------------------------------------------------
     def delete(self, vm: VM, op_id: str, force: bool = False) -> VM:
         with self.lock(vm.id):
-            vm = self.refresh(self.store.get_vm(vm.id), op_id)
+            vm = self._settle(self.store.get_vm(vm.id), op_id)
             if vm.state is VMState.RUNNING and not force:
                 raise BangerError(
                     ErrorCode.BAD_REQUEST, f"VM {vm.name} is running: stop it first or delete with --force"
@@ -398,7 +407,7 @@ class VMService:
     def set(self, params: SetParams, op_id: str) -> VM:
         vm = self.resolve(params.ref)
         with self.lock(vm.id):
-            vm = self.refresh(self.store.get_vm(vm.id), op_id)
+            vm = self._settle(self.store.get_vm(vm.id), op_id)
             if vm.state is VMState.RUNNING:
                 raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is running: stop it before changing its spec")
             spec = vm.spec.model_copy(

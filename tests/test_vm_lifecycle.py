@@ -155,9 +155,16 @@ def test_daemon_kill9_adopts_vm_and_vmm_death_cleans_up(venv_):
     log = (env.state_dir / "bangerd.log").read_text()
     assert "VMM exited behind banger's back" in log
 
-    # kill --signal on a running VM
+    # VMM killed again, and a start right away (before any monitor pass) just works
+    env.run("vm", "start", "adopt", timeout=300, check=True)
+    dead = show(env, "adopt")["pid"]
+    os.kill(dead, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(dead))
     env.run("vm", "start", "adopt", timeout=300, check=True)
     pid = show(env, "adopt")["pid"]
+    assert pid != dead and pid_alive(pid)
+
+    # kill --signal on a running VM
     r = env.run("vm", "kill", "adopt", "--signal", "TERM", check=True)
     assert "adopt: stopped" in r.stdout and not pid_alive(pid)
     env.run("vm", "prune", "-f", check=True)

@@ -23,7 +23,8 @@ from banger_core import disks, host
 from banger_core.errors import BangerError, ErrorCode, MultiError
 from banger_core.handles import HandleStore
 from banger_core.lifecycle import Lifecycle
-from banger_core.models import VM, Drive, Machine, VMHandles, VMSpec, VMState, utcnow, validate_vm_name
+from banger_core.models import VM, Drive, Image, Machine, VMHandles, VMSpec, VMState, validate_vm_name
+from banger_core.pulls import DEFAULT_IMAGE, Puller, catalog
 from banger_core.runtime import Runtime
 from banger_core.store import Store
 from banger_core.vmm import base as vmm
@@ -96,6 +97,7 @@ class VMService:
         self._global = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self.puller = Puller(store, rt.paths)
 
     # --- helpers ----------------------------------------------------------------------
     def lock(self, vm_id: str) -> threading.Lock:
@@ -179,13 +181,7 @@ class VMService:
         except ValidationError as exc:
             raise BangerError(ErrorCode.BAD_REQUEST, f"invalid spec: {exc.errors()[0]['msg']}") from None
         check_host_limits(spec)
-        image_name = params.image or d.image
-        if not image_name:
-            raise BangerError(ErrorCode.BAD_REQUEST, "no image given and no [vm_defaults] image configured")
-        image = self.store.get_image(image_name)
-        if not image.kernel_ref:
-            raise BangerError(ErrorCode.BAD_REQUEST, f"image {image.name} names no kernel")
-        self.store.get_kernel(image.kernel_ref)
+        image = self._image_or_pull(params.image or d.image or DEFAULT_IMAGE, progress, cancel)
         driver_name = pick_driver(params.driver or self.cfg.vmm.driver, self.cfg.vmm)
         vm = VM(
             id=secrets.token_hex(8),
@@ -274,6 +270,25 @@ class VMService:
             self.handles.drop(vm.id)
             raise
 
+    def _image_or_pull(self, name: str, progress: Progress, cancel: threading.Event) -> Image:
+        """The image (and its kernel), pulled from the catalog first if it is in it."""
+        in_catalog = name in catalog()["images"]
+        try:
+            image = self.store.get_image(name)
+        except BangerError as exc:
+            if exc.code is not ErrorCode.NOT_FOUND or not in_catalog:
+                raise
+            image = self.puller.image(name, progress=progress, cancel=cancel)
+        if not image.kernel_ref:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"image {image.name} names no kernel")
+        try:
+            self.store.get_kernel(image.kernel_ref)
+        except BangerError as exc:
+            if exc.code is not ErrorCode.NOT_FOUND or image.kernel_ref not in catalog()["kernels"]:
+                raise
+            self.puller.kernel(image.kernel_ref, progress=progress, cancel=cancel)
+        return image
+
     def _boot_args(self, vm: VM) -> list[str]:
         args = ["console=ttyS0", "root=/dev/vda", "rw", "panic=-1", "net.ifnames=0", f"banger.vm={vm.name}"]
         if vm.driver == "firecracker":
@@ -287,7 +302,8 @@ class VMService:
             if vm.state is not VMState.RUNNING:
                 raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running ({vm.state.value})")
             driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
-            self._stop_vmm(vm, driver, graceful=not force, op_id=op_id)
+            how = self._stop_vmm(vm, driver, graceful=not force, op_id=op_id)
+            log.log(logging.WARNING if how == "killed" and not force else logging.INFO, "VM %s: %s", vm.name, how, extra={"op_id": op_id})
             self._finalize_stopped(vm, op_id)
         return vm
 
@@ -311,6 +327,11 @@ class VMService:
                     return "shut down (ACPI)"
             except BangerError as exc:
                 log.warning("VM %s: shutdown request failed: %s", vm.name, exc, extra={"op_id": op_id})
+            try:
+                if driver.send_ctrl_alt_del(pid, run_dir) and vmm.wait_exit(pid, timeout):
+                    return "shut down (Ctrl-Alt-Del)"
+            except BangerError as exc:
+                log.warning("VM %s: Ctrl-Alt-Del failed: %s", vm.name, exc, extra={"op_id": op_id})
         driver.force_stop(pid, run_dir)
         if not vmm.wait_exit(pid, 5):
             vmm.send_signal(pid, signals.SIGKILL)

@@ -14,7 +14,7 @@ APT_PACKAGES=(
   python3 python3-venv
   qemu-system-x86 qemu-utils
   e2fsprogs iproute2 iptables git zstd
-  kmod
+  kmod mmdebstrap
 )
 
 SUDO=""

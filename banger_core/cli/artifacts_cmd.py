@@ -32,10 +32,35 @@ def kernel_import(
     style.echo(f"kernel {k['name']}: {k['kernel']}" + (f" + {Path(k['initrd']).name}" if k.get("initrd") else ""))
 
 
+@kernel_app.command("pull")
+def kernel_pull(
+    name: str,
+    force: bool = typer.Option(False, "--force", help="pull (rebuild) even if present"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Get a kernel from the catalog (built on this host from Debian's packages)."""
+    k = state.client().call("kernel.pull", {"name": name, "force": force}, on_event=_progress(as_json))
+    if as_json:
+        echo_json(k)
+        return
+    style.echo(f"kernel {k['name']}: {k['kernel']}")
+
+
 @kernel_app.command("list")
-def kernel_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    """List imported kernels."""
-    ks = _call("kernel.list", {})["kernels"]
+def kernel_list(
+    available: bool = typer.Option(False, "--available", help="show the catalog, pulled or not"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List imported kernels (or the catalog's, with --available)."""
+    res = _call("kernel.list", {})
+    if available:
+        if as_json:
+            echo_json(res["available"])
+            return
+        rows = [[a["name"], "pulled" if a["pulled"] else "available", a["description"]] for a in res["available"]]
+        style.echo(style.table(rows, ["NAME", "STATUS", "DESCRIPTION"]))
+        return
+    ks = res["kernels"]
     if as_json:
         echo_json(ks)
         return
@@ -48,6 +73,22 @@ def kernel_rm(name: str) -> None:
     """Remove a kernel no image uses."""
     _call("kernel.rm", {"name": name})
     style.echo(f"kernel {name}: removed")
+
+
+def _progress(quiet: bool):  # noqa: ANN202
+    from banger_core.cli.vm_cmd import Progress
+
+    return Progress(quiet=quiet)
+
+
+@image_app.command("pull")
+def image_pull(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Get an image (and its kernel) from the catalog, built on this host if need be."""
+    i = state.client().call("image.pull", {"name": name}, on_event=_progress(as_json))
+    if as_json:
+        echo_json(i)
+        return
+    style.echo(f"image {i['name']}: {i['rootfs']} (kernel {i['kernel_ref']})")
 
 
 @image_app.command("register")

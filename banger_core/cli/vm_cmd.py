@@ -67,6 +67,8 @@ class Progress:
                 f" | image {ev['image']} | {ev['driver']} | {ev['vm']} ({ev['id'][:8]})",
                 err=True,
             )
+        elif stage == "pull":
+            style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)} pull {ev['kind']} {ev['name']} (built on this host; minutes the first time)", err=True)
         else:
             style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)} {stage}", err=True)
 
@@ -96,7 +98,7 @@ def _fan_out(method: str, refs: list[str], as_json: bool, verb: str, **extra: An
 @app.command()
 def create(
     name: Optional[str] = typer.Option(None, "--name", "-n", help="DNS-label name (default: generated)"),
-    image: Optional[str] = typer.Option(None, "--image", "-i", help="image name (default: [vm_defaults] image)"),
+    image: Optional[str] = typer.Option(None, "--image", "-i", help="image name (default: [vm_defaults] image, else debian-bookworm, pulled if missing)"),
     vcpu: Optional[int] = typer.Option(None, "--vcpu", help="vCPUs (default: host cpus/4, 1..4)"),
     memory: Optional[str] = typer.Option(None, "--memory", "-m", help="memory, e.g. 1024 or 2G (default: RAM/8)"),
     disk_size: Optional[str] = typer.Option(None, "--disk-size", help="root disk size, e.g. 4G"),

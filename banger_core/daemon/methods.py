@@ -68,6 +68,11 @@ class NameParams(_P):
     name: str
 
 
+class PullParams(_P):
+    name: str
+    force: bool = False
+
+
 class ImageRegisterParams(_P):
     name: str
     rootfs: str
@@ -190,7 +195,21 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         return k.model_dump(mode="json")
 
     async def kernel_list(_p: Any, call: Call) -> dict[str, Any]:
-        return {"kernels": [k.model_dump(mode="json") for k in store.list_kernels()]}
+        from banger_core.pulls import catalog
+
+        pulled = {k.name: k.model_dump(mode="json") for k in store.list_kernels()}
+        available = [
+            {"name": n, "pulled": n in pulled, **entry} for n, entry in sorted(catalog()["kernels"].items())
+        ]
+        return {"kernels": list(pulled.values()), "available": available}
+
+    async def kernel_pull(p: PullParams, call: Call) -> dict[str, Any]:
+        k = await run_blocking(call, lambda prog, cancel: vms.puller.kernel(p.name, force=p.force, progress=prog, cancel=cancel))
+        return k.model_dump(mode="json")
+
+    async def image_pull(p: PullParams, call: Call) -> dict[str, Any]:
+        i = await run_blocking(call, lambda prog, cancel: vms.puller.image(p.name, progress=prog, cancel=cancel))
+        return i.model_dump(mode="json")
 
     async def kernel_rm(p: NameParams, call: Call) -> dict[str, Any]:
         await run_simple(images.remove_kernel, store, paths, p.name)
@@ -222,6 +241,8 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
     r("kernel.import", kernel_import, KernelImportParams)
     r("kernel.list", kernel_list)
     r("kernel.rm", kernel_rm, NameParams)
+    r("kernel.pull", kernel_pull, PullParams)
+    r("image.pull", image_pull, PullParams)
     r("image.register", image_register, ImageRegisterParams)
     r("image.list", image_list)
     r("image.delete", image_delete, NameParams)

@@ -99,6 +99,10 @@ class Driver(ABC):
     def request_shutdown(self, pid: int, run_dir: Path) -> None:
         """Ask the guest to shut down (ACPI power button / Ctrl-Alt-Del)."""
 
+    def send_ctrl_alt_del(self, pid: int, run_dir: Path) -> bool:
+        """Second graceful attempt; False when this VMM has no such thing."""
+        return False
+
     def force_stop(self, pid: int, run_dir: Path) -> None:
         send_signal(pid, signal.SIGKILL)
 

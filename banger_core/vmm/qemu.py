@@ -182,6 +182,13 @@ class QemuDriver(Driver):
         with QMP(str(run_dir / "qmp.sock")) as q:
             q.execute("system_powerdown")
 
+    def send_ctrl_alt_del(self, pid: int, run_dir: Path) -> bool:
+        # systemd maps it to reboot, and -no-reboot makes QEMU exit on reboot: a clean stop.
+        keys = [{"type": "qcode", "data": k} for k in ("ctrl", "alt", "delete")]
+        with QMP(str(run_dir / "qmp.sock")) as q:
+            q.execute("send-key", keys=keys)
+        return True
+
     def status(self, run_dir: Path) -> str:
         with QMP(str(run_dir / "qmp.sock")) as q:
             return str(q.execute("query-status").get("status"))

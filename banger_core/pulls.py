@@ -1,0 +1,128 @@
+"""Catalog pulls: kernels and images by name, built on the host by their recipe.
+
+One pull per name at a time (per-name locks whose waiters give up when their request
+is cancelled); a waiter that gets the lock after a peer finished uses the peer's
+result instead of pulling again. Different names pull in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from banger_core import images
+from banger_core.errors import BangerError, ErrorCode
+from banger_core.models import Image, Kernel
+from banger_core.paths import Paths
+from banger_core.store import Store
+
+log = logging.getLogger("banger.pulls")
+
+DEFAULT_IMAGE = "debian-bookworm"
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+def catalog() -> dict[str, Any]:
+    return json.loads(resources.files("banger_core").joinpath("catalog.json").read_text())
+
+
+class Puller:
+    def __init__(self, store: Store, paths: Paths) -> None:
+        self.store = store
+        self.paths = paths
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _acquire(self, key: str, cancel: threading.Event | None) -> threading.Lock:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        while not lock.acquire(timeout=0.2):
+            if cancel is not None and cancel.is_set():
+                raise BangerError(ErrorCode.CANCELLED, f"cancelled while waiting for another pull of {key}")
+        return lock
+
+    # --- kernels ----------------------------------------------------------------------
+    def kernel(self, name: str, *, force: bool = False, progress: Progress | None = None,
+               cancel: threading.Event | None = None) -> Kernel:
+        entry = catalog()["kernels"].get(name)
+        if entry is None:
+            raise BangerError(
+                ErrorCode.NOT_FOUND,
+                f"no kernel {name!r} in the catalog (available: {', '.join(sorted(catalog()['kernels']))})",
+            )
+        lock = self._acquire(f"kernel:{name}", cancel)
+        try:
+            if not force:
+                try:
+                    return self.store.get_kernel(name)  # pulled meanwhile (or before)
+                except BangerError as exc:
+                    if exc.code is not ErrorCode.NOT_FOUND:
+                        raise
+            if progress:
+                progress("pull", {"kind": "kernel", "name": name})
+            build = self.paths.cache_dir / "builds" / f"kernel-{name}"
+            if entry["recipe"] == "debian-cloud-kernel":
+                from banger_core.artifacts.debian_kernel import build_debian_cloud_kernel
+
+                built = build_debian_cloud_kernel(build, cache=self.paths.cache_dir / "debs", log=log.info)
+            else:  # pragma: no cover - catalog and code ship together
+                raise BangerError(ErrorCode.OPERATION_FAILED, f"unknown recipe {entry['recipe']!r}")
+            return images.import_kernel(self.store, self.paths, name, Path(built["kernel"]).parent, force=True)
+        finally:
+            lock.release()
+
+    def _publish(self, name: str, built: Path) -> Path:
+        """Copy a built rootfs into managed storage: staging file, then rename."""
+        from banger_core import proc
+
+        final = self.paths.images_dir / name / "rootfs.ext4"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(".rootfs.ext4.tmp")
+        try:
+            proc.run(["cp", "--reflink=auto", "--sparse=always", built, tmp], timeout=1800, what="copying the image")
+            tmp.rename(final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return final
+
+    # --- images -----------------------------------------------------------------------
+    def image(self, name: str, *, progress: Progress | None = None, cancel: threading.Event | None = None) -> Image:
+        entry = catalog()["images"].get(name)
+        if entry is None:
+            raise BangerError(
+                ErrorCode.NOT_FOUND,
+                f"no image {name!r} in the catalog (available: {', '.join(sorted(catalog()['images']))})",
+            )
+        kernel = self.kernel(entry["kernel_ref"], progress=progress, cancel=cancel)
+        lock = self._acquire(f"image:{name}", cancel)
+        try:
+            try:
+                return self.store.get_image(name)
+            except BangerError as exc:
+                if exc.code is not ErrorCode.NOT_FOUND:
+                    raise
+            if progress:
+                progress("pull", {"kind": "image", "name": name})
+            if entry["recipe"] == "debian-bookworm":
+                from banger_core.artifacts.debian_image import ImageBuildError, build_debian_image
+
+                modules = Path(kernel.modules).iterdir() if kernel.modules else iter(())
+                mod_dir = next((m for m in modules if m.is_dir()), None)
+                build = self.paths.cache_dir / "builds" / f"image-{name}"
+                try:
+                    built = build_debian_image(build, modules_dir=mod_dir, log=log.info)
+                except ImageBuildError as exc:
+                    raise BangerError(ErrorCode.OPERATION_FAILED, f"building image {name}: {exc}") from None
+            else:  # pragma: no cover
+                raise BangerError(ErrorCode.OPERATION_FAILED, f"unknown recipe {entry['recipe']!r}")
+            rootfs = self._publish(name, Path(built["rootfs"]))
+            image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel.name, managed=True)
+            self.store.upsert_image(image)
+            return image
+        finally:
+            lock.release()

@@ -12,7 +12,7 @@ import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
@@ -154,19 +154,24 @@ class Store:
                 rows = self.db["vms"].rows_where("id LIKE ? ESCAPE '\\'", [_like_prefix(id_prefix or "")])
             return [self._vm_from_row(r) for r in rows]
 
-    def get_image(self, name: str) -> Image:
+    def _get(self, table: str, model: type[Image] | type[Kernel], name: str) -> Any:
         with self._lock:
             try:
-                return Image.model_validate({k: v for k, v in self.db["images"].get(name).items() if v is not None})
+                row = self.db[table].get(name)
             except sqlite_utils.db.NotFoundError:
-                raise BangerError(ErrorCode.NOT_FOUND, f"no image named {name!r} (see `banger image list`)") from None
+                kind = table.rstrip("s")
+                raise BangerError(ErrorCode.NOT_FOUND, f"no {kind} named {name!r} (see `banger {kind} list`)") from None
+            return model.model_validate({k: v for k, v in row.items() if v is not None})
+
+    def _all(self, table: str, model: type[Image] | type[Kernel]) -> list[Any]:
+        with self._lock:
+            return [model.model_validate({k: v for k, v in r.items() if v is not None}) for r in self.db[table].rows]
+
+    def get_image(self, name: str) -> Image:
+        return self._get("images", Image, name)
 
     def get_kernel(self, name: str) -> Kernel:
-        with self._lock:
-            try:
-                return Kernel.model_validate({k: v for k, v in self.db["kernels"].get(name).items() if v is not None})
-            except sqlite_utils.db.NotFoundError:
-                raise BangerError(ErrorCode.NOT_FOUND, f"no kernel named {name!r} (see `banger kernel list`)") from None
+        return self._get("kernels", Kernel, name)
 
     def delete_image(self, name: str) -> None:
         with self._lock:
@@ -186,16 +191,14 @@ class Store:
             self.db["images"].upsert(image.model_dump(mode="json"), pk="name")
 
     def list_images(self) -> list[Image]:
-        with self._lock:
-            return [Image.model_validate({k: v for k, v in r.items() if v is not None}) for r in self.db["images"].rows]
+        return self._all("images", Image)
 
     def upsert_kernel(self, kernel: Kernel) -> None:
         with self._lock:
             self.db["kernels"].upsert(kernel.model_dump(mode="json"), pk="name")
 
     def list_kernels(self) -> list[Kernel]:
-        with self._lock:
-            return [Kernel.model_validate({k: v for k, v in r.items() if v is not None}) for r in self.db["kernels"].rows]
+        return self._all("kernels", Kernel)
 
     def tables(self) -> Iterator[str]:
         return iter(self.db.table_names())

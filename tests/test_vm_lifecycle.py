@@ -110,9 +110,16 @@ def test_create_stop_set_start_restart_delete(venv_):
     assert f"{ga.POWEROFF_MARKER}" in console(env, "life")
     assert not pid_alive(vm["pid"]) and show(env, "life")["pid"] is None
 
-    # vm set changes what the guest sees
-    r = env.run("vm", "set", "life", "--vcpu", "2", "--memory", "384M", check=True)
-    assert "vcpu=2 memory=384MiB" in r.stdout
+    # vm set changes what the guest sees; disks only grow
+    r = env.run("vm", "set", "life", "--vcpu", "2", "--memory", "384M", "--disk-size", "512M", check=True)
+    assert "vcpu=2 memory=384MiB disk=512MiB" in r.stdout
+    from banger_core import disks
+
+    root = next(Path(vm["dir"]).glob("root.*"))
+    assert disks.disk_size_mib(root) == 512
+    r = env.run("vm", "set", "life", "--disk-size", "128M")
+    assert r.returncode == 1 and "disks only grow" in r.stderr
+    assert show(env, "life")["spec"]["disk_size_mib"] == 512
     env.run("vm", "start", "life", timeout=300, check=True)
     assert wait_boot(env, "life") == ["2"]
     first_pid = show(env, "life")["pid"]

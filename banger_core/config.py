@@ -74,11 +74,16 @@ class VMMTable(_Table):
     boot_args: list[str] = Field(default_factory=list, description="extra kernel arguments for every VM")
 
 
+class CatalogTable(_Table):
+    path: str | None = Field(default=None, description="a catalog.json whose entries add to or override the built-in one")
+
+
 class CoreConfig(_Table):
     plugins: PluginsTable = Field(default_factory=PluginsTable)
     daemon: DaemonTable = Field(default_factory=DaemonTable)
     vm_defaults: VMDefaultsTable = Field(default_factory=VMDefaultsTable)
     vmm: VMMTable = Field(default_factory=VMMTable)
+    catalog: CatalogTable = Field(default_factory=CatalogTable)
 
 
 CORE_TABLES = frozenset(CoreConfig.model_fields)

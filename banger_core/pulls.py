@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 from importlib import resources
 from pathlib import Path
@@ -26,16 +27,45 @@ DEFAULT_IMAGE = "debian-bookworm"
 Progress = Callable[[str, dict[str, Any]], None]
 
 
-def catalog() -> dict[str, Any]:
-    return json.loads(resources.files("banger_core").joinpath("catalog.json").read_text())
+def catalog(extra: str | None = None) -> dict[str, Any]:
+    """The built-in catalog, with entries from ``extra`` (a catalog.json) on top."""
+    cat = json.loads(resources.files("banger_core").joinpath("catalog.json").read_text())
+    if extra:
+        try:
+            more = json.loads(Path(extra).expanduser().read_text())
+        except (OSError, ValueError) as exc:
+            raise BangerError(ErrorCode.CONFIG, f"[catalog] path {extra}: {exc}") from None
+        for kind in ("kernels", "images"):
+            cat[kind].update(more.get(kind, {}))
+    return cat
 
 
 class Puller:
-    def __init__(self, store: Store, paths: Paths) -> None:
+    def __init__(self, store: Store, paths: Paths, catalog_path: str | None = None) -> None:
         self.store = store
         self.paths = paths
+        self.catalog_path = catalog_path
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+
+    def catalog(self) -> dict[str, Any]:
+        return catalog(self.catalog_path)
+
+    def _bundle(self, kind: str, name: str, entry: dict[str, Any], progress: Progress | None) -> Path | None:
+        """Fetch the entry's bundle into the cache; None when it has none."""
+        b = entry.get("bundle")
+        if not b:
+            return None
+        from banger_core import bundles
+
+        target = self.paths.cache_dir / "bundles" / f"{kind}-{name}"
+        if progress:
+            progress("pull", {"kind": kind, "name": name, "from": b["url"]})
+        manifest = bundles.fetch_and_extract(b["url"], b["sha256"], b.get("size"), target)
+        if manifest.get("kind") != kind:
+            shutil.rmtree(target, ignore_errors=True)
+            raise BangerError(ErrorCode.BAD_REQUEST, f"{b['url']}: a {manifest.get('kind')} bundle, not a {kind}")
+        return target
 
     def _acquire(self, key: str, cancel: threading.Event | None) -> threading.Lock:
         with self._guard:
@@ -48,11 +78,11 @@ class Puller:
     # --- kernels ----------------------------------------------------------------------
     def kernel(self, name: str, *, force: bool = False, progress: Progress | None = None,
                cancel: threading.Event | None = None) -> Kernel:
-        entry = catalog()["kernels"].get(name)
+        entry = self.catalog()["kernels"].get(name)
         if entry is None:
             raise BangerError(
                 ErrorCode.NOT_FOUND,
-                f"no kernel {name!r} in the catalog (available: {', '.join(sorted(catalog()['kernels']))})",
+                f"no kernel {name!r} in the catalog (available: {', '.join(sorted(self.catalog()['kernels']))})",
             )
         lock = self._acquire(f"kernel:{name}", cancel)
         try:
@@ -62,10 +92,16 @@ class Puller:
                 except BangerError as exc:
                     if exc.code is not ErrorCode.NOT_FOUND:
                         raise
+            bundled = self._bundle("kernel", name, entry, progress)
+            if bundled is not None:
+                try:
+                    return images.import_kernel(self.store, self.paths, name, bundled, force=True)
+                finally:
+                    shutil.rmtree(bundled, ignore_errors=True)
             if progress:
                 progress("pull", {"kind": "kernel", "name": name})
             build = self.paths.cache_dir / "builds" / f"kernel-{name}"
-            if entry["recipe"] == "debian-cloud-kernel":
+            if entry.get("recipe") == "debian-cloud-kernel":
                 from banger_core.artifacts.debian_kernel import build_debian_cloud_kernel
 
                 built = build_debian_cloud_kernel(build, cache=self.paths.cache_dir / "debs", log=log.info)
@@ -92,13 +128,18 @@ class Puller:
 
     # --- images -----------------------------------------------------------------------
     def image(self, name: str, *, progress: Progress | None = None, cancel: threading.Event | None = None) -> Image:
-        entry = catalog()["images"].get(name)
+        entry = self.catalog()["images"].get(name)
         if entry is None:
             raise BangerError(
                 ErrorCode.NOT_FOUND,
-                f"no image {name!r} in the catalog (available: {', '.join(sorted(catalog()['images']))})",
+                f"no image {name!r} in the catalog (available: {', '.join(sorted(self.catalog()['images']))})",
             )
-        kernel = self.kernel(entry["kernel_ref"], progress=progress, cancel=cancel)
+        try:  # a kernel already here (pulled or imported) serves; else pull it too
+            kernel = self.store.get_kernel(entry["kernel_ref"])
+        except BangerError as exc:
+            if exc.code is not ErrorCode.NOT_FOUND:
+                raise
+            kernel = self.kernel(entry["kernel_ref"], progress=progress, cancel=cancel)
         lock = self._acquire(f"image:{name}", cancel)
         try:
             try:
@@ -106,9 +147,18 @@ class Puller:
             except BangerError as exc:
                 if exc.code is not ErrorCode.NOT_FOUND:
                     raise
+            bundled = self._bundle("image", name, entry, progress)
+            if bundled is not None:
+                try:
+                    rootfs = self._publish(name, bundled / "rootfs.ext4")
+                finally:
+                    shutil.rmtree(bundled, ignore_errors=True)
+                image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel.name, managed=True)
+                self.store.upsert_image(image)
+                return image
             if progress:
                 progress("pull", {"kind": "image", "name": name})
-            if entry["recipe"] == "debian-bookworm":
+            if entry.get("recipe") == "debian-bookworm":
                 from banger_core.artifacts.debian_image import ImageBuildError, build_debian_image
 
                 modules = Path(kernel.modules).iterdir() if kernel.modules else iter(())

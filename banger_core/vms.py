@@ -24,7 +24,7 @@ from banger_core.errors import BangerError, ErrorCode, MultiError
 from banger_core.handles import HandleStore
 from banger_core.lifecycle import Lifecycle
 from banger_core.models import VM, Drive, Image, Machine, VMHandles, VMSpec, VMState, validate_vm_name
-from banger_core.pulls import DEFAULT_IMAGE, Puller, catalog
+from banger_core.pulls import DEFAULT_IMAGE, Puller
 from banger_core.runtime import Runtime
 from banger_core.store import Store
 from banger_core.vmm import base as vmm
@@ -97,7 +97,7 @@ class VMService:
         self._global = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self.puller = Puller(store, rt.paths)
+        self.puller = Puller(store, rt.paths, rt.config.core.catalog.path)
 
     # --- helpers ----------------------------------------------------------------------
     def lock(self, vm_id: str) -> threading.Lock:
@@ -272,7 +272,8 @@ class VMService:
 
     def _image_or_pull(self, name: str, progress: Progress, cancel: threading.Event) -> Image:
         """The image (and its kernel), pulled from the catalog first if it is in it."""
-        in_catalog = name in catalog()["images"]
+        cat = self.puller.catalog()
+        in_catalog = name in cat["images"]
         try:
             image = self.store.get_image(name)
         except BangerError as exc:
@@ -284,7 +285,7 @@ class VMService:
         try:
             self.store.get_kernel(image.kernel_ref)
         except BangerError as exc:
-            if exc.code is not ErrorCode.NOT_FOUND or image.kernel_ref not in catalog()["kernels"]:
+            if exc.code is not ErrorCode.NOT_FOUND or image.kernel_ref not in cat["kernels"]:
                 raise
             self.puller.kernel(image.kernel_ref, progress=progress, cancel=cancel)
         return image

@@ -91,6 +91,34 @@ def image_pull(name: str, as_json: bool = typer.Option(False, "--json")) -> None
     style.echo(f"image {i['name']}: {i['rootfs']} (kernel {i['kernel_ref']})")
 
 
+def _bundle(kind: str, name: str, output: Path, as_json: bool) -> None:
+    res = _call(f"{kind}.bundle", {"name": name, "output": str(output.resolve())})
+    if as_json:
+        echo_json(res)
+        return
+    style.echo(f"{res['path']}\nsha256 {res['sha256']}\nsize   {res['size']}")
+
+
+@image_app.command("bundle")
+def image_bundle(
+    name: str,
+    output: Path = typer.Option(..., "--output", "-o", help="the .tar.zst to write"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Pack an image into a .tar.zst bundle; prints the sha256 and size a catalog entry needs."""
+    _bundle("image", name, output, as_json)
+
+
+@kernel_app.command("bundle")
+def kernel_bundle(
+    name: str,
+    output: Path = typer.Option(..., "--output", "-o", help="the .tar.zst to write"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Pack a kernel (with its initrd and modules) into a .tar.zst bundle."""
+    _bundle("kernel", name, output, as_json)
+
+
 @image_app.command("register")
 def image_register(
     name: str,

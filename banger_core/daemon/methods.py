@@ -73,6 +73,11 @@ class PullParams(_P):
     force: bool = False
 
 
+class BundleParams(_P):
+    name: str
+    output: str
+
+
 class ImageRegisterParams(_P):
     name: str
     rootfs: str
@@ -195,11 +200,9 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         return k.model_dump(mode="json")
 
     async def kernel_list(_p: Any, call: Call) -> dict[str, Any]:
-        from banger_core.pulls import catalog
-
         pulled = {k.name: k.model_dump(mode="json") for k in store.list_kernels()}
         available = [
-            {"name": n, "pulled": n in pulled, **entry} for n, entry in sorted(catalog()["kernels"].items())
+            {"name": n, "pulled": n in pulled, **entry} for n, entry in sorted(vms.puller.catalog()["kernels"].items())
         ]
         return {"kernels": list(pulled.values()), "available": available}
 
@@ -218,6 +221,22 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
     async def image_register(p: ImageRegisterParams, call: Call) -> dict[str, Any]:
         i = await run_simple(images.register_image, store, p.name, Path(p.rootfs), p.kernel_ref)
         return i.model_dump(mode="json")
+
+    async def image_bundle(p: BundleParams, call: Call) -> dict[str, Any]:
+        from banger_core import bundles
+
+        img = store.get_image(p.name)
+        return await run_simple(
+            bundles.create, Path(p.output), "image", img.name, {"rootfs": Path(img.rootfs)}, {"kernel_ref": img.kernel_ref}
+        )
+
+    async def kernel_bundle(p: BundleParams, call: Call) -> dict[str, Any]:
+        from banger_core import bundles
+
+        k = store.get_kernel(p.name)
+        files = {"kernel": Path(k.kernel), "initrd": Path(k.initrd) if k.initrd else None,
+                 "modules": Path(k.modules) if k.modules else None}
+        return await run_simple(bundles.create, Path(p.output), "kernel", k.name, files)
 
     async def image_list(_p: Any, call: Call) -> dict[str, Any]:
         return {"images": [i.model_dump(mode="json") for i in store.list_images()]}
@@ -243,6 +262,8 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
     r("kernel.rm", kernel_rm, NameParams)
     r("kernel.pull", kernel_pull, PullParams)
     r("image.pull", image_pull, PullParams)
+    r("image.bundle", image_bundle, BundleParams)
+    r("kernel.bundle", kernel_bundle, BundleParams)
     r("image.register", image_register, ImageRegisterParams)
     r("image.list", image_list)
     r("image.delete", image_delete, NameParams)

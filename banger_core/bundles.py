@@ -1,0 +1,151 @@
+"""Bundles: ``.tar.zst`` archives of an image (manifest.json + rootfs.ext4) or a kernel
+(manifest.json + vmlinuz/vmlinux + optional initrd.img + optional modules/).
+
+Downloads are streamed to a staging file and checked against the catalog's sha256 and
+size before anything is unpacked; unpacking refuses absolute paths, '..', links that
+leave the target, and device or FIFO entries. Everything happens in a staging
+directory that is renamed into place only when complete, so a failure leaves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+import zstandard
+
+from banger_core.errors import BangerError, ErrorCode
+
+CHUNK = 1 << 20
+Progress = Callable[[int, int | None], None]
+
+
+def bad(msg: str) -> BangerError:
+    return BangerError(ErrorCode.BAD_REQUEST, msg)
+
+
+def download(url: str, dest: Path, sha256: str, size: int | None, progress: Progress | None = None, timeout: float = 60) -> None:
+    """Stream ``url`` to ``dest``, verifying size and sha256; ``dest`` exists only if both match."""
+    h = hashlib.sha256()
+    got = 0
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:  # noqa: S310 - catalog URLs
+            total = size or (int(resp.headers["Content-Length"]) if resp.headers.get("Content-Length") else None)
+            while chunk := resp.read(CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+                got += len(chunk)
+                if size is not None and got > size:
+                    raise bad(f"{url}: more than the {size} bytes the catalog promises")
+                if progress:
+                    progress(got, total)
+        if size is not None and got != size:
+            raise bad(f"{url}: got {got} bytes, the catalog says {size} (truncated download?)")
+        if h.hexdigest() != sha256.lower():
+            raise bad(f"{url}: sha256 {h.hexdigest()} does not match the catalog's {sha256}")
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise BangerError(ErrorCode.OPERATION_FAILED, f"downloading {url}: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_member(m: tarfile.TarInfo, root: Path) -> None:
+    name = PurePosixPath(m.name)
+    if name.is_absolute() or ".." in name.parts:
+        raise bad(f"bundle entry {m.name!r}: absolute or '..' paths are not allowed")
+    if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+        raise bad(f"bundle entry {m.name!r}: devices, FIFOs and other special files are not allowed")
+    if m.issym() or m.islnk():
+        target = PurePosixPath(m.linkname)
+        base = PurePosixPath(m.name).parent if m.issym() else PurePosixPath()
+        resolved = Path(os.path.normpath(root / base / target))
+        if target.is_absolute() or not str(resolved).startswith(str(root) + os.sep):
+            raise bad(f"bundle entry {m.name!r}: link to {m.linkname!r} leaves the bundle")
+
+
+def extract(bundle: Path, target: Path) -> dict[str, Any]:
+    """Unpack a .tar.zst into ``target`` (must not exist); return its manifest."""
+    target.mkdir(parents=True)
+    root = target.resolve()
+    try:
+        with open(bundle, "rb") as fh:
+            reader = zstandard.ZstdDecompressor().stream_reader(fh)
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for m in tar:
+                    _check_member(m, root)
+                    tar.extract(m, root, set_attrs=m.isfile() or m.isdir(), filter="data")
+    except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
+        raise bad(f"{bundle.name}: not a valid .tar.zst bundle: {exc}") from None
+    try:
+        manifest = json.loads((target / "manifest.json").read_text())
+    except (OSError, ValueError):
+        raise bad(f"{bundle.name}: no valid manifest.json") from None
+    for rel in manifest.get("files", {}).values():
+        if rel and not (target / rel).exists():
+            raise bad(f"{bundle.name}: manifest names {rel}, which the bundle lacks")
+    return manifest
+
+
+# Fixed names inside a bundle; the kernel keeps its own (vmlinuz, vmlinux, bzImage...).
+ARCNAMES = {"rootfs": "rootfs.ext4", "initrd": "initrd.img", "modules": "modules"}
+
+
+def create(output: Path, kind: str, name: str, files: dict[str, Path | None], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a reproducible bundle; return {path, sha256, size} for a catalog entry."""
+    arc = {k: (ARCNAMES.get(k, v.name) if v else None) for k, v in files.items()}
+    manifest = {"kind": kind, "name": name, "files": arc, **(extra or {})}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    try:
+        with open(tmp, "wb") as raw:
+            with zstandard.ZstdCompressor(level=10, threads=-1).stream_writer(raw) as zw:
+                with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+                    info = tarfile.TarInfo("manifest.json")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    import io
+
+                    tar.addfile(info, io.BytesIO(data))
+
+                    def reset(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+                        ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "root", "root"
+                        return ti
+
+                    for key, path in files.items():
+                        if path is not None:
+                            tar.add(path, arcname=arc[key], filter=reset)
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    h = hashlib.sha256()
+    with open(output, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return {"path": str(output), "sha256": h.hexdigest(), "size": output.stat().st_size}
+
+
+def fetch_and_extract(url: str, sha256: str, size: int | None, target: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Download + verify + unpack into ``target`` via a sibling staging dir."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        archive = staging / "bundle.tar.zst"
+        download(url, archive, sha256, size, progress)
+        manifest = extract(archive, staging / "out")
+        archive.unlink()
+        if target.exists():
+            shutil.rmtree(target)
+        (staging / "out").rename(target)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -72,6 +72,8 @@ class Image(Strict):
     kernel_ref: str | None = None
     managed: bool = False
     sha256: str | None = None
+    init: str | None = None  # kernel init= for images whose own init is not /sbin/init
+    source: str | None = None  # where it came from: catalog name, OCI ref@digest, file
     created_at: datetime = Field(default_factory=utcnow)
 
 

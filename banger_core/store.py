@@ -56,9 +56,15 @@ def _m002_vm_disk_and_error(db: sqlite_utils.Database) -> None:
     db["vms"].add_column("last_error", str)
 
 
+def _m003_image_init_source(db: sqlite_utils.Database) -> None:
+    db["images"].add_column("init", str)
+    db["images"].add_column("source", str)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial: vms, images, kernels", _m001_initial),
     (2, "vms: disk_strategy, last_error", _m002_vm_disk_and_error),
+    (3, "images: init, source", _m003_image_init_source),
 ]
 
 

@@ -292,6 +292,9 @@ class VMService:
 
     def _boot_args(self, vm: VM) -> list[str]:
         args = ["console=ttyS0", "root=/dev/vda", "rw", "panic=-1", "net.ifnames=0", f"banger.vm={vm.name}"]
+        image = self.store.get_image(vm.image or "")
+        if image.init:
+            args.append(f"init={image.init}")
         if vm.driver == "firecracker":
             args += ["reboot=k", "pci=off"]
         return args + list(self.cfg.vmm.boot_args)

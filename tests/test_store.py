@@ -31,7 +31,7 @@ def test_migrations_recorded_and_idempotent(paths):
     s2 = Store(paths.db_file)  # reopening applies nothing again
     assert s2.migrate() == []
     rows = list(s2.db["migrations"].rows)
-    assert [r["number"] for r in rows] == [1, 2] and rows[0]["name"].startswith("initial")
+    assert [r["number"] for r in rows] == [1, 2, 3] and rows[0]["name"].startswith("initial")
     assert {"vms", "images", "kernels"} <= set(s2.tables())
 
 
@@ -57,7 +57,7 @@ def test_upgrade_from_schema_1_keeps_rows(paths, monkeypatch):
     old.close()
     monkeypatch.undo()
     new = Store(paths.db_file)
-    assert new.applied_migrations() == [1, 2]
+    assert new.applied_migrations() == [1, 2, 3]
     vm = new.get_vm("abc")
     assert vm.name == "keep" and vm.disk_strategy is None and vm.last_error is None
 

@@ -82,9 +82,18 @@ def _progress(quiet: bool):  # noqa: ANN202
 
 
 @image_app.command("pull")
-def image_pull(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Get an image (and its kernel) from the catalog, built on this host if need be."""
-    i = state.client().call("image.pull", {"name": name}, on_event=_progress(as_json))
+def image_pull(
+    ref: str = typer.Argument(..., help="a catalog name (debian-bookworm) or REGISTRY/REPO[:TAG|@DIGEST]"),
+    name: str = typer.Option(None, "--name", help="OCI: image name (default: from the ref, e.g. debian-bookworm)"),
+    kernel_ref: str = typer.Option(None, "--kernel-ref", help="OCI: kernel to boot it with (default: debian-cloud)"),
+    size: str = typer.Option(None, "--size", help="OCI: rootfs size, e.g. 2G (default: max(tree x 1.5, 1 GiB))"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Get an image: from the catalog (built on this host if need be) or an OCI registry."""
+    from banger_core.cli.vm_cmd import parse_mib
+
+    params = {"ref": ref, "name": name, "kernel_ref": kernel_ref, "size_mib": parse_mib(size, "--size")}
+    i = state.client().call("image.pull", {k: v for k, v in params.items() if v is not None}, on_event=_progress(as_json))
     if as_json:
         echo_json(i)
         return

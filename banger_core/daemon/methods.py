@@ -73,6 +73,13 @@ class PullParams(_P):
     force: bool = False
 
 
+class ImagePullParams(_P):
+    ref: str = Field(description="a catalog name or an OCI reference REGISTRY/REPO[:TAG|@DIGEST]")
+    name: str | None = None
+    kernel_ref: str | None = None
+    size_mib: int | None = Field(default=None, gt=0)
+
+
 class BundleParams(_P):
     name: str
     output: str
@@ -210,9 +217,15 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         k = await run_blocking(call, lambda prog, cancel: vms.puller.kernel(p.name, force=p.force, progress=prog, cancel=cancel))
         return k.model_dump(mode="json")
 
-    async def image_pull(p: PullParams, call: Call) -> dict[str, Any]:
-        i = await run_blocking(call, lambda prog, cancel: vms.puller.image(p.name, progress=prog, cancel=cancel))
-        return i.model_dump(mode="json")
+    async def image_pull(p: ImagePullParams, call: Call) -> dict[str, Any]:
+        def pull(prog, cancel):  # noqa: ANN001, ANN202
+            if p.ref in vms.puller.catalog()["images"] or not any(c in p.ref for c in "/:@"):
+                if p.name or p.kernel_ref or p.size_mib:
+                    raise BangerError(ErrorCode.BAD_REQUEST, "--name, --kernel-ref and --size apply to OCI pulls only")
+                return vms.puller.image(p.ref, progress=prog, cancel=cancel)
+            return vms.puller.oci(p.ref, name=p.name, kernel_ref=p.kernel_ref, size_mib=p.size_mib, progress=prog, cancel=cancel)
+
+        return (await run_blocking(call, pull)).model_dump(mode="json")
 
     async def kernel_rm(p: NameParams, call: Call) -> dict[str, Any]:
         await run_simple(images.remove_kernel, store, paths, p.name)
@@ -261,7 +274,7 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
     r("kernel.list", kernel_list)
     r("kernel.rm", kernel_rm, NameParams)
     r("kernel.pull", kernel_pull, PullParams)
-    r("image.pull", image_pull, PullParams)
+    r("image.pull", image_pull, ImagePullParams)
     r("image.bundle", image_bundle, BundleParams)
     r("kernel.bundle", kernel_bundle, BundleParams)
     r("image.register", image_register, ImageRegisterParams)

@@ -43,6 +43,7 @@ def _find(directory: Path, names: tuple[str, ...], prefix_ok: bool = True) -> Pa
 
 
 def import_kernel(store: Store, paths: Paths, name: str, source: Path, force: bool = False) -> Kernel:
+    """Import from a directory holding vmlinux|vmlinuz|bzImage, optional initrd, modules/."""
     check_name("kernel", name)
     source = source.expanduser()
     if not source.is_dir():
@@ -52,8 +53,20 @@ def import_kernel(store: Store, paths: Paths, name: str, source: Path, force: bo
         raise BangerError(
             ErrorCode.BAD_REQUEST, f"--from {source}: no kernel found (looked for {', '.join(KERNEL_NAMES)})"
         )
-    initrd = _find(source, INITRD_NAMES)
     modules = source / "modules" if (source / "modules").is_dir() else None
+    return import_kernel_files(store, paths, name, kernel, _find(source, INITRD_NAMES), modules, force)
+
+
+def import_kernel_files(
+    store: Store, paths: Paths, name: str, kernel: Path, initrd: Path | None, modules: Path | None, force: bool = False
+) -> Kernel:
+    """Copy a kernel triple into managed storage: staging dir -> rename -> DB row."""
+    check_name("kernel", name)
+    for what, p in (("kernel", kernel), ("initrd", initrd)):
+        if p is not None and not p.is_file():
+            raise BangerError(ErrorCode.BAD_REQUEST, f"{what} {p}: no such file")
+    if modules is not None and not modules.is_dir():
+        raise BangerError(ErrorCode.BAD_REQUEST, f"modules {modules}: not a directory")
     try:
         store.get_kernel(name)
         if not force:
@@ -100,26 +113,76 @@ def remove_kernel(store: Store, paths: Paths, name: str) -> None:
     shutil.rmtree(paths.kernels_dir / name, ignore_errors=True)
 
 
-def register_image(store: Store, name: str, rootfs: Path, kernel_ref: str) -> Image:
+def register_image(
+    store: Store,
+    paths: Paths,
+    name: str,
+    rootfs: Path,
+    kernel_ref: str | None = None,
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    modules: Path | None = None,
+) -> Image:
+    """Register a rootfs in place, booted with ``kernel_ref`` or with its own kernel
+    triple (imported as a kernel of the same name). Exactly one of the two."""
     check_name("image", name)
+    if (kernel_ref is None) == (kernel is None):
+        raise BangerError(ErrorCode.BAD_REQUEST, "give either --kernel-ref or --kernel [--initrd] [--modules], not both")
+    if kernel is None and (initrd or modules):
+        raise BangerError(ErrorCode.BAD_REQUEST, "--initrd and --modules go with --kernel")
     rootfs = rootfs.expanduser().absolute()
     if not rootfs.is_file():
         raise BangerError(ErrorCode.BAD_REQUEST, f"--rootfs {rootfs}: no such file")
-    store.get_kernel(kernel_ref)
     try:
         store.get_image(name)
         raise BangerError(ErrorCode.ALREADY_EXISTS, f"image {name!r} already exists")
     except BangerError as exc:
         if exc.code is not ErrorCode.NOT_FOUND:
             raise
-    image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel_ref, managed=False)
+    if kernel_ref is not None:
+        store.get_kernel(kernel_ref)
+    else:
+        assert kernel is not None
+        kernel_ref = import_kernel_files(store, paths, name, kernel, initrd, modules).name
+    image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel_ref, managed=False, source=str(rootfs))
     store.upsert_image(image)
     return image
 
 
-def delete_image(store: Store, name: str) -> None:
-    store.get_image(name)
+def publish_rootfs(paths: Paths, name: str, src: Path) -> Path:
+    """Copy a rootfs into managed storage (reflink where possible, else sparse):
+    temp file, then rename."""
+    from banger_core import proc
+
+    final = paths.images_dir / name / "rootfs.ext4"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(".rootfs.ext4.tmp")
+    try:
+        proc.run(["cp", "--reflink=auto", "--sparse=always", src, tmp], timeout=1800, what="copying the image")
+        tmp.rename(final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return final
+
+
+def promote_image(store: Store, paths: Paths, name: str) -> Image:
+    """Copy a registered (unmanaged) image's rootfs into banger's own storage."""
+    image = store.get_image(name)
+    if image.managed:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"image {name!r} is already managed by banger")
+    rootfs = publish_rootfs(paths, name, Path(image.rootfs))
+    promoted = image.model_copy(update={"rootfs": str(rootfs), "managed": True})
+    store.upsert_image(promoted)
+    return promoted
+
+
+def delete_image(store: Store, paths: Paths, name: str) -> None:
+    """Delete an image no VM uses; a managed image's files go too."""
+    image = store.get_image(name)
     users = [v.name for v in store.list_vms() if v.image == name]
     if users:
         raise BangerError(ErrorCode.BAD_REQUEST, f"image {name!r} is used by VM(s) {', '.join(users)}")
     store.delete_image(name)
+    if image.managed:
+        shutil.rmtree(paths.images_dir / name, ignore_errors=True)

@@ -132,11 +132,23 @@ def kernel_bundle(
 def image_register(
     name: str,
     rootfs: Path = typer.Option(..., "--rootfs", help="an ext4 root filesystem image (used in place, never written)"),
-    kernel_ref: str = typer.Option(..., "--kernel-ref", help="name of an imported kernel"),
+    kernel_ref: str = typer.Option(None, "--kernel-ref", help="name of an imported or pulled kernel"),
+    kernel: Path = typer.Option(None, "--kernel", help="or: a kernel file (vmlinux/bzImage) for this image"),
+    initrd: Path = typer.Option(None, "--initrd", help="with --kernel: its initrd"),
+    modules: Path = typer.Option(None, "--modules", help="with --kernel: its /lib/modules/<version> dir"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Register a root filesystem image."""
-    i = _call("image.register", {"name": name, "rootfs": str(rootfs.resolve()), "kernel_ref": kernel_ref})
+    """Register a root filesystem image, with --kernel-ref or its own kernel (not both)."""
+    from banger_core.errors import BangerError, ErrorCode
+
+    if (kernel_ref is None) == (kernel is None):
+        raise BangerError(ErrorCode.BAD_REQUEST, "give either --kernel-ref or --kernel [--initrd] [--modules], not both")
+    if kernel is None and (initrd or modules):
+        raise BangerError(ErrorCode.BAD_REQUEST, "--initrd and --modules go with --kernel")
+    params = {"name": name, "rootfs": str(rootfs.resolve()), "kernel_ref": kernel_ref,
+              "kernel": str(kernel.resolve()) if kernel else None, "initrd": str(initrd.resolve()) if initrd else None,
+              "modules": str(modules.resolve()) if modules else None}
+    i = _call("image.register", {k: v for k, v in params.items() if v is not None})
     if as_json:
         echo_json(i)
         return
@@ -154,8 +166,41 @@ def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
     style.echo(style.table(rows, ["NAME", "KERNEL", "KIND", "ROOTFS"]) if rows else "no images")
 
 
+@image_app.command("promote")
+def image_promote(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Copy a registered image's rootfs into banger's storage (then the original may go)."""
+    i = _call("image.promote", {"name": name})
+    if as_json:
+        echo_json(i)
+        return
+    style.echo(f"image {i['name']}: managed, {i['rootfs']}")
+
+
+def _show(kind: str, name: str, as_json: bool) -> None:
+    data = _call(f"{kind}.show", {"name": name})
+    if as_json:
+        echo_json(data)
+        return
+    for key, value in data.items():
+        if isinstance(value, list):
+            value = ", ".join(value) or "-"
+        style.echo(f"{key + ':':11} {value if value is not None else '-'}")
+
+
+@image_app.command("show")
+def image_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show one image and the VMs using it."""
+    _show("image", name, as_json)
+
+
+@kernel_app.command("show")
+def kernel_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show one kernel and the images using it."""
+    _show("kernel", name, as_json)
+
+
 @image_app.command("delete")
 def image_delete(name: str) -> None:
-    """Delete an image no VM uses (a registered rootfs file is left in place)."""
+    """Delete an image no VM uses (a registered rootfs file is left in place; a managed one goes)."""
     _call("image.delete", {"name": name})
     style.echo(f"image {name}: deleted")

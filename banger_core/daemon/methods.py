@@ -88,7 +88,10 @@ class BundleParams(_P):
 class ImageRegisterParams(_P):
     name: str
     rootfs: str
-    kernel_ref: str
+    kernel_ref: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    modules: str | None = None
 
 
 async def run_blocking(call: Call, fn: Callable[..., Any], *args: Any) -> Any:
@@ -232,8 +235,22 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         return {"name": p.name, "state": "removed"}
 
     async def image_register(p: ImageRegisterParams, call: Call) -> dict[str, Any]:
-        i = await run_simple(images.register_image, store, p.name, Path(p.rootfs), p.kernel_ref)
+        opt = lambda v: Path(v) if v else None  # noqa: E731
+        i = await run_simple(
+            images.register_image, store, paths, p.name, Path(p.rootfs), p.kernel_ref, opt(p.kernel), opt(p.initrd), opt(p.modules)
+        )
         return i.model_dump(mode="json")
+
+    async def image_promote(p: NameParams, call: Call) -> dict[str, Any]:
+        return (await run_simple(images.promote_image, store, paths, p.name)).model_dump(mode="json")
+
+    async def image_show(p: NameParams, call: Call) -> dict[str, Any]:
+        img = store.get_image(p.name)
+        return {**img.model_dump(mode="json"), "used_by": [v.name for v in store.list_vms() if v.image == p.name]}
+
+    async def kernel_show(p: NameParams, call: Call) -> dict[str, Any]:
+        k = store.get_kernel(p.name)
+        return {**k.model_dump(mode="json"), "used_by": [i.name for i in store.list_images() if i.kernel_ref == p.name]}
 
     async def image_bundle(p: BundleParams, call: Call) -> dict[str, Any]:
         from banger_core import bundles
@@ -255,7 +272,7 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         return {"images": [i.model_dump(mode="json") for i in store.list_images()]}
 
     async def image_delete(p: NameParams, call: Call) -> dict[str, Any]:
-        await run_simple(images.delete_image, store, p.name)
+        await run_simple(images.delete_image, store, paths, p.name)
         return {"name": p.name, "state": "deleted"}
 
     r = reg.register
@@ -279,4 +296,7 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
     r("kernel.bundle", kernel_bundle, BundleParams)
     r("image.register", image_register, ImageRegisterParams)
     r("image.list", image_list)
+    r("image.promote", image_promote, NameParams)
+    r("image.show", image_show, NameParams)
+    r("kernel.show", kernel_show, NameParams)
     r("image.delete", image_delete, NameParams)

@@ -61,11 +61,26 @@ class Puller:
         target = self.paths.cache_dir / "bundles" / f"{kind}-{name}"
         if progress:
             progress("pull", {"kind": kind, "name": name, "from": b["url"]})
-        manifest = bundles.fetch_and_extract(b["url"], b["sha256"], b.get("size"), target)
+        def dl(got: int, total: int | None) -> None:
+            if progress:
+                progress("download", {"name": f"{kind} {name}", "bytes": got, "total": total})
+
+        manifest = bundles.fetch_and_extract(b["url"], b["sha256"], b.get("size"), target, dl)
         if manifest.get("kind") != kind:
             shutil.rmtree(target, ignore_errors=True)
             raise BangerError(ErrorCode.BAD_REQUEST, f"{b['url']}: a {manifest.get('kind')} bundle, not a {kind}")
         return target
+
+    @staticmethod
+    def _step(progress: Progress | None) -> Callable[[str], None]:
+        """A build's log lines: to the daemon log, and to the client as progress."""
+
+        def step(msg: str) -> None:
+            log.info("%s", msg)
+            if progress and not msg.startswith("$ "):
+                progress("step", {"msg": msg})
+
+        return step
 
     def _acquire(self, key: str, cancel: threading.Event | None) -> threading.Lock:
         with self._guard:
@@ -104,7 +119,7 @@ class Puller:
             if entry.get("recipe") == "debian-cloud-kernel":
                 from banger_core.artifacts.debian_kernel import build_debian_cloud_kernel
 
-                built = build_debian_cloud_kernel(build, cache=self.paths.cache_dir / "debs", log=log.info)
+                built = build_debian_cloud_kernel(build, cache=self.paths.cache_dir / "debs", log=self._step(progress))
             else:  # pragma: no cover - catalog and code ship together
                 raise BangerError(ErrorCode.OPERATION_FAILED, f"unknown recipe {entry['recipe']!r}")
             return images.import_kernel(self.store, self.paths, name, Path(built["kernel"]).parent, force=True)
@@ -153,7 +168,7 @@ class Puller:
                 mod_dir = next((m for m in modules if m.is_dir()), None)
                 build = self.paths.cache_dir / "builds" / f"image-{name}"
                 try:
-                    built = build_debian_image(build, modules_dir=mod_dir, log=log.info)
+                    built = build_debian_image(build, modules_dir=mod_dir, log=self._step(progress))
                 except ImageBuildError as exc:
                     raise BangerError(ErrorCode.OPERATION_FAILED, f"building image {name}: {exc}") from None
             else:  # pragma: no cover

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import re
+import subprocess
 import tarfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +19,7 @@ import pytest
 import zstandard
 
 import guest_assets as ga
-from conftest import wait_for
+from conftest import BANGER, wait_for
 
 
 @pytest.fixture
@@ -96,6 +97,15 @@ def test_bundle_round_trip_pull_and_boot(benv_assets, http_dir, tmp_path):
     )
     r = env.run("image", "pull", "bb", timeout=300, check=True)
     assert "image bb:" in r.stdout and "(kernel bk)" in r.stdout
+    # not a terminal: one line per download, no bar
+    assert re.search(r"download kernel bk \(\d+\.\d MB\)", r.stderr) and "download image bb" in r.stderr
+    assert "#" not in r.stderr
+    # on a terminal: a progress bar
+    env.run("image", "delete", "bb", check=True)
+    cmd = " ".join([BANGER, "image", "pull", "bb"])
+    tty = subprocess.run(["script", "-qec", cmd, "/dev/null"], env=env.env(), capture_output=True, text=True, timeout=300)
+    assert tty.returncode == 0, tty.stdout
+    assert re.search(r"image bb \[#+\s*\] 100\.0%", tty.stdout), tty.stdout[-500:]
     k = {x["name"]: x for x in json.loads(env.run("kernel", "list", "--json", check=True).stdout)}["bk"]
     assert Path(k["kernel"]).is_file() and Path(k["initrd"]).is_file() and Path(k["modules"]).is_dir()
     env.run("vm", "create", "--name", "frombundle", "--image", "bb", "--vcpu", "1", "--memory", "256M", timeout=300, check=True)

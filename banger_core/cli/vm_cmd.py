@@ -52,15 +52,49 @@ def check_name(name: str | None) -> str | None:
 
 
 class Progress:
+    """Stage lines with elapsed time; downloads as a bar on a terminal, else one line."""
+
     def __init__(self, quiet: bool) -> None:
         self.t0 = time.monotonic()
         self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self._bar_open = False
+        self._announced: set[str] = set()
+
+    def _end_bar(self) -> None:
+        if self._bar_open:
+            sys.stderr.write("\n")
+            self._bar_open = False
+
+    def _download(self, ev: dict[str, Any], elapsed: str) -> None:
+        got, total, name = ev["bytes"], ev.get("total"), ev["name"]
+        if not self.tty:
+            if name not in self._announced:
+                self._announced.add(name)
+                size = f" ({total / 1e6:.1f} MB)" if total else ""
+                style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)} download {name}{size}", err=True)
+            return
+        if total:
+            frac = min(1.0, got / total)
+            bar = "#" * int(frac * 30)
+            sys.stderr.write(f"\r  {name} [{bar:<30}] {frac * 100:5.1f}% {got / 1e6:7.1f}/{total / 1e6:.1f} MB")
+        else:
+            sys.stderr.write(f"\r  {name} {got / 1e6:7.1f} MB")
+        sys.stderr.flush()
+        self._bar_open = True
 
     def __call__(self, ev: dict[str, Any]) -> None:
         if self.quiet:
             return
         stage = ev.get("stage")
         elapsed = f"[{time.monotonic() - self.t0:6.1f}s]"
+        if stage == "download":
+            self._download(ev, elapsed)
+            return
+        self._end_bar()
+        if stage == "step":
+            style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)}   {ev['msg']}", err=True)
+            return
         if stage == "spec":
             style.echo(
                 f"spec: {ev['vcpus']} vcpu | {ev['memory_mib']} MiB | {ev['disk_size_mib']} MiB disk"

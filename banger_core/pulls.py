@@ -129,6 +129,57 @@ class Puller:
     def _publish(self, name: str, built: Path) -> Path:
         return images.publish_rootfs(self.paths, name, built)
 
+    # --- OCI ---------------------------------------------------------------------------
+    def oci(self, ref: str, *, name: str | None = None, kernel_ref: str | None = None, size_mib: int | None = None,
+            progress: Progress | None = None, cancel: threading.Event | None = None) -> Image:
+        """Pull an image from an OCI registry into a managed, bootable rootfs."""
+        import tempfile
+
+        from banger_core import oci
+        from banger_core.artifacts.debian_kernel import static_busybox
+        from banger_core.images import check_name
+
+        parsed = oci.parse_ref(ref)
+        name = check_name("image", name or parsed.friendly_name())
+        kernel_ref = kernel_ref or self.catalog()["images"][DEFAULT_IMAGE]["kernel_ref"]
+        lock = self._acquire(f"image:{name}", cancel)
+        try:
+            try:
+                self.store.get_image(name)
+                raise BangerError(ErrorCode.ALREADY_EXISTS, f"image {name!r} already exists (choose another --name)")
+            except BangerError as exc:
+                if exc.code is not ErrorCode.NOT_FOUND:
+                    raise
+            try:
+                kernel = self.store.get_kernel(kernel_ref)
+            except BangerError as exc:
+                if exc.code is not ErrorCode.NOT_FOUND:
+                    raise
+                kernel = self.kernel(kernel_ref, progress=progress, cancel=cancel)
+            if progress:
+                progress("pull", {"kind": "image", "name": name, "from": ref})
+            busybox = static_busybox(self.paths.cache_dir / "debs", log=log.info)
+            self.paths.images_dir.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=self.paths.images_dir))
+            try:
+                info = oci.pull_to_rootfs(
+                    ref, staging / "rootfs.ext4", staging / "work", self.paths.cache_dir / "blobs", busybox,
+                    size_mib=size_mib, log=self._step(progress),
+                )
+                shutil.rmtree(staging / "work")
+                final = self.paths.images_dir / name
+                if final.exists():
+                    shutil.rmtree(final)
+                staging.rename(final)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            image = Image(name=name, rootfs=str(final / "rootfs.ext4"), kernel_ref=kernel.name, managed=True,
+                          init=oci.INIT_PATH, source=f"{ref}@{info['digest']}")
+            self.store.upsert_image(image)
+            return image
+        finally:
+            lock.release()
+
     # --- images -----------------------------------------------------------------------
     def image(self, name: str, *, progress: Progress | None = None, cancel: threading.Event | None = None) -> Image:
         entry = self.catalog()["images"].get(name)

@@ -102,7 +102,8 @@ class Progress:
                 err=True,
             )
         elif stage == "pull":
-            style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)} pull {ev['kind']} {ev['name']} (built on this host; minutes the first time)", err=True)
+            how = f"from {ev['from']}" if ev.get("from") else "(built on this host; minutes the first time)"
+            style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)} pull {ev['kind']} {ev['name']} {how}", err=True)
         else:
             style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)} {stage}", err=True)
 

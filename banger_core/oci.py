@@ -326,14 +326,9 @@ def inject_init(root: Path, busybox: Path) -> None:
 
 
 def tree_mib(root: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
-            except OSError:
-                pass
-    return total // (1024 * 1024)
+    from banger_core.fsutil import tree_bytes
+
+    return tree_bytes(root) // (1024 * 1024)
 
 
 def pull_to_rootfs(ref_text: str, out: Path, work: Path, blobs: Path, busybox: Path, size_mib: int | None = None,

@@ -14,12 +14,13 @@ failed build leaves nothing.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from banger_core.fsutil import tree_bytes
 
 Log = Callable[[str], Any]
 
@@ -42,17 +43,6 @@ def _run(argv: list[str], log: Log, timeout: float = 1800) -> None:
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-5:]
         raise ImageBuildError(f"{argv[0]} failed ({r.returncode}): {' | '.join(tail)}")
-
-
-def _tree_bytes(tree: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(tree):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_blocks * 512
-            except OSError:
-                pass
-    return total
 
 
 def customize(tree: Path, modules_dir: Path | None) -> None:
@@ -97,7 +87,7 @@ def build_debian_image(dest: Path, modules_dir: Path | None = None, log: Log = p
             log,
         )
         customize(tree, modules_dir)
-        used_mib = _tree_bytes(tree) // (1024 * 1024)
+        used_mib = tree_bytes(tree) // (1024 * 1024)
         size = max(size_mib or 0, int(used_mib * 1.5), 1024)
         rootfs = staging / "rootfs.ext4"
         with open(rootfs, "wb") as fh:

@@ -66,11 +66,25 @@ def core_checks(paths: "Paths", rt: "Runtime | None", load_error: BangerError | 
         if qemu
         else CheckResult.warn("qemu", "qemu-system-x86_64 not found: VMs cannot boot under QEMU (apt install qemu-system-x86)")
     )
-    if os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK):
-        out.append(CheckResult.ok("kvm", "/dev/kvm is accessible (boots probe it before use)"))
-    else:
-        out.append(CheckResult.warn("kvm", "/dev/kvm not accessible: guests run under TCG software emulation (slow)"))
+    out.append(_kvm_check(paths))
     return out
+
+
+def _kvm_check(paths: "Paths") -> CheckResult:
+    """What the last KVM probe boot found (state/kvm-probe.json), else what /dev/kvm allows."""
+    import json
+
+    try:
+        probe = json.loads((paths.state_dir / "kvm-probe.json").read_text())
+    except (OSError, ValueError):
+        probe = None
+    if probe and probe.get("accel") == "kvm":
+        return CheckResult.ok("kvm", probe.get("why", "KVM works"))
+    if probe:
+        return CheckResult.warn("kvm", f"{probe.get('why', 'KVM unusable')}: guests run under TCG (slow)")
+    if os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return CheckResult.ok("kvm", "/dev/kvm is accessible (the first boot probes whether it works)")
+    return CheckResult.warn("kvm", "/dev/kvm not accessible: guests run under TCG software emulation (slow)")
 
 
 def _state_check(paths: "Paths") -> CheckResult:

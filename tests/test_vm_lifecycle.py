@@ -263,6 +263,8 @@ def test_accel_auto_probes_kvm_and_says_which(venv_, tmp_path):
         assert re.match(r"QEMU for \w+ uses (KVM: KVM probe boot printed the kernel banner|TCG: (KVM probe|/dev/kvm))", chosen[0]), chosen
         probe = json.loads((env.state_dir / "kvm-probe.json").read_text())
         assert probe["accel"] in ("kvm", "tcg") and probe["why"] in chosen[0]
+        doctor = env.run("doctor").stdout
+        assert re.search(rf"^(PASS|WARN) +kvm +{re.escape(probe['why'])}", doctor, re.M), doctor
         wait_boot(env, "probe")
         env.run("vm", "delete", "probe", "--force", timeout=120, check=True)
     finally:

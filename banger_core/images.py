@@ -67,13 +67,8 @@ def import_kernel_files(
             raise BangerError(ErrorCode.BAD_REQUEST, f"{what} {p}: no such file")
     if modules is not None and not modules.is_dir():
         raise BangerError(ErrorCode.BAD_REQUEST, f"modules {modules}: not a directory")
-    try:
-        store.get_kernel(name)
-        if not force:
-            raise BangerError(ErrorCode.ALREADY_EXISTS, f"kernel {name!r} already exists (use --force to replace)")
-    except BangerError as exc:
-        if exc.code is not ErrorCode.NOT_FOUND:
-            raise
+    if store.find_kernel(name) and not force:
+        raise BangerError(ErrorCode.ALREADY_EXISTS, f"kernel {name!r} already exists (use --force to replace)")
     paths.kernels_dir.mkdir(parents=True, exist_ok=True)
     final = paths.kernels_dir / name
     staging = Path(tempfile.mkdtemp(dir=paths.kernels_dir, prefix=f".{name}.staging-"))
@@ -133,12 +128,8 @@ def register_image(
     rootfs = rootfs.expanduser().absolute()
     if not rootfs.is_file():
         raise BangerError(ErrorCode.BAD_REQUEST, f"--rootfs {rootfs}: no such file")
-    try:
-        store.get_image(name)
+    if store.find_image(name):
         raise BangerError(ErrorCode.ALREADY_EXISTS, f"image {name!r} already exists")
-    except BangerError as exc:
-        if exc.code is not ErrorCode.NOT_FOUND:
-            raise
     if kernel_ref is not None:
         store.get_kernel(kernel_ref)
     else:

@@ -91,6 +91,11 @@ class Puller:
         return lock
 
     # --- kernels ----------------------------------------------------------------------
+    def ensure_kernel(self, name: str, *, progress: Progress | None = None,
+                      cancel: threading.Event | None = None) -> Kernel:
+        """A kernel already here (pulled or imported) serves; else pull it from the catalog."""
+        return self.store.find_kernel(name) or self.kernel(name, progress=progress, cancel=cancel)
+
     def kernel(self, name: str, *, force: bool = False, progress: Progress | None = None,
                cancel: threading.Event | None = None) -> Kernel:
         entry = self.catalog()["kernels"].get(name)
@@ -101,12 +106,8 @@ class Puller:
             )
         lock = self._acquire(f"kernel:{name}", cancel)
         try:
-            if not force:
-                try:
-                    return self.store.get_kernel(name)  # pulled meanwhile (or before)
-                except BangerError as exc:
-                    if exc.code is not ErrorCode.NOT_FOUND:
-                        raise
+            if not force and (have := self.store.find_kernel(name)):
+                return have  # pulled meanwhile (or before)
             bundled = self._bundle("kernel", name, entry, progress)
             if bundled is not None:
                 try:
@@ -144,18 +145,9 @@ class Puller:
         kernel_ref = kernel_ref or self.catalog()["images"][DEFAULT_IMAGE]["kernel_ref"]
         lock = self._acquire(f"image:{name}", cancel)
         try:
-            try:
-                self.store.get_image(name)
+            if self.store.find_image(name):
                 raise BangerError(ErrorCode.ALREADY_EXISTS, f"image {name!r} already exists (choose another --name)")
-            except BangerError as exc:
-                if exc.code is not ErrorCode.NOT_FOUND:
-                    raise
-            try:
-                kernel = self.store.get_kernel(kernel_ref)
-            except BangerError as exc:
-                if exc.code is not ErrorCode.NOT_FOUND:
-                    raise
-                kernel = self.kernel(kernel_ref, progress=progress, cancel=cancel)
+            kernel = self.ensure_kernel(kernel_ref, progress=progress, cancel=cancel)
             if progress:
                 progress("pull", {"kind": "image", "name": name, "from": ref})
             busybox = static_busybox(self.paths.cache_dir / "debs", log=log.info)
@@ -188,19 +180,11 @@ class Puller:
                 ErrorCode.NOT_FOUND,
                 f"no image {name!r} in the catalog (available: {', '.join(sorted(self.catalog()['images']))})",
             )
-        try:  # a kernel already here (pulled or imported) serves; else pull it too
-            kernel = self.store.get_kernel(entry["kernel_ref"])
-        except BangerError as exc:
-            if exc.code is not ErrorCode.NOT_FOUND:
-                raise
-            kernel = self.kernel(entry["kernel_ref"], progress=progress, cancel=cancel)
+        kernel = self.ensure_kernel(entry["kernel_ref"], progress=progress, cancel=cancel)
         lock = self._acquire(f"image:{name}", cancel)
         try:
-            try:
-                return self.store.get_image(name)
-            except BangerError as exc:
-                if exc.code is not ErrorCode.NOT_FOUND:
-                    raise
+            if have := self.store.find_image(name):
+                return have  # pulled meanwhile (or before)
             bundled = self._bundle("image", name, entry, progress)
             if bundled is not None:
                 try:

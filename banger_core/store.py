@@ -176,6 +176,15 @@ class Store:
     def get_image(self, name: str) -> Image:
         return self._get("images", Image, name)
 
+    def find_image(self, name: str) -> Image | None:
+        """The image, or None when there is none by that name."""
+        with self._lock:
+            return self.get_image(name) if self.db["images"].count_where("name = ?", [name]) else None
+
+    def find_kernel(self, name: str) -> Kernel | None:
+        with self._lock:
+            return self.get_kernel(name) if self.db["kernels"].count_where("name = ?", [name]) else None
+
     def get_kernel(self, name: str) -> Kernel:
         return self._get("kernels", Kernel, name)
 

@@ -272,22 +272,16 @@ class VMService:
 
     def _image_or_pull(self, name: str, progress: Progress, cancel: threading.Event) -> Image:
         """The image (and its kernel), pulled from the catalog first if it is in it."""
-        cat = self.puller.catalog()
-        in_catalog = name in cat["images"]
-        try:
-            image = self.store.get_image(name)
-        except BangerError as exc:
-            if exc.code is not ErrorCode.NOT_FOUND or not in_catalog:
-                raise
+        image = self.store.find_image(name)
+        if image is None:
+            if name not in self.puller.catalog()["images"]:
+                self.store.get_image(name)  # raises not_found, naming `banger image list`
             image = self.puller.image(name, progress=progress, cancel=cancel)
         if not image.kernel_ref:
             raise BangerError(ErrorCode.BAD_REQUEST, f"image {image.name} names no kernel")
-        try:
-            self.store.get_kernel(image.kernel_ref)
-        except BangerError as exc:
-            if exc.code is not ErrorCode.NOT_FOUND or image.kernel_ref not in cat["kernels"]:
-                raise
+        if self.store.find_kernel(image.kernel_ref) is None and image.kernel_ref in self.puller.catalog()["kernels"]:
             self.puller.kernel(image.kernel_ref, progress=progress, cancel=cancel)
+        self.store.get_kernel(image.kernel_ref)  # a kernel neither here nor in the catalog: not_found
         return image
 
     def _boot_args(self, vm: VM) -> list[str]:

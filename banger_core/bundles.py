@@ -96,7 +96,7 @@ def extract(bundle: Path, target: Path) -> dict[str, Any]:
 
 
 # Fixed names inside a bundle; the kernel keeps its own (vmlinuz, vmlinux, bzImage...).
-ARCNAMES = {"rootfs": "rootfs.ext4", "initrd": "initrd.img", "modules": "modules"}
+ARCNAMES = {"rootfs": "rootfs.ext4", "initrd": "initrd.img", "modules": "modules", "vmlinux": "vmlinux"}
 
 
 def create(output: Path, kind: str, name: str, files: dict[str, Path | None], extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -15,9 +15,13 @@ from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Image, Kernel
 from banger_core.paths import Paths
 from banger_core.store import Store
+from banger_core.vmm.base import kernel_is_elf
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-KERNEL_NAMES = ("vmlinux", "vmlinuz", "bzImage", "kernel")
+# A compressed bzImage is preferred as the kernel QEMU boots (-M pc, with the initrd);
+# an ELF vmlinux beside it is kept too (Firecracker boots only that). A directory with
+# only a vmlinux boots it everywhere (QEMU then uses -M microvm).
+KERNEL_NAMES = ("vmlinuz", "bzImage", "kernel", "vmlinux")
 INITRD_NAMES = ("initrd.img", "initrd", "initramfs.img", "initramfs")
 
 
@@ -42,8 +46,11 @@ def _find(directory: Path, names: tuple[str, ...], prefix_ok: bool = True) -> Pa
     return None
 
 
-def import_kernel(store: Store, paths: Paths, name: str, source: Path, force: bool = False) -> Kernel:
-    """Import from a directory holding vmlinux|vmlinuz|bzImage, optional initrd, modules/."""
+def import_kernel(
+    store: Store, paths: Paths, name: str, source: Path, force: bool = False, origin: str | None = None
+) -> Kernel:
+    """Import from a directory holding vmlinuz|bzImage and/or vmlinux, optional initrd,
+    modules/. ``origin`` is recorded as the kernel's source (default ``import:DIR``)."""
     check_name("kernel", name)
     source = source.expanduser()
     if not source.is_dir():
@@ -54,14 +61,22 @@ def import_kernel(store: Store, paths: Paths, name: str, source: Path, force: bo
             ErrorCode.BAD_REQUEST, f"--from {source}: no kernel found (looked for {', '.join(KERNEL_NAMES)})"
         )
     modules = source / "modules" if (source / "modules").is_dir() else None
-    return import_kernel_files(store, paths, name, kernel, _find(source, INITRD_NAMES), modules, force)
+    vmlinux = _find(source, ("vmlinux",))
+    return import_kernel_files(
+        store, paths, name, kernel, _find(source, INITRD_NAMES), modules, force,
+        vmlinux=vmlinux if vmlinux != kernel else None, source=origin or f"import:{source}",
+    )
 
 
 def import_kernel_files(
-    store: Store, paths: Paths, name: str, kernel: Path, initrd: Path | None, modules: Path | None, force: bool = False
+    store: Store, paths: Paths, name: str, kernel: Path, initrd: Path | None, modules: Path | None,
+    force: bool = False, *, vmlinux: Path | None = None, source: str | None = None,
 ) -> Kernel:
-    """Copy a kernel triple into managed storage: staging dir -> rename -> DB row."""
+    """Copy a kernel (+ initrd, modules, ELF vmlinux) into managed storage:
+    staging dir -> rename -> DB row."""
     check_name("kernel", name)
+    if vmlinux is not None and not kernel_is_elf(vmlinux):
+        raise BangerError(ErrorCode.BAD_REQUEST, f"vmlinux {vmlinux}: not an ELF kernel")
     for what, p in (("kernel", kernel), ("initrd", initrd)):
         if p is not None and not p.is_file():
             raise BangerError(ErrorCode.BAD_REQUEST, f"{what} {p}: no such file")
@@ -74,6 +89,8 @@ def import_kernel_files(
     staging = Path(tempfile.mkdtemp(dir=paths.kernels_dir, prefix=f".{name}.staging-"))
     try:
         shutil.copy2(kernel, staging / kernel.name)
+        if vmlinux:
+            shutil.copy2(vmlinux, staging / "vmlinux")
         if initrd:
             shutil.copy2(initrd, staging / initrd.name)
         if modules:
@@ -92,6 +109,8 @@ def import_kernel_files(
     k = Kernel(
         name=name,
         kernel=str(final / kernel.name),
+        vmlinux=str(final / "vmlinux") if vmlinux else (str(final / kernel.name) if kernel_is_elf(kernel) else None),
+        source=source,
         initrd=str(final / initrd.name) if initrd else None,
         modules=str(final / "modules") if modules else None,
     )

@@ -79,9 +79,15 @@ class Image(Strict):
 
 class Kernel(Strict):
     name: str
+    # What QEMU boots by default: a bzImage (on -M pc) or an ELF vmlinux (on -M microvm).
     kernel: str
+    # The uncompressed ELF kernel, when there is one: Firecracker boots only this.
+    vmlinux: str | None = None
     initrd: str | None = None
     modules: str | None = None
+    # Where it came from: "recipe:NAME/REV", "bundle:SHA256" or "import:PATH"; a catalog
+    # kernel whose source differs from what a pull would record now is stale.
+    source: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -120,6 +126,7 @@ class AgentChannel(Strict):
 
 class Machine(Strict):
     kernel: str
+    vmlinux: str | None = None  # the ELF form of ``kernel``, for VMMs that boot only ELF
     initrd: str | None = None
     boot_args: list[str] = Field(default_factory=list)
     vcpus: int = Field(gt=0)

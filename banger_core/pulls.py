@@ -1,5 +1,10 @@
 """Catalog pulls: kernels and images by name, built on the host by their recipe.
 
+What a pull records as the artifact's ``source`` (``recipe:NAME/REVISION``, or
+``bundle:SHA256``) says what made it; when the catalog or banger's recipes move on, an
+artifact whose source differs is stale, listings say so, and pulling it again
+rebuilds it (an image only when no VM uses it).
+
 One pull per name at a time (per-name locks whose waiters give up when their request
 is cancelled); a waiter that gets the lock after a peer finished uses the peer's
 result instead of pulling again. Different names pull in parallel.
@@ -50,6 +55,44 @@ class Puller:
 
     def catalog(self) -> dict[str, Any]:
         return catalog(self.catalog_path)
+
+    # --- what made an artifact, and whether that is still what the catalog says ------
+    def source_for(self, kind: str, name: str, kernel: Kernel | None = None) -> str | None:
+        """The source a pull of this catalog entry records now (None: not in the catalog)."""
+        from banger_core.artifacts import recipes
+
+        entry = self.catalog()[f"{kind}s"].get(name)
+        if entry is None:
+            return None
+        if entry.get("bundle"):
+            return f"bundle:{entry['bundle']['sha256']}"
+        recipe = entry.get("recipe", "")
+        revisions = {n: r.revision for n, r in recipes.KERNELS.items()} if kind == "kernel" else recipes.IMAGE_REVISIONS
+        revision = revisions[recipe]() if recipe in revisions else "?"
+        source = f"recipe:{recipe}/{revision}"
+        if kind == "image" and kernel is not None and kernel.modules:
+            # the image carries this kernel's modules: a kernel of another version needs a rebuild
+            versions = sorted(p.name for p in Path(kernel.modules).iterdir() if p.is_dir()) if Path(kernel.modules).is_dir() else []
+            source += f";modules:{','.join(versions)}"
+        return source
+
+    def stale(self, kind: str, have: Image | Kernel) -> str | None:
+        """Why a pulled catalog artifact no longer matches the catalog, or None.
+
+        Only what a catalog pull made is judged: an imported kernel or a registered or
+        OCI image that merely shares a catalog name is the user's own.
+        """
+        if isinstance(have, Image) and not have.managed:
+            return None
+        if have.source is not None and not have.source.startswith(("recipe:", "bundle:")):
+            return None
+        kernel = self.store.find_kernel(have.kernel_ref or "") if isinstance(have, Image) else None
+        now = self.source_for(kind, have.name, kernel)
+        if now is None or have.source == now:
+            return None
+        if have.source is None:
+            return f"pulled before banger recorded recipes; `banger {kind} pull {have.name}` rebuilds it as {now}"
+        return f"made by {have.source}, the catalog now makes {now}; `banger {kind} pull {have.name}` refreshes it"
 
     def _bundle(self, kind: str, name: str, entry: dict[str, Any], progress: Progress | None) -> Path | None:
         """Fetch the entry's bundle into the cache; None when it has none."""
@@ -106,24 +149,36 @@ class Puller:
             )
         lock = self._acquire(f"kernel:{name}", cancel)
         try:
-            if not force and (have := self.store.find_kernel(name)):
+            have = self.store.find_kernel(name)
+            if have and not force and not (why := self.stale("kernel", have)):
                 return have  # pulled meanwhile (or before)
+            if have and not force and progress:
+                progress("step", {"msg": f"kernel {name} is stale: {why}"})
+            source = self.source_for("kernel", name)
             bundled = self._bundle("kernel", name, entry, progress)
             if bundled is not None:
                 try:
-                    return images.import_kernel(self.store, self.paths, name, bundled, force=True)
+                    return images.import_kernel(self.store, self.paths, name, bundled, force=True, origin=source)
                 finally:
                     shutil.rmtree(bundled, ignore_errors=True)
+            from banger_core.artifacts import recipes
+            from banger_core.artifacts.common import ArtifactBuildError, BuildCancelled
+
+            recipe = recipes.KERNELS.get(entry.get("recipe", ""))
+            if recipe is None:
+                raise BangerError(ErrorCode.CONFIG, f"kernel {name}: unknown recipe {entry.get('recipe')!r} in the catalog")
             if progress:
                 progress("pull", {"kind": "kernel", "name": name})
             build = self.paths.cache_dir / "builds" / f"kernel-{name}"
-            if entry.get("recipe") == "debian-cloud-kernel":
-                from banger_core.artifacts.debian_kernel import build_debian_cloud_kernel
-
-                built = build_debian_cloud_kernel(build, cache=self.paths.cache_dir / "debs", log=self._step(progress))
-            else:  # pragma: no cover - catalog and code ship together
-                raise BangerError(ErrorCode.OPERATION_FAILED, f"unknown recipe {entry['recipe']!r}")
-            return images.import_kernel(self.store, self.paths, name, Path(built["kernel"]).parent, force=True)
+            if force:  # really rebuild: newest packages, nothing reused but the downloads
+                shutil.rmtree(build, ignore_errors=True)
+            try:
+                built = recipe.build(build, self.paths.cache_dir / "debs", self._step(progress), cancel)
+            except BuildCancelled:
+                raise BangerError(ErrorCode.CANCELLED, f"kernel {name}: build cancelled") from None
+            except ArtifactBuildError as exc:
+                raise BangerError(ErrorCode.OPERATION_FAILED, f"building kernel {name}: {exc}") from None
+            return images.import_kernel(self.store, self.paths, name, Path(built["kernel"]).parent, force=True, origin=source)
         finally:
             lock.release()
 
@@ -173,7 +228,8 @@ class Puller:
             lock.release()
 
     # --- images -----------------------------------------------------------------------
-    def image(self, name: str, *, progress: Progress | None = None, cancel: threading.Event | None = None) -> Image:
+    def image(self, name: str, *, force: bool = False, progress: Progress | None = None,
+              cancel: threading.Event | None = None) -> Image:
         entry = self.catalog()["images"].get(name)
         if entry is None:
             raise BangerError(
@@ -183,15 +239,26 @@ class Puller:
         kernel = self.ensure_kernel(entry["kernel_ref"], progress=progress, cancel=cancel)
         lock = self._acquire(f"image:{name}", cancel)
         try:
-            if have := self.store.find_image(name):
+            have = self.store.find_image(name)
+            if have and not force and not (why := self.stale("image", have)):
                 return have  # pulled meanwhile (or before)
+            if have:
+                users = [v.name for v in self.store.list_vms() if v.image == name]
+                if users:
+                    raise BangerError(
+                        ErrorCode.BAD_REQUEST,
+                        f"image {name!r} is used by VM(s) {', '.join(users)}: delete them before rebuilding it",
+                    )
+                if not force and progress:
+                    progress("step", {"msg": f"image {name} is stale: {why}"})
+            source = self.source_for("image", name, kernel)
             bundled = self._bundle("image", name, entry, progress)
             if bundled is not None:
                 try:
                     rootfs = self._publish(name, bundled / "rootfs.ext4")
                 finally:
                     shutil.rmtree(bundled, ignore_errors=True)
-                image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel.name, managed=True)
+                image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel.name, managed=True, source=source)
                 self.store.upsert_image(image)
                 return image
             if progress:
@@ -202,6 +269,8 @@ class Puller:
                 modules = Path(kernel.modules).iterdir() if kernel.modules else iter(())
                 mod_dir = next((m for m in modules if m.is_dir()), None)
                 build = self.paths.cache_dir / "builds" / f"image-{name}"
+                if force:
+                    shutil.rmtree(build, ignore_errors=True)
                 try:
                     built = build_debian_image(build, modules_dir=mod_dir, log=self._step(progress))
                 except ImageBuildError as exc:
@@ -209,7 +278,7 @@ class Puller:
             else:  # pragma: no cover
                 raise BangerError(ErrorCode.OPERATION_FAILED, f"unknown recipe {entry['recipe']!r}")
             rootfs = self._publish(name, Path(built["rootfs"]))
-            image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel.name, managed=True)
+            image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel.name, managed=True, source=source)
             self.store.upsert_image(image)
             return image
         finally:

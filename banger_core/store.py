@@ -61,10 +61,16 @@ def _m003_image_init_source(db: sqlite_utils.Database) -> None:
     db["images"].add_column("source", str)
 
 
+def _m004_kernel_vmlinux_source(db: sqlite_utils.Database) -> None:
+    db["kernels"].add_column("vmlinux", str)
+    db["kernels"].add_column("source", str)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial: vms, images, kernels", _m001_initial),
     (2, "vms: disk_strategy, last_error", _m002_vm_disk_and_error),
     (3, "images: init, source", _m003_image_init_source),
+    (4, "kernels: vmlinux, source", _m004_kernel_vmlinux_source),
 ]
 
 

@@ -240,6 +240,7 @@ class VMService:
         console = self.console_log(vm)
         machine = Machine(
             kernel=kernel.kernel,
+            vmlinux=kernel.vmlinux,
             initrd=kernel.initrd,
             boot_args=self._boot_args(vm),
             vcpus=vm.spec.vcpus,

@@ -15,6 +15,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils
   e2fsprogs iproute2 iptables git zstd
   kmod mmdebstrap
+  make gcc bc bison flex libelf-dev
   docker-registry umoci skopeo
 )
 

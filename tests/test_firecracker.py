@@ -37,6 +37,7 @@ def fake_binary(tmp: Path) -> Path:
 def rich_machine(tmp: Path) -> Machine:
     for f in ("vmlinux", "initrd", "root.img", "data.img"):
         (tmp / f).write_bytes(b"\0" * 1024)
+    (tmp / "vmlinux").write_bytes(b"\x7fELF" + b"\0" * 1020)
     return Machine(
         kernel=str(tmp / "vmlinux"),
         initrd=str(tmp / "initrd"),
@@ -108,9 +109,33 @@ def test_driver_start_stop_sequence_against_spec_server(tmp_path):
 def test_api_errors_surface_with_fault_message(tmp_path):
     driver = FirecrackerDriver(binary=str(fake_binary(tmp_path)))
     m = rich_machine(tmp_path)
-    Path(m.kernel).unlink()  # InstanceStart must fail: kernel missing
-    with pytest.raises(BangerError, match=r"PUT /actions: 400 kernel_image_path .* does not exist"):
+    Path(m.initrd).unlink()  # InstanceStart must fail: initrd missing
+    with pytest.raises(BangerError, match=r"PUT /actions: 400 initrd_path .* does not exist"):
         driver.launch("fedcba9876543210", m, tmp_path / "run")
+
+
+def test_boots_the_elf_vmlinux_and_refuses_a_bzimage_only_kernel(tmp_path):
+    """Firecracker on x86 boots only an ELF vmlinux: given a bzImage kernel with its
+    vmlinux beside it, the boot source names the vmlinux; with no ELF at all the
+    driver refuses before any process starts."""
+    m = rich_machine(tmp_path)
+    bz = tmp_path / "vmlinuz"
+    bz.write_bytes(b"MZ" + b"\0" * 1022)
+    sent: list[tuple[str, str, object]] = []
+
+    class Recorder(FirecrackerAPI):
+        def request(self, method, path, body=None):
+            sent.append((method, path, body))
+            validate_request(method, path, body)
+
+    FirecrackerDriver.configure(Recorder("/nonexistent"), m.model_copy(update={"kernel": str(bz), "vmlinux": m.kernel}), tmp_path)
+    boot = next(b for _, p, b in sent if p == "/boot-source")
+    assert boot["kernel_image_path"] == m.kernel
+    run = tmp_path / "run"
+    with pytest.raises(BangerError, match=r"boots only an ELF vmlinux .* microvm-6.1") as exc:
+        FirecrackerDriver(binary=str(fake_binary(tmp_path))).launch("00000000000000aa", m.model_copy(update={"kernel": str(bz)}), run)
+    assert exc.value.code == "bad_request"
+    assert not (run / "vmm.pid").exists() and not (run / "firecracker.sock").exists()
 
 
 def test_vm_lifecycle_through_cli_with_firecracker_driver(benv, tmp_path):

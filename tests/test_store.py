@@ -31,7 +31,7 @@ def test_migrations_recorded_and_idempotent(paths):
     s2 = Store(paths.db_file)  # reopening applies nothing again
     assert s2.migrate() == []
     rows = list(s2.db["migrations"].rows)
-    assert [r["number"] for r in rows] == [1, 2, 3] and rows[0]["name"].startswith("initial")
+    assert [r["number"] for r in rows] == [1, 2, 3, 4] and rows[0]["name"].startswith("initial")
     assert {"vms", "images", "kernels"} <= set(s2.tables())
 
 
@@ -54,12 +54,15 @@ def test_upgrade_from_schema_1_keeps_rows(paths, monkeypatch):
     monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
     old = Store(paths.db_file)
     old.db["vms"].insert({"id": "abc", "name": "keep", "state": "stopped", "spec": '{"vcpus":1,"memory_mib":1,"disk_size_mib":1}', "teardown": "{}"})
+    old.db["kernels"].insert({"name": "k1", "kernel": "/k/vmlinuz", "initrd": "/k/initrd.img", "created_at": "2026-11-01T00:00:00+00:00"})
     old.close()
     monkeypatch.undo()
     new = Store(paths.db_file)
-    assert new.applied_migrations() == [1, 2, 3]
+    assert new.applied_migrations() == [1, 2, 3, 4]
     vm = new.get_vm("abc")
     assert vm.name == "keep" and vm.disk_strategy is None and vm.last_error is None
+    k = new.get_kernel("k1")  # kernels gained vmlinux and source in migration 4
+    assert (k.kernel, k.initrd, k.vmlinux, k.source) == ("/k/vmlinuz", "/k/initrd.img", None, None)
 
 
 def test_vm_round_trip_and_unique_name(paths):

@@ -71,7 +71,8 @@ def build_debian_image(dest: Path, modules_dir: Path | None = None, log: Log = p
     manifest_path = dest / "manifest.json"
     if manifest_path.exists():
         m = json.loads(manifest_path.read_text())
-        if m.get("recipe") == RECIPE and (dest / m["rootfs"]).exists():
+        same_modules = m.get("kernel_modules") == (modules_dir.name if modules_dir else None)
+        if m.get("recipe") == RECIPE and same_modules and (dest / m["rootfs"]).exists():
             return {**m, "rootfs": str(dest / m["rootfs"])}
     if shutil.which("mmdebstrap") is None:
         raise ImageBuildError("mmdebstrap is not installed (apt install mmdebstrap)")

@@ -5,6 +5,7 @@ modules, so booting it with the root filesystem on a virtio disk needs an initrd
 This module makes one from nothing but the package and a static busybox:
 
     dest/vmlinuz              the bzImage from the package
+    dest/vmlinux              the ELF kernel inside it (for Firecracker and PVH boots)
     dest/initrd.img           gzip'd newc cpio: busybox, the root-disk modules, /init
     dest/modules/<version>/   the package's /lib/modules tree, with modules.dep etc.
     dest/config               the kernel's build config
@@ -18,7 +19,6 @@ apt-cache, dpkg-deb, and depmod when installed) are used.
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import json
 import lzma
@@ -27,19 +27,29 @@ import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-Log = Callable[[str], Any]
+from banger_core.artifacts.common import (
+    ArtifactBuildError,
+    Log,
+    deb_field,
+    download_deb,
+    extract_vmlinux,
+    install_file,
+    locked,
+    run,
+)
+
+__all__ = ["ArtifactBuildError", "build_debian_cloud_kernel", "busybox_applets", "static_busybox"]
 
 META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 
 # Bump when the layout or the initrd's contents change: a dest built by an older
 # recipe is then rebuilt (from the cached .deb) instead of being reused.
-RECIPE = 1
+RECIPE = 2
 
 # What the initrd loads to mount an ext4 root on a virtio disk.  Required ones must
 # be built in or shipped as modules; optional ones are loaded when they are modules
@@ -48,10 +58,6 @@ INITRD_REQUIRED_MODULES = ("virtio_blk", "ext4")
 INITRD_OPTIONAL_MODULES = ("virtio_pci", "virtio_mmio", "crc32c_generic")
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
-
-
-class ArtifactBuildError(RuntimeError):
-    """Building a guest artifact failed; the message says which step and why."""
 
 
 # --------------------------------------------------------------------------- public
@@ -75,7 +81,7 @@ def build_debian_cloud_kernel(
     dest = Path(dest).resolve()
     cache = Path(cache).resolve() if cache is not None else dest / "debs"
     dest.mkdir(parents=True, exist_ok=True)
-    with _locked(dest / ".lock"):
+    with locked(dest / ".lock"):
         existing = _load_manifest(dest)
         if existing is not None:
             return existing
@@ -102,10 +108,10 @@ def static_busybox(cache: Path, log: Log = print) -> Path:
     found = _find_busybox_in(unpacked)
     if found is not None:
         return found
-    deb = _download(BUSYBOX_PACKAGE, None, Path(cache), log)
+    deb = download_deb(BUSYBOX_PACKAGE, None, Path(cache), log)
     tmp = Path(tempfile.mkdtemp(prefix=".busybox-", dir=cache))
     try:
-        _run(["dpkg-deb", "-x", str(deb), str(tmp)], log)
+        run(["dpkg-deb", "-x", str(deb), str(tmp)], log)
         if _find_busybox_in(tmp) is None:
             raise ArtifactBuildError(f"{deb.name} holds no static busybox binary")
         shutil.rmtree(unpacked, ignore_errors=True)
@@ -130,15 +136,15 @@ def busybox_applets(busybox: Path) -> list[str]:
 
 def _build(dest: Path, cache: Path, log: Log) -> None:
     package, version = _resolve_kernel_package(cache, log)
-    deb = _download(package, version, cache, log)
-    package, version = _deb_field(deb, "Package"), _deb_field(deb, "Version")
+    deb = download_deb(package, version, cache, log)
+    package, version = deb_field(deb, "Package"), deb_field(deb, "Version")
     busybox = static_busybox(cache, log)
     log(f"building kernel artifacts from {deb.name} into {dest}")
 
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=dest))
     try:
         unpacked = work / "deb"
-        _run(["dpkg-deb", "-x", str(deb), str(unpacked)], log)
+        run(["dpkg-deb", "-x", str(deb), str(unpacked)], log)
         kver, modules_src = _find_modules_dir(unpacked, deb)
         bzimage = unpacked / "boot" / f"vmlinuz-{kver}"
         config = unpacked / "boot" / f"config-{kver}"
@@ -158,10 +164,12 @@ def _build(dest: Path, cache: Path, log: Log) -> None:
         log(f"initrd modules (load order): {' '.join(n for n, _ in order) or '(none)'}")
         initrd = _initrd_bytes(busybox, [(n, _read_module(p, log)) for n, p in order])
 
-        _install_file(bzimage.read_bytes(), dest / "vmlinuz")
-        _install_file(initrd, dest / "initrd.img")
+        install_file(bzimage.read_bytes(), dest / "vmlinuz")
+        # Firecracker (and QEMU's PVH path) boot only an uncompressed ELF kernel.
+        install_file(extract_vmlinux(bzimage.read_bytes()), dest / "vmlinux")
+        install_file(initrd, dest / "initrd.img")
         if config.is_file():
-            _install_file(config.read_bytes(), dest / "config")
+            install_file(config.read_bytes(), dest / "config")
         modules_dest = dest / "modules" / kver
         modules_dest.parent.mkdir(exist_ok=True)
         if modules_dest.exists():
@@ -173,6 +181,7 @@ def _build(dest: Path, cache: Path, log: Log) -> None:
             "package": package,
             "package_version": version,
             "kernel": "vmlinuz",
+            "vmlinux": "vmlinux",
             "initrd": "initrd.img",
             "modules": f"modules/{kver}",
             "config": "config" if config.is_file() else None,
@@ -180,7 +189,7 @@ def _build(dest: Path, cache: Path, log: Log) -> None:
             "recipe": RECIPE,
         }
         # Written last: its presence marks a complete build.
-        _install_file((json.dumps(manifest, indent=2) + "\n").encode(), dest / "manifest.json")
+        install_file((json.dumps(manifest, indent=2) + "\n").encode(), dest / "manifest.json")
         log(f"kernel {kver} ({package} {version}) ready in {dest}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -195,7 +204,7 @@ def _load_manifest(dest: Path) -> dict[str, Any] | None:
     if not isinstance(raw, dict) or raw.get("recipe") != RECIPE:
         return None
     manifest: dict[str, Any] = dict(raw)
-    for key in ("kernel", "initrd", "modules", "config"):
+    for key in ("kernel", "vmlinux", "initrd", "modules", "config"):
         rel = raw.get(key)
         if rel is None and key == "config":
             continue
@@ -213,7 +222,7 @@ def _resolve_kernel_package(cache: Path, log: Log) -> tuple[str, str | None]:
     if found is None:
         log("apt-cache knows no kernel package yet: running apt-get update")
         try:
-            _run(["apt-get", "update"], log)
+            run(["apt-get", "update"], log)
         except ArtifactBuildError as exc:
             log(f"apt-get update failed: {exc}")
         found = _apt_kernel_dependency(log)
@@ -224,7 +233,7 @@ def _resolve_kernel_package(cache: Path, log: Log) -> tuple[str, str | None]:
     if cached:
         deb = cached[-1]
         log(f"apt cannot resolve {META_PACKAGE}; using cached {deb.name}")
-        return _deb_field(deb, "Package"), _deb_field(deb, "Version")
+        return deb_field(deb, "Package"), deb_field(deb, "Version")
     raise ArtifactBuildError(
         f"cannot find the package behind {META_PACKAGE} "
         "(apt-cache show found nothing, even after apt-get update)"
@@ -232,7 +241,7 @@ def _resolve_kernel_package(cache: Path, log: Log) -> tuple[str, str | None]:
 
 
 def _apt_kernel_dependency(log: Log) -> tuple[str, str | None] | None:
-    proc = _run(
+    proc = run(
         ["apt-cache", "show", "--no-all-versions", META_PACKAGE], log, check=False
     )
     if proc.returncode != 0:
@@ -248,44 +257,6 @@ def _apt_kernel_dependency(log: Log) -> tuple[str, str | None] | None:
                 version = constraint[2:].strip() if constraint.startswith("= ") else None
                 return name, version
     return None
-
-
-def _download(package: str, version: str | None, cache: Path, log: Log) -> Path:
-    """The package's .deb in ``cache``, downloaded with apt-get unless already there."""
-    cache.mkdir(parents=True, exist_ok=True)
-    # apt-get download names files NAME_VERSION_ARCH.deb with ':' spelled %3a.
-    stem = f"{package}_{version.replace(':', '%3a')}_" if version else f"{package}_"
-    cached = sorted(cache.glob(f"{stem}*.deb"), key=lambda p: p.stat().st_mtime)
-    if cached:
-        log(f"using cached {cached[-1].name}")
-        return cached[-1]
-    spec = f"{package}={version}" if version else package
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
-    try:
-        args = ["apt-get", "download", spec]
-        if os.geteuid() == 0:
-            # apt's _apt sandbox user cannot write into root's cache directory.
-            args[1:1] = ["-o", "APT::Sandbox::User=root"]
-        try:
-            _run(args, log, cwd=tmp)
-        except ArtifactBuildError:
-            log(f"apt-get download {spec} failed: refreshing package lists once")
-            _run(["apt-get", "update"], log)
-            _run(args, log, cwd=tmp)
-        debs = list(tmp.glob("*.deb"))
-        if len(debs) != 1:
-            raise ArtifactBuildError(f"apt-get download {spec} produced {len(debs)} .deb files")
-        final = cache / debs[0].name
-        debs[0].rename(final)
-        return final
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _deb_field(deb: Path, field: str) -> str:
-    return subprocess.run(
-        ["dpkg-deb", "-f", str(deb), field], capture_output=True, text=True, check=True
-    ).stdout.strip()
 
 
 def _find_modules_dir(unpacked: Path, deb: Path) -> tuple[str, Path]:
@@ -307,10 +278,10 @@ def _depmod(base: Path, kver: str, busybox: Path, log: Log) -> None:
         (p for p in ("/usr/sbin/depmod", "/sbin/depmod") if os.access(p, os.X_OK)), None
     )
     if depmod:
-        _run([depmod, "-b", str(base), kver], log)
+        run([depmod, "-b", str(base), kver], log)
     else:
         log("kmod's depmod is not installed: using busybox depmod")
-        _run([str(busybox), "depmod", "-b", str(base), kver], log)
+        run([str(busybox), "depmod", "-b", str(base), kver], log)
     if not (base / "lib" / "modules" / kver / "modules.dep").is_file():
         raise ArtifactBuildError(f"depmod wrote no modules.dep for {kver}")
 
@@ -386,7 +357,7 @@ def _read_module(path: Path, log: Log) -> bytes:
         zstd = shutil.which("zstd") or shutil.which("unzstd")
         if zstd is None:
             raise ArtifactBuildError(f"{name} is zstd-compressed and no zstd tool is installed")
-        return bytes(_run([zstd, "-dc", str(path)], log, text=False).stdout)
+        return bytes(run([zstd, "-dc", str(path)], log, text=False).stdout)
     return path.read_bytes()
 
 
@@ -556,45 +527,6 @@ def _pad(length: int) -> bytes:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _run(
-    args: Sequence[str],
-    log: Log,
-    *,
-    check: bool = True,
-    cwd: Path | None = None,
-    text: bool = True,
-) -> subprocess.CompletedProcess[Any]:
-    """Run a command, logging it and (on failure) its exit status and stderr."""
-    log(f"$ {' '.join(args)}")
-    proc = subprocess.run(
-        list(args), capture_output=True, text=text, cwd=cwd, stdin=subprocess.DEVNULL, check=False
-    )
-    if proc.returncode != 0:
-        stderr = proc.stderr if text else proc.stderr.decode(errors="replace")
-        tail = "\n".join(stderr.strip().splitlines()[-5:])
-        if check:
-            raise ArtifactBuildError(f"{args[0]} exited {proc.returncode}: {tail}")
-        log(f"  exit {proc.returncode}: {tail}")
-    return proc
-
-
-def _install_file(data: bytes, path: Path) -> None:
-    """Write atomically: readers never see a half-written kernel or initrd."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _find_busybox_in(root: Path) -> Path | None:

@@ -20,7 +20,7 @@ def _call(method: str, params: dict) -> dict:
 @kernel_app.command("import")
 def kernel_import(
     name: str,
-    source: Path = typer.Option(..., "--from", help="dir with vmlinux|vmlinuz|bzImage, optional initrd.img, modules/"),
+    source: Path = typer.Option(..., "--from", help="dir with vmlinuz|bzImage and/or vmlinux, optional initrd.img, modules/"),
     force: bool = typer.Option(False, "--force", help="replace an existing kernel of that name"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -35,10 +35,13 @@ def kernel_import(
 @kernel_app.command("pull")
 def kernel_pull(
     name: str,
-    force: bool = typer.Option(False, "--force", help="pull (rebuild) even if present"),
+    force: bool = typer.Option(False, "--force", help="rebuild even if present and current"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Get a kernel from the catalog (built on this host from Debian's packages)."""
+    """Get a kernel from the catalog (built on this host from Debian's packages).
+
+    A kernel already pulled is reused unless the catalog's recipe changed (it is then
+    rebuilt) or --force is given."""
     k = state.client().call("kernel.pull", {"name": name, "force": force}, on_event=_progress(as_json))
     if as_json:
         echo_json(k)
@@ -64,8 +67,16 @@ def kernel_list(
     if as_json:
         echo_json(ks)
         return
-    rows = [[k["name"], Path(k["kernel"]).name, Path(k["initrd"]).name if k.get("initrd") else "-", "yes" if k.get("modules") else "-"] for k in ks]
-    style.echo(style.table(rows, ["NAME", "KERNEL", "INITRD", "MODULES"]) if rows else "no kernels")
+    rows = [[k["name"], Path(k["kernel"]).name, "yes" if k.get("vmlinux") else "-", Path(k["initrd"]).name if k.get("initrd") else "-",
+             "yes" if k.get("modules") else "-", "stale" if k.get("stale") else "ok"] for k in ks]
+    style.echo(style.table(rows, ["NAME", "KERNEL", "VMLINUX", "INITRD", "MODULES", "STATUS"]) if rows else "no kernels")
+    _stale_notes(ks)
+
+
+def _stale_notes(items: list[dict]) -> None:
+    for i in items:
+        if i.get("stale"):
+            style.echo(f"{i['name']}: stale, {i['stale']}")
 
 
 @kernel_app.command("rm")
@@ -87,12 +98,17 @@ def image_pull(
     name: str = typer.Option(None, "--name", help="OCI: image name (default: from the ref, e.g. debian-bookworm)"),
     kernel_ref: str = typer.Option(None, "--kernel-ref", help="OCI: kernel to boot it with (default: debian-cloud)"),
     size: str = typer.Option(None, "--size", help="OCI: rootfs size, e.g. 2G (default: max(tree x 1.5, 1 GiB))"),
+    force: bool = typer.Option(False, "--force", help="catalog: rebuild even if present and current"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Get an image: from the catalog (built on this host if need be) or an OCI registry."""
+    """Get an image: from the catalog (built on this host if need be) or an OCI registry.
+
+    A catalog image already pulled is reused unless its recipe (or its kernel's
+    modules) changed, then it is rebuilt; never while a VM uses it."""
     from banger_core.cli.vm_cmd import parse_mib
 
-    params = {"ref": ref, "name": name, "kernel_ref": kernel_ref, "size_mib": parse_mib(size, "--size")}
+    params = {"ref": ref, "name": name, "kernel_ref": kernel_ref, "size_mib": parse_mib(size, "--size"),
+              "force": force or None}
     i = state.client().call("image.pull", {k: v for k, v in params.items() if v is not None}, on_event=_progress(as_json))
     if as_json:
         echo_json(i)
@@ -162,8 +178,10 @@ def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         echo_json(imgs)
         return
-    rows = [[i["name"], i.get("kernel_ref") or "-", "managed" if i.get("managed") else "registered", i["rootfs"]] for i in imgs]
-    style.echo(style.table(rows, ["NAME", "KERNEL", "KIND", "ROOTFS"]) if rows else "no images")
+    rows = [[i["name"], i.get("kernel_ref") or "-", "managed" if i.get("managed") else "registered",
+             "stale" if i.get("stale") else "ok", i["rootfs"]] for i in imgs]
+    style.echo(style.table(rows, ["NAME", "KERNEL", "KIND", "STATUS", "ROOTFS"]) if rows else "no images")
+    _stale_notes(imgs)
 
 
 @image_app.command("promote")

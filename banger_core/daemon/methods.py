@@ -75,6 +75,7 @@ class PullParams(_P):
 
 class ImagePullParams(_P):
     ref: str = Field(description="a catalog name or an OCI reference REGISTRY/REPO[:TAG|@DIGEST]")
+    force: bool = Field(default=False, description="catalog images: rebuild even if present and current")
     name: str | None = None
     kernel_ref: str | None = None
     size_mib: int | None = Field(default=None, gt=0)
@@ -210,7 +211,7 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         return k.model_dump(mode="json")
 
     async def kernel_list(_p: Any, call: Call) -> dict[str, Any]:
-        pulled = {k.name: k.model_dump(mode="json") for k in store.list_kernels()}
+        pulled = {k.name: {**k.model_dump(mode="json"), "stale": vms.puller.stale("kernel", k)} for k in store.list_kernels()}
         available = [
             {"name": n, "pulled": n in pulled, **entry} for n, entry in sorted(vms.puller.catalog()["kernels"].items())
         ]
@@ -225,7 +226,9 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
             if p.ref in vms.puller.catalog()["images"] or not any(c in p.ref for c in "/:@"):
                 if p.name or p.kernel_ref or p.size_mib:
                     raise BangerError(ErrorCode.BAD_REQUEST, "--name, --kernel-ref and --size apply to OCI pulls only")
-                return vms.puller.image(p.ref, progress=prog, cancel=cancel)
+                return vms.puller.image(p.ref, force=p.force, progress=prog, cancel=cancel)
+            if p.force:
+                raise BangerError(ErrorCode.BAD_REQUEST, "--force applies to catalog images; an OCI pull takes --name for another copy")
             return vms.puller.oci(p.ref, name=p.name, kernel_ref=p.kernel_ref, size_mib=p.size_mib, progress=prog, cancel=cancel)
 
         return (await run_blocking(call, pull)).model_dump(mode="json")
@@ -246,11 +249,13 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
 
     async def image_show(p: NameParams, call: Call) -> dict[str, Any]:
         img = store.get_image(p.name)
-        return {**img.model_dump(mode="json"), "used_by": [v.name for v in store.list_vms() if v.image == p.name]}
+        return {**img.model_dump(mode="json"), "stale": vms.puller.stale("image", img),
+                "used_by": [v.name for v in store.list_vms() if v.image == p.name]}
 
     async def kernel_show(p: NameParams, call: Call) -> dict[str, Any]:
         k = store.get_kernel(p.name)
-        return {**k.model_dump(mode="json"), "used_by": [i.name for i in store.list_images() if i.kernel_ref == p.name]}
+        return {**k.model_dump(mode="json"), "stale": vms.puller.stale("kernel", k),
+                "used_by": [i.name for i in store.list_images() if i.kernel_ref == p.name]}
 
     async def image_bundle(p: BundleParams, call: Call) -> dict[str, Any]:
         from banger_core import bundles
@@ -265,11 +270,12 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
 
         k = store.get_kernel(p.name)
         files = {"kernel": Path(k.kernel), "initrd": Path(k.initrd) if k.initrd else None,
-                 "modules": Path(k.modules) if k.modules else None}
+                 "modules": Path(k.modules) if k.modules else None,
+                 "vmlinux": Path(k.vmlinux) if k.vmlinux and k.vmlinux != k.kernel else None}
         return await run_simple(bundles.create, Path(p.output), "kernel", k.name, files)
 
     async def image_list(_p: Any, call: Call) -> dict[str, Any]:
-        return {"images": [i.model_dump(mode="json") for i in store.list_images()]}
+        return {"images": [{**i.model_dump(mode="json"), "stale": vms.puller.stale("image", i)} for i in store.list_images()]}
 
     async def image_delete(p: NameParams, call: Call) -> dict[str, Any]:
         await run_simple(images.delete_image, store, paths, p.name)

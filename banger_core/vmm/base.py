@@ -12,6 +12,18 @@ from pathlib import Path
 from banger_core.models import Machine
 
 
+ELF_MAGIC = b"\x7fELF"
+
+
+def kernel_is_elf(path: str | os.PathLike[str]) -> bool:
+    """An uncompressed ELF kernel (vmlinux), as opposed to a bzImage."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == ELF_MAGIC
+    except OSError:
+        return False
+
+
 def process_tag(vm_id: str) -> str:
     """A string on the VMM's command line that identifies the VM it runs."""
     return f"banger-{vm_id}"

@@ -20,7 +20,7 @@ from typing import Any
 
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Machine
-from banger_core.vmm.base import Driver, Launch, alive, process_tag
+from banger_core.vmm.base import Driver, Launch, alive, kernel_is_elf, process_tag
 
 log = logging.getLogger("banger.vmm.firecracker")
 
@@ -117,9 +117,22 @@ class FirecrackerDriver(Driver):
             return False, "/dev/kvm is not usable (Firecracker needs KVM)"
         return True, path
 
+    @staticmethod
+    def boot_kernel(machine: Machine) -> str:
+        """Firecracker boots an uncompressed ELF vmlinux only (no bzImage on x86)."""
+        for candidate in (machine.vmlinux, machine.kernel):
+            if candidate and kernel_is_elf(candidate):
+                return candidate
+        raise BangerError(
+            ErrorCode.BAD_REQUEST,
+            f"Firecracker boots only an ELF vmlinux and kernel {machine.kernel} is not one: "
+            "pull the microvm kernel (`banger kernel pull microvm-6.1`) or import a directory holding a vmlinux",
+        )
+
     def launch(self, vm_id: str, machine: Machine, run_dir: Path) -> Launch:
         if shutil.which(self.binary) is None:
             raise BangerError(ErrorCode.OPERATION_FAILED, f"cannot boot with Firecracker: {self.binary} not found")
+        self.boot_kernel(machine)  # refuse before starting anything
         run_dir.mkdir(parents=True, exist_ok=True)
         sock = run_dir / "firecracker.sock"
         for f in self.run_files(run_dir):
@@ -165,7 +178,7 @@ class FirecrackerDriver(Driver):
         fc_log.touch()
         api.put_logger(str(fc_log))
         api.put_machine_config(machine.vcpus, machine.memory_mib)
-        api.put_boot_source(machine.kernel, " ".join(machine.boot_args), machine.initrd)
+        api.put_boot_source(FirecrackerDriver.boot_kernel(machine), " ".join(machine.boot_args), machine.initrd)
         for d in machine.drives:
             api.put_drive(d.id, d.path, d.root, d.read_only)
         for n in machine.nics:

@@ -13,21 +13,10 @@ from pathlib import Path
 from banger_core import proc
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Machine
-from banger_core.vmm.base import Driver, Launch, process_tag
+from banger_core.vmm.base import Driver, Launch, kernel_is_elf, process_tag
 from banger_core.vmm.qmp import QMP
 
 log = logging.getLogger("banger.vmm.qemu")
-
-ELF_MAGIC = b"\x7fELF"
-
-
-def kernel_is_elf(path: str) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == ELF_MAGIC
-    except OSError:
-        return False
-
 
 class QemuDriver(Driver):
     name = "qemu"

@@ -60,6 +60,7 @@ class VMDefaultsTable(_Table):
     memory_mib: int | None = Field(default=None, gt=0)
     disk_size_mib: int = Field(default=4096, gt=0)
     image: str | None = None
+    kernel: str | None = None  # instead of each image's own kernel, e.g. microvm-6.1
 
 
 class VMMTable(_Table):

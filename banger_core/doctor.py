@@ -67,7 +67,20 @@ def core_checks(paths: "Paths", rt: "Runtime | None", load_error: BangerError | 
         else CheckResult.warn("qemu", "qemu-system-x86_64 not found: VMs cannot boot under QEMU (apt install qemu-system-x86)")
     )
     out.append(_kvm_check(paths))
+    out.append(_kernel_build_check())
     return out
+
+
+def _kernel_build_check() -> CheckResult:
+    """Whether `kernel pull microvm-6.1` can compile here (optional: a warning at most)."""
+    from banger_core.artifacts.common import ArtifactBuildError
+    from banger_core.artifacts.microvm_kernel import check_build_tools
+
+    try:
+        check_build_tools()
+    except ArtifactBuildError as exc:
+        return CheckResult.warn("kernel build", f"microvm-6.1 cannot be compiled here: {exc}")
+    return CheckResult.ok("kernel build", "gcc, make, bc, bison, flex, libelf-dev present: microvm-6.1 can be compiled")
 
 
 def _kvm_check(paths: "Paths") -> CheckResult:

@@ -123,6 +123,9 @@ def remove_kernel(store: Store, paths: Paths, name: str) -> None:
     users = [i.name for i in store.list_images() if i.kernel_ref == name]
     if users:
         raise BangerError(ErrorCode.BAD_REQUEST, f"kernel {name!r} is used by image(s) {', '.join(users)}")
+    vm_users = [v.name for v in store.list_vms() if v.spec.kernel == name]
+    if vm_users:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"kernel {name!r} is used by VM(s) {', '.join(vm_users)} (vm create --kernel)")
     store.delete_kernel(name)
     shutil.rmtree(paths.kernels_dir / name, ignore_errors=True)
 

@@ -41,6 +41,7 @@ class VMSpec(Strict):
     vcpus: int = Field(gt=0)
     memory_mib: int = Field(gt=0)
     disk_size_mib: int = Field(gt=0)
+    kernel: str | None = None  # boot this kernel instead of the image's kernel_ref
 
 
 class VM(Strict):

@@ -53,6 +53,7 @@ class CreateParams(BaseModel):
 
     name: str | None = None
     image: str | None = None
+    kernel: str | None = None
     vcpus: int | None = Field(default=None, gt=0)
     memory_mib: int | None = Field(default=None, gt=0)
     disk_size_mib: int | None = Field(default=None, gt=0)
@@ -177,11 +178,12 @@ class VMService:
                 vcpus=params.vcpus or d.vcpus or host.default_vcpus(),
                 memory_mib=params.memory_mib or d.memory_mib or host.default_memory_mib(),
                 disk_size_mib=params.disk_size_mib or d.disk_size_mib,
+                kernel=params.kernel or d.kernel,
             )
         except ValidationError as exc:
             raise BangerError(ErrorCode.BAD_REQUEST, f"invalid spec: {exc.errors()[0]['msg']}") from None
         check_host_limits(spec)
-        image = self._image_or_pull(params.image or d.image or DEFAULT_IMAGE, progress, cancel)
+        image = self._image_or_pull(params.image or d.image or DEFAULT_IMAGE, progress, cancel, spec.kernel)
         driver_name = pick_driver(params.driver or self.cfg.vmm.driver, self.cfg.vmm)
         vm = VM(
             id=secrets.token_hex(8),
@@ -226,7 +228,7 @@ class VMService:
 
     def _start_locked(self, vm: VM, op_id: str, progress: Progress, cancel: threading.Event) -> None:
         image = self.store.get_image(vm.image or "")
-        kernel = self.store.get_kernel(image.kernel_ref or "")
+        kernel = self.store.get_kernel(vm.spec.kernel or image.kernel_ref or "")
         driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
         run_dir = self.run_dir(vm)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -271,18 +273,26 @@ class VMService:
             self.handles.drop(vm.id)
             raise
 
-    def _image_or_pull(self, name: str, progress: Progress, cancel: threading.Event) -> Image:
-        """The image (and its kernel), pulled from the catalog first if it is in it."""
+    def _image_or_pull(self, name: str, progress: Progress, cancel: threading.Event, kernel: str | None = None) -> Image:
+        """The image and the kernel to boot it with (``kernel``, else the image's),
+        each pulled from the catalog first if it is missing and in it. Staleness is
+        only reported here: rebuilding is an explicit `pull`."""
         image = self.store.find_image(name)
         if image is None:
             if name not in self.puller.catalog()["images"]:
                 self.store.get_image(name)  # raises not_found, naming `banger image list`
             image = self.puller.image(name, progress=progress, cancel=cancel)
-        if not image.kernel_ref:
-            raise BangerError(ErrorCode.BAD_REQUEST, f"image {image.name} names no kernel")
-        if self.store.find_kernel(image.kernel_ref) is None and image.kernel_ref in self.puller.catalog()["kernels"]:
-            self.puller.kernel(image.kernel_ref, progress=progress, cancel=cancel)
-        self.store.get_kernel(image.kernel_ref)  # a kernel neither here nor in the catalog: not_found
+        elif why := self.puller.stale("image", image):
+            progress("step", {"msg": f"note: image {name} is stale: {why}"})
+        kernel = kernel or image.kernel_ref
+        if not kernel:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"image {image.name} names no kernel (give --kernel)")
+        k = self.store.find_kernel(kernel)
+        if k is None and kernel in self.puller.catalog()["kernels"]:
+            k = self.puller.kernel(kernel, progress=progress, cancel=cancel)
+        k = k or self.store.get_kernel(kernel)  # neither here nor in the catalog: not_found
+        if why := self.puller.stale("kernel", k):
+            progress("step", {"msg": f"note: kernel {kernel} is stale: {why}"})
         return image
 
     def _boot_args(self, vm: VM) -> list[str]:

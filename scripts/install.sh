@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Install banger on this machine, then run its main job.
-#   1. system packages (apt): QEMU, e2fsprogs, iproute2, iptables, git, zstd, python3-venv
+#   1. system packages (apt): QEMU, e2fsprogs, iproute2, iptables, git, zstd, python3-venv,
+#      mmdebstrap (the default image), a C toolchain + bc/bison/flex/libelf-dev (the
+#      optional microvm-6.1 kernel), docker-registry/umoci/skopeo (the OCI tests)
 #   2. a virtual environment in .venv with banger's core and every first-party plugin
 #      (editable: pip with local path installs), plus the test tools
 #   3. `banger` and `bangerd` on PATH (/usr/local/bin as root, else ~/.local/bin)
 #   4. the main job: `banger doctor`, then boot a real VM and show what it printed
-#      (scripts/first_vm.py: Debian's cloud kernel + a busybox root disk, built once)
+#      (scripts/first_vm.py: the default image debian-bookworm and its kernel, built
+#      here from Debian's packages the first time)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

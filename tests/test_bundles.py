@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import subprocess
 import tarfile
 import threading
@@ -108,9 +109,44 @@ def test_bundle_round_trip_pull_and_boot(benv_assets, http_dir, tmp_path):
     assert re.search(r"image bb \[#+\s*\] 100\.0%", tty.stdout), tty.stdout[-500:]
     k = {x["name"]: x for x in json.loads(env.run("kernel", "list", "--json", check=True).stdout)}["bk"]
     assert Path(k["kernel"]).is_file() and Path(k["initrd"]).is_file() and Path(k["modules"]).is_dir()
+    assert Path(k["vmlinux"]).read_bytes()[:4] == b"\x7fELF"  # the bundle carries the ELF kernel too
+    assert k["source"] == f"bundle:{ker['sha256']}" and k["stale"] is None
     env.run("vm", "create", "--name", "frombundle", "--image", "bb", "--vcpu", "1", "--memory", "256M", timeout=300, check=True)
     wait_for(lambda: ga.BOOT_MARKER in env.run("vm", "logs", "frombundle", "-n", "0").stdout, timeout=180, interval=0.5)
-    env.run("vm", "delete", "frombundle", "--force", check=True)
+
+    # The catalog moves on (a new bundle for bb): the pulled image is stale, and is
+    # not rebuilt while a VM uses it.
+    src = json.loads(env.run("image", "show", "src-image", "--json", check=True).stdout)["rootfs"]
+    changed = tmp_path / "changed.ext4"
+    shutil.copyfile(src, changed)
+    subprocess.run(["e2label", str(changed), "changed"], check=True)
+    env.run("image", "register", "src-image2", "--rootfs", str(changed), "--kernel-ref", "src-kernel", check=True)
+    img2 = json.loads(env.run("image", "bundle", "src-image2", "-o", str(www / "img2.tar.zst"), "--json", check=True).stdout)
+    use_catalog(
+        env, tmp_path,
+        kernels={"bk": {"description": "bundled", "bundle": {"url": f"{url}/k.tar.zst", "sha256": ker["sha256"], "size": ker["size"]}}},
+        images={"bb": {"description": "bundled", "kernel_ref": "bk",
+                       "bundle": {"url": f"{url}/img2.tar.zst", "sha256": img2["sha256"], "size": img2["size"]}}},
+    )
+    why = f"made by bundle:{img['sha256']}, the catalog now makes bundle:{img2['sha256']}; `banger image pull bb` refreshes it"
+    bb = {i["name"]: i for i in json.loads(env.run("image", "list", "--json", check=True).stdout)}["bb"]
+    assert bb["stale"] == why
+    assert f"bb: stale, {why}" in env.run("image", "list", check=True).stdout
+    # creating a VM from it still works, and says so
+    r = env.run("vm", "create", "--name", "staleuser", "--image", "bb", "--vcpu", "1", "--memory", "128M", timeout=300, check=True)
+    assert f"note: image bb is stale: {why}" in r.stderr
+    r = env.run("image", "pull", "bb", timeout=300)
+    assert r.returncode == 1 and "image 'bb' is used by VM(s) frombundle, staleuser: delete them before rebuilding it" in r.stderr
+    assert json.loads(env.run("image", "show", "bb", "--json", check=True).stdout)["source"] == f"bundle:{img['sha256']}"
+    env.run("vm", "delete", "frombundle", "staleuser", "--force", check=True)
+    r = env.run("image", "pull", "bb", timeout=300, check=True)
+    assert f"image bb is stale: {why}" in r.stderr and "download image bb" in r.stderr and "download kernel" not in r.stderr
+    bb = json.loads(env.run("image", "show", "bb", "--json", check=True).stdout)
+    assert bb["source"] == f"bundle:{img2['sha256']}" and bb["stale"] is None
+    label = subprocess.run(["e2label", bb["rootfs"]], capture_output=True, text=True, check=True).stdout.strip()
+    assert label == "changed"
+    # current now: pulling again does nothing
+    assert "download" not in env.run("image", "pull", "bb", check=True).stderr
     nothing_left(env, "never-pulled")
 
 

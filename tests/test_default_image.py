@@ -29,9 +29,9 @@ def denv(benv):
 
 def test_catalog_lists_and_unknown_names(denv):
     avail = json.loads(denv.run("kernel", "list", "--available", "--json", check=True).stdout)
-    assert [(a["name"], a["pulled"]) for a in avail] == [("debian-cloud", False)]
+    assert [(a["name"], a["pulled"]) for a in avail] == [("debian-cloud", False), ("microvm-6.1", False)]
     r = denv.run("kernel", "pull", "nope")
-    assert r.returncode == 1 and "no kernel 'nope' in the catalog (available: debian-cloud)" in r.stderr
+    assert r.returncode == 1 and "no kernel 'nope' in the catalog (available: debian-cloud, microvm-6.1)" in r.stderr
     r = denv.run("image", "pull", "nope")
     assert r.returncode == 1 and "no image 'nope' in the catalog (available: debian-bookworm)" in r.stderr
     r = denv.run("vm", "create", "--image", "nope")

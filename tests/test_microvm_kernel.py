@@ -10,6 +10,8 @@ only the first run on a machine compiles it (~4-10 minutes on 2 cores).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -69,9 +71,18 @@ def kenv(benv):
     return benv
 
 
-def build_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines() if "linux-source-6.1" in ln and ("make" in ln or "gcc" in ln or "cc1" in ln)]
+def processes_in(directory: Path) -> list[int]:
+    """Processes whose working directory is inside ``directory`` (make, gcc, cc1...)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cwd = os.readlink(entry / "cwd")
+            except OSError:
+                continue
+            if cwd.startswith(f"{directory}/"):
+                found.append(int(entry.name))
+    return found
 
 
 @pytest.mark.slow
@@ -83,8 +94,10 @@ def test_cancelled_build_stops_the_compiler_and_leaves_nothing(benv, tmp_path):
     deb = download_deb(mk.SOURCE_PACKAGE, None, CACHE / "debs", quiet)
     (cache / "debs" / deb.name).symlink_to(deb)  # no second download
     benv.extra_env["BANGER_CACHE_DIR"] = str(cache)
+    # SIGINT restored to its default: a runner started in the background ignores it
     p = subprocess.Popen([BANGER, "kernel", "pull", "microvm-6.1"], env=benv.env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     deadline = time.monotonic() + 300
     assert p.stdout is not None
@@ -94,12 +107,12 @@ def test_cancelled_build_stops_the_compiler_and_leaves_nothing(benv, tmp_path):
         if "compiling vmlinux" in line or not line:
             break
     assert "compiling vmlinux" in seen, seen
-    wait_for(lambda: build_processes(), timeout=60, interval=0.2)
-    p.send_signal(2)  # SIGINT, as Ctrl-C
+    build = cache / "builds" / "kernel-microvm-6.1"
+    wait_for(lambda: len(processes_in(build)) >= 2, timeout=60, interval=0.2)  # make and its compilers
+    p.send_signal(signal.SIGINT)  # as Ctrl-C
     p.wait(timeout=30)
     assert p.returncode != 0
-    wait_for(lambda: not build_processes(), timeout=30, interval=0.2)
-    build = cache / "builds" / "kernel-microvm-6.1"
+    wait_for(lambda: not processes_in(build), timeout=30, interval=0.2)
     wait_for(lambda: not list(build.glob(".build-*")), timeout=30, interval=0.2)
     assert not (build / "manifest.json").exists()
     assert json.loads(benv.run("kernel", "list", "--json", check=True).stdout) == []
@@ -118,18 +131,26 @@ def test_pull_builds_once_and_boots_on_microvm(kenv):
     assert "pull kernel" not in kenv.run("kernel", "pull", "microvm-6.1", check=True).stderr
 
     cache = ga.default_cache_dir()
+    cloud = ga.test_kernel(cache)
     rootfs = cache / "rootfs-busybox.ext4"
     if not rootfs.exists():
-        ga.busybox_rootfs(rootfs, modules_dir=Path(ga.test_kernel(cache)["modules"]), cache=cache)
-    kenv.run("image", "register", "bb-micro", "--rootfs", str(rootfs), "--kernel-ref", "microvm-6.1", check=True)
-    kenv.run("vm", "create", "--name", "micro", "--image", "bb-micro", "--vcpu", "2", "--memory", "256M", timeout=300, check=True)
+        ga.busybox_rootfs(rootfs, modules_dir=Path(cloud["modules"]), cache=cache)
+    # an image made for the cloud kernel, booted with the microVM kernel instead
+    kenv.run("kernel", "import", "cloud", "--from", str(Path(cloud["kernel"]).parent), check=True)
+    kenv.run("image", "register", "bb", "--rootfs", str(rootfs), "--kernel-ref", "cloud", check=True)
+    kenv.run("vm", "create", "--name", "micro", "--image", "bb", "--kernel", "microvm-6.1", "--vcpu", "2",
+             "--memory", "256M", timeout=300, check=True)
     text = wait_for(lambda: (t := kenv.run("vm", "logs", "micro", "-n", "0").stdout) and ga.BOOT_MARKER in t and t,
                     timeout=180, interval=0.5)
-    assert "nproc=2" in text and "Linux version 6.1." in text
+    assert "nproc=2" in text and "Linux version 6.1." in text and "banger-initrd" not in text
     vm = json.loads(kenv.run("vm", "show", "micro", "--json", check=True).stdout)
+    assert vm["spec"]["kernel"] == "microvm-6.1"
     argv = Path(f"/proc/{vm['pid']}/cmdline").read_bytes().split(b"\0")
-    assert b"microvm,acpi=on" in argv and b"-initrd" not in argv
+    assert b"microvm,acpi=on" in argv and b"-initrd" not in argv and k["vmlinux"].encode() in argv
+    r = kenv.run("kernel", "rm", "microvm-6.1")
+    assert r.returncode == 1 and "kernel 'microvm-6.1' is used by VM(s) micro" in r.stderr
     # built-in evdev + ACPI button: the guest's acpid sees the power button
     kenv.run("vm", "stop", "micro", timeout=120, check=True)
     assert f"{ga.POWEROFF_MARKER} acpi-power-button" in kenv.run("vm", "logs", "micro", "-n", "0").stdout
     kenv.run("vm", "delete", "micro", check=True)
+    kenv.run("kernel", "rm", "microvm-6.1", check=True)

@@ -98,7 +98,8 @@ class Progress:
         if stage == "spec":
             style.echo(
                 f"spec: {ev['vcpus']} vcpu | {ev['memory_mib']} MiB | {ev['disk_size_mib']} MiB disk"
-                f" | image {ev['image']} | {ev['driver']} | {ev['vm']} ({ev['id'][:8]})",
+                f" | image {ev['image']}" + (f" | kernel {ev['kernel']}" if ev.get("kernel") else "")
+                + f" | {ev['driver']} | {ev['vm']} ({ev['id'][:8]})",
                 err=True,
             )
         elif stage == "pull":
@@ -134,6 +135,7 @@ def _fan_out(method: str, refs: list[str], as_json: bool, verb: str, **extra: An
 def create(
     name: Optional[str] = typer.Option(None, "--name", "-n", help="DNS-label name (default: generated)"),
     image: Optional[str] = typer.Option(None, "--image", "-i", help="image name (default: [vm_defaults] image, else debian-bookworm, pulled if missing)"),
+    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="boot this kernel instead of the image's, e.g. microvm-6.1 (pulled if missing)"),
     vcpu: Optional[int] = typer.Option(None, "--vcpu", help="vCPUs (default: host cpus/4, 1..4)"),
     memory: Optional[str] = typer.Option(None, "--memory", "-m", help="memory, e.g. 1024 or 2G (default: RAM/8)"),
     disk_size: Optional[str] = typer.Option(None, "--disk-size", help="root disk size, e.g. 4G"),
@@ -145,6 +147,7 @@ def create(
     params = {
         "name": check_name(name),
         "image": image,
+        "kernel": kernel,
         "vcpus": positive(vcpu, "--vcpu"),
         "memory_mib": parse_mib(memory, "--memory"),
         "disk_size_mib": parse_mib(disk_size, "--disk-size"),
@@ -284,6 +287,7 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
     s = vm["spec"]
     for key, value in [
         ("name", vm["name"]), ("id", vm["id"]), ("state", vm["state"]), ("image", vm["image"]),
+        ("kernel", s.get("kernel") or "the image's"),
         ("vmm", vm["driver"]), ("vcpu", s["vcpus"]), ("memory", f"{s['memory_mib']} MiB"),
         ("disk", f"{s['disk_size_mib']} MiB ({vm.get('disk_strategy') or '-'})"), ("pid", vm.get("pid") or "-"),
         ("console", vm["console_log"]), ("created", vm["created_at"]), ("error", vm.get("last_error") or "-"),

@@ -173,7 +173,11 @@ class Puller:
             if force:  # really rebuild: newest packages, nothing reused but the downloads
                 shutil.rmtree(build, ignore_errors=True)
             try:
-                built = recipe.build(build, self.paths.cache_dir / "debs", self._step(progress), cancel)
+                def work(done: int, total: int) -> None:
+                    if progress:
+                        progress("work", {"name": f"kernel {name}", "done": done, "total": total, "unit": "steps"})
+
+                built = recipe.build(build, self.paths.cache_dir / "debs", self._step(progress), cancel, work)
             except BuildCancelled:
                 raise BangerError(ErrorCode.CANCELLED, f"kernel {name}: build cancelled") from None
             except ArtifactBuildError as exc:

@@ -94,3 +94,17 @@ def test_every_hookspec_is_implemented_by_the_example_plugin():
 def test_all_hooks_lists_every_hookspec():
     specs = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "banger_spec")}
     assert specs == set(hookspecs.ALL_HOOKS)
+
+
+def test_build_progress_is_a_bar_on_a_terminal_and_silent_elsewhere(capsys, monkeypatch):
+    from banger_core.cli.vm_cmd import Progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    p = Progress(quiet=False)
+    p({"stage": "work", "name": "kernel k", "done": 450, "total": 1800, "unit": "steps"})
+    p({"stage": "step", "msg": "compiled"})
+    err = capsys.readouterr().err
+    assert "\r  kernel k [#######                       ]  25.0% 450/~1800 steps\n" in err and "compiled" in err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    Progress(quiet=False)({"stage": "work", "name": "kernel k", "done": 450, "total": 1800})
+    assert capsys.readouterr().err == ""  # step lines carry the news when not on a terminal

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -122,7 +123,14 @@ def test_cancelled_build_stops_the_compiler_and_leaves_nothing(benv, tmp_path):
 
 @pytest.mark.slow
 def test_pull_builds_once_and_boots_on_microvm(kenv):
-    r = kenv.run("kernel", "pull", "microvm-6.1", timeout=BUILD_TIMEOUT, check=True)
+    # on a terminal (script(1)), as a user would run it
+    cmd = " ".join([BANGER, "kernel", "pull", "microvm-6.1"])
+    r = subprocess.run(["script", "-qec", cmd, "/dev/null"], env=kenv.env(), capture_output=True, text=True,
+                       timeout=BUILD_TIMEOUT)
+    assert r.returncode == 0, r.stdout[-2000:]
+    if "compiling vmlinux" in r.stdout:  # compiled now, not reused from the test cache
+        assert re.search(r"kernel microvm-6\.1 \[#+\s*\] +\d+\.\d% \d+/~\d+ steps", r.stdout), r.stdout[-2000:]
+        assert "100.0%" in r.stdout
     k = json.loads(kenv.run("kernel", "show", "microvm-6.1", "--json", check=True).stdout)
     assert k["kernel"] == k["vmlinux"] and Path(k["vmlinux"]).read_bytes()[:4] == b"\x7fELF"
     assert k["initrd"] is None and k["modules"] is None

@@ -26,6 +26,7 @@ from typing import Any
 from banger_core.vmm.base import ELF_MAGIC
 
 Log = Callable[[str], Any]
+Work = Callable[[int, int], None]  # a long build's progress: (steps done, expected steps)
 
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 

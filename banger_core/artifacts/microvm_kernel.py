@@ -30,6 +30,7 @@ from typing import Any
 from banger_core.artifacts.common import (
     ArtifactBuildError,
     Log,
+    Work,
     deb_field,
     download_deb,
     install_copy,
@@ -44,6 +45,9 @@ FRAGMENT = "microvm-6.1.config"
 # Bump when the build steps or the layout change; a change to the fragment is
 # noticed by its hash.
 RECIPE = 1
+# Compile steps (CC/AS/LD/AR lines) of a build with this fragment, counted on one: the
+# denominator of the progress bar, which stops short of 100% if a build needs more.
+EXPECTED_STEPS = 1800
 
 # tool -> the Debian package that provides it
 BUILD_TOOLS = {"make": "make", "gcc": "gcc", "bc": "bc", "bison": "bison", "flex": "flex", "ld": "binutils"}
@@ -82,6 +86,7 @@ def build_microvm_kernel(
     *,
     jobs: int | None = None,
     cancel: threading.Event | None = None,
+    work: Work | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) the microVM kernel into ``dest``; return its manifest with
     absolute paths (``kernel``, ``vmlinux``, ``config``) and ``version``,
@@ -101,11 +106,11 @@ def build_microvm_kernel(
             return existing
         check_build_tools()
         deb = download_deb(SOURCE_PACKAGE, None, cache, log)
-        work = Path(tempfile.mkdtemp(prefix=".build-", dir=dest))
+        scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=dest))
         try:
-            tree = unpack_source(deb, work, log)
-            configure(tree, work / FRAGMENT, log)
-            kver = compile_vmlinux(tree, log, jobs=jobs, cancel=cancel)
+            tree = unpack_source(deb, scratch, log)
+            configure(tree, scratch / FRAGMENT, log)
+            kver = compile_vmlinux(tree, log, jobs=jobs, cancel=cancel, work=work)
             install_copy(tree / "vmlinux", dest / "vmlinux")
             install_copy(tree / ".config", dest / "config")
             manifest = {
@@ -120,7 +125,7 @@ def build_microvm_kernel(
             install_file((json.dumps(manifest, indent=2) + "\n").encode(), dest / "manifest.json")
             log(f"kernel {kver} ready in {dest}")
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
     manifest_abs = load_manifest(dest)
     if manifest_abs is None:  # pragma: no cover - written just above
         raise ArtifactBuildError(f"{dest}/manifest.json is missing after a build")
@@ -191,23 +196,30 @@ def parse_config(text: str) -> dict[str, str]:
 
 
 def compile_vmlinux(
-    tree: Path, log: Log, *, jobs: int | None = None, cancel: threading.Event | None = None
+    tree: Path, log: Log, *, jobs: int | None = None, cancel: threading.Event | None = None,
+    work: Work | None = None,
 ) -> str:
-    """``make vmlinux``; progress lines every 30 s; return the kernel release."""
+    """``make vmlinux``; a progress line every 30 s (and ``work`` calls at most every
+    half second); return the kernel release."""
     jobs = jobs or os.cpu_count() or 1
     t0 = time.monotonic()
-    state = {"objects": 0, "said": t0}
+    state = {"objects": 0, "said": t0, "worked": 0.0}
 
     def on_line(line: str) -> None:
         if line.lstrip().startswith(("CC ", "AS ", "LD ", "AR ")):
             state["objects"] += 1
         now = time.monotonic()
+        if work is not None and now - state["worked"] >= 0.5:
+            state["worked"] = now
+            work(min(int(state["objects"]), EXPECTED_STEPS - 1), EXPECTED_STEPS)
         if now - state["said"] >= 30:
             state["said"] = now
-            log(f"compiling: {state['objects']} objects after {now - t0:.0f}s")
+            log(f"compiling: {state['objects']} of ~{EXPECTED_STEPS} steps after {now - t0:.0f}s")
 
     log(f"compiling vmlinux with {jobs} jobs (about ten minutes on 2 cores)")
     run_long(["make", "-C", str(tree), "ARCH=x86_64", f"-j{jobs}", "vmlinux"], log, cancel=cancel, on_line=on_line)
     kver = run(["make", "-C", str(tree), "-s", "ARCH=x86_64", "kernelrelease"], log).stdout.strip()
-    log(f"compiled {state['objects']} objects in {time.monotonic() - t0:.0f}s")
+    if work is not None:
+        work(EXPECTED_STEPS, EXPECTED_STEPS)
+    log(f"compiled in {state['objects']} steps, {time.monotonic() - t0:.0f}s")
     return kver

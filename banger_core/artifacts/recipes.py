@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from banger_core.artifacts.common import Log
+from banger_core.artifacts.common import Log, Work
 
 
 @dataclass(frozen=True)
 class KernelRecipe:
     revision: Callable[[], str]
-    # (dest, deb cache, log, cancel) -> manifest with absolute paths
-    build: Callable[[Path, Path, Log, threading.Event | None], dict[str, Any]]
+    # (dest, deb cache, log, cancel, work) -> manifest with absolute paths; work(done, total)
+    # reports a long compile's progress
+    build: Callable[[Path, Path, Log, threading.Event | None, Work | None], dict[str, Any]]
 
 
 def _cloud_revision() -> str:
@@ -30,7 +31,7 @@ def _cloud_revision() -> str:
     return str(debian_kernel.RECIPE)
 
 
-def _cloud_build(dest: Path, cache: Path, log: Log, cancel: threading.Event | None) -> dict[str, Any]:
+def _cloud_build(dest: Path, cache: Path, log: Log, cancel: threading.Event | None, work: Work | None) -> dict[str, Any]:
     from banger_core.artifacts.debian_kernel import build_debian_cloud_kernel
 
     return build_debian_cloud_kernel(dest, cache=cache, log=log)
@@ -42,10 +43,10 @@ def _microvm_revision() -> str:
     return microvm_kernel.recipe_id()
 
 
-def _microvm_build(dest: Path, cache: Path, log: Log, cancel: threading.Event | None) -> dict[str, Any]:
+def _microvm_build(dest: Path, cache: Path, log: Log, cancel: threading.Event | None, work: Work | None) -> dict[str, Any]:
     from banger_core.artifacts.microvm_kernel import build_microvm_kernel
 
-    return build_microvm_kernel(dest, cache=cache, log=log, cancel=cancel)
+    return build_microvm_kernel(dest, cache=cache, log=log, cancel=cancel, work=work)
 
 
 def _bookworm_revision() -> str:

@@ -75,11 +75,22 @@ class Progress:
                 style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)} download {name}{size}", err=True)
             return
         if total:
-            frac = min(1.0, got / total)
-            bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\r  {name} [{bar:<30}] {frac * 100:5.1f}% {got / 1e6:7.1f}/{total / 1e6:.1f} MB")
+            self._bar(name, got / total, f"{got / 1e6:7.1f}/{total / 1e6:.1f} MB")
         else:
             sys.stderr.write(f"\r  {name} {got / 1e6:7.1f} MB")
+            sys.stderr.flush()
+            self._bar_open = True
+
+    def _work(self, ev: dict[str, Any]) -> None:
+        """A build's progress (a kernel compile): a bar on a terminal; elsewhere the
+        build's own step lines say how far it got."""
+        if self.tty:
+            done, total = ev["done"], ev["total"]
+            self._bar(ev["name"], done / total, f"{done}/~{total} {ev.get('unit', '')}".rstrip())
+
+    def _bar(self, name: str, frac: float, detail: str) -> None:
+        frac = min(1.0, frac)
+        sys.stderr.write(f"\r  {name} [{'#' * int(frac * 30):<30}] {frac * 100:5.1f}% {detail}")
         sys.stderr.flush()
         self._bar_open = True
 
@@ -90,6 +101,9 @@ class Progress:
         elapsed = f"[{time.monotonic() - self.t0:6.1f}s]"
         if stage == "download":
             self._download(ev, elapsed)
+            return
+        if stage == "work":
+            self._work(ev)
             return
         self._end_bar()
         if stage == "step":

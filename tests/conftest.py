@@ -8,6 +8,8 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +120,14 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.02):
 
 @pytest.fixture
 def benv():
+    with isolated_env() as env:
+        yield env
+
+
+@contextmanager
+def isolated_env() -> Iterator[BangerEnv]:
+    """A BangerEnv in a fresh directory; afterwards its daemon is stopped, any process
+    still using the directory is killed, and the directory is removed."""
     # Short path: Unix socket paths are limited to 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="bg-", dir="/tmp"))
     env = BangerEnv(root)
@@ -125,7 +135,31 @@ def benv():
         yield env
     finally:
         env.stop_daemon()
+        leaked = kill_processes_using(root)
         shutil.rmtree(root, ignore_errors=True)
+    # VMs outlive the daemon by design; one left running by a test is a leak that
+    # would slow every later boot on this machine.
+    assert not leaked, f"processes left running by the test (killed): {leaked}"
+
+
+def kill_processes_using(root: Path) -> list[str]:
+    """SIGKILL every process whose command line names a path under ``root`` (a VMM
+    whose disks, console and sockets live there); return their command lines."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(str(root).encode() in a for a in argv):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            found.append(" ".join(a.decode(errors="replace") for a in argv)[:200])
+    return found
 
 
 def make_dist(target: Path, dist: str, plugin: str, code: str, version: str = "0.0.1") -> None:

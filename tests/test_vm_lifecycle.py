@@ -10,18 +10,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 import guest_assets as ga
-from conftest import BangerEnv, pid_alive, wait_for
+from conftest import isolated_env, pid_alive, wait_for
 
 BOOT_TIMEOUT = 180
 
@@ -38,17 +35,13 @@ def assets():
 
 @pytest.fixture(scope="module")
 def venv_(assets):
-    root = Path(tempfile.mkdtemp(prefix="bg-", dir="/tmp"))
-    env = BangerEnv(root)
-    env.write_config("[vmm]\naccel = 'tcg'\nstop_timeout_s = 60\n")
-    env.run("kernel", "import", "debian-cloud", "--from", str(assets["kernel_dir"]), check=True)
-    env.run("image", "register", "busybox", "--rootfs", str(assets["rootfs"]), "--kernel-ref", "debian-cloud", check=True)
-    try:
+    with isolated_env() as env:
+        env.write_config("[vmm]\naccel = 'tcg'\nstop_timeout_s = 60\n")
+        env.run("kernel", "import", "debian-cloud", "--from", str(assets["kernel_dir"]), check=True)
+        env.run("image", "register", "busybox", "--rootfs", str(assets["rootfs"]), "--kernel-ref", "debian-cloud", check=True)
         yield env
-    finally:
-        env.run("vm", "delete", "--force", *[v["name"] for v in vms(env)], timeout=120) if vms(env) else None
-        env.stop_daemon()
-        shutil.rmtree(root, ignore_errors=True)
+        if vms(env):
+            env.run("vm", "delete", "--force", *[v["name"] for v in vms(env)], timeout=120)
 
 
 def vms(env) -> list[dict]:
@@ -249,8 +242,7 @@ def test_refs_fan_out_in_input_order(venv_):
 
 @pytest.mark.slow
 def test_accel_auto_probes_kvm_and_says_which(venv_, tmp_path):
-    env = BangerEnv(Path(tempfile.mkdtemp(prefix="bg-", dir="/tmp")))
-    try:
+    with isolated_env() as env:
         env.write_config("[vmm]\naccel = 'auto'\nkvm_probe_timeout_s = 8\n")
         kdir = json.loads(venv_.run("kernel", "list", "--json", check=True).stdout)[0]
         env.run("kernel", "import", "k", "--from", str(Path(kdir["kernel"]).parent), check=True)
@@ -267,9 +259,6 @@ def test_accel_auto_probes_kvm_and_says_which(venv_, tmp_path):
         assert re.search(rf"^(PASS|WARN) +kvm +{re.escape(probe['why'])}", doctor, re.M), doctor
         wait_boot(env, "probe")
         env.run("vm", "delete", "probe", "--force", timeout=120, check=True)
-    finally:
-        env.stop_daemon()
-        shutil.rmtree(env.root, ignore_errors=True)
 
 
 @pytest.mark.slow

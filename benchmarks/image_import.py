@@ -55,6 +55,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import guest_assets as ga  # noqa: E402
+from leftovers import kill_processes_using  # noqa: E402
 import oci_fixtures as of  # noqa: E402
 
 BANGER = Path(sys.executable).parent / "banger"
@@ -216,13 +217,7 @@ class Bench:
             notes.append(self.banger("daemon", "stop", timeout=90).stdout.strip())
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
             notes.append(f"daemon stop failed: {exc}")
-        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):  # anything still using our dirs
-            try:
-                if str(self.root).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGKILL)
-                    notes.append(f"killed left-over pid {pid}")
-            except OSError:
-                pass
+        notes += [f"killed left-over process: {cmd}" for cmd in kill_processes_using(self.root)]
         return notes
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from leftovers import kill_processes_using
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 BANGER = str(BIN / "banger")
@@ -140,26 +142,6 @@ def isolated_env() -> Iterator[BangerEnv]:
     # VMs outlive the daemon by design; one left running by a test is a leak that
     # would slow every later boot on this machine.
     assert not leaked, f"processes left running by the test (killed): {leaked}"
-
-
-def kill_processes_using(root: Path) -> list[str]:
-    """SIGKILL every process whose command line names a path under ``root`` (a VMM
-    whose disks, console and sockets live there); return their command lines."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(str(root).encode() in a for a in argv):
-            try:
-                os.kill(int(entry.name), signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            found.append(" ".join(a.decode(errors="replace") for a in argv)[:200])
-    return found
 
 
 def make_dist(target: Path, dist: str, plugin: str, code: str, version: str = "0.0.1") -> None:

@@ -16,6 +16,8 @@ import json
 import logging
 import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +47,19 @@ def catalog(extra: str | None = None) -> dict[str, Any]:
     return cat
 
 
+@contextmanager
+def build_errors(kind: str, name: str) -> Iterator[None]:
+    """A host-side build's failure as the RPC error a client sees."""
+    from banger_core.artifacts.common import ArtifactBuildError, BuildCancelled
+
+    try:
+        yield
+    except BuildCancelled:
+        raise BangerError(ErrorCode.CANCELLED, f"{kind} {name}: build cancelled") from None
+    except ArtifactBuildError as exc:
+        raise BangerError(ErrorCode.OPERATION_FAILED, f"building {kind} {name}: {exc}") from None
+
+
 class Puller:
     def __init__(self, store: Store, paths: Paths, catalog_path: str | None = None) -> None:
         self.store = store
@@ -67,8 +82,8 @@ class Puller:
         if entry.get("bundle"):
             return f"bundle:{entry['bundle']['sha256']}"
         recipe = entry.get("recipe", "")
-        revisions = {n: r.revision for n, r in recipes.KERNELS.items()} if kind == "kernel" else recipes.IMAGE_REVISIONS
-        revision = revisions[recipe]() if recipe in revisions else "?"
+        known = recipes.KERNELS if kind == "kernel" else recipes.IMAGES
+        revision = known[recipe].revision() if recipe in known else "?"
         source = f"recipe:{recipe}/{revision}"
         if kind == "image" and kernel is not None and kernel.modules:
             # the image carries this kernel's modules: a kernel of another version needs a rebuild
@@ -125,6 +140,16 @@ class Puller:
 
         return step
 
+    @staticmethod
+    def _work(progress: Progress | None, what: str) -> Callable[[int, int], None]:
+        """A long build's progress (steps done of an expected total), to the client."""
+
+        def work(done: int, total: int) -> None:
+            if progress:
+                progress("work", {"name": what, "done": done, "total": total, "unit": "steps"})
+
+        return work
+
     def _acquire(self, key: str, cancel: threading.Event | None) -> threading.Lock:
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
@@ -162,7 +187,6 @@ class Puller:
                 finally:
                     shutil.rmtree(bundled, ignore_errors=True)
             from banger_core.artifacts import recipes
-            from banger_core.artifacts.common import ArtifactBuildError, BuildCancelled
 
             recipe = recipes.KERNELS.get(entry.get("recipe", ""))
             if recipe is None:
@@ -172,16 +196,9 @@ class Puller:
             build = self.paths.cache_dir / "builds" / f"kernel-{name}"
             if force:  # really rebuild: newest packages, nothing reused but the downloads
                 shutil.rmtree(build, ignore_errors=True)
-            try:
-                def work(done: int, total: int) -> None:
-                    if progress:
-                        progress("work", {"name": f"kernel {name}", "done": done, "total": total, "unit": "steps"})
-
-                built = recipe.build(build, self.paths.cache_dir / "debs", self._step(progress), cancel, work)
-            except BuildCancelled:
-                raise BangerError(ErrorCode.CANCELLED, f"kernel {name}: build cancelled") from None
-            except ArtifactBuildError as exc:
-                raise BangerError(ErrorCode.OPERATION_FAILED, f"building kernel {name}: {exc}") from None
+            with build_errors("kernel", name):
+                built = recipe.build(build, self.paths.cache_dir / "debs", self._step(progress), cancel,
+                                     self._work(progress, f"kernel {name}"))
             return images.import_kernel(self.store, self.paths, name, Path(built["kernel"]).parent, force=True, origin=source)
         finally:
             lock.release()
@@ -267,20 +284,19 @@ class Puller:
                 return image
             if progress:
                 progress("pull", {"kind": "image", "name": name})
-            if entry.get("recipe") == "debian-bookworm":
-                from banger_core.artifacts.debian_image import ImageBuildError, build_debian_image
+            from banger_core.artifacts import recipes
 
-                modules = Path(kernel.modules).iterdir() if kernel.modules else iter(())
-                mod_dir = next((m for m in modules if m.is_dir()), None)
-                build = self.paths.cache_dir / "builds" / f"image-{name}"
-                if force:
-                    shutil.rmtree(build, ignore_errors=True)
-                try:
-                    built = build_debian_image(build, modules_dir=mod_dir, log=self._step(progress))
-                except ImageBuildError as exc:
-                    raise BangerError(ErrorCode.OPERATION_FAILED, f"building image {name}: {exc}") from None
-            else:  # pragma: no cover
-                raise BangerError(ErrorCode.OPERATION_FAILED, f"unknown recipe {entry['recipe']!r}")
+            image_recipe = recipes.IMAGES.get(entry.get("recipe", ""))
+            if image_recipe is None:
+                raise BangerError(ErrorCode.CONFIG, f"image {name}: unknown recipe {entry.get('recipe')!r} in the catalog")
+            modules = Path(kernel.modules).iterdir() if kernel.modules else iter(())
+            mod_dir = next((m for m in modules if m.is_dir()), None)
+            build = self.paths.cache_dir / "builds" / f"image-{name}"
+            if force:
+                shutil.rmtree(build, ignore_errors=True)
+            with build_errors("image", name):
+                built = image_recipe.build(build, mod_dir, self._step(progress), cancel,
+                                           self._work(progress, f"image {name}"))
             rootfs = self._publish(name, Path(built["rootfs"]))
             image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel.name, managed=True, source=source)
             self.store.upsert_image(image)

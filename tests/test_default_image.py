@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
 import guest_assets as ga
+from banger_core.artifacts import debian_image
+from banger_core.artifacts.common import BuildCancelled, mounts_under
 from conftest import BANGER, wait_for
+from leftovers import kill_processes_using
 
 LONG = 1200
 
@@ -74,3 +78,28 @@ def test_create_with_no_image_pulls_default_and_boots_debian(denv):
     r = denv.run("vm", "create", "--name", "deb2", "--vcpu", "1", "--memory", "512M", timeout=300, check=True)
     assert "pull " not in r.stderr
     denv.run("vm", "delete", "--force", "deb", "deb2", timeout=120, check=True)
+
+
+@pytest.mark.slow
+def test_cancelled_image_build_stops_mmdebstrap_and_leaves_nothing(tmp_path):
+    """Cancelled once dpkg is at work inside the chroot (its /proc, /sys and /dev
+    mounted there): mmdebstrap's process group is stopped, mounts are gone, and no
+    staging dir or manifest is left."""
+    cancel = threading.Event()
+    steps: list[int] = []
+    lines: list[str] = []
+
+    def work(done: int, total: int) -> None:
+        steps.append(done)
+        assert total == debian_image.EXPECTED_STEPS
+        if done >= 40:
+            cancel.set()
+
+    dest = tmp_path / "out" / "image-debian-bookworm"
+    with pytest.raises(BuildCancelled):
+        debian_image.build_debian_image(dest, log=lines.append, cancel=cancel, work=work)
+    assert steps == sorted(steps) and 40 <= steps[-1] < debian_image.EXPECTED_STEPS
+    assert "installing essential packages..." in lines  # mmdebstrap's stages reach the log
+    assert list((tmp_path / "out").iterdir()) == []
+    assert mounts_under(tmp_path) == []
+    assert kill_processes_using(tmp_path) == []

@@ -126,6 +126,37 @@ def _kill_group(p: subprocess.Popen[str]) -> None:
             time.sleep(0.05)
 
 
+def mounts_under(path: Path) -> list[Path]:
+    """Mount points at or below ``path``, deepest first (from /proc/self/mountinfo)."""
+    root = Path(os.path.realpath(path))
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4:
+            # octal escapes (\040 for a space) as the kernel writes them
+            point = Path(fields[4].encode().decode("unicode_escape"))
+            if point == root or root in point.parents:
+                found.append(point)
+    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a build's scratch tree, first detaching anything still mounted inside it
+    (a chroot builder killed mid-way leaves /proc, /sys or /dev mounts behind, and
+    rmtree would walk into them). Raises if a mount cannot be detached: deleting
+    through it could delete the host's files."""
+    for point in mounts_under(path):
+        subprocess.run(["umount", "--lazy", str(point)], capture_output=True, check=False)
+    left = mounts_under(path)
+    if left:
+        raise ArtifactBuildError(f"cannot unmount {', '.join(map(str, left))}: {path} left in place")
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def download_deb(package: str, version: str | None, cache: Path, log: Log) -> Path:
     """The package's .deb in ``cache``, downloaded with apt-get unless already there."""
     cache.mkdir(parents=True, exist_ok=True)

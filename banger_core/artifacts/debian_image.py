@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from banger_core.artifacts.common import ArtifactBuildError, Log, Work, remove_tree, run, run_long
 from banger_core.fsutil import tree_bytes
-
-Log = Callable[[str], Any]
 
 RECIPE = 3
 SUITE = "bookworm"
@@ -32,17 +31,9 @@ PACKAGES = (
     "ca-certificates", "curl", "kmod",
 )
 
-
-class ImageBuildError(RuntimeError):
-    pass
-
-
-def _run(argv: list[str], log: Log, timeout: float = 1800) -> None:
-    log("$ " + " ".join(argv))
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if r.returncode != 0:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-5:]
-        raise ImageBuildError(f"{argv[0]} failed ({r.returncode}): {' | '.join(tail)}")
+# dpkg's "Unpacking P" and "Setting up P" lines in a build of PACKAGES, counted on
+# one: the denominator of the progress bar (which stops short of 100% if a build has more).
+EXPECTED_STEPS = 346
 
 
 def customize(tree: Path, modules_dir: Path | None) -> None:
@@ -66,7 +57,18 @@ def customize(tree: Path, modules_dir: Path | None) -> None:
         load.write_text("button\nevdev\nvirtio_net\nvirtio_console\nvsock\nvmw_vsock_virtio_transport\n")
 
 
-def build_debian_image(dest: Path, modules_dir: Path | None = None, log: Log = print, size_mib: int | None = None) -> dict[str, Any]:
+def build_debian_image(
+    dest: Path,
+    modules_dir: Path | None = None,
+    log: Log = print,
+    size_mib: int | None = None,
+    *,
+    cancel: threading.Event | None = None,
+    work: Work | None = None,
+) -> dict[str, Any]:
+    """Build (or reuse) the image into ``dest``; return its manifest with an absolute
+    ``rootfs``. ``cancel`` stops mmdebstrap (and unmounts what it left); ``work``
+    is told how far dpkg got."""
     dest = Path(dest)
     manifest_path = dest / "manifest.json"
     if manifest_path.exists():
@@ -75,18 +77,32 @@ def build_debian_image(dest: Path, modules_dir: Path | None = None, log: Log = p
         if m.get("recipe") == RECIPE and same_modules and (dest / m["rootfs"]).exists():
             return {**m, "rootfs": str(dest / m["rootfs"])}
     if shutil.which("mmdebstrap") is None:
-        raise ImageBuildError("mmdebstrap is not installed (apt install mmdebstrap)")
+        raise ArtifactBuildError("mmdebstrap is not installed (apt install mmdebstrap)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
     try:
         tree = staging / "tree"
         log(f"building {SUITE} root filesystem with mmdebstrap (a minute or two)")
-        _run(
-            ["mmdebstrap", "--variant=minbase", "--mode=root", f"--include={','.join(PACKAGES)}",
+        steps = 0
+
+        def on_line(line: str) -> None:
+            nonlocal steps
+            if line.startswith(("Unpacking ", "Setting up ")):
+                steps += 1
+                if work is not None:
+                    work(min(steps, EXPECTED_STEPS - 1), EXPECTED_STEPS)
+            elif line.startswith(("I: ", "E: ", "W: ")):
+                log(line[3:])
+
+        run_long(
+            ["mmdebstrap", "--verbose", "--variant=minbase", "--mode=root", f"--include={','.join(PACKAGES)}",
              "--dpkgopt=path-exclude=/usr/share/{doc,man,locale}/*", "--dpkgopt=path-include=/usr/share/locale/locale.alias",
              SUITE, str(tree), MIRROR],
-            log,
+            log, cancel=cancel, on_line=on_line,
         )
+        if work is not None:
+            work(EXPECTED_STEPS, EXPECTED_STEPS)
+        log(f"{steps} package steps done")
         customize(tree, modules_dir)
         used_mib = tree_bytes(tree) // (1024 * 1024)
         size = max(size_mib or 0, int(used_mib * 1.5), 1024)
@@ -94,8 +110,8 @@ def build_debian_image(dest: Path, modules_dir: Path | None = None, log: Log = p
         with open(rootfs, "wb") as fh:
             fh.truncate(size * 1024 * 1024)
         log(f"making a {size} MiB ext4 from the {used_mib} MiB tree")
-        _run(["mkfs.ext4", "-q", "-F", "-L", "banger-root", "-d", str(tree), str(rootfs)], log)
-        shutil.rmtree(tree)
+        run(["mkfs.ext4", "-q", "-F", "-L", "banger-root", "-d", str(tree), str(rootfs)], log)
+        remove_tree(tree)
         manifest = {"name": "debian-bookworm", "suite": SUITE, "packages": list(PACKAGES), "rootfs": "rootfs.ext4",
                     "size_mib": size, "recipe": RECIPE,
                     "kernel_modules": modules_dir.name if modules_dir else None}
@@ -104,6 +120,6 @@ def build_debian_image(dest: Path, modules_dir: Path | None = None, log: Log = p
             shutil.rmtree(dest)
         staging.rename(dest)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         raise
     return {**manifest, "rootfs": str(dest / "rootfs.ext4")}

@@ -49,14 +49,28 @@ def _microvm_build(dest: Path, cache: Path, log: Log, cancel: threading.Event | 
     return build_microvm_kernel(dest, cache=cache, log=log, cancel=cancel, work=work)
 
 
+@dataclass(frozen=True)
+class ImageRecipe:
+    revision: Callable[[], str]
+    # (dest, the kernel's modules dir or None, log, cancel, work) -> manifest with an absolute rootfs
+    build: Callable[[Path, Path | None, Log, threading.Event | None, Work | None], dict[str, Any]]
+
+
 def _bookworm_revision() -> str:
     from banger_core.artifacts import debian_image
 
     return str(debian_image.RECIPE)
 
 
+def _bookworm_build(dest: Path, modules: Path | None, log: Log, cancel: threading.Event | None,
+                    work: Work | None) -> dict[str, Any]:
+    from banger_core.artifacts.debian_image import build_debian_image
+
+    return build_debian_image(dest, modules_dir=modules, log=log, cancel=cancel, work=work)
+
+
 KERNELS: dict[str, KernelRecipe] = {
     "debian-cloud-kernel": KernelRecipe(_cloud_revision, _cloud_build),
     "debian-source-microvm": KernelRecipe(_microvm_revision, _microvm_build),
 }
-IMAGE_REVISIONS: dict[str, Callable[[], str]] = {"debian-bookworm": _bookworm_revision}
+IMAGES: dict[str, ImageRecipe] = {"debian-bookworm": ImageRecipe(_bookworm_revision, _bookworm_build)}

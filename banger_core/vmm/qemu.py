@@ -15,6 +15,7 @@ from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Machine
 from banger_core.vmm.base import Driver, Launch, kernel_is_elf, process_tag
 from banger_core.vmm.qmp import QMP
+from banger_core.vmm.tsc import host_tsc_khz, host_tsc_trusted
 
 log = logging.getLogger("banger.vmm.qemu")
 
@@ -106,6 +107,23 @@ class QemuDriver(Driver):
         return "microvm" if kernel_is_elf(machine.kernel) else "pc"
 
     # --- launch -------------------------------------------------------------------
+    @staticmethod
+    def boot_args(machine: Machine, micro: bool, accel: str) -> list[str]:
+        """The kernel command line. On ``microvm`` under TCG the guest has no HPET or
+        PM timer to calibrate its TSC against, only the PIT, which fails on a busy
+        host (see vmm/tsc.py): it is told the rate instead."""
+        args = list(machine.boot_args)
+        if micro and accel == "tcg" and not any(a.startswith("tsc_early_khz=") for a in args):
+            khz = host_tsc_khz()
+            if khz:
+                args.append(f"tsc_early_khz={khz}")
+                # every vCPU reads the one host TSC: synchronized if the host trusts it,
+                # though a multi-vCPU guest's sync check would say otherwise and fall back
+                # to jiffies for its clock
+                if host_tsc_trusted() and not any(a.startswith("tsc=") for a in args):
+                    args.append("tsc=reliable")
+        return args
+
     def argv(self, vm_id: str, machine: Machine, run_dir: Path, accel: str) -> list[str]:
         mtype = self._machine_type(machine)
         micro = mtype == "microvm"
@@ -121,7 +139,7 @@ class QemuDriver(Driver):
             "-m", f"{machine.memory_mib}M",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", machine.kernel,
-            "-append", " ".join(machine.boot_args),
+            "-append", " ".join(self.boot_args(machine, micro, accel)),
             "-serial", f"file:{console}",
             "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
             "-pidfile", str(run_dir / "vmm.pid"),

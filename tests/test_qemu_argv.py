@@ -1,0 +1,56 @@
+"""The QEMU command line banger builds, and the host TSC rate it hands microvm guests."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import pytest
+
+from banger_core.models import Machine
+from banger_core.vmm import tsc
+from banger_core.vmm.base import ELF_MAGIC
+from banger_core.vmm.qemu import QemuDriver
+
+
+def machine(tmp_path, elf: bool, boot_args: list[str] | None = None) -> Machine:
+    k = tmp_path / ("vmlinux" if elf else "bzImage")
+    k.write_bytes((ELF_MAGIC if elf else b"MZ\0\0") + b"\0" * 60)
+    return Machine(kernel=str(k), boot_args=boot_args or ["console=ttyS0", "root=/dev/vda"], vcpus=1, memory_mib=128)
+
+
+def append_of(argv: list[str]) -> list[str]:
+    return argv[argv.index("-append") + 1].split()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="reads the x86 TSC")
+def test_host_tsc_rate_agrees_with_a_long_measurement():
+    quick = tsc.host_tsc_khz()
+    assert quick is not None
+    slow = tsc.host_tsc_khz.__wrapped__(samples=1, window=1.0)
+    assert abs(quick - slow) / slow < 0.002, (quick, slow)
+    t0 = time.monotonic()
+    assert tsc.host_tsc_khz() == quick  # measured once per process
+    assert time.monotonic() - t0 < 0.01
+
+
+def test_microvm_under_tcg_is_told_the_tsc_rate(tmp_path, monkeypatch):
+    monkeypatch.setattr("banger_core.vmm.qemu.host_tsc_khz", lambda: 2_400_123)
+    monkeypatch.setattr("banger_core.vmm.qemu.host_tsc_trusted", lambda: False)
+    d = QemuDriver()
+    micro = d.argv("v1", machine(tmp_path, elf=True), tmp_path, "tcg")
+    assert "microvm,acpi=on" in micro and append_of(micro) == ["console=ttyS0", "root=/dev/vda", "tsc_early_khz=2400123"]
+    # a host that keeps time with its TSC: the guest's vCPUs (all reading it) may trust it too
+    monkeypatch.setattr("banger_core.vmm.qemu.host_tsc_trusted", lambda: True)
+    assert append_of(d.argv("v1", machine(tmp_path, elf=True), tmp_path, "tcg"))[-2:] == ["tsc_early_khz=2400123", "tsc=reliable"]
+    # -M pc has an HPET and a PM timer to calibrate against; KVM guests get kvmclock
+    assert "tsc_early_khz" not in " ".join(d.argv("v1", machine(tmp_path, elf=False), tmp_path, "tcg"))
+    assert "tsc_early_khz" not in " ".join(d.argv("v1", machine(tmp_path, elf=True), tmp_path, "kvm"))
+    # the user's own value wins
+    mine = machine(tmp_path, elf=True, boot_args=["console=ttyS0", "tsc_early_khz=1000000"])
+    assert append_of(d.argv("v1", mine, tmp_path, "tcg")) == ["console=ttyS0", "tsc_early_khz=1000000"]
+    mine = machine(tmp_path, elf=True, boot_args=["console=ttyS0", "tsc=unstable"])
+    assert append_of(d.argv("v1", mine, tmp_path, "tcg")) == ["console=ttyS0", "tsc=unstable", "tsc_early_khz=2400123"]
+    # a host where the rate can't be read boots as before
+    monkeypatch.setattr("banger_core.vmm.qemu.host_tsc_khz", lambda: None)
+    assert append_of(d.argv("v1", machine(tmp_path, elf=True), tmp_path, "tcg")) == ["console=ttyS0", "root=/dev/vda"]

@@ -12,6 +12,7 @@ banger's first-boot init is put in.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import ipaddress
@@ -21,6 +22,7 @@ import re
 import shutil
 import stat
 import tarfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,6 +43,7 @@ ACCEPT = ", ".join([
 INDEX_TYPES = {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
 INIT_PATH = "/usr/local/libexec/banger/init"
 Log = Callable[[str], Any]
+Download = Callable[..., None]  # (label, bytes so far, total=bytes or None)
 
 
 def bad(msg: str) -> BangerError:
@@ -142,20 +145,33 @@ class Registry:
         doc = json.loads(body)
         return doc.get("mediaType") or media, doc, digest
 
-    def blob(self, digest: str, dest: Path) -> Path:
-        """Download a blob to ``dest`` (skipped if already there, verified either way)."""
+    def blob(self, digest: str, dest: Path, on_bytes: Callable[[int], None] | None = None,
+             cancel: threading.Event | None = None) -> Path:
+        """Download a blob to ``dest`` (skipped if already there, verified either way;
+        a reused blob's mtime is refreshed, which keeps it from being pruned while in
+        use). ``on_bytes`` hears the running byte count; ``cancel`` stops the download.
+        Nothing partial is left behind."""
         if dest.exists() and _sha256_file(dest) == digest:
+            os.utime(dest)
             return dest
         tmp = dest.with_name(dest.name + ".part")
         h = hashlib.sha256()
-        with self._open(f"{self.base}/blobs/{digest}") as r, open(tmp, "wb") as out:
-            while chunk := r.read(1 << 20):
-                h.update(chunk)
-                out.write(chunk)
-        if "sha256:" + h.hexdigest() != digest:
+        got = 0
+        try:
+            with self._open(f"{self.base}/blobs/{digest}") as r, open(tmp, "wb") as out:
+                while chunk := r.read(1 << 20):
+                    if cancel is not None and cancel.is_set():
+                        raise BangerError(ErrorCode.CANCELLED, f"pulling {self.ref.registry}/{self.ref.repository}: cancelled")
+                    h.update(chunk)
+                    out.write(chunk)
+                    got += len(chunk)
+                    if on_bytes is not None:
+                        on_bytes(got)
+            if "sha256:" + h.hexdigest() != digest:
+                raise bad(f"blob {digest}: content hashes to sha256:{h.hexdigest()}")
+            os.replace(tmp, dest)
+        finally:
             tmp.unlink(missing_ok=True)
-            raise bad(f"blob {digest}: content hashes to sha256:{h.hexdigest()}")
-        os.replace(tmp, dest)
         return dest
 
 
@@ -331,9 +347,18 @@ def tree_mib(root: Path) -> int:
     return tree_bytes(root) // (1024 * 1024)
 
 
+def blob_name(digest: str) -> str:
+    """The blob cache's file name for a layer."""
+    return digest.replace(":", "-")
+
+
 def pull_to_rootfs(ref_text: str, out: Path, work: Path, blobs: Path, busybox: Path, size_mib: int | None = None,
-                   log: Log = lambda _m: None) -> dict[str, Any]:
-    """Registry -> layers -> tree -> ext4 at ``out``. ``work`` is scratch (removed after)."""
+                   log: Log = lambda _m: None, download: Download | None = None,
+                   cancel: threading.Event | None = None) -> dict[str, Any]:
+    """Registry -> layers -> tree -> ext4 at ``out``. ``work`` is scratch (removed after).
+    ``download(label, bytes, total)`` hears each layer's download; ``cancel`` stops
+    between chunks and layers. The result names the manifest ``digest`` and its
+    ``layers`` (digests)."""
     from banger_core import proc
 
     ref = parse_ref(ref_text)
@@ -342,9 +367,18 @@ def pull_to_rootfs(ref_text: str, out: Path, work: Path, blobs: Path, busybox: P
     blobs.mkdir(parents=True, exist_ok=True)
     tree = work / "tree"
     tree.mkdir(parents=True)
-    for i, layer in enumerate(manifest["layers"]):
-        log(f"layer {i + 1}/{len(manifest['layers'])} {layer['digest'][:19]} ({layer.get('size', 0) // 1024} KiB)")
-        path = reg.blob(layer["digest"], blobs / layer["digest"].replace(":", "-"))
+    layers = manifest["layers"]
+    for i, layer in enumerate(layers):
+        if cancel is not None and cancel.is_set():
+            raise BangerError(ErrorCode.CANCELLED, f"pulling {ref_text}: cancelled")
+        label = f"layer {i + 1}/{len(layers)} {layer['digest'][7:19]}"
+        dest = blobs / blob_name(layer["digest"])
+        on_bytes = None
+        if download is not None and not dest.exists():  # the download reports itself
+            on_bytes = functools.partial(download, label, total=layer.get("size"))
+        else:
+            log(f"{label} ({layer.get('size', 0) // 1024} KiB{', cached' if dest.exists() else ''})")
+        path = reg.blob(layer["digest"], dest, on_bytes, cancel)
         apply_layer(path, tree)
     inject_init(tree, busybox)
     used = tree_mib(tree)
@@ -359,4 +393,5 @@ def pull_to_rootfs(ref_text: str, out: Path, work: Path, blobs: Path, busybox: P
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"ref": ref_text, "digest": digest, "size_mib": size, "tree_mib": used, "name": ref.friendly_name()}
+    return {"ref": ref_text, "digest": digest, "size_mib": size, "tree_mib": used, "name": ref.friendly_name(),
+            "layers": [layer["digest"] for layer in layers]}

@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -47,6 +48,9 @@ def catalog(extra: str | None = None) -> dict[str, Any]:
     return cat
 
 
+LAYERS_FILE = "layers.json"  # beside an OCI image's rootfs: the layer digests it was made from
+
+
 @contextmanager
 def build_errors(kind: str, name: str) -> Iterator[None]:
     """A host-side build's failure as the RPC error a client sees."""
@@ -67,6 +71,7 @@ class Puller:
         self.catalog_path = catalog_path
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._blob_users: dict[object, float] = {}  # OCI pulls running -> when they began
 
     def catalog(self) -> dict[str, Any]:
         return catalog(self.catalog_path)
@@ -203,6 +208,40 @@ class Puller:
         finally:
             lock.release()
 
+    @property
+    def blobs_dir(self) -> Path:
+        return self.paths.cache_dir / "blobs"
+
+    def prune_blobs(self) -> list[str]:
+        """Remove cached OCI layers no pulled image was made from (each OCI image keeps
+        its layer list beside its rootfs), sparing any touched since the oldest pull
+        still running began (it may be using them). The cache then holds what a
+        re-pull of a present image could reuse, and nothing a deleted or failed
+        pull left. Returns the names removed."""
+        from banger_core.oci import blob_name
+
+        if not self.blobs_dir.is_dir():
+            return []
+        keep: set[str] = set()
+        for layers in self.paths.images_dir.glob(f"*/{LAYERS_FILE}") if self.paths.images_dir.is_dir() else ():
+            try:
+                keep.update(blob_name(d) for d in json.loads(layers.read_text()))
+            except (OSError, ValueError, TypeError):
+                log.warning("cannot read %s: its layers are not protected from pruning", layers)
+        with self._guard:
+            cutoff = min(self._blob_users.values(), default=time.time() + 1)
+        removed = []
+        for f in self.blobs_dir.iterdir():
+            try:
+                if f.name not in keep and f.stat().st_mtime < cutoff:
+                    f.unlink()
+                    removed.append(f.name)
+            except OSError:
+                continue
+        if removed:
+            log.info("pruned %d cached layer(s) no image uses: %s", len(removed), ", ".join(sorted(removed)))
+        return removed
+
     def _publish(self, name: str, built: Path) -> Path:
         return images.publish_rootfs(self.paths, name, built)
 
@@ -229,18 +268,30 @@ class Puller:
             busybox = static_busybox(self.paths.cache_dir / "debs", log=log.info)
             self.paths.images_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=self.paths.images_dir))
+            token = object()
+            with self._guard:
+                self._blob_users[token] = time.time()
+
+            def download(label: str, got: int, total: int | None = None) -> None:
+                if progress:
+                    progress("download", {"name": f"{name} {label}", "bytes": got, "total": total})
+
             try:
                 info = oci.pull_to_rootfs(
-                    ref, staging / "rootfs.ext4", staging / "work", self.paths.cache_dir / "blobs", busybox,
-                    size_mib=size_mib, log=self._step(progress),
+                    ref, staging / "rootfs.ext4", staging / "work", self.blobs_dir, busybox,
+                    size_mib=size_mib, log=self._step(progress), download=download, cancel=cancel,
                 )
                 shutil.rmtree(staging / "work")
+                (staging / LAYERS_FILE).write_text(json.dumps(info["layers"]) + "\n")
                 final = self.paths.images_dir / name
                 if final.exists():
                     shutil.rmtree(final)
                 staging.rename(final)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+                with self._guard:
+                    del self._blob_users[token]
+                self.prune_blobs()
             image = Image(name=name, rootfs=str(final / "rootfs.ext4"), kernel_ref=kernel.name, managed=True,
                           init=oci.INIT_PATH, source=f"{ref}@{info['digest']}")
             self.store.upsert_image(image)

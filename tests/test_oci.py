@@ -178,3 +178,43 @@ def test_bad_refs_leave_nothing(oenv, oci_registry, oci_test_image):
     assert "never" not in images(env)
     idir = env.state_dir / "images"
     assert not idir.exists() or not [p for p in idir.iterdir() if p.name.startswith(".")]
+
+
+def test_layer_cache_holds_only_what_pulled_images_use(oenv, oci_registry, oci_test_image, tmp_path):
+    env = oenv
+    blobs = env.root / "cache" / "blobs"
+    want = {oci.blob_name(layer["digest"]) for layer in oci_test_image["layers"]}
+    r = env.run("image", "pull", oci_test_image["ref"], "--name", "first", timeout=300, check=True)
+    # not a terminal: one line per layer download, with its size
+    assert len([ln for ln in r.stderr.splitlines() if " download first layer " in ln and " MB)" in ln]) == 2, r.stderr
+    assert {p.name for p in blobs.iterdir()} == want
+    r = env.run("image", "pull", oci_test_image["ref"], "--name", "second", timeout=300, check=True)
+    assert r.stderr.count(", cached)") == 2 and " download " not in r.stderr, r.stderr
+    # a failed pull's layers do not stay: an image whose config can't be used is refused after download
+    other = push_test_image(oci_registry, repo="banger/other", tag="o", workdir=tmp_path / "o", compression="zstd")
+    r = env.run("image", "pull", other["ref"], "--name", "other", "--size", "1M", timeout=300)
+    assert r.returncode == 1 and "--size 1 MiB is too small" in r.stderr, r.stderr
+    assert {p.name for p in blobs.iterdir()} == want
+    # deleting one user of the layers keeps them; deleting the last removes them
+    env.run("image", "delete", "first", check=True)
+    assert {p.name for p in blobs.iterdir()} == want
+    env.run("image", "delete", "second", check=True)
+    assert list(blobs.iterdir()) == []
+
+
+def test_cancelled_blob_download_leaves_no_part_file(oci_registry, oci_test_image, tmp_path):
+    import threading
+
+    from banger_core.errors import ErrorCode
+
+    reg = oci.Registry(oci.parse_ref(oci_test_image["ref"]))
+    digest = oci_test_image["layers"][0]["digest"]
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(BangerError) as e:
+        reg.blob(digest, tmp_path / "layer", cancel=cancel)
+    assert e.value.code == ErrorCode.CANCELLED and "cancelled" in e.value.message
+    assert list(tmp_path.iterdir()) == []
+    seen: list[int] = []
+    reg.blob(digest, tmp_path / "layer", on_bytes=seen.append)
+    assert seen and seen[-1] == (tmp_path / "layer").stat().st_size == oci_test_image["layers"][0]["size"]

@@ -279,7 +279,8 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
 
     async def image_delete(p: NameParams, call: Call) -> dict[str, Any]:
         await run_simple(images.delete_image, store, paths, p.name)
-        return {"name": p.name, "state": "deleted"}
+        pruned = await run_simple(vms.puller.prune_blobs)  # its OCI layers, unless another image has them
+        return {"name": p.name, "state": "deleted", "pruned_layers": len(pruned)}
 
     r = reg.register
     r("vm.create", create, CreateParams)

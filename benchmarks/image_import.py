@@ -60,7 +60,7 @@ import oci_fixtures as of  # noqa: E402
 
 BANGER = Path(sys.executable).parent / "banger"
 REPO, TAG = "bench/bulk", "1"
-STEP_RE = re.compile(r"^\[\s*([\d.]+)s\]\s+layer (\d+)/(\d+) ", re.M)
+STEP_RE = re.compile(r"^\[\s*([\d.]+)s\]\s+(?:download \S+ )?layer (\d+)/(\d+) ", re.M)
 MODULES = Path("/var/cache/banger-test/kernel/modules")
 
 
@@ -189,6 +189,8 @@ class Bench:
         if p.returncode != 0:
             raise RuntimeError(f"banger image pull {name} exited {p.returncode}: {p.stderr.strip()[-2000:]}")
         self.pulled.append(name)
+        if not cold and "cached)" not in p.stderr:
+            raise RuntimeError(f"pull {name} was meant to reuse cached layers but downloaded them:\n{p.stderr}")
         res = {"wall": wall}
         steps = [(int(n), float(t)) for t, n, _ in STEP_RE.findall(p.stderr)]
         if steps:
@@ -324,9 +326,10 @@ def main(argv: list[str] | None = None) -> int:
                 base.append(baseline(layers, root / f"base{i}", size_bytes)[0])
                 n += 1
                 cold.append(bench.pull(ref, f"bench-{n}", args.size, cold=True))
-                bench.delete(f"bench-{n}")
                 n += 1
+                # while bench-(n-1) exists its layers stay cached (banger prunes layers no image uses)
                 warm.append(bench.pull(ref, f"bench-{n}", args.size, cold=False))
+                bench.delete(f"bench-{n - 1}")
                 bench.delete(f"bench-{n}")
             log = bench.root / "state" / "bangerd.log"
             if log.exists():

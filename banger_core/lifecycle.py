@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from banger_core.config import ProjectConfig
 from banger_core.context import StageContext
 from banger_core.errors import BangerError, MultiError
 from banger_core.models import VM, Machine

@@ -15,7 +15,6 @@ import os
 import socketserver
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-from pathlib import Path
 
 from banger_core import __version__, hookspecs
 from conftest import BANGER, REPO

@@ -101,7 +101,7 @@ def test_cli_invalid_plugin_value_names_file_table_key(benv):
     assert f"banger: {benv.config_file}: [dns] port: Input should be a valid integer" in r.stderr
     d = benv.run("doctor")
     assert d.returncode == 1
-    assert f"FAIL  settings dns" in d.stdout and "[dns] port" in d.stdout
+    assert "FAIL  settings dns" in d.stdout and "[dns] port" in d.stdout
 
 
 def test_cli_invalid_toml_every_command_says_so_and_doctor_reports(benv):

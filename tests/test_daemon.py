@@ -10,8 +10,6 @@ import socket
 import stat
 import subprocess
 import sys
-import textwrap
-import time
 
 import pytest
 

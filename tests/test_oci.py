@@ -8,7 +8,7 @@ import io
 import json
 import subprocess
 import tarfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pytest
 

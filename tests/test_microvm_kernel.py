@@ -122,6 +122,7 @@ def test_cancelled_build_stops_the_compiler_and_leaves_nothing(benv, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(BUILD_TIMEOUT)  # compiles the kernel when the test cache has none (~5 min on 2 cores)
 def test_pull_builds_once_and_boots_on_microvm(kenv):
     # on a terminal (script(1)), as a user would run it
     cmd = " ".join([BANGER, "kernel", "pull", "microvm-6.1"])

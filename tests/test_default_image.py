@@ -8,6 +8,7 @@ under ~/.cache/banger, so only the first run on a machine pays for mmdebstrap.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
@@ -70,6 +71,10 @@ def test_create_with_no_image_pulls_default_and_boots_debian(denv):
     assert vm["image"] == "debian-bookworm" and vm["state"] == "running"
     text = wait_for(lambda: (t := denv.run("vm", "logs", "deb", "-n", "0").stdout) and "login:" in t and t, timeout=300, interval=1)
     assert "Debian GNU/Linux 12" in text
+    # what a VM has no use for stays out of its boot (masked units, blacklisted modules)
+    for absent in ("getty@tty1", "e2scrub", "Kernel Debug File System", "ata_piix", "kvm: Nested"):
+        assert absent not in text, absent
+    assert "Started serial-getty@ttyS0" in text and "Started systemd-logind" in text
     # graceful stop: systemd sees the power button and shuts down cleanly
     denv.run("vm", "stop", "deb", timeout=300, check=True)
     log = (denv.state_dir / "bangerd.log").read_text()
@@ -103,3 +108,17 @@ def test_cancelled_image_build_stops_mmdebstrap_and_leaves_nothing(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
     assert mounts_under(tmp_path) == []
     assert kill_processes_using(tmp_path) == []
+
+
+def test_masking_units_in_a_tree_without_systemd_running(tmp_path):
+    wants = tmp_path / "etc/systemd/system/timers.target.wants"
+    wants.mkdir(parents=True)
+    (wants / "fstrim.timer").symlink_to("/lib/systemd/system/fstrim.timer")
+    (tmp_path / "etc/systemd/system/getty@tty1.service").write_text("[Service]\n")  # a local override
+    debian_image.mask_units(tmp_path, ("fstrim.timer", "getty@tty1.service", "dev-hugepages.mount"))
+    etc = tmp_path / "etc/systemd/system"
+    assert not (wants / "fstrim.timer").is_symlink()
+    for unit in ("fstrim.timer", "getty@tty1.service", "dev-hugepages.mount"):
+        assert os.readlink(etc / unit) == "/dev/null", unit
+    debian_image.mask_units(tmp_path, ("fstrim.timer",))  # again: nothing changes, nothing fails
+    assert os.readlink(etc / "fstrim.timer") == "/dev/null"

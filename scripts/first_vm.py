@@ -32,6 +32,10 @@ def banger(*args: str, check: bool = True, quiet: bool = False) -> subprocess.Co
 
 def main() -> int:
     banger("vm", "delete", NAME, "--force", check=False, quiet=True)
+    # an install brings the default image up to date: a no-op when it is current, a
+    # rebuild when this banger's recipe moved on (refused, and the old one booted,
+    # while other VMs use it)
+    banger("image", "pull", "debian-bookworm", check=False)
     t0 = time.monotonic()
     banger("vm", "create", "--name", NAME, "--vcpu", "1", "--memory", "1G")
     try:

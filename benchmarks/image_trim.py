@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Boot time of the default image as banger builds it, against the same image with
+banger's trimming undone.
+
+    baseline    debian-bookworm with the masked units unmasked and re-enabled
+                (``systemctl --root ... unmask``/``enable``) and the module blacklist
+                removed: what mmdebstrap's Debian would boot
+    candidate   debian-bookworm as built (recipe's MASKED_UNITS, BLACKLISTED_MODULES)
+
+Both boot on the default kernel (debian-cloud: bzImage + banger's initrd, QEMU -M pc,
+TCG, 1 vCPU unless --vcpus, 1 GiB) with the exact argv banger's QEMU driver builds, on
+a fresh sparse copy per boot, interleaved. Reported: seconds from QEMU's start until
+``systemd[1]`` and until the ``login:`` prompt; medians and the ratio baseline/candidate.
+
+    .venv/bin/python benchmarks/image_trim.py [--runs N] [--vcpus N] [--rootfs F] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_boot as kb  # noqa: E402
+
+from banger_core.artifacts import debian_image  # noqa: E402
+from banger_core.models import Machine  # noqa: E402
+
+
+def untrimmed_copy(rootfs: Path, dest: Path) -> None:
+    """``rootfs`` with banger's masks and blacklist undone, at ``dest``."""
+    subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(rootfs), str(dest)], check=True)
+    mnt = Path(tempfile.mkdtemp(prefix="banger-untrim-"))
+    subprocess.run(["mount", "-o", "loop", str(dest), str(mnt)], check=True)
+    try:
+        masked = [u for u in debian_image.MASKED_UNITS if (mnt / "etc/systemd/system" / u).is_symlink()]
+        if not masked:
+            raise SystemExit(f"{rootfs} has none of banger's masks: not a trimmed image (recipe >= 4)?")
+        subprocess.run(["systemctl", f"--root={mnt}", "unmask", *masked], check=True, capture_output=True)
+        # re-enable what Debian enables of them (templates and static units refuse: fine)
+        for unit in masked:
+            subprocess.run(["systemctl", f"--root={mnt}", "enable", unit], capture_output=True)
+        (mnt / "etc/modprobe.d/banger-vm.conf").unlink(missing_ok=True)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+        mnt.rmdir()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--vcpus", type=int, default=1)
+    ap.add_argument("--rootfs")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    rootfs, debian = kb.find_rootfs(args.rootfs)
+    if not debian:
+        raise SystemExit("no debian-bookworm image built here: `banger image pull debian-bookworm` first")
+    cloud = kb.ga.test_kernel(kb.ga.default_cache_dir())
+    machine = Machine(kernel=cloud["kernel"], initrd=cloud["initrd"], boot_args=kb.APPEND, vcpus=args.vcpus,
+                      memory_mib=1024)
+    print(f"root disk {rootfs}, debian-cloud on -M pc, {args.vcpus} vCPU, TCG, {args.runs} rounds", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="banger-trim-") as work:
+        untrimmed = Path(work) / "untrimmed.ext4"
+        untrimmed_copy(rootfs, untrimmed)
+        disks = {"Debian as mmdebstrap left it": untrimmed, "banger's trimmed image": rootfs}
+        results: dict[str, list[dict[str, float]]] = {k: [] for k in disks}
+        for r in range(args.runs):
+            for name, disk in disks.items():  # interleaved: drift hits both alike
+                seen = kb.boot(machine, disk, Path(work), True)
+                results[name].append(seen)
+                print(f"  round {r + 1} {name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in seen.items()),
+                      file=sys.stderr)
+        untrimmed.unlink()
+    (base_name, base), (cand_name, cand) = results.items()
+    summary = {}
+    for mark in base[0]:
+        b = statistics.median(x[mark] for x in base)
+        c = statistics.median(x[mark] for x in cand)
+        summary[mark] = {"baseline_s": round(b, 2), "candidate_s": round(c, 2), "ratio": round(b / c, 2)}
+    if args.json:
+        print(json.dumps({"rootfs": str(rootfs), "runs": results, "median": summary}, indent=2))
+        return
+    print(f"{'':8} {base_name:>30} {cand_name:>24} {'ratio':>7}")
+    for mark, s in summary.items():
+        print(f"{mark:8} {s['baseline_s']:>29.2f}s {s['candidate_s']:>23.2f}s {s['ratio']:>6.2f}x")
+
+
+if __name__ == "__main__":
+    shutil.which("systemctl") or sys.exit("needs systemctl (for `systemctl --root`)")
+    main()

@@ -17,10 +17,7 @@ a fresh sparse copy per boot, interleaved. Reported: seconds from QEMU's start u
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,13 +50,7 @@ def untrimmed_copy(rootfs: Path, dest: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--vcpus", type=int, default=1)
-    ap.add_argument("--rootfs")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-
+    args = kb.arguments(__doc__)
     rootfs, debian = kb.find_rootfs(args.rootfs)
     if not debian:
         raise SystemExit("no debian-bookworm image built here: `banger image pull debian-bookworm` first")
@@ -70,27 +61,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="banger-trim-") as work:
         untrimmed = Path(work) / "untrimmed.ext4"
         untrimmed_copy(rootfs, untrimmed)
-        disks = {"Debian as mmdebstrap left it": untrimmed, "banger's trimmed image": rootfs}
-        results: dict[str, list[dict[str, float]]] = {k: [] for k in disks}
-        for r in range(args.runs):
-            for name, disk in disks.items():  # interleaved: drift hits both alike
-                seen = kb.boot(machine, disk, Path(work), True)
-                results[name].append(seen)
-                print(f"  round {r + 1} {name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in seen.items()),
-                      file=sys.stderr)
-        untrimmed.unlink()
-    (base_name, base), (cand_name, cand) = results.items()
-    summary = {}
-    for mark in base[0]:
-        b = statistics.median(x[mark] for x in base)
-        c = statistics.median(x[mark] for x in cand)
-        summary[mark] = {"baseline_s": round(b, 2), "candidate_s": round(c, 2), "ratio": round(b / c, 2)}
-    if args.json:
-        print(json.dumps({"rootfs": str(rootfs), "runs": results, "median": summary}, indent=2))
-        return
-    print(f"{'':8} {base_name:>30} {cand_name:>24} {'ratio':>7}")
-    for mark, s in summary.items():
-        print(f"{mark:8} {s['baseline_s']:>29.2f}s {s['candidate_s']:>23.2f}s {s['ratio']:>6.2f}x")
+        variants = {"Debian as mmdebstrap left it": (machine, untrimmed), "banger's trimmed image": (machine, rootfs)}
+        results = kb.compare(variants, args.runs, Path(work), True)
+    kb.report(results, rootfs, args.json)
 
 
 if __name__ == "__main__":

@@ -90,47 +90,62 @@ def boot(machine: Machine, rootfs: Path, work: Path, debian: bool) -> dict[str, 
     return seen
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--vcpus", type=int, default=1)
     ap.add_argument("--rootfs")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    cache = ga.default_cache_dir()
-    cloud = ga.test_kernel(cache)
-    micro = build_microvm_kernel(cache / "banger-cache" / "builds" / "kernel-microvm-6.1",
-                                 cache=cache / "banger-cache" / "debs", log=lambda m: print(f"  {m}", file=sys.stderr))
-    rootfs, debian = find_rootfs(args.rootfs)
-    kernels = {
-        "debian-cloud (-M pc, initrd)": Machine(kernel=cloud["kernel"], initrd=cloud["initrd"], boot_args=APPEND,
-                                               vcpus=args.vcpus, memory_mib=1024),
-        "microvm-6.1 (-M microvm)": Machine(kernel=micro["vmlinux"], boot_args=APPEND, vcpus=args.vcpus, memory_mib=1024),
-    }
-    print(f"root disk {rootfs} ({'Debian' if debian else 'busybox'}), {args.vcpus} vCPU, TCG, {args.runs} rounds",
-          file=sys.stderr)
-    results: dict[str, list[dict[str, float]]] = {k: [] for k in kernels}
-    with tempfile.TemporaryDirectory(prefix="banger-kboot-") as work:
-        for r in range(args.runs):
-            for name, machine in kernels.items():  # interleaved: drift hits both alike
-                seen = boot(machine, rootfs, Path(work), debian)
-                results[name].append(seen)
-                print(f"  round {r + 1} {name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in seen.items()), file=sys.stderr)
 
+def compare(variants: dict[str, tuple[Machine, Path]], runs: int, work: Path, debian: bool) -> dict[str, list[dict[str, float]]]:
+    """Boot each (machine, root disk) variant ``runs`` times, interleaved (drift hits all
+    alike); the marks each boot reached, by variant."""
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
+    for r in range(runs):
+        for name, (machine, disk) in variants.items():
+            seen = boot(machine, disk, work, debian)
+            results[name].append(seen)
+            print(f"  round {r + 1} {name}: " + ", ".join(f"{k} {v:.2f}s" for k, v in seen.items()), file=sys.stderr)
+    return results
+
+
+def report(results: dict[str, list[dict[str, float]]], rootfs: Path, as_json: bool) -> None:
+    """Medians per mark and the ratio baseline (first variant) / candidate (second)."""
     (base_name, base), (cand_name, cand) = results.items()
     summary = {}
     for mark in base[0]:
         b = statistics.median(x[mark] for x in base)
         c = statistics.median(x[mark] for x in cand)
         summary[mark] = {"baseline_s": round(b, 2), "candidate_s": round(c, 2), "ratio": round(b / c, 2)}
-    if args.json:
+    if as_json:
         print(json.dumps({"rootfs": str(rootfs), "baseline": base_name, "candidate": cand_name, "runs": results,
                           "median": summary}, indent=2))
         return
     print(f"{'':8} {base_name:>30} {cand_name:>26} {'ratio':>7}")
     for mark, s in summary.items():
         print(f"{mark:8} {s['baseline_s']:>29.2f}s {s['candidate_s']:>25.2f}s {s['ratio']:>6.2f}x")
+
+
+def main() -> None:
+    args = arguments(__doc__)
+    cache = ga.default_cache_dir()
+    cloud = ga.test_kernel(cache)
+    micro = build_microvm_kernel(cache / "banger-cache" / "builds" / "kernel-microvm-6.1",
+                                 cache=cache / "banger-cache" / "debs", log=lambda m: print(f"  {m}", file=sys.stderr))
+    rootfs, debian = find_rootfs(args.rootfs)
+    variants = {
+        "debian-cloud (-M pc, initrd)": (Machine(kernel=cloud["kernel"], initrd=cloud["initrd"], boot_args=APPEND,
+                                                vcpus=args.vcpus, memory_mib=1024), rootfs),
+        "microvm-6.1 (-M microvm)": (Machine(kernel=micro["vmlinux"], boot_args=APPEND, vcpus=args.vcpus,
+                                             memory_mib=1024), rootfs),
+    }
+    print(f"root disk {rootfs} ({'Debian' if debian else 'busybox'}), {args.vcpus} vCPU, TCG, {args.runs} rounds",
+          file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="banger-kboot-") as work:
+        results = compare(variants, args.runs, Path(work), debian)
+    report(results, rootfs, args.json)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ needs the guest agent, which is not built yet.)
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,8 +39,8 @@ def main() -> int:
     # while other VMs use it)
     banger("image", "pull", "debian-bookworm", check=False)
     t0 = time.monotonic()
-    banger("vm", "create", "--name", NAME, "--vcpu", "1", "--memory", "1G")
     try:
+        banger("vm", "create", "--name", NAME, "--vcpu", "1", "--memory", "1G")
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             text = banger("vm", "logs", NAME, "-n", "0", check=False, quiet=True).stdout
@@ -53,9 +55,14 @@ def main() -> int:
         print(f"banger: the guest did not reach a login prompt in 600s; see `banger vm logs {NAME}`", file=sys.stderr)
         return 1
     finally:
-        banger("vm", "delete", NAME, "--force", check=False)
+        # delete first, report after: a closed stdout (`| head`) or a signal must not
+        # leave the VM running
+        r = banger("vm", "delete", NAME, "--force", check=False, quiet=True)
+        with contextlib.suppress(OSError):
+            print(f"$ banger vm delete {NAME} --force\n{r.stdout}", end="", flush=True)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("NO_COLOR", "1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through main's cleanup
     sys.exit(main())

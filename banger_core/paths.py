@@ -83,6 +83,11 @@ class Paths:
     def kernels_dir(self) -> Path:
         return self.state_dir / "kernels"
 
+    @property
+    def blobs_dir(self) -> Path:
+        """Cached OCI layers, kept while a pulled image was made from them."""
+        return self.cache_dir / "blobs"
+
     # --- runtime ------------------------------------------------------------------
     @property
     def socket(self) -> Path:

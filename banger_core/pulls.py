@@ -147,10 +147,16 @@ class Puller:
 
     @staticmethod
     def _work(progress: Progress | None, what: str) -> Callable[[int, int], None]:
-        """A long build's progress (steps done of an expected total), to the client."""
+        """A long build's progress (steps done of an expected total), to the client,
+        throttled here for every builder."""
+
+        said = 0.0
 
         def work(done: int, total: int) -> None:
-            if progress:
+            nonlocal said
+            now = time.monotonic()
+            if progress and (now - said >= 0.5 or done >= total):  # at most 2 events a second reach the client
+                said = now
                 progress("work", {"name": what, "done": done, "total": total, "unit": "steps"})
 
         return work
@@ -208,10 +214,6 @@ class Puller:
         finally:
             lock.release()
 
-    @property
-    def blobs_dir(self) -> Path:
-        return self.paths.cache_dir / "blobs"
-
     def prune_blobs(self) -> list[str]:
         """Remove cached OCI layers no pulled image was made from (each OCI image keeps
         its layer list beside its rootfs), sparing any touched since the oldest pull
@@ -220,7 +222,7 @@ class Puller:
         pull left. Returns the names removed."""
         from banger_core.oci import blob_name
 
-        if not self.blobs_dir.is_dir():
+        if not self.paths.blobs_dir.is_dir():
             return []
         keep: set[str] = set()
         for layers in self.paths.images_dir.glob(f"*/{LAYERS_FILE}") if self.paths.images_dir.is_dir() else ():
@@ -231,7 +233,7 @@ class Puller:
         with self._guard:
             cutoff = min(self._blob_users.values(), default=time.time() + 1)
         removed = []
-        for f in self.blobs_dir.iterdir():
+        for f in self.paths.blobs_dir.iterdir():
             try:
                 if f.name not in keep and f.stat().st_mtime < cutoff:
                     f.unlink()
@@ -278,7 +280,7 @@ class Puller:
 
             try:
                 info = oci.pull_to_rootfs(
-                    ref, staging / "rootfs.ext4", staging / "work", self.blobs_dir, busybox,
+                    ref, staging / "rootfs.ext4", staging / "work", self.paths.blobs_dir, busybox,
                     size_mib=size_mib, log=self._step(progress), download=download, cancel=cancel,
                 )
                 shutil.rmtree(staging / "work")

@@ -107,3 +107,15 @@ def test_build_progress_is_a_bar_on_a_terminal_and_silent_elsewhere(capsys, monk
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     Progress(quiet=False)({"stage": "work", "name": "kernel k", "done": 450, "total": 1800})
     assert capsys.readouterr().err == ""  # step lines carry the news when not on a terminal
+
+
+def test_build_progress_reaching_the_client_is_throttled_but_ends_at_the_total():
+    from banger_core.pulls import Puller
+
+    events: list[dict] = []
+    work = Puller._work(lambda stage, ev: events.append({"stage": stage, **ev}), "kernel k")
+    for done in range(1, 1800):
+        work(done, 1800)
+    work(1800, 1800)
+    assert [e["done"] for e in events] == [1, 1800]  # a compile's 1800 steps inside half a second
+    assert events[-1] == {"stage": "work", "name": "kernel k", "done": 1800, "total": 1800, "unit": "steps"}

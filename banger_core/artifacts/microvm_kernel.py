@@ -199,19 +199,18 @@ def compile_vmlinux(
     tree: Path, log: Log, *, jobs: int | None = None, cancel: threading.Event | None = None,
     work: Work | None = None,
 ) -> str:
-    """``make vmlinux``; a progress line every 30 s (and ``work`` calls at most every
-    half second); return the kernel release."""
+    """``make vmlinux``; a progress line every 30 s and a ``work`` call per compile
+    step; return the kernel release."""
     jobs = jobs or os.cpu_count() or 1
     t0 = time.monotonic()
-    state = {"objects": 0, "said": t0, "worked": 0.0}
+    state = {"objects": 0, "said": t0}
 
     def on_line(line: str) -> None:
         if line.lstrip().startswith(("CC ", "AS ", "LD ", "AR ")):
             state["objects"] += 1
+            if work is not None:
+                work(min(int(state["objects"]), EXPECTED_STEPS - 1), EXPECTED_STEPS)
         now = time.monotonic()
-        if work is not None and now - state["worked"] >= 0.5:
-            state["worked"] = now
-            work(min(int(state["objects"]), EXPECTED_STEPS - 1), EXPECTED_STEPS)
         if now - state["said"] >= 30:
             state["said"] = now
             log(f"compiling: {state['objects']} of ~{EXPECTED_STEPS} steps after {now - t0:.0f}s")

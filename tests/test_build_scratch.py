@@ -43,8 +43,8 @@ def test_remove_tree_refuses_when_a_mount_will_not_go(tmp_path, monkeypatch):
     assert (scratch / "file").exists()
 
 
-def test_mount_points_with_spaces_are_decoded(tmp_path):
-    odd = tmp_path / "with space"
+def test_mount_points_with_spaces_and_non_ascii_names_are_decoded(tmp_path):
+    odd = tmp_path / "with space, tab\tand ü"
     odd.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(odd)], check=True)
     try:

@@ -10,6 +10,7 @@ import collections
 import fcntl
 import lzma
 import os
+import re
 import shutil
 import signal
 import struct
@@ -137,8 +138,8 @@ def mounts_under(path: Path) -> list[Path]:
     for line in lines:
         fields = line.split()
         if len(fields) > 4:
-            # octal escapes (\040 for a space) as the kernel writes them
-            point = Path(fields[4].encode().decode("unicode_escape"))
+            # the kernel escapes space, tab, newline and backslash as \ooo; the rest is as is
+            point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
             if point == root or root in point.parents:
                 found.append(point)
     return sorted(set(found), key=lambda p: len(p.parts), reverse=True)

@@ -24,17 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from banger_core.errors import BangerError, ErrorCode
+from banger_core.models import Input, SizeMiB, validate_input
 from banger_core.paths import PROJECT_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
     from banger_core.plugins import PluginHost
 
 
-class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Table(Input):
+    """A config table: strict (no "30" for 30, no true for 1), unknown keys refused."""
 
 
 class PluginsTable(_Table):
@@ -57,8 +58,8 @@ class VMDefaultsTable(_Table):
     """Unset values are derived from the host (see ``host_defaults``)."""
 
     vcpus: int | None = Field(default=None, gt=0)
-    memory_mib: int | None = Field(default=None, gt=0)
-    disk_size_mib: int = Field(default=4096, gt=0)
+    memory_mib: SizeMiB | None = Field(default=None, description='MiB, or a size like "2G"')
+    disk_size_mib: SizeMiB = Field(default=4096, description='MiB, or a size like "8G"')
     image: str | None = None
     kernel: str | None = None  # instead of each image's own kernel, e.g. microvm-6.1
 
@@ -79,15 +80,54 @@ class CatalogTable(_Table):
     path: str | None = Field(default=None, description="a catalog.json whose entries add to or override the built-in one")
 
 
+class ImagesTable(_Table):
+    max_rootfs_size: SizeMiB = Field(
+        default=64 * 1024, description='largest root filesystem banger accepts from any source (MiB, or "64G")'
+    )
+
+
 class CoreConfig(_Table):
     plugins: PluginsTable = Field(default_factory=PluginsTable)
     daemon: DaemonTable = Field(default_factory=DaemonTable)
     vm_defaults: VMDefaultsTable = Field(default_factory=VMDefaultsTable)
     vmm: VMMTable = Field(default_factory=VMMTable)
     catalog: CatalogTable = Field(default_factory=CatalogTable)
+    images: ImagesTable = Field(default_factory=ImagesTable)
 
 
 CORE_TABLES = frozenset(CoreConfig.model_fields)
+
+# Keys of the original (Go) banger's flat config.toml, and what became of each.
+_RENAMED = "renamed to"
+LEGACY_KEYS: dict[str, str] = {
+    "vcpu": f"{_RENAMED} [vm_defaults] vcpus",
+    "memory_mib": f"{_RENAMED} [vm_defaults] memory_mib",
+    "disk_size": f'{_RENAMED} [vm_defaults] disk_size_mib (MiB, or a size like "8G")',
+    "default_image_name": f"{_RENAMED} [vm_defaults] image",
+    "firecracker_bin": f"{_RENAMED} [vmm] firecracker_binary",
+    "system_overlay_size": (
+        "not supported: each VM has one copy-on-write root disk, sized by [vm_defaults] disk_size_mib;"
+        " there is no separate system overlay"
+    ),
+    "stats_poll_interval": (
+        "not supported: banger polls no VM stats; the daemon notices a VMM exiting by itself"
+    ),
+}
+
+
+def _legacy_key_errors(path: Path, raw: dict[str, Any]) -> list[str]:
+    """Keys of the original tool's config, at the top level or inside a core table."""
+    found = []
+    for key, value in raw.items():
+        if key in LEGACY_KEYS and not isinstance(value, dict):
+            found.append(f"{path}: {key}: {LEGACY_KEYS[key]}")
+    for table in CORE_TABLES:
+        sub = raw.get(table)
+        if isinstance(sub, dict):
+            for key in sub:
+                if key in LEGACY_KEYS and key not in CoreConfig.model_fields[table].annotation.model_fields:  # type: ignore[union-attr]
+                    found.append(f"{path}: [{table}] {key}: {LEGACY_KEYS[key]}")
+    return found
 
 
 def format_validation_error(path: Path, table: str | None, exc: ValidationError) -> str:
@@ -164,6 +204,8 @@ class Config:
     @classmethod
     def load(cls, path: Path) -> "Config":
         raw = _read_toml(path)
+        if legacy := _legacy_key_errors(path, raw):
+            raise BangerError(ErrorCode.CONFIG, "; ".join(legacy))
         core_raw = {k: v for k, v in raw.items() if k in CORE_TABLES}
         try:
             core = CoreConfig.model_validate(core_raw)
@@ -212,12 +254,13 @@ class Config:
                 src = project.path if proj else self.path
                 raise BangerError(ErrorCode.CONFIG, f"{src}: [{plugin}]: plugin {plugin!r} takes no settings")
             return None
+        # strict=True here makes every plugin's model strict, third parties' included.
         try:
-            model.model_validate(user)
+            validate_input(model, user)
         except ValidationError as exc:
             raise BangerError(ErrorCode.CONFIG, format_validation_error(self.path, plugin, exc)) from None
         try:
-            return model.model_validate({**user, **proj})
+            return validate_input(model, {**user, **proj})
         except ValidationError as exc:  # only the project's keys can be at fault now
             assert project is not None
             raise BangerError(ErrorCode.CONFIG, format_validation_error(project.path, plugin, exc)) from None

@@ -17,7 +17,7 @@ from banger_core.paths import Paths
 from banger_core.store import Store
 from banger_core.vmm.base import kernel_is_elf
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # always fullmatch
 # A compressed bzImage is preferred as the kernel QEMU boots (-M pc, with the initrd);
 # an ELF vmlinux beside it is kept too (Firecracker boots only that). A directory with
 # only a vmlinux boots it everywhere (QEMU then uses -M microvm).
@@ -26,7 +26,7 @@ INITRD_NAMES = ("initrd.img", "initrd", "initramfs.img", "initramfs")
 
 
 def check_name(kind: str, name: str) -> str:
-    if not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise BangerError(
             ErrorCode.BAD_REQUEST,
             f"invalid {kind} name {name!r}: use 1-63 of a-z, 0-9, '.', '_', '-', starting with a letter or digit",

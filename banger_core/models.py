@@ -5,11 +5,15 @@ from __future__ import annotations
 import enum
 import re
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-VM_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Every validation pattern is used with ``fullmatch`` (``$`` also matches before a
+# final newline, so ``match`` with ``...$`` lets "box\n" through).
+VM_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)(?:i?B)?", re.IGNORECASE)
+_UNIT_MIB = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
 
 
 def utcnow() -> datetime:
@@ -18,7 +22,7 @@ def utcnow() -> datetime:
 
 def validate_vm_name(name: str) -> str:
     """VM names are DNS labels: 1–63 of [a-z0-9-], no leading or trailing '-'."""
-    if not VM_NAME_RE.match(name):
+    if not isinstance(name, str) or not VM_NAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid VM name {name!r}: use 1-63 characters of a-z, 0-9 and '-', "
             "not starting or ending with '-'"
@@ -26,8 +30,40 @@ def validate_vm_name(name: str) -> str:
     return name
 
 
+def parse_size_mib(value: object) -> int:
+    """A size in MiB: an integer (MiB) or a string like "512", "512M", "2G", "1GiB".
+
+    The one size syntax of banger (CLI flags, config, RPC). Booleans, floats and
+    anything else are refused; so is a size below 1 MiB.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a size: an integer (MiB) or a string like \"512M\" or \"8G\", got {type(value).__name__}")
+    if isinstance(value, int):
+        mib = float(value)
+    else:
+        m = _SIZE_RE.fullmatch(value.strip())
+        if not m:
+            raise ValueError(f"cannot parse size {value!r}: use an integer (MiB) or a string like \"512M\", \"8G\"")
+        mib = int(m.group(1)) * _UNIT_MIB[(m.group(2) or "m").lower()]
+    if mib < 1:
+        raise ValueError(f"size must be at least 1 MiB, got {value!r}")
+    return int(mib)
+
+
+#: A size in MiB that also takes "512M"/"8G" strings (see ``parse_size_mib``).
+SizeMiB = Annotated[int, BeforeValidator(parse_size_mib)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Input(BaseModel):
+    """The base of everything that crosses a boundary into banger: config tables, RPC
+    params, plugin settings. Unknown keys are refused, nothing is coerced (no "30" for
+    30, no true for 1), and defaults are validated like given values."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
 
 class VMState(str, enum.Enum):
@@ -136,3 +172,16 @@ class Machine(Strict):
     nics: list[NIC] = Field(default_factory=list)
     agent: AgentChannel | None = None
     console_log: str | None = None
+
+
+def validate_input(model: type[BaseModel], data: Any) -> Any:
+    """Validate data that arrived as JSON or TOML against any model, strictly.
+
+    Strict in JSON mode: strings are never numbers, booleans never integers, but a
+    string still makes a Path, an enum member or a datetime as it would from JSON. Used
+    for RPC params and plugin settings, so a third party's model is as strict as the
+    core's.
+    """
+    import json
+
+    return model.model_validate_json(json.dumps(data, default=str), strict=True)

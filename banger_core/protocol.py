@@ -21,7 +21,7 @@ from typing import Any
 from banger_core import PROTOCOL_VERSION
 
 MAX_FRAME = 16 * 1024 * 1024
-OP_ID_RE = re.compile(r"^op-[0-9a-f]{6,32}$")
+OP_ID_RE = re.compile(r"op-[0-9a-f]{6,32}")  # always fullmatch
 
 
 def new_op_id() -> str:

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from banger_core import disks, host
 from banger_core.errors import BangerError, ErrorCode, MultiError
 from banger_core.handles import HandleStore
 from banger_core.lifecycle import Lifecycle
-from banger_core.models import VM, Drive, Image, Machine, VMHandles, VMSpec, VMState, validate_vm_name
+from banger_core.models import VM, Drive, Image, Input, Machine, SizeMiB, VMHandles, VMSpec, VMState, validate_vm_name
 from banger_core.pulls import DEFAULT_IMAGE, Puller
 from banger_core.runtime import Runtime
 from banger_core.store import Store
@@ -48,15 +48,13 @@ class Cancelled(BangerError):
         super().__init__(ErrorCode.CANCELLED, "cancelled: the client went away")
 
 
-class CreateParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CreateParams(Input):
     name: str | None = None
     image: str | None = None
     kernel: str | None = None
     vcpus: int | None = Field(default=None, gt=0)
-    memory_mib: int | None = Field(default=None, gt=0)
-    disk_size_mib: int | None = Field(default=None, gt=0)
+    memory_mib: SizeMiB | None = None
+    disk_size_mib: SizeMiB | None = None
     driver: str | None = None
     project_dir: str | None = None
 
@@ -66,13 +64,11 @@ class CreateParams(BaseModel):
         return validate_vm_name(v) if v is not None else v
 
 
-class SetParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SetParams(Input):
     ref: str
     vcpus: int | None = Field(default=None, gt=0)
-    memory_mib: int | None = Field(default=None, gt=0)
-    disk_size_mib: int | None = Field(default=None, gt=0)
+    memory_mib: SizeMiB | None = None
+    disk_size_mib: SizeMiB | None = None
 
 
 def check_host_limits(spec: VMSpec) -> None:

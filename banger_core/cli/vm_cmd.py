@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -17,21 +16,16 @@ from banger_core.errors import BangerError, ErrorCode
 
 app = typer.Typer(help="Create, run and manage VMs.", no_args_is_help=True)
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.I)
-
-
 def parse_mib(value: str | None, what: str) -> int | None:
-    """'512' (MiB), '512M', '2G', '1GiB' -> MiB. Zero and negatives are refused."""
+    """'512' (MiB), '512M', '2G', '1GiB' -> MiB (the one size syntax: models.parse_size_mib)."""
     if value is None:
         return None
-    m = _SIZE_RE.match(value)
-    if not m:
-        raise BangerError(ErrorCode.BAD_REQUEST, f"{what}: cannot parse size {value!r} (e.g. 512, 512M, 2G)")
-    n, unit = int(m.group(1)), (m.group(2) or "m").lower()
-    mib = {"k": n / 1024, "m": n, "g": n * 1024, "t": n * 1024 * 1024}[unit]
-    if mib < 1:
-        raise BangerError(ErrorCode.BAD_REQUEST, f"{what} must be greater than 0, got {value!r}")
-    return int(mib)
+    from banger_core.models import parse_size_mib
+
+    try:
+        return parse_size_mib(value)
+    except ValueError as exc:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"{what}: {exc}") from None
 
 
 def positive(value: int | None, what: str) -> int | None:

@@ -11,11 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from banger_core import images
 from banger_core.daemon.rpc import Call, Registry
 from banger_core.errors import BangerError, ErrorCode
+from banger_core.models import Input, SizeMiB
 from banger_core.vms import CreateParams, SetParams, VMService
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,8 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
 EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="banger-op")
 
 
-class _P(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _P(Input):
+    """RPC params: strict, unknown keys refused, defaults validated (see Input)."""
 
 
 class RefsParams(_P):
@@ -78,7 +79,7 @@ class ImagePullParams(_P):
     force: bool = Field(default=False, description="catalog images: rebuild even if present and current")
     name: str | None = None
     kernel_ref: str | None = None
-    size_mib: int | None = Field(default=None, gt=0)
+    size_mib: SizeMiB | None = None
 
 
 class BundleParams(_P):

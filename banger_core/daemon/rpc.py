@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from banger_core import protocol
 from banger_core.errors import BangerError, ErrorCode
+from banger_core.models import validate_input
 
 log = logging.getLogger("banger.rpc")
 
@@ -83,7 +84,7 @@ class Registry:
         params: Any = raw_params
         if method.params is not None:
             try:
-                params = method.params.model_validate(raw_params)
+                params = validate_input(method.params, raw_params)
             except ValidationError as exc:
                 problems = "; ".join(
                     f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors()

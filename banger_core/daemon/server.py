@@ -219,7 +219,7 @@ class Daemon:
         if not isinstance(req, dict):
             await self._reject(reader, writer, BangerError(ErrorCode.BAD_REQUEST, "request must be a JSON object", op_id=op_id))
             return
-        if isinstance(req.get("op_id"), str) and protocol.OP_ID_RE.match(req["op_id"]):
+        if isinstance(req.get("op_id"), str) and protocol.OP_ID_RE.fullmatch(req["op_id"]):
             op_id = req["op_id"]
         if req.get("v") != PROTOCOL_VERSION:
             await self._reject(

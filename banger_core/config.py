@@ -54,6 +54,9 @@ class DaemonTable(_Table):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+DEFAULT_IMAGE = "debian-bookworm"  # what `vm create` boots when nothing says otherwise
+
+
 class VMDefaultsTable(_Table):
     """Unset values are derived from the host (see ``host_defaults``)."""
 
@@ -96,6 +99,30 @@ class CoreConfig(_Table):
 
 
 CORE_TABLES = frozenset(CoreConfig.model_fields)
+
+Provenance = Literal["config", "auto", "builtin"]
+
+
+def resolve_vm_defaults(d: VMDefaultsTable) -> dict[str, tuple[Any, Provenance]]:
+    """What `vm create` uses for each spec value nobody gave, and where it comes from:
+    the user's config, derived from this host ("auto"), or banger's built-in default.
+    The one resolution of VM defaults: create, `vm create --help` and doctor use it."""
+    from banger_core import host
+
+    def pick(key: str, auto: Any | None = None) -> tuple[Any, Provenance]:
+        if key in d.model_fields_set and getattr(d, key) is not None:
+            return getattr(d, key), "config"
+        if auto is not None:
+            return auto, "auto"
+        return getattr(d, key), "builtin"
+
+    return {
+        "vcpus": pick("vcpus", host.default_vcpus()),
+        "memory_mib": pick("memory_mib", host.default_memory_mib()),
+        "disk_size_mib": pick("disk_size_mib"),
+        "image": pick("image", None) if d.image is not None else (DEFAULT_IMAGE, "builtin"),
+        "kernel": pick("kernel"),  # None: each image's own kernel
+    }
 
 # Keys of the original (Go) banger's flat config.toml, and what became of each.
 _RENAMED = "renamed to"

@@ -57,6 +57,8 @@ def core_checks(paths: "Paths", rt: "Runtime | None", load_error: BangerError | 
                 rt.config.settings_for(rt.host, name)
             except BangerError as exc:
                 out.append(CheckResult.fail(f"settings {name}", exc.message))
+        out.append(_vm_defaults_check(rt))
+        out.append(_catalog_check(rt))
     out.append(_state_check(paths))
     out.append(_runtime_dir_check(paths))
     out.append(_daemon_check(paths))
@@ -69,6 +71,30 @@ def core_checks(paths: "Paths", rt: "Runtime | None", load_error: BangerError | 
     out.append(_kvm_check(paths))
     out.append(_kernel_build_check())
     return out
+
+
+def _vm_defaults_check(rt: "Runtime") -> CheckResult:
+    """Each VM default with where it comes from: config / auto (this host) / builtin."""
+    from banger_core.config import resolve_vm_defaults
+
+    parts = []
+    for key, (value, src) in resolve_vm_defaults(rt.config.core.vm_defaults).items():
+        shown = f"{value} MiB" if key.endswith("_mib") and value is not None else value
+        parts.append(f"{key.removesuffix('_mib')}={shown if shown is not None else 'image' + chr(39) + 's own'} ({src})")
+    return CheckResult.ok("vm defaults", f"{', '.join(parts)}; config {rt.config.path}")
+
+
+def _catalog_check(rt: "Runtime") -> CheckResult:
+    """A `[catalog] path` must name a readable catalog file."""
+    from banger_core.pulls import catalog
+
+    extra = rt.config.core.catalog.path
+    try:
+        cat = catalog(extra)
+    except BangerError as exc:
+        return CheckResult.fail("catalog", f"{rt.config.path}: {exc.message}")
+    where = f"built-in + {extra}" if extra else "built-in"
+    return CheckResult.ok("catalog", f"{where}: {len(cat['images'])} image(s), {len(cat['kernels'])} kernel(s)")
 
 
 def _kernel_build_check() -> CheckResult:

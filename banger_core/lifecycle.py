@@ -38,6 +38,8 @@ class Lifecycle:
         self.vm = vm
         self.op_id = op_id
         self._persist = persist or (lambda _vm: None)
+        #: True once ``start`` began running the stages (its failure then ran cleanup)
+        self.started = False
         self.handles = handles if handles is not None else {}
         project_dir = Path(vm.project_dir) if vm.project_dir else None
         self.plugins, self.project = rt.plugins_for(project_dir)
@@ -71,6 +73,7 @@ class Lifecycle:
     def start(self, machine: Machine, boot: Callable[[Machine], None]) -> None:
         """prepare_host -> configure_machine -> boot -> post_boot; on any failure run
         cleanup for every plugin and raise the first error (cleanup errors attached)."""
+        self.started = True
         try:
             self._stage("prepare_host")
             self._stage("configure_machine", machine=machine)

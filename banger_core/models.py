@@ -41,7 +41,7 @@ def parse_size_mib(value: object) -> int:
     if isinstance(value, int):
         mib = float(value)
     else:
-        m = _SIZE_RE.fullmatch(value.strip())
+        m = _SIZE_RE.fullmatch(value)
         if not m:
             raise ValueError(f"cannot parse size {value!r}: use an integer (MiB) or a string like \"512M\", \"8G\"")
         mib = int(m.group(1)) * _UNIT_MIB[(m.group(2) or "m").lower()]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from banger_core import images
+from banger_core.config import DEFAULT_IMAGE
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Image, Kernel
 from banger_core.paths import Paths
@@ -31,7 +32,6 @@ from banger_core.store import Store
 
 log = logging.getLogger("banger.pulls")
 
-DEFAULT_IMAGE = "debian-bookworm"
 Progress = Callable[[str, dict[str, Any]], None]
 
 

@@ -24,7 +24,8 @@ from banger_core.errors import BangerError, ErrorCode, MultiError
 from banger_core.handles import HandleStore
 from banger_core.lifecycle import Lifecycle
 from banger_core.models import VM, Drive, Image, Input, Machine, SizeMiB, VMHandles, VMSpec, VMState, validate_vm_name
-from banger_core.pulls import DEFAULT_IMAGE, Puller
+from banger_core.config import resolve_vm_defaults
+from banger_core.pulls import Puller
 from banger_core.runtime import Runtime
 from banger_core.store import Store
 from banger_core.vmm import base as vmm
@@ -168,18 +169,18 @@ class VMService:
     def create(self, params: CreateParams, op_id: str, progress: Progress, cancel: threading.Event) -> VM:
         t0 = time.monotonic()
         progress("reserve", {})
-        d = self.cfg.vm_defaults
+        d = {k: v for k, (v, _src) in resolve_vm_defaults(self.cfg.vm_defaults).items()}
         try:
             spec = VMSpec(
-                vcpus=params.vcpus or d.vcpus or host.default_vcpus(),
-                memory_mib=params.memory_mib or d.memory_mib or host.default_memory_mib(),
-                disk_size_mib=params.disk_size_mib or d.disk_size_mib,
-                kernel=params.kernel or d.kernel,
+                vcpus=params.vcpus or d["vcpus"],
+                memory_mib=params.memory_mib or d["memory_mib"],
+                disk_size_mib=params.disk_size_mib or d["disk_size_mib"],
+                kernel=params.kernel or d["kernel"],
             )
         except ValidationError as exc:
             raise BangerError(ErrorCode.BAD_REQUEST, f"invalid spec: {exc.errors()[0]['msg']}") from None
         check_host_limits(spec)
-        image = self._image_or_pull(params.image or d.image or DEFAULT_IMAGE, progress, cancel, spec.kernel)
+        image = self._image_or_pull(params.image or d["image"], progress, cancel, spec.kernel)
         driver_name = pick_driver(params.driver or self.cfg.vmm.driver, self.cfg.vmm)
         vm = VM(
             id=secrets.token_hex(8),
@@ -202,8 +203,9 @@ class VMService:
                     raise Cancelled()
                 self._start_locked(vm, op_id, progress, cancel)
         except BaseException as exc:
-            # A create that did not finish leaves nothing behind: no row, no files.
-            errors = self._destroy(vm, op_id)
+            # A create that did not finish leaves nothing behind: no row, no files. The
+            # failed start already ran every plugin's cleanup (exactly once).
+            errors = self._destroy(vm, op_id, plugins_cleaned=True)
             if errors and isinstance(exc, BangerError):
                 exc.details["cleanup_failures"] = [str(e) for e in errors]
             raise
@@ -212,17 +214,36 @@ class VMService:
 
     def start(self, vm: VM, op_id: str, progress: Progress, cancel: threading.Event) -> VM:
         with self.lock(vm.id):
-            vm = self._settle(self.store.get_vm(vm.id), op_id)
-            if vm.state is VMState.RUNNING:
-                raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is already running")
-            try:
-                self._start_locked(vm, op_id, progress, cancel)
-            except BangerError as exc:
-                self._transition(vm, VMState.ERROR, exc.message)
-                raise
+            return self._start_stopped_locked(vm, op_id, progress, cancel)
+
+    def _start_stopped_locked(self, vm: VM, op_id: str, progress: Progress, cancel: threading.Event) -> VM:
+        vm = self._settle(self.store.get_vm(vm.id), op_id)
+        if vm.state is VMState.RUNNING:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is already running")
+        try:
+            self._start_locked(vm, op_id, progress, cancel)
+        except BangerError as exc:
+            self._transition(vm, VMState.ERROR, exc.message)
+            raise
         return vm
 
     def _start_locked(self, vm: VM, op_id: str, progress: Progress, cancel: threading.Event) -> None:
+        """Boot ``vm`` under its lock. On failure the VMM and its run files are gone and
+        every plugin's cleanup has run exactly once (by ``Lifecycle.start``, or here when
+        the failure came before the plugins ran)."""
+        lc: Lifecycle | None = None
+        try:
+            lc = self._lifecycle(vm, op_id)
+            self._boot_locked(vm, lc, op_id, progress, cancel)
+        except BaseException:
+            if lc is not None and not lc.started:
+                try:
+                    lc.cleanup()
+                except BangerError as exc:
+                    log.error("VM %s: plugin cleanup after a failed start: %s", vm.name, exc, extra={"op_id": op_id})
+            raise
+
+    def _boot_locked(self, vm: VM, lc: Lifecycle, op_id: str, progress: Progress, cancel: threading.Event) -> None:
         image = self.store.get_image(vm.image or "")
         kernel = self.store.get_kernel(vm.spec.kernel or image.kernel_ref or "")
         driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
@@ -246,7 +267,6 @@ class VMService:
             drives=[Drive(id="root", path=str(root), root=True)],
             console_log=str(console),
         )
-        lc = self._lifecycle(vm, op_id)
 
         def boot(m: Machine) -> None:
             if cancel.is_set():
@@ -303,13 +323,16 @@ class VMService:
     # --- stop / kill -----------------------------------------------------------------
     def stop(self, vm: VM, op_id: str, force: bool = False) -> VM:
         with self.lock(vm.id):
-            vm = self._settle(self.store.get_vm(vm.id), op_id)
-            if vm.state is not VMState.RUNNING:
-                raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running ({vm.state.value})")
-            driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
-            how = self._stop_vmm(vm, driver, graceful=not force, op_id=op_id)
-            log.log(logging.WARNING if how == "killed" and not force else logging.INFO, "VM %s: %s", vm.name, how, extra={"op_id": op_id})
-            self._finalize_stopped(vm, op_id)
+            return self._stop_locked(vm, op_id, force)
+
+    def _stop_locked(self, vm: VM, op_id: str, force: bool = False) -> VM:
+        vm = self._settle(self.store.get_vm(vm.id), op_id)
+        if vm.state is not VMState.RUNNING:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running ({vm.state.value})")
+        driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
+        how = self._stop_vmm(vm, driver, graceful=not force, op_id=op_id)
+        log.log(logging.WARNING if how == "killed" and not force else logging.INFO, "VM %s: %s", vm.name, how, extra={"op_id": op_id})
+        self._finalize_stopped(vm, op_id)
         return vm
 
     def _stop_vmm(self, vm: VM, driver: vmm.Driver, graceful: bool, op_id: str = "") -> str:
@@ -377,10 +400,14 @@ class VMService:
             raise MultiError("cleanup", failures, op_id=op_id)
 
     def restart(self, vm: VM, op_id: str, progress: Progress, cancel: threading.Event) -> VM:
-        vm = self.refresh(self.store.get_vm(vm.id), op_id)
-        if vm.state is VMState.RUNNING:
-            self.stop(vm, op_id)
-        return self.start(vm, op_id, progress, cancel)
+        """Stop (if running) and start, under one hold of the VM's lock: no other
+        operation can slip in between."""
+        with self.lock(vm.id):
+            vm = self._settle(self.store.get_vm(vm.id), op_id)
+            if vm.state is VMState.RUNNING:
+                progress("stop", {})
+                vm = self._stop_locked(vm, op_id)
+            return self._start_stopped_locked(vm, op_id, progress, cancel)
 
     # --- delete / prune ------------------------------------------------------------
     def delete(self, vm: VM, op_id: str, force: bool = False) -> VM:
@@ -397,18 +424,20 @@ class VMService:
             raise MultiError("delete", [(str(i), e) for i, e in enumerate(errors)], op_id=op_id)
         return vm
 
-    def _destroy(self, vm: VM, op_id: str) -> list[BaseException]:
-        """Remove every trace of a VM; keep going past failures and return them."""
+    def _destroy(self, vm: VM, op_id: str, plugins_cleaned: bool = False) -> list[BaseException]:
+        """Remove every trace of a VM; keep going past failures and return them.
+        ``plugins_cleaned``: the plugins' cleanup already ran for this teardown."""
         errors: list[BaseException] = []
         try:
             driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
             self._stop_vmm(vm, driver, graceful=False, op_id=op_id)
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
-        try:
-            self._lifecycle(vm, op_id).cleanup()
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+        if not plugins_cleaned:
+            try:
+                self._lifecycle(vm, op_id).cleanup()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
         self.handles.drop(vm.id)
         try:
             shutil.rmtree(self.run_dir(vm))

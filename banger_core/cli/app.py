@@ -125,10 +125,18 @@ def _register_plugin_commands(app: typer.Typer) -> None:
         rt.resolve()
 
 
-def fail(err: BangerError) -> None:
-    msg = f"banger: {err.message}"
+def error_line(err: BangerError) -> str:
+    """``banger: <message> (<code>, op-…)``; operation_failed is the generic code, not shown."""
+    from banger_core.errors import ErrorCode
+
+    tags = [err.code.value] if err.code is not ErrorCode.OPERATION_FAILED else []
     if err.op_id:
-        msg += f" ({err.op_id})"
+        tags.append(err.op_id)
+    return f"banger: {err.message}" + (f" ({', '.join(tags)})" if tags else "")
+
+
+def fail(err: BangerError) -> None:
+    msg = error_line(err)
     print(style.paint(msg, "red", sys.stderr), file=sys.stderr)
     sys.exit(1)
 

@@ -11,7 +11,7 @@ from typing import Any, List, Optional
 import typer
 
 from banger_core.cli import style
-from banger_core.cli.app import echo_json, state
+from banger_core.cli.app import echo_json, error_line, state
 from banger_core.errors import BangerError, ErrorCode
 
 app = typer.Typer(help="Create, run and manage VMs.", no_args_is_help=True)
@@ -133,21 +133,46 @@ def _fan_out(method: str, refs: list[str], as_json: bool, verb: str, **extra: An
                 style.echo(f"{r['vm']['name']}: {r['vm'].get('state', verb)}")
         else:
             failed += 1
-            e = r["error"]
-            style.echo(style.paint(f"banger: {r['ref']}: {e['message']} ({e['op_id']})", "red", sys.stderr), err=True)
+            err = BangerError.from_dict(r["error"])
+            err.message = f"{r['ref']}: {err.message}"
+            style.echo(style.paint(error_line(err), "red", sys.stderr), err=True)
     if failed:
         raise typer.Exit(1)
+
+
+def _defaults_help() -> dict[str, str]:
+    """Each VM default as `vm create --help` shows it: the value this host and config
+    resolve to, and where it comes from (config / auto / builtin)."""
+    from banger_core.config import Config, resolve_vm_defaults
+
+    why = {"vcpus": "host cpus/4, 1..4", "memory_mib": "host RAM/8, 256 MiB..8 GiB"}
+    try:
+        cfg = Config.load(state.paths.config_file).core
+    except BangerError:
+        return {}
+    out = {}
+    for key, (value, src) in resolve_vm_defaults(cfg.vm_defaults).items():
+        shown = f"{value} MiB" if key.endswith("_mib") else value
+        if key == "kernel" and value is None:
+            shown = "the image's own"
+        out[key] = f"default: {shown} ({src}" + (f": {why[key]}" if src == "auto" else "") + ")"
+    out["driver"] = f"default: {cfg.vmm.driver} ({'config' if 'driver' in cfg.vmm.model_fields_set else 'builtin'}"
+    out["driver"] += ": Firecracker when usable, else QEMU)" if cfg.vmm.driver == "auto" else ")"
+    return out
+
+
+_D = _defaults_help()
 
 
 @app.command()
 def create(
     name: Optional[str] = typer.Option(None, "--name", "-n", help="DNS-label name (default: generated)"),
-    image: Optional[str] = typer.Option(None, "--image", "-i", help="image name (default: [vm_defaults] image, else debian-bookworm, pulled if missing)"),
-    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help="boot this kernel instead of the image's, e.g. microvm-6.1 (pulled if missing)"),
-    vcpu: Optional[int] = typer.Option(None, "--vcpu", help="vCPUs (default: host cpus/4, 1..4)"),
-    memory: Optional[str] = typer.Option(None, "--memory", "-m", help="memory, e.g. 1024 or 2G (default: RAM/8)"),
-    disk_size: Optional[str] = typer.Option(None, "--disk-size", help="root disk size, e.g. 4G"),
-    driver: Optional[str] = typer.Option(None, "--driver", help="qemu | firecracker (default: [vmm] driver)"),
+    image: Optional[str] = typer.Option(None, "--image", "-i", help=f"image name, pulled if missing ({_D.get('image', '')})"),
+    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help=f"boot this kernel instead of the image's, e.g. microvm-6.1, pulled if missing ({_D.get('kernel', '')})"),
+    vcpu: Optional[int] = typer.Option(None, "--vcpu", help=f"vCPUs ({_D.get('vcpus', '')})"),
+    memory: Optional[str] = typer.Option(None, "--memory", "-m", help=f"memory, e.g. 1024 or 2G ({_D.get('memory_mib', '')})"),
+    disk_size: Optional[str] = typer.Option(None, "--disk-size", help=f"root disk size, e.g. 4G ({_D.get('disk_size_mib', '')})"),
+    driver: Optional[str] = typer.Option(None, "--driver", help=f"qemu | firecracker ({_D.get('driver', '')})"),
     project: Optional[Path] = typer.Option(None, "--project", "-p", help="project dir whose banger.toml applies"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:

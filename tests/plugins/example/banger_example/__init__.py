@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +24,14 @@ class Settings(BaseModel):
     greeting: str = "hello"
     times: int = Field(default=1, ge=1, le=10)
     record: str | None = Field(default=None, description="append hook calls as JSON lines here")
+    fail_in: Literal["prepare_host", "configure_machine", "post_boot", "cleanup"] | None = Field(
+        default=None, description="raise in this lifecycle hook (tests of failure paths)"
+    )
+
+
+def _maybe_fail(settings: Settings | None, hook: str) -> None:
+    if settings is not None and settings.fail_in == hook:
+        raise RuntimeError(f"example: failing in {hook} as configured")
 
 
 def _record(settings: Settings | None, entry: dict) -> None:
@@ -100,17 +109,20 @@ def reconcile(ctx) -> None:  # noqa: ANN001
 def prepare_host(ctx) -> None:  # noqa: ANN001
     ctx.teardown["example"] = "made"
     _record(ctx.settings, {"hook": "prepare_host", "vm": ctx.vm.name, "greeting": ctx.settings.greeting})
+    _maybe_fail(ctx.settings, "prepare_host")
 
 
 @hookimpl
 def configure_machine(ctx, machine) -> None:  # noqa: ANN001
     machine.boot_args.append(f"example.greeting={ctx.settings.greeting}")
     _record(ctx.settings, {"hook": "configure_machine", "vm": ctx.vm.name})
+    _maybe_fail(ctx.settings, "configure_machine")
 
 
 @hookimpl
 def post_boot(ctx) -> None:  # noqa: ANN001
     _record(ctx.settings, {"hook": "post_boot", "vm": ctx.vm.name})
+    _maybe_fail(ctx.settings, "post_boot")
 
 
 @hookimpl
@@ -122,3 +134,4 @@ def request_guest_shutdown(ctx) -> None:  # noqa: ANN001
 @hookimpl
 def cleanup(ctx) -> None:  # noqa: ANN001
     _record(ctx.settings, {"hook": "cleanup", "vm": ctx.vm.name, "teardown": ctx.teardown.get("example")})
+    _maybe_fail(ctx.settings, "cleanup")

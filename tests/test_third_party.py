@@ -62,7 +62,7 @@ def test_example_plugin_configured_from_config_and_project_via_daemon(xenv, tmp_
     r = xenv.run("example", "greet", "bob")
     assert r.returncode == 1
     assert f"{xenv.config_file}: [example] times: Input should be less than or equal to 10 (got 11)" in r.stderr
-    assert "(op-" in r.stderr  # the error came back over RPC with its op id
+    assert "(config_error, op-" in r.stderr  # the error came back over RPC with its code and op id
 
 
 def test_example_plugin_rpc_param_validation(xenv):
@@ -169,7 +169,7 @@ def test_missing_requirement_is_one_clear_error(xenv, tmp_path):
     data = plugins_json(xenv)
     assert data["error"] == "needy requires teleporter, which is not installed"
     r = xenv.run("plugins", "resolve")
-    assert r.returncode == 1 and r.stderr.strip() == "banger: needy requires teleporter, which is not installed"
+    assert r.returncode == 1 and r.stderr.strip() == "banger: needy requires teleporter, which is not installed (plugin_error)"
 
 
 def test_plugin_disabled_in_config(xenv):

@@ -207,7 +207,7 @@ def test_bad_input_changes_nothing(venv_):
         assert ei.value.code.value == "bad_request" and ei.value.op_id
     for verb in ("start", "stop", "delete", "restart", "kill"):
         r = env.run("vm", verb, "ghost")
-        assert r.returncode == 1 and "no VM named or with ID prefix 'ghost'" in r.stderr and "(op-" in r.stderr
+        assert r.returncode == 1 and "no VM named or with ID prefix 'ghost'" in r.stderr and "(not_found, op-" in r.stderr
     assert db_rows(env) == []
     after = set((env.state_dir / "vms").iterdir()) if (env.state_dir / "vms").exists() else set()
     assert after == before

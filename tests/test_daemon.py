@@ -121,12 +121,141 @@ def test_bad_input_gets_typed_error_and_daemon_stays_up(daemon, case):
     assert ok["ok"] and ok["result"]["pid"] == pid and ok["op_id"] == "op-0123456789ab"
 
 
-def test_oversized_frame_rejected(daemon):
-    from banger_core.protocol import MAX_FRAME
+MIB = 1024 * 1024
 
-    reply = raw(daemon, b"x" * (MAX_FRAME + 10), shutdown=False)
-    assert reply["error"]["code"] == "bad_request" and "exceeds" in reply["error"]["message"]
+
+def test_request_frames_are_bounded_at_1_mib(daemon):
+    # Without a newline: refused once 1 MiB is buffered, not after 16.
+    reply = raw(daemon, b"x" * (MIB + 10), shutdown=False)
+    assert reply["error"]["code"] == "bad_request" and f"exceeds {MIB} bytes" in reply["error"]["message"]
+    # A complete, valid frame just over the bound is refused too.
+    reply = raw(daemon, request("daemon.hello", {"pad": "x" * MIB}), shutdown=False)
+    assert reply["error"]["code"] == "bad_request" and f"exceeds {MIB} bytes" in reply["error"]["message"]
+    # Just under it is read and answered (here: unknown method, its name echoed clipped).
+    name = "m" * (MIB - 100)
+    reply = raw(daemon, request(name), shutdown=False)
+    assert reply["error"]["code"] == "unknown_method"
+    assert len(reply["error"]["message"]) < 2048 and "daemon.hello" in reply["error"]["details"]["known"]
     assert raw(daemon, request("daemon.hello"))["ok"]
+
+
+def _nest(depth: int, inner: bytes = b"1") -> bytes:
+    return b'{"a":' * depth + inner + b"}" * depth
+
+
+DEEP = {
+    "array 100k deep": b"[" * 100_000 + b"]" * 100_000 + b"\n",
+    "unclosed array 100k deep": b"[" * 100_000 + b"\n",
+    "params 50k deep": b'{"v":1,"method":"daemon.hello","params":' + _nest(50_000) + b"}\n",
+    "params 500 deep": b'{"v":1,"method":"daemon.hello","params":' + _nest(500) + b"}\n",
+    "method 900 deep": b'{"v":1,"method":' + b"[" * 900 + b"]" * 900 + b"}\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEEP))
+def test_deeply_nested_frames_get_a_typed_reply(daemon, case):
+    reply = raw(daemon, DEEP[case], shutdown=False)
+    assert reply["ok"] is False and reply["error"]["code"] == "bad_request", reply
+    assert "nest" in reply["error"]["message"] or "not valid JSON" in reply["error"]["message"]
+    assert raw(daemon, request("daemon.hello"))["ok"]
+    log = (daemon.state_dir / "bangerd.log").read_text()
+    assert "RecursionError" not in log and "Traceback" not in log
+
+
+def test_logged_strings_are_clipped(daemon):
+    log = daemon.state_dir / "bangerd.log"
+    big = MIB - 1000
+    frames = [
+        request("m" * big),  # unknown method, name logged
+        request("daemon.hello", v="v" * big),  # bad version, version echoed
+        request("vm.show", {"ref": "r" * big}),  # not found, ref echoed by the handler
+        request("vm.show", {"ref": "\x01" * (big // 7)}),  # each char 6 bytes once JSON-escaped
+        request("vm.show", {"ref": "\u00e9" * (big // 7)}),
+        request("vm.show", {"k" * (big // 2): 1}),  # an unknown key in the error's location
+        request("vm.show", {f"k{i}": 1 for i in range(big // 16)}),  # thousands of errors
+        json.dumps({"v": 1, "method": "daemon.hello", "params": {}, "op_id": "o" * big}).encode() + b"\n",
+    ]
+    before = log.stat().st_size
+    for frame in frames:
+        assert len(frame) <= MIB
+        assert "ok" in raw(daemon, frame, shutdown=False)
+    assert raw(daemon, request("daemon.hello"))["ok"]
+    grown = log.stat().st_size - before
+    lines = log.read_bytes().splitlines()
+    assert max(len(ln) for ln in lines) <= 8192, sorted(len(ln) for ln in lines)[-5:]
+    assert grown <= 4096 * len(frames), grown
+    for ln in lines:
+        json.loads(ln)  # still one JSON object per line
+
+
+def _idle(benv) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(15)
+    s.connect(str(benv.socket))
+    return s
+
+
+def _reply(s: socket.socket) -> dict:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return json.loads(data)
+
+
+def test_connections_are_bounded_beyond_that_busy(daemon):
+    idle = [_idle(daemon) for _ in range(256)]
+    try:
+        # The 257th connection is refused with a typed error, not queued or dropped.
+        reply = wait_for(lambda: (r := raw(daemon, request("daemon.hello"), shutdown=False))["ok"] is False and r,
+                         timeout=5)
+        assert reply["error"]["code"] == "busy" and "256" in reply["error"]["message"]
+        assert reply["op_id"] == "op-0123456789ab"
+        for s in idle[:8]:
+            s.close()
+        assert wait_for(lambda: raw(daemon, request("daemon.hello"), shutdown=False)["ok"], timeout=5)
+    finally:
+        for s in idle:
+            s.close()
+    wait_for(lambda: raw(daemon, request("daemon.status"))["result"]["inflight"] == 0)
+
+
+@pytest.fixture
+def xdaemon(benv, example_plugin_dir):
+    benv.extra_path.append(str(example_plugin_dir))
+    benv.run("daemon", "start", check=True)
+    return benv
+
+
+def test_first_request_line_has_a_deadline_streams_after_it_do_not(xdaemon, tmp_path):
+    import time
+
+    marker = tmp_path / "marker"
+    t0 = time.monotonic()
+    idle = _idle(xdaemon)
+    slow = _idle(xdaemon)
+    waiting = _idle(xdaemon)
+    waiting.sendall(request("example.wait", {"marker": str(marker)}, op_id="op-abcabcabcabc"))
+    wait_for(lambda: marker.exists() and marker.read_text().startswith("started"))
+    # A client that trickles bytes without a newline is no better than a silent one.
+    while time.monotonic() - t0 < 8:
+        slow.sendall(b"{")
+        time.sleep(0.5)
+    for s in (idle, slow):
+        reply = _reply(s)
+        assert reply["ok"] is False and reply["error"]["code"] == "bad_request"
+        assert "no complete request within 10 s" in reply["error"]["message"]
+        s.close()
+    assert 9 < time.monotonic() - t0 < 14
+    # The request that was read in time runs on: no reply, not cancelled.
+    waiting.settimeout(1.0)
+    with pytest.raises(socket.timeout):
+        waiting.recv(1)
+    assert marker.read_text().startswith("started")
+    waiting.close()
+    wait_for(lambda: marker.read_text().startswith("cancelled"))
 
 
 def test_connect_and_leave_does_not_hurt(daemon):

@@ -218,3 +218,19 @@ def test_cancelled_blob_download_leaves_no_part_file(oci_registry, oci_test_imag
     seen: list[int] = []
     reg.blob(digest, tmp_path / "layer", on_bytes=seen.append)
     assert seen and seen[-1] == (tmp_path / "layer").stat().st_size == oci_test_image["layers"][0]["size"]
+
+
+def test_oci_rootfs_goes_through_the_rootfs_checks(oenv, oci_test_image):
+    """An OCI pull is held to [images] max_rootfs_size like every other source, and
+    what it publishes is a checked ext4 (images.publish_rootfs)."""
+    env = oenv
+    env.write_config("[vmm]\naccel = 'tcg'\n[images]\nmax_rootfs_size = 512\n")
+    r = env.run("image", "pull", oci_test_image["ref"], "--name", "toobig", timeout=300)  # default size: 1 GiB
+    assert r.returncode == 1 and "a 1024 MiB rootfs is over [images] max_rootfs_size (512 MiB)" in r.stderr, r.stderr
+    assert "toobig" not in images(env)
+    idir = env.state_dir / "images"
+    assert not idir.exists() or not list(idir.iterdir()), list(idir.iterdir())
+    env.run("image", "pull", oci_test_image["ref"], "--name", "fits", "--size", "300M", timeout=300, check=True)
+    assert sorted(p.name for p in idir.iterdir()) == ["fits"]
+    assert sorted(p.name for p in (idir / "fits").iterdir()) == ["layers.json", "rootfs.ext4"]
+    subprocess.run(["e2fsck", "-fn", images(env)["fits"]["rootfs"]], check=True, capture_output=True)

@@ -72,8 +72,22 @@ def _check_member(m: tarfile.TarInfo, root: Path) -> None:
             raise bad(f"bundle entry {m.name!r}: link to {m.linkname!r} leaves the bundle")
 
 
-def extract(bundle: Path, target: Path) -> dict[str, Any]:
-    """Unpack a .tar.zst into ``target`` (must not exist); return its manifest."""
+def _write_sparse(src: Any, dest: Path, size: int) -> None:
+    """Copy a member's data, leaving holes where it is zeros: a rootfs is mostly empty
+    blocks, and a hostile one may be nothing but (its check comes after unpacking)."""
+    zero = bytes(CHUNK)
+    with open(dest, "wb") as out:
+        while chunk := src.read(CHUNK):
+            if chunk == zero[: len(chunk)]:
+                out.seek(len(chunk), os.SEEK_CUR)
+            else:
+                out.write(chunk)
+        out.truncate(size)
+
+
+def extract(bundle: Path, target: Path, max_file_bytes: int | None = None) -> dict[str, Any]:
+    """Unpack a .tar.zst into ``target`` (must not exist); return its manifest. Files
+    are written sparse; one larger than ``max_file_bytes`` is refused before it is."""
     target.mkdir(parents=True)
     root = target.resolve()
     try:
@@ -82,7 +96,17 @@ def extract(bundle: Path, target: Path) -> dict[str, Any]:
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for m in tar:
                     _check_member(m, root)
-                    tar.extract(m, root, set_attrs=m.isfile() or m.isdir(), filter="data")
+                    if max_file_bytes is not None and m.isfile() and m.size > max_file_bytes:
+                        raise bad(f"bundle entry {m.name!r}: {m.size / (1 << 20):.0f} MiB is over "
+                                  f"[images] max_rootfs_size ({max_file_bytes >> 20} MiB)")
+                    if m.isfile():
+                        safe = tarfile.data_filter(m, str(root))
+                        dest = root / safe.name
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        _write_sparse(tar.extractfile(m), dest, m.size)
+                        os.chmod(dest, (safe.mode if safe.mode is not None else 0o644) & 0o777)
+                        continue
+                    tar.extract(m, root, set_attrs=m.isdir(), filter="data")
     except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
         raise bad(f"{bundle.name}: not a valid .tar.zst bundle: {exc}") from None
     try:
@@ -134,14 +158,15 @@ def create(output: Path, kind: str, name: str, files: dict[str, Path | None], ex
     return {"path": str(output), "sha256": h.hexdigest(), "size": output.stat().st_size}
 
 
-def fetch_and_extract(url: str, sha256: str, size: int | None, target: Path, progress: Progress | None = None) -> dict[str, Any]:
+def fetch_and_extract(url: str, sha256: str, size: int | None, target: Path, progress: Progress | None = None,
+                      max_file_bytes: int | None = None) -> dict[str, Any]:
     """Download + verify + unpack into ``target`` via a sibling staging dir."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
         archive = staging / "bundle.tar.zst"
         download(url, archive, sha256, size, progress)
-        manifest = extract(archive, staging / "out")
+        manifest = extract(archive, staging / "out", max_file_bytes)
         archive.unlink()
         if target.exists():
             shutil.rmtree(target)

@@ -6,8 +6,10 @@ row, so a failure leaves nothing); registered images reference a rootfs in place
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,7 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # always fullmatch
 # only a vmlinux boots it everywhere (QEMU then uses -M microvm).
 KERNEL_NAMES = ("vmlinuz", "bzImage", "kernel", "vmlinux")
 INITRD_NAMES = ("initrd.img", "initrd", "initramfs.img", "initramfs")
+DEFAULT_MAX_ROOTFS_MIB = 64 * 1024  # [images] max_rootfs_size's default
 
 
 def check_name(kind: str, name: str) -> str:
@@ -139,9 +142,12 @@ def register_image(
     kernel: Path | None = None,
     initrd: Path | None = None,
     modules: Path | None = None,
+    *,
+    max_rootfs_mib: int = DEFAULT_MAX_ROOTFS_MIB,
 ) -> Image:
     """Register a rootfs in place, booted with ``kernel_ref`` or with its own kernel
-    triple (imported as a kernel of the same name). Exactly one of the two."""
+    triple (imported as a kernel of the same name). Exactly one of the two. The rootfs
+    is checked as a managed one would be (check_rootfs), read-only."""
     check_name("image", name)
     if (kernel_ref is None) == (kernel is None):
         raise BangerError(ErrorCode.BAD_REQUEST, "give either --kernel-ref or --kernel [--initrd] [--modules], not both")
@@ -152,6 +158,7 @@ def register_image(
         raise BangerError(ErrorCode.BAD_REQUEST, f"--rootfs {rootfs}: no such file")
     if store.find_image(name):
         raise BangerError(ErrorCode.ALREADY_EXISTS, f"image {name!r} already exists")
+    check_rootfs(rootfs, max_rootfs_mib)
     if kernel_ref is not None:
         store.get_kernel(kernel_ref)
     else:
@@ -162,29 +169,103 @@ def register_image(
     return image
 
 
-def publish_rootfs(paths: Paths, name: str, src: Path) -> Path:
-    """Copy a rootfs into managed storage (reflink where possible, else sparse):
-    temp file, then rename."""
+def _ext4_bytes(path: Path) -> int | None:
+    """The size an ext2/3/4 superblock says its filesystem has (blocks x block size),
+    or None when ``path`` has no such superblock."""
+    with open(path, "rb") as fh:
+        fh.seek(1024)
+        sb = fh.read(1024)
+    if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != 0xEF53:
+        return None
+    log_block = struct.unpack_from("<I", sb, 0x18)[0]
+    if log_block > 6:  # 64 KiB blocks at most
+        return None
+    blocks = struct.unpack_from("<I", sb, 0x04)[0]
+    if struct.unpack_from("<I", sb, 0x60)[0] & 0x80:  # INCOMPAT_64BIT: the high half counts too
+        blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
+    return blocks * (1024 << log_block)
+
+
+def check_rootfs_size(path: Path, max_mib: int) -> None:
+    """Refuse a rootfs whose apparent size exceeds ``max_mib`` (a stat: cheap, done before copying)."""
+    size = path.stat().st_size
+    if size > max_mib * 1024 * 1024:
+        raise BangerError(
+            ErrorCode.BAD_REQUEST,
+            f"rootfs {path}: {size / (1 << 20):.0f} MiB is over [images] max_rootfs_size ({max_mib} MiB)",
+        )
+
+
+def check_rootfs(path: Path, max_mib: int) -> None:
+    """Refuse a rootfs that is not a regular file holding exactly one clean ext4 of the
+    file's apparent size, no larger than ``max_mib``. Reads only (e2fsck -fn)."""
+    from banger_core import proc
+
+    if not path.is_file():
+        raise BangerError(ErrorCode.BAD_REQUEST, f"rootfs {path}: not a regular file")
+    check_rootfs_size(path, max_mib)
+    size = path.stat().st_size
+    fs = _ext4_bytes(path)
+    if fs is None:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"rootfs {path}: not an ext4 filesystem (no ext4 superblock)")
+    if fs != size:
+        how = "truncated" if size < fs else "extended"
+        raise BangerError(
+            ErrorCode.BAD_REQUEST,
+            f"rootfs {path}: its ext4 superblock says {fs} bytes but the file has {size} "
+            f"(the file was {how} after mkfs, or is not what it claims to be)",
+        )
+    r = proc.run(["e2fsck", "-fn", path], check=False, timeout=1800, what="checking the rootfs")
+    if r.returncode != 0:
+        lines = [ln for ln in r.stdout.decode(errors="replace").splitlines() + r.stderr.decode(errors="replace").splitlines()
+                 if ln.strip() and not ln.startswith(("e2fsck ", "Pass "))]
+        raise BangerError(
+            ErrorCode.BAD_REQUEST,
+            f"rootfs {path}: not a clean ext4 filesystem (e2fsck -fn exited {r.returncode}: {'; '.join(lines[:3])})",
+        )
+
+
+def publish_rootfs(paths: Paths, name: str, src: Path, max_mib: int, *, move: bool = False) -> Path:
+    """The one step every managed rootfs goes through (catalog bundles and builds, OCI
+    pulls, promote): refuse it unless it is a clean ext4 of its file's size within
+    ``max_mib`` (check_rootfs), then put it in place as ``images/NAME/rootfs.ext4``.
+
+    ``move`` renames ``src`` (a file banger made, in the state dir); otherwise it is
+    copied (reflink where possible, else sparse). The copy is what gets checked, so a
+    source changing meanwhile cannot slip through. A refusal leaves nothing: no temp
+    file, and no image dir that was not there before."""
     from banger_core import proc
 
     final = paths.images_dir / name / "rootfs.ext4"
+    made_dir = not final.parent.exists()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(".rootfs.ext4.tmp")
     try:
-        proc.run(["cp", "--reflink=auto", "--sparse=always", src, tmp], timeout=1800, what="copying the image")
+        check_rootfs_size(src, max_mib)
+        if move:
+            os.rename(src, tmp)
+        else:
+            proc.run(["cp", "--reflink=auto", "--sparse=always", src, tmp], timeout=1800, what="copying the image")
+        try:
+            check_rootfs(tmp, max_mib)
+        except BangerError as exc:  # name what the caller gave, not our temp file
+            exc.message = exc.message.replace(str(tmp), str(src), 1)
+            raise
         tmp.rename(final)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        if made_dir:
+            shutil.rmtree(final.parent, ignore_errors=True)
         raise
     return final
 
 
-def promote_image(store: Store, paths: Paths, name: str) -> Image:
+def promote_image(store: Store, paths: Paths, name: str, max_rootfs_mib: int = DEFAULT_MAX_ROOTFS_MIB) -> Image:
     """Copy a registered (unmanaged) image's rootfs into banger's own storage."""
     image = store.get_image(name)
     if image.managed:
         raise BangerError(ErrorCode.BAD_REQUEST, f"image {name!r} is already managed by banger")
-    rootfs = publish_rootfs(paths, name, Path(image.rootfs))
+    rootfs = publish_rootfs(paths, name, Path(image.rootfs), max_rootfs_mib)
     promoted = image.model_copy(update={"rootfs": str(rootfs), "managed": True})
     store.upsert_image(promoted)
     return promoted

@@ -354,7 +354,7 @@ def blob_name(digest: str) -> str:
 
 def pull_to_rootfs(ref_text: str, out: Path, work: Path, blobs: Path, busybox: Path, size_mib: int | None = None,
                    log: Log = lambda _m: None, download: Download | None = None,
-                   cancel: threading.Event | None = None) -> dict[str, Any]:
+                   cancel: threading.Event | None = None, max_mib: int | None = None) -> dict[str, Any]:
     """Registry -> layers -> tree -> ext4 at ``out``. ``work`` is scratch (removed after).
     ``download(label, bytes, total)`` hears each layer's download; ``cancel`` stops
     between chunks and layers. The result names the manifest ``digest`` and its
@@ -385,6 +385,8 @@ def pull_to_rootfs(ref_text: str, out: Path, work: Path, blobs: Path, busybox: P
     size = size_mib or max(int(used * 1.5), 1024)
     if size < used + 16:
         raise bad(f"--size {size} MiB is too small for the {used} MiB image")
+    if max_mib is not None and size > max_mib:  # refused before it is made (the publish step checks again)
+        raise bad(f"{ref_text}: a {size} MiB rootfs is over [images] max_rootfs_size ({max_mib} MiB)")
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.truncate(size * 1024 * 1024)

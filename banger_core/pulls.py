@@ -65,10 +65,12 @@ def build_errors(kind: str, name: str) -> Iterator[None]:
 
 
 class Puller:
-    def __init__(self, store: Store, paths: Paths, catalog_path: str | None = None) -> None:
+    def __init__(self, store: Store, paths: Paths, catalog_path: str | None = None,
+                 max_rootfs_mib: int = images.DEFAULT_MAX_ROOTFS_MIB) -> None:
         self.store = store
         self.paths = paths
         self.catalog_path = catalog_path
+        self.max_rootfs_mib = max_rootfs_mib  # [images] max_rootfs_size: every rootfs is checked against it
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._blob_users: dict[object, float] = {}  # OCI pulls running -> when they began
@@ -128,7 +130,8 @@ class Puller:
             if progress:
                 progress("download", {"name": f"{kind} {name}", "bytes": got, "total": total})
 
-        manifest = bundles.fetch_and_extract(b["url"], b["sha256"], b.get("size"), target, dl)
+        manifest = bundles.fetch_and_extract(b["url"], b["sha256"], b.get("size"), target, dl,
+                                             max_file_bytes=self.max_rootfs_mib << 20)
         if manifest.get("kind") != kind:
             shutil.rmtree(target, ignore_errors=True)
             raise BangerError(ErrorCode.BAD_REQUEST, f"{b['url']}: a {manifest.get('kind')} bundle, not a {kind}")
@@ -244,8 +247,8 @@ class Puller:
             log.info("pruned %d cached layer(s) no image uses: %s", len(removed), ", ".join(sorted(removed)))
         return removed
 
-    def _publish(self, name: str, built: Path) -> Path:
-        return images.publish_rootfs(self.paths, name, built)
+    def _publish(self, name: str, built: Path, *, move: bool = False) -> Path:
+        return images.publish_rootfs(self.paths, name, built, self.max_rootfs_mib, move=move)
 
     # --- OCI ---------------------------------------------------------------------------
     def oci(self, ref: str, *, name: str | None = None, kernel_ref: str | None = None, size_mib: int | None = None,
@@ -282,19 +285,24 @@ class Puller:
                 info = oci.pull_to_rootfs(
                     ref, staging / "rootfs.ext4", staging / "work", self.paths.blobs_dir, busybox,
                     size_mib=size_mib, log=self._step(progress), download=download, cancel=cancel,
+                    max_mib=self.max_rootfs_mib,
                 )
                 shutil.rmtree(staging / "work")
-                (staging / LAYERS_FILE).write_text(json.dumps(info["layers"]) + "\n")
                 final = self.paths.images_dir / name
-                if final.exists():
+                if final.exists():  # no image of that name (checked above): a leftover
                     shutil.rmtree(final)
-                staging.rename(final)
+                rootfs = self._publish(name, staging / "rootfs.ext4", move=True)
+                try:
+                    (final / LAYERS_FILE).write_text(json.dumps(info["layers"]) + "\n")
+                except BaseException:
+                    shutil.rmtree(final, ignore_errors=True)
+                    raise
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
                 with self._guard:
                     del self._blob_users[token]
                 self.prune_blobs()
-            image = Image(name=name, rootfs=str(final / "rootfs.ext4"), kernel_ref=kernel.name, managed=True,
+            image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel.name, managed=True,
                           init=oci.INIT_PATH, source=f"{ref}@{info['digest']}")
             self.store.upsert_image(image)
             return image

@@ -95,7 +95,7 @@ class VMService:
         self._global = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self.puller = Puller(store, rt.paths, rt.config.core.catalog.path)
+        self.puller = Puller(store, rt.paths, rt.config.core.catalog.path, rt.config.core.images.max_rootfs_size)
 
     # --- helpers ----------------------------------------------------------------------
     def lock(self, vm_id: str) -> threading.Lock:

@@ -241,12 +241,13 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
     async def image_register(p: ImageRegisterParams, call: Call) -> dict[str, Any]:
         opt = lambda v: Path(v) if v else None  # noqa: E731
         i = await run_simple(
-            images.register_image, store, paths, p.name, Path(p.rootfs), p.kernel_ref, opt(p.kernel), opt(p.initrd), opt(p.modules)
+            functools.partial(images.register_image, max_rootfs_mib=vms.puller.max_rootfs_mib),
+            store, paths, p.name, Path(p.rootfs), p.kernel_ref, opt(p.kernel), opt(p.initrd), opt(p.modules),
         )
         return i.model_dump(mode="json")
 
     async def image_promote(p: NameParams, call: Call) -> dict[str, Any]:
-        return (await run_simple(images.promote_image, store, paths, p.name)).model_dump(mode="json")
+        return (await run_simple(images.promote_image, store, paths, p.name, vms.puller.max_rootfs_mib)).model_dump(mode="json")
 
     async def image_show(p: NameParams, call: Call) -> dict[str, Any]:
         img = store.get_image(p.name)

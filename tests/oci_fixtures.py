@@ -12,6 +12,7 @@ Plain functions
     build_test_layout(workdir, ...)  an OCI image layout (umoci) of the test image
     push_test_image(registry, ...)   build + push it, returns what a pull must give
     push_multiarch_index(registry, ...)  an OCI image index: linux/amd64 + linux/arm64
+    push_layers(registry, repo, tag, layers, workdir)  an image of raw layer tars, pushed as is
     find_static_busybox()            a statically linked busybox binary
     missing_tools()                  which of the needed programs are absent
 
@@ -598,6 +599,35 @@ def push_test_image(
         "expect_symlinks": dict(EXPECT_SYMLINKS),
         "boot_marker": BOOT_MARKER,
     }
+
+
+def push_layers(registry: str, repo: str, tag: str, layers: list[bytes], workdir: Path) -> dict:
+    """Push an image made of the given (uncompressed) layer tars, as they are: no umoci,
+    so a layer may hold what no tool would write (hostile whiteouts). Returns {"ref", "digest"}."""
+    _check_registry(registry)
+    layout = Path(workdir) / "layout"
+    shutil.rmtree(layout, ignore_errors=True)
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    blobs = _Layout(layout)
+    entries, diff_ids = [], []
+    for tar in layers:
+        data, media_type = _compress(tar, "gzip")
+        digest, size = blobs.write(data)
+        entries.append({"mediaType": media_type, "digest": digest, "size": size})
+        diff_ids.append(_sha256(tar))
+    config = {"architecture": "amd64", "os": "linux", "config": {"Entrypoint": ["/sbin/init"]},
+              "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    cdigest, csize = blobs.write_json(config)
+    mdigest, msize = blobs.write_json({"schemaVersion": 2, "mediaType": MT_MANIFEST,
+                                       "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": csize},
+                                       "layers": entries})
+    blobs.set_index({"schemaVersion": 2, "manifests": []})
+    blobs.retag(tag, MT_MANIFEST, mdigest, msize)
+    pushed = _skopeo_push(layout, tag, f"{registry}/{repo}:{tag}", workdir=Path(workdir))
+    if pushed != mdigest:
+        raise OciFixtureError(f"skopeo pushed {pushed}, the layout has {mdigest}")
+    return {"ref": f"{registry}/{repo}:{tag}", "digest": mdigest}
 
 
 def push_multiarch_index(

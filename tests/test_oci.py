@@ -16,7 +16,7 @@ import guest_assets as ga
 from banger_core import oci
 from banger_core.errors import BangerError
 from conftest import wait_for
-from oci_fixtures import missing_tools, oci_registry, oci_test_image, oci_token_registry, push_multiarch_index, push_test_image  # noqa: F401
+from oci_fixtures import missing_tools, oci_registry, oci_test_image, oci_token_registry, push_layers, push_multiarch_index, push_test_image  # noqa: F401
 
 pytestmark = pytest.mark.skipif(bool(missing_tools()), reason=f"needs {missing_tools()} (scripts/install.sh installs them)")
 
@@ -112,6 +112,53 @@ def test_whiteouts_and_opaque_dirs(tmp_path):
     oci.apply_layer(layer(tmp_path / "2.tar", [(ti("d/new"), b"2"), (ti("d/.wh..wh..opq"), b""), (ti(".wh.gone"), b"")]), root)
     assert sorted(p.name for p in (root / "d").iterdir()) == ["new"]  # opaque kept this layer's entry
     assert not (root / "gone").exists() and (root / "keep").exists()
+
+
+HOSTILE_WHITEOUTS = [".wh...", ".wh..", ".wh.", "d/.wh...", "d/.wh..", "d/.wh.", "./.wh..", "d/./.wh..."]
+
+
+@pytest.mark.parametrize("name", HOSTILE_WHITEOUTS)
+def test_whiteouts_naming_dot_dotdot_or_nothing_are_refused(tmp_path, name):
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "beside").write_text("host file beside the tree")
+    oci.apply_layer(layer(tmp_path / "1.tar", [(ti("d", tarfile.DIRTYPE), b""), (ti("d/f"), b"1"), (ti("top"), b"1")]), root)
+    with pytest.raises(BangerError, match=r"whiteout .* names no entry of its directory") as e:
+        oci.apply_layer(layer(tmp_path / "2.tar", [(ti(name), b"")]), root)
+    assert repr(name) in e.value.message and e.value.code.value == "bad_request"
+    assert (root / "d" / "f").exists() and (root / "top").exists() and (tmp_path / "beside").exists()  # nothing wiped
+
+
+def layer_bytes(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for t, data in entries:
+            t.size = len(data) if t.isfile() else 0
+            tar.addfile(t, io.BytesIO(data) if t.isfile() else None)
+    return buf.getvalue()
+
+
+def test_hostile_whiteouts_from_a_registry_are_refused_and_leave_nothing(oenv, oci_registry, tmp_path):
+    env = oenv
+    base = layer_bytes([(ti("etc", tarfile.DIRTYPE), b""), (ti("etc/os-release"), b"ID=x\n"),
+                        (ti("opt", tarfile.DIRTYPE), b""), (ti("opt/old"), b"old")])
+    for i, name in enumerate([".wh...", ".wh..", ".wh.", "etc/.wh..."]):
+        pushed = push_layers(oci_registry, "banger/whiteout", f"w{i}", [base, layer_bytes([(ti(name), b"")])], tmp_path / f"w{i}")
+        r = env.run("image", "pull", pushed["ref"], "--name", f"w{i}", timeout=300)
+        assert r.returncode == 1, r.stderr
+        assert f"layer entry {name!r}: a whiteout of" in r.stderr and "names no entry of its directory" in r.stderr, r.stderr
+        assert "FileNotFoundError" not in r.stderr and "Traceback" not in r.stderr
+        assert f"w{i}" not in images(env)
+        idir = env.state_dir / "images"
+        assert not idir.exists() or not list(idir.iterdir()), list(idir.iterdir())
+    # the opaque marker still works, and a plain whiteout too
+    ok = push_layers(oci_registry, "banger/whiteout", "ok", [
+        base, layer_bytes([(ti("opt/.wh..wh..opq"), b""), (ti("opt/new"), b"new"), (ti("etc/.wh.os-release"), b"")]),
+    ], tmp_path / "ok")
+    env.run("image", "pull", ok["ref"], "--name", "wok", "--size", "64M", timeout=300, check=True)
+    rootfs = Path(images(env)["wok"]["rootfs"])
+    assert debugfs(rootfs, "cat /opt/new").strip() == "new"
+    assert "File not found" in debugfs(rootfs, "stat /opt/old") and "File not found" in debugfs(rootfs, "stat /etc/os-release")
 
 
 # --- against a real registry -------------------------------------------------------------

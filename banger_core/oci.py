@@ -4,7 +4,7 @@ Registry protocol (distribution spec): anonymous bearer-token auth, manifest lis
 OCI indexes resolved to linux/amd64, every blob verified against its digest. Layers
 (gzip, zstd or plain tar) are applied in order with whiteouts (``.wh.NAME``) and opaque
 directories (``.wh..wh..opq``); entry names that are absolute, contain '..' or control
-characters are refused, and paths are resolved inside the tree (a symlink in the image
+characters, and whiteouts of '', '.' or '..' are refused, and paths are resolved inside the tree (a symlink in the image
 never leads outside it). The tree becomes an ext4 with ``mkfs.ext4 -d`` (owned as in
 the image, i.e. by root), sized max(tree x 1.5, 1 GiB) unless a size is given, after
 banger's first-boot init is put in.
@@ -277,7 +277,10 @@ def apply_layer(layer: Path, root: Path) -> None:
                             _remove(child)
                 continue
             if base.startswith(".wh."):
-                victim = parent / base[4:]
+                target = base[4:]
+                if target in ("", ".", "..") or "/" in target:  # would remove the directory itself, or its parent
+                    raise bad(f"layer entry {m.name!r}: a whiteout of {target!r} names no entry of its directory")
+                victim = parent / target
                 if victim.exists() or victim.is_symlink():
                     _remove(victim)
                 continue

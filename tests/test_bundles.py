@@ -8,6 +8,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -193,3 +194,50 @@ def test_bad_bundles_are_refused_and_leave_nothing(benv_assets, http_dir, tmp_pa
         nothing_left(env, name)
     assert not Path("/tmp/banger-absolute-evil").exists()
     assert not (env.root / "cache" / "evil").exists() and not (env.root / "evil").exists()
+
+
+def test_truncated_bundles_and_wrong_kinds_say_so(benv, http_dir, tmp_path):
+    """A bundle cut short (its catalog entry made from the short file, so the hash
+    matches) is reported as truncated wherever the cut falls; a bundle of the other
+    kind is named with the right article."""
+    from banger_core import bundles
+
+    env = benv
+    www, url = http_dir
+    k = tmp_path / "k"
+    k.mkdir()
+    (k / "vmlinuz").write_bytes(os.urandom(64 << 10))
+    env.run("kernel", "import", "k1", "--from", str(k), check=True)
+    rootfs = tmp_path / "rootfs.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(rootfs), "8M"], check=True)
+    with open(rootfs, "r+b") as fh:  # some incompressible content, so cuts land inside the data
+        fh.seek(4 << 20)
+        fh.write(os.urandom(1 << 20))
+    bundles.create(www / "img.tar.zst", "image", "img", {"rootfs": rootfs})
+    bundles.create(www / "k.tar.zst", "kernel", "k", {"kernel": k / "vmlinuz"})
+    whole = (www / "img.tar.zst").read_bytes()
+
+    def entry(file: str, sized: bool = True) -> dict:
+        b = {"url": f"{url}/{file}", "sha256": sha(www / file)}
+        if sized:
+            b["size"] = (www / file).stat().st_size
+        return {"description": file, "kernel_ref": "k1", "bundle": b}
+
+    cuts = {"cut0": 0, "cut5": 5, "cut600": 600, "cuthalf": len(whole) // 2, "cutend": len(whole) - 3}
+    imgs = {}
+    for name, n in cuts.items():
+        (www / f"{name}.tar.zst").write_bytes(whole[:n])
+        imgs[name] = entry(f"{name}.tar.zst", sized=name != "cut600")
+    imgs["kernelbundle"] = entry("k.tar.zst")
+    use_catalog(env, tmp_path, kernels={"imagebundle": entry("img.tar.zst")}, images=imgs)
+    for name in cuts:
+        r = env.run("image", "pull", name, timeout=120)
+        assert r.returncode == 1 and f"{name}.tar.zst: truncated or incomplete bundle" in r.stderr, (name, r.stderr)
+        assert "empty file" not in r.stderr and "lacks" not in r.stderr
+        nothing_left(env, name)
+    r = env.run("image", "pull", "kernelbundle", timeout=120)
+    assert r.returncode == 1 and "k.tar.zst: a kernel bundle, not an image bundle" in r.stderr, r.stderr
+    nothing_left(env, "kernelbundle")
+    r = env.run("kernel", "pull", "imagebundle", timeout=120)
+    assert r.returncode == 1 and "img.tar.zst: an image bundle, not a kernel bundle" in r.stderr, r.stderr
+    assert "imagebundle" not in {x["name"] for x in json.loads(env.run("kernel", "list", "--json", check=True).stdout)}

@@ -18,6 +18,7 @@ class ErrorCode(str, enum.Enum):
     CONFIG = "config_error"
     PLUGIN = "plugin_error"
     DAEMON_UNAVAILABLE = "daemon_unavailable"
+    BUSY = "busy"
 
 
 class BangerError(Exception):

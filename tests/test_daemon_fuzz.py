@@ -119,8 +119,8 @@ def raw_frames(draw) -> bytes:
 
 def exchange(sock_path: str, frame: bytes, *, half_close: bool = False, timeout: float = 20) -> dict | None:
     s = socket.socket(socket.AF_UNIX)
-    s.settimeout(timeout)
     s.connect(sock_path)
+    s.settimeout(timeout)
     try:
         s.sendall(frame)
         if half_close:
@@ -203,9 +203,13 @@ def test_fuzz_the_daemon_socket(fuzzed):
             s.sendall(part)
             s.close()
 
+    phases: dict[str, int] = {}
     requests()
+    phases["requests"] = proc_kib(pid, "VmHWM") // 1024
     garbage()
+    phases["garbage"] = proc_kib(pid, "VmHWM") // 1024
     half_frames()
+    phases["half frames"] = proc_kib(pid, "VmHWM") // 1024
 
     # Frames at the 1 MiB bound, without a newline: refused as they arrive.
     for _ in range(5):
@@ -216,14 +220,15 @@ def test_fuzz_the_daemon_socket(fuzzed):
     with ThreadPoolExecutor(64) as pool:
         for reply in pool.map(lambda _: exchange(sock, big), range(64)):
             tally.check(big[:100], reply)
+    phases["64 big at once"] = proc_kib(pid, "VmHWM") // 1024
 
     # More connections than the daemon serves at once: the rest get a typed `busy`.
     small = b'{"v":1,"method":"vm.list","params":{"zz_fuzz":1}}\n'
     conns = []
     for _ in range(320):
         s = socket.socket(socket.AF_UNIX)
+        s.connect(sock)  # blocking: a full backlog waits rather than fails (EAGAIN)
         s.settimeout(20)
-        s.connect(sock)
         conns.append(s)
     for s in conns:
         s.sendall(small)
@@ -232,6 +237,7 @@ def test_fuzz_the_daemon_socket(fuzzed):
         s.close()
         tally.check(small, reply)
     assert tally.codes.get("busy", 0) >= 320 - 256
+    phases["320 at once"] = proc_kib(pid, "VmHWM") // 1024
 
     elapsed = time.monotonic() - t0
     assert env.run("daemon", "status", check=True).returncode == 0
@@ -246,7 +252,7 @@ def test_fuzz_the_daemon_socket(fuzzed):
     print(
         f"\nfuzz: {tally.frames} frames ({tally.rejected} rejected) in {elapsed:.1f} s; codes {tally.codes}; "
         f"RSS baseline {base_rss // 1024} MiB, peak {peak_rss // 1024} MiB, end {end_rss // 1024} MiB; "
-        f"log {grown} bytes, {per_frame:.0f} bytes per rejected frame, longest line {longest} bytes"
+        f"peak after each phase (MiB) {phases}; log {grown} bytes, {per_frame:.0f} bytes per rejected frame, longest line {longest} bytes"
     )
     assert tally.frames <= MAX_FRAMES and elapsed <= 60
     assert peak_rss <= base_rss + 100 * 1024, (base_rss, peak_rss)

@@ -9,12 +9,12 @@ import signal as signals
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Annotated, Any, Callable
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from banger_core import images
-from banger_core.daemon.rpc import Call, Registry
+from banger_core.daemon.rpc import Call, NoParams, Registry
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Input, SizeMiB
 from banger_core.vms import CreateParams, SetParams, VMService
@@ -25,6 +25,19 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Blocking VM work runs here, not on the event loop; sized for many slow operations.
 EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="banger-op")
+
+
+def _host_path(v: str) -> str:
+    """A path on this host as a client may send it: one the kernel can take at all."""
+    if "\x00" in v:
+        raise ValueError("a path cannot contain NUL bytes")
+    if len(v.encode()) >= 4096 or any(len(part.encode()) > 255 for part in v.split("/")):
+        raise ValueError("path too long (4095 bytes at most, 255 per component)")
+    return v
+
+
+#: a host path in RPC params: an over-long one is refused here, not as ENAMETOOLONG later
+HostPath = Annotated[str, AfterValidator(_host_path)]
 
 
 class _P(Input):
@@ -61,7 +74,7 @@ class LogsParams(_P):
 
 class KernelImportParams(_P):
     name: str
-    source: str
+    source: HostPath
     force: bool = False
 
 
@@ -84,16 +97,16 @@ class ImagePullParams(_P):
 
 class BundleParams(_P):
     name: str
-    output: str
+    output: HostPath
 
 
 class ImageRegisterParams(_P):
     name: str
-    rootfs: str
+    rootfs: HostPath
     kernel_ref: str | None = None
-    kernel: str | None = None
-    initrd: str | None = None
-    modules: str | None = None
+    kernel: HostPath | None = None
+    initrd: HostPath | None = None
+    modules: HostPath | None = None
 
 
 async def run_blocking(call: Call, fn: Callable[..., Any], *args: Any) -> Any:
@@ -291,20 +304,20 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
     r("vm.stop", stop, RefsParams)
     r("vm.kill", kill, KillParams)
     r("vm.delete", delete, RefsParams)
-    r("vm.prune", prune)
+    r("vm.prune", prune, NoParams)
     r("vm.set", set_, SetParams)
-    r("vm.list", list_)
+    r("vm.list", list_, NoParams)
     r("vm.show", show, RefParams)
     r("vm.logs", logs, LogsParams)
     r("kernel.import", kernel_import, KernelImportParams)
-    r("kernel.list", kernel_list)
+    r("kernel.list", kernel_list, NoParams)
     r("kernel.rm", kernel_rm, NameParams)
     r("kernel.pull", kernel_pull, PullParams)
     r("image.pull", image_pull, ImagePullParams)
     r("image.bundle", image_bundle, BundleParams)
     r("kernel.bundle", kernel_bundle, BundleParams)
     r("image.register", image_register, ImageRegisterParams)
-    r("image.list", image_list)
+    r("image.list", image_list, NoParams)
     r("image.promote", image_promote, NameParams)
     r("image.show", image_show, NameParams)
     r("kernel.show", kernel_show, NameParams)

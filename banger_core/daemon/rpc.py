@@ -12,11 +12,19 @@ from pydantic import BaseModel, ValidationError
 
 from banger_core import protocol
 from banger_core.errors import BangerError, ErrorCode
-from banger_core.models import validate_input
+from banger_core.logs import clip
+from banger_core.models import Input, validate_input
 
 log = logging.getLogger("banger.rpc")
 
 Handler = Callable[[Any, "Call"], Awaitable[Any] | Any]
+
+#: validation problems named in one bad_request (a request may have thousands)
+MAX_PROBLEMS = 10
+
+
+class NoParams(Input):
+    """The params of a method that takes none: ``{}`` only."""
 
 
 @dataclass
@@ -76,20 +84,26 @@ class Registry:
         if method is None:
             raise BangerError(
                 ErrorCode.UNKNOWN_METHOD,
-                f"unknown method {method_name!r}",
+                f"unknown method {clip(method_name, 200)!r}",
                 details={"known": sorted(self.methods)},
             )
         if not isinstance(raw_params, dict):
             raise BangerError(ErrorCode.BAD_REQUEST, "params must be a JSON object")
         params: Any = raw_params
         if method.params is not None:
+            errors = None
             try:
                 params = validate_input(method.params, raw_params)
             except ValidationError as exc:
+                errors = exc.errors(include_url=False, include_input=False)
+            if errors is not None:  # raised here, not chained to what holds the input
                 problems = "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors()
+                    f"{clip('.'.join(str(p) for p in e['loc']), 100) or 'params'}: {clip(e['msg'], 300)}"
+                    for e in errors[:MAX_PROBLEMS]
                 )
-                raise BangerError(ErrorCode.BAD_REQUEST, f"{method_name}: invalid params: {problems}") from None
+                if len(errors) > MAX_PROBLEMS:
+                    problems += f"; and {len(errors) - MAX_PROBLEMS} more"
+                raise BangerError(ErrorCode.BAD_REQUEST, f"{method_name}: invalid params: {problems}")
         if inspect.iscoroutinefunction(method.handler):
             value = await method.handler(params, call)
         else:

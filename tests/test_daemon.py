@@ -397,3 +397,35 @@ def test_bad_config_core_value_stops_start_plugin_value_is_reported(benv):
     r = benv.run("daemon", "start")
     assert r.returncode == 1
     assert f"banger: {benv.config_file}: [daemon] log_level: Input should be" in r.stderr
+
+
+def test_replies_the_client_reads_are_not_bound_by_the_request_limit(benv):
+    """1 MiB bounds what the daemon reads; a reply or event line may be far longer."""
+    import threading
+
+    from banger_core.client import Client
+    from banger_core.paths import Paths
+
+    benv.runtime_dir.mkdir(parents=True, mode=0o700)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(benv.socket))
+    server.listen(1)
+    big = "z" * (5 * MIB)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        req = json.loads(conn.makefile("rb").readline())
+        for frame in ({"event": {"chunk": big}}, {"ok": True, "result": {"text": big}}):
+            conn.sendall(json.dumps({"v": 1, "op_id": req["op_id"], **frame}).encode() + b"\n")
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    events: list[dict] = []
+    client = Client(Paths.from_env(benv.env()))
+    try:
+        result = client.call("vm.logs", {"ref": "x"}, on_event=events.append, autostart=False)
+    finally:
+        t.join(10)
+        server.close()
+    assert result["text"] == big and events == [{"chunk": big}]

@@ -37,13 +37,13 @@ PARAMS = ["refs", "ref", "name", "image", "kernel", "vcpus", "memory_mib", "disk
 #: keys no params model has: each request carries one, so validation always refuses it
 UNKNOWN = ["zz_fuzz", "\x00", "REFS", "refs\n", "é", "\ud800", "x" * 2000]
 
-SETTINGS = dict(
-    derandomize=True,
-    deadline=None,
-    database=None,
-    print_blob=False,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
-)
+SETTINGS = {
+    "derandomize": True,  # the same examples on every run: deterministic in CI
+    "deadline": None,
+    "database": None,
+    "print_blob": False,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+}
 
 
 def huge(n_max: int) -> st.SearchStrategy[str]:

@@ -10,6 +10,7 @@ directory that is renamed into place only when complete, so a failure leaves not
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -85,14 +86,58 @@ def _write_sparse(src: Any, dest: Path, size: int) -> None:
         out.truncate(size)
 
 
-def extract(bundle: Path, target: Path, max_file_bytes: int | None = None) -> dict[str, Any]:
+class Truncated(Exception):
+    """The compressed stream ended inside a zstd frame."""
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed content of one or more zstd frames; raises Truncated when the
+    input ends inside a frame (zstandard's own stream reader just stops there)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.dobj: Any = None
+        self.pending = b""
+        self.seen = False  # any input at all
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self.pending:
+            data = self.fh.read(CHUNK)
+            if not data:
+                if self.dobj is not None or not self.seen:
+                    raise Truncated()
+                return 0
+            self.seen = True
+            while data:
+                if self.dobj is None:
+                    self.dobj = zstandard.ZstdDecompressor().decompressobj()
+                self.pending += self.dobj.decompress(data)
+                data = b""
+                if self.dobj.eof:  # a frame ended: what follows is the next one
+                    data, self.dobj = self.dobj.unused_data, None
+        n = min(len(b), len(self.pending))
+        b[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+
+# what tarfile says when the stream ends early (inside the tar, or before it began)
+_SHORT = ("empty file", "truncated header", "unexpected end of data")
+
+
+def extract(bundle: Path, target: Path, max_file_bytes: int | None = None, label: str | None = None) -> dict[str, Any]:
     """Unpack a .tar.zst into ``target`` (must not exist); return its manifest. Files
-    are written sparse; one larger than ``max_file_bytes`` is refused before it is."""
+    are written sparse; one larger than ``max_file_bytes`` is refused before it is.
+    Errors name ``label`` (the bundle's URL), else the file."""
+    label = label or bundle.name
     target.mkdir(parents=True)
     root = target.resolve()
     try:
         with open(bundle, "rb") as fh:
-            reader = zstandard.ZstdDecompressor().stream_reader(fh)
+            reader = io.BufferedReader(_ZstdReader(fh), CHUNK)
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for m in tar:
                     _check_member(m, root)
@@ -107,15 +152,23 @@ def extract(bundle: Path, target: Path, max_file_bytes: int | None = None) -> di
                         os.chmod(dest, (safe.mode if safe.mode is not None else 0o644) & 0o777)
                         continue
                     tar.extract(m, root, set_attrs=m.isdir(), filter="data")
-    except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
-        raise bad(f"{bundle.name}: not a valid .tar.zst bundle: {exc}") from None
+                while reader.read(CHUNK):  # the rest of the stream: it must end where its frame does
+                    pass
+    except Truncated:
+        raise bad(f"{label}: truncated or incomplete bundle (the archive ends early)") from None
+    except (tarfile.TarError, EOFError) as exc:
+        if str(exc) in _SHORT:
+            raise bad(f"{label}: truncated or incomplete bundle (the tar inside ends early: {exc})") from None
+        raise bad(f"{label}: not a valid .tar.zst bundle: {exc}") from None
+    except zstandard.ZstdError as exc:
+        raise bad(f"{label}: not a valid .tar.zst bundle: {exc}") from None
     try:
         manifest = json.loads((target / "manifest.json").read_text())
     except (OSError, ValueError):
-        raise bad(f"{bundle.name}: no valid manifest.json") from None
+        raise bad(f"{label}: no valid manifest.json") from None
     for rel in manifest.get("files", {}).values():
         if rel and not (target / rel).exists():
-            raise bad(f"{bundle.name}: manifest names {rel}, which the bundle lacks")
+            raise bad(f"{label}: manifest names {rel}, which the bundle lacks")
     return manifest
 
 
@@ -136,8 +189,6 @@ def create(output: Path, kind: str, name: str, files: dict[str, Path | None], ex
                     data = json.dumps(manifest, indent=2, sort_keys=True).encode()
                     info = tarfile.TarInfo("manifest.json")
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    import io
-
                     tar.addfile(info, io.BytesIO(data))
 
                     def reset(ti: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -166,7 +217,7 @@ def fetch_and_extract(url: str, sha256: str, size: int | None, target: Path, pro
     try:
         archive = staging / "bundle.tar.zst"
         download(url, archive, sha256, size, progress)
-        manifest = extract(archive, staging / "out", max_file_bytes)
+        manifest = extract(archive, staging / "out", max_file_bytes, label=url)
         archive.unlink()
         if target.exists():
             shutil.rmtree(target)

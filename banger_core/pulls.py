@@ -48,6 +48,11 @@ def catalog(extra: str | None = None) -> dict[str, Any]:
     return cat
 
 
+def _a(word: str) -> str:
+    """The indefinite article for ``word`` (an image, a kernel)."""
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 LAYERS_FILE = "layers.json"  # beside an OCI image's rootfs: the layer digests it was made from
 
 
@@ -132,9 +137,11 @@ class Puller:
 
         manifest = bundles.fetch_and_extract(b["url"], b["sha256"], b.get("size"), target, dl,
                                              max_file_bytes=self.max_rootfs_mib << 20)
-        if manifest.get("kind") != kind:
+        got = manifest.get("kind")
+        if got != kind:
             shutil.rmtree(target, ignore_errors=True)
-            raise BangerError(ErrorCode.BAD_REQUEST, f"{b['url']}: a {manifest.get('kind')} bundle, not a {kind}")
+            what = f"{_a(got)} {got} bundle" if got in ("image", "kernel") else f"a bundle of unknown kind {got!r}"
+            raise BangerError(ErrorCode.BAD_REQUEST, f"{b['url']}: {what}, not {_a(kind)} {kind} bundle")
         return target
 
     @staticmethod

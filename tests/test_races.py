@@ -1,0 +1,274 @@
+"""Races the original tool hit, against real guests (busybox image, TCG) and a real
+daemon: pull waiters that go away, parallel creates that need the same missing
+artifacts, a slow pull beside an unrelated create, prune beside a running VM, daemon
+stop with VMs running, and restart holding the VM's lock.
+
+Downloads come from a local HTTP server whose bundle responses can be held at a gate,
+so "a pull in progress" is a state the test controls, not a timing guess. Six boots:
+the shared VM, two parallel creates, one create beside a held pull, the restart, and
+a VM to prune.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import guest_assets as ga
+from conftest import BANGER, isolated_env, pid_alive, wait_for
+
+BOOT_TIMEOUT = 240
+SPEC = ["--vcpu", "1", "--memory", "256M"]
+
+pytestmark = pytest.mark.slow
+
+
+class GatedServer:
+    """Serves a directory; GETs are counted per path, and a path can be held at a gate
+    (the response waits until the gate opens) to keep a pull in progress."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.gets: dict[str, int] = {}
+        self.gates: dict[str, threading.Event] = {}
+        self.arrived: dict[str, threading.Event] = {}
+        outer = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *a: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                outer.gets[self.path] = outer.gets.get(self.path, 0) + 1
+                outer.arrived.setdefault(self.path, threading.Event()).set()
+                gate = outer.gates.get(self.path)
+                if gate is not None:
+                    gate.wait(timeout=600)
+                super().do_GET()
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def gate(self, path: str) -> threading.Event:
+        self.gates[path] = threading.Event()
+        self.arrived[path] = threading.Event()
+        return self.gates[path]
+
+    def close(self) -> None:
+        for g in self.gates.values():
+            g.set()
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def assets():
+    cache = ga.default_cache_dir()
+    kernel = ga.test_kernel(cache)
+    rootfs = cache / "rootfs-busybox.ext4"
+    if not rootfs.exists():
+        ga.busybox_rootfs(rootfs, modules_dir=Path(kernel["modules"]), cache=cache)
+    return {"kernel_dir": Path(kernel["kernel"]).parent, "rootfs": rootfs}
+
+
+@pytest.fixture(scope="module")
+def world(assets, example_plugin_dir, tmp_path_factory):
+    """One daemon env with the example plugin recording hooks, the busybox image, a
+    catalog of bundles served by a gated server, and one running VM ``keep``."""
+    tmp = tmp_path_factory.mktemp("races")
+    www = tmp / "www"
+    www.mkdir()
+    server = GatedServer(www)
+    record = tmp / "hooks.jsonl"
+    with isolated_env() as env:
+        env.extra_path.append(str(example_plugin_dir))
+        base = f"[vmm]\naccel = 'tcg'\nstop_timeout_s = 60\n[example]\nrecord = '{record}'\n"
+        env.write_config(base)
+        env.run("kernel", "import", "src-kernel", "--from", str(assets["kernel_dir"]), check=True)
+        env.run("image", "register", "busybox", "--rootfs", str(assets["rootfs"]), "--kernel-ref", "src-kernel", check=True)
+        ker = json.loads(env.run("kernel", "bundle", "src-kernel", "-o", str(www / "k.tar.zst"), "--json", check=True).stdout)
+        img = json.loads(env.run("image", "bundle", "busybox", "-o", str(www / "img.tar.zst"), "--json", check=True).stdout)
+
+        def kb(path: str) -> dict:
+            return {"bundle": {"url": f"{server.url}/{path}", "sha256": ker["sha256"], "size": ker["size"]}}
+
+        def ib(path: str, kernel_ref: str) -> dict:
+            return {"kernel_ref": kernel_ref, "bundle": {"url": f"{server.url}/{path}", "sha256": img["sha256"], "size": img["size"]}}
+
+        # the same files under several names: each catalog entry has its own URL path
+        for alias in ("k-par.tar.zst", "k-held.tar.zst"):
+            os.link(www / "k.tar.zst", www / alias)
+        for alias in ("img-par.tar.zst", "img-held.tar.zst"):
+            os.link(www / "img.tar.zst", www / alias)
+        cat = tmp / "catalog.json"
+        cat.write_text(json.dumps({
+            "version": 1,
+            "kernels": {"k-par": kb("k-par.tar.zst"), "k-held": kb("k-held.tar.zst")},
+            "images": {"img-par": ib("img-par.tar.zst", "k-par"), "img-held": ib("img-held.tar.zst", "src-kernel")},
+        }))
+        env.write_config(base + f"[catalog]\npath = '{cat}'\n")
+        env.run("vm", "create", "--name", "keep", "--image", "busybox", *SPEC, timeout=BOOT_TIMEOUT, check=True)
+        wait_boot(env, "keep")
+        yield {"env": env, "server": server, "record": record}
+        server.close()
+        names = [v["name"] for v in vms(env)]
+        if names:
+            env.run("vm", "delete", "--force", *names, timeout=180)
+
+
+def vms(env) -> list[dict]:
+    r = env.run("vm", "list", "--json")
+    return json.loads(r.stdout) if r.returncode == 0 else []
+
+
+def show(env, name: str) -> dict:
+    return json.loads(env.run("vm", "show", name, "--json", check=True).stdout)
+
+
+def boots(env, name: str) -> int:
+    return env.run("vm", "logs", name, "-n", "0", check=True).stdout.count(ga.BOOT_MARKER)
+
+
+def wait_boot(env, name: str, count: int = 1) -> None:
+    wait_for(lambda: boots(env, name) >= count, timeout=BOOT_TIMEOUT, interval=0.5)
+
+
+def hooks(record: Path, vm: str) -> list[str]:
+    if not record.exists():
+        return []
+    return [e["hook"] for e in map(json.loads, record.read_text().splitlines()) if e.get("vm") == vm]
+
+
+def log_lines(env) -> list[dict]:
+    return [json.loads(ln) for ln in (env.state_dir / "bangerd.log").read_text().splitlines()]
+
+
+def popen(env, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([BANGER, *args], env=env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_pull_waiter_that_disconnects_returns_promptly_and_the_pull_goes_on(world):
+    env, server = world["env"], world["server"]
+    gate = server.gate("/k-held.tar.zst")
+    first = popen(env, "kernel", "pull", "k-held")
+    assert server.arrived["/k-held.tar.zst"].wait(60), "the first pull never reached the server"
+    before = len(log_lines(env))
+    waiter = popen(env, "kernel", "pull", "k-held")
+    op = wait_for(lambda: next((ln["op_id"] for ln in log_lines(env)[before:]
+                                 if ln["msg"] == "request kernel.pull"), None), timeout=30)
+    time.sleep(0.5)  # it is now waiting for the first pull's lock
+    waiter.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    waiter.communicate(timeout=30)
+
+    def cancelled() -> bool:
+        return any(ln["op_id"] == op and "cancelled" in ln["msg"] for ln in log_lines(env))
+
+    wait_for(cancelled, timeout=10)
+    assert time.monotonic() - t0 < 5, "the waiter's request outlived its client"
+    assert first.poll() is None, "the first pull must go on"
+    gate.set()
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert server.gets["/k-held.tar.zst"] == 1
+    assert "k-held" in {k["name"] for k in json.loads(env.run("kernel", "list", "--json", check=True).stdout)}
+
+
+def test_parallel_creates_needing_one_missing_image_fetch_once_and_all_succeed(world):
+    env, server = world["env"], world["server"]
+    procs = [popen(env, "vm", "create", "--name", f"par-{i}", "--image", "img-par", *SPEC) for i in (1, 2)]
+    outs = [p.communicate(timeout=BOOT_TIMEOUT * 2) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert server.gets.get("/k-par.tar.zst") == 1 and server.gets.get("/img-par.tar.zst") == 1, server.gets
+    for name in ("par-1", "par-2"):
+        wait_boot(env, name)
+        assert show(env, name)["state"] == "running"
+    # leave them stopped: the prune test deletes stopped VMs
+    env.run("vm", "stop", "par-1", "par-2", timeout=180, check=True)
+    for name in ("par-1", "par-2"):
+        assert hooks(world["record"], name).count("cleanup") == 1  # once per stop
+
+
+def test_a_held_pull_of_one_image_does_not_block_creating_from_another(world):
+    env, server = world["env"], world["server"]
+    gate = server.gate("/img-held.tar.zst")
+    held = popen(env, "image", "pull", "img-held")
+    try:
+        assert server.arrived["/img-held.tar.zst"].wait(60)
+        r = env.run("vm", "create", "--name", "beside", "--image", "busybox", *SPEC, timeout=BOOT_TIMEOUT, check=True)
+        assert "beside" in r.stdout
+        assert held.poll() is None, "the held pull finished early: the test proved nothing"
+    finally:
+        gate.set()
+    _, err = held.communicate(timeout=300)
+    assert held.returncode == 0, err
+    env.run("vm", "delete", "beside", "--force", timeout=180, check=True)
+
+
+def test_prune_deletes_every_stopped_vm_and_never_a_running_one(world):
+    env, record = world["env"], world["record"]
+    if not [v for v in vms(env) if v["state"] != "running"]:
+        env.run("vm", "create", "--name", "stopme", "--image", "busybox", *SPEC, timeout=BOOT_TIMEOUT, check=True)
+        env.run("vm", "stop", "stopme", timeout=180, check=True)
+    stopped = {v["name"] for v in vms(env) if v["state"] != "running"}
+    running = {v["name"]: v["pid"] for v in vms(env) if v["state"] == "running"}
+    assert "keep" in running and stopped
+    before = {n: hooks(record, n).count("cleanup") for n in stopped}
+    r = env.run("vm", "prune", "-f", "--json", timeout=180, check=True)
+    assert {d["name"] for d in json.loads(r.stdout)["deleted"]} == stopped
+    left = {v["name"]: v for v in vms(env)}
+    assert set(left) == set(running)
+    for name, pid in running.items():
+        assert left[name]["state"] == "running" and left[name]["pid"] == pid and pid_alive(pid)
+    for name in stopped:  # a delete runs every plugin's cleanup exactly once
+        assert hooks(record, name).count("cleanup") == before[name] + 1, hooks(record, name)
+
+
+def test_daemon_stop_leaves_vms_running_and_the_next_daemon_adopts_them(world):
+    env = world["env"]
+    vm = show(env, "keep")
+    assert vm["state"] == "running"
+    daemon = env.daemon_pid()
+    env.run("daemon", "stop", check=True)
+    assert daemon is not None and not pid_alive(daemon)
+    assert pid_alive(vm["pid"])
+    again = show(env, "keep")  # starts a new daemon, which adopts the VM
+    assert env.daemon_pid() != daemon
+    assert again["state"] == "running" and again["pid"] == vm["pid"]
+    assert boots(env, "keep") == 1  # the same boot: never restarted
+
+
+def test_restart_holds_the_vm_lock_across_stop_and_start(world):
+    env, record = world["env"], world["record"]
+    first = show(env, "keep")
+    vcpus = first["spec"]["vcpus"]
+    seen = len(hooks(record, "keep"))
+    restart = popen(env, "vm", "restart", "keep")
+    # the stop is under way (the plugin was asked to shut the guest down)
+    wait_for(lambda: "request_guest_shutdown" in hooks(record, "keep")[seen:], timeout=60)
+    before = len(log_lines(env))
+    r = env.run("vm", "set", "keep", "--vcpu", str(vcpus + 1), timeout=BOOT_TIMEOUT)
+    out, err = restart.communicate(timeout=BOOT_TIMEOUT)
+    assert restart.returncode == 0, err
+    # `vm set` waited for the whole restart, then found the VM running again
+    assert r.returncode == 1 and "is running: stop it before changing its spec" in r.stderr, r.stderr
+    lines = log_lines(env)[before:]
+    restarted = next(i for i, ln in enumerate(lines) if ln["msg"].startswith("request vm.restart ok"))
+    refused = next(i for i, ln in enumerate(lines) if "is running: stop it before changing its spec" in ln["msg"])
+    assert restarted < refused, lines
+    calls = hooks(record, "keep")[seen:]
+    assert calls.index("cleanup") < calls.index("prepare_host") and calls.count("cleanup") == 1, calls
+    vm = show(env, "keep")
+    assert vm["state"] == "running" and vm["spec"]["vcpus"] == vcpus
+    assert vm["pid"] != first["pid"] and not pid_alive(first["pid"])
+    wait_boot(env, "keep")  # a fresh console: the new boot's

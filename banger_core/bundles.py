@@ -86,42 +86,41 @@ def _write_sparse(src: Any, dest: Path, size: int) -> None:
         out.truncate(size)
 
 
-class Truncated(Exception):
-    """The compressed stream ended inside a zstd frame."""
-
-
-class _ZstdReader(io.RawIOBase):
-    """The decompressed content of one or more zstd frames; raises Truncated when the
-    input ends inside a frame (zstandard's own stream reader just stops there)."""
-
-    def __init__(self, fh: Any) -> None:
-        self.fh = fh
-        self.dobj: Any = None
-        self.pending = b""
-        self.seen = False  # any input at all
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while not self.pending:
-            data = self.fh.read(CHUNK)
-            if not data:
-                if self.dobj is not None or not self.seen:
-                    raise Truncated()
-                return 0
-            self.seen = True
-            while data:
-                if self.dobj is None:
-                    self.dobj = zstandard.ZstdDecompressor().decompressobj()
-                self.pending += self.dobj.decompress(data)
-                data = b""
-                if self.dobj.eof:  # a frame ended: what follows is the next one
-                    data, self.dobj = self.dobj.unused_data, None
-        n = min(len(b), len(self.pending))
-        b[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
-        return n
+def _zstd_complete(path: Path) -> bool:
+    """Whether ``path`` is a run of complete zstd frames, walked by their headers
+    (nothing decompressed): zstandard's stream reader just stops where a cut-short
+    frame does, so a truncated bundle would read as a short or empty tar."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        pos = 0
+        if size == 0:
+            return False
+        while pos < size:
+            fh.seek(pos)
+            head = fh.read(18)
+            if len(head) < 8:
+                return False
+            magic = int.from_bytes(head[:4], "little")
+            if 0x184D2A50 <= magic <= 0x184D2A5F:  # a skippable frame
+                pos += 8 + int.from_bytes(head[4:8], "little")
+                continue
+            if magic != 0xFD2FB528:
+                return True  # not zstd at all: the decompressor says so
+            fhd = head[4]
+            single = fhd >> 5 & 1
+            fcs = (1 if single else 0, 2, 4, 8)[fhd >> 6]
+            pos += 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + fcs
+            while True:
+                fh.seek(pos)
+                bh = fh.read(3)
+                if len(bh) < 3:
+                    return False
+                v = int.from_bytes(bh, "little")
+                pos += 3 + (1 if (v >> 1) & 3 == 1 else v >> 3)
+                if v & 1:
+                    break
+            pos += 4 if fhd & 4 else 0
+        return pos == size
 
 
 # what tarfile says when the stream ends early (inside the tar, or before it began)
@@ -133,11 +132,13 @@ def extract(bundle: Path, target: Path, max_file_bytes: int | None = None, label
     are written sparse; one larger than ``max_file_bytes`` is refused before it is.
     Errors name ``label`` (the bundle's URL), else the file."""
     label = label or bundle.name
+    if not _zstd_complete(bundle):
+        raise bad(f"{label}: truncated or incomplete bundle (the archive ends inside a zstd frame)")
     target.mkdir(parents=True)
     root = target.resolve()
     try:
         with open(bundle, "rb") as fh:
-            reader = io.BufferedReader(_ZstdReader(fh), CHUNK)
+            reader = zstandard.ZstdDecompressor().stream_reader(fh)
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for m in tar:
                     _check_member(m, root)
@@ -152,10 +153,6 @@ def extract(bundle: Path, target: Path, max_file_bytes: int | None = None, label
                         os.chmod(dest, (safe.mode if safe.mode is not None else 0o644) & 0o777)
                         continue
                     tar.extract(m, root, set_attrs=m.isdir(), filter="data")
-                while reader.read(CHUNK):  # the rest of the stream: it must end where its frame does
-                    pass
-    except Truncated:
-        raise bad(f"{label}: truncated or incomplete bundle (the archive ends early)") from None
     except (tarfile.TarError, EOFError) as exc:
         if str(exc) in _SHORT:
             raise bad(f"{label}: truncated or incomplete bundle (the tar inside ends early: {exc})") from None

@@ -362,8 +362,6 @@ def pull_to_rootfs(ref_text: str, out: Path, work: Path, blobs: Path, busybox: P
     ``download(label, bytes, total)`` hears each layer's download; ``cancel`` stops
     between chunks and layers. The result names the manifest ``digest`` and its
     ``layers`` (digests)."""
-    from banger_core import proc
-
     ref = parse_ref(ref_text)
     reg = Registry(ref)
     manifest, digest = resolve_manifest(reg)
@@ -384,19 +382,9 @@ def pull_to_rootfs(ref_text: str, out: Path, work: Path, blobs: Path, busybox: P
         path = reg.blob(layer["digest"], dest, on_bytes, cancel)
         apply_layer(path, tree)
     inject_init(tree, busybox)
-    used = tree_mib(tree)
-    size = size_mib or max(int(used * 1.5), 1024)
-    if size < used + 16:
-        raise bad(f"--size {size} MiB is too small for the {used} MiB image")
-    if max_mib is not None and size > max_mib:  # refused before it is made (the publish step checks again)
-        raise bad(f"{ref_text}: a {size} MiB rootfs is over [images] max_rootfs_size ({max_mib} MiB)")
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.truncate(size * 1024 * 1024)
-    try:
-        proc.run(["mkfs.ext4", "-q", "-F", "-L", "banger-root", "-d", tree, tmp], timeout=1800, what="mkfs.ext4 -d")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from banger_core.artifacts.common import ext4_from_tree
+
+    made = ext4_from_tree(tree, out, size_mib, max_mib=max_mib, what=ref_text)
+    size, used = made["size_mib"], made["tree_mib"]
     return {"ref": ref_text, "digest": digest, "size_mib": size, "tree_mib": used, "name": ref.friendly_name(),
             "layers": [layer["digest"] for layer in layers]}

@@ -220,6 +220,35 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# --------------------------------------------------------------------------- ext4
+
+
+def ext4_from_tree(tree: Path, out: Path, size_mib: int | None = None, label: str = "banger-root",
+                   max_mib: int | None = None, what: str = "the image") -> dict[str, int]:
+    """Make ``out`` an ext4 holding ``tree`` (mkfs.ext4 -d), sized max(tree x 1.5, 1 GiB)
+    unless ``size_mib`` is given; refused when that is too small for the tree or over
+    ``max_mib``. A temp file until complete. Returns {"size_mib", "tree_mib"}."""
+    from banger_core import proc
+    from banger_core.errors import BangerError, ErrorCode
+    from banger_core.fsutil import tree_bytes
+
+    used = tree_bytes(tree) // (1024 * 1024)
+    size = size_mib or max(int(used * 1.5), 1024)
+    if size < used + 16:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"--size {size} MiB is too small for the {used} MiB image")
+    if max_mib is not None and size > max_mib:  # refused before it is made (the publish step checks again)
+        raise BangerError(ErrorCode.BAD_REQUEST, f"{what}: a {size} MiB rootfs is over [images] max_rootfs_size ({max_mib} MiB)")
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.truncate(size * 1024 * 1024)
+    try:
+        proc.run(["mkfs.ext4", "-q", "-F", "-L", label, "-d", tree, tmp], timeout=1800, what="mkfs.ext4 -d")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"size_mib": size, "tree_mib": used}
+
+
 # --------------------------------------------------------------------------- vmlinux
 
 

@@ -176,6 +176,10 @@ def format_validation_error(path: Path, table: str | None, exc: ValidationError)
     return "; ".join(lines)
 
 
+def _clip(text: str, keep: int = 200) -> str:
+    return text if len(text) <= keep else f"{text[:keep]}… ({len(text)} characters)"
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
@@ -212,8 +216,11 @@ class ProjectConfig:
     @classmethod
     def load(cls, directory: Path) -> "ProjectConfig | None":
         path = directory / PROJECT_FILE
-        if not path.exists():
-            return None
+        try:
+            if not path.is_file():
+                return None
+        except OSError as exc:  # a name too long, a directory we may not search
+            raise BangerError(ErrorCode.CONFIG, f"{_clip(str(path))}: cannot read: {exc.strerror}") from None
         raw = _read_toml(path)
         try:
             plugins = PluginsTable.model_validate(raw.get("plugins", {}))

@@ -7,7 +7,7 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 # Every validation pattern is used with ``fullmatch`` (``$`` also matches before a
 # final newline, so ``match`` with ``...$`` lets "box\n" through).
@@ -48,6 +48,19 @@ def parse_size_mib(value: object) -> int:
     if mib < 1:
         raise ValueError(f"size must be at least 1 MiB, got {value!r}")
     return int(mib)
+
+
+def _host_path(v: str) -> str:
+    """A path on this host as a client may send it: one the kernel can take at all."""
+    if "\x00" in v:
+        raise ValueError("a path cannot contain NUL bytes")
+    if len(v.encode()) >= 4096 or any(len(part.encode()) > 255 for part in v.split("/")):
+        raise ValueError("path too long (4095 bytes at most, 255 per component)")
+    return v
+
+
+#: a host path in RPC params or config: an over-long one is refused here, not as ENAMETOOLONG later
+HostPath = Annotated[str, AfterValidator(_host_path)]
 
 
 #: A size in MiB that also takes "512M"/"8G" strings (see ``parse_size_mib``).

@@ -23,7 +23,7 @@ from banger_core import disks, host
 from banger_core.errors import BangerError, ErrorCode, MultiError
 from banger_core.handles import HandleStore
 from banger_core.lifecycle import Lifecycle
-from banger_core.models import VM, Drive, Image, Input, Machine, SizeMiB, VMHandles, VMSpec, VMState, validate_vm_name
+from banger_core.models import VM, Drive, HostPath, Image, Input, Machine, SizeMiB, VMHandles, VMSpec, VMState, validate_vm_name
 from banger_core.config import resolve_vm_defaults
 from banger_core.pulls import Puller
 from banger_core.runtime import Runtime
@@ -57,7 +57,7 @@ class CreateParams(Input):
     memory_mib: SizeMiB | None = None
     disk_size_mib: SizeMiB | None = None
     driver: str | None = None
-    project_dir: str | None = None
+    project_dir: HostPath | None = None
 
     @field_validator("name")
     @classmethod

@@ -9,14 +9,14 @@ import signal as signals
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import Field, field_validator
 
 from banger_core import images
 from banger_core.daemon.rpc import Call, NoParams, Registry
 from banger_core.errors import BangerError, ErrorCode
-from banger_core.models import Input, SizeMiB
+from banger_core.models import HostPath, Input, SizeMiB
 from banger_core.vms import CreateParams, SetParams, VMService
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,17 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
 EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="banger-op")
 
 
-def _host_path(v: str) -> str:
-    """A path on this host as a client may send it: one the kernel can take at all."""
-    if "\x00" in v:
-        raise ValueError("a path cannot contain NUL bytes")
-    if len(v.encode()) >= 4096 or any(len(part.encode()) > 255 for part in v.split("/")):
-        raise ValueError("path too long (4095 bytes at most, 255 per component)")
-    return v
-
-
-#: a host path in RPC params: an over-long one is refused here, not as ENAMETOOLONG later
-HostPath = Annotated[str, AfterValidator(_host_path)]
 
 
 class _P(Input):

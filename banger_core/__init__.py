@@ -23,6 +23,9 @@ _LAZY = {
     "hookspec": ("banger_core.hookspecs", "hookspec"),
     "BangerError": ("banger_core.errors", "BangerError"),
     "ErrorCode": ("banger_core.errors", "ErrorCode"),
+    "Input": ("banger_core.models", "Input"),
+    "SizeMiB": ("banger_core.models", "SizeMiB"),
+    "HostPath": ("banger_core.models", "HostPath"),
 }
 
 

@@ -278,6 +278,14 @@ def hooks(record) -> list[str]:
     return [json.loads(ln)["hook"] for ln in record.read_text().splitlines()] if record.exists() else []
 
 
+def settled(env) -> None:
+    """Wait until the daemon has no request in flight (a late second cleanup would
+    otherwise go unseen)."""
+    from conftest import wait_for
+
+    wait_for(lambda: json.loads(env.run("daemon", "status", "--json", check=True).stdout)["inflight"] == 0, timeout=30)
+
+
 @pytest.mark.parametrize("stage", ["prepare_host", "configure_machine"])
 def test_failed_create_runs_plugin_cleanup_once(xenv, tmp_path, stage):
     record = tmp_path / "calls.jsonl"
@@ -286,6 +294,7 @@ def test_failed_create_runs_plugin_cleanup_once(xenv, tmp_path, stage):
     (proj / "banger.toml").write_text(f"[example]\nrecord = '{record}'\nfail_in = '{stage}'\n")
     r = xenv.run("vm", "create", "--name", "doomed", "--image", "tiny", "--project", str(proj), timeout=120)
     assert r.returncode == 1 and f"failing in {stage} as configured" in r.stderr, r.stderr
+    settled(xenv)
     calls = hooks(record)
     assert calls.count("cleanup") == 1, calls
     assert calls[-1] == "cleanup" and "post_boot" not in calls
@@ -303,5 +312,6 @@ def test_failed_create_before_the_plugins_ran_still_cleans_up_once(xenv, tmp_pat
     (tmp_path / "rootfs.ext4").unlink()
     r = xenv.run("vm", "create", "--name", "doomed", "--image", "tiny", "--project", str(proj), timeout=120)
     assert r.returncode == 1, r.stderr
+    settled(xenv)
     assert hooks(record) == ["cleanup"], hooks(record)
     assert json.loads(xenv.run("vm", "list", "--json", check=True).stdout) == []

@@ -162,10 +162,9 @@ def format_validation_error(path: Path, table: str | None, exc: ValidationError)
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ())]
+        tbl: str | None = table
         if table is None and loc:
             tbl, loc = loc[0], loc[1:]
-        else:
-            tbl = table
         key = ".".join(loc) if loc else "(table)"
         msg = err.get("msg", "invalid")
         where = f"[{tbl}] {key}" if tbl else key
@@ -285,7 +284,7 @@ class Config:
         proj = project.tables.get(plugin, {}) if project else {}
         if model is None:
             if user or proj:
-                src = project.path if proj else self.path
+                src = project.path if project is not None and proj else self.path
                 raise BangerError(ErrorCode.CONFIG, f"{src}: [{plugin}]: plugin {plugin!r} takes no settings")
             return None
         # strict=True here makes every plugin's model strict, third parties' included.

@@ -21,7 +21,7 @@ from banger_core.models import VM, Image, Kernel, utcnow
 
 
 def _m001_initial(db: sqlite_utils.Database) -> None:
-    db["vms"].create(
+    db.table("vms").create(
         {
             "id": str,
             "name": str,
@@ -38,13 +38,13 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
         pk="id",
         not_null={"name", "state", "spec"},
     )
-    db["vms"].create_index(["name"], unique=True)
-    db["images"].create(
+    db.table("vms").create_index(["name"], unique=True)
+    db.table("images").create(
         {"name": str, "rootfs": str, "kernel_ref": str, "managed": int, "sha256": str, "created_at": str},
         pk="name",
         not_null={"rootfs"},
     )
-    db["kernels"].create(
+    db.table("kernels").create(
         {"name": str, "kernel": str, "initrd": str, "modules": str, "created_at": str},
         pk="name",
         not_null={"kernel"},
@@ -52,18 +52,18 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
 
 
 def _m002_vm_disk_and_error(db: sqlite_utils.Database) -> None:
-    db["vms"].add_column("disk_strategy", str)
-    db["vms"].add_column("last_error", str)
+    db.table("vms").add_column("disk_strategy", str)
+    db.table("vms").add_column("last_error", str)
 
 
 def _m003_image_init_source(db: sqlite_utils.Database) -> None:
-    db["images"].add_column("init", str)
-    db["images"].add_column("source", str)
+    db.table("images").add_column("init", str)
+    db.table("images").add_column("source", str)
 
 
 def _m004_kernel_vmlinux_source(db: sqlite_utils.Database) -> None:
-    db["kernels"].add_column("vmlinux", str)
-    db["kernels"].add_column("source", str)
+    db.table("kernels").add_column("vmlinux", str)
+    db.table("kernels").add_column("source", str)
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
@@ -100,23 +100,23 @@ class Store:
         """Apply pending migrations; return the numbers applied now."""
         applied_now = []
         with self._lock:
-            self.db["migrations"].create(
+            self.db.table("migrations").create(
                 {"number": int, "name": str, "applied_at": str}, pk="number", if_not_exists=True
             )
-            done = {row["number"] for row in self.db["migrations"].rows}
+            done = {row["number"] for row in self.db.table("migrations").rows}
             for number, name, fn in MIGRATIONS:
                 if number in done:
                     continue
                 with self.db.atomic():  # one transaction per migration
                     fn(self.db)
-                    self.db["migrations"].insert(
+                    self.db.table("migrations").insert(
                         {"number": number, "name": name, "applied_at": datetime.now(timezone.utc).isoformat()}
                     )
                 applied_now.append(number)
         return applied_now
 
     def applied_migrations(self) -> list[int]:
-        return sorted(row["number"] for row in self.db["migrations"].rows)
+        return sorted(row["number"] for row in self.db.table("migrations").rows)
 
     # --- VMs ----------------------------------------------------------------------
     @staticmethod
@@ -136,7 +136,7 @@ class Store:
     def insert_vm(self, vm: VM) -> VM:
         with self._lock:
             try:
-                self.db["vms"].insert(self._vm_row(vm))
+                self.db.table("vms").insert(self._vm_row(vm))
             except sqlite3.IntegrityError:
                 raise BangerError(ErrorCode.ALREADY_EXISTS, f"a VM named {vm.name!r} already exists") from None
         return vm
@@ -144,32 +144,32 @@ class Store:
     def update_vm(self, vm: VM) -> VM:
         vm.updated_at = utcnow()
         with self._lock:
-            self.db["vms"].update(vm.id, self._vm_row(vm))
+            self.db.table("vms").update(vm.id, self._vm_row(vm))
         return vm
 
     def get_vm(self, vm_id: str) -> VM:
         with self._lock:
             try:
-                return self._vm_from_row(self.db["vms"].get(vm_id))
+                return self._vm_from_row(self.db.table("vms").get(vm_id))
             except sqlite_utils.db.NotFoundError:
                 raise BangerError(ErrorCode.NOT_FOUND, f"no VM with id {vm_id!r}") from None
 
     def list_vms(self) -> list[VM]:
         with self._lock:
-            return [self._vm_from_row(r) for r in self.db["vms"].rows_where(order_by="created_at")]
+            return [self._vm_from_row(r) for r in self.db.table("vms").rows_where(order_by="created_at")]
 
     def find_vms(self, name: str | None = None, id_prefix: str | None = None) -> list[VM]:
         with self._lock:
             if name is not None:
-                rows = self.db["vms"].rows_where("name = ?", [name])
+                rows = self.db.table("vms").rows_where("name = ?", [name])
             else:
-                rows = self.db["vms"].rows_where("id LIKE ? ESCAPE '\\'", [_like_prefix(id_prefix or "")])
+                rows = self.db.table("vms").rows_where("id LIKE ? ESCAPE '\\'", [_like_prefix(id_prefix or "")])
             return [self._vm_from_row(r) for r in rows]
 
     def _get(self, table: str, model: type[Image] | type[Kernel], name: str) -> Any:
         with self._lock:
             try:
-                row = self.db[table].get(name)
+                row = self.db.table(table).get(name)
             except sqlite_utils.db.NotFoundError:
                 kind = table.rstrip("s")
                 raise BangerError(ErrorCode.NOT_FOUND, f"no {kind} named {name!r} (see `banger {kind} list`)") from None
@@ -177,7 +177,7 @@ class Store:
 
     def _all(self, table: str, model: type[Image] | type[Kernel]) -> list[Any]:
         with self._lock:
-            return [model.model_validate({k: v for k, v in r.items() if v is not None}) for r in self.db[table].rows]
+            return [model.model_validate({k: v for k, v in r.items() if v is not None}) for r in self.db.table(table).rows]
 
     def get_image(self, name: str) -> Image:
         return self._get("images", Image, name)
@@ -185,38 +185,38 @@ class Store:
     def find_image(self, name: str) -> Image | None:
         """The image, or None when there is none by that name."""
         with self._lock:
-            return self.get_image(name) if self.db["images"].count_where("name = ?", [name]) else None
+            return self.get_image(name) if self.db.table("images").count_where("name = ?", [name]) else None
 
     def find_kernel(self, name: str) -> Kernel | None:
         with self._lock:
-            return self.get_kernel(name) if self.db["kernels"].count_where("name = ?", [name]) else None
+            return self.get_kernel(name) if self.db.table("kernels").count_where("name = ?", [name]) else None
 
     def get_kernel(self, name: str) -> Kernel:
         return self._get("kernels", Kernel, name)
 
     def delete_image(self, name: str) -> None:
         with self._lock:
-            self.db["images"].delete_where("name = ?", [name])
+            self.db.table("images").delete_where("name = ?", [name])
 
     def delete_kernel(self, name: str) -> None:
         with self._lock:
-            self.db["kernels"].delete_where("name = ?", [name])
+            self.db.table("kernels").delete_where("name = ?", [name])
 
     def delete_vm(self, vm_id: str) -> None:
         with self._lock:
-            self.db["vms"].delete_where("id = ?", [vm_id])
+            self.db.table("vms").delete_where("id = ?", [vm_id])
 
     # --- images & kernels ---------------------------------------------------------
     def upsert_image(self, image: Image) -> None:
         with self._lock:
-            self.db["images"].upsert(image.model_dump(mode="json"), pk="name")
+            self.db.table("images").upsert(image.model_dump(mode="json"), pk="name")
 
     def list_images(self) -> list[Image]:
         return self._all("images", Image)
 
     def upsert_kernel(self, kernel: Kernel) -> None:
         with self._lock:
-            self.db["kernels"].upsert(kernel.model_dump(mode="json"), pk="name")
+            self.db.table("kernels").upsert(kernel.model_dump(mode="json"), pk="name")
 
     def list_kernels(self) -> list[Kernel]:
         return self._all("kernels", Kernel)

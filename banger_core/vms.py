@@ -34,6 +34,7 @@ from banger_core.vmm.drivers import driver_for, pick_driver
 log = logging.getLogger("banger.vms")
 
 Progress = Callable[[str, dict[str, Any]], None]
+Names = list[str]  # (VMService.list shadows the builtin inside the class body)
 
 # Legal state transitions; anything else is refused.
 TRANSITIONS: dict[VMState, set[VMState]] = {
@@ -161,9 +162,10 @@ class VMService:
 
     def _lifecycle(self, vm: VM, op_id: str) -> Lifecycle:
         h = self.handles.get(vm.id)
-        return Lifecycle(
-            self.rt, vm, op_id=op_id, persist=self.store.update_vm, handles=dict(h.plugins) if h else None
-        )
+        def persist(v: VM) -> None:
+            self.store.update_vm(v)
+
+        return Lifecycle(self.rt, vm, op_id=op_id, persist=persist, handles=dict(h.plugins) if h else None)
 
     # --- create / start -----------------------------------------------------------
     def create(self, params: CreateParams, op_id: str, progress: Progress, cancel: threading.Event) -> VM:
@@ -498,9 +500,9 @@ class VMService:
                     log.error("VM %s: cleanup after VMM exit failed: %s", vm.name, exc)
 
     # --- reconcile (daemon start) ---------------------------------------------------
-    def reconcile(self) -> dict[str, list[str]]:
+    def reconcile(self) -> dict[str, Names]:
         """Re-adopt live VMMs; demote dead ones and tear down their leftovers."""
-        report: dict[str, list[str]] = {"adopted": [], "stopped": [], "interrupted": []}
+        report: dict[str, Names] = {"adopted": [], "stopped": [], "interrupted": []}
         for vm in self.store.list_vms():
             h = self.handles.get(vm.id) or self.handles.read_file(vm.id)
             pid = h.pid if h and h.pid and vmm.is_vmm_of(h.pid, vm.id) else vmm.find_vmm(vm.id)

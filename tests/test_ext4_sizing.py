@@ -1,6 +1,6 @@
 """Regression: an ext4 made from a ~1 GB tree of many small files at the default
-sizing succeeds (the original tool ran out of inodes and space there): 200k files of
-~5 KB through artifacts.common.ext4_from_tree, the step OCI pulls use."""
+sizing succeeds (the original tool ran out of inodes and space there): 120k files of
+~7.5 KB (0.9 GB) through artifacts.common.ext4_from_tree, the step OCI pulls use."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from banger_core.artifacts.common import ext4_from_tree
 
-FILES, DIRS, SIZE = 200_000, 400, 5 * 1024
+FILES, DIRS, SIZE = 120_000, 300, 8 * 1024 - 512
 
 
 def test_many_small_files_fit_at_the_default_size():

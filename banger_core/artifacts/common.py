@@ -223,30 +223,60 @@ def locked(path: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------- ext4
 
 
+INODE_BYTES = 256  # mkfs.ext4's default inode size
+BLOCK = 4096
+
+
+def tree_needs(tree: Path) -> tuple[int, int]:
+    """(bytes, entries) ``tree`` needs in an ext4: each file's data in whole 4 KiB
+    blocks (or what it occupies here, if more), a block per directory, and one inode
+    per entry. Small files cost a block each however small they are."""
+    data, entries = 0, 0
+    for dirpath, dirs, files in os.walk(tree):
+        entries += 1
+        data += BLOCK
+        for f in files:
+            entries += 1
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            data += max(-(-st.st_size // BLOCK) * BLOCK, st.st_blocks * 512)
+    return data, entries
+
+
 def ext4_from_tree(tree: Path, out: Path, size_mib: int | None = None, label: str = "banger-root",
                    max_mib: int | None = None, what: str = "the image") -> dict[str, int]:
-    """Make ``out`` an ext4 holding ``tree`` (mkfs.ext4 -d), sized max(tree x 1.5, 1 GiB)
-    unless ``size_mib`` is given; refused when that is too small for the tree or over
-    ``max_mib``. A temp file until complete. Returns {"size_mib", "tree_mib"}."""
+    """Make ``out`` an ext4 holding ``tree`` (mkfs.ext4 -d). The default size is
+    max(tree x 1.5 + its inode tables, 1 GiB), the tree counted in whole blocks; the
+    inode count is what the tree has x 1.5 (+4096), never fewer than mkfs's default
+    ratio gives (mkfs's one-inode-per-16-KiB alone runs out on a tree of small files).
+    Refused when ``size_mib`` is too small for the tree or over ``max_mib``. A temp
+    file until complete. Returns {"size_mib", "tree_mib", "inodes"}."""
     from banger_core import proc
     from banger_core.errors import BangerError, ErrorCode
-    from banger_core.fsutil import tree_bytes
 
-    used = tree_bytes(tree) // (1024 * 1024)
-    size = size_mib or max(int(used * 1.5), 1024)
-    if size < used + 16:
-        raise BangerError(ErrorCode.BAD_REQUEST, f"--size {size} MiB is too small for the {used} MiB image")
+    data, entries = tree_needs(tree)
+    used = data // (1024 * 1024)
+    inodes = int(entries * 1.5) + 4096
+    tables = inodes * INODE_BYTES // (1024 * 1024)
+    size = size_mib or max(int(used * 1.5) + tables + 16, 1024)
+    if size < used + tables + 16:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"--size {size} MiB is too small for the {used} MiB image "
+                          f"({entries} files, {tables} MiB of inode tables)")
     if max_mib is not None and size > max_mib:  # refused before it is made (the publish step checks again)
         raise BangerError(ErrorCode.BAD_REQUEST, f"{what}: a {size} MiB rootfs is over [images] max_rootfs_size ({max_mib} MiB)")
+    inodes = max(inodes, size * 1024 * 1024 // 16384)
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.truncate(size * 1024 * 1024)
     try:
-        proc.run(["mkfs.ext4", "-q", "-F", "-L", label, "-d", tree, tmp], timeout=1800, what="mkfs.ext4 -d")
+        proc.run(["mkfs.ext4", "-q", "-F", "-L", label, "-N", str(inodes), "-I", str(INODE_BYTES), "-d", tree, tmp],
+                 timeout=1800, what="mkfs.ext4 -d")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"size_mib": size, "tree_mib": used}
+    return {"size_mib": size, "tree_mib": used, "inodes": inodes}
 
 
 # --------------------------------------------------------------------------- vmlinux

@@ -123,6 +123,7 @@ def test_image_pull_kernel_options_are_exclusive_with_kernel_ref(benv, tmp_path)
     assert r.returncode == 1 and "give either --kernel-ref or --kernel [--initrd] [--modules], not both" in r.stderr, r.stderr
     r = benv.run("image", "pull", "127.0.0.1:1/x:1", "--initrd", str(k))
     assert r.returncode == 1 and "--initrd and --modules go with --kernel" in r.stderr, r.stderr
+    benv.run("image", "list", check=True)  # the CLI refused before starting a daemon: start one for the client
     client = Client(Paths.from_env(benv.env()))
     for params, msg in [
         ({"ref": "127.0.0.1:1/x:1", "kernel": str(k), "kernel_ref": "debian-cloud"}, "not both"),

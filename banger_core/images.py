@@ -11,6 +11,7 @@ import re
 import shutil
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from banger_core.errors import BangerError, ErrorCode
@@ -49,34 +50,110 @@ def _find(directory: Path, names: tuple[str, ...], prefix_ok: bool = True) -> Pa
     return None
 
 
-def import_kernel(
-    store: Store, paths: Paths, name: str, source: Path, force: bool = False, origin: str | None = None
-) -> Kernel:
-    """Import from a directory holding vmlinuz|bzImage and/or vmlinux, optional initrd,
-    modules/. ``origin`` is recorded as the kernel's source (default ``import:DIR``)."""
-    check_name("kernel", name)
+@dataclass
+class KernelFiles:
+    """What an import takes from a source directory."""
+
+    kernel: Path
+    vmlinux: Path | None = None
+    initrd: Path | None = None
+    modules: Path | None = None  # flat layout: modules/ (holding <version>/); package: lib/modules/<version>
+    version: str | None = None  # package layout only
+
+    def taken(self) -> dict[str, str | None]:
+        s = lambda p: str(p) if p else None  # noqa: E731
+        return {"version": self.version, "kernel": str(self.kernel), "vmlinux": s(self.vmlinux),
+                "initrd": s(self.initrd), "modules": s(self.modules)}
+
+
+PACKAGE_KERNEL = re.compile(r"(vmlinuz|bzImage|vmlinux)-(.+)")
+
+
+def _package_files(source: Path, boot: Path, mods: Path, version: str | None) -> KernelFiles:
+    """An unpacked kernel package: boot/vmlinuz-V (or vmlinux-V), boot/initrd.img-V (or
+    initramfs-V[.img]), lib/modules/V/; V is the version present in both boot/ and
+    lib/modules/ (``version`` picks one when there are several)."""
+    in_boot = {m.group(2) for p in boot.iterdir() if p.is_file() and (m := PACKAGE_KERNEL.fullmatch(p.name))}
+    in_mods = {p.name for p in mods.iterdir() if p.is_dir()}
+    both = sorted(in_boot & in_mods)
+    rel = mods.relative_to(source)
+    if version is not None and version not in both:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"--from {source}: no kernel version {version!r} in both boot/ and "
+                          f"{rel}/ (there: {', '.join(both) or 'none'})")
+    if version is None:
+        if not both:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"--from {source}: no kernel version in both boot/ "
+                              f"({', '.join(sorted(in_boot)) or 'none'}) and {rel}/ ({', '.join(sorted(in_mods)) or 'none'})")
+        if len(both) > 1:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"--from {source}: several kernel versions in boot/ and {rel}/: "
+                              f"{', '.join(both)}; pick one with --version")
+        version = both[0]
+    first = lambda *names: next((boot / n for n in names if (boot / n).is_file()), None)  # noqa: E731
+    kernel = first(f"vmlinuz-{version}", f"bzImage-{version}", f"vmlinux-{version}")
+    assert kernel is not None
+    vmlinux = first(f"vmlinux-{version}")
+    return KernelFiles(
+        kernel=kernel, vmlinux=vmlinux if vmlinux != kernel and vmlinux and kernel_is_elf(vmlinux) else None,
+        initrd=first(f"initrd.img-{version}", f"initrd-{version}", f"initramfs-{version}.img", f"initramfs-{version}"),
+        modules=mods / version, version=version,
+    )
+
+
+def find_kernel_files(source: Path, version: str | None = None) -> KernelFiles:
+    """The files a kernel import takes from ``source``: an unpacked kernel package
+    (boot/ + lib/modules/ or usr/lib/modules/), else a flat directory (vmlinuz|bzImage
+    and/or vmlinux, optional initrd.img, modules/)."""
     source = source.expanduser()
     if not source.is_dir():
         raise BangerError(ErrorCode.BAD_REQUEST, f"--from {source}: not a directory")
+    boot = source / "boot"
+    mods = next((m for m in (source / "lib" / "modules", source / "usr" / "lib" / "modules") if m.is_dir()), None)
+    if boot.is_dir() and mods is not None:
+        return _package_files(source, boot, mods, version)
+    if version is not None:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"--from {source}: --version picks among the versions of a package "
+                          "tree (boot/ + lib/modules/); this is a flat directory")
     kernel = _find(source, KERNEL_NAMES)
     if kernel is None:
         raise BangerError(
-            ErrorCode.BAD_REQUEST, f"--from {source}: no kernel found (looked for {', '.join(KERNEL_NAMES)})"
+            ErrorCode.BAD_REQUEST,
+            f"--from {source}: no kernel found (looked for {', '.join(KERNEL_NAMES)}, "
+            "or boot/vmlinuz-VERSION with lib/modules/VERSION/)",
         )
-    modules = source / "modules" if (source / "modules").is_dir() else None
     vmlinux = _find(source, ("vmlinux",))
-    return import_kernel_files(
-        store, paths, name, kernel, _find(source, INITRD_NAMES), modules, force,
-        vmlinux=vmlinux if vmlinux != kernel else None, source=origin or f"import:{source}",
+    return KernelFiles(kernel=kernel, vmlinux=vmlinux if vmlinux != kernel else None, initrd=_find(source, INITRD_NAMES),
+                       modules=source / "modules" if (source / "modules").is_dir() else None)
+
+
+def import_kernel_tree(
+    store: Store, paths: Paths, name: str, source: Path, force: bool = False, origin: str | None = None,
+    version: str | None = None,
+) -> tuple[Kernel, KernelFiles]:
+    """Import what find_kernel_files finds in ``source``; the kernel and the files taken.
+    ``origin`` is recorded as the kernel's source (default ``import:DIR``)."""
+    check_name("kernel", name)
+    files = find_kernel_files(source, version)
+    k = import_kernel_files(
+        store, paths, name, files.kernel, files.initrd, files.modules, force,
+        vmlinux=files.vmlinux, source=origin or f"import:{source.expanduser()}", modules_version=files.version,
     )
+    return k, files
+
+
+def import_kernel(
+    store: Store, paths: Paths, name: str, source: Path, force: bool = False, origin: str | None = None
+) -> Kernel:
+    """import_kernel_tree's kernel."""
+    return import_kernel_tree(store, paths, name, source, force, origin)[0]
 
 
 def import_kernel_files(
     store: Store, paths: Paths, name: str, kernel: Path, initrd: Path | None, modules: Path | None,
-    force: bool = False, *, vmlinux: Path | None = None, source: str | None = None,
+    force: bool = False, *, vmlinux: Path | None = None, source: str | None = None, modules_version: str | None = None,
 ) -> Kernel:
     """Copy a kernel (+ initrd, modules, ELF vmlinux) into managed storage:
-    staging dir -> rename -> DB row."""
+    staging dir -> rename -> DB row. With ``modules_version``, ``modules`` is that
+    version's own dir and lands as modules/<version>/."""
     check_name("kernel", name)
     if vmlinux is not None and not kernel_is_elf(vmlinux):
         raise BangerError(ErrorCode.BAD_REQUEST, f"vmlinux {vmlinux}: not an ELF kernel")
@@ -97,7 +174,8 @@ def import_kernel_files(
         if initrd:
             shutil.copy2(initrd, staging / initrd.name)
         if modules:
-            shutil.copytree(modules, staging / "modules", symlinks=True)
+            shutil.copytree(modules, staging / "modules" / modules_version if modules_version else staging / "modules",
+                            symlinks=True)
         old = None
         if final.exists():
             old = final.with_name(f".{name}.old")

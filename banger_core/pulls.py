@@ -259,8 +259,12 @@ class Puller:
 
     # --- OCI ---------------------------------------------------------------------------
     def oci(self, ref: str, *, name: str | None = None, kernel_ref: str | None = None, size_mib: int | None = None,
-            progress: Progress | None = None, cancel: threading.Event | None = None) -> Image:
-        """Pull an image from an OCI registry into a managed, bootable rootfs."""
+            progress: Progress | None = None, cancel: threading.Event | None = None,
+            kernel_files: tuple[Path, Path | None, Path | None] | None = None) -> Image:
+        """Pull an image from an OCI registry into a managed, bootable rootfs, booted with
+        ``kernel_ref`` (default: the default image's kernel) or with its own kernel,
+        initrd and modules (``kernel_files``: imported as a kernel named after the image
+        once the rootfs is in place, so a failed pull imports nothing)."""
         import tempfile
 
         from banger_core import oci
@@ -269,12 +273,24 @@ class Puller:
 
         parsed = oci.parse_ref(ref)
         name = check_name("image", name or parsed.friendly_name())
+        if kernel_files is not None and kernel_ref is not None:
+            raise BangerError(ErrorCode.BAD_REQUEST, "give either --kernel-ref or --kernel [--initrd] [--modules], not both")
         kernel_ref = kernel_ref or self.catalog()["images"][DEFAULT_IMAGE]["kernel_ref"]
         lock = self._acquire(f"image:{name}", cancel)
         try:
             if self.store.find_image(name):
                 raise BangerError(ErrorCode.ALREADY_EXISTS, f"image {name!r} already exists (choose another --name)")
-            kernel = self.ensure_kernel(kernel_ref, progress=progress, cancel=cancel)
+            if kernel_files is not None:
+                if self.store.find_kernel(name):
+                    raise BangerError(ErrorCode.ALREADY_EXISTS, f"kernel {name!r} already exists: choose another --name, "
+                                      f"or boot it with --kernel-ref {name}")
+                for what, f in zip(("--kernel", "--initrd"), kernel_files[:2]):
+                    if f is not None and not f.is_file():
+                        raise BangerError(ErrorCode.BAD_REQUEST, f"{what} {f}: no such file")
+                if kernel_files[2] is not None and not kernel_files[2].is_dir():
+                    raise BangerError(ErrorCode.BAD_REQUEST, f"--modules {kernel_files[2]}: not a directory")
+            else:
+                kernel = self.ensure_kernel(kernel_ref, progress=progress, cancel=cancel)
             if progress:
                 progress("pull", {"kind": "image", "name": name, "from": ref})
             busybox = static_busybox(self.paths.cache_dir / "debs", log=log.info)
@@ -301,6 +317,8 @@ class Puller:
                 rootfs = self._publish(name, staging / "rootfs.ext4", move=True)
                 try:
                     (final / LAYERS_FILE).write_text(json.dumps(info["layers"]) + "\n")
+                    if kernel_files is not None:
+                        kernel = images.import_kernel_files(self.store, self.paths, name, *kernel_files)
                 except BaseException:
                     shutil.rmtree(final, ignore_errors=True)
                     raise

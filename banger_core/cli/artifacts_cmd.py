@@ -20,16 +20,25 @@ def _call(method: str, params: dict) -> dict:
 @kernel_app.command("import")
 def kernel_import(
     name: str,
-    source: Path = typer.Option(..., "--from", help="dir with vmlinuz|bzImage and/or vmlinux, optional initrd.img, modules/"),
+    source: Path = typer.Option(..., "--from", help="an unpacked kernel package (boot/vmlinuz-VER, boot/initrd.img-VER, "
+                                "lib/modules/VER/), or a dir with vmlinuz|bzImage and/or vmlinux, optional initrd.img, modules/"),
+    version: str = typer.Option(None, "--version", help="package tree: the kernel version to take, when there are several"),
     force: bool = typer.Option(False, "--force", help="replace an existing kernel of that name"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Copy a kernel (and its initrd and modules) into banger's store."""
-    k = _call("kernel.import", {"name": name, "source": str(source.resolve()), "force": force})
+    """Copy a kernel (and its initrd and modules) into banger's store; says which files it took."""
+    params = {"name": name, "source": str(source.resolve()), "force": force, "version": version}
+    k = _call("kernel.import", {key: v for key, v in params.items() if v is not None})
     if as_json:
         echo_json(k)
         return
     style.echo(f"kernel {k['name']}: {k['kernel']}" + (f" + {Path(k['initrd']).name}" if k.get("initrd") else ""))
+    taken = k.get("taken") or {}
+    if taken.get("version"):
+        style.echo(f"  version {taken['version']}")
+    for what in ("kernel", "vmlinux", "initrd", "modules"):
+        if taken.get(what):
+            style.echo(f"  {what + ':':8} {taken[what]}")
 
 
 @kernel_app.command("pull")
@@ -98,6 +107,9 @@ def image_pull(
     name: str = typer.Option(None, "--name", help="OCI: image name (default: from the ref, e.g. debian-bookworm)"),
     kernel_ref: str = typer.Option(None, "--kernel-ref", help="OCI: kernel to boot it with (default: debian-cloud)"),
     size: str = typer.Option(None, "--size", help="OCI: rootfs size, e.g. 2G (default: max(tree x 1.5, 1 GiB))"),
+    kernel: Path = typer.Option(None, "--kernel", help="OCI: or its own kernel file (imported as a kernel named after the image)"),
+    initrd: Path = typer.Option(None, "--initrd", help="with --kernel: its initrd"),
+    modules: Path = typer.Option(None, "--modules", help="with --kernel: its /lib/modules/<version> dir"),
     force: bool = typer.Option(False, "--force", help="catalog: rebuild even if present and current"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -106,9 +118,15 @@ def image_pull(
     A catalog image already pulled is reused unless its recipe (or its kernel's
     modules) changed, then it is rebuilt; never while a VM uses it."""
     from banger_core.cli.vm_cmd import parse_mib
+    from banger_core.errors import BangerError, ErrorCode
 
+    if kernel is not None and kernel_ref is not None:
+        raise BangerError(ErrorCode.BAD_REQUEST, "give either --kernel-ref or --kernel [--initrd] [--modules], not both")
+    if kernel is None and (initrd or modules):
+        raise BangerError(ErrorCode.BAD_REQUEST, "--initrd and --modules go with --kernel")
+    res = lambda p: str(p.resolve()) if p else None  # noqa: E731
     params = {"ref": ref, "name": name, "kernel_ref": kernel_ref, "size_mib": parse_mib(size, "--size"),
-              "force": force or None}
+              "force": force or None, "kernel": res(kernel), "initrd": res(initrd), "modules": res(modules)}
     i = state.client().call("image.pull", {k: v for k, v in params.items() if v is not None}, on_event=_progress(as_json))
     if as_json:
         echo_json(i)

@@ -65,6 +65,7 @@ class KernelImportParams(_P):
     name: str
     source: HostPath
     force: bool = False
+    version: str | None = Field(default=None, description="package tree: the kernel version to take")
 
 
 class NameParams(_P):
@@ -82,6 +83,9 @@ class ImagePullParams(_P):
     name: str | None = None
     kernel_ref: str | None = None
     size_mib: SizeMiB | None = None
+    kernel: HostPath | None = Field(default=None, description="OCI: a kernel file, imported as a kernel named after the image")
+    initrd: HostPath | None = None
+    modules: HostPath | None = None
 
 
 class BundleParams(_P):
@@ -210,8 +214,10 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         return await run_simple(read)
 
     async def kernel_import(p: KernelImportParams, call: Call) -> dict[str, Any]:
-        k = await run_simple(images.import_kernel, store, paths, p.name, Path(p.source), p.force)
-        return k.model_dump(mode="json")
+        k, files = await run_simple(
+            functools.partial(images.import_kernel_tree, version=p.version), store, paths, p.name, Path(p.source), p.force
+        )
+        return {**k.model_dump(mode="json"), "taken": files.taken()}
 
     async def kernel_list(_p: Any, call: Call) -> dict[str, Any]:
         pulled = {k.name: {**k.model_dump(mode="json"), "stale": vms.puller.stale("kernel", k)} for k in store.list_kernels()}
@@ -226,13 +232,19 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
 
     async def image_pull(p: ImagePullParams, call: Call) -> dict[str, Any]:
         def pull(prog, cancel):  # noqa: ANN001, ANN202
+            if p.kernel and p.kernel_ref:
+                raise BangerError(ErrorCode.BAD_REQUEST, "give either --kernel-ref or --kernel [--initrd] [--modules], not both")
+            if not p.kernel and (p.initrd or p.modules):
+                raise BangerError(ErrorCode.BAD_REQUEST, "--initrd and --modules go with --kernel")
             if p.ref in vms.puller.catalog()["images"] or not any(c in p.ref for c in "/:@"):
-                if p.name or p.kernel_ref or p.size_mib:
-                    raise BangerError(ErrorCode.BAD_REQUEST, "--name, --kernel-ref and --size apply to OCI pulls only")
+                if p.name or p.kernel_ref or p.size_mib or p.kernel:
+                    raise BangerError(ErrorCode.BAD_REQUEST, "--name, --kernel-ref, --kernel and --size apply to OCI pulls only")
                 return vms.puller.image(p.ref, force=p.force, progress=prog, cancel=cancel)
             if p.force:
                 raise BangerError(ErrorCode.BAD_REQUEST, "--force applies to catalog images; an OCI pull takes --name for another copy")
-            return vms.puller.oci(p.ref, name=p.name, kernel_ref=p.kernel_ref, size_mib=p.size_mib, progress=prog, cancel=cancel)
+            own = (Path(p.kernel), Path(p.initrd) if p.initrd else None, Path(p.modules) if p.modules else None) if p.kernel else None
+            return vms.puller.oci(p.ref, name=p.name, kernel_ref=p.kernel_ref, size_mib=p.size_mib, progress=prog, cancel=cancel,
+                                  kernel_files=own)
 
         return (await run_blocking(call, pull)).model_dump(mode="json")
 

@@ -63,6 +63,19 @@ def _host_path(v: str) -> str:
 HostPath = Annotated[str, AfterValidator(_host_path)]
 
 
+def fullmatching(pattern: str, what: str) -> AfterValidator:
+    """A validator for ``Annotated[str, fullmatching(...)]``: the whole string must match
+    (Python's ``re.fullmatch``; pydantic's own ``pattern=`` searches unless anchored)."""
+    rx = re.compile(pattern)
+
+    def check(v: str) -> str:
+        if not rx.fullmatch(v):
+            raise ValueError(f"expected {what}, got {v[:200]!r}")
+        return v
+
+    return AfterValidator(check)
+
+
 #: A size in MiB that also takes "512M"/"8G" strings (see ``parse_size_mib``).
 SizeMiB = Annotated[int, BeforeValidator(parse_size_mib)]
 

@@ -344,12 +344,6 @@ def inject_init(root: Path, busybox: Path) -> None:
     os.chmod(init, 0o755)
 
 
-def tree_mib(root: Path) -> int:
-    from banger_core.fsutil import tree_bytes
-
-    return tree_bytes(root) // (1024 * 1024)
-
-
 def blob_name(digest: str) -> str:
     """The blob cache's file name for a layer."""
     return digest.replace(":", "-")

@@ -21,12 +21,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
+
+from pydantic import Field, model_validator
 
 from banger_core import images
 from banger_core.config import DEFAULT_IMAGE
 from banger_core.errors import BangerError, ErrorCode
-from banger_core.models import Image, Kernel
+from banger_core.models import Image, Input, Kernel, fullmatching, validate_input
 from banger_core.paths import Paths
 from banger_core.store import Store
 
@@ -35,16 +37,78 @@ log = logging.getLogger("banger.pulls")
 Progress = Callable[[str, dict[str, Any]], None]
 
 
+class BundleRef(Input):
+    url: Annotated[str, fullmatching(r"(https?|file)://\S+", "an http(s):// or file:// URL")]
+    sha256: Annotated[str, fullmatching(r"[0-9a-fA-F]{64}", "a sha256 hex digest (64 hex digits)")]
+    size: int | None = Field(default=None, gt=0)
+
+
+class _Entry(Input):
+    description: str = ""
+    arch: Literal["x86_64"] = "x86_64"
+    recipe: str | None = None
+    bundle: BundleRef | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "_Entry":
+        if (self.recipe is None) == (self.bundle is None):
+            raise ValueError("give exactly one of recipe (built on this host) or bundle {url, sha256, size}")
+        return self
+
+
+class KernelEntry(_Entry):
+    pass
+
+
+class ImageEntry(_Entry):
+    kernel_ref: str
+    distro: str | None = None
+
+
+class CatalogFile(Input):
+    """A catalog.json: the built-in one, and the user's ``[catalog] path`` on top."""
+
+    version: Literal[1] = 1
+    kernels: dict[str, KernelEntry] = Field(default_factory=dict)
+    images: dict[str, ImageEntry] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names(self) -> "CatalogFile":
+        for kind, names in (("kernel", self.kernels), ("image", self.images)):
+            for name in names:
+                images.check_name(kind, name)
+        return self
+
+
+def _load_catalog(text: str, where: str) -> dict[str, Any]:
+    try:
+        return validate_input(CatalogFile, json.loads(text)).model_dump(exclude_none=True)
+    except ValueError as exc:  # JSON syntax, or the model (ValidationError is a ValueError)
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(file)'}: {e['msg']}" for e in exc.errors()[:10]
+            )
+            raise BangerError(ErrorCode.CONFIG, f"{where}: {problems}") from None
+        raise BangerError(ErrorCode.CONFIG, f"{where}: not valid JSON: {exc}") from None
+    except BangerError as exc:
+        raise BangerError(ErrorCode.CONFIG, f"{where}: {exc.message}") from None
+
+
 def catalog(extra: str | None = None) -> dict[str, Any]:
-    """The built-in catalog, with entries from ``extra`` (a catalog.json) on top."""
-    cat = json.loads(resources.files("banger_core").joinpath("catalog.json").read_text())
+    """The built-in catalog, with entries from ``extra`` (a catalog.json) on top: an
+    entry of the same name replaces the built-in one whole. Both are validated."""
+    cat = _load_catalog(resources.files("banger_core").joinpath("catalog.json").read_text(), "built-in catalog")
     if extra:
+        where = f"[catalog] path {extra}"
         try:
-            more = json.loads(Path(extra).expanduser().read_text())
-        except (OSError, ValueError) as exc:
-            raise BangerError(ErrorCode.CONFIG, f"[catalog] path {extra}: {exc}") from None
+            text = Path(extra).expanduser().read_text()
+        except OSError as exc:
+            raise BangerError(ErrorCode.CONFIG, f"{where}: {exc.strerror or exc}") from None
+        more = _load_catalog(text, where)
         for kind in ("kernels", "images"):
-            cat[kind].update(more.get(kind, {}))
+            cat[kind].update(more[kind])
     return cat
 
 

@@ -315,3 +315,50 @@ def test_failed_create_before_the_plugins_ran_still_cleans_up_once(xenv, tmp_pat
     settled(xenv)
     assert hooks(record) == ["cleanup"], hooks(record)
     assert json.loads(xenv.run("vm", "list", "--json", check=True).stdout) == []
+
+
+# --- the catalog file is input too ------------------------------------------------------
+
+GOOD_SHA = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    "catalog,expect",
+    [
+        ({"kernels": {"k": {"recipe": "debian-cloud-kernel", "bundle": {"url": "http://x/k", "sha256": GOOD_SHA}}}},
+         "kernels.k: Value error, give exactly one of recipe"),
+        ({"kernels": {"k": {"description": "no source"}}}, "kernels.k: Value error, give exactly one of recipe"),
+        ({"kernels": {"k": {"bundle": {"url": "http://x/k", "sha256": "abc"}}}},
+         "kernels.k.bundle.sha256: Value error, expected a sha256 hex digest"),
+        ({"kernels": {"k": {"bundle": {"url": "http://x/k", "sha256": GOOD_SHA + "\n"}}}},
+         "kernels.k.bundle.sha256: Value error, expected a sha256 hex digest"),
+        ({"kernels": {"k": {"bundle": {"url": "ftp://x/k", "sha256": GOOD_SHA}}}},
+         "kernels.k.bundle.url: Value error, expected an http(s):// or file:// URL"),
+        ({"kernels": {"k": {"bundle": {"url": "http://x/k", "sha256": GOOD_SHA, "size": "12"}}}},
+         "kernels.k.bundle.size: Input should be a valid integer"),
+        ({"images": {"i": {"recipe": "debian-bookworm"}}}, "images.i.kernel_ref: Field required"),
+        ({"images": {"i": {"recipe": "debian-bookworm", "kernel_ref": "k", "colour": "red"}}},
+         "images.i.colour: Extra inputs are not permitted"),
+        ({"kernels": {"bad\n": {"recipe": "debian-cloud-kernel"}}}, "invalid kernel name 'bad\\n'"),
+        ({"version": 2}, "version: Input should be 1"),
+        ([1, 2], "Input should be an object"),
+    ],
+)
+def test_a_bad_catalog_file_is_a_config_error_naming_the_entry(benv, tmp_path, catalog, expect):
+    cat = tmp_path / "catalog.json"
+    cat.write_text(json.dumps(catalog))
+    benv.write_config(f"[catalog]\npath = '{cat}'\n")
+    r = benv.run("doctor")
+    line = next(ln for ln in r.stdout.splitlines() if " catalog " in f" {ln} ")
+    assert r.returncode == 1 and line.startswith("FAIL") and f"[catalog] path {cat}: " in line, line
+    assert expect in line, line
+    r = benv.run("image", "pull", "anything")
+    assert r.returncode == 1 and expect in r.stderr and "(config_error" in r.stderr, r.stderr
+
+
+def test_catalog_entries_need_no_description(benv, tmp_path):
+    cat = tmp_path / "catalog.json"
+    cat.write_text(json.dumps({"kernels": {"plain": {"bundle": {"url": "http://127.0.0.1:9/k", "sha256": GOOD_SHA}}}}))
+    benv.write_config(f"[catalog]\npath = '{cat}'\n")
+    r = benv.run("kernel", "list", "--available", check=True)
+    assert "plain" in r.stdout and "available" in r.stdout

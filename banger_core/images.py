@@ -147,6 +147,12 @@ def import_kernel(
     return import_kernel_tree(store, paths, name, source, force, origin)[0]
 
 
+def is_modules_version_dir(d: Path) -> bool:
+    """``d`` is one kernel version's modules dir (``lib/modules/<version>``), not the
+    dir holding such version dirs: depmod's files or the ``kernel/`` tree are in it."""
+    return any((d / f).exists() for f in ("modules.dep", "modules.order", "modules.builtin", "kernel"))
+
+
 def import_kernel_files(
     store: Store, paths: Paths, name: str, kernel: Path, initrd: Path | None, modules: Path | None,
     force: bool = False, *, vmlinux: Path | None = None, source: str | None = None, modules_version: str | None = None,
@@ -162,6 +168,10 @@ def import_kernel_files(
             raise BangerError(ErrorCode.BAD_REQUEST, f"{what} {p}: no such file")
     if modules is not None and not modules.is_dir():
         raise BangerError(ErrorCode.BAD_REQUEST, f"modules {modules}: not a directory")
+    if modules is not None and modules_version is None and is_modules_version_dir(modules):
+        # --modules /lib/modules/6.1.0-28-amd64: one version's own dir, kept under its name
+        # like every other kernel's (modules/<version>/), not spread into modules/
+        modules_version = modules.name
     if store.find_kernel(name) and not force:
         raise BangerError(ErrorCode.ALREADY_EXISTS, f"kernel {name!r} already exists (use --force to replace)")
     paths.kernels_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import pytest
 from banger_core.client import Client
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.paths import Paths
-from oci_fixtures import missing_tools, oci_registry, oci_test_image  # noqa: F401
+from oci_fixtures import missing_tools
 
 
 def bzimage() -> bytes:
@@ -155,7 +155,7 @@ def test_image_pull_with_its_own_kernel(benv, oci_test_image, tmp_path):
     assert img["kernel_ref"] == "own"
     own = kernels(benv)["own"]
     assert Path(own["kernel"]).read_bytes() == k.read_bytes() and Path(own["initrd"]).read_bytes() == b"initrd"
-    assert Path(own["modules"]).is_dir()
+    assert (Path(own["modules"]) / v / "modules.dep").is_file()  # modules/<version>/, as every kernel
     # a kernel of that name already there: refused before pulling, nothing changed
     r = benv.run("image", "pull", oci_test_image["ref"], "--name", "own", "--kernel", str(k))
     assert r.returncode == 1 and "already exists" in r.stderr

@@ -1,21 +1,28 @@
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from leftovers import kill_processes_using
+
+# Fixtures shared by several test modules (a registry on 127.0.0.1, OCI test images).
+pytest_plugins = ["oci_fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -98,6 +105,17 @@ class BangerEnv:
             os.kill(pid, signal.SIGKILL)
 
 
+def recv_lines(s: socket.socket) -> bytes:
+    """What the daemon sends on ``s``, read until it ends with a newline (or EOF)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -177,3 +195,20 @@ def example_plugin_dir(tmp_path_factory) -> Path:
     )
     assert list(target.glob("banger_example-1.2.3.dist-info")), list(target.iterdir())
     return target
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A directory served over HTTP on 127.0.0.1: (dir, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield root, f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -200,3 +200,14 @@ def _loadable(modules_dir: Path, names: tuple[str, ...]) -> list[str]:
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.write_text(text)
     path.chmod(mode)
+
+
+def busybox_assets(cache: Path | None = None) -> dict[str, Any]:
+    """The test kernel (Debian's cloud kernel + banger's initrd) and the busybox root
+    disk, made once per host and cached: {"kernel", "kernel_dir", "rootfs"}."""
+    cache = cache or default_cache_dir()
+    kernel = test_kernel(cache)
+    rootfs = cache / "rootfs-busybox.ext4"
+    if not rootfs.exists():
+        busybox_rootfs(rootfs, modules_dir=Path(kernel["modules"]), cache=cache)
+    return {"kernel": kernel, "kernel_dir": Path(kernel["kernel"]).parent, "rootfs": rootfs}

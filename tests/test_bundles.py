@@ -4,7 +4,6 @@ refused and leave nothing behind."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -13,8 +12,6 @@ import re
 import shutil
 import subprocess
 import tarfile
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,31 +22,11 @@ from conftest import BANGER, wait_for
 
 
 @pytest.fixture
-def http_dir(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield root, f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
-
-
-@pytest.fixture
 def benv_assets(benv):
-    cache = ga.default_cache_dir()
-    kernel = ga.test_kernel(cache)
-    rootfs = cache / "rootfs-busybox.ext4"
-    if not rootfs.exists():
-        ga.busybox_rootfs(rootfs, modules_dir=Path(kernel["modules"]), cache=cache)
+    a = ga.busybox_assets()
     benv.write_config("[vmm]\naccel = 'tcg'\n")
-    benv.run("kernel", "import", "src-kernel", "--from", str(Path(kernel["kernel"]).parent), check=True)
-    benv.run("image", "register", "src-image", "--rootfs", str(rootfs), "--kernel-ref", "src-kernel", check=True)
+    benv.run("kernel", "import", "src-kernel", "--from", str(a["kernel_dir"]), check=True)
+    benv.run("image", "register", "src-image", "--rootfs", str(a["rootfs"]), "--kernel-ref", "src-kernel", check=True)
     return benv
 
 

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from banger_core import PROTOCOL_VERSION, __version__
-from conftest import pid_alive, wait_for
+from conftest import pid_alive, recv_lines, wait_for
 
 
 def raw(benv, payload: bytes, shutdown: bool = True, timeout: float = 10) -> dict:
@@ -24,12 +24,7 @@ def raw(benv, payload: bytes, shutdown: bool = True, timeout: float = 10) -> dic
     s.sendall(payload)
     if shutdown:
         s.shutdown(socket.SHUT_WR)
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = recv_lines(s)
     s.close()
     return json.loads(data)
 
@@ -196,12 +191,7 @@ def _idle(benv) -> socket.socket:
 
 
 def _reply(s: socket.socket) -> dict:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
+    data = recv_lines(s)
     return json.loads(data)
 
 

@@ -16,6 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from conftest import recv_lines
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -125,12 +127,7 @@ def exchange(sock_path: str, frame: bytes, *, half_close: bool = False, timeout:
         s.sendall(frame)
         if half_close:
             s.shutdown(socket.SHUT_WR)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = recv_lines(s)
     finally:
         s.close()
     return json.loads(data) if data else None

@@ -139,14 +139,10 @@ def test_pull_builds_once_and_boots_on_microvm(kenv):
     # pulled again: nothing to do
     assert "pull kernel" not in kenv.run("kernel", "pull", "microvm-6.1", check=True).stderr
 
-    cache = ga.default_cache_dir()
-    cloud = ga.test_kernel(cache)
-    rootfs = cache / "rootfs-busybox.ext4"
-    if not rootfs.exists():
-        ga.busybox_rootfs(rootfs, modules_dir=Path(cloud["modules"]), cache=cache)
+    a = ga.busybox_assets()
     # an image made for the cloud kernel, booted with the microVM kernel instead
-    kenv.run("kernel", "import", "cloud", "--from", str(Path(cloud["kernel"]).parent), check=True)
-    kenv.run("image", "register", "bb", "--rootfs", str(rootfs), "--kernel-ref", "cloud", check=True)
+    kenv.run("kernel", "import", "cloud", "--from", str(a["kernel_dir"]), check=True)
+    kenv.run("image", "register", "bb", "--rootfs", str(a["rootfs"]), "--kernel-ref", "cloud", check=True)
     kenv.run("vm", "create", "--name", "micro", "--image", "bb", "--kernel", "microvm-6.1", "--vcpu", "2",
              "--memory", "256M", timeout=300, check=True)
     text = wait_for(lambda: (t := kenv.run("vm", "logs", "micro", "-n", "0").stdout) and ga.BOOT_MARKER in t and t,

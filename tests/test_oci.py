@@ -16,7 +16,7 @@ import guest_assets as ga
 from banger_core import oci
 from banger_core.errors import BangerError
 from conftest import wait_for
-from oci_fixtures import missing_tools, oci_registry, oci_test_image, oci_token_registry, push_layers, push_multiarch_index, push_test_image  # noqa: F401
+from oci_fixtures import missing_tools, push_layers, push_multiarch_index, push_test_image
 
 pytestmark = pytest.mark.skipif(bool(missing_tools()), reason=f"needs {missing_tools()} (scripts/install.sh installs them)")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from test_bundles import http_dir, use_catalog  # noqa: F401 - a fixture
+from test_bundles import use_catalog
 
 GIB = 1 << 30
 

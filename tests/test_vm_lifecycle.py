@@ -25,12 +25,7 @@ BOOT_TIMEOUT = 180
 
 @pytest.fixture(scope="session")
 def assets():
-    cache = ga.default_cache_dir()
-    kernel = ga.test_kernel(cache)
-    rootfs = cache / "rootfs-busybox.ext4"
-    if not rootfs.exists():
-        ga.busybox_rootfs(rootfs, modules_dir=Path(kernel["modules"]), cache=cache)
-    return {"kernel_dir": Path(kernel["kernel"]).parent, "rootfs": rootfs}
+    return ga.busybox_assets()
 
 
 @pytest.fixture(scope="module")

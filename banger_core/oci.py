@@ -70,7 +70,8 @@ class Ref:
 
 def parse_ref(text: str) -> Ref:
     """``[REGISTRY/]REPO[:TAG][@sha256:DIGEST]``; no registry means Docker Hub."""
-    rest, digest = (text.split("@", 1) + [None])[:2] if "@" in text else (text, None)
+    rest, at, after = text.partition("@")
+    digest = after if at else None
     if digest is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
         raise bad(f"image reference {text!r}: digest must be sha256:<64 hex>")
     first, _, remainder = rest.partition("/")
@@ -301,9 +302,10 @@ def apply_layer(layer: Path, root: Path) -> None:
                 os.symlink(m.linkname, dest)
                 os.lchown(dest, m.uid, m.gid)
             elif m.isfile():
-                src = tar.extractfile(m)
+                data = tar.extractfile(m)
+                assert data is not None  # a regular file member always has data
                 with open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out)  # type: ignore[arg-type]
+                    shutil.copyfileobj(data, out)
                 os.lchown(dest, m.uid, m.gid)
                 os.chmod(dest, m.mode & 0o7777)
             else:  # device nodes and FIFOs in the guest's /dev and friends

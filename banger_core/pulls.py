@@ -348,7 +348,7 @@ class Puller:
                 if self.store.find_kernel(name):
                     raise BangerError(ErrorCode.ALREADY_EXISTS, f"kernel {name!r} already exists: choose another --name, "
                                       f"or boot it with --kernel-ref {name}")
-                for what, f in zip(("--kernel", "--initrd"), kernel_files[:2]):
+                for what, f in zip(("--kernel", "--initrd"), kernel_files[:2], strict=False):
                     if f is not None and not f.is_file():
                         raise BangerError(ErrorCode.BAD_REQUEST, f"{what} {f}: no such file")
                 if kernel_files[2] is not None and not kernel_files[2].is_dir():

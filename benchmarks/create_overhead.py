@@ -123,7 +123,7 @@ class Bench:
                     if p.returncode != 0:
                         raise RuntimeError(f"vm create {n} exited {p.returncode}: {err.strip()}")
                     stamps = [(s, float(t)) for t, s in STAGE_RE.findall(err)]
-                    for (s, t), (_, t_next) in zip(stamps, stamps[1:]):
+                    for (s, t), (_, t_next) in zip(stamps, stamps[1:], strict=False):
                         res[n][f"stage {s}"] = t_next - t
                     res[n].update({f"stage {s}": t for s, t in stamps if s == "ready"})
             # each VM's console is state/vms/<id>/console.log; the kernel command line names the VM
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     mark = [r["marker"] for r in single]
     results = [row("baseline: bare qemu, start -> BOOT marker", bare, base, "baseline"),
                row("banger: vm create -> BOOT marker", mark, base, "baseline"),
-               row("banger overhead (marker - baseline, per round)", [m - b for m, b in zip(mark, bare)]),
+               row("banger overhead (marker - baseline, per round)", [m - b for m, b in zip(mark, bare, strict=False)]),
                row("banger: vm create CLI wall", cli, base, "baseline")]
     results += [row(f"  {k}", [r[k] for r in single]) for k in (f"stage {s}" for s in STAGES) if all(k in r for r in single)]
     results += [row("banger: vm delete --force CLI wall", deletes),
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{r['ratio']:.2f}" if r["ratio"] is not None else "", str(r["vs"])] for r in results]
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
-        print("  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        print("  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))).rstrip())
     print(f"\nbanger overhead, median of medians: {statistics.median(mark) - base:+.2f} s;"
           f" daemon started {daemon_starts}x; load avg at end {meta['loadavg'][0]:.2f}")
     print("cleanup: " + "; ".join(notes))

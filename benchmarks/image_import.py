@@ -195,7 +195,7 @@ class Bench:
         steps = [(int(n), float(t)) for t, n, _ in STEP_RE.findall(p.stderr)]
         if steps:
             res["CLI start -> layer 1 line"] = steps[0][1]
-        for (n, t), (_, t_next) in zip(steps, steps[1:]):
+        for (n, t), (_, t_next) in zip(steps, steps[1:], strict=False):
             res[f"layer {n} (download + flatten)"] = t_next - t
         if steps:
             res[f"layer {steps[-1][0]} + init + mkfs + CLI exit"] = wall - steps[-1][1]
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{r['ratio']:.2f}" if r["ratio"] is not None else ""] for r in results]
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))).rstrip())
     print(f"\ndaemon started {meta.get('daemon_starts', '?')}x; load avg at end {meta['loadavg'][0]:.2f}")
     print("cleanup: " + "; ".join(notes))
     return 0

@@ -232,7 +232,7 @@ def tree_needs(tree: Path) -> tuple[int, int]:
     blocks (or what it occupies here, if more), a block per directory, and one inode
     per entry. Small files cost a block each however small they are."""
     data, entries = 0, 0
-    for dirpath, dirs, files in os.walk(tree):
+    for dirpath, _dirs, files in os.walk(tree):
         entries += 1
         data += BLOCK
         for f in files:

@@ -33,10 +33,10 @@ def status(text: str, width: int = 0, stream: TextIO | None = None) -> str:
 
 def table(rows: list[list[str]], header: list[str], color_col: int | None = None) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    out = ["  ".join(paint(h.ljust(w), "bold") for h, w in zip(header, widths)).rstrip()]
+    out = ["  ".join(paint(h.ljust(w), "bold") for h, w in zip(header, widths, strict=False)).rstrip()]
     for r in rows:
         cells = []
-        for i, (c, w) in enumerate(zip(r, widths)):
+        for i, (c, w) in enumerate(zip(r, widths, strict=False)):
             cells.append(status(str(c), w) if i == color_col else str(c).ljust(w))
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)

@@ -90,6 +90,26 @@ class Paths:
 
     # --- runtime ------------------------------------------------------------------
     @property
+    def bundles_dir(self) -> Path:
+        """Bundles being fetched and unpacked (transient: consumed by the import)."""
+        return self.cache_dir / "bundles"
+
+    def transient_leftovers(self) -> list[Path]:
+        """What an operation cut off mid-way (a daemon killed or stopped with work
+        still running) leaves: staging dirs (``.NAME.staging-*``), a half-copied
+        ``.rootfs.ext4.tmp``, a replaced kernel's ``.NAME.old``, unpacked bundles. Only
+        the daemon holding the lock may remove them (no operation is running then)."""
+        found: list[Path] = []
+        for d in (self.images_dir, self.kernels_dir, self.bundles_dir):
+            if d.is_dir():
+                found += [p for p in d.iterdir() if p.name.startswith(".") and (".staging-" in p.name or p.name.endswith(".old"))]
+        if self.images_dir.is_dir():
+            found += list(self.images_dir.glob("*/.rootfs.ext4.tmp"))
+        if self.bundles_dir.is_dir():
+            found += [p for p in self.bundles_dir.iterdir() if p not in found]
+        return sorted(set(found))
+
+    @property
     def socket(self) -> Path:
         return self.runtime_dir / "bangerd.sock"
 

@@ -192,7 +192,7 @@ class Puller:
             return None
         from banger_core import bundles
 
-        target = self.paths.cache_dir / "bundles" / f"{kind}-{name}"
+        target = self.paths.bundles_dir / f"{kind}-{name}"
         if progress:
             progress("pull", {"kind": kind, "name": name, "from": b["url"]})
         def dl(got: int, total: int | None) -> None:

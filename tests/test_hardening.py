@@ -11,6 +11,7 @@ import json
 import socket
 import sqlite3
 import subprocess
+import time
 
 import pytest
 
@@ -362,3 +363,65 @@ def test_catalog_entries_need_no_description(benv, tmp_path):
     benv.write_config(f"[catalog]\npath = '{cat}'\n")
     r = benv.run("kernel", "list", "--available", check=True)
     assert "plain" in r.stdout and "available" in r.stdout
+
+
+# --- a stopped daemon exits; the next one removes what cut-off operations left ---------
+
+
+def test_a_stopped_daemon_exits_though_an_operation_ignores_cancellation(benv, example_plugin_dir, tmp_path):
+    """A blocking operation that ignores cancellation used to keep a stopped daemon
+    alive for as long as it ran (interpreter exit joins worker threads)."""
+    from banger_core.daemon.server import WORKER_GRACE
+    from conftest import pid_alive, wait_for
+
+    benv.extra_path.append(str(example_plugin_dir))
+    benv.run("daemon", "start", check=True)
+    pid = benv.daemon_pid()
+    marker = tmp_path / "marker"
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(benv.socket))
+    s.sendall(json.dumps({"v": PROTOCOL_VERSION, "method": "example.stuck", "params": {"marker": str(marker)},
+                          "op_id": "op-0123456789ab"}).encode() + b"\n")
+    wait_for(lambda: marker.exists(), timeout=20)
+    s.close()  # the client goes: the request is cancelled, its thread sleeps on
+    t0 = time.monotonic()
+    assert rpc(benv, "daemon.shutdown", {})["ok"]
+    wait_for(lambda: not pid_alive(pid), timeout=WORKER_GRACE + 20, interval=0.1)
+    took = time.monotonic() - t0
+    assert WORKER_GRACE - 1 < took < WORKER_GRACE + 15, took
+    log = (benv.state_dir / "bangerd.log").read_text()
+    assert "exiting with 1 operation(s) still running" in log
+    assert not benv.socket.exists() and not (benv.runtime_dir / "bangerd.pid").exists()
+    assert "not running" in benv.run("daemon", "status", check=True).stdout
+
+
+def test_the_next_daemon_removes_what_cut_off_operations_left(benv):
+    st = benv.state_dir
+    leftovers = [
+        st / "images" / ".img.staging-abc123" / "rootfs.ext4",
+        st / "images" / "img" / ".rootfs.ext4.tmp",
+        st / "kernels" / ".k.staging-x1y2" / "vmlinuz",
+        benv.root / "cache" / "bundles" / "image-img" / "rootfs.ext4",
+        benv.root / "cache" / "bundles" / ".image-img.staging-zz" / "bundle.tar.zst",
+    ]
+    for f in leftovers:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+    kept = st / "images" / "img" / "rootfs.ext4"
+    kept.write_bytes(b"published")
+    # a kernel replacement cut off after "old aside", before "new in": the old one is restored
+    (st / "kernels" / ".k2.old").mkdir(parents=True)
+    (st / "kernels" / ".k2.old" / "vmlinuz").write_bytes(b"k2")
+    # ... and one cut off after "new in": the old one goes
+    (st / "kernels" / "k3").mkdir()
+    (st / "kernels" / ".k3.old").mkdir()
+    benv.run("daemon", "start", check=True)
+    for f in leftovers:
+        assert not f.exists(), f
+    assert not (st / "images" / ".img.staging-abc123").exists() and not (st / "kernels" / ".k.staging-x1y2").exists()
+    assert list((benv.root / "cache" / "bundles").iterdir()) == []
+    assert kept.read_bytes() == b"published"
+    assert (st / "kernels" / "k2" / "vmlinuz").read_bytes() == b"k2" and not (st / "kernels" / ".k2.old").exists()
+    assert (st / "kernels" / "k3").is_dir() and not (st / "kernels" / ".k3.old").exists()
+    log = (st / "bangerd.log").read_text()
+    assert log.count("left by an operation the previous daemon did not finish") == 6, log

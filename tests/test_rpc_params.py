@@ -43,7 +43,7 @@ VALUES: dict[str, Any] = {
 #: params that cannot validate. vm.create is also run against a config whose default
 #: image does not exist, so a `{}` that validates fails fast (not_found) instead of
 #: pulling and building the default image.
-INVALID_ONLY = {"example.wait"}
+INVALID_ONLY = {"example.wait", "example.stuck"}
 NEVER = {"daemon.shutdown"}
 #: cases covered by their own test below
 ELSEWHERE: set[tuple[str, str, str]] = set()

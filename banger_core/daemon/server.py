@@ -11,6 +11,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from typing import Any
 
@@ -24,6 +25,9 @@ from banger_core.paths import Paths
 log = logging.getLogger("banger.daemon")
 
 DRAIN_TIMEOUT = 30.0
+# After the drain: how long cancelled operations get to roll back in their threads
+# before the daemon exits anyway (one that ignores cancellation must not keep it alive).
+WORKER_GRACE = 10.0
 MAX_CONNECTIONS = 256  # served at once; one more is answered `busy` and closed
 
 
@@ -442,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     if lock_fd is None:
         print(f"bangerd: another daemon holds {paths.lock_file}; exiting", file=sys.stderr)
         return 0
+    stuck: list[str] = []
     try:
         from banger_core.config import Config
 
@@ -456,9 +461,14 @@ def main(argv: list[str] | None = None) -> int:
             log.error("cannot start: %s", exc.message)
             print(f"bangerd: {exc.message}", file=sys.stderr)
             return 1
+        _sweep_leftovers(paths)
         daemon.reconcile()
         paths.pid_file.write_text(f"{os.getpid()}\n")
-        asyncio.run(daemon.serve())
+        _serve(daemon)
+        stuck = _join_workers(WORKER_GRACE)
+        if stuck:
+            log.error("exiting with %d operation(s) still running %.0f s after shutdown: %s",
+                      len(stuck), WORKER_GRACE, ", ".join(stuck))
         return 0
     finally:
         try:
@@ -467,6 +477,53 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         os.close(lock_fd)
+        if stuck:  # interpreter exit would join those threads, however long they run
+            logging.shutdown()
+            os._exit(0)
+
+
+def _serve(daemon: Daemon) -> None:
+    """Serve until told to stop. Unlike ``asyncio.run``, closing the loop does not wait
+    for worker threads; ``_join_workers`` bounds that wait."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(daemon.serve())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
+def _join_workers(timeout: float) -> list[str]:
+    """Wait up to ``timeout`` for operation threads; the names of those still running."""
+    deadline = time.monotonic() + timeout
+
+    def workers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+
+    for t in workers():
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in workers()]
+
+
+def _sweep_leftovers(paths: Paths) -> None:
+    """Remove what operations cut off by the previous daemon left (it was killed, or
+    exited with work still running): this daemon holds the lock, nothing else runs."""
+    import shutil
+
+    for p in paths.transient_leftovers():
+        try:
+            original = p.with_name(p.name[1:-4]) if p.name.endswith(".old") else None
+            if original is not None and not original.exists():
+                p.rename(original)  # cut off between "move the old one aside" and "move the new one in"
+                log.warning("restored %s from %s, left by an interrupted replacement", original, p)
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            log.warning("removed %s, left by an operation the previous daemon did not finish", p)
+        except OSError as exc:
+            log.error("cannot remove leftover %s: %s", p, exc)
 
 
 if __name__ == "__main__":

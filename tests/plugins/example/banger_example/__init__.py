@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -71,6 +72,11 @@ class WaitParams(BaseModel):
     marker: str
 
 
+class StuckParams(BaseModel):
+    marker: str
+    seconds: float = Field(default=3600, gt=0)
+
+
 @hookimpl
 def register_rpc_methods(register) -> None:  # noqa: ANN001
     async def greet(params: GreetParams, call) -> dict:  # noqa: ANN001
@@ -91,8 +97,15 @@ def register_rpc_methods(register) -> None:  # noqa: ANN001
             raise
         return {}
 
+    def stuck(params: StuckParams, call) -> dict:  # noqa: ANN001
+        """Blocking work that ignores cancellation (a plain def runs in a thread)."""
+        Path(params.marker).write_text("started\n")
+        time.sleep(params.seconds)
+        return {}
+
     register("example.greet", greet, params=GreetParams)
     register("example.wait", wait, params=WaitParams)
+    register("example.stuck", stuck, params=StuckParams)
 
 
 @hookimpl

@@ -175,8 +175,8 @@ def test_bad_input_changes_nothing(venv_):
         (["--name", "a" * 64], "invalid VM name"),
         (["--vcpu", "0"], "--vcpu must be greater than 0, got 0"),
         (["--vcpu", "-2"], "--vcpu must be greater than 0"),
-        (["--memory", "0"], "--memory must be greater than 0"),
-        (["--disk-size", "0G"], "--disk-size must be greater than 0"),
+        (["--memory", "0"], "--memory: size must be at least 1 MiB, got '0'"),
+        (["--disk-size", "0G"], "--disk-size: size must be at least 1 MiB, got '0G'"),
         (["--memory", "lots"], "cannot parse size 'lots'"),
         (["--vcpu", "4096"], "exceeds this host's"),
         (["--image", "nope"], "no image named 'nope'"),
@@ -195,7 +195,7 @@ def test_bad_input_changes_nothing(venv_):
     for params, msg in [
         ({"name": "UPPER", "image": "busybox"}, "invalid VM name"),
         ({"name": "zero", "image": "busybox", "vcpus": 0}, "greater than 0"),
-        ({"name": "neg", "image": "busybox", "memory_mib": -1}, "greater than 0"),
+        ({"name": "neg", "image": "busybox", "memory_mib": -1}, "size must be at least 1 MiB, got -1"),
     ]:
         with pytest.raises(BangerError, match=msg) as ei:
             client.call("vm.create", params)

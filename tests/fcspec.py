@@ -11,8 +11,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-# The upstream spec lives in shared/, beside the repository (as in CI's clone).
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "firecracker" / "firecracker.yaml"
+# Firecracker's own spec, vendored with its version and licence (tests/vendor/firecracker/).
+SPEC_PATH = Path(__file__).resolve().parent / "vendor" / "firecracker" / "firecracker.yaml"
 
 
 @lru_cache(maxsize=1)

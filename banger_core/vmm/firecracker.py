@@ -1,8 +1,8 @@
 """Firecracker driver: speaks Firecracker's HTTP API on its Unix socket directly.
 
-Sequence (see shared/firecracker/firecracker.yaml): PUT /logger, /machine-config,
-/boot-source, /drives/{id}, /network-interfaces/{id}, /vsock, then PUT /actions
-InstanceStart. Stop asks for SendCtrlAltDel.
+Sequence (see the upstream API spec, vendored in tests/vendor/firecracker/): PUT
+/logger, /machine-config, /boot-source, /drives/{id}, /network-interfaces/{id}, /vsock,
+then PUT /actions InstanceStart. Stop asks for SendCtrlAltDel.
 """
 
 from __future__ import annotations

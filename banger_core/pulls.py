@@ -243,6 +243,17 @@ class Puller:
                 raise BangerError(ErrorCode.CANCELLED, f"cancelled while waiting for another pull of {key}")
         return lock
 
+    @contextmanager
+    def locked(self, kind: str, name: str, cancel: threading.Event | None = None) -> Iterator[None]:
+        """Hold the per-name lock pulls of ``kind`` ``name`` take, for any other change
+        of that artifact (import, register, remove, promote, delete): none of them can
+        interleave with a pull of the same name."""
+        lock = self._acquire(f"{kind}:{name}", cancel)
+        try:
+            yield
+        finally:
+            lock.release()
+
     # --- kernels ----------------------------------------------------------------------
     def ensure_kernel(self, name: str, *, progress: Progress | None = None,
                       cancel: threading.Event | None = None) -> Kernel:

@@ -67,7 +67,7 @@ class CreateParams(Input):
 
 
 class SetParams(Input):
-    ref: str
+    refs: list[str] = Field(min_length=1)
     vcpus: int | None = Field(default=None, gt=0)
     memory_mib: SizeMiB | None = None
     disk_size_mib: SizeMiB | None = None
@@ -461,14 +461,13 @@ class VMService:
         return gone
 
     # --- set / inspect ----------------------------------------------------------------
-    def set(self, params: SetParams, op_id: str) -> VM:
-        vm = self.resolve(params.ref)
+    def set(self, vm: VM, params: SetParams, op_id: str) -> VM:
         with self.lock(vm.id):
             vm = self._settle(self.store.get_vm(vm.id), op_id)
             if vm.state is VMState.RUNNING:
                 raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is running: stop it before changing its spec")
             spec = vm.spec.model_copy(
-                update={k: v for k, v in params.model_dump().items() if k != "ref" and v is not None}
+                update={k: v for k, v in params.model_dump().items() if k != "refs" and v is not None}
             )
             check_host_limits(spec)
             if params.disk_size_mib and vm.disk_strategy:

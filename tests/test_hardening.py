@@ -164,16 +164,17 @@ def test_plugin_settings_are_strict_in_user_and_project_files(benv, tmp_path):
 
 def test_rpc_params_are_strict(daemon):
     for params, expect in [
-        ({"ref": "x", "vcpus": "2"}, "vcpus: Input should be a valid integer"),
-        ({"ref": "x", "vcpus": True}, "vcpus: Input should be a valid integer"),
-        ({"ref": "x", "vcpus": 2.0}, "vcpus: Input should be a valid integer"),
-        ({"ref": "x", "memory_mib": True}, "memory_mib: Value error, expected a size"),
-        ({"ref": 5}, "ref: Input should be a valid string"),
+        ({"refs": ["x"], "vcpus": "2"}, "vcpus: Input should be a valid integer"),
+        ({"refs": ["x"], "vcpus": True}, "vcpus: Input should be a valid integer"),
+        ({"refs": ["x"], "vcpus": 2.0}, "vcpus: Input should be a valid integer"),
+        ({"refs": ["x"], "memory_mib": True}, "memory_mib: Value error, expected a size"),
+        ({"refs": [5]}, "refs.0: Input should be a valid string"),
     ]:
         reply = rpc(daemon, "vm.set", params)
         assert reply["error"]["code"] == "bad_request" and expect in reply["error"]["message"], (params, reply)
     # valid types get past validation (and then find no such VM)
-    assert rpc(daemon, "vm.set", {"ref": "x", "memory_mib": "2G"})["error"]["code"] == "not_found"
+    reply = rpc(daemon, "vm.set", {"refs": ["x"], "memory_mib": "2G"})
+    assert reply["result"]["results"][0]["error"]["code"] == "not_found", reply
     # defaults are validated like given values: no signal given means KILL, not KeyError
     reply = rpc(daemon, "vm.kill", {"refs": ["nope"]})
     assert reply["ok"] and reply["result"]["results"][0]["error"]["code"] == "not_found", reply

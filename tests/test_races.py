@@ -101,15 +101,16 @@ def world(assets, example_plugin_dir, tmp_path_factory):
             return {"kernel_ref": kernel_ref, "bundle": {"url": f"{server.url}/{path}", "sha256": img["sha256"], "size": img["size"]}}
 
         # the same files under several names: each catalog entry has its own URL path
-        for alias in ("k-par.tar.zst", "k-held.tar.zst"):
+        for alias in ("k-par.tar.zst", "k-held.tar.zst", "k-rm.tar.zst"):
             os.link(www / "k.tar.zst", www / alias)
-        for alias in ("img-par.tar.zst", "img-held.tar.zst"):
+        for alias in ("img-par.tar.zst", "img-held.tar.zst", "img-reg.tar.zst"):
             os.link(www / "img.tar.zst", www / alias)
         cat = tmp / "catalog.json"
         cat.write_text(json.dumps({
             "version": 1,
-            "kernels": {"k-par": kb("k-par.tar.zst"), "k-held": kb("k-held.tar.zst")},
-            "images": {"img-par": ib("img-par.tar.zst", "k-par"), "img-held": ib("img-held.tar.zst", "src-kernel")},
+            "kernels": {"k-par": kb("k-par.tar.zst"), "k-held": kb("k-held.tar.zst"), "k-rm": kb("k-rm.tar.zst")},
+            "images": {"img-par": ib("img-par.tar.zst", "k-par"), "img-held": ib("img-held.tar.zst", "src-kernel"),
+                       "img-reg": ib("img-reg.tar.zst", "src-kernel")},
         }))
         env.write_config(base + f"[catalog]\npath = '{cat}'\n")
         env.run("vm", "create", "--name", "keep", "--image", "busybox", *SPEC, timeout=BOOT_TIMEOUT, check=True)
@@ -188,10 +189,18 @@ def test_parallel_creates_needing_one_missing_image_fetch_once_and_all_succeed(w
     for name in ("par-1", "par-2"):
         wait_boot(env, name)
         assert show(env, name)["state"] == "running"
-    # leave them stopped: the prune test deletes stopped VMs
-    env.run("vm", "stop", "par-1", "par-2", timeout=180, check=True)
+    # leave them stopped: the prune test deletes stopped VMs. A VM named twice, or by
+    # its name and an ID prefix, is stopped once: one result per distinct ref.
+    prefix = show(env, "par-2")["id"][:8]
+    r = env.run("vm", "stop", "par-1", "par-2", "par-1", prefix, "--json", timeout=180, check=True)
+    res = json.loads(r.stdout)
+    assert [x["ref"] for x in res] == ["par-1", "par-2", prefix] and all(x["ok"] for x in res), res
     for name in ("par-1", "par-2"):
         assert hooks(world["record"], name).count("cleanup") == 1  # once per stop
+    # vm set takes several refs like every other verb
+    r = env.run("vm", "set", "par-1", "par-2", "--vcpu", "2", check=True)
+    assert "par-1: vcpu=2" in r.stdout and "par-2: vcpu=2" in r.stdout
+    assert show(env, "par-1")["spec"]["vcpus"] == show(env, "par-2")["spec"]["vcpus"] == 2
 
 
 def test_a_held_pull_of_one_image_does_not_block_creating_from_another(world):
@@ -208,6 +217,47 @@ def test_a_held_pull_of_one_image_does_not_block_creating_from_another(world):
     _, err = held.communicate(timeout=300)
     assert held.returncode == 0, err
     env.run("vm", "delete", "beside", "--force", timeout=180, check=True)
+
+
+def test_kernel_rm_waits_for_a_pull_of_the_same_name(world):
+    """The original tool removed a kernel a pull was still writing; here `kernel rm`
+    takes the pull's per-name lock: it waits, then removes what the pull made."""
+    env, server = world["env"], world["server"]
+    gate = server.gate("/k-rm.tar.zst")
+    pull = popen(env, "kernel", "pull", "k-rm")
+    try:
+        assert server.arrived["/k-rm.tar.zst"].wait(60)
+        rm = popen(env, "kernel", "rm", "k-rm")
+        time.sleep(1.5)
+        assert rm.poll() is None, "kernel rm did not wait for the pull"
+    finally:
+        gate.set()
+    assert pull.wait(300) == 0, pull.communicate()
+    out, err = rm.communicate(timeout=60)
+    assert rm.returncode == 0, err
+    assert "k-rm" not in {k["name"] for k in json.loads(env.run("kernel", "list", "--json", check=True).stdout)}
+    assert not (env.state_dir / "kernels" / "k-rm").exists()
+
+
+def test_image_register_waits_for_a_pull_of_the_same_name(world, assets):
+    """`image register` checks and writes under the pull's per-name lock: it cannot slip
+    a row in while a pull of that name is writing (the pull's row would overwrite it)."""
+    env, server = world["env"], world["server"]
+    gate = server.gate("/img-reg.tar.zst")
+    pull = popen(env, "image", "pull", "img-reg")
+    try:
+        assert server.arrived["/img-reg.tar.zst"].wait(60)
+        reg = popen(env, "image", "register", "img-reg", "--rootfs", str(assets["rootfs"]), "--kernel-ref", "src-kernel")
+        time.sleep(1.5)
+        assert reg.poll() is None, "image register did not wait for the pull"
+    finally:
+        gate.set()
+    assert pull.wait(300) == 0, pull.communicate()
+    _, err = reg.communicate(timeout=60)
+    assert reg.returncode == 1 and "image 'img-reg' already exists" in err, err
+    img = json.loads(env.run("image", "show", "img-reg", "--json", check=True).stdout)
+    assert img["managed"] and img["source"].startswith("bundle:")
+    env.run("image", "delete", "img-reg", check=True)
 
 
 def test_prune_deletes_every_stopped_vm_and_never_a_running_one(world):
@@ -259,7 +309,7 @@ def test_restart_holds_the_vm_lock_across_stop_and_start(world):
     assert r.returncode == 1 and "is running: stop it before changing its spec" in r.stderr, r.stderr
     lines = log_lines(env)[before:]
     restarted = next(i for i, ln in enumerate(lines) if ln["msg"].startswith("request vm.restart ok"))
-    refused = next(i for i, ln in enumerate(lines) if "is running: stop it before changing its spec" in ln["msg"])
+    refused = next(i for i, ln in enumerate(lines) if ln["msg"].startswith("request vm.set ok"))  # its reply
     assert restarted < refused, lines
     calls = hooks(record, "keep")[seen:]
     assert calls.index("cleanup") < calls.index("prepare_host") and calls.count("cleanup") == 1, calls

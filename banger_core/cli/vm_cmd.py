@@ -121,7 +121,8 @@ def _call(method: str, params: dict[str, Any], on_event: Any = None) -> Any:
     return state.client().call(method, params, on_event=on_event)
 
 
-def _fan_out(method: str, refs: list[str], as_json: bool, verb: str, **extra: Any) -> None:
+def _fan_out(method: str, refs: list[str], as_json: bool, verb: str, shown: Any = None, **extra: Any) -> None:
+    """One request for several refs; a line per ref (``shown(vm)``, default NAME: STATE)."""
     progress = Progress(quiet=as_json)
     res = _call(method, {"refs": refs, **extra}, on_event=progress)["results"]
     if as_json:
@@ -130,7 +131,7 @@ def _fan_out(method: str, refs: list[str], as_json: bool, verb: str, **extra: An
     for r in res:
         if r["ok"]:
             if not as_json:
-                style.echo(f"{r['vm']['name']}: {r['vm'].get('state', verb)}")
+                style.echo(shown(r["vm"]) if shown else f"{r['vm']['name']}: {r['vm'].get('state', verb)}")
         else:
             failed += 1
             err = BangerError.from_dict(r["error"])
@@ -261,27 +262,26 @@ def prune(
 
 @app.command("set")
 def set_(
-    ref: str = typer.Argument(...),
+    refs: List[str] = typer.Argument(..., help="VM names or ID prefixes"),
     vcpu: Optional[int] = typer.Option(None, "--vcpu"),
     memory: Optional[str] = typer.Option(None, "--memory", "-m"),
     disk_size: Optional[str] = typer.Option(None, "--disk-size"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Change a stopped VM's vCPUs, memory or disk size (disks only grow)."""
+    """Change stopped VMs' vCPUs, memory or disk size (disks only grow)."""
     params = {
-        "ref": ref,
         "vcpus": positive(vcpu, "--vcpu"),
         "memory_mib": parse_mib(memory, "--memory"),
         "disk_size_mib": parse_mib(disk_size, "--disk-size"),
     }
-    if all(v is None for k, v in params.items() if k != "ref"):
+    if all(v is None for v in params.values()):
         raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give --vcpu, --memory or --disk-size")
-    vm = _call("vm.set", {k: v for k, v in params.items() if v is not None})
-    if as_json:
-        echo_json(vm)
-        return
-    s = vm["spec"]
-    style.echo(f"{vm['name']}: vcpu={s['vcpus']} memory={s['memory_mib']}MiB disk={s['disk_size_mib']}MiB")
+
+    def line(vm: dict[str, Any]) -> str:
+        s = vm["spec"]
+        return f"{vm['name']}: vcpu={s['vcpus']} memory={s['memory_mib']}MiB disk={s['disk_size_mib']}MiB"
+
+    _fan_out("vm.set", refs, as_json, "set", shown=line, **{k: v for k, v in params.items() if v is not None})
 
 
 def _age(ts: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import signal as signals
@@ -135,18 +136,39 @@ async def run_simple(fn: Callable[..., Any], *args: Any) -> Any:
 
 def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> None:
     async def fan_out(call: Call, refs: list[str], op: Callable[..., Any]) -> dict[str, Any]:
-        """Run ``op(vm)`` for each ref concurrently; report per ref, in input order."""
+        """Run ``op(vm)`` once per VM the refs name, concurrently; report per ref, in
+        input order. A ref given twice, or two refs naming one VM (its name and an ID
+        prefix), run the operation once and share its result."""
 
-        async def one(ref: str) -> dict[str, Any]:
+        def failed(ref: str, exc: BangerError) -> dict[str, Any]:
+            exc.op_id = call.op_id
+            return {"ref": ref, "ok": False, "error": exc.to_dict()}
+
+        unique = list(dict.fromkeys(refs))
+        resolved: dict[str, Any] = {}
+        for ref in unique:
             try:
-                vm = await run_simple(vms.resolve, ref)
-                shown = await op(vm)
-                return {"ref": ref, "ok": True, "vm": shown}
+                resolved[ref] = await run_simple(vms.resolve, ref)
             except BangerError as exc:
-                exc.op_id = call.op_id
-                return {"ref": ref, "ok": False, "error": exc.to_dict()}
+                resolved[ref] = exc
+        by_vm = {vm.id: vm for vm in resolved.values() if not isinstance(vm, BangerError)}
 
-        return {"results": list(await asyncio.gather(*(one(r) for r in refs)))}
+        async def once(vm: Any) -> Any:
+            try:
+                return await op(vm)
+            except BangerError as exc:
+                return exc
+
+        done = dict(zip(by_vm, await asyncio.gather(*(once(vm) for vm in by_vm.values())), strict=True))
+        results = []
+        for ref in unique:
+            got = resolved[ref]
+            if isinstance(got, BangerError):
+                results.append(failed(ref, got))
+                continue
+            out = done[got.id]
+            results.append(failed(ref, out) if isinstance(out, BangerError) else {"ref": ref, "ok": True, "vm": out})
+        return {"results": results}
 
     async def create(p: CreateParams, call: Call) -> dict[str, Any]:
         vm = await run_blocking(call, lambda prog, cancel: vms.create(p, call.op_id, prog, cancel))
@@ -192,7 +214,13 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         return {"deleted": [{"id": v.id, "name": v.name} for v in gone]}
 
     async def set_(p: SetParams, call: Call) -> dict[str, Any]:
-        return vms.show(await run_simple(vms.set, p, call.op_id))
+        if all(v is None for k, v in p.model_dump().items() if k != "refs"):
+            raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give vcpus, memory_mib or disk_size_mib")
+
+        async def op(vm):  # noqa: ANN001, ANN202
+            return vms.show(await run_simple(vms.set, vm, p, call.op_id))
+
+        return await fan_out(call, p.refs, op)
 
     async def list_(_p: Any, call: Call) -> dict[str, Any]:
         return {"vms": await run_simple(vms.list)}
@@ -213,10 +241,23 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
 
         return await run_simple(read)
 
+    def under_lock(locks: list[tuple[str, str]], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
+        """``fn(*args)`` under the artifacts' per-name pull locks (taken in the order
+        pulls take them: image before kernel), for run_blocking: a client that leaves
+        while waiting for a lock cancels the wait."""
+
+        def work(_progress: Any, cancel: threading.Event) -> Any:
+            with contextlib.ExitStack() as held:
+                for kind, name in locks:
+                    held.enter_context(vms.puller.locked(kind, name, cancel))
+                return fn(*args, **kwargs)
+
+        return work
+
     async def kernel_import(p: KernelImportParams, call: Call) -> dict[str, Any]:
-        k, files = await run_simple(
-            functools.partial(images.import_kernel_tree, version=p.version), store, paths, p.name, Path(p.source), p.force
-        )
+        k, files = await run_blocking(call, under_lock(
+            [("kernel", p.name)], images.import_kernel_tree, store, paths, p.name, Path(p.source), p.force, version=p.version
+        ))
         return {**k.model_dump(mode="json"), "taken": files.taken()}
 
     async def kernel_list(_p: Any, call: Call) -> dict[str, Any]:
@@ -249,19 +290,24 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         return (await run_blocking(call, pull)).model_dump(mode="json")
 
     async def kernel_rm(p: NameParams, call: Call) -> dict[str, Any]:
-        await run_simple(images.remove_kernel, store, paths, p.name)
+        await run_blocking(call, under_lock([("kernel", p.name)], images.remove_kernel, store, paths, p.name))
         return {"name": p.name, "state": "removed"}
 
     async def image_register(p: ImageRegisterParams, call: Call) -> dict[str, Any]:
         opt = lambda v: Path(v) if v else None  # noqa: E731
-        i = await run_simple(
-            functools.partial(images.register_image, max_rootfs_mib=vms.puller.max_rootfs_mib),
-            store, paths, p.name, Path(p.rootfs), p.kernel_ref, opt(p.kernel), opt(p.initrd), opt(p.modules),
-        )
+        # with its own kernel triple, a kernel of the image's name is imported too
+        locks = [("image", p.name)] + ([("kernel", p.name)] if p.kernel else [])
+        i = await run_blocking(call, under_lock(
+            locks, images.register_image, store, paths, p.name, Path(p.rootfs), p.kernel_ref,
+            opt(p.kernel), opt(p.initrd), opt(p.modules), max_rootfs_mib=vms.puller.max_rootfs_mib,
+        ))
         return i.model_dump(mode="json")
 
     async def image_promote(p: NameParams, call: Call) -> dict[str, Any]:
-        return (await run_simple(images.promote_image, store, paths, p.name, vms.puller.max_rootfs_mib)).model_dump(mode="json")
+        promoted = await run_blocking(
+            call, under_lock([("image", p.name)], images.promote_image, store, paths, p.name, vms.puller.max_rootfs_mib)
+        )
+        return promoted.model_dump(mode="json")
 
     async def image_show(p: NameParams, call: Call) -> dict[str, Any]:
         img = store.get_image(p.name)
@@ -294,7 +340,7 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         return {"images": [{**i.model_dump(mode="json"), "stale": vms.puller.stale("image", i)} for i in store.list_images()]}
 
     async def image_delete(p: NameParams, call: Call) -> dict[str, Any]:
-        await run_simple(images.delete_image, store, paths, p.name)
+        await run_blocking(call, under_lock([("image", p.name)], images.delete_image, store, paths, p.name))
         pruned = await run_simple(vms.puller.prune_blobs)  # its OCI layers, unless another image has them
         return {"name": p.name, "state": "deleted", "pruned_layers": len(pruned)}
 

@@ -137,7 +137,7 @@ def _state_check(paths: "Paths") -> CheckResult:
             applied = store.applied_migrations()
         finally:
             store.close()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return CheckResult.fail("state", f"{paths.db_file}: {exc}")
     latest = MIGRATIONS[-1][0]
     if applied and applied[-1] == latest:
@@ -182,7 +182,7 @@ def plugin_checks(rt: "Runtime") -> list[CheckResult]:
 
         try:
             rt.host.call("register_doctor_checks", name, register=register)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             out.append(CheckResult.fail(f"{name}", f"register_doctor_checks failed: {exc}"))
     for plugin, check_name, fn in checks:
         label = f"{plugin}: {check_name}"
@@ -192,7 +192,7 @@ def plugin_checks(rt: "Runtime") -> list[CheckResult]:
             continue  # reported once, as "settings <plugin>", by core_checks
         try:
             res = fn(settings)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             out.append(CheckResult.fail(label, f"check raised {type(exc).__name__}: {exc}"))
             continue
         for r in res if isinstance(res, list) else [res]:

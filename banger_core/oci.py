@@ -114,7 +114,7 @@ class Registry:
             if self.token:
                 req.add_header("Authorization", f"Bearer {self.token}")
             try:
-                return urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310
+                return urllib.request.urlopen(req, timeout=self.timeout)
             except urllib.error.HTTPError as exc:
                 if exc.code == 401 and attempt == 0 and "bearer" in exc.headers.get("WWW-Authenticate", "").lower():
                     self._get_token(exc.headers["WWW-Authenticate"])
@@ -132,7 +132,7 @@ class Registry:
         if not realm:
             raise BangerError(ErrorCode.UNAUTHORIZED, f"registry {self.ref.registry}: bad auth challenge")
         params.setdefault("scope", f"repository:{self.ref.repository}:pull")
-        with urllib.request.urlopen(f"{realm}?{urllib.parse.urlencode(params)}", timeout=self.timeout) as r:  # noqa: S310
+        with urllib.request.urlopen(f"{realm}?{urllib.parse.urlencode(params)}", timeout=self.timeout) as r:
             data = json.loads(r.read())
         self.token = data.get("token") or data.get("access_token")
 

@@ -103,7 +103,7 @@ class PluginHost:
                 module = ep.load()
             except KeyboardInterrupt:
                 raise
-            except BaseException as exc:  # noqa: BLE001 - a plugin may raise anything, even SystemExit
+            except BaseException as exc:
                 self._broken(rec, f"import failed: {type(exc).__name__}: {exc}", strict)
                 continue
             self.add(module, rec, strict=strict)
@@ -120,7 +120,7 @@ class PluginHost:
             rec.requires = _str_tuple(module, "requires")
             rec.provides = _str_tuple(module, "provides")
             self.pm.register(module, name=rec.name)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._broken(rec, f"invalid plugin: {exc}", strict)
             return rec
         unknown = [name for name in self._impl_names(module) if name not in hookspecs.ALL_HOOKS]
@@ -142,7 +142,7 @@ class PluginHost:
         for attr in dir(module):
             try:
                 obj = getattr(module, attr)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 continue
             opts = self.pm.parse_hookimpl_opts(module, attr) if callable(obj) else None
             if opts is not None:
@@ -293,7 +293,7 @@ class PluginHost:
             try:
                 extra = kwargs_for(name) if kwargs_for else {}
                 self.call(hook, name, **kwargs, **extra)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.error("plugin %s: %s failed: %s\n%s", name, hook, exc, traceback.format_exc())
                 failures.append((name, exc))
         return failures
@@ -317,7 +317,7 @@ class PluginHost:
                     f"{name}: {stage}: {exc.message}",
                     details={**exc.details, "plugin": name, "stage": stage},
                 ) from exc
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise BangerError(
                     ErrorCode.OPERATION_FAILED,
                     f"{name}: {stage} failed: {type(exc).__name__}: {exc}",

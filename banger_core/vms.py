@@ -104,7 +104,7 @@ class VMService:
             return self._locks.setdefault(vm_id, threading.Lock())
 
     @property
-    def cfg(self):  # noqa: ANN201
+    def cfg(self):
         return self.rt.config.core
 
     def resolve(self, ref: str) -> VM:
@@ -433,12 +433,12 @@ class VMService:
         try:
             driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
             self._stop_vmm(vm, driver, graceful=False, op_id=op_id)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors.append(exc)
         if not plugins_cleaned:
             try:
                 self._lifecycle(vm, op_id).cleanup()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 errors.append(exc)
         self.handles.drop(vm.id)
         try:

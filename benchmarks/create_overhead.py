@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import guest_assets as ga  # noqa: E402
-from leftovers import kill_processes_using  # noqa: E402
+import guest_assets as ga
+from leftovers import kill_processes_using
 
 BOOT_TIMEOUT = 300.0
 POLL = 0.05

@@ -54,9 +54,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import guest_assets as ga  # noqa: E402
-from leftovers import kill_processes_using  # noqa: E402
-import oci_fixtures as of  # noqa: E402
+import guest_assets as ga
+from leftovers import kill_processes_using
+import oci_fixtures as of
 
 BANGER = Path(sys.executable).parent / "banger"
 REPO, TAG = "bench/bulk", "1"

@@ -24,10 +24,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernel_boot as kb  # noqa: E402
+import kernel_boot as kb
 
-from banger_core.artifacts import debian_image  # noqa: E402
-from banger_core.models import Machine  # noqa: E402
+from banger_core.artifacts import debian_image
+from banger_core.models import Machine
 
 
 def untrimmed_copy(rootfs: Path, dest: Path) -> None:

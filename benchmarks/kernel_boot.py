@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import guest_assets as ga  # noqa: E402
+import guest_assets as ga
 
-from banger_core.artifacts.microvm_kernel import build_microvm_kernel  # noqa: E402
-from banger_core.models import Drive, Machine  # noqa: E402
-from banger_core.vmm.qemu import QemuDriver  # noqa: E402
+from banger_core.artifacts.microvm_kernel import build_microvm_kernel
+from banger_core.models import Drive, Machine
+from banger_core.vmm.qemu import QemuDriver
 
 TIMEOUT = 240.0
 APPEND = ["console=ttyS0", "root=/dev/vda", "rw", "panic=-1", "net.ifnames=0"]

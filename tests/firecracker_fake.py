@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fcspec import validate_request  # noqa: E402
+from fcspec import validate_request
 
 PRE_BOOT_ONLY = {"putGuestBootSource", "putMachineConfiguration", "putLogger", "putGuestVsock",
                  "putGuestNetworkInterfaceByID", "putGuestDriveByID"}
@@ -52,7 +52,7 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(raw) if raw else None
         try:
             op = validate_request(method, self.path, body)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._record(method, body, None, f"invalid: {exc}")
             return self._reply(400, {"fault_message": f"invalid request: {str(exc).splitlines()[0]}"})
         with State.lock:

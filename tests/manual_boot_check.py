@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from guest_assets import (  # noqa: E402
+from guest_assets import (
     BOOT_MARKER,
     POWEROFF_MARKER,
     busybox_rootfs,

@@ -249,7 +249,7 @@ def _token_server() -> Iterator[tuple[str, list[dict]]]:
     requests: list[dict] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             url = urllib.parse.urlsplit(self.path)
             requests.append(
                 {

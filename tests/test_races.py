@@ -47,7 +47,7 @@ class GatedServer:
             def log_message(self, *a: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 outer.gets[self.path] = outer.gets.get(self.path, 0) + 1
                 outer.arrived.setdefault(self.path, threading.Event()).set()
                 gate = outer.gates.get(self.path)

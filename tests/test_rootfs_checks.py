@@ -91,7 +91,7 @@ class _Claim(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b) -> int:  # noqa: ANN001
+    def readinto(self, b) -> int:
         n = min(len(b), self.size - self.pos)
         if n <= 0:
             return 0

@@ -51,7 +51,7 @@ class _State:
             raise self.load_error
         return rt
 
-    def client(self):  # noqa: ANN201 - avoid importing at module load
+    def client(self):
         from banger_core.client import Client
 
         return Client(self.paths)
@@ -118,7 +118,7 @@ def _register_plugin_commands(app: typer.Typer) -> None:
     for name in rt.host.enabled:
         try:
             rt.host.call("register_commands", name, app=app)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the CLI
+        except Exception as exc:
             rt.host.mark_broken(name, f"register_commands failed: {type(exc).__name__}: {exc}")
             broke = True
     if broke:

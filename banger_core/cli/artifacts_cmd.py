@@ -95,7 +95,7 @@ def kernel_rm(name: str) -> None:
     style.echo(f"kernel {name}: removed")
 
 
-def _progress(quiet: bool):  # noqa: ANN202
+def _progress(quiet: bool):
     from banger_core.cli.vm_cmd import Progress
 
     return Progress(quiet=quiet)

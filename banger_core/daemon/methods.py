@@ -123,7 +123,7 @@ async def run_blocking(call: Call, fn: Callable[..., Any], *args: Any) -> Any:
         cancel.set()
         try:
             await fut
-        except Exception:  # noqa: BLE001 - the client is gone; rollback is logged
+        except Exception:
             pass
         raise
 
@@ -175,21 +175,21 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         return vms.show(vm)
 
     async def start(p: RefsParams, call: Call) -> dict[str, Any]:
-        async def op(vm):  # noqa: ANN001, ANN202
+        async def op(vm):
             done = await run_blocking(call, lambda prog, cancel: vms.start(vm, call.op_id, prog, cancel))
             return vms.show(done)
 
         return await fan_out(call, p.refs, op)
 
     async def restart(p: RefsParams, call: Call) -> dict[str, Any]:
-        async def op(vm):  # noqa: ANN001, ANN202
+        async def op(vm):
             done = await run_blocking(call, lambda prog, cancel: vms.restart(vm, call.op_id, prog, cancel))
             return vms.show(done)
 
         return await fan_out(call, p.refs, op)
 
     async def stop(p: RefsParams, call: Call) -> dict[str, Any]:
-        async def op(vm):  # noqa: ANN001, ANN202
+        async def op(vm):
             return vms.show(await run_simple(vms.stop, vm, call.op_id, p.force))
 
         return await fan_out(call, p.refs, op)
@@ -197,13 +197,13 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
     async def kill(p: KillParams, call: Call) -> dict[str, Any]:
         sig = int(signals.Signals[p.signal])
 
-        async def op(vm):  # noqa: ANN001, ANN202
+        async def op(vm):
             return vms.show(await run_simple(vms.kill, vm, call.op_id, sig))
 
         return await fan_out(call, p.refs, op)
 
     async def delete(p: RefsParams, call: Call) -> dict[str, Any]:
-        async def op(vm):  # noqa: ANN001, ANN202
+        async def op(vm):
             gone = await run_simple(vms.delete, vm, call.op_id, p.force)
             return {"id": gone.id, "name": gone.name, "state": "deleted"}
 
@@ -217,7 +217,7 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         if all(v is None for k, v in p.model_dump().items() if k != "refs"):
             raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give vcpus, memory_mib or disk_size_mib")
 
-        async def op(vm):  # noqa: ANN001, ANN202
+        async def op(vm):
             return vms.show(await run_simple(vms.set, vm, p, call.op_id))
 
         return await fan_out(call, p.refs, op)
@@ -272,7 +272,7 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         return k.model_dump(mode="json")
 
     async def image_pull(p: ImagePullParams, call: Call) -> dict[str, Any]:
-        def pull(prog, cancel):  # noqa: ANN001, ANN202
+        def pull(prog, cancel):
             if p.kernel and p.kernel_ref:
                 raise BangerError(ErrorCode.BAD_REQUEST, "give either --kernel-ref or --kernel [--initrd] [--modules], not both")
             if not p.kernel and (p.initrd or p.modules):

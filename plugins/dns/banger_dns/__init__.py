@@ -35,7 +35,7 @@ def config_model() -> type[BaseModel]:
 
 
 @hookimpl
-def register_doctor_checks(register) -> None:  # noqa: ANN001
+def register_doctor_checks(register) -> None:
     def port(s: Settings) -> CheckResult:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             try:

@@ -58,7 +58,7 @@ def config_model() -> type[BaseModel]:
 
 
 @hookimpl
-def register_doctor_checks(register) -> None:  # noqa: ANN001
+def register_doctor_checks(register) -> None:
     def sources(s: Settings) -> CheckResult:
         missing = [e.host for e in s.entries if not os.path.exists(e.host)]
         if missing:

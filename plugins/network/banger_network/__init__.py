@@ -36,7 +36,7 @@ def config_model() -> type[BaseModel]:
 
 
 @hookimpl
-def register_doctor_checks(register) -> None:  # noqa: ANN001
+def register_doctor_checks(register) -> None:
     register("tools", lambda _s: check_binaries("tools", "ip", package="iproute2"))
 
     def tun(_s: Settings) -> CheckResult:

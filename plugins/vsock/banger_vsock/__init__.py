@@ -26,7 +26,7 @@ def config_model() -> type[BaseModel]:
 
 
 @hookimpl
-def register_doctor_checks(register) -> None:  # noqa: ANN001
+def register_doctor_checks(register) -> None:
     def transport(_s: Settings) -> CheckResult:
         if os.path.exists("/dev/vhost-vsock"):
             return CheckResult.ok("transport", "vsock (/dev/vhost-vsock)")

@@ -22,7 +22,7 @@ def config_model() -> type[BaseModel]:
 
 
 @hookimpl
-def register_doctor_checks(register) -> None:  # noqa: ANN001
+def register_doctor_checks(register) -> None:
     register(
         "tools",
         lambda _s: check_binaries("tools", "mkfs.ext4", "e2fsck", "resize2fs", "debugfs", package="e2fsprogs"),

@@ -23,5 +23,5 @@ def config_model() -> type[BaseModel]:
 
 
 @hookimpl
-def register_doctor_checks(register) -> None:  # noqa: ANN001
+def register_doctor_checks(register) -> None:
     register("tools", lambda _s: check_binaries("tools", "git", package="git"))

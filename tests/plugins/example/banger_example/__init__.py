@@ -78,8 +78,8 @@ class StuckParams(BaseModel):
 
 
 @hookimpl
-def register_rpc_methods(register) -> None:  # noqa: ANN001
-    async def greet(params: GreetParams, call) -> dict:  # noqa: ANN001
+def register_rpc_methods(register) -> None:
+    async def greet(params: GreetParams, call) -> dict:
         from banger_core.config import ProjectConfig
 
         rt = call.runtime
@@ -88,7 +88,7 @@ def register_rpc_methods(register) -> None:  # noqa: ANN001
         call.log.info("greeting %s", params.name)
         return {"text": " ".join([f"{s.greeting}, {params.name}!"] * s.times), "op_id": call.op_id}
 
-    async def wait(params: WaitParams, call) -> dict:  # noqa: ANN001
+    async def wait(params: WaitParams, call) -> dict:
         Path(params.marker).write_text("started\n")
         try:
             await asyncio.sleep(3600)
@@ -97,7 +97,7 @@ def register_rpc_methods(register) -> None:  # noqa: ANN001
             raise
         return {}
 
-    def stuck(params: StuckParams, call) -> dict:  # noqa: ANN001
+    def stuck(params: StuckParams, call) -> dict:
         """Blocking work that ignores cancellation (a plain def runs in a thread)."""
         Path(params.marker).write_text("started\n")
         time.sleep(params.seconds)
@@ -109,42 +109,42 @@ def register_rpc_methods(register) -> None:  # noqa: ANN001
 
 
 @hookimpl
-def register_doctor_checks(register) -> None:  # noqa: ANN001
+def register_doctor_checks(register) -> None:
     register("greeting", lambda s: CheckResult.ok("greeting", s.greeting) if s.greeting else CheckResult.fail("greeting", "empty"))
 
 
 @hookimpl
-def reconcile(ctx) -> None:  # noqa: ANN001
+def reconcile(ctx) -> None:
     _record(ctx.settings, {"hook": "reconcile", "plugin": ctx.plugin})
 
 
 @hookimpl
-def prepare_host(ctx) -> None:  # noqa: ANN001
+def prepare_host(ctx) -> None:
     ctx.teardown["example"] = "made"
     _record(ctx.settings, {"hook": "prepare_host", "vm": ctx.vm.name, "greeting": ctx.settings.greeting})
     _maybe_fail(ctx.settings, "prepare_host")
 
 
 @hookimpl
-def configure_machine(ctx, machine) -> None:  # noqa: ANN001
+def configure_machine(ctx, machine) -> None:
     machine.boot_args.append(f"example.greeting={ctx.settings.greeting}")
     _record(ctx.settings, {"hook": "configure_machine", "vm": ctx.vm.name})
     _maybe_fail(ctx.settings, "configure_machine")
 
 
 @hookimpl
-def post_boot(ctx) -> None:  # noqa: ANN001
+def post_boot(ctx) -> None:
     _record(ctx.settings, {"hook": "post_boot", "vm": ctx.vm.name})
     _maybe_fail(ctx.settings, "post_boot")
 
 
 @hookimpl
-def request_guest_shutdown(ctx) -> None:  # noqa: ANN001
+def request_guest_shutdown(ctx) -> None:
     _record(ctx.settings, {"hook": "request_guest_shutdown", "vm": ctx.vm.name})
     return None  # pass: let the core use ACPI
 
 
 @hookimpl
-def cleanup(ctx) -> None:  # noqa: ANN001
+def cleanup(ctx) -> None:
     _record(ctx.settings, {"hook": "cleanup", "vm": ctx.vm.name, "teardown": ctx.teardown.get("example")})
     _maybe_fail(ctx.settings, "cleanup")

@@ -38,7 +38,7 @@ def download(url: str, dest: Path, sha256: str, size: int | None, progress: Prog
     got = 0
     tmp = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:  # catalog URLs
             total = size or (int(resp.headers["Content-Length"]) if resp.headers.get("Content-Length") else None)
             while chunk := resp.read(CHUNK):
                 h.update(chunk)

@@ -96,7 +96,7 @@ class Lifecycle:
             try:
                 if self.rt.host.call("request_guest_shutdown", name, ctx=self.ctx(name, "request_guest_shutdown")):
                     return name
-            except Exception as exc:
+            except Exception as exc:  # fall through to the next way
                 log.warning("plugin %s: request_guest_shutdown failed: %s", name, exc, extra={"op_id": self.op_id})
         return None
 

@@ -103,7 +103,7 @@ class PluginHost:
                 module = ep.load()
             except KeyboardInterrupt:
                 raise
-            except BaseException as exc:
+            except BaseException as exc:  # a plugin may raise anything, even SystemExit
                 self._broken(rec, f"import failed: {type(exc).__name__}: {exc}", strict)
                 continue
             self.add(module, rec, strict=strict)

@@ -275,7 +275,7 @@ def _connect_as(uid: int, path: str) -> str:
             except OSError as exc:
                 out = f"oserror {exc.errno}"
             os.write(w, out.encode())
-        except BaseException as exc:
+        except BaseException as exc:  # report, never escape the child
             os.write(w, f"child error {exc!r}".encode())
         finally:
             os._exit(0)

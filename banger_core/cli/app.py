@@ -51,7 +51,7 @@ class _State:
             raise self.load_error
         return rt
 
-    def client(self):
+    def client(self):  # avoid importing at module load
         from banger_core.client import Client
 
         return Client(self.paths)
@@ -118,7 +118,7 @@ def _register_plugin_commands(app: typer.Typer) -> None:
     for name in rt.host.enabled:
         try:
             rt.host.call("register_commands", name, app=app)
-        except Exception as exc:
+        except Exception as exc:  # a broken plugin must not break the CLI
             rt.host.mark_broken(name, f"register_commands failed: {type(exc).__name__}: {exc}")
             broke = True
     if broke:

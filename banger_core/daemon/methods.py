@@ -123,7 +123,7 @@ async def run_blocking(call: Call, fn: Callable[..., Any], *args: Any) -> Any:
         cancel.set()
         try:
             await fut
-        except Exception:
+        except Exception:  # the client is gone; rollback is logged
             pass
         raise
 

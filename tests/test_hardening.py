@@ -247,7 +247,7 @@ def test_create_help_and_doctor_show_resolved_defaults_with_provenance(benv):
 
 
 def test_cli_errors_carry_their_code_but_not_the_generic_one(benv):
-    from banger_core.cli.app import error_line
+    from banger_core.cli.common import error_line
 
     r = benv.run("vm", "show", "nope")
     assert r.returncode == 1 and r.stderr.startswith("banger: no VM named or with ID prefix 'nope' (not_found, op-")

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from banger_core.cli import style
-from banger_core.cli.app import echo_json, state
+from banger_core.cli.common import echo_json, state
 
 kernel_app = typer.Typer(help="Kernels VMs boot.", no_args_is_help=True)
 image_app = typer.Typer(help="Root filesystem images VMs boot from.", no_args_is_help=True)

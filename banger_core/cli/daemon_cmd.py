@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from banger_core.cli import style
-from banger_core.cli.app import echo_json, state
+from banger_core.cli.common import echo_json, state
 
 app = typer.Typer(help="Manage bangerd, the per-user daemon (started on demand).", no_args_is_help=True)
 

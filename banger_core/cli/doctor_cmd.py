@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from banger_core.cli import style
-from banger_core.cli.app import echo_json, state
+from banger_core.cli.common import echo_json, state
 
 
 def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:

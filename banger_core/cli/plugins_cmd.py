@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from banger_core.cli import style
-from banger_core.cli.app import echo_json, state
+from banger_core.cli.common import echo_json, state
 
 app = typer.Typer(help="Inspect installed plugins.", no_args_is_help=True)
 

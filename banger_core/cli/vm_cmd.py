@@ -11,7 +11,7 @@ from typing import Any, List, Optional
 import typer
 
 from banger_core.cli import style
-from banger_core.cli.app import echo_json, error_line, state
+from banger_core.cli.common import echo_json, error_line, state
 from banger_core.errors import BangerError, ErrorCode
 
 app = typer.Typer(help="Create, run and manage VMs.", no_args_is_help=True)

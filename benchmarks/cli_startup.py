@@ -6,6 +6,8 @@ Measures the installed console script next to ``sys.executable``:
     banger --version        (the fast path: no typer, pydantic or pluggy)
     banger plugins list     (config + every enabled plugin loaded)
     banger doctor           (all of the above plus every check; starts no daemon)
+    banger vm list          (the common path: one RPC to a daemon already running; its
+                             warm-up run starts the daemon)
 
 Each command gets one warm-up run; then ``--runs`` rounds run every command once per
 round (interleaved, so drift on the machine affects all of them alike). Prints
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "banger --version": [str(banger), "--version"],
         "banger plugins list": [str(banger), "plugins", "list"],
         "banger doctor": [str(banger), "doctor"],
+        "banger vm list": [str(banger), "vm", "list"],
     }
 
     # Short path under /tmp: the daemon's Unix socket path is limited to 108 bytes.

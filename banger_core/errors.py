@@ -84,3 +84,17 @@ class MultiError(BangerError):
             op_id=op_id,
             details={"failures": [{"part": who, "error": str(exc)} for who, exc in failures]},
         )
+
+
+class Cancelled(BangerError):
+    """The one way to say an operation stopped because it was cancelled (its client
+    went away, or the daemon is shutting down); ``what`` names the operation."""
+
+    def __init__(self, what: str, *, op_id: str | None = None) -> None:
+        super().__init__(ErrorCode.CANCELLED, f"{what}: cancelled", op_id=op_id)
+
+
+def raise_if_cancelled(cancel: Any, what: str) -> None:
+    """Raise ``Cancelled(what)`` when ``cancel`` (a threading.Event or None) is set."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(what)

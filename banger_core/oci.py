@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import zstandard
 
-from banger_core.errors import BangerError, ErrorCode
+from banger_core.errors import BangerError, ErrorCode, raise_if_cancelled
 
 ACCEPT = ", ".join([
     "application/vnd.oci.image.index.v1+json",
@@ -161,8 +161,7 @@ class Registry:
         try:
             with self._open(f"{self.base}/blobs/{digest}") as r, open(tmp, "wb") as out:
                 while chunk := r.read(1 << 20):
-                    if cancel is not None and cancel.is_set():
-                        raise BangerError(ErrorCode.CANCELLED, f"pulling {self.ref.registry}/{self.ref.repository}: cancelled")
+                    raise_if_cancelled(cancel, f"pulling {self.ref.registry}/{self.ref.repository}")
                     h.update(chunk)
                     out.write(chunk)
                     got += len(chunk)
@@ -366,8 +365,7 @@ def pull_to_rootfs(ref_text: str, out: Path, work: Path, blobs: Path, busybox: P
     tree.mkdir(parents=True)
     layers = manifest["layers"]
     for i, layer in enumerate(layers):
-        if cancel is not None and cancel.is_set():
-            raise BangerError(ErrorCode.CANCELLED, f"pulling {ref_text}: cancelled")
+        raise_if_cancelled(cancel, f"pulling {ref_text}")
         label = f"layer {i + 1}/{len(layers)} {layer['digest'][7:19]}"
         dest = blobs / blob_name(layer["digest"])
         on_bytes = None

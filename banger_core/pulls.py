@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from banger_core import images
 from banger_core.config import DEFAULT_IMAGE
-from banger_core.errors import BangerError, ErrorCode
+from banger_core.errors import BangerError, Cancelled, ErrorCode, raise_if_cancelled
 from banger_core.models import Image, Input, Kernel, fullmatching, validate_input
 from banger_core.paths import Paths
 from banger_core.store import Store
@@ -123,12 +123,12 @@ LAYERS_FILE = "layers.json"  # beside an OCI image's rootfs: the layer digests i
 @contextmanager
 def build_errors(kind: str, name: str) -> Iterator[None]:
     """A host-side build's failure as the RPC error a client sees."""
-    from banger_core.artifacts.common import ArtifactBuildError, BuildCancelled
+    from banger_core.artifacts.common import ArtifactBuildError
 
     try:
         yield
-    except BuildCancelled:
-        raise BangerError(ErrorCode.CANCELLED, f"{kind} {name}: build cancelled") from None
+    except Cancelled:
+        raise Cancelled(f"building {kind} {name}") from None
     except ArtifactBuildError as exc:
         raise BangerError(ErrorCode.OPERATION_FAILED, f"building {kind} {name}: {exc}") from None
 
@@ -239,8 +239,7 @@ class Puller:
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
         while not lock.acquire(timeout=0.2):
-            if cancel is not None and cancel.is_set():
-                raise BangerError(ErrorCode.CANCELLED, f"cancelled while waiting for another pull of {key}")
+            raise_if_cancelled(cancel, f"waiting for another pull of {key}")
         return lock
 
     @contextmanager

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from pydantic import Field, ValidationError, field_validator
 
 from banger_core import disks, host
-from banger_core.errors import BangerError, ErrorCode, MultiError
+from banger_core.errors import BangerError, ErrorCode, MultiError, raise_if_cancelled
 from banger_core.handles import HandleStore
 from banger_core.lifecycle import Lifecycle
 from banger_core.models import VM, Drive, HostPath, Image, Input, Machine, SizeMiB, VMHandles, VMSpec, VMState, validate_vm_name
@@ -43,11 +43,6 @@ TRANSITIONS: dict[VMState, set[VMState]] = {
     VMState.STOPPED: {VMState.RUNNING, VMState.ERROR},
     VMState.ERROR: {VMState.RUNNING, VMState.STOPPED, VMState.ERROR},
 }
-
-
-class Cancelled(BangerError):
-    def __init__(self) -> None:
-        super().__init__(ErrorCode.CANCELLED, "cancelled: the client went away")
 
 
 class CreateParams(Input):
@@ -201,8 +196,7 @@ class VMService:
         progress("spec", {"vm": vm.name, "id": vm.id, "image": image.name, "driver": driver_name, **spec.model_dump()})
         try:
             with self.lock(vm.id):
-                if cancel.is_set():
-                    raise Cancelled()
+                raise_if_cancelled(cancel, f"VM {vm.name}: create")
                 self._start_locked(vm, op_id, progress, cancel)
         except BaseException as exc:
             # A create that did not finish leaves nothing behind: no row, no files. The
@@ -271,15 +265,13 @@ class VMService:
         )
 
         def boot(m: Machine) -> None:
-            if cancel.is_set():
-                raise Cancelled()
+            raise_if_cancelled(cancel, f"VM {vm.name}: start")
             progress("boot", {"driver": driver.name})
             launch = driver.launch(vm.id, m, run_dir)
             # handles.json first (atomically), then the cache, then the DB state.
             self.handles.set(VMHandles(vm_id=vm.id, pid=launch.pid, driver=driver.name, api_socket=launch.api_socket, plugins=lc.handles))
             self._transition(vm, VMState.RUNNING)
-            if cancel.is_set():
-                raise Cancelled()
+            raise_if_cancelled(cancel, f"VM {vm.name}: start")
             progress("wait_agent", {})
 
         try:

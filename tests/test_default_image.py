@@ -18,7 +18,8 @@ import pytest
 
 import guest_assets as ga
 from banger_core.artifacts import debian_image
-from banger_core.artifacts.common import BuildCancelled, mounts_under
+from banger_core.artifacts.common import mounts_under
+from banger_core.errors import Cancelled
 from conftest import BANGER, wait_for
 from leftovers import kill_processes_using
 
@@ -101,7 +102,7 @@ def test_cancelled_image_build_stops_mmdebstrap_and_leaves_nothing(tmp_path):
             cancel.set()
 
     dest = tmp_path / "out" / "image-debian-bookworm"
-    with pytest.raises(BuildCancelled):
+    with pytest.raises(Cancelled):
         debian_image.build_debian_image(dest, log=lines.append, cancel=cancel, work=work)
     assert steps == sorted(steps) and 40 <= steps[-1] < debian_image.EXPECTED_STEPS
     assert "installing essential packages..." in lines  # mmdebstrap's stages reach the log

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from banger_core.errors import raise_if_cancelled
 from banger_core.vmm.base import ELF_MAGIC
 
 Log = Callable[[str], Any]
@@ -36,8 +37,7 @@ class ArtifactBuildError(RuntimeError):
     """Building a guest artifact failed; the message says which step and why."""
 
 
-class BuildCancelled(ArtifactBuildError):
-    """The caller cancelled a build; what it started has been stopped."""
+# A cancelled build raises banger_core.errors.Cancelled (what it started is stopped first).
 
 
 def run(
@@ -75,7 +75,7 @@ def run_long(
 
     The command runs in its own process group: when ``cancel`` is set, the whole
     group (make and every compiler it started) is terminated, then killed, and
-    BuildCancelled is raised. A failure raises with the last lines of its output.
+    errors.Cancelled is raised. A failure raises with the last lines of its output.
     """
     log(f"$ {' '.join(args)}")
     p = subprocess.Popen(
@@ -107,8 +107,7 @@ def run_long(
         watcher.join()
         if p.poll() is None:
             _kill_group(p)
-    if cancel is not None and cancel.is_set():
-        raise BuildCancelled(f"{args[0]} cancelled")
+    raise_if_cancelled(cancel, args[0])
     if p.returncode != 0:
         errors = [line for line in tail if "error" in line.lower()] or list(tail)
         raise ArtifactBuildError(f"{args[0]} exited {p.returncode}: " + "\n".join(errors[-8:]))

@@ -17,7 +17,7 @@ from typing import Any
 
 from banger_core import PROTOCOL_VERSION, __version__, protocol
 from banger_core.daemon.rpc import Call, NoParams, Registry
-from banger_core.errors import BangerError, ErrorCode
+from banger_core.errors import BangerError, Cancelled, ErrorCode
 from banger_core.fingerprint import fingerprint
 from banger_core.logs import clip, current_op, setup_json_logging
 from banger_core.paths import Paths
@@ -335,7 +335,7 @@ class Daemon:
         on until the cyclic garbage collector ran.
         """
         if work.cancelled():
-            return BangerError(ErrorCode.CANCELLED, "request cancelled: daemon shutting down", op_id=op_id)
+            return Cancelled("request (the daemon is shutting down)", op_id=op_id)
         exc = work.exception()
         if exc is None:
             return None

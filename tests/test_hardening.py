@@ -426,3 +426,15 @@ def test_the_next_daemon_removes_what_cut_off_operations_left(benv):
     assert (st / "kernels" / "k3").is_dir() and not (st / "kernels" / ".k3.old").exists()
     log = (st / "bangerd.log").read_text()
     assert log.count("left by an operation the previous daemon did not finish") == 6, log
+
+
+def test_an_ordinary_stop_waits_for_no_idle_worker(benv):
+    """Idle pool threads are not operations: a daemon that served requests stops
+    without waiting out the grace period for them (each stop took 10 s when it did)."""
+    benv.run("daemon", "start", check=True)
+    for _ in range(3):
+        benv.run("vm", "list", check=True)
+        benv.run("kernel", "list", check=True)
+    benv.run("daemon", "stop", check=True)
+    log = (benv.state_dir / "bangerd.log").read_text()
+    assert "still running" not in log and "shutting down" in log

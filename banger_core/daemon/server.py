@@ -494,7 +494,14 @@ def _serve(daemon: Daemon) -> None:
 
 
 def _join_workers(timeout: float) -> list[str]:
-    """Wait up to ``timeout`` for operation threads; the names of those still running."""
+    """Wait up to ``timeout`` for operation threads; the names of those still running.
+
+    The operation pool is shut down first, so its idle threads exit at once and only
+    threads still running an operation are waited for (the loop's own pool was shut
+    down the same way when the loop closed)."""
+    from banger_core.daemon.methods import EXECUTOR
+
+    EXECUTOR.shutdown(wait=False, cancel_futures=True)
     deadline = time.monotonic() + timeout
 
     def workers() -> list[threading.Thread]:

@@ -1,12 +1,13 @@
 """Races the original tool hit, against real guests (busybox image, TCG) and a real
 daemon: pull waiters that go away, parallel creates that need the same missing
-artifacts, a slow pull beside an unrelated create, prune beside a running VM, daemon
-stop with VMs running, and restart holding the VM's lock.
+artifacts, a slow pull beside an unrelated create, `kernel rm` and `image register`
+beside a pull of the same name, prune beside a running VM, daemon stop with VMs
+running, and restart holding the VM's lock.
 
 Downloads come from a local HTTP server whose bundle responses can be held at a gate,
-so "a pull in progress" is a state the test controls, not a timing guess. Six boots:
-the shared VM, two parallel creates, one create beside a held pull, the restart, and
-a VM to prune.
+so "a pull in progress" is a state the test controls, not a timing guess. Five boots:
+the shared VM, two parallel creates, one create beside a held pull, and the restart
+(a sixth when the prune test runs alone and makes its own stopped VM).
 """
 
 from __future__ import annotations
@@ -219,20 +220,29 @@ def test_a_held_pull_of_one_image_does_not_block_creating_from_another(world):
     env.run("vm", "delete", "beside", "--force", timeout=180, check=True)
 
 
-def test_kernel_rm_waits_for_a_pull_of_the_same_name(world):
-    """The original tool removed a kernel a pull was still writing; here `kernel rm`
-    takes the pull's per-name lock: it waits, then removes what the pull made."""
+def waits_for_held_pull(world, bundle: str, pull_args: list[str], other_args: list[str]) -> subprocess.Popen:
+    """Start a pull whose download is held at the gate, then ``other_args``; check the
+    other command waits while the pull is held; open the gate; the pull must succeed.
+    Returns the other command's process (finishing or finished)."""
     env, server = world["env"], world["server"]
-    gate = server.gate("/k-rm.tar.zst")
-    pull = popen(env, "kernel", "pull", "k-rm")
+    gate = server.gate(f"/{bundle}")
+    pull = popen(env, *pull_args)
     try:
-        assert server.arrived["/k-rm.tar.zst"].wait(60)
-        rm = popen(env, "kernel", "rm", "k-rm")
+        assert server.arrived[f"/{bundle}"].wait(60)
+        other = popen(env, *other_args)
         time.sleep(1.5)
-        assert rm.poll() is None, "kernel rm did not wait for the pull"
+        assert other.poll() is None, f"{' '.join(other_args[:2])} did not wait for the pull"
     finally:
         gate.set()
     assert pull.wait(300) == 0, pull.communicate()
+    return other
+
+
+def test_kernel_rm_waits_for_a_pull_of_the_same_name(world):
+    """The original tool removed a kernel a pull was still writing; here `kernel rm`
+    takes the pull's per-name lock: it waits, then removes what the pull made."""
+    env = world["env"]
+    rm = waits_for_held_pull(world, "k-rm.tar.zst", ["kernel", "pull", "k-rm"], ["kernel", "rm", "k-rm"])
     out, err = rm.communicate(timeout=60)
     assert rm.returncode == 0, err
     assert "k-rm" not in {k["name"] for k in json.loads(env.run("kernel", "list", "--json", check=True).stdout)}
@@ -242,17 +252,9 @@ def test_kernel_rm_waits_for_a_pull_of_the_same_name(world):
 def test_image_register_waits_for_a_pull_of_the_same_name(world, assets):
     """`image register` checks and writes under the pull's per-name lock: it cannot slip
     a row in while a pull of that name is writing (the pull's row would overwrite it)."""
-    env, server = world["env"], world["server"]
-    gate = server.gate("/img-reg.tar.zst")
-    pull = popen(env, "image", "pull", "img-reg")
-    try:
-        assert server.arrived["/img-reg.tar.zst"].wait(60)
-        reg = popen(env, "image", "register", "img-reg", "--rootfs", str(assets["rootfs"]), "--kernel-ref", "src-kernel")
-        time.sleep(1.5)
-        assert reg.poll() is None, "image register did not wait for the pull"
-    finally:
-        gate.set()
-    assert pull.wait(300) == 0, pull.communicate()
+    env = world["env"]
+    register = ["image", "register", "img-reg", "--rootfs", str(assets["rootfs"]), "--kernel-ref", "src-kernel"]
+    reg = waits_for_held_pull(world, "img-reg.tar.zst", ["image", "pull", "img-reg"], register)
     _, err = reg.communicate(timeout=60)
     assert reg.returncode == 1 and "image 'img-reg' already exists" in err, err
     img = json.loads(env.run("image", "show", "img-reg", "--json", check=True).stdout)

@@ -105,7 +105,7 @@ class Client:
 
         Config.load(self.paths.config_file)  # a config error is reported here, directly
         self.paths.ensure()
-        log_path = self.paths.state_dir / "bangerd.stderr"
+        log_path = self.paths.daemon_stderr
         with open(log_path, "ab") as err:
             start = err.tell()
             proc = subprocess.Popen(

@@ -114,7 +114,7 @@ def _kvm_check(paths: "Paths") -> CheckResult:
     import json
 
     try:
-        probe = json.loads((paths.state_dir / "kvm-probe.json").read_text())
+        probe = json.loads(paths.kvm_probe.read_text())
     except (OSError, ValueError):
         probe = None
     if probe and probe.get("accel") == "kvm":

@@ -90,6 +90,26 @@ class Paths:
 
     # --- runtime ------------------------------------------------------------------
     @property
+    def builds_dir(self) -> Path:
+        """Host-side build trees (kernel compiles, image roots), kept for the next build."""
+        return self.cache_dir / "builds"
+
+    @property
+    def debs_dir(self) -> Path:
+        """Debian packages downloaded for builds (kernel sources, busybox-static)."""
+        return self.cache_dir / "debs"
+
+    @property
+    def daemon_stderr(self) -> Path:
+        """Where a daemon started by the CLI writes what it prints before its log is up."""
+        return self.state_dir / "bangerd.stderr"
+
+    @property
+    def kvm_probe(self) -> Path:
+        """What the last KVM probe boot found (accel auto)."""
+        return self.state_dir / "kvm-probe.json"
+
+    @property
     def bundles_dir(self) -> Path:
         """Bundles being fetched and unpacked (transient: consumed by the import)."""
         return self.cache_dir / "bundles"

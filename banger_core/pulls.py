@@ -288,11 +288,11 @@ class Puller:
                 raise BangerError(ErrorCode.CONFIG, f"kernel {name}: unknown recipe {entry.get('recipe')!r} in the catalog")
             if progress:
                 progress("pull", {"kind": "kernel", "name": name})
-            build = self.paths.cache_dir / "builds" / f"kernel-{name}"
+            build = self.paths.builds_dir / f"kernel-{name}"
             if force:  # really rebuild: newest packages, nothing reused but the downloads
                 shutil.rmtree(build, ignore_errors=True)
             with build_errors("kernel", name):
-                built = recipe.build(build, self.paths.cache_dir / "debs", self._step(progress), cancel,
+                built = recipe.build(build, self.paths.debs_dir, self._step(progress), cancel,
                                      self._work(progress, f"kernel {name}"))
             return images.import_kernel(self.store, self.paths, name, Path(built["kernel"]).parent, force=True, origin=source)
         finally:
@@ -367,7 +367,7 @@ class Puller:
                 kernel = self.ensure_kernel(kernel_ref, progress=progress, cancel=cancel)
             if progress:
                 progress("pull", {"kind": "image", "name": name, "from": ref})
-            busybox = static_busybox(self.paths.cache_dir / "debs", log=log.info)
+            busybox = static_busybox(self.paths.debs_dir, log=log.info)
             self.paths.images_dir.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=self.paths.images_dir))
             token = object()
@@ -451,7 +451,7 @@ class Puller:
                 raise BangerError(ErrorCode.CONFIG, f"image {name}: unknown recipe {entry.get('recipe')!r} in the catalog")
             modules = Path(kernel.modules).iterdir() if kernel.modules else iter(())
             mod_dir = next((m for m in modules if m.is_dir()), None)
-            build = self.paths.cache_dir / "builds" / f"image-{name}"
+            build = self.paths.builds_dir / f"image-{name}"
             if force:
                 shutil.rmtree(build, ignore_errors=True)
             with build_errors("image", name):

@@ -36,7 +36,7 @@ def driver_for(name: str, cfg: "VMMTable", paths: "Paths") -> Driver:
             accel=cfg.accel,
             machine_type=cfg.qemu_machine,
             kvm_probe_timeout=cfg.kvm_probe_timeout_s,
-            probe_cache=paths.state_dir / "kvm-probe.json",
+            probe_cache=paths.kvm_probe,
         )
     if name == "firecracker":
         return FirecrackerDriver(binary=cfg.firecracker_binary)

@@ -143,8 +143,10 @@ def extract(bundle: Path, target: Path, max_file_bytes: int | None = None, label
                 for m in tar:
                     _check_member(m, root)
                     if max_file_bytes is not None and m.isfile() and m.size > max_file_bytes:
-                        raise bad(f"bundle entry {m.name!r}: {m.size / (1 << 20):.0f} MiB is over "
-                                  f"[images] max_rootfs_size ({max_file_bytes >> 20} MiB)")
+                        raise bad(
+                            f"bundle entry {m.name!r}: {m.size / (1 << 20):.0f} MiB is over "
+                            f"[images] max_rootfs_size ({max_file_bytes >> 20} MiB)"
+                        )
                     if m.isfile():
                         safe = tarfile.data_filter(m, str(root))
                         dest = root / safe.name
@@ -173,7 +175,9 @@ def extract(bundle: Path, target: Path, max_file_bytes: int | None = None, label
 ARCNAMES = {"rootfs": "rootfs.ext4", "initrd": "initrd.img", "modules": "modules", "vmlinux": "vmlinux"}
 
 
-def create(output: Path, kind: str, name: str, files: dict[str, Path | None], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def create(
+    output: Path, kind: str, name: str, files: dict[str, Path | None], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write a reproducible bundle; return {path, sha256, size} for a catalog entry."""
     arc = {k: (ARCNAMES.get(k, v.name) if v else None) for k, v in files.items()}
     manifest = {"kind": kind, "name": name, "files": arc, **(extra or {})}
@@ -206,8 +210,9 @@ def create(output: Path, kind: str, name: str, files: dict[str, Path | None], ex
     return {"path": str(output), "sha256": h.hexdigest(), "size": output.stat().st_size}
 
 
-def fetch_and_extract(url: str, sha256: str, size: int | None, target: Path, progress: Progress | None = None,
-                      max_file_bytes: int | None = None) -> dict[str, Any]:
+def fetch_and_extract(
+    url: str, sha256: str, size: int | None, target: Path, progress: Progress | None = None, max_file_bytes: int | None = None
+) -> dict[str, Any]:
     """Download + verify + unpack into ``target`` via a sibling staging dir."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))

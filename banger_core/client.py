@@ -84,18 +84,18 @@ class Client:
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
                 return None
-            raise BangerError(
-                ErrorCode.DAEMON_UNAVAILABLE, f"cannot connect to {self.paths.socket}: {exc.strerror}"
-            ) from None
+            raise BangerError(ErrorCode.DAEMON_UNAVAILABLE, f"cannot connect to {self.paths.socket}: {exc.strerror}") from None
 
     def ensure_daemon(self) -> dict[str, Any]:
         from banger_core.fingerprint import fingerprint
 
         info = self.hello()
         if info is not None:
-            if info.get("version") == __version__ and info.get("protocol") == PROTOCOL_VERSION and info.get(
-                "fingerprint"
-            ) == fingerprint(self.paths):
+            if (
+                info.get("version") == __version__
+                and info.get("protocol") == PROTOCOL_VERSION
+                and info.get("fingerprint") == fingerprint(self.paths)
+            ):
                 return info
             self.stop_daemon(info)
         return self.start_daemon()

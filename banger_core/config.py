@@ -124,6 +124,7 @@ def resolve_vm_defaults(d: VMDefaultsTable) -> dict[str, tuple[Any, Provenance]]
         "kernel": pick("kernel"),  # None: each image's own kernel
     }
 
+
 # Keys of the original (Go) banger's flat config.toml, and what became of each.
 _RENAMED = "renamed to"
 LEGACY_KEYS: dict[str, str] = {
@@ -136,9 +137,7 @@ LEGACY_KEYS: dict[str, str] = {
         "not supported: each VM has one copy-on-write root disk, sized by [vm_defaults] disk_size_mib;"
         " there is no separate system overlay"
     ),
-    "stats_poll_interval": (
-        "not supported: banger polls no VM stats; the daemon notices a VMM exiting by itself"
-    ),
+    "stats_poll_interval": ("not supported: banger polls no VM stats; the daemon notices a VMM exiting by itself"),
 }
 
 
@@ -197,9 +196,7 @@ def _plugin_tables(path: Path, raw: dict[str, Any], core_tables: frozenset[str])
         if key in core_tables:
             continue
         if not isinstance(value, dict):
-            raise BangerError(
-                ErrorCode.CONFIG, f"{path}: {key}: expected a table [{key}], got {type(value).__name__}"
-            )
+            raise BangerError(ErrorCode.CONFIG, f"{path}: {key}: expected a table [{key}], got {type(value).__name__}")
         tables[key] = value
     return tables
 

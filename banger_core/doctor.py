@@ -34,16 +34,12 @@ def core_checks(paths: "Paths", rt: "Runtime | None", load_error: BangerError | 
         absent = [n for n in allow if n not in rt.host.records]
         if absent:
             out.append(
-                CheckResult.warn(
-                    "config plugins", f"{paths.config_file}: [plugins] enable names uninstalled {', '.join(absent)}"
-                )
+                CheckResult.warn("config plugins", f"{paths.config_file}: [plugins] enable names uninstalled {', '.join(absent)}")
             )
         unknown = rt.config.unknown_tables(rt.host)
         if unknown:
             out.append(
-                CheckResult.warn(
-                    "config tables", f"{paths.config_file}: no installed plugin named {', '.join(unknown)}; ignored"
-                )
+                CheckResult.warn("config tables", f"{paths.config_file}: no installed plugin named {', '.join(unknown)}; ignored")
             )
         for rec in rt.host.records.values():
             if rec.status == "broken":

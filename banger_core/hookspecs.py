@@ -152,5 +152,3 @@ ALL_HOOKS: tuple[str, ...] = (
     "request_guest_shutdown",
     "cleanup",
 )
-
-

@@ -62,8 +62,13 @@ class KernelFiles:
 
     def taken(self) -> dict[str, str | None]:
         s = lambda p: str(p) if p else None  # noqa: E731
-        return {"version": self.version, "kernel": str(self.kernel), "vmlinux": s(self.vmlinux),
-                "initrd": s(self.initrd), "modules": s(self.modules)}
+        return {
+            "version": self.version,
+            "kernel": str(self.kernel),
+            "vmlinux": s(self.vmlinux),
+            "initrd": s(self.initrd),
+            "modules": s(self.modules),
+        }
 
 
 PACKAGE_KERNEL = re.compile(r"(vmlinuz|bzImage|vmlinux)-(.+)")
@@ -78,24 +83,33 @@ def _package_files(source: Path, boot: Path, mods: Path, version: str | None) ->
     both = sorted(in_boot & in_mods)
     rel = mods.relative_to(source)
     if version is not None and version not in both:
-        raise BangerError(ErrorCode.BAD_REQUEST, f"--from {source}: no kernel version {version!r} in both boot/ and "
-                          f"{rel}/ (there: {', '.join(both) or 'none'})")
+        raise BangerError(
+            ErrorCode.BAD_REQUEST,
+            f"--from {source}: no kernel version {version!r} in both boot/ and {rel}/ (there: {', '.join(both) or 'none'})",
+        )
     if version is None:
         if not both:
-            raise BangerError(ErrorCode.BAD_REQUEST, f"--from {source}: no kernel version in both boot/ "
-                              f"({', '.join(sorted(in_boot)) or 'none'}) and {rel}/ ({', '.join(sorted(in_mods)) or 'none'})")
+            raise BangerError(
+                ErrorCode.BAD_REQUEST,
+                f"--from {source}: no kernel version in both boot/ "
+                f"({', '.join(sorted(in_boot)) or 'none'}) and {rel}/ ({', '.join(sorted(in_mods)) or 'none'})",
+            )
         if len(both) > 1:
-            raise BangerError(ErrorCode.BAD_REQUEST, f"--from {source}: several kernel versions in boot/ and {rel}/: "
-                              f"{', '.join(both)}; pick one with --version")
+            raise BangerError(
+                ErrorCode.BAD_REQUEST,
+                f"--from {source}: several kernel versions in boot/ and {rel}/: {', '.join(both)}; pick one with --version",
+            )
         version = both[0]
     first = lambda *names: next((boot / n for n in names if (boot / n).is_file()), None)  # noqa: E731
     kernel = first(f"vmlinuz-{version}", f"bzImage-{version}", f"vmlinux-{version}")
     assert kernel is not None
     vmlinux = first(f"vmlinux-{version}")
     return KernelFiles(
-        kernel=kernel, vmlinux=vmlinux if vmlinux != kernel and vmlinux and kernel_is_elf(vmlinux) else None,
+        kernel=kernel,
+        vmlinux=vmlinux if vmlinux != kernel and vmlinux and kernel_is_elf(vmlinux) else None,
         initrd=first(f"initrd.img-{version}", f"initrd-{version}", f"initramfs-{version}.img", f"initramfs-{version}"),
-        modules=mods / version, version=version,
+        modules=mods / version,
+        version=version,
     )
 
 
@@ -111,8 +125,11 @@ def find_kernel_files(source: Path, version: str | None = None) -> KernelFiles:
     if boot.is_dir() and mods is not None:
         return _package_files(source, boot, mods, version)
     if version is not None:
-        raise BangerError(ErrorCode.BAD_REQUEST, f"--from {source}: --version picks among the versions of a package "
-                          "tree (boot/ + lib/modules/); this is a flat directory")
+        raise BangerError(
+            ErrorCode.BAD_REQUEST,
+            f"--from {source}: --version picks among the versions of a package "
+            "tree (boot/ + lib/modules/); this is a flat directory",
+        )
     kernel = _find(source, KERNEL_NAMES)
     if kernel is None:
         raise BangerError(
@@ -121,12 +138,21 @@ def find_kernel_files(source: Path, version: str | None = None) -> KernelFiles:
             "or boot/vmlinuz-VERSION with lib/modules/VERSION/)",
         )
     vmlinux = _find(source, ("vmlinux",))
-    return KernelFiles(kernel=kernel, vmlinux=vmlinux if vmlinux != kernel else None, initrd=_find(source, INITRD_NAMES),
-                       modules=source / "modules" if (source / "modules").is_dir() else None)
+    return KernelFiles(
+        kernel=kernel,
+        vmlinux=vmlinux if vmlinux != kernel else None,
+        initrd=_find(source, INITRD_NAMES),
+        modules=source / "modules" if (source / "modules").is_dir() else None,
+    )
 
 
 def import_kernel_tree(
-    store: Store, paths: Paths, name: str, source: Path, force: bool = False, origin: str | None = None,
+    store: Store,
+    paths: Paths,
+    name: str,
+    source: Path,
+    force: bool = False,
+    origin: str | None = None,
     version: str | None = None,
 ) -> tuple[Kernel, KernelFiles]:
     """Import what find_kernel_files finds in ``source``; the kernel and the files taken.
@@ -134,15 +160,21 @@ def import_kernel_tree(
     check_name("kernel", name)
     files = find_kernel_files(source, version)
     k = import_kernel_files(
-        store, paths, name, files.kernel, files.initrd, files.modules, force,
-        vmlinux=files.vmlinux, source=origin or f"import:{source.expanduser()}", modules_version=files.version,
+        store,
+        paths,
+        name,
+        files.kernel,
+        files.initrd,
+        files.modules,
+        force,
+        vmlinux=files.vmlinux,
+        source=origin or f"import:{source.expanduser()}",
+        modules_version=files.version,
     )
     return k, files
 
 
-def import_kernel(
-    store: Store, paths: Paths, name: str, source: Path, force: bool = False, origin: str | None = None
-) -> Kernel:
+def import_kernel(store: Store, paths: Paths, name: str, source: Path, force: bool = False, origin: str | None = None) -> Kernel:
     """import_kernel_tree's kernel."""
     return import_kernel_tree(store, paths, name, source, force, origin)[0]
 
@@ -154,8 +186,17 @@ def is_modules_version_dir(d: Path) -> bool:
 
 
 def import_kernel_files(
-    store: Store, paths: Paths, name: str, kernel: Path, initrd: Path | None, modules: Path | None,
-    force: bool = False, *, vmlinux: Path | None = None, source: str | None = None, modules_version: str | None = None,
+    store: Store,
+    paths: Paths,
+    name: str,
+    kernel: Path,
+    initrd: Path | None,
+    modules: Path | None,
+    force: bool = False,
+    *,
+    vmlinux: Path | None = None,
+    source: str | None = None,
+    modules_version: str | None = None,
 ) -> Kernel:
     """Copy a kernel (+ initrd, modules, ELF vmlinux) into managed storage:
     staging dir -> rename -> DB row. With ``modules_version``, ``modules`` is that
@@ -184,8 +225,9 @@ def import_kernel_files(
         if initrd:
             shutil.copy2(initrd, staging / initrd.name)
         if modules:
-            shutil.copytree(modules, staging / "modules" / modules_version if modules_version else staging / "modules",
-                            symlinks=True)
+            shutil.copytree(
+                modules, staging / "modules" / modules_version if modules_version else staging / "modules", symlinks=True
+            )
         old = None
         if final.exists():
             old = final.with_name(f".{name}.old")
@@ -305,8 +347,11 @@ def check_rootfs(path: Path, max_mib: int) -> None:
         )
     r = proc.run(["e2fsck", "-fn", path], check=False, timeout=1800, what="checking the rootfs")
     if r.returncode != 0:
-        lines = [ln for ln in r.stdout.decode(errors="replace").splitlines() + r.stderr.decode(errors="replace").splitlines()
-                 if ln.strip() and not ln.startswith(("e2fsck ", "Pass "))]
+        lines = [
+            ln
+            for ln in r.stdout.decode(errors="replace").splitlines() + r.stderr.decode(errors="replace").splitlines()
+            if ln.strip() and not ln.startswith(("e2fsck ", "Pass "))
+        ]
         raise BangerError(
             ErrorCode.BAD_REQUEST,
             f"rootfs {path}: not a clean ext4 filesystem (e2fsck -fn exited {r.returncode}: {'; '.join(lines[:3])})",

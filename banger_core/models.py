@@ -23,10 +23,7 @@ def utcnow() -> datetime:
 def validate_vm_name(name: str) -> str:
     """VM names are DNS labels: 1–63 of [a-z0-9-], no leading or trailing '-'."""
     if not isinstance(name, str) or not VM_NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"invalid VM name {name!r}: use 1-63 characters of a-z, 0-9 and '-', "
-            "not starting or ending with '-'"
-        )
+        raise ValueError(f"invalid VM name {name!r}: use 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'")
     return name
 
 
@@ -37,13 +34,13 @@ def parse_size_mib(value: object) -> int:
     anything else are refused; so is a size below 1 MiB.
     """
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"expected a size: an integer (MiB) or a string like \"512M\" or \"8G\", got {type(value).__name__}")
+        raise ValueError(f'expected a size: an integer (MiB) or a string like "512M" or "8G", got {type(value).__name__}')
     if isinstance(value, int):
         mib = float(value)
     else:
         m = _SIZE_RE.fullmatch(value)
         if not m:
-            raise ValueError(f"cannot parse size {value!r}: use an integer (MiB) or a string like \"512M\", \"8G\"")
+            raise ValueError(f'cannot parse size {value!r}: use an integer (MiB) or a string like "512M", "8G"')
         mib = int(m.group(1)) * _UNIT_MIB[(m.group(2) or "m").lower()]
     if mib < 1:
         raise ValueError(f"size must be at least 1 MiB, got {value!r}")

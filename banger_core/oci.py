@@ -34,12 +34,14 @@ import zstandard
 
 from banger_core.errors import BangerError, ErrorCode, raise_if_cancelled
 
-ACCEPT = ", ".join([
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-])
+ACCEPT = ", ".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
 INDEX_TYPES = {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
 INIT_PATH = "/usr/local/libexec/banger/init"
 Log = Callable[[str], Any]
@@ -120,8 +122,12 @@ class Registry:
                     self._get_token(exc.headers["WWW-Authenticate"])
                     continue
                 if exc.code == 404:
-                    raise BangerError(ErrorCode.NOT_FOUND, f"{self.ref.registry}/{self.ref.repository}: {url.rsplit('/', 2)[-2:]} not found") from None
-                raise BangerError(ErrorCode.OPERATION_FAILED, f"registry {self.ref.registry}: HTTP {exc.code} for {url}") from None
+                    raise BangerError(
+                        ErrorCode.NOT_FOUND, f"{self.ref.registry}/{self.ref.repository}: {url.rsplit('/', 2)[-2:]} not found"
+                    ) from None
+                raise BangerError(
+                    ErrorCode.OPERATION_FAILED, f"registry {self.ref.registry}: HTTP {exc.code} for {url}"
+                ) from None
             except (urllib.error.URLError, OSError) as exc:
                 raise BangerError(ErrorCode.OPERATION_FAILED, f"registry {self.ref.registry}: {exc}") from None
         raise BangerError(ErrorCode.UNAUTHORIZED, f"registry {self.ref.registry} refused anonymous access")
@@ -146,8 +152,9 @@ class Registry:
         doc = json.loads(body)
         return doc.get("mediaType") or media, doc, digest
 
-    def blob(self, digest: str, dest: Path, on_bytes: Callable[[int], None] | None = None,
-             cancel: threading.Event | None = None) -> Path:
+    def blob(
+        self, digest: str, dest: Path, on_bytes: Callable[[int], None] | None = None, cancel: threading.Event | None = None
+    ) -> Path:
         """Download a blob to ``dest`` (skipped if already there, verified either way;
         a reused blob's mtime is refreshed, which keeps it from being pruned while in
         use). ``on_bytes`` hears the running byte count; ``cancel`` stops the download.
@@ -350,9 +357,18 @@ def blob_name(digest: str) -> str:
     return digest.replace(":", "-")
 
 
-def pull_to_rootfs(ref_text: str, out: Path, work: Path, blobs: Path, busybox: Path, size_mib: int | None = None,
-                   log: Log = lambda _m: None, download: Download | None = None,
-                   cancel: threading.Event | None = None, max_mib: int | None = None) -> dict[str, Any]:
+def pull_to_rootfs(
+    ref_text: str,
+    out: Path,
+    work: Path,
+    blobs: Path,
+    busybox: Path,
+    size_mib: int | None = None,
+    log: Log = lambda _m: None,
+    download: Download | None = None,
+    cancel: threading.Event | None = None,
+    max_mib: int | None = None,
+) -> dict[str, Any]:
     """Registry -> layers -> tree -> ext4 at ``out``. ``work`` is scratch (removed after).
     ``download(label, bytes, total)`` hears each layer's download; ``cancel`` stops
     between chunks and layers. The result names the manifest ``digest`` and its
@@ -380,5 +396,11 @@ def pull_to_rootfs(ref_text: str, out: Path, work: Path, blobs: Path, busybox: P
 
     made = ext4_from_tree(tree, out, size_mib, max_mib=max_mib, what=ref_text)
     size, used = made["size_mib"], made["tree_mib"]
-    return {"ref": ref_text, "digest": digest, "size_mib": size, "tree_mib": used, "name": ref.friendly_name(),
-            "layers": [layer["digest"] for layer in layers]}
+    return {
+        "ref": ref_text,
+        "digest": digest,
+        "size_mib": size,
+        "tree_mib": used,
+        "name": ref.friendly_name(),
+        "layers": [layer["digest"] for layer in layers],
+    }

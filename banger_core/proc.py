@@ -30,7 +30,9 @@ def run(
     args = [str(a) for a in argv]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(args, capture_output=True, timeout=timeout, input=input, stdin=None if input else subprocess.DEVNULL)
+        proc = subprocess.run(
+            args, capture_output=True, timeout=timeout, input=input, stdin=None if input else subprocess.DEVNULL
+        )
     except FileNotFoundError:
         raise BangerError(ErrorCode.OPERATION_FAILED, f"{what or 'command'}: {args[0]} is not installed") from None
     except subprocess.TimeoutExpired:
@@ -39,7 +41,10 @@ def run(
             ErrorCode.OPERATION_FAILED, f"{what or 'command'}: {shlex.join(args)} timed out after {timeout}s"
         ) from None
     log.info(
-        "ran %s -> %s in %.0f ms", shlex.join(args), proc.returncode, (time.perf_counter() - t0) * 1000,
+        "ran %s -> %s in %.0f ms",
+        shlex.join(args),
+        proc.returncode,
+        (time.perf_counter() - t0) * 1000,
         extra={"exit_status": proc.returncode},
     )
     if check and proc.returncode != 0:

@@ -87,9 +87,7 @@ def _load_catalog(text: str, where: str) -> dict[str, Any]:
         from pydantic import ValidationError
 
         if isinstance(exc, ValidationError):
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(file)'}: {e['msg']}" for e in exc.errors()[:10]
-            )
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(file)'}: {e['msg']}" for e in exc.errors()[:10])
             raise BangerError(ErrorCode.CONFIG, f"{where}: {problems}") from None
         raise BangerError(ErrorCode.CONFIG, f"{where}: not valid JSON: {exc}") from None
     except BangerError as exc:
@@ -134,8 +132,9 @@ def build_errors(kind: str, name: str) -> Iterator[None]:
 
 
 class Puller:
-    def __init__(self, store: Store, paths: Paths, catalog_path: str | None = None,
-                 max_rootfs_mib: int = images.DEFAULT_MAX_ROOTFS_MIB) -> None:
+    def __init__(
+        self, store: Store, paths: Paths, catalog_path: str | None = None, max_rootfs_mib: int = images.DEFAULT_MAX_ROOTFS_MIB
+    ) -> None:
         self.store = store
         self.paths = paths
         self.catalog_path = catalog_path
@@ -163,7 +162,9 @@ class Puller:
         source = f"recipe:{recipe}/{revision}"
         if kind == "image" and kernel is not None and kernel.modules:
             # the image carries this kernel's modules: a kernel of another version needs a rebuild
-            versions = sorted(p.name for p in Path(kernel.modules).iterdir() if p.is_dir()) if Path(kernel.modules).is_dir() else []
+            versions = (
+                sorted(p.name for p in Path(kernel.modules).iterdir() if p.is_dir()) if Path(kernel.modules).is_dir() else []
+            )
             source += f";modules:{','.join(versions)}"
         return source
 
@@ -195,12 +196,14 @@ class Puller:
         target = self.paths.bundles_dir / f"{kind}-{name}"
         if progress:
             progress("pull", {"kind": kind, "name": name, "from": b["url"]})
+
         def dl(got: int, total: int | None) -> None:
             if progress:
                 progress("download", {"name": f"{kind} {name}", "bytes": got, "total": total})
 
-        manifest = bundles.fetch_and_extract(b["url"], b["sha256"], b.get("size"), target, dl,
-                                             max_file_bytes=self.max_rootfs_mib << 20)
+        manifest = bundles.fetch_and_extract(
+            b["url"], b["sha256"], b.get("size"), target, dl, max_file_bytes=self.max_rootfs_mib << 20
+        )
         got = manifest.get("kind")
         if got != kind:
             shutil.rmtree(target, ignore_errors=True)
@@ -254,13 +257,13 @@ class Puller:
             lock.release()
 
     # --- kernels ----------------------------------------------------------------------
-    def ensure_kernel(self, name: str, *, progress: Progress | None = None,
-                      cancel: threading.Event | None = None) -> Kernel:
+    def ensure_kernel(self, name: str, *, progress: Progress | None = None, cancel: threading.Event | None = None) -> Kernel:
         """A kernel already here (pulled or imported) serves; else pull it from the catalog."""
         return self.store.find_kernel(name) or self.kernel(name, progress=progress, cancel=cancel)
 
-    def kernel(self, name: str, *, force: bool = False, progress: Progress | None = None,
-               cancel: threading.Event | None = None) -> Kernel:
+    def kernel(
+        self, name: str, *, force: bool = False, progress: Progress | None = None, cancel: threading.Event | None = None
+    ) -> Kernel:
         entry = self.catalog()["kernels"].get(name)
         if entry is None:
             raise BangerError(
@@ -292,8 +295,9 @@ class Puller:
             if force:  # really rebuild: newest packages, nothing reused but the downloads
                 shutil.rmtree(build, ignore_errors=True)
             with build_errors("kernel", name):
-                built = recipe.build(build, self.paths.debs_dir, self._step(progress), cancel,
-                                     self._work(progress, f"kernel {name}"))
+                built = recipe.build(
+                    build, self.paths.debs_dir, self._step(progress), cancel, self._work(progress, f"kernel {name}")
+                )
             return images.import_kernel(self.store, self.paths, name, Path(built["kernel"]).parent, force=True, origin=source)
         finally:
             lock.release()
@@ -332,9 +336,17 @@ class Puller:
         return images.publish_rootfs(self.paths, name, built, self.max_rootfs_mib, move=move)
 
     # --- OCI ---------------------------------------------------------------------------
-    def oci(self, ref: str, *, name: str | None = None, kernel_ref: str | None = None, size_mib: int | None = None,
-            progress: Progress | None = None, cancel: threading.Event | None = None,
-            kernel_files: tuple[Path, Path | None, Path | None] | None = None) -> Image:
+    def oci(
+        self,
+        ref: str,
+        *,
+        name: str | None = None,
+        kernel_ref: str | None = None,
+        size_mib: int | None = None,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        kernel_files: tuple[Path, Path | None, Path | None] | None = None,
+    ) -> Image:
         """Pull an image from an OCI registry into a managed, bootable rootfs, booted with
         ``kernel_ref`` (default: the default image's kernel) or with its own kernel,
         initrd and modules (``kernel_files``: imported as a kernel named after the image
@@ -356,8 +368,10 @@ class Puller:
                 raise BangerError(ErrorCode.ALREADY_EXISTS, f"image {name!r} already exists (choose another --name)")
             if kernel_files is not None:
                 if self.store.find_kernel(name):
-                    raise BangerError(ErrorCode.ALREADY_EXISTS, f"kernel {name!r} already exists: choose another --name, "
-                                      f"or boot it with --kernel-ref {name}")
+                    raise BangerError(
+                        ErrorCode.ALREADY_EXISTS,
+                        f"kernel {name!r} already exists: choose another --name, or boot it with --kernel-ref {name}",
+                    )
                 for what, f in zip(("--kernel", "--initrd"), kernel_files[:2], strict=False):
                     if f is not None and not f.is_file():
                         raise BangerError(ErrorCode.BAD_REQUEST, f"{what} {f}: no such file")
@@ -380,8 +394,15 @@ class Puller:
 
             try:
                 info = oci.pull_to_rootfs(
-                    ref, staging / "rootfs.ext4", staging / "work", self.paths.blobs_dir, busybox,
-                    size_mib=size_mib, log=self._step(progress), download=download, cancel=cancel,
+                    ref,
+                    staging / "rootfs.ext4",
+                    staging / "work",
+                    self.paths.blobs_dir,
+                    busybox,
+                    size_mib=size_mib,
+                    log=self._step(progress),
+                    download=download,
+                    cancel=cancel,
                     max_mib=self.max_rootfs_mib,
                 )
                 shutil.rmtree(staging / "work")
@@ -401,16 +422,23 @@ class Puller:
                 with self._guard:
                     del self._blob_users[token]
                 self.prune_blobs()
-            image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel.name, managed=True,
-                          init=oci.INIT_PATH, source=f"{ref}@{info['digest']}")
+            image = Image(
+                name=name,
+                rootfs=str(rootfs),
+                kernel_ref=kernel.name,
+                managed=True,
+                init=oci.INIT_PATH,
+                source=f"{ref}@{info['digest']}",
+            )
             self.store.upsert_image(image)
             return image
         finally:
             lock.release()
 
     # --- images -----------------------------------------------------------------------
-    def image(self, name: str, *, force: bool = False, progress: Progress | None = None,
-              cancel: threading.Event | None = None) -> Image:
+    def image(
+        self, name: str, *, force: bool = False, progress: Progress | None = None, cancel: threading.Event | None = None
+    ) -> Image:
         entry = self.catalog()["images"].get(name)
         if entry is None:
             raise BangerError(
@@ -455,8 +483,7 @@ class Puller:
             if force:
                 shutil.rmtree(build, ignore_errors=True)
             with build_errors("image", name):
-                built = image_recipe.build(build, mod_dir, self._step(progress), cancel,
-                                           self._work(progress, f"image {name}"))
+                built = image_recipe.build(build, mod_dir, self._step(progress), cancel, self._work(progress, f"image {name}"))
             rootfs = self._publish(name, Path(built["rootfs"]))
             image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel.name, managed=True, source=source)
             self.store.upsert_image(image)

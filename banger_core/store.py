@@ -100,9 +100,7 @@ class Store:
         """Apply pending migrations; return the numbers applied now."""
         applied_now = []
         with self._lock:
-            self.db.table("migrations").create(
-                {"number": int, "name": str, "applied_at": str}, pk="number", if_not_exists=True
-            )
+            self.db.table("migrations").create({"number": int, "name": str, "applied_at": str}, pk="number", if_not_exists=True)
             done = {row["number"] for row in self.db.table("migrations").rows}
             for number, name, fn in MIGRATIONS:
                 if number in done:

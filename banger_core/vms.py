@@ -157,6 +157,7 @@ class VMService:
 
     def _lifecycle(self, vm: VM, op_id: str) -> Lifecycle:
         h = self.handles.get(vm.id)
+
         def persist(v: VM) -> None:
             self.store.update_vm(v)
 
@@ -269,7 +270,9 @@ class VMService:
             progress("boot", {"driver": driver.name})
             launch = driver.launch(vm.id, m, run_dir)
             # handles.json first (atomically), then the cache, then the DB state.
-            self.handles.set(VMHandles(vm_id=vm.id, pid=launch.pid, driver=driver.name, api_socket=launch.api_socket, plugins=lc.handles))
+            self.handles.set(
+                VMHandles(vm_id=vm.id, pid=launch.pid, driver=driver.name, api_socket=launch.api_socket, plugins=lc.handles)
+            )
             self._transition(vm, VMState.RUNNING)
             raise_if_cancelled(cancel, f"VM {vm.name}: start")
             progress("wait_agent", {})
@@ -325,7 +328,9 @@ class VMService:
             raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running ({vm.state.value})")
         driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
         how = self._stop_vmm(vm, driver, graceful=not force, op_id=op_id)
-        log.log(logging.WARNING if how == "killed" and not force else logging.INFO, "VM %s: %s", vm.name, how, extra={"op_id": op_id})
+        log.log(
+            logging.WARNING if how == "killed" and not force else logging.INFO, "VM %s: %s", vm.name, how, extra={"op_id": op_id}
+        )
         self._finalize_stopped(vm, op_id)
         return vm
 
@@ -408,9 +413,7 @@ class VMService:
         with self.lock(vm.id):
             vm = self._settle(self.store.get_vm(vm.id), op_id)
             if vm.state is VMState.RUNNING and not force:
-                raise BangerError(
-                    ErrorCode.BAD_REQUEST, f"VM {vm.name} is running: stop it first or delete with --force"
-                )
+                raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is running: stop it first or delete with --force")
             errors = self._destroy(vm, op_id)
         with self._locks_guard:
             self._locks.pop(vm.id, None)
@@ -458,9 +461,7 @@ class VMService:
             vm = self._settle(self.store.get_vm(vm.id), op_id)
             if vm.state is VMState.RUNNING:
                 raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is running: stop it before changing its spec")
-            spec = vm.spec.model_copy(
-                update={k: v for k, v in params.model_dump().items() if k != "refs" and v is not None}
-            )
+            spec = vm.spec.model_copy(update={k: v for k, v in params.model_dump().items() if k != "refs" and v is not None})
             check_host_limits(spec)
             if params.disk_size_mib and vm.disk_strategy:
                 root = disks.root_disk_path(self.run_dir(vm), vm.disk_strategy)
@@ -500,9 +501,7 @@ class VMService:
             op = "op-reconcile"
             try:
                 if vm.state is VMState.RUNNING and pid is not None:
-                    self.handles.set(
-                        (h or VMHandles(vm_id=vm.id, driver=vm.driver)).model_copy(update={"pid": pid})
-                    )
+                    self.handles.set((h or VMHandles(vm_id=vm.id, driver=vm.driver)).model_copy(update={"pid": pid}))
                     report["adopted"].append(vm.name)
                 elif vm.state is VMState.RUNNING:
                     self._finalize_stopped(vm, op)

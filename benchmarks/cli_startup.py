@@ -69,9 +69,7 @@ def time_once(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
 
 def stop_daemon(banger: Path, env: dict[str, str]) -> str:
     try:
-        proc = subprocess.run(
-            [str(banger), "daemon", "stop"], env=env, capture_output=True, text=True, timeout=90
-        )
+        proc = subprocess.run([str(banger), "daemon", "stop"], env=env, capture_output=True, text=True, timeout=90)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"banger daemon stop failed: {exc}"
     return (proc.stdout or proc.stderr).strip()
@@ -154,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"runs:     {args.runs} per command (+1 warm-up), interleaved; baseline: {BASELINE}\n")
     header = ["command", "min ms", "median ms", "p90 ms", "x baseline"]
     rows = [
-        [r["command"], f"{r['min_ms']:.1f}", f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['ratio']:.2f}"]
-        for r in results
+        [r["command"], f"{r['min_ms']:.1f}", f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['ratio']:.2f}"] for r in results
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=False))))

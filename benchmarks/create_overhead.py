@@ -52,8 +52,13 @@ class Bench:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
-        self.env.update(BANGER_CONFIG_DIR=str(root / "cfg"), BANGER_STATE_DIR=str(root / "state"),
-                        BANGER_CACHE_DIR=str(root / "cache"), BANGER_RUNTIME_DIR=str(root / "run"), NO_COLOR="1")
+        self.env.update(
+            BANGER_CONFIG_DIR=str(root / "cfg"),
+            BANGER_STATE_DIR=str(root / "state"),
+            BANGER_CACHE_DIR=str(root / "cache"),
+            BANGER_RUNTIME_DIR=str(root / "run"),
+            NO_COLOR="1",
+        )
         (root / "cfg").mkdir(parents=True)
         (root / "cfg" / "config.toml").write_text("[vmm]\naccel = 'tcg'\n")
         self.bare: list[subprocess.Popen[bytes]] = []
@@ -69,14 +74,37 @@ class Bench:
         d = self.root / f"bare{i}"
         d.mkdir()
         disk, console = d / "root.qcow2", d / "console.log"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(rootfs), str(disk), "256M"],
-                       check=True)
-        argv = ["qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "256M",
-                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-                "-kernel", kernel["kernel"], "-initrd", kernel["initrd"], "-append", APPEND,
-                "-serial", f"file:{console}",
-                "-drive", f"id=root,file={disk},format=qcow2,if=none,cache=writeback,discard=unmap",
-                "-device", "virtio-blk-pci,drive=root"]
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(rootfs), str(disk), "256M"], check=True)
+        argv = [
+            "qemu-system-x86_64",
+            "-M",
+            "pc",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            "1",
+            "-m",
+            "256M",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            kernel["kernel"],
+            "-initrd",
+            kernel["initrd"],
+            "-append",
+            APPEND,
+            "-serial",
+            f"file:{console}",
+            "-drive",
+            f"id=root,file={disk},format=qcow2,if=none,cache=writeback,discard=unmap",
+            "-device",
+            "virtio-blk-pci,drive=root",
+        ]
         t0 = time.monotonic()
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.bare.append(p)
@@ -98,8 +126,17 @@ class Bench:
         """Start one `vm create` per name at once; per name: CLI wall, time to BOOT marker, stages."""
         argv = [str(BANGER), "vm", "create", "--image", "bb", "--vcpu", "1", "--memory", "256M", "--disk-size", "256M"]
         t0 = time.monotonic()
-        procs = {n: subprocess.Popen([*argv, "--name", n], env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in names}
+        procs = {
+            n: subprocess.Popen(
+                [*argv, "--name", n],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for n in names
+        }
         res: dict[str, dict[str, float]] = {n: {} for n in names}
         try:
             self._watch(procs, res, t0)
@@ -167,8 +204,15 @@ class Bench:
 
 def row(metric: str, vals: list[float], ref: float | None = None, vs: str = "") -> dict[str, object]:
     med = statistics.median(vals)
-    return {"metric": metric, "n": len(vals), "min_s": round(min(vals), 3), "median_s": round(med, 3),
-            "max_s": round(max(vals), 3), "ratio": round(med / ref, 2) if ref else None, "vs": vs if ref else ""}
+    return {
+        "metric": metric,
+        "n": len(vals),
+        "min_s": round(min(vals), 3),
+        "median_s": round(med, 3),
+        "max_s": round(max(vals), 3),
+        "ratio": round(med / ref, 2) if ref else None,
+        "vs": vs if ref else "",
+    }
 
 
 def on_sigterm(signum: int, frame: object) -> None:
@@ -226,16 +270,27 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(bare)
     cli = [r["cli"] for r in single]
     mark = [r["marker"] for r in single]
-    results = [row("baseline: bare qemu, start -> BOOT marker", bare, base, "baseline"),
-               row("banger: vm create -> BOOT marker", mark, base, "baseline"),
-               row("banger overhead (marker - baseline, per round)", [m - b for m, b in zip(mark, bare, strict=False)]),
-               row("banger: vm create CLI wall", cli, base, "baseline")]
+    results = [
+        row("baseline: bare qemu, start -> BOOT marker", bare, base, "baseline"),
+        row("banger: vm create -> BOOT marker", mark, base, "baseline"),
+        row("banger overhead (marker - baseline, per round)", [m - b for m, b in zip(mark, bare, strict=False)]),
+        row("banger: vm create CLI wall", cli, base, "baseline"),
+    ]
     results += [row(f"  {k}", [r[k] for r in single]) for k in (f"stage {s}" for s in STAGES) if all(k in r for r in single)]
-    results += [row("banger: vm delete --force CLI wall", deletes),
-                row(f"parallel x{args.parallel}: all create CLIs returned", par_cli, statistics.median(cli), "single create CLI"),
-                row(f"parallel x{args.parallel}: all BOOT markers", par_marker, statistics.median(mark), "single create marker")]
-    meta = {"runs": args.runs, "parallel": args.parallel, "kernel": kernel["kernel"], "rootfs": str(rootfs),
-            "daemon_starts": daemon_starts, "cleanup": notes, "loadavg": os.getloadavg()}
+    results += [
+        row("banger: vm delete --force CLI wall", deletes),
+        row(f"parallel x{args.parallel}: all create CLIs returned", par_cli, statistics.median(cli), "single create CLI"),
+        row(f"parallel x{args.parallel}: all BOOT markers", par_marker, statistics.median(mark), "single create marker"),
+    ]
+    meta = {
+        "runs": args.runs,
+        "parallel": args.parallel,
+        "kernel": kernel["kernel"],
+        "rootfs": str(rootfs),
+        "daemon_starts": daemon_starts,
+        "cleanup": notes,
+        "loadavg": os.getloadavg(),
+    }
     if args.json:
         print(json.dumps({"meta": meta, "results": results}, indent=2))
         return 0
@@ -243,13 +298,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rounds:   {args.runs} (baseline and banger interleaved), parallel x{args.parallel}; stages at 0.1 s resolution")
     print("stage rows: time to the next stage; 'ready' is the CLI-side time at which ready was printed\n")
     header = ["metric", "n", "min s", "median s", "max s", "ratio", "vs"]
-    rows = [[str(r["metric"]), str(r["n"]), f"{r['min_s']:.2f}", f"{r['median_s']:.2f}", f"{r['max_s']:.2f}",
-             f"{r['ratio']:.2f}" if r["ratio"] is not None else "", str(r["vs"])] for r in results]
+    rows = [
+        [
+            str(r["metric"]),
+            str(r["n"]),
+            f"{r['min_s']:.2f}",
+            f"{r['median_s']:.2f}",
+            f"{r['max_s']:.2f}",
+            f"{r['ratio']:.2f}" if r["ratio"] is not None else "",
+            str(r["vs"]),
+        ]
+        for r in results
+    ]
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
-        print("  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))).rstrip())
-    print(f"\nbanger overhead, median of medians: {statistics.median(mark) - base:+.2f} s;"
-          f" daemon started {daemon_starts}x; load avg at end {meta['loadavg'][0]:.2f}")
+        print(
+            "  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))).rstrip()
+        )
+    print(
+        f"\nbanger overhead, median of medians: {statistics.median(mark) - base:+.2f} s;"
+        f" daemon started {daemon_starts}x; load avg at end {meta['loadavg'][0]:.2f}"
+    )
     print("cleanup: " + "; ".join(notes))
     return 0
 

@@ -66,8 +66,11 @@ MODULES = Path("/var/cache/banger-test/kernel/modules")
 
 def run(cmd: list[str], cwd: Path | None = None, timeout: float = 1800) -> str:
     """Run a tool without proxies or REGISTRY_* overrides; raise with its output on failure."""
-    env = {k: v for k, v in os.environ.items()
-           if k.lower() not in {"http_proxy", "https_proxy", "all_proxy", "no_proxy"} and not k.startswith("REGISTRY_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in {"http_proxy", "https_proxy", "all_proxy", "no_proxy"} and not k.startswith("REGISTRY_")
+    }
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} exited {p.returncode}: {(p.stdout + p.stderr).strip()[-2000:]}")
@@ -131,11 +134,20 @@ def build_and_push(registry: str, work: Path, tree_mb: int) -> tuple[dict, list[
     of._change_layer2(rootfs)  # whiteouts + new files, as in the test image
     (rootfs / "opt/layer2.bin").write_bytes(random.Random(2).randbytes(5_000_000))
     run(["umoci", "repack", "--history.created_by", "bench layer 2", "--image", image, str(bundle)])
-    run(["umoci", "config", "--image", image, "--config.entrypoint", "/sbin/init", "--os", "linux",
-         "--architecture", "amd64"])
+    run(["umoci", "config", "--image", image, "--config.entrypoint", "/sbin/init", "--os", "linux", "--architecture", "amd64"])
     shutil.rmtree(bundle)
-    run(["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
-         f"oci:{layout}:{TAG}", f"docker://{registry}/{REPO}:{TAG}"])
+    run(
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--preserve-digests",
+            f"oci:{layout}:{TAG}",
+            f"docker://{registry}/{REPO}:{TAG}",
+        ]
+    )
     shutil.rmtree(layout)
     _, manifest, _ = of.fetch_manifest(registry, REPO, TAG)
     return manifest, sources
@@ -155,8 +167,13 @@ class Bench:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
-        self.env.update(BANGER_CONFIG_DIR=str(root / "cfg"), BANGER_STATE_DIR=str(root / "state"),
-                        BANGER_CACHE_DIR=str(root / "cache"), BANGER_RUNTIME_DIR=str(root / "run"), NO_COLOR="1")
+        self.env.update(
+            BANGER_CONFIG_DIR=str(root / "cfg"),
+            BANGER_STATE_DIR=str(root / "state"),
+            BANGER_CACHE_DIR=str(root / "cache"),
+            BANGER_RUNTIME_DIR=str(root / "run"),
+            NO_COLOR="1",
+        )
         for k in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
             self.env.pop(k, None)  # the daemon is spawned with this env; registry is 127.0.0.1
         (root / "cfg").mkdir(parents=True)
@@ -165,8 +182,9 @@ class Bench:
         self.pulled: list[str] = []
 
     def banger(self, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([str(BANGER), *args], env=self.env, capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [str(BANGER), *args], env=self.env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
         if r.returncode != 0:
             raise RuntimeError(f"banger {' '.join(args)} exited {r.returncode}: {r.stderr.strip()[-2000:]}")
         return r
@@ -256,10 +274,16 @@ def fetch_layers(registry: str, manifest: dict, dest: Path) -> float:
 # --- report ------------------------------------------------------------------------------
 def row(metric: str, vals: list[float], ref: float | None = None, tree: int = 0, packed: int = 0) -> dict[str, object]:
     med = statistics.median(vals)
-    return {"metric": metric, "n": len(vals), "min_s": round(min(vals), 3), "median_s": round(med, 3),
-            "max_s": round(max(vals), 3), "tree_mb_s": round(tree / 1e6 / med, 1) if tree else None,
-            "layers_mb_s": round(packed / 1e6 / med, 1) if packed else None,
-            "ratio": round(med / ref, 2) if ref else None}
+    return {
+        "metric": metric,
+        "n": len(vals),
+        "min_s": round(min(vals), 3),
+        "median_s": round(med, 3),
+        "max_s": round(max(vals), 3),
+        "tree_mb_s": round(tree / 1e6 / med, 1) if tree else None,
+        "layers_mb_s": round(packed / 1e6 / med, 1) if packed else None,
+        "ratio": round(med / ref, 2) if ref else None,
+    }
 
 
 def on_sigterm(signum: int, frame: object) -> None:
@@ -343,38 +367,70 @@ def main(argv: list[str] | None = None) -> int:
 
     ref_med = statistics.median(r["wall"] for r in base)
     results = []
-    for label, runs in (("baseline: tar -x layers + mkfs.ext4 -d", base), ("banger: image pull, cold blob cache", cold),
-                        ("banger: image pull, blobs cached", warm)):
+    for label, runs in (
+        ("baseline: tar -x layers + mkfs.ext4 -d", base),
+        ("banger: image pull, cold blob cache", cold),
+        ("banger: image pull, blobs cached", warm),
+    ):
         results.append(row(label, [r["wall"] for r in runs], ref_med, tree, packed))
         keys = [k for k in runs[0] if k not in ("wall", "rm") and all(k in r for r in runs)]
         results += [row(f"  {k}", [r[k] for r in runs]) for k in keys]
-    results += [row("info: rm -r of the baseline's tree (not in its time)", [r["rm"] for r in base]),
-                row("info: HTTP GET of the layers, once (urllib, not in any time)", [meta["http_fetch_s"]], None, 0, packed)]
-    meta.update({
-        "runs": args.runs, "ref": "127.0.0.1:PORT/" + f"{REPO}:{TAG}", "bulk": sources,
-        "layers": [{"size": lay["size"], "mediaType": lay["mediaType"]} for lay in manifest["layers"]],
-        "tree_bytes": tree, "tree_entries": entries, "layers_bytes": packed, "image_bytes": size_bytes,
-        "ext4_used": {"banger": {"mib": round(b_used[0], 1), "inodes": b_used[1]},
-                      "baseline": {"mib": round(ref_used[0], 1), "inodes": ref_used[1]}},
-        "cleanup": notes, "loadavg": os.getloadavg(),
-    })
+    results += [
+        row("info: rm -r of the baseline's tree (not in its time)", [r["rm"] for r in base]),
+        row("info: HTTP GET of the layers, once (urllib, not in any time)", [meta["http_fetch_s"]], None, 0, packed),
+    ]
+    meta.update(
+        {
+            "runs": args.runs,
+            "ref": "127.0.0.1:PORT/" + f"{REPO}:{TAG}",
+            "bulk": sources,
+            "layers": [{"size": lay["size"], "mediaType": lay["mediaType"]} for lay in manifest["layers"]],
+            "tree_bytes": tree,
+            "tree_entries": entries,
+            "layers_bytes": packed,
+            "image_bytes": size_bytes,
+            "ext4_used": {
+                "banger": {"mib": round(b_used[0], 1), "inodes": b_used[1]},
+                "baseline": {"mib": round(ref_used[0], 1), "inodes": ref_used[1]},
+            },
+            "cleanup": notes,
+            "loadavg": os.getloadavg(),
+        }
+    )
     if args.json:
         print(json.dumps({"meta": meta, "results": results}, indent=2))
         return 0
     sizes = " + ".join(f"{lay['size'] / 1e6:.1f}" for lay in manifest["layers"])
-    print(f"image:    2 gzip layers, {packed / 1e6:.1f} MB compressed ({sizes});"
-          f" flattened {tree / 1e6:.1f} MB in {entries} entries; bulk: {', '.join(sources)}")
-    print(f"ext4:     {size_bytes / 2**20:.0f} MiB image; used: banger {b_used[0]:.1f} MiB / {b_used[1]} inodes,"
-          f" baseline {ref_used[0]:.1f} MiB / {ref_used[1]} inodes")
-    print(f"rounds:   {args.runs} (baseline, cold pull, cached pull interleaved) after 1 warm-up each;"
-          f" build + push {meta['build_push_s']} s")
-    print("MB/s:     tree = flattened MB / median s, layers = compressed MB / median s; banger's sub-rows are"
-          " from the CLI's step lines (0.1 s resolution)\n")
+    print(
+        f"image:    2 gzip layers, {packed / 1e6:.1f} MB compressed ({sizes});"
+        f" flattened {tree / 1e6:.1f} MB in {entries} entries; bulk: {', '.join(sources)}"
+    )
+    print(
+        f"ext4:     {size_bytes / 2**20:.0f} MiB image; used: banger {b_used[0]:.1f} MiB / {b_used[1]} inodes,"
+        f" baseline {ref_used[0]:.1f} MiB / {ref_used[1]} inodes"
+    )
+    print(
+        f"rounds:   {args.runs} (baseline, cold pull, cached pull interleaved) after 1 warm-up each;"
+        f" build + push {meta['build_push_s']} s"
+    )
+    print(
+        "MB/s:     tree = flattened MB / median s, layers = compressed MB / median s; banger's sub-rows are"
+        " from the CLI's step lines (0.1 s resolution)\n"
+    )
     header = ["metric", "n", "min s", "median s", "max s", "tree MB/s", "layers MB/s", "x baseline"]
-    rows = [[str(r["metric"]), str(r["n"]), f"{r['min_s']:.2f}", f"{r['median_s']:.2f}", f"{r['max_s']:.2f}",
-             f"{r['tree_mb_s']:.1f}" if r["tree_mb_s"] is not None else "",
-             f"{r['layers_mb_s']:.1f}" if r["layers_mb_s"] is not None else "",
-             f"{r['ratio']:.2f}" if r["ratio"] is not None else ""] for r in results]
+    rows = [
+        [
+            str(r["metric"]),
+            str(r["n"]),
+            f"{r['min_s']:.2f}",
+            f"{r['median_s']:.2f}",
+            f"{r['max_s']:.2f}",
+            f"{r['tree_mb_s']:.1f}" if r["tree_mb_s"] is not None else "",
+            f"{r['layers_mb_s']:.1f}" if r["layers_mb_s"] is not None else "",
+            f"{r['ratio']:.2f}" if r["ratio"] is not None else "",
+        ]
+        for r in results
+    ]
     widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))).rstrip())

@@ -55,8 +55,7 @@ def main() -> None:
     if not debian:
         raise SystemExit("no debian-bookworm image built here: `banger image pull debian-bookworm` first")
     cloud = kb.ga.test_kernel(kb.ga.default_cache_dir())
-    machine = Machine(kernel=cloud["kernel"], initrd=cloud["initrd"], boot_args=kb.APPEND, vcpus=args.vcpus,
-                      memory_mib=1024)
+    machine = Machine(kernel=cloud["kernel"], initrd=cloud["initrd"], boot_args=kb.APPEND, vcpus=args.vcpus, memory_mib=1024)
     print(f"root disk {rootfs}, debian-cloud on -M pc, {args.vcpus} vCPU, TCG, {args.runs} rounds", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="banger-trim-") as work:
         untrimmed = Path(work) / "untrimmed.ext4"

@@ -120,8 +120,12 @@ def report(results: dict[str, list[dict[str, float]]], rootfs: Path, as_json: bo
         c = statistics.median(x[mark] for x in cand)
         summary[mark] = {"baseline_s": round(b, 2), "candidate_s": round(c, 2), "ratio": round(b / c, 2)}
     if as_json:
-        print(json.dumps({"rootfs": str(rootfs), "baseline": base_name, "candidate": cand_name, "runs": results,
-                          "median": summary}, indent=2))
+        print(
+            json.dumps(
+                {"rootfs": str(rootfs), "baseline": base_name, "candidate": cand_name, "runs": results, "median": summary},
+                indent=2,
+            )
+        )
         return
     print(f"{'':8} {base_name:>30} {cand_name:>26} {'ratio':>7}")
     for mark, s in summary.items():
@@ -132,17 +136,25 @@ def main() -> None:
     args = arguments(__doc__)
     cache = ga.default_cache_dir()
     cloud = ga.test_kernel(cache)
-    micro = build_microvm_kernel(cache / "banger-cache" / "builds" / "kernel-microvm-6.1",
-                                 cache=cache / "banger-cache" / "debs", log=lambda m: print(f"  {m}", file=sys.stderr))
+    micro = build_microvm_kernel(
+        cache / "banger-cache" / "builds" / "kernel-microvm-6.1",
+        cache=cache / "banger-cache" / "debs",
+        log=lambda m: print(f"  {m}", file=sys.stderr),
+    )
     rootfs, debian = find_rootfs(args.rootfs)
     variants = {
-        "debian-cloud (-M pc, initrd)": (Machine(kernel=cloud["kernel"], initrd=cloud["initrd"], boot_args=APPEND,
-                                                vcpus=args.vcpus, memory_mib=1024), rootfs),
-        "microvm-6.1 (-M microvm)": (Machine(kernel=micro["vmlinux"], boot_args=APPEND, vcpus=args.vcpus,
-                                             memory_mib=1024), rootfs),
+        "debian-cloud (-M pc, initrd)": (
+            Machine(kernel=cloud["kernel"], initrd=cloud["initrd"], boot_args=APPEND, vcpus=args.vcpus, memory_mib=1024),
+            rootfs,
+        ),
+        "microvm-6.1 (-M microvm)": (
+            Machine(kernel=micro["vmlinux"], boot_args=APPEND, vcpus=args.vcpus, memory_mib=1024),
+            rootfs,
+        ),
     }
-    print(f"root disk {rootfs} ({'Debian' if debian else 'busybox'}), {args.vcpus} vCPU, TCG, {args.runs} rounds",
-          file=sys.stderr)
+    print(
+        f"root disk {rootfs} ({'Debian' if debian else 'busybox'}), {args.vcpus} vCPU, TCG, {args.runs} rounds", file=sys.stderr
+    )
     with tempfile.TemporaryDirectory(prefix="banger-kboot-") as work:
         results = compare(variants, args.runs, Path(work), debian)
     report(results, rootfs, args.json)

@@ -47,7 +47,11 @@ def main() -> int:
             if "login:" in text:
                 print(f"==> the guest is up {time.monotonic() - t0:.1f}s after create started; its console:")
                 for line in text.splitlines():
-                    if line.startswith(("Debian GNU/Linux 12", "Linux ")) or "login:" in line or "Reached target multi-user" in line:
+                    if (
+                        line.startswith(("Debian GNU/Linux 12", "Linux "))
+                        or "login:" in line
+                        or "Reached target multi-user" in line
+                    ):
                         print(f"    {line.strip()}")
                 banger("vm", "stop", NAME)
                 return 0

@@ -77,9 +77,7 @@ class BangerEnv:
         self.config_file.write_text(textwrap.dedent(text))
 
     def run(self, *args: str, check: bool = False, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run(
-            [BANGER, *args], env=self.env(**env), capture_output=True, text=True, timeout=timeout
-        )
+        proc = subprocess.run([BANGER, *args], env=self.env(**env), capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"banger {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -186,8 +184,17 @@ def example_plugin_dir(tmp_path_factory) -> Path:
     shutil.copytree(REPO / "tests" / "plugins" / "example", src)
     subprocess.run(
         [
-            sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-            "--no-deps", "--no-build-isolation", "--target", str(target), str(src),
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(src),
         ],
         check=True,
         capture_output=True,

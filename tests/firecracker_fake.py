@@ -21,8 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fcspec import validate_request
 
-PRE_BOOT_ONLY = {"putGuestBootSource", "putMachineConfiguration", "putLogger", "putGuestVsock",
-                 "putGuestNetworkInterfaceByID", "putGuestDriveByID"}
+PRE_BOOT_ONLY = {
+    "putGuestBootSource",
+    "putMachineConfiguration",
+    "putLogger",
+    "putGuestVsock",
+    "putGuestNetworkInterfaceByID",
+    "putGuestDriveByID",
+}
 
 
 class State:
@@ -83,8 +89,15 @@ class Handler(BaseHTTPRequestHandler):
                 State.boot = body
         self._record(method, body, op, "ok")
         if op == "describeInstance":
-            return self._reply(200, {"id": ARGS.id, "state": "Running" if State.started else "Not started",
-                                     "vmm_version": "1.17.0-dev", "app_name": "Firecracker"})
+            return self._reply(
+                200,
+                {
+                    "id": ARGS.id,
+                    "state": "Running" if State.started else "Not started",
+                    "vmm_version": "1.17.0-dev",
+                    "app_name": "Firecracker",
+                },
+            )
         self._reply(204)
 
     def _record(self, method, body, op, result) -> None:

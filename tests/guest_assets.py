@@ -156,9 +156,24 @@ def _needed_mib(tree: Path) -> int:
 
 
 def _populate_tree(tree: Path, busybox: Path, modules_dir: Path | None) -> None:
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/init.d", "etc/banger-test",
-              "etc/acpi/PWRF", "dev", "proc", "sys", "run", "tmp", "root", "var/log",
-              "lib/modules", "mnt"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc/init.d",
+        "etc/banger-test",
+        "etc/acpi/PWRF",
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "root",
+        "var/log",
+        "lib/modules",
+        "mnt",
+    ):
         (tree / d).mkdir(parents=True, exist_ok=True)
     (tree / "tmp").chmod(0o1777)
     shutil.copy2(busybox, tree / "bin" / "busybox")

@@ -57,19 +57,43 @@ class BootResult:
 
 
 def qemu_args(
-    machine: str, smp: int, kernel: dict[str, Any], disk: Path, qmp: Path, serial: Path,
+    machine: str,
+    smp: int,
+    kernel: dict[str, Any],
+    disk: Path,
+    qmp: Path,
+    serial: Path,
     append: str = CMDLINE,
 ) -> list[str]:
     args = [
-        "qemu-system-x86_64", "-M", machine, "-accel", "tcg", "-smp", str(smp),
-        "-m", str(MEMORY_MIB), "-display", "none", "-no-reboot", "-nic", "none",
-        "-kernel", kernel["kernel"], "-initrd", kernel["initrd"], "-append", append,
-        "-qmp", f"unix:{qmp},server=on,wait=off", "-serial", f"file:{serial}",
+        "qemu-system-x86_64",
+        "-M",
+        machine,
+        "-accel",
+        "tcg",
+        "-smp",
+        str(smp),
+        "-m",
+        str(MEMORY_MIB),
+        "-display",
+        "none",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-kernel",
+        kernel["kernel"],
+        "-initrd",
+        kernel["initrd"],
+        "-append",
+        append,
+        "-qmp",
+        f"unix:{qmp},server=on,wait=off",
+        "-serial",
+        f"file:{serial}",
     ]
     if machine.split(",")[0] == "microvm":
         # microvm has no PCI: the disk is a virtio-mmio device, found through ACPI.
-        args += ["-drive", f"id=root,file={disk},if=none,format=raw",
-                 "-device", "virtio-blk-device,drive=root"]
+        args += ["-drive", f"id=root,file={disk},if=none,format=raw", "-device", "virtio-blk-device,drive=root"]
     else:
         args += ["-drive", f"file={disk},if=virtio,format=raw"]
     return args
@@ -101,9 +125,16 @@ def qmp_powerdown(path: Path, timeout: float = 10.0) -> None:
                 raise RuntimeError(f"QMP {command}: {answer['error']}")
 
 
-def boot_once(name: str, machine: str, smp: int, kernel: dict[str, Any], rootfs: Path,
-              logs: Path, boot_timeout: float = BOOT_TIMEOUT_S,
-              append: str = CMDLINE) -> BootResult:
+def boot_once(
+    name: str,
+    machine: str,
+    smp: int,
+    kernel: dict[str, Any],
+    rootfs: Path,
+    logs: Path,
+    boot_timeout: float = BOOT_TIMEOUT_S,
+    append: str = CMDLINE,
+) -> BootResult:
     result = BootResult(name=name, log=logs / f"{name}.log")
     with tempfile.TemporaryDirectory(prefix="banger-boot-") as tmp:
         disk = Path(tmp) / "root.ext4"
@@ -118,10 +149,7 @@ def boot_once(name: str, machine: str, smp: int, kernel: dict[str, Any], rootfs:
         try:
             boot_line = _wait_for_line(serial, BOOT_MARKER, proc, boot_timeout)
             if boot_line is None:
-                result.problems.append(
-                    f"no {BOOT_MARKER} line within {boot_timeout:.0f}s "
-                    f"(qemu exit {proc.poll()})"
-                )
+                result.problems.append(f"no {BOOT_MARKER} line within {boot_timeout:.0f}s (qemu exit {proc.poll()})")
                 return result
             result.boot_s = time.monotonic() - start
             match = re.search(r"nproc=(\d+) mem_kb=(\d+)", boot_line)
@@ -136,9 +164,7 @@ def boot_once(name: str, machine: str, smp: int, kernel: dict[str, Any], rootfs:
                 result.exit_code = proc.wait(timeout=POWEROFF_TIMEOUT_S)
                 result.poweroff_s = time.monotonic() - pressed
             except subprocess.TimeoutExpired:
-                result.problems.append(
-                    f"qemu still running {POWEROFF_TIMEOUT_S:.0f}s after system_powerdown"
-                )
+                result.problems.append(f"qemu still running {POWEROFF_TIMEOUT_S:.0f}s after system_powerdown")
             text = serial.read_text(errors="replace")
             if POWEROFF_MARKER not in text:
                 result.problems.append(f"guest never printed {POWEROFF_MARKER}")
@@ -154,13 +180,10 @@ def boot_once(name: str, machine: str, smp: int, kernel: dict[str, Any], rootfs:
             log_text = serial.read_text(errors="replace") if serial.exists() else ""
             qemu_err = stderr_path.read_text(errors="replace") if stderr_path.exists() else ""
             assert result.log is not None
-            result.log.write_text(
-                f"$ {' '.join(args)}\n{log_text}\n--- qemu stdout/stderr ---\n{qemu_err}"
-            )
+            result.log.write_text(f"$ {' '.join(args)}\n{log_text}\n--- qemu stdout/stderr ---\n{qemu_err}")
 
 
-def _wait_for_line(path: Path, marker: str, proc: subprocess.Popen[bytes],
-                   timeout: float) -> str | None:
+def _wait_for_line(path: Path, marker: str, proc: subprocess.Popen[bytes], timeout: float) -> str | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
@@ -175,27 +198,40 @@ def _wait_for_line(path: Path, marker: str, proc: subprocess.Popen[bytes],
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smp", type=int, nargs="*", default=[2, 1],
-                        help="boot once per -smp value on -M pc (default: 2 1)")
-    parser.add_argument("--microvm", nargs="?", const="microvm", metavar="MACHINE",
-                        help="also try -M microvm[,OPTIONS] (informational: pc is the target)")
-    parser.add_argument("--boot-timeout", type=float, default=BOOT_TIMEOUT_S,
-                        help=f"seconds to wait for {BOOT_MARKER} (default {BOOT_TIMEOUT_S:.0f})")
-    parser.add_argument("--microvm-append", default="", metavar="PARAMS",
-                        help="extra kernel parameters for the microvm run, e.g. "
-                        "tsc_early_khz=2400000 (TCG: PIT-based TSC calibration is flaky there)")
+    parser.add_argument("--smp", type=int, nargs="*", default=[2, 1], help="boot once per -smp value on -M pc (default: 2 1)")
+    parser.add_argument(
+        "--microvm",
+        nargs="?",
+        const="microvm",
+        metavar="MACHINE",
+        help="also try -M microvm[,OPTIONS] (informational: pc is the target)",
+    )
+    parser.add_argument(
+        "--boot-timeout",
+        type=float,
+        default=BOOT_TIMEOUT_S,
+        help=f"seconds to wait for {BOOT_MARKER} (default {BOOT_TIMEOUT_S:.0f})",
+    )
+    parser.add_argument(
+        "--microvm-append",
+        default="",
+        metavar="PARAMS",
+        help="extra kernel parameters for the microvm run, e.g. "
+        "tsc_early_khz=2400000 (TCG: PIT-based TSC calibration is flaky there)",
+    )
     opts = parser.parse_args(argv)
 
     cache = default_cache_dir()
     started = time.monotonic()
     kernel = test_kernel(cache)
-    print(f"kernel: {kernel['package']} {kernel['package_version']} ({kernel['version']}), "
-          f"ready in {time.monotonic() - started:.1f}s")
+    print(
+        f"kernel: {kernel['package']} {kernel['package_version']} ({kernel['version']}), "
+        f"ready in {time.monotonic() - started:.1f}s"
+    )
     print(f"initrd modules: {' '.join(kernel['initrd_modules'])}")
 
     started = time.monotonic()
-    rootfs = busybox_rootfs(cache / "rootfs-busybox.ext4", modules_dir=Path(kernel["modules"]),
-                            cache=cache)
+    rootfs = busybox_rootfs(cache / "rootfs-busybox.ext4", modules_dir=Path(kernel["modules"]), cache=cache)
     print(f"rootfs: {rootfs} built in {time.monotonic() - started:.1f}s")
 
     runs = [(f"pc-smp{n}", "pc", n) for n in opts.smp]
@@ -211,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         boot = f"{result.boot_s:.1f}s" if result.boot_s is not None else "-"
         off = f"{result.poweroff_s:.1f}s" if result.poweroff_s is not None else "-"
         status = "OK" if result.ok else "FAIL: " + "; ".join(result.problems)
-        print(f"{name}: boot-line {boot}, nproc={result.nproc}, mem_kb={result.mem_kb}, "
-              f"powerdown->exit {off}, qemu exit {result.exit_code}: {status} (log {result.log})")
+        print(
+            f"{name}: boot-line {boot}, nproc={result.nproc}, mem_kb={result.mem_kb}, "
+            f"powerdown->exit {off}, qemu exit {result.exit_code}: {status} (log {result.log})"
+        )
         if not result.ok and machine.split(",")[0] != "microvm":
             failed += 1
     return 1 if failed else 0

@@ -226,7 +226,7 @@ TOKEN_SERVICE = "banger-test"
 
 
 class RegistryAddress(str):
-    """"127.0.0.1:PORT", plus what a test may want to look at.
+    """ "127.0.0.1:PORT", plus what a test may want to look at.
 
     log_path        the registry's log (access log included); gone after exit
     token_realm     the token endpoint's URL, or None without token auth
@@ -445,9 +445,7 @@ def _opaque_rewrite(tar: bytes) -> bytes:
     """Replace umoci's per-entry whiteouts under opt/opaque/ by one opaque marker."""
     out = io.BytesIO()
     marker_written = False
-    with tarfile.open(fileobj=io.BytesIO(tar)) as src, tarfile.open(
-        fileobj=out, mode="w", format=tarfile.PAX_FORMAT
-    ) as dst:
+    with tarfile.open(fileobj=io.BytesIO(tar)) as src, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst:
         for member in src:
             name = member.name[2:] if member.name.startswith("./") else member.name
             if name.startswith("opt/opaque/") and not marker_written:
@@ -616,12 +614,21 @@ def push_layers(registry: str, repo: str, tag: str, layers: list[bytes], workdir
         digest, size = blobs.write(data)
         entries.append({"mediaType": media_type, "digest": digest, "size": size})
         diff_ids.append(_sha256(tar))
-    config = {"architecture": "amd64", "os": "linux", "config": {"Entrypoint": ["/sbin/init"]},
-              "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Entrypoint": ["/sbin/init"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }
     cdigest, csize = blobs.write_json(config)
-    mdigest, msize = blobs.write_json({"schemaVersion": 2, "mediaType": MT_MANIFEST,
-                                       "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": csize},
-                                       "layers": entries})
+    mdigest, msize = blobs.write_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": MT_MANIFEST,
+            "config": {"mediaType": MT_CONFIG, "digest": cdigest, "size": csize},
+            "layers": entries,
+        }
+    )
     blobs.set_index({"schemaVersion": 2, "manifests": []})
     blobs.retag(tag, MT_MANIFEST, mdigest, msize)
     pushed = _skopeo_push(layout, tag, f"{registry}/{repo}:{tag}", workdir=Path(workdir))

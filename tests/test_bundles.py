@@ -69,10 +69,18 @@ def test_bundle_round_trip_pull_and_boot(benv_assets, http_dir, tmp_path):
     again = json.loads(env.run("kernel", "bundle", "src-kernel", "-o", str(tmp_path / "k2.tar.zst"), "--json", check=True).stdout)
     assert again["sha256"] == ker["sha256"]
     use_catalog(
-        env, tmp_path,
-        kernels={"bk": {"description": "bundled", "bundle": {"url": f"{url}/k.tar.zst", "sha256": ker["sha256"], "size": ker["size"]}}},
-        images={"bb": {"description": "bundled", "kernel_ref": "bk",
-                       "bundle": {"url": f"{url}/img.tar.zst", "sha256": img["sha256"], "size": img["size"]}}},
+        env,
+        tmp_path,
+        kernels={
+            "bk": {"description": "bundled", "bundle": {"url": f"{url}/k.tar.zst", "sha256": ker["sha256"], "size": ker["size"]}}
+        },
+        images={
+            "bb": {
+                "description": "bundled",
+                "kernel_ref": "bk",
+                "bundle": {"url": f"{url}/img.tar.zst", "sha256": img["sha256"], "size": img["size"]},
+            }
+        },
     )
     r = env.run("image", "pull", "bb", timeout=300, check=True)
     assert "image bb:" in r.stdout and "(kernel bk)" in r.stdout
@@ -101,17 +109,27 @@ def test_bundle_round_trip_pull_and_boot(benv_assets, http_dir, tmp_path):
     env.run("image", "register", "src-image2", "--rootfs", str(changed), "--kernel-ref", "src-kernel", check=True)
     img2 = json.loads(env.run("image", "bundle", "src-image2", "-o", str(www / "img2.tar.zst"), "--json", check=True).stdout)
     use_catalog(
-        env, tmp_path,
-        kernels={"bk": {"description": "bundled", "bundle": {"url": f"{url}/k.tar.zst", "sha256": ker["sha256"], "size": ker["size"]}}},
-        images={"bb": {"description": "bundled", "kernel_ref": "bk",
-                       "bundle": {"url": f"{url}/img2.tar.zst", "sha256": img2["sha256"], "size": img2["size"]}}},
+        env,
+        tmp_path,
+        kernels={
+            "bk": {"description": "bundled", "bundle": {"url": f"{url}/k.tar.zst", "sha256": ker["sha256"], "size": ker["size"]}}
+        },
+        images={
+            "bb": {
+                "description": "bundled",
+                "kernel_ref": "bk",
+                "bundle": {"url": f"{url}/img2.tar.zst", "sha256": img2["sha256"], "size": img2["size"]},
+            }
+        },
     )
     why = f"made by bundle:{img['sha256']}, the catalog now makes bundle:{img2['sha256']}; `banger image pull bb` refreshes it"
     bb = {i["name"]: i for i in json.loads(env.run("image", "list", "--json", check=True).stdout)}["bb"]
     assert bb["stale"] == why
     assert f"bb: stale, {why}" in env.run("image", "list", check=True).stdout
     # creating a VM from it still works, and says so
-    r = env.run("vm", "create", "--name", "staleuser", "--image", "bb", "--vcpu", "1", "--memory", "128M", timeout=300, check=True)
+    r = env.run(
+        "vm", "create", "--name", "staleuser", "--image", "bb", "--vcpu", "1", "--memory", "128M", timeout=300, check=True
+    )
     assert f"note: image bb is stale: {why}" in r.stderr
     r = env.run("image", "pull", "bb", timeout=300)
     assert r.returncode == 1 and "image 'bb' is used by VM(s) frombundle, staleuser: delete them before rebuilding it" in r.stderr
@@ -151,18 +169,35 @@ def test_bad_bundles_are_refused_and_leave_nothing(benv_assets, http_dir, tmp_pa
 
     def entry(file: str, digest: str | None = None, size: int | None = None) -> dict:
         path = www / file
-        return {"description": file, "kernel_ref": "src-kernel",
-                "bundle": {"url": f"{url}/{file}", "sha256": digest or sha(path), "size": size if size is not None else path.stat().st_size}}
+        return {
+            "description": file,
+            "kernel_ref": "src-kernel",
+            "bundle": {
+                "url": f"{url}/{file}",
+                "sha256": digest or sha(path),
+                "size": size if size is not None else path.stat().st_size,
+            },
+        }
 
     cases = {
-        "truncated": (entry("short.tar.zst", img["sha256"], img["size"]), r"got \d+ bytes, the catalog says \d+ \(truncated download\?\)"),
+        "truncated": (
+            entry("short.tar.zst", img["sha256"], img["size"]),
+            r"got \d+ bytes, the catalog says \d+ \(truncated download\?\)",
+        ),
         "wronghash": (entry("img.tar.zst", "0" * 64), r"sha256 [0-9a-f]{64} does not match the catalog's 0{64}"),
         "traversal": (entry("traversal.tar.zst"), r"bundle entry '\.\./evil': absolute or '\.\.' paths are not allowed"),
         "link": (entry("link.tar.zst"), r"link to '\.\./\.\./\.\./etc/passwd' leaves the bundle"),
         "device": (entry("device.tar.zst"), r"devices, FIFOs and other special files are not allowed"),
         "absolute": (entry("absolute.tar.zst"), r"absolute or '\.\.' paths are not allowed"),
         "garbage": (entry("garbage.tar.zst"), r"not a valid \.tar\.zst bundle"),
-        "missing": ({"description": "404", "kernel_ref": "src-kernel", "bundle": {"url": f"{url}/nope.tar.zst", "sha256": "0" * 64, "size": 1}}, r"HTTP Error 404"),
+        "missing": (
+            {
+                "description": "404",
+                "kernel_ref": "src-kernel",
+                "bundle": {"url": f"{url}/nope.tar.zst", "sha256": "0" * 64, "size": 1},
+            },
+            r"HTTP Error 404",
+        ),
     }
     use_catalog(env, tmp_path, images={name: e for name, (e, _) in cases.items()})
     for name, (_, pattern) in cases.items():

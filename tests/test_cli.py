@@ -66,7 +66,9 @@ def test_doctor_reports_and_passes_on_installed_host(benv):
     r = benv.run("doctor", check=True)
     assert "0 fail" in r.stdout
     for name in ("python", "config", "plugin order", "state", "daemon", "qemu", "network: tun", "workdisk: tools"):
-        assert any(line.split(None, 1)[1].startswith(name) for line in r.stdout.splitlines() if line[:4] in ("PASS", "WARN", "FAIL")), name
+        assert any(
+            line.split(None, 1)[1].startswith(name) for line in r.stdout.splitlines() if line[:4] in ("PASS", "WARN", "FAIL")
+        ), name
 
 
 # --- meta: every hook is documented and exercised ----------------------------------------

@@ -77,8 +77,13 @@ def test_kill_9_then_cli_just_works(daemon):
 
 def test_concurrent_cli_starts_make_one_daemon(benv):
     procs = [
-        subprocess.Popen([sys.executable, "-m", "banger_core.cli.entry", "daemon", "start"], env=benv.env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "banger_core.cli.entry", "daemon", "start"],
+            env=benv.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(4)
     ]
     outs = [p.communicate(timeout=60) for p in procs]
@@ -199,8 +204,7 @@ def test_connections_are_bounded_beyond_that_busy(daemon):
     idle = [_idle(daemon) for _ in range(256)]
     try:
         # The 257th connection is refused with a typed error, not queued or dropped.
-        reply = wait_for(lambda: (r := raw(daemon, request("daemon.hello"), shutdown=False))["ok"] is False and r,
-                         timeout=5)
+        reply = wait_for(lambda: (r := raw(daemon, request("daemon.hello"), shutdown=False))["ok"] is False and r, timeout=5)
         assert reply["error"]["code"] == "busy" and "256" in reply["error"]["message"]
         assert reply["op_id"].startswith("op-")  # refused unread: the op id is the daemon's
         for s in idle[:8]:
@@ -321,7 +325,7 @@ def test_every_log_record_of_a_request_carries_its_op_id(daemon):
     assert not [ln for ln in lines if ln["msg"].startswith("request ") and not ln["op_id"]]
 
 
-FAKE_OLD_DAEMON = r'''
+FAKE_OLD_DAEMON = r"""
 import json, os, socket, sys
 path = sys.argv[1]
 s = socket.socket(socket.AF_UNIX)
@@ -340,7 +344,7 @@ while True:
     if req["method"] == "daemon.shutdown":
         os.unlink(path)
         sys.exit(0)
-'''
+"""
 
 
 def test_daemon_of_another_version_is_replaced(benv, tmp_path):

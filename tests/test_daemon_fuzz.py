@@ -29,13 +29,54 @@ MAX_FRAMES = 5000
 
 #: core methods whose params are all validated before any work (never daemon.shutdown)
 METHODS = [
-    "daemon.hello", "daemon.status", "daemon.methods", "vm.create", "vm.start", "vm.restart", "vm.stop", "vm.kill",
-    "vm.delete", "vm.prune", "vm.set", "vm.list", "vm.show", "vm.logs", "kernel.import", "kernel.list",
-    "kernel.rm", "kernel.pull", "image.pull", "image.bundle", "kernel.bundle", "image.register", "image.list",
-    "image.promote", "image.show", "kernel.show", "image.delete",
+    "daemon.hello",
+    "daemon.status",
+    "daemon.methods",
+    "vm.create",
+    "vm.start",
+    "vm.restart",
+    "vm.stop",
+    "vm.kill",
+    "vm.delete",
+    "vm.prune",
+    "vm.set",
+    "vm.list",
+    "vm.show",
+    "vm.logs",
+    "kernel.import",
+    "kernel.list",
+    "kernel.rm",
+    "kernel.pull",
+    "image.pull",
+    "image.bundle",
+    "kernel.bundle",
+    "image.register",
+    "image.list",
+    "image.promote",
+    "image.show",
+    "kernel.show",
+    "image.delete",
 ]
-PARAMS = ["refs", "ref", "name", "image", "kernel", "vcpus", "memory_mib", "disk_size_mib", "driver", "force",
-          "signal", "lines", "source", "output", "rootfs", "size_mib", "kernel_ref", "project_dir"]
+PARAMS = [
+    "refs",
+    "ref",
+    "name",
+    "image",
+    "kernel",
+    "vcpus",
+    "memory_mib",
+    "disk_size_mib",
+    "driver",
+    "force",
+    "signal",
+    "lines",
+    "source",
+    "output",
+    "rootfs",
+    "size_mib",
+    "kernel_ref",
+    "project_dir",
+]
 #: keys no params model has: each request carries one, so validation always refuses it
 UNKNOWN = ["zz_fuzz", "\x00", "REFS", "refs\n", "é", "\ud800", "x" * 2000]
 
@@ -189,8 +230,10 @@ def test_fuzz_the_daemon_socket(fuzzed):
         tally.check(frame, exchange(sock, frame))
 
     @settings(max_examples=100, **SETTINGS)
-    @given(part=st.one_of(bad_requests(), raw_frames()).map(lambda f: f[: max(1, len(f) // 2)].rstrip(b"\n") or b"{"),
-           reply_wanted=st.booleans())
+    @given(
+        part=st.one_of(bad_requests(), raw_frames()).map(lambda f: f[: max(1, len(f) // 2)].rstrip(b"\n") or b"{"),
+        reply_wanted=st.booleans(),
+    )
     def half_frames(part: bytes, reply_wanted: bool) -> None:
         if reply_wanted:  # no newline, then half-close: a typed "truncated frame"
             tally.check(part, exchange(sock, part, half_close=True))

@@ -48,8 +48,13 @@ def test_catalog_lists_and_unknown_names(denv):
 @pytest.mark.slow
 def test_parallel_pulls_of_the_same_image_pull_once(denv):
     procs = [
-        subprocess.Popen([BANGER, "image", "pull", "debian-bookworm", "--json"], env=denv.env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [BANGER, "image", "pull", "debian-bookworm", "--json"],
+            env=denv.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=LONG) for p in procs]
@@ -70,7 +75,9 @@ def test_create_with_no_image_pulls_default_and_boots_debian(denv):
     assert "image debian-bookworm" in r.stderr
     vm = json.loads(denv.run("vm", "show", "deb", "--json", check=True).stdout)
     assert vm["image"] == "debian-bookworm" and vm["state"] == "running"
-    text = wait_for(lambda: (t := denv.run("vm", "logs", "deb", "-n", "0").stdout) and "login:" in t and t, timeout=300, interval=1)
+    text = wait_for(
+        lambda: (t := denv.run("vm", "logs", "deb", "-n", "0").stdout) and "login:" in t and t, timeout=300, interval=1
+    )
     assert "Debian GNU/Linux 12" in text
     # what a VM has no use for stays out of its boot (masked units, blacklisted modules)
     for absent in ("getty@tty1", "e2scrub", "Kernel Debug File System", "ata_piix", "kvm: Nested"):

@@ -44,7 +44,10 @@ def rich_machine(tmp: Path) -> Machine:
         boot_args=["console=ttyS0", "reboot=k", "panic=1", "pci=off"],
         vcpus=2,
         memory_mib=512,
-        drives=[Drive(id="root", path=str(tmp / "root.img"), root=True), Drive(id="data", path=str(tmp / "data.img"), read_only=True)],
+        drives=[
+            Drive(id="root", path=str(tmp / "root.img"), root=True),
+            Drive(id="data", path=str(tmp / "data.img"), read_only=True),
+        ],
         nics=[NIC(id="eth0", tap="tap-test0", mac="02:fc:00:00:00:01")],
         agent=AgentChannel(kind="vsock", host_path=str(tmp / "v.sock"), guest_cid=3),
     )
@@ -52,13 +55,19 @@ def rich_machine(tmp: Path) -> Machine:
 
 def test_spec_validator_is_not_vacuous():
     assert validate_request("PUT", "/machine-config", {"vcpu_count": 2, "mem_size_mib": 256}) == "putMachineConfiguration"
-    for bad in ({"vcpu_count": "two", "mem_size_mib": 256}, {"mem_size_mib": 256}, {"vcpu_count": 1, "mem_size_mib": 1, "nope": 1}):
+    for bad in (
+        {"vcpu_count": "two", "mem_size_mib": 256},
+        {"mem_size_mib": 256},
+        {"vcpu_count": 1, "mem_size_mib": 1, "nope": 1},
+    ):
         with pytest.raises(jsonschema.ValidationError):
             validate_request("PUT", "/machine-config", bad)
     with pytest.raises(AssertionError, match="not an operation"):
         validate_request("POST", "/machine-config", {})
     with pytest.raises(AssertionError, match="drive_id in body != path"):
-        validate_request("PUT", "/drives/root", {"drive_id": "other", "path_on_host": "/x", "is_root_device": True, "is_read_only": False})
+        validate_request(
+            "PUT", "/drives/root", {"drive_id": "other", "path_on_host": "/x", "is_root_device": True, "is_read_only": False}
+        )
 
 
 def test_every_request_the_driver_sends_matches_the_spec(tmp_path):
@@ -75,8 +84,16 @@ def test_every_request_the_driver_sends_matches_the_spec(tmp_path):
     api.describe()
     ops = [find_operation(m, p)[1]["operationId"] for m, p, _ in sent]
     assert ops == [
-        "putLogger", "putMachineConfiguration", "putGuestBootSource", "putGuestDriveByID", "putGuestDriveByID",
-        "putGuestNetworkInterfaceByID", "putGuestVsock", "createSyncAction", "createSyncAction", "describeInstance",
+        "putLogger",
+        "putMachineConfiguration",
+        "putGuestBootSource",
+        "putGuestDriveByID",
+        "putGuestDriveByID",
+        "putGuestNetworkInterfaceByID",
+        "putGuestVsock",
+        "createSyncAction",
+        "createSyncAction",
+        "describeInstance",
     ]
     assert sent[7][2] == {"action_type": "InstanceStart"} and sent[8][2] == {"action_type": "SendCtrlAltDel"}
     # without an initrd the boot source must not carry an initrd_path
@@ -133,7 +150,9 @@ def test_boots_the_elf_vmlinux_and_refuses_a_bzimage_only_kernel(tmp_path):
     assert boot["kernel_image_path"] == m.kernel
     run = tmp_path / "run"
     with pytest.raises(BangerError, match=r"boots only an ELF vmlinux .* microvm-6.1") as exc:
-        FirecrackerDriver(binary=str(fake_binary(tmp_path))).launch("00000000000000aa", m.model_copy(update={"kernel": str(bz)}), run)
+        FirecrackerDriver(binary=str(fake_binary(tmp_path))).launch(
+            "00000000000000aa", m.model_copy(update={"kernel": str(bz)}), run
+        )
     assert exc.value.code == "bad_request"
     assert not (run / "vmm.pid").exists() and not (run / "firecracker.sock").exists()
 
@@ -148,7 +167,23 @@ def test_vm_lifecycle_through_cli_with_firecracker_driver(benv, tmp_path):
     benv.write_config(f"[vmm]\nfirecracker_binary = '{exe}'\nstop_timeout_s = 10\n")
     benv.run("kernel", "import", "fck", "--from", str(kdir), check=True)
     benv.run("image", "register", "fcimg", "--rootfs", str(rootfs), "--kernel-ref", "fck", check=True)
-    r = benv.run("vm", "create", "--name", "fc1", "--image", "fcimg", "--driver", "firecracker", "--vcpu", "1", "--memory", "128", "--disk-size", "32M", check=True)
+    r = benv.run(
+        "vm",
+        "create",
+        "--name",
+        "fc1",
+        "--image",
+        "fcimg",
+        "--driver",
+        "firecracker",
+        "--vcpu",
+        "1",
+        "--memory",
+        "128",
+        "--disk-size",
+        "32M",
+        check=True,
+    )
     assert "fc1 running" in r.stdout and "| firecracker |" in r.stderr and "ready in" in r.stderr
     vm = json.loads(benv.run("vm", "show", "fc1", "--json", check=True).stdout)
     assert vm["state"] == "running" and vm["driver"] == "firecracker" and pid_alive(vm["pid"])
@@ -159,7 +194,9 @@ def test_vm_lifecycle_through_cli_with_firecracker_driver(benv, tmp_path):
     assert not Path(vm["dir"]).exists()
 
 
-@pytest.mark.skipif(shutil.which("firecracker") is None, reason="no firecracker binary on PATH (none can be installed on this machine)")
+@pytest.mark.skipif(
+    shutil.which("firecracker") is None, reason="no firecracker binary on PATH (none can be installed on this machine)"
+)
 def test_real_firecracker_binary_answers_describe(tmp_path):
     sock = tmp_path / "fc.sock"
     p = subprocess.Popen(["firecracker", "--api-sock", str(sock), "--id", "banger-realtest"])

@@ -105,9 +105,10 @@ def test_an_op_id_with_a_trailing_newline_is_not_adopted(daemon):
 def test_cli_refuses_a_name_with_a_newline(benv):
     r = benv.run("vm", "create", "--name", "a\n")
     assert r.returncode == 1 and "invalid VM name 'a\\n'" in r.stderr
-    assert not (benv.state_dir / "banger.db").exists() or not sqlite3.connect(benv.state_dir / "banger.db").execute(
-        "select * from vms"
-    ).fetchall()
+    assert (
+        not (benv.state_dir / "banger.db").exists()
+        or not sqlite3.connect(benv.state_dir / "banger.db").execute("select * from vms").fetchall()
+    )
 
 
 # --- item 5: strict config, project files, plugin settings and RPC params -------------
@@ -123,7 +124,7 @@ def test_cli_refuses_a_name_with_a_newline(benv):
         ("[vm_defaults]\nmemory_mib = 1.5\n", "[vm_defaults] memory_mib: Value error, expected a size"),
         ('[vm_defaults]\ndisk_size_mib = "8X"\n', "[vm_defaults] disk_size_mib: Value error, cannot parse size '8X'"),
         ('[vm_defaults]\ndisk_size_mib = "0G"\n', "[vm_defaults] disk_size_mib: Value error, size must be at least 1 MiB"),
-        ('[daemon]\nlog_level = 1\n', "[daemon] log_level: Input should be 'debug', 'info', 'warning' or 'error'"),
+        ("[daemon]\nlog_level = 1\n", "[daemon] log_level: Input should be 'debug', 'info', 'warning' or 'error'"),
         ('[plugins]\ndisable = "dns"\n', "[plugins] disable: Input should be a valid list"),
         ('[images]\nmax_rootfs_size = "lots"\n', "[images] max_rootfs_size: Value error, cannot parse size 'lots'"),
     ],
@@ -196,9 +197,7 @@ def test_doctor_fails_a_catalog_path_that_does_not_exist(benv, tmp_path):
 
 # where the original tool's users put them: its flat file, or guessing a banger table
 # (memory_mib is a real [vm_defaults] key, so only its top-level form is legacy)
-LEGACY_CASES = [(k, "top") for k in sorted(LEGACY_KEYS)] + [
-    (k, "vm_defaults") for k in sorted(LEGACY_KEYS) if k != "memory_mib"
-]
+LEGACY_CASES = [(k, "top") for k in sorted(LEGACY_KEYS)] + [(k, "vm_defaults") for k in sorted(LEGACY_KEYS) if k != "memory_mib"]
 
 
 @pytest.mark.parametrize("key,where", LEGACY_CASES)
@@ -327,20 +326,32 @@ GOOD_SHA = "ab" * 32
 @pytest.mark.parametrize(
     "catalog,expect",
     [
-        ({"kernels": {"k": {"recipe": "debian-cloud-kernel", "bundle": {"url": "http://x/k", "sha256": GOOD_SHA}}}},
-         "kernels.k: Value error, give exactly one of recipe"),
+        (
+            {"kernels": {"k": {"recipe": "debian-cloud-kernel", "bundle": {"url": "http://x/k", "sha256": GOOD_SHA}}}},
+            "kernels.k: Value error, give exactly one of recipe",
+        ),
         ({"kernels": {"k": {"description": "no source"}}}, "kernels.k: Value error, give exactly one of recipe"),
-        ({"kernels": {"k": {"bundle": {"url": "http://x/k", "sha256": "abc"}}}},
-         "kernels.k.bundle.sha256: Value error, expected a sha256 hex digest"),
-        ({"kernels": {"k": {"bundle": {"url": "http://x/k", "sha256": GOOD_SHA + "\n"}}}},
-         "kernels.k.bundle.sha256: Value error, expected a sha256 hex digest"),
-        ({"kernels": {"k": {"bundle": {"url": "ftp://x/k", "sha256": GOOD_SHA}}}},
-         "kernels.k.bundle.url: Value error, expected an http(s):// or file:// URL"),
-        ({"kernels": {"k": {"bundle": {"url": "http://x/k", "sha256": GOOD_SHA, "size": "12"}}}},
-         "kernels.k.bundle.size: Input should be a valid integer"),
+        (
+            {"kernels": {"k": {"bundle": {"url": "http://x/k", "sha256": "abc"}}}},
+            "kernels.k.bundle.sha256: Value error, expected a sha256 hex digest",
+        ),
+        (
+            {"kernels": {"k": {"bundle": {"url": "http://x/k", "sha256": GOOD_SHA + "\n"}}}},
+            "kernels.k.bundle.sha256: Value error, expected a sha256 hex digest",
+        ),
+        (
+            {"kernels": {"k": {"bundle": {"url": "ftp://x/k", "sha256": GOOD_SHA}}}},
+            "kernels.k.bundle.url: Value error, expected an http(s):// or file:// URL",
+        ),
+        (
+            {"kernels": {"k": {"bundle": {"url": "http://x/k", "sha256": GOOD_SHA, "size": "12"}}}},
+            "kernels.k.bundle.size: Input should be a valid integer",
+        ),
         ({"images": {"i": {"recipe": "debian-bookworm"}}}, "images.i.kernel_ref: Field required"),
-        ({"images": {"i": {"recipe": "debian-bookworm", "kernel_ref": "k", "colour": "red"}}},
-         "images.i.colour: Extra inputs are not permitted"),
+        (
+            {"images": {"i": {"recipe": "debian-bookworm", "kernel_ref": "k", "colour": "red"}}},
+            "images.i.colour: Extra inputs are not permitted",
+        ),
         ({"kernels": {"bad\n": {"recipe": "debian-cloud-kernel"}}}, "invalid kernel name 'bad\\n'"),
         ({"version": 2}, "version: Input should be 1"),
         ([1, 2], "Input should be an object"),
@@ -381,8 +392,12 @@ def test_a_stopped_daemon_exits_though_an_operation_ignores_cancellation(benv, e
     marker = tmp_path / "marker"
     s = socket.socket(socket.AF_UNIX)
     s.connect(str(benv.socket))
-    s.sendall(json.dumps({"v": PROTOCOL_VERSION, "method": "example.stuck", "params": {"marker": str(marker)},
-                          "op_id": "op-0123456789ab"}).encode() + b"\n")
+    s.sendall(
+        json.dumps(
+            {"v": PROTOCOL_VERSION, "method": "example.stuck", "params": {"marker": str(marker)}, "op_id": "op-0123456789ab"}
+        ).encode()
+        + b"\n"
+    )
     wait_for(lambda: marker.exists(), timeout=20)
     s.close()  # the client goes: the request is cancelled, its thread sleeps on
     t0 = time.monotonic()

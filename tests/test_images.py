@@ -53,8 +53,21 @@ def test_register_needs_exactly_one_kernel_source(benv, kdir, rootfs):
 
 
 def test_register_with_own_kernel_triple_and_show(benv, kdir, rootfs):
-    r = benv.run("image", "register", "own", "--rootfs", str(rootfs), "--kernel", str(kdir / "vmlinuz"),
-                 "--initrd", str(kdir / "initrd.img"), "--modules", str(kdir / "modules" / "6.1.0-test"), "--json", check=True)
+    r = benv.run(
+        "image",
+        "register",
+        "own",
+        "--rootfs",
+        str(rootfs),
+        "--kernel",
+        str(kdir / "vmlinuz"),
+        "--initrd",
+        str(kdir / "initrd.img"),
+        "--modules",
+        str(kdir / "modules" / "6.1.0-test"),
+        "--json",
+        check=True,
+    )
     img = json.loads(r.stdout)
     assert img["kernel_ref"] == "own" and not img["managed"]
     k = json.loads(benv.run("kernel", "show", "own", "--json", check=True).stdout)

@@ -55,8 +55,13 @@ def test_package_layout_one_version(benv, tmp_path):
     pkg = package(tmp_path / "pkg", {v: {"vmlinuz-V": bzimage(), "initrd.img-V": b"initrd"}}, [v])
     r = benv.run("kernel", "import", "deb", "--from", str(pkg), "--json", check=True)
     res = json.loads(r.stdout)
-    assert res["taken"] == {"version": v, "kernel": str(pkg / "boot" / f"vmlinuz-{v}"), "vmlinux": None,
-                            "initrd": str(pkg / "boot" / f"initrd.img-{v}"), "modules": str(pkg / "lib" / "modules" / v)}
+    assert res["taken"] == {
+        "version": v,
+        "kernel": str(pkg / "boot" / f"vmlinuz-{v}"),
+        "vmlinux": None,
+        "initrd": str(pkg / "boot" / f"initrd.img-{v}"),
+        "modules": str(pkg / "lib" / "modules" / v),
+    }
     k = kernels(benv)["deb"]
     assert Path(k["kernel"]).read_bytes() == (pkg / "boot" / f"vmlinuz-{v}").read_bytes()
     assert Path(k["initrd"]).read_bytes() == b"initrd"
@@ -81,15 +86,22 @@ def test_package_layout_elf_vmlinux_and_initramfs(benv, tmp_path):
 
 def test_package_layout_several_versions_needs_version(benv, tmp_path):
     a, b, orphan = "6.1.0-8-amd64", "6.1.0-9-amd64", "6.5.0-1-amd64"
-    pkg = package(tmp_path / "pkg", {a: {"vmlinuz-V": bzimage(), "initrd.img-V": b"A"},
-                                     b: {"vmlinuz-V": bzimage(), "vmlinux-V": elf(), "initrd.img-V": b"B"},
-                                     orphan: {"vmlinuz-V": bzimage()}},  # no modules: not a candidate
-                  [a, b, "5.10.0-1-amd64"])  # modules without a kernel: not one either
+    pkg = package(
+        tmp_path / "pkg",
+        {
+            a: {"vmlinuz-V": bzimage(), "initrd.img-V": b"A"},
+            b: {"vmlinuz-V": bzimage(), "vmlinux-V": elf(), "initrd.img-V": b"B"},
+            orphan: {"vmlinuz-V": bzimage()},
+        },  # no modules: not a candidate
+        [a, b, "5.10.0-1-amd64"],
+    )  # modules without a kernel: not one either
     r = benv.run("kernel", "import", "k", "--from", str(pkg))
     assert r.returncode == 1, r.stderr
     assert f"several kernel versions in boot/ and lib/modules/: {a}, {b}; pick one with --version" in r.stderr, r.stderr
     r = benv.run("kernel", "import", "k", "--from", str(pkg), "--version", orphan)
-    assert r.returncode == 1 and f"no kernel version '{orphan}' in both boot/ and lib/modules/ (there: {a}, {b})" in r.stderr, r.stderr
+    assert r.returncode == 1 and f"no kernel version '{orphan}' in both boot/ and lib/modules/ (there: {a}, {b})" in r.stderr, (
+        r.stderr
+    )
     assert "k" not in kernels(benv)
     res = json.loads(benv.run("kernel", "import", "k", "--from", str(pkg), "--version", b, "--json", check=True).stdout)
     assert res["taken"]["version"] == b and res["taken"]["vmlinux"] == str(pkg / "boot" / f"vmlinux-{b}")
@@ -110,8 +122,13 @@ def test_flat_layout_still_works_and_says_what_it_took(benv, tmp_path):
     (d / "vmlinuz").write_bytes(bzimage())
     (d / "initrd.img").write_bytes(b"initrd")
     res = json.loads(benv.run("kernel", "import", "flat", "--from", str(d), "--json", check=True).stdout)
-    assert res["taken"] == {"version": None, "kernel": str(d / "vmlinuz"), "vmlinux": None,
-                            "initrd": str(d / "initrd.img"), "modules": str(d / "modules")}
+    assert res["taken"] == {
+        "version": None,
+        "kernel": str(d / "vmlinuz"),
+        "vmlinux": None,
+        "initrd": str(d / "initrd.img"),
+        "modules": str(d / "modules"),
+    }
     r = benv.run("kernel", "import", "flat2", "--from", str(d), "--version", "6.1.0-test")
     assert r.returncode == 1 and "--version picks among the versions of a package tree (boot/ + lib/modules/)" in r.stderr
 
@@ -136,7 +153,7 @@ def test_image_pull_kernel_options_are_exclusive_with_kernel_ref(benv, tmp_path)
     assert kernels(benv) == {}
 
 
-@pytest.mark.skipif(bool(missing_tools()), reason=f"needs {missing_tools()}")
+@pytest.mark.skipif(bool(missing_tools()), reason=f"needs {missing_tools()} (scripts/install.sh installs them)")
 def test_image_pull_with_its_own_kernel(benv, oci_test_image, tmp_path):
     v = "6.1.0-9-amd64"
     k = tmp_path / "vmlinuz"
@@ -149,8 +166,24 @@ def test_image_pull_with_its_own_kernel(benv, oci_test_image, tmp_path):
     r = benv.run("image", "pull", oci_test_image["ref"].rsplit(":", 1)[0] + ":nope", "--name", "own", "--kernel", str(k))
     assert r.returncode == 1 and "not found" in r.stderr, r.stderr
     assert kernels(benv) == {}
-    r = benv.run("image", "pull", oci_test_image["ref"], "--name", "own", "--size", "64M", "--kernel", str(k),
-                 "--initrd", str(tmp_path / "initrd.img"), "--modules", str(mods), "--json", timeout=300, check=True)
+    r = benv.run(
+        "image",
+        "pull",
+        oci_test_image["ref"],
+        "--name",
+        "own",
+        "--size",
+        "64M",
+        "--kernel",
+        str(k),
+        "--initrd",
+        str(tmp_path / "initrd.img"),
+        "--modules",
+        str(mods),
+        "--json",
+        timeout=300,
+        check=True,
+    )
     img = json.loads(r.stdout)
     assert img["kernel_ref"] == "own"
     own = kernels(benv)["own"]

@@ -44,9 +44,23 @@ def test_fragment_survives_kconfig(source_tree, tmp_path):
     assert len(wanted) > 100
     assert {k: resolved.get(k, "n") for k in wanted} == wanted
     # what the recipe promises, spelled out
-    for opt in ("PVH", "ACPI", "VIRTIO_MMIO", "VIRTIO_MMIO_CMDLINE_DEVICES", "VIRTIO_PCI", "VIRTIO_BLK",
-                "VIRTIO_NET", "VIRTIO_CONSOLE", "VIRTIO_VSOCKETS", "EXT4_FS", "IP_PNP", "SERIAL_8250_CONSOLE",
-                "DEVTMPFS_MOUNT", "CGROUPS", "SECCOMP"):
+    for opt in (
+        "PVH",
+        "ACPI",
+        "VIRTIO_MMIO",
+        "VIRTIO_MMIO_CMDLINE_DEVICES",
+        "VIRTIO_PCI",
+        "VIRTIO_BLK",
+        "VIRTIO_NET",
+        "VIRTIO_CONSOLE",
+        "VIRTIO_VSOCKETS",
+        "EXT4_FS",
+        "IP_PNP",
+        "SERIAL_8250_CONSOLE",
+        "DEVTMPFS_MOUNT",
+        "CGROUPS",
+        "SECCOMP",
+    ):
         assert resolved.get(f"CONFIG_{opt}") == "y", opt
     assert resolved.get("CONFIG_MODULES", "n") == "n"  # everything built in: no initrd needed
 
@@ -54,14 +68,20 @@ def test_fragment_survives_kconfig(source_tree, tmp_path):
 def test_an_option_kconfig_drops_fails_by_name(source_tree, tmp_path):
     """A fragment line whose dependencies are unmet must not vanish silently."""
     broken = mk.fragment_text() + "\n# PCI off: VIRTIO_PCI can no longer be built\nCONFIG_PCI=n\n"
-    with pytest.raises(mk.ArtifactBuildError, match=r"dropped options of banger's fragment: CONFIG_PCI_MSI=y \(got n\), CONFIG_VIRTIO_PCI=y \(got n\)$"):
+    with pytest.raises(
+        mk.ArtifactBuildError,
+        match=r"dropped options of banger's fragment: CONFIG_PCI_MSI=y \(got n\), CONFIG_VIRTIO_PCI=y \(got n\)$",
+    ):
         mk.configure(source_tree, tmp_path / "frag.config", quiet, text=broken)
 
 
 def test_missing_build_tools_are_named_with_their_packages(monkeypatch):
     monkeypatch.setattr(mk, "BUILD_TOOLS", {**mk.BUILD_TOOLS, "no-such-tool-xyz": "some-package"})
     monkeypatch.setattr(mk, "LIBELF_HEADER", Path("/nonexistent/gelf.h"))
-    with pytest.raises(mk.ArtifactBuildError, match=r"needs libelf-dev, some-package \(apt install libelf-dev some-package\)|needs some-package, libelf-dev"):
+    with pytest.raises(
+        mk.ArtifactBuildError,
+        match=r"needs libelf-dev, some-package \(apt install libelf-dev some-package\)|needs some-package, libelf-dev",
+    ):
         mk.check_build_tools()
 
 
@@ -96,9 +116,14 @@ def test_cancelled_build_stops_the_compiler_and_leaves_nothing(benv, tmp_path):
     (cache / "debs" / deb.name).symlink_to(deb)  # no second download
     benv.extra_env["BANGER_CACHE_DIR"] = str(cache)
     # SIGINT restored to its default: a runner started in the background ignores it
-    p = subprocess.Popen([BANGER, "kernel", "pull", "microvm-6.1"], env=benv.env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.Popen(
+        [BANGER, "kernel", "pull", "microvm-6.1"],
+        env=benv.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     seen = ""
     deadline = time.monotonic() + 300
     assert p.stdout is not None
@@ -126,8 +151,9 @@ def test_cancelled_build_stops_the_compiler_and_leaves_nothing(benv, tmp_path):
 def test_pull_builds_once_and_boots_on_microvm(kenv):
     # on a terminal (script(1)), as a user would run it
     cmd = " ".join([BANGER, "kernel", "pull", "microvm-6.1"])
-    r = subprocess.run(["script", "-qec", cmd, "/dev/null"], env=kenv.env(), capture_output=True, text=True,
-                       timeout=BUILD_TIMEOUT)
+    r = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"], env=kenv.env(), capture_output=True, text=True, timeout=BUILD_TIMEOUT
+    )
     assert r.returncode == 0, r.stdout[-2000:]
     if "compiling vmlinux" in r.stdout:  # compiled now, not reused from the test cache
         assert re.search(r"kernel microvm-6\.1 \[#+\s*\] +\d+\.\d% \d+/~\d+ steps", r.stdout), r.stdout[-2000:]
@@ -143,10 +169,25 @@ def test_pull_builds_once_and_boots_on_microvm(kenv):
     # an image made for the cloud kernel, booted with the microVM kernel instead
     kenv.run("kernel", "import", "cloud", "--from", str(a["kernel_dir"]), check=True)
     kenv.run("image", "register", "bb", "--rootfs", str(a["rootfs"]), "--kernel-ref", "cloud", check=True)
-    kenv.run("vm", "create", "--name", "micro", "--image", "bb", "--kernel", "microvm-6.1", "--vcpu", "2",
-             "--memory", "256M", timeout=300, check=True)
-    text = wait_for(lambda: (t := kenv.run("vm", "logs", "micro", "-n", "0").stdout) and ga.BOOT_MARKER in t and t,
-                    timeout=180, interval=0.5)
+    kenv.run(
+        "vm",
+        "create",
+        "--name",
+        "micro",
+        "--image",
+        "bb",
+        "--kernel",
+        "microvm-6.1",
+        "--vcpu",
+        "2",
+        "--memory",
+        "256M",
+        timeout=300,
+        check=True,
+    )
+    text = wait_for(
+        lambda: (t := kenv.run("vm", "logs", "micro", "-n", "0").stdout) and ga.BOOT_MARKER in t and t, timeout=180, interval=0.5
+    )
     assert "nproc=2" in text and "Linux version 6.1." in text and "banger-initrd" not in text
     vm = json.loads(kenv.run("vm", "show", "micro", "--json", check=True).stdout)
     assert vm["spec"]["kernel"] == "microvm-6.1"

@@ -96,8 +96,12 @@ def test_symlinks_in_the_image_never_lead_outside(tmp_path):
     root.mkdir()
     outside = tmp_path / "outside"
     outside.mkdir()
-    oci.apply_layer(layer(tmp_path / "1.tar", [(ti("etc", tarfile.SYMTYPE, str(outside)), b""),
-                                               (ti("up", tarfile.SYMTYPE, "../../.."), b"")]), root)
+    oci.apply_layer(
+        layer(
+            tmp_path / "1.tar", [(ti("etc", tarfile.SYMTYPE, str(outside)), b""), (ti("up", tarfile.SYMTYPE, "../../.."), b"")]
+        ),
+        root,
+    )
     oci.apply_layer(layer(tmp_path / "2.tar", [(ti("etc/passwd"), b"guest"), (ti("up/x"), b"guest")]), root)
     assert not list(outside.iterdir())  # nothing written on the host through the link
     assert (root / str(outside).lstrip("/") / "passwd").read_text() == "guest"  # landed inside the tree
@@ -107,8 +111,10 @@ def test_symlinks_in_the_image_never_lead_outside(tmp_path):
 def test_whiteouts_and_opaque_dirs(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
-    oci.apply_layer(layer(tmp_path / "1.tar", [(ti("d", tarfile.DIRTYPE), b""), (ti("d/old"), b"1"), (ti("gone"), b"1"),
-                                               (ti("keep"), b"1")]), root)
+    oci.apply_layer(
+        layer(tmp_path / "1.tar", [(ti("d", tarfile.DIRTYPE), b""), (ti("d/old"), b"1"), (ti("gone"), b"1"), (ti("keep"), b"1")]),
+        root,
+    )
     oci.apply_layer(layer(tmp_path / "2.tar", [(ti("d/new"), b"2"), (ti("d/.wh..wh..opq"), b""), (ti(".wh.gone"), b"")]), root)
     assert sorted(p.name for p in (root / "d").iterdir()) == ["new"]  # opaque kept this layer's entry
     assert not (root / "gone").exists() and (root / "keep").exists()
@@ -140,8 +146,14 @@ def layer_bytes(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
 
 def test_hostile_whiteouts_from_a_registry_are_refused_and_leave_nothing(oenv, oci_registry, tmp_path):
     env = oenv
-    base = layer_bytes([(ti("etc", tarfile.DIRTYPE), b""), (ti("etc/os-release"), b"ID=x\n"),
-                        (ti("opt", tarfile.DIRTYPE), b""), (ti("opt/old"), b"old")])
+    base = layer_bytes(
+        [
+            (ti("etc", tarfile.DIRTYPE), b""),
+            (ti("etc/os-release"), b"ID=x\n"),
+            (ti("opt", tarfile.DIRTYPE), b""),
+            (ti("opt/old"), b"old"),
+        ]
+    )
     for i, name in enumerate([".wh...", ".wh..", ".wh.", "etc/.wh..."]):
         pushed = push_layers(oci_registry, "banger/whiteout", f"w{i}", [base, layer_bytes([(ti(name), b"")])], tmp_path / f"w{i}")
         r = env.run("image", "pull", pushed["ref"], "--name", f"w{i}", timeout=300)
@@ -152,9 +164,16 @@ def test_hostile_whiteouts_from_a_registry_are_refused_and_leave_nothing(oenv, o
         idir = env.state_dir / "images"
         assert not idir.exists() or not list(idir.iterdir()), list(idir.iterdir())
     # the opaque marker still works, and a plain whiteout too
-    ok = push_layers(oci_registry, "banger/whiteout", "ok", [
-        base, layer_bytes([(ti("opt/.wh..wh..opq"), b""), (ti("opt/new"), b"new"), (ti("etc/.wh.os-release"), b"")]),
-    ], tmp_path / "ok")
+    ok = push_layers(
+        oci_registry,
+        "banger/whiteout",
+        "ok",
+        [
+            base,
+            layer_bytes([(ti("opt/.wh..wh..opq"), b""), (ti("opt/new"), b"new"), (ti("etc/.wh.os-release"), b"")]),
+        ],
+        tmp_path / "ok",
+    )
     env.run("image", "pull", ok["ref"], "--name", "wok", "--size", "64M", timeout=300, check=True)
     rootfs = Path(images(env)["wok"]["rootfs"])
     assert debugfs(rootfs, "cat /opt/new").strip() == "new"
@@ -182,8 +201,11 @@ def test_pull_flatten_boot(oenv, oci_test_image):
     assert "User:     0   Group:     0" in debugfs(rootfs, "stat /etc/os-release")
     assert "File not found" not in debugfs(rootfs, f"stat {oci.INIT_PATH}")
     env.run("vm", "create", "--name", "ocivm", "--image", "busybox-1", "--vcpu", "1", "--memory", "256M", timeout=300, check=True)
-    text = wait_for(lambda: (t := env.run("vm", "logs", "ocivm", "-n", "0").stdout) and oci_test_image["boot_marker"] in t and t,
-                    timeout=180, interval=0.5)
+    text = wait_for(
+        lambda: (t := env.run("vm", "logs", "ocivm", "-n", "0").stdout) and oci_test_image["boot_marker"] in t and t,
+        timeout=180,
+        interval=0.5,
+    )
     assert "banger-init: image booted" in text and f"init={oci.INIT_PATH}" in text
     env.run("vm", "delete", "ocivm", "--force", check=True)
     r = env.run("image", "pull", ref)

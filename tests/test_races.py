@@ -99,7 +99,10 @@ def world(assets, example_plugin_dir, tmp_path_factory):
             return {"bundle": {"url": f"{server.url}/{path}", "sha256": ker["sha256"], "size": ker["size"]}}
 
         def ib(path: str, kernel_ref: str) -> dict:
-            return {"kernel_ref": kernel_ref, "bundle": {"url": f"{server.url}/{path}", "sha256": img["sha256"], "size": img["size"]}}
+            return {
+                "kernel_ref": kernel_ref,
+                "bundle": {"url": f"{server.url}/{path}", "sha256": img["sha256"], "size": img["size"]},
+            }
 
         # the same files under several names: each catalog entry has its own URL path
         for alias in ("k-par.tar.zst", "k-held.tar.zst", "k-rm.tar.zst"):
@@ -107,12 +110,19 @@ def world(assets, example_plugin_dir, tmp_path_factory):
         for alias in ("img-par.tar.zst", "img-held.tar.zst", "img-reg.tar.zst"):
             os.link(www / "img.tar.zst", www / alias)
         cat = tmp / "catalog.json"
-        cat.write_text(json.dumps({
-            "version": 1,
-            "kernels": {"k-par": kb("k-par.tar.zst"), "k-held": kb("k-held.tar.zst"), "k-rm": kb("k-rm.tar.zst")},
-            "images": {"img-par": ib("img-par.tar.zst", "k-par"), "img-held": ib("img-held.tar.zst", "src-kernel"),
-                       "img-reg": ib("img-reg.tar.zst", "src-kernel")},
-        }))
+        cat.write_text(
+            json.dumps(
+                {
+                    "version": 1,
+                    "kernels": {"k-par": kb("k-par.tar.zst"), "k-held": kb("k-held.tar.zst"), "k-rm": kb("k-rm.tar.zst")},
+                    "images": {
+                        "img-par": ib("img-par.tar.zst", "k-par"),
+                        "img-held": ib("img-held.tar.zst", "src-kernel"),
+                        "img-reg": ib("img-reg.tar.zst", "src-kernel"),
+                    },
+                }
+            )
+        )
         env.write_config(base + f"[catalog]\npath = '{cat}'\n")
         env.run("vm", "create", "--name", "keep", "--image", "busybox", *SPEC, timeout=BOOT_TIMEOUT, check=True)
         wait_boot(env, "keep")
@@ -161,8 +171,9 @@ def test_pull_waiter_that_disconnects_returns_promptly_and_the_pull_goes_on(worl
     assert server.arrived["/k-held.tar.zst"].wait(60), "the first pull never reached the server"
     before = len(log_lines(env))
     waiter = popen(env, "kernel", "pull", "k-held")
-    op = wait_for(lambda: next((ln["op_id"] for ln in log_lines(env)[before:]
-                                 if ln["msg"] == "request kernel.pull"), None), timeout=30)
+    op = wait_for(
+        lambda: next((ln["op_id"] for ln in log_lines(env)[before:] if ln["msg"] == "request kernel.pull"), None), timeout=30
+    )
     time.sleep(0.5)  # it is now waiting for the first pull's lock
     waiter.send_signal(signal.SIGINT)
     t0 = time.monotonic()

@@ -55,8 +55,14 @@ def extended(path: Path) -> Path:
 BAD = {
     "notext4": (not_ext4, r"not an ext4 filesystem \(no ext4 superblock\)"),
     "corrupt": (corrupt, r"not a clean ext4 filesystem \(e2fsck -fn exited 4: .*Inode 2 ref count is 9"),
-    "truncated": (truncated, r"its ext4 superblock says 8388608 bytes but the file has 4194304 \(the file was truncated after mkfs"),
-    "extended": (extended, r"its ext4 superblock says 8388608 bytes but the file has 12582912 \(the file was extended after mkfs"),
+    "truncated": (
+        truncated,
+        r"its ext4 superblock says 8388608 bytes but the file has 4194304 \(the file was truncated after mkfs",
+    ),
+    "extended": (
+        extended,
+        r"its ext4 superblock says 8388608 bytes but the file has 12582912 \(the file was extended after mkfs",
+    ),
 }
 
 
@@ -95,7 +101,7 @@ class _Claim(io.RawIOBase):
         n = min(len(b), self.size - self.pos)
         if n <= 0:
             return 0
-        chunk = self.head[self.pos:self.pos + n] if self.pos < len(self.head) else b""
+        chunk = self.head[self.pos : self.pos + n] if self.pos < len(self.head) else b""
         b[:n] = chunk + bytes(n - len(chunk))
         self.pos += n
         return n
@@ -128,7 +134,9 @@ def test_sparse_10g_rootfs_in_a_small_bundle_is_refused(kenv, http_dir, tmp_path
     use_catalog(env, tmp_path, images={"sparse": entry(url, "sparse.tar.zst", b)})
     r = env.run("image", "pull", "sparse", timeout=300)
     assert r.returncode == 1, r.stderr
-    assert re.search(r"rootfs \S*rootfs\.ext4: its ext4 superblock says 1048576 bytes but the file has 10737418240", r.stderr), r.stderr
+    assert re.search(r"rootfs \S*rootfs\.ext4: its ext4 superblock says 1048576 bytes but the file has 10737418240", r.stderr), (
+        r.stderr
+    )
     nothing_left(env, "sparse")
 
 

@@ -53,8 +53,18 @@ def test_a_failing_migration_rolls_back_and_is_not_recorded(paths, monkeypatch):
 def test_upgrade_from_schema_1_keeps_rows(paths, monkeypatch):
     monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
     old = Store(paths.db_file)
-    old.db["vms"].insert({"id": "abc", "name": "keep", "state": "stopped", "spec": '{"vcpus":1,"memory_mib":1,"disk_size_mib":1}', "teardown": "{}"})
-    old.db["kernels"].insert({"name": "k1", "kernel": "/k/vmlinuz", "initrd": "/k/initrd.img", "created_at": "2026-11-01T00:00:00+00:00"})
+    old.db["vms"].insert(
+        {
+            "id": "abc",
+            "name": "keep",
+            "state": "stopped",
+            "spec": '{"vcpus":1,"memory_mib":1,"disk_size_mib":1}',
+            "teardown": "{}",
+        }
+    )
+    old.db["kernels"].insert(
+        {"name": "k1", "kernel": "/k/vmlinuz", "initrd": "/k/initrd.img", "created_at": "2026-11-01T00:00:00+00:00"}
+    )
     old.close()
     monkeypatch.undo()
     new = Store(paths.db_file)

@@ -42,8 +42,16 @@ def test_example_plugin_discovered_and_ordered_by_requires(xenv):
     ex = next(p for p in data["plugins"] if p["name"] == "example")
     assert ex["distribution"] == "banger-example" and ex["version"] == "1.2.3" and ex["status"] == "enabled"
     assert ex["requires"] == ["dns"]
-    assert set(ex["hooks"]) >= {"prepare_host", "configure_machine", "post_boot", "cleanup", "reconcile",
-                                "register_commands", "register_rpc_methods", "register_doctor_checks"}
+    assert set(ex["hooks"]) >= {
+        "prepare_host",
+        "configure_machine",
+        "post_boot",
+        "cleanup",
+        "reconcile",
+        "register_commands",
+        "register_rpc_methods",
+        "register_doctor_checks",
+    }
     order = data["order"]
     assert order.index("dns") < order.index("example") and order.index("network") < order.index("example")
 
@@ -179,7 +187,8 @@ def test_plugin_disabled_in_config(xenv):
     r = xenv.run("example", "greet", "bob")
     assert r.returncode == 2 and "No such command 'example'" in r.stderr
     env_off = next(
-        p for p in json.loads(xenv.run("plugins", "list", "--json", BANGER_DISABLE_PLUGINS="nat,example").stdout)["plugins"]
+        p
+        for p in json.loads(xenv.run("plugins", "list", "--json", BANGER_DISABLE_PLUGINS="nat,example").stdout)["plugins"]
         if p["name"] == "nat"
     )
     assert env_off["status"] == "disabled"

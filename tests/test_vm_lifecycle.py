@@ -72,8 +72,22 @@ def db_rows(env) -> list:
 @pytest.mark.slow
 def test_create_stop_set_start_restart_delete(venv_):
     env = venv_
-    r = env.run("vm", "create", "--name", "life", "--image", "busybox", "--vcpu", "1", "--memory", "256M",
-                "--disk-size", "256M", timeout=300, check=True)
+    r = env.run(
+        "vm",
+        "create",
+        "--name",
+        "life",
+        "--image",
+        "busybox",
+        "--vcpu",
+        "1",
+        "--memory",
+        "256M",
+        "--disk-size",
+        "256M",
+        timeout=300,
+        check=True,
+    )
     for stage in ("reserve", "prepare_host", "boot", "ready"):
         assert re.search(rf"\]\s+{stage}$", r.stderr, re.M), r.stderr
     assert "spec: 1 vcpu | 256 MiB | 256 MiB disk | image busybox | qemu" in r.stderr
@@ -130,8 +144,22 @@ def test_create_stop_set_start_restart_delete(venv_):
 @pytest.mark.slow
 def test_daemon_kill9_adopts_vm_and_vmm_death_cleans_up(venv_):
     env = venv_
-    env.run("vm", "create", "--name", "adopt", "--image", "busybox", "--vcpu", "1", "--memory", "256M",
-            "--disk-size", "256M", timeout=300, check=True)
+    env.run(
+        "vm",
+        "create",
+        "--name",
+        "adopt",
+        "--image",
+        "busybox",
+        "--vcpu",
+        "1",
+        "--memory",
+        "256M",
+        "--disk-size",
+        "256M",
+        timeout=300,
+        check=True,
+    )
     vm = show(env, "adopt")
     pid = vm["pid"]
     # daemon dies hard while the VM runs, and its handles file is lost too
@@ -214,8 +242,16 @@ def test_failed_boot_leaves_nothing(venv_, tmp_path):
     kdir.mkdir()
     (kdir / "vmlinuz").write_bytes(b"not a kernel")
     env.run("kernel", "import", "junk", "--from", str(kdir), check=True)
-    env.run("image", "register", "junkimg", "--rootfs", str(ga.default_cache_dir() / "rootfs-busybox.ext4"),
-            "--kernel-ref", "junk", check=True)
+    env.run(
+        "image",
+        "register",
+        "junkimg",
+        "--rootfs",
+        str(ga.default_cache_dir() / "rootfs-busybox.ext4"),
+        "--kernel-ref",
+        "junk",
+        check=True,
+    )
     # break the kernel after import: QEMU refuses to start
     k = json.loads(env.run("kernel", "list", "--json", check=True).stdout)
     Path(next(x for x in k if x["name"] == "junk")["kernel"]).unlink()
@@ -241,13 +277,23 @@ def test_accel_auto_probes_kvm_and_says_which(venv_, tmp_path):
         env.write_config("[vmm]\naccel = 'auto'\nkvm_probe_timeout_s = 8\n")
         kdir = json.loads(venv_.run("kernel", "list", "--json", check=True).stdout)[0]
         env.run("kernel", "import", "k", "--from", str(Path(kdir["kernel"]).parent), check=True)
-        env.run("image", "register", "bb", "--rootfs", str(ga.default_cache_dir() / "rootfs-busybox.ext4"),
-                "--kernel-ref", "k", check=True)
+        env.run(
+            "image",
+            "register",
+            "bb",
+            "--rootfs",
+            str(ga.default_cache_dir() / "rootfs-busybox.ext4"),
+            "--kernel-ref",
+            "k",
+            check=True,
+        )
         env.run("vm", "create", "--name", "probe", "--image", "bb", "--vcpu", "1", "--memory", "192M", timeout=300, check=True)
         lines = [json.loads(ln)["msg"] for ln in (env.state_dir / "bangerd.log").read_text().splitlines()]
         chosen = [m for m in lines if m.startswith("QEMU for ")]
         assert len(chosen) == 1, lines
-        assert re.match(r"QEMU for \w+ uses (KVM: KVM probe boot printed the kernel banner|TCG: (KVM probe|/dev/kvm))", chosen[0]), chosen
+        assert re.match(
+            r"QEMU for \w+ uses (KVM: KVM probe boot printed the kernel banner|TCG: (KVM probe|/dev/kvm))", chosen[0]
+        ), chosen
         probe = json.loads((env.state_dir / "kvm-probe.json").read_text())
         assert probe["accel"] in ("kvm", "tcg") and probe["why"] in chosen[0]
         doctor = env.run("doctor").stdout

@@ -20,7 +20,7 @@ def lz4_legacy(data: bytes) -> bytes:
     """What the kernel's build writes for CONFIG_KERNEL_LZ4: lz4 -l, then the size."""
     out = bytearray(LZ4_LEGACY_MAGIC)
     for i in range(0, len(data), 8 << 20):
-        block = lz4.block.compress(data[i:i + (8 << 20)], store_size=False)
+        block = lz4.block.compress(data[i : i + (8 << 20)], store_size=False)
         out += struct.pack("<I", len(block)) + block
     return bytes(out)
 
@@ -39,13 +39,16 @@ def bzimage(payload: bytes, version: int = 0x20F, setup_sects: int = 3) -> bytes
     return bytes(img) + b"\x90" * offset + payload + b"\0" * 100  # trailing padding, as real images have
 
 
-@pytest.mark.parametrize("method,compress", [
-    ("gzip", lambda d: with_size(gzip.compress(d), d)),
-    ("xz", lambda d: with_size(lzma.compress(d, format=lzma.FORMAT_XZ), d)),
-    ("lzma", lambda d: with_size(lzma.compress(d, format=lzma.FORMAT_ALONE), d)),
-    ("zstd", lambda d: with_size(zstandard.ZstdCompressor().compress(d), d)),
-    ("lz4", lambda d: with_size(lz4_legacy(d), d)),
-])
+@pytest.mark.parametrize(
+    "method,compress",
+    [
+        ("gzip", lambda d: with_size(gzip.compress(d), d)),
+        ("xz", lambda d: with_size(lzma.compress(d, format=lzma.FORMAT_XZ), d)),
+        ("lzma", lambda d: with_size(lzma.compress(d, format=lzma.FORMAT_ALONE), d)),
+        ("zstd", lambda d: with_size(zstandard.ZstdCompressor().compress(d), d)),
+        ("lz4", lambda d: with_size(lz4_legacy(d), d)),
+    ],
+)
 def test_every_kernel_compression_round_trips(method, compress):
     assert extract_vmlinux(bzimage(compress(ELF))) == ELF
 

@@ -50,9 +50,7 @@ def run(
 ) -> subprocess.CompletedProcess[Any]:
     """Run a command, logging it and (on failure) its exit status and stderr."""
     log(f"$ {' '.join(args)}")
-    proc = subprocess.run(
-        list(args), capture_output=True, text=text, cwd=cwd, stdin=subprocess.DEVNULL, check=False
-    )
+    proc = subprocess.run(list(args), capture_output=True, text=text, cwd=cwd, stdin=subprocess.DEVNULL, check=False)
     if proc.returncode != 0:
         stderr = proc.stderr if text else proc.stderr.decode(errors="replace")
         tail = "\n".join(stderr.strip().splitlines()[-5:])
@@ -79,8 +77,14 @@ def run_long(
     """
     log(f"$ {' '.join(args)}")
     p = subprocess.Popen(
-        list(args), cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
+        list(args),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
         env={**os.environ, **(env or {})},
     )
     tail: collections.deque[str] = collections.deque(maxlen=15)
@@ -190,9 +194,7 @@ def download_deb(package: str, version: str | None, cache: Path, log: Log) -> Pa
 
 
 def deb_field(deb: Path, field: str) -> str:
-    return subprocess.run(
-        ["dpkg-deb", "-f", str(deb), field], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    return subprocess.run(["dpkg-deb", "-f", str(deb), field], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def install_file(data: bytes, path: Path) -> None:
@@ -244,8 +246,14 @@ def tree_needs(tree: Path) -> tuple[int, int]:
     return data, entries
 
 
-def ext4_from_tree(tree: Path, out: Path, size_mib: int | None = None, label: str = "banger-root",
-                   max_mib: int | None = None, what: str = "the image") -> dict[str, int]:
+def ext4_from_tree(
+    tree: Path,
+    out: Path,
+    size_mib: int | None = None,
+    label: str = "banger-root",
+    max_mib: int | None = None,
+    what: str = "the image",
+) -> dict[str, int]:
     """Make ``out`` an ext4 holding ``tree`` (mkfs.ext4 -d). The default size is
     max(tree x 1.5 + its inode tables, 1 GiB), the tree counted in whole blocks; the
     inode count is what the tree has x 1.5 (+4096), never fewer than mkfs's default
@@ -261,8 +269,10 @@ def ext4_from_tree(tree: Path, out: Path, size_mib: int | None = None, label: st
     tables = inodes * INODE_BYTES // (1024 * 1024)
     size = size_mib or max(int(used * 1.5) + tables + 16, 1024)
     if size < used + tables + 16:
-        raise BangerError(ErrorCode.BAD_REQUEST, f"--size {size} MiB is too small for the {used} MiB image "
-                          f"({entries} files, {tables} MiB of inode tables)")
+        raise BangerError(
+            ErrorCode.BAD_REQUEST,
+            f"--size {size} MiB is too small for the {used} MiB image ({entries} files, {tables} MiB of inode tables)",
+        )
     if max_mib is not None and size > max_mib:  # refused before it is made (the publish step checks again)
         raise BangerError(ErrorCode.BAD_REQUEST, f"{what}: a {size} MiB rootfs is over [images] max_rootfs_size ({max_mib} MiB)")
     inodes = max(inodes, size * 1024 * 1024 // 16384)
@@ -270,8 +280,11 @@ def ext4_from_tree(tree: Path, out: Path, size_mib: int | None = None, label: st
     with open(tmp, "wb") as fh:
         fh.truncate(size * 1024 * 1024)
     try:
-        proc.run(["mkfs.ext4", "-q", "-F", "-L", label, "-N", str(inodes), "-I", str(INODE_BYTES), "-d", tree, tmp],
-                 timeout=1800, what="mkfs.ext4 -d")
+        proc.run(
+            ["mkfs.ext4", "-q", "-F", "-L", label, "-N", str(inodes), "-I", str(INODE_BYTES), "-d", tree, tmp],
+            timeout=1800,
+            what="mkfs.ext4 -d",
+        )
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -293,11 +306,11 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
         raise ArtifactBuildError("not a bzImage (no 'HdrS' boot header)")
     version = struct.unpack_from("<H", bzimage, 0x206)[0]
     if version < 0x208:
-        raise ArtifactBuildError(f"boot protocol {version >> 8}.{version & 0xff} has no payload fields (need 2.08+)")
+        raise ArtifactBuildError(f"boot protocol {version >> 8}.{version & 0xFF} has no payload fields (need 2.08+)")
     setup_sects = bzimage[0x1F1] or 4
     offset, length = struct.unpack_from("<II", bzimage, 0x248)
     start = (setup_sects + 1) * 512 + offset
-    payload = bzimage[start:start + length]
+    payload = bzimage[start : start + length]
     if len(payload) != length:
         raise ArtifactBuildError("bzImage is truncated: its payload runs past the end of the file")
     elf = _decompress(payload)
@@ -339,7 +352,7 @@ def _lz4_legacy(payload: bytes) -> bytes:
         if size == struct.unpack("<I", LZ4_LEGACY_MAGIC)[0]:  # a concatenated stream
             pos += 4
             continue
-        block = body[pos + 4:pos + 4 + size]
+        block = body[pos + 4 : pos + 4 + size]
         if len(block) != size:
             raise ArtifactBuildError("bzImage lz4 payload is truncated")
         out += lz4.block.decompress(block, uncompressed_size=8 << 20)

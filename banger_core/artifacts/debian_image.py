@@ -27,8 +27,17 @@ RECIPE = 4
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = (
-    "systemd", "systemd-sysv", "udev", "dbus", "openssh-server", "python3", "git", "iproute2",
-    "ca-certificates", "curl", "kmod",
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "openssh-server",
+    "python3",
+    "git",
+    "iproute2",
+    "ca-certificates",
+    "curl",
+    "kmod",
 )
 
 # dpkg's "Unpacking P" and "Setting up P" lines in a build of PACKAGES, counted on
@@ -43,20 +52,55 @@ EXPECTED_STEPS = 346
 # getty on tty1 (no display), ext4 scrubbing and the periodic timers (apt, dpkg backup,
 # fstrim) that would start work under a user's command.
 MASKED_UNITS = (
-    "sys-kernel-debug.mount", "sys-kernel-tracing.mount", "sys-kernel-config.mount", "dev-hugepages.mount",
-    "proc-sys-fs-binfmt_misc.automount", "proc-sys-fs-binfmt_misc.mount", "systemd-binfmt.service",
-    "systemd-pstore.service", "modprobe@drm.service", "modprobe@efi_pstore.service", "modprobe@dm_mod.service",
-    "modprobe@configfs.service", "modprobe@fuse.service", "modprobe@loop.service", "sys-fs-fuse-connections.mount",
-    "getty@tty1.service", "e2scrub_reap.service", "e2scrub_all.timer", "apt-daily.timer",
-    "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "fstrim.timer",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "sys-kernel-config.mount",
+    "dev-hugepages.mount",
+    "proc-sys-fs-binfmt_misc.automount",
+    "proc-sys-fs-binfmt_misc.mount",
+    "systemd-binfmt.service",
+    "systemd-pstore.service",
+    "modprobe@drm.service",
+    "modprobe@efi_pstore.service",
+    "modprobe@dm_mod.service",
+    "modprobe@configfs.service",
+    "modprobe@fuse.service",
+    "modprobe@loop.service",
+    "sys-fs-fuse-connections.mount",
+    "getty@tty1.service",
+    "e2scrub_reap.service",
+    "e2scrub_all.timer",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "fstrim.timer",
 )
 # Modules udev would load by alias for the emulated PC's devices and CPU features that a
 # VM doesn't use (its disk and network are virtio): each costs a second or more of a TCG
 # boot. Blacklisted, not removed: `modprobe kvm_intel` (nested virtualization) still works.
 BLACKLISTED_MODULES = (
-    "kvm_amd", "kvm_intel", "ata_piix", "ata_generic", "pata_acpi", "floppy", "pcspkr", "serio_raw", "psmouse",
-    "joydev", "i2c_piix4", "powernow_k8", "acpi_cpufreq", "ccp", "evbug", "bochs", "aesni_intel",
-    "ghash_clmulni_intel", "crc32_pclmul", "sha512_ssse3", "sha256_ssse3", "sha1_ssse3",
+    "kvm_amd",
+    "kvm_intel",
+    "ata_piix",
+    "ata_generic",
+    "pata_acpi",
+    "floppy",
+    "pcspkr",
+    "serio_raw",
+    "psmouse",
+    "joydev",
+    "i2c_piix4",
+    "powernow_k8",
+    "acpi_cpufreq",
+    "ccp",
+    "evbug",
+    "bochs",
+    "aesni_intel",
+    "ghash_clmulni_intel",
+    "crc32_pclmul",
+    "sha512_ssse3",
+    "sha256_ssse3",
+    "sha1_ssse3",
 )
 
 
@@ -88,8 +132,9 @@ def customize(tree: Path, modules_dir: Path | None) -> None:
     mask_units(tree)
     blacklist = tree / "etc/modprobe.d/banger-vm.conf"
     blacklist.parent.mkdir(parents=True, exist_ok=True)
-    blacklist.write_text("# banger: the emulated PC's devices a VM does not use\n"
-                         + "".join(f"blacklist {m}\n" for m in BLACKLISTED_MODULES))
+    blacklist.write_text(
+        "# banger: the emulated PC's devices a VM does not use\n" + "".join(f"blacklist {m}\n" for m in BLACKLISTED_MODULES)
+    )
     if modules_dir is not None:
         dest = tree / "lib/modules" / modules_dir.name
         shutil.rmtree(dest, ignore_errors=True)
@@ -138,10 +183,21 @@ def build_debian_image(
                 log(line[3:])
 
         run_long(
-            ["mmdebstrap", "--verbose", "--variant=minbase", "--mode=root", f"--include={','.join(PACKAGES)}",
-             "--dpkgopt=path-exclude=/usr/share/{doc,man,locale}/*", "--dpkgopt=path-include=/usr/share/locale/locale.alias",
-             SUITE, str(tree), MIRROR],
-            log, cancel=cancel, on_line=on_line,
+            [
+                "mmdebstrap",
+                "--verbose",
+                "--variant=minbase",
+                "--mode=root",
+                f"--include={','.join(PACKAGES)}",
+                "--dpkgopt=path-exclude=/usr/share/{doc,man,locale}/*",
+                "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+                SUITE,
+                str(tree),
+                MIRROR,
+            ],
+            log,
+            cancel=cancel,
+            on_line=on_line,
         )
         if work is not None:
             work(EXPECTED_STEPS, EXPECTED_STEPS)
@@ -155,9 +211,15 @@ def build_debian_image(
         log(f"making a {size} MiB ext4 from the {used_mib} MiB tree")
         run(["mkfs.ext4", "-q", "-F", "-L", "banger-root", "-d", str(tree), str(rootfs)], log)
         remove_tree(tree)
-        manifest = {"name": "debian-bookworm", "suite": SUITE, "packages": list(PACKAGES), "rootfs": "rootfs.ext4",
-                    "size_mib": size, "recipe": RECIPE,
-                    "kernel_modules": modules_dir.name if modules_dir else None}
+        manifest = {
+            "name": "debian-bookworm",
+            "suite": SUITE,
+            "packages": list(PACKAGES),
+            "rootfs": "rootfs.ext4",
+            "size_mib": size,
+            "recipe": RECIPE,
+            "kernel_modules": modules_dir.name if modules_dir else None,
+        }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if dest.exists():
             shutil.rmtree(dest)

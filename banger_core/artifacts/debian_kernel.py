@@ -63,9 +63,7 @@ _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 # --------------------------------------------------------------------------- public
 
 
-def build_debian_cloud_kernel(
-    dest: Path, cache: Path | None = None, log: Log = print
-) -> dict[str, Any]:
+def build_debian_cloud_kernel(dest: Path, cache: Path | None = None, log: Log = print) -> dict[str, Any]:
     """Build (or reuse) Debian's cloud kernel, an initrd for it and its module tree.
 
     ``dest`` receives vmlinuz, initrd.img, config, modules/<version>/ and
@@ -125,9 +123,7 @@ def static_busybox(cache: Path, log: Log = print) -> Path:
 
 def busybox_applets(busybox: Path) -> list[str]:
     """Install paths of busybox's applets relative to /, e.g. ``usr/bin/awk``."""
-    out = subprocess.run(
-        [str(busybox), "--list-full"], capture_output=True, text=True, check=True
-    ).stdout
+    out = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout
     return [line.strip().lstrip("/") for line in out.splitlines() if line.strip()]
 
 
@@ -235,15 +231,12 @@ def _resolve_kernel_package(cache: Path, log: Log) -> tuple[str, str | None]:
         log(f"apt cannot resolve {META_PACKAGE}; using cached {deb.name}")
         return deb_field(deb, "Package"), deb_field(deb, "Version")
     raise ArtifactBuildError(
-        f"cannot find the package behind {META_PACKAGE} "
-        "(apt-cache show found nothing, even after apt-get update)"
+        f"cannot find the package behind {META_PACKAGE} (apt-cache show found nothing, even after apt-get update)"
     )
 
 
 def _apt_kernel_dependency(log: Log) -> tuple[str, str | None] | None:
-    proc = run(
-        ["apt-cache", "show", "--no-all-versions", META_PACKAGE], log, check=False
-    )
+    proc = run(["apt-cache", "show", "--no-all-versions", META_PACKAGE], log, check=False)
     if proc.returncode != 0:
         return None
     for line in proc.stdout.splitlines():
@@ -266,17 +259,13 @@ def _find_modules_dir(unpacked: Path, deb: Path) -> tuple[str, Path]:
             versions = [p for p in base.iterdir() if p.is_dir()]
             if len(versions) == 1:
                 return versions[0].name, versions[0]
-            raise ArtifactBuildError(
-                f"{deb.name}: expected one kernel version under {base}, found {len(versions)}"
-            )
+            raise ArtifactBuildError(f"{deb.name}: expected one kernel version under {base}, found {len(versions)}")
     raise ArtifactBuildError(f"{deb.name} has no lib/modules directory")
 
 
 def _depmod(base: Path, kver: str, busybox: Path, log: Log) -> None:
     """Generate modules.dep & co.: kmod's depmod when installed, else busybox's."""
-    depmod = shutil.which("depmod") or next(
-        (p for p in ("/usr/sbin/depmod", "/sbin/depmod") if os.access(p, os.X_OK)), None
-    )
+    depmod = shutil.which("depmod") or next((p for p in ("/usr/sbin/depmod", "/sbin/depmod") if os.access(p, os.X_OK)), None)
     if depmod:
         run([depmod, "-b", str(base), kver], log)
     else:
@@ -313,13 +302,9 @@ class _ModuleIndex:
             self.paths[name] = path.strip()
             self.deps[name] = rest.split()
         builtin = tree / "modules.builtin"
-        self.builtin = (
-            {_module_name(p) for p in builtin.read_text().split()} if builtin.is_file() else set()
-        )
+        self.builtin = {_module_name(p) for p in builtin.read_text().split()} if builtin.is_file() else set()
 
-    def load_order(
-        self, required: Iterable[str], optional: Iterable[str] = ()
-    ) -> list[tuple[str, Path]]:
+    def load_order(self, required: Iterable[str], optional: Iterable[str] = ()) -> list[tuple[str, Path]]:
         """Modules to insmod, dependencies first, as modprobe would load them.
 
         modules.dep lists a module's dependencies so that loading them from last
@@ -334,9 +319,7 @@ class _ModuleIndex:
                 continue
             if name not in self.paths:
                 if must:
-                    raise ArtifactBuildError(
-                        f"kernel module {raw} is neither built in nor in modules.dep"
-                    )
+                    raise ArtifactBuildError(f"kernel module {raw} is neither built in nor in modules.dep")
                 continue
             for path in [*reversed(self.deps[name]), self.paths[name]]:
                 dep = _module_name(path)
@@ -455,8 +438,23 @@ exec switch_root /newroot "$init" "$@"
 
 def _initrd_bytes(busybox: Path, modules: Sequence[tuple[str, bytes]]) -> bytes:
     archive = _NewcArchive()
-    for d in ("bin", "dev", "etc", "lib", "lib/modules", "newroot", "proc", "sbin", "sys",
-              "tmp", "usr", "usr/bin", "usr/sbin", "run", "root"):
+    for d in (
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        "lib/modules",
+        "newroot",
+        "proc",
+        "sbin",
+        "sys",
+        "tmp",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "run",
+        "root",
+    ):
         archive.add_dir(d, 0o1777 if d == "tmp" else 0o755)
     archive.add_chardev("dev/console", 0o600, 5, 1)
     archive.add_chardev("dev/null", 0o666, 1, 3)
@@ -514,8 +512,19 @@ class _NewcArchive:
             self._ino += 1
         encoded = name.encode() + b"\0"
         fields = (
-            self._ino if count else 0, mode, 0, 0, nlink, 0, len(data),
-            0, 0, rdev[0], rdev[1], len(encoded), 0,
+            self._ino if count else 0,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            len(data),
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(encoded),
+            0,
         )
         header = b"070701" + b"".join(b"%08X" % f for f in fields)
         self._chunks.append(header + encoded + _pad(len(header) + len(encoded)))
@@ -544,13 +553,11 @@ def _is_static_elf(path: Path) -> bool:
             ident = fh.read(64)
             if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
                 return False
-            phoff, = struct.unpack_from("<Q", ident, 32)
+            (phoff,) = struct.unpack_from("<Q", ident, 32)
             phentsize, phnum = struct.unpack_from("<HH", ident, 54)
             fh.seek(phoff)
             table = fh.read(phentsize * phnum)
     except OSError:
         return False
     pt_interp = 3
-    return all(
-        struct.unpack_from("<I", table, i * phentsize)[0] != pt_interp for i in range(phnum)
-    )
+    return all(struct.unpack_from("<I", table, i * phentsize)[0] != pt_interp for i in range(phnum))

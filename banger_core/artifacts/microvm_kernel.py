@@ -74,8 +74,7 @@ def check_build_tools() -> None:
         missing.append("libelf-dev")
     if missing:
         raise ArtifactBuildError(
-            "building the microVM kernel needs " + ", ".join(missing)
-            + f" (apt install {' '.join(missing)})"
+            "building the microVM kernel needs " + ", ".join(missing) + f" (apt install {' '.join(missing)})"
         )
 
 
@@ -196,7 +195,11 @@ def parse_config(text: str) -> dict[str, str]:
 
 
 def compile_vmlinux(
-    tree: Path, log: Log, *, jobs: int | None = None, cancel: threading.Event | None = None,
+    tree: Path,
+    log: Log,
+    *,
+    jobs: int | None = None,
+    cancel: threading.Event | None = None,
     work: Work | None = None,
 ) -> str:
     """``make vmlinux``; a progress line every 30 s and a ``work`` call per compile

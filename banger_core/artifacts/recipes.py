@@ -62,8 +62,9 @@ def _bookworm_revision() -> str:
     return str(debian_image.RECIPE)
 
 
-def _bookworm_build(dest: Path, modules: Path | None, log: Log, cancel: threading.Event | None,
-                    work: Work | None) -> dict[str, Any]:
+def _bookworm_build(
+    dest: Path, modules: Path | None, log: Log, cancel: threading.Event | None, work: Work | None
+) -> dict[str, Any]:
     from banger_core.artifacts.debian_image import build_debian_image
 
     return build_debian_image(dest, modules_dir=modules, log=log, cancel=cancel, work=work)

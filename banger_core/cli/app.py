@@ -13,6 +13,7 @@ from banger_core.cli import style
 from banger_core.cli.common import echo_json, error_line, state
 from banger_core.errors import BangerError
 
+
 def _version_callback(value: bool) -> None:
     if value:
         style.echo(f"banger {__version__}")

@@ -20,8 +20,12 @@ def _call(method: str, params: dict) -> dict:
 @kernel_app.command("import")
 def kernel_import(
     name: str,
-    source: Path = typer.Option(..., "--from", help="an unpacked kernel package (boot/vmlinuz-VER, boot/initrd.img-VER, "
-                                "lib/modules/VER/), or a dir with vmlinuz|bzImage and/or vmlinux, optional initrd.img, modules/"),
+    source: Path = typer.Option(
+        ...,
+        "--from",
+        help="an unpacked kernel package (boot/vmlinuz-VER, boot/initrd.img-VER, "
+        "lib/modules/VER/), or a dir with vmlinuz|bzImage and/or vmlinux, optional initrd.img, modules/",
+    ),
     version: str = typer.Option(None, "--version", help="package tree: the kernel version to take, when there are several"),
     force: bool = typer.Option(False, "--force", help="replace an existing kernel of that name"),
     as_json: bool = typer.Option(False, "--json"),
@@ -76,8 +80,17 @@ def kernel_list(
     if as_json:
         echo_json(ks)
         return
-    rows = [[k["name"], Path(k["kernel"]).name, "yes" if k.get("vmlinux") else "-", Path(k["initrd"]).name if k.get("initrd") else "-",
-             "yes" if k.get("modules") else "-", "stale" if k.get("stale") else "ok"] for k in ks]
+    rows = [
+        [
+            k["name"],
+            Path(k["kernel"]).name,
+            "yes" if k.get("vmlinux") else "-",
+            Path(k["initrd"]).name if k.get("initrd") else "-",
+            "yes" if k.get("modules") else "-",
+            "stale" if k.get("stale") else "ok",
+        ]
+        for k in ks
+    ]
     style.echo(style.table(rows, ["NAME", "KERNEL", "VMLINUX", "INITRD", "MODULES", "STATUS"]) if rows else "no kernels")
     _stale_notes(ks)
 
@@ -107,7 +120,9 @@ def image_pull(
     name: str = typer.Option(None, "--name", help="OCI: image name (default: from the ref, e.g. debian-bookworm)"),
     kernel_ref: str = typer.Option(None, "--kernel-ref", help="OCI: kernel to boot it with (default: debian-cloud)"),
     size: str = typer.Option(None, "--size", help="OCI: rootfs size, e.g. 2G (default: max(tree x 1.5, 1 GiB))"),
-    kernel: Path = typer.Option(None, "--kernel", help="OCI: or its own kernel file (imported as a kernel named after the image)"),
+    kernel: Path = typer.Option(
+        None, "--kernel", help="OCI: or its own kernel file (imported as a kernel named after the image)"
+    ),
     initrd: Path = typer.Option(None, "--initrd", help="with --kernel: its initrd"),
     modules: Path = typer.Option(None, "--modules", help="with --kernel: its /lib/modules/<version> dir"),
     force: bool = typer.Option(False, "--force", help="catalog: rebuild even if present and current"),
@@ -125,8 +140,16 @@ def image_pull(
     if kernel is None and (initrd or modules):
         raise BangerError(ErrorCode.BAD_REQUEST, "--initrd and --modules go with --kernel")
     res = lambda p: str(p.resolve()) if p else None  # noqa: E731
-    params = {"ref": ref, "name": name, "kernel_ref": kernel_ref, "size_mib": parse_mib(size, "--size"),
-              "force": force or None, "kernel": res(kernel), "initrd": res(initrd), "modules": res(modules)}
+    params = {
+        "ref": ref,
+        "name": name,
+        "kernel_ref": kernel_ref,
+        "size_mib": parse_mib(size, "--size"),
+        "force": force or None,
+        "kernel": res(kernel),
+        "initrd": res(initrd),
+        "modules": res(modules),
+    }
     i = state.client().call("image.pull", {k: v for k, v in params.items() if v is not None}, on_event=_progress(as_json))
     if as_json:
         echo_json(i)
@@ -179,9 +202,14 @@ def image_register(
         raise BangerError(ErrorCode.BAD_REQUEST, "give either --kernel-ref or --kernel [--initrd] [--modules], not both")
     if kernel is None and (initrd or modules):
         raise BangerError(ErrorCode.BAD_REQUEST, "--initrd and --modules go with --kernel")
-    params = {"name": name, "rootfs": str(rootfs.resolve()), "kernel_ref": kernel_ref,
-              "kernel": str(kernel.resolve()) if kernel else None, "initrd": str(initrd.resolve()) if initrd else None,
-              "modules": str(modules.resolve()) if modules else None}
+    params = {
+        "name": name,
+        "rootfs": str(rootfs.resolve()),
+        "kernel_ref": kernel_ref,
+        "kernel": str(kernel.resolve()) if kernel else None,
+        "initrd": str(initrd.resolve()) if initrd else None,
+        "modules": str(modules.resolve()) if modules else None,
+    }
     i = _call("image.register", {k: v for k, v in params.items() if v is not None})
     if as_json:
         echo_json(i)
@@ -196,8 +224,16 @@ def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         echo_json(imgs)
         return
-    rows = [[i["name"], i.get("kernel_ref") or "-", "managed" if i.get("managed") else "registered",
-             "stale" if i.get("stale") else "ok", i["rootfs"]] for i in imgs]
+    rows = [
+        [
+            i["name"],
+            i.get("kernel_ref") or "-",
+            "managed" if i.get("managed") else "registered",
+            "stale" if i.get("stale") else "ok",
+            i["rootfs"],
+        ]
+        for i in imgs
+    ]
     style.echo(style.table(rows, ["NAME", "KERNEL", "KIND", "STATUS", "ROOTFS"]) if rows else "no images")
     _stale_notes(imgs)
 

@@ -18,9 +18,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
     """List installed plugins: version, distribution, status (and why), hooks, order."""
     rt = state.runtime()
     order = rt.order or []
-    records = sorted(
-        rt.host.records.values(), key=lambda r: (order.index(r.name) if r.name in order else len(order), r.name)
-    )
+    records = sorted(rt.host.records.values(), key=lambda r: (order.index(r.name) if r.name in order else len(order), r.name))
     if as_json:
         echo_json(
             {
@@ -56,9 +54,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
 
 @app.command()
 def resolve(
-    project: Path = typer.Option(
-        None, "--project", "-p", help="a project directory (its banger.toml applies); default: none"
-    ),
+    project: Path = typer.Option(None, "--project", "-p", help="a project directory (its banger.toml applies); default: none"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Show which plugins act on VMs made from PROJECT, in order, with their settings."""

@@ -16,6 +16,7 @@ from banger_core.errors import BangerError, ErrorCode
 
 app = typer.Typer(help="Create, run and manage VMs.", no_args_is_help=True)
 
+
 def parse_mib(value: str | None, what: str) -> int | None:
     """'512' (MiB), '512M', '2G', '1GiB' -> MiB (the one size syntax: models.parse_size_mib)."""
     if value is None:
@@ -106,7 +107,8 @@ class Progress:
         if stage == "spec":
             style.echo(
                 f"spec: {ev['vcpus']} vcpu | {ev['memory_mib']} MiB | {ev['disk_size_mib']} MiB disk"
-                f" | image {ev['image']}" + (f" | kernel {ev['kernel']}" if ev.get("kernel") else "")
+                f" | image {ev['image']}"
+                + (f" | kernel {ev['kernel']}" if ev.get("kernel") else "")
                 + f" | {ev['driver']} | {ev['vm']} ({ev['id'][:8]})",
                 err=True,
             )
@@ -169,7 +171,12 @@ _D = _defaults_help()
 def create(
     name: Optional[str] = typer.Option(None, "--name", "-n", help="DNS-label name (default: generated)"),
     image: Optional[str] = typer.Option(None, "--image", "-i", help=f"image name, pulled if missing ({_D.get('image', '')})"),
-    kernel: Optional[str] = typer.Option(None, "--kernel", "-k", help=f"boot this kernel instead of the image's, e.g. microvm-6.1, pulled if missing ({_D.get('kernel', '')})"),
+    kernel: Optional[str] = typer.Option(
+        None,
+        "--kernel",
+        "-k",
+        help=f"boot this kernel instead of the image's, e.g. microvm-6.1, pulled if missing ({_D.get('kernel', '')})",
+    ),
     vcpu: Optional[int] = typer.Option(None, "--vcpu", help=f"vCPUs ({_D.get('vcpus', '')})"),
     memory: Optional[str] = typer.Option(None, "--memory", "-m", help=f"memory, e.g. 1024 or 2G ({_D.get('memory_mib', '')})"),
     disk_size: Optional[str] = typer.Option(None, "--disk-size", help=f"root disk size, e.g. 4G ({_D.get('disk_size_mib', '')})"),
@@ -198,7 +205,9 @@ def create(
 
 
 @app.command()
-def start(refs: List[str] = typer.Argument(..., help="VM names or ID prefixes"), as_json: bool = typer.Option(False, "--json")) -> None:
+def start(
+    refs: List[str] = typer.Argument(..., help="VM names or ID prefixes"), as_json: bool = typer.Option(False, "--json")
+) -> None:
     """Boot stopped VMs."""
     _fan_out("vm.start", refs, as_json, "running")
 
@@ -303,8 +312,17 @@ def list_(as_json: bool = typer.Option(False, "--json")) -> None:
         style.echo("no VMs")
         return
     rows = [
-        [v["name"], v["id"][:8], v["state"], v["image"] or "-", str(v["spec"]["vcpus"]),
-         f"{v['spec']['memory_mib']}M", f"{v['spec']['disk_size_mib']}M", v["driver"], _age(v["created_at"])]
+        [
+            v["name"],
+            v["id"][:8],
+            v["state"],
+            v["image"] or "-",
+            str(v["spec"]["vcpus"]),
+            f"{v['spec']['memory_mib']}M",
+            f"{v['spec']['disk_size_mib']}M",
+            v["driver"],
+            _age(v["created_at"]),
+        ]
         for v in vms
     ]
     style.echo(style.table(rows, ["NAME", "ID", "STATE", "IMAGE", "VCPU", "MEM", "DISK", "VMM", "AGE"]))
@@ -319,11 +337,19 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
         return
     s = vm["spec"]
     for key, value in [
-        ("name", vm["name"]), ("id", vm["id"]), ("state", vm["state"]), ("image", vm["image"]),
+        ("name", vm["name"]),
+        ("id", vm["id"]),
+        ("state", vm["state"]),
+        ("image", vm["image"]),
         ("kernel", s.get("kernel") or "the image's"),
-        ("vmm", vm["driver"]), ("vcpu", s["vcpus"]), ("memory", f"{s['memory_mib']} MiB"),
-        ("disk", f"{s['disk_size_mib']} MiB ({vm.get('disk_strategy') or '-'})"), ("pid", vm.get("pid") or "-"),
-        ("console", vm["console_log"]), ("created", vm["created_at"]), ("error", vm.get("last_error") or "-"),
+        ("vmm", vm["driver"]),
+        ("vcpu", s["vcpus"]),
+        ("memory", f"{s['memory_mib']} MiB"),
+        ("disk", f"{s['disk_size_mib']} MiB ({vm.get('disk_strategy') or '-'})"),
+        ("pid", vm.get("pid") or "-"),
+        ("console", vm["console_log"]),
+        ("created", vm["created_at"]),
+        ("error", vm.get("last_error") or "-"),
     ]:
         style.echo(f"{key + ':':9} {value}")
 

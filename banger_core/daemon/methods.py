@@ -28,8 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
 EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="banger-op")
 
 
-
-
 class _P(Input):
     """RPC params: strict, unknown keys refused, defaults validated (see Input)."""
 
@@ -255,16 +253,17 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         return work
 
     async def kernel_import(p: KernelImportParams, call: Call) -> dict[str, Any]:
-        k, files = await run_blocking(call, under_lock(
-            [("kernel", p.name)], images.import_kernel_tree, store, paths, p.name, Path(p.source), p.force, version=p.version
-        ))
+        k, files = await run_blocking(
+            call,
+            under_lock(
+                [("kernel", p.name)], images.import_kernel_tree, store, paths, p.name, Path(p.source), p.force, version=p.version
+            ),
+        )
         return {**k.model_dump(mode="json"), "taken": files.taken()}
 
     async def kernel_list(_p: Any, call: Call) -> dict[str, Any]:
         pulled = {k.name: {**k.model_dump(mode="json"), "stale": vms.puller.stale("kernel", k)} for k in store.list_kernels()}
-        available = [
-            {"name": n, "pulled": n in pulled, **entry} for n, entry in sorted(vms.puller.catalog()["kernels"].items())
-        ]
+        available = [{"name": n, "pulled": n in pulled, **entry} for n, entry in sorted(vms.puller.catalog()["kernels"].items())]
         return {"kernels": list(pulled.values()), "available": available}
 
     async def kernel_pull(p: PullParams, call: Call) -> dict[str, Any]:
@@ -282,10 +281,17 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
                     raise BangerError(ErrorCode.BAD_REQUEST, "--name, --kernel-ref, --kernel and --size apply to OCI pulls only")
                 return vms.puller.image(p.ref, force=p.force, progress=prog, cancel=cancel)
             if p.force:
-                raise BangerError(ErrorCode.BAD_REQUEST, "--force applies to catalog images; an OCI pull takes --name for another copy")
-            own = (Path(p.kernel), Path(p.initrd) if p.initrd else None, Path(p.modules) if p.modules else None) if p.kernel else None
-            return vms.puller.oci(p.ref, name=p.name, kernel_ref=p.kernel_ref, size_mib=p.size_mib, progress=prog, cancel=cancel,
-                                  kernel_files=own)
+                raise BangerError(
+                    ErrorCode.BAD_REQUEST, "--force applies to catalog images; an OCI pull takes --name for another copy"
+                )
+            own = (
+                (Path(p.kernel), Path(p.initrd) if p.initrd else None, Path(p.modules) if p.modules else None)
+                if p.kernel
+                else None
+            )
+            return vms.puller.oci(
+                p.ref, name=p.name, kernel_ref=p.kernel_ref, size_mib=p.size_mib, progress=prog, cancel=cancel, kernel_files=own
+            )
 
         return (await run_blocking(call, pull)).model_dump(mode="json")
 
@@ -297,10 +303,22 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         opt = lambda v: Path(v) if v else None  # noqa: E731
         # with its own kernel triple, a kernel of the image's name is imported too
         locks = [("image", p.name)] + ([("kernel", p.name)] if p.kernel else [])
-        i = await run_blocking(call, under_lock(
-            locks, images.register_image, store, paths, p.name, Path(p.rootfs), p.kernel_ref,
-            opt(p.kernel), opt(p.initrd), opt(p.modules), max_rootfs_mib=vms.puller.max_rootfs_mib,
-        ))
+        i = await run_blocking(
+            call,
+            under_lock(
+                locks,
+                images.register_image,
+                store,
+                paths,
+                p.name,
+                Path(p.rootfs),
+                p.kernel_ref,
+                opt(p.kernel),
+                opt(p.initrd),
+                opt(p.modules),
+                max_rootfs_mib=vms.puller.max_rootfs_mib,
+            ),
+        )
         return i.model_dump(mode="json")
 
     async def image_promote(p: NameParams, call: Call) -> dict[str, Any]:
@@ -311,13 +329,19 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
 
     async def image_show(p: NameParams, call: Call) -> dict[str, Any]:
         img = store.get_image(p.name)
-        return {**img.model_dump(mode="json"), "stale": vms.puller.stale("image", img),
-                "used_by": [v.name for v in store.list_vms() if v.image == p.name]}
+        return {
+            **img.model_dump(mode="json"),
+            "stale": vms.puller.stale("image", img),
+            "used_by": [v.name for v in store.list_vms() if v.image == p.name],
+        }
 
     async def kernel_show(p: NameParams, call: Call) -> dict[str, Any]:
         k = store.get_kernel(p.name)
-        return {**k.model_dump(mode="json"), "stale": vms.puller.stale("kernel", k),
-                "used_by": [i.name for i in store.list_images() if i.kernel_ref == p.name]}
+        return {
+            **k.model_dump(mode="json"),
+            "stale": vms.puller.stale("kernel", k),
+            "used_by": [i.name for i in store.list_images() if i.kernel_ref == p.name],
+        }
 
     async def image_bundle(p: BundleParams, call: Call) -> dict[str, Any]:
         from banger_core import bundles
@@ -331,9 +355,12 @@ def register(reg: Registry, vms: VMService, store: "Store", paths: "Paths") -> N
         from banger_core import bundles
 
         k = store.get_kernel(p.name)
-        files = {"kernel": Path(k.kernel), "initrd": Path(k.initrd) if k.initrd else None,
-                 "modules": Path(k.modules) if k.modules else None,
-                 "vmlinux": Path(k.vmlinux) if k.vmlinux and k.vmlinux != k.kernel else None}
+        files = {
+            "kernel": Path(k.kernel),
+            "initrd": Path(k.initrd) if k.initrd else None,
+            "modules": Path(k.modules) if k.modules else None,
+            "vmlinux": Path(k.vmlinux) if k.vmlinux and k.vmlinux != k.kernel else None,
+        }
         return await run_simple(bundles.create, Path(p.output), "kernel", k.name, files)
 
     async def image_list(_p: Any, call: Call) -> dict[str, Any]:

@@ -64,9 +64,7 @@ class Registry:
         if owner != "core" and not name.startswith(f"{owner}."):
             raise BangerError(ErrorCode.PLUGIN, f"plugin {owner!r} may only register methods named '{owner}.*', not {name!r}")
         if name in self.methods:
-            raise BangerError(
-                ErrorCode.PLUGIN, f"RPC method {name!r} registered by both {self.methods[name].owner} and {owner}"
-            )
+            raise BangerError(ErrorCode.PLUGIN, f"RPC method {name!r} registered by both {self.methods[name].owner} and {owner}")
         self.methods[name] = Method(name, handler, params, owner)
 
     def drop_owner(self, owner: str) -> None:

@@ -203,9 +203,7 @@ class Daemon:
         if len(line) > protocol.MAX_REQUEST:  # the newline came within the limit's slack
             raise BangerError(ErrorCode.BAD_REQUEST, f"frame exceeds {protocol.MAX_REQUEST} bytes", op_id=op_id)
         if not line.endswith(b"\n"):
-            raise BangerError(
-                ErrorCode.BAD_REQUEST, f"truncated frame: {len(line)} bytes without a newline", op_id=op_id
-            )
+            raise BangerError(ErrorCode.BAD_REQUEST, f"truncated frame: {len(line)} bytes without a newline", op_id=op_id)
         # Errors are raised after the except blocks, with the line dropped: a decode
         # error holds the whole decoded text, kept while the rejection drains (seconds).
         problem = None
@@ -223,9 +221,7 @@ class Daemon:
         if isinstance(req.get("op_id"), str) and protocol.OP_ID_RE.fullmatch(req["op_id"]):
             op_id = req["op_id"]
         if protocol.depth_exceeds(req):
-            raise BangerError(
-                ErrorCode.BAD_REQUEST, f"request nests deeper than {protocol.MAX_DEPTH} levels", op_id=op_id
-            )
+            raise BangerError(ErrorCode.BAD_REQUEST, f"request nests deeper than {protocol.MAX_DEPTH} levels", op_id=op_id)
         return req, op_id
 
     async def _reject(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, err: BangerError) -> None:
@@ -467,8 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         _serve(daemon)
         stuck = _join_workers(WORKER_GRACE)
         if stuck:
-            log.error("exiting with %d operation(s) still running %.0f s after shutdown: %s",
-                      len(stuck), WORKER_GRACE, ", ".join(stuck))
+            log.error(
+                "exiting with %d operation(s) still running %.0f s after shutdown: %s", len(stuck), WORKER_GRACE, ", ".join(stuck)
+            )
         return 0
     finally:
         try:

@@ -55,17 +55,13 @@ class FirecrackerAPI:
             resp = conn.getresponse()
             data = resp.read()
         except OSError as exc:
-            raise BangerError(
-                ErrorCode.OPERATION_FAILED, f"Firecracker API {method} {path}: {exc}"
-            ) from None
+            raise BangerError(ErrorCode.OPERATION_FAILED, f"Firecracker API {method} {path}: {exc}") from None
         finally:
             conn.close()
         parsed = json.loads(data) if data else None
         if resp.status >= 300:
             fault = parsed.get("fault_message") if isinstance(parsed, dict) else data.decode(errors="replace")
-            raise BangerError(
-                ErrorCode.OPERATION_FAILED, f"Firecracker API {method} {path}: {resp.status} {fault}"
-            )
+            raise BangerError(ErrorCode.OPERATION_FAILED, f"Firecracker API {method} {path}: {resp.status} {fault}")
         return parsed
 
     def put_logger(self, log_path: str, level: str = "Info") -> None:
@@ -88,9 +84,7 @@ class FirecrackerAPI:
         )
 
     def put_network_interface(self, iface_id: str, tap: str, mac: str) -> None:
-        self.request(
-            "PUT", f"/network-interfaces/{iface_id}", {"iface_id": iface_id, "host_dev_name": tap, "guest_mac": mac}
-        )
+        self.request("PUT", f"/network-interfaces/{iface_id}", {"iface_id": iface_id, "host_dev_name": tap, "guest_mac": mac})
 
     def put_vsock(self, guest_cid: int, uds_path: str) -> None:
         self.request("PUT", "/vsock", {"guest_cid": guest_cid, "uds_path": uds_path})
@@ -161,7 +155,9 @@ class FirecrackerDriver(Driver):
         deadline = time.monotonic() + self.api_timeout
         while time.monotonic() < deadline:
             if p.poll() is not None:
-                raise BangerError(ErrorCode.OPERATION_FAILED, f"firecracker exited with status {p.returncode} before its API came up")
+                raise BangerError(
+                    ErrorCode.OPERATION_FAILED, f"firecracker exited with status {p.returncode} before its API came up"
+                )
             if sock.exists():
                 try:
                     FirecrackerAPI(str(sock), 2).describe()

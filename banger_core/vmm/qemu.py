@@ -19,6 +19,7 @@ from banger_core.vmm.tsc import host_tsc_khz, host_tsc_trusted
 
 log = logging.getLogger("banger.vmm.qemu")
 
+
 class QemuDriver(Driver):
     name = "qemu"
 
@@ -75,10 +76,28 @@ class QemuDriver(Driver):
         """Boot the kernel under KVM with no disk; KVM works if it prints within the
         timeout. (Some hosts expose a /dev/kvm on which stock kernels hang.)"""
         args = [
-            self.binary, "-accel", "kvm", "-M", self._machine_type(machine), "-cpu", "host",
-            "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-serial", "stdio", "-kernel", machine.kernel,
-            "-append", "console=ttyS0 earlyprintk=serial panic=-1 root=/dev/null",
+            self.binary,
+            "-accel",
+            "kvm",
+            "-M",
+            self._machine_type(machine),
+            "-cpu",
+            "host",
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+            "-kernel",
+            machine.kernel,
+            "-append",
+            "console=ttyS0 earlyprintk=serial panic=-1 root=/dev/null",
         ]
         t0 = time.monotonic()
         p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
@@ -131,18 +150,33 @@ class QemuDriver(Driver):
         console = machine.console_log or str(run_dir / "console.log")
         args = [
             self.binary,
-            "-name", f"{process_tag(vm_id)},process={process_tag(vm_id)}",
-            "-M", mtype + (",acpi=on" if micro else ""),
-            "-accel", accel,
-            "-cpu", "host" if accel == "kvm" else "max",
-            "-smp", str(machine.vcpus),
-            "-m", f"{machine.memory_mib}M",
-            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", machine.kernel,
-            "-append", " ".join(self.boot_args(machine, micro, accel)),
-            "-serial", f"file:{console}",
-            "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
-            "-pidfile", str(run_dir / "vmm.pid"),
+            "-name",
+            f"{process_tag(vm_id)},process={process_tag(vm_id)}",
+            "-M",
+            mtype + (",acpi=on" if micro else ""),
+            "-accel",
+            accel,
+            "-cpu",
+            "host" if accel == "kvm" else "max",
+            "-smp",
+            str(machine.vcpus),
+            "-m",
+            f"{machine.memory_mib}M",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-kernel",
+            machine.kernel,
+            "-append",
+            " ".join(self.boot_args(machine, micro, accel)),
+            "-serial",
+            f"file:{console}",
+            "-qmp",
+            f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
+            "-pidfile",
+            str(run_dir / "vmm.pid"),
             "-daemonize",
         ]
         if machine.initrd:
@@ -151,19 +185,26 @@ class QemuDriver(Driver):
             fmt = "qcow2" if d.path.endswith(".qcow2") else "raw"
             ro = ",readonly=on" if d.read_only else ""
             args += [
-                "-drive", f"id={d.id},file={d.path},format={fmt},if=none,cache=writeback,discard=unmap{ro}",
-                "-device", f"{dev('blk')},drive={d.id}",
+                "-drive",
+                f"id={d.id},file={d.path},format={fmt},if=none,cache=writeback,discard=unmap{ro}",
+                "-device",
+                f"{dev('blk')},drive={d.id}",
             ]
         for n in machine.nics:
             args += [
-                "-netdev", f"tap,id={n.id},ifname={n.tap},script=no,downscript=no",
-                "-device", f"{dev('net')},netdev={n.id},mac={n.mac}",
+                "-netdev",
+                f"tap,id={n.id},ifname={n.tap},script=no,downscript=no",
+                "-device",
+                f"{dev('net')},netdev={n.id},mac={n.mac}",
             ]
         if machine.agent is not None and machine.agent.kind == "serial":
             args += [
-                "-device", "virtio-serial-device" if micro else "virtio-serial-pci",
-                "-chardev", f"socket,id=agent,path={machine.agent.host_path},server=on,wait=off",
-                "-device", "virtserialport,chardev=agent,name=banger.agent",
+                "-device",
+                "virtio-serial-device" if micro else "virtio-serial-pci",
+                "-chardev",
+                f"socket,id=agent,path={machine.agent.host_path},server=on,wait=off",
+                "-device",
+                "virtserialport,chardev=agent,name=banger.agent",
             ]
         elif machine.agent is not None and machine.agent.kind == "vsock":
             args += ["-device", f"{'vhost-vsock-device' if micro else 'vhost-vsock-pci'},guest-cid={machine.agent.guest_cid}"]

@@ -110,7 +110,9 @@ def register_rpc_methods(register) -> None:
 
 @hookimpl
 def register_doctor_checks(register) -> None:
-    register("greeting", lambda s: CheckResult.ok("greeting", s.greeting) if s.greeting else CheckResult.fail("greeting", "empty"))
+    register(
+        "greeting", lambda s: CheckResult.ok("greeting", s.greeting) if s.greeting else CheckResult.fail("greeting", "empty")
+    )
 
 
 @hookimpl

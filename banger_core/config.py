@@ -83,9 +83,12 @@ class CatalogTable(_Table):
     path: str | None = Field(default=None, description="a catalog.json whose entries add to or override the built-in one")
 
 
+DEFAULT_MAX_ROOTFS_MIB = 64 * 1024  # 64 GiB
+
+
 class ImagesTable(_Table):
     max_rootfs_size: SizeMiB = Field(
-        default=64 * 1024, description='largest root filesystem banger accepts from any source (MiB, or "64G")'
+        default=DEFAULT_MAX_ROOTFS_MIB, description='largest root filesystem banger accepts from any source (MiB, or "64G")'
     )
 
 

@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from banger_core.config import DEFAULT_MAX_ROOTFS_MIB
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Image, Kernel
 from banger_core.paths import Paths
@@ -26,7 +27,6 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # always fullmatch
 # only a vmlinux boots it everywhere (QEMU then uses -M microvm).
 KERNEL_NAMES = ("vmlinuz", "bzImage", "kernel", "vmlinux")
 INITRD_NAMES = ("initrd.img", "initrd", "initramfs.img", "initramfs")
-DEFAULT_MAX_ROOTFS_MIB = 64 * 1024  # [images] max_rootfs_size's default
 
 
 def check_name(kind: str, name: str) -> str:

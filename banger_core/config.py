@@ -128,6 +128,18 @@ def resolve_vm_defaults(d: VMDefaultsTable) -> dict[str, tuple[Any, Provenance]]
     }
 
 
+def shown_vm_defaults(d: VMDefaultsTable) -> dict[str, tuple[str, Provenance]]:
+    """``resolve_vm_defaults`` as users read it ("3013 MiB", "the image's own"): what
+    `vm create --help` and `doctor` print."""
+    out: dict[str, tuple[str, Provenance]] = {}
+    for key, (value, src) in resolve_vm_defaults(d).items():
+        if value is None:
+            out[key] = ("the image's own", src)
+        else:
+            out[key] = (f"{value} MiB" if key.endswith("_mib") else str(value), src)
+    return out
+
+
 # Keys of the original (Go) banger's flat config.toml, and what became of each.
 _RENAMED = "renamed to"
 LEGACY_KEYS: dict[str, str] = {

@@ -71,12 +71,10 @@ def core_checks(paths: "Paths", rt: "Runtime | None", load_error: BangerError | 
 
 def _vm_defaults_check(rt: "Runtime") -> CheckResult:
     """Each VM default with where it comes from: config / auto (this host) / builtin."""
-    from banger_core.config import resolve_vm_defaults
+    from banger_core.config import shown_vm_defaults
 
-    parts = []
-    for key, (value, src) in resolve_vm_defaults(rt.config.core.vm_defaults).items():
-        shown = f"{value} MiB" if key.endswith("_mib") and value is not None else value
-        parts.append(f"{key.removesuffix('_mib')}={shown if shown is not None else 'image' + chr(39) + 's own'} ({src})")
+    shown = shown_vm_defaults(rt.config.core.vm_defaults).items()
+    parts = [f"{key.removesuffix('_mib')}={value} ({src})" for key, (value, src) in shown]
     return CheckResult.ok("vm defaults", f"{', '.join(parts)}; config {rt.config.path}")
 
 

@@ -145,19 +145,17 @@ def _fan_out(method: str, refs: list[str], as_json: bool, verb: str, shown: Any 
 
 def _defaults_help() -> dict[str, str]:
     """Each VM default as `vm create --help` shows it: the value this host and config
-    resolve to, and where it comes from (config / auto / builtin)."""
-    from banger_core.config import Config, resolve_vm_defaults
+    resolve to, and where it comes from (config / auto / builtin). Uses the runtime the
+    CLI loads anyway (for plugin commands): the config is read once per run."""
+    from banger_core.config import shown_vm_defaults
 
-    why = {"vcpus": "host cpus/4, 1..4", "memory_mib": "host RAM/8, 256 MiB..8 GiB"}
-    try:
-        cfg = Config.load(state.paths.config_file).core
-    except BangerError:
+    rt = state.try_runtime()
+    if rt is None:
         return {}
+    cfg = rt.config.core
+    why = {"vcpus": "host cpus/4, 1..4", "memory_mib": "host RAM/8, 256 MiB..8 GiB"}
     out = {}
-    for key, (value, src) in resolve_vm_defaults(cfg.vm_defaults).items():
-        shown = f"{value} MiB" if key.endswith("_mib") else value
-        if key == "kernel" and value is None:
-            shown = "the image's own"
+    for key, (shown, src) in shown_vm_defaults(cfg.vm_defaults).items():
         out[key] = f"default: {shown} ({src}" + (f": {why[key]}" if src == "auto" else "") + ")"
     out["driver"] = f"default: {cfg.vmm.driver} ({'config' if 'driver' in cfg.vmm.model_fields_set else 'builtin'}"
     out["driver"] += ": Firecracker when usable, else QEMU)" if cfg.vmm.driver == "auto" else ")"

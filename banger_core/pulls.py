@@ -12,6 +12,8 @@ result instead of pulling again. Different names pull in parallel.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import shutil
@@ -94,19 +96,27 @@ def _load_catalog(text: str, where: str) -> dict[str, Any]:
         raise BangerError(ErrorCode.CONFIG, f"{where}: {exc.message}") from None
 
 
+@functools.lru_cache(maxsize=8)
+def _validated(text: str, where: str) -> dict[str, Any]:
+    """A catalog's text, validated once per content (pulls ask for the catalog several
+    times per operation)."""
+    return _load_catalog(text, where)
+
+
 def catalog(extra: str | None = None) -> dict[str, Any]:
     """The built-in catalog, with entries from ``extra`` (a catalog.json) on top: an
-    entry of the same name replaces the built-in one whole. Both are validated."""
-    cat = _load_catalog(resources.files("banger_core").joinpath("catalog.json").read_text(), "built-in catalog")
+    entry of the same name replaces the built-in one whole. Both are validated; the
+    user's file is read each time, so an edit applies at once."""
+    cat = copy.deepcopy(_validated(resources.files("banger_core").joinpath("catalog.json").read_text(), "built-in catalog"))
     if extra:
         where = f"[catalog] path {extra}"
         try:
             text = Path(extra).expanduser().read_text()
         except OSError as exc:
             raise BangerError(ErrorCode.CONFIG, f"{where}: {exc.strerror or exc}") from None
-        more = _load_catalog(text, where)
+        more = _validated(text, where)
         for kind in ("kernels", "images"):
-            cat[kind].update(more[kind])
+            cat[kind].update(copy.deepcopy(more[kind]))
     return cat
 
 

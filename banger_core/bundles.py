@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import zstandard
 
+from banger_core.paths import Paths
 from banger_core.errors import BangerError, ErrorCode
 
 CHUNK = 1 << 20
@@ -215,7 +215,7 @@ def fetch_and_extract(
 ) -> dict[str, Any]:
     """Download + verify + unpack into ``target`` via a sibling staging dir."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    staging = Paths.staging_dir(target)
     try:
         archive = staging / "bundle.tar.zst"
         download(url, archive, sha256, size, progress)

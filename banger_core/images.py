@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,7 +216,7 @@ def import_kernel_files(
         raise BangerError(ErrorCode.ALREADY_EXISTS, f"kernel {name!r} already exists (use --force to replace)")
     paths.kernels_dir.mkdir(parents=True, exist_ok=True)
     final = paths.kernels_dir / name
-    staging = Path(tempfile.mkdtemp(dir=paths.kernels_dir, prefix=f".{name}.staging-"))
+    staging = paths.staging_dir(paths.kernels_dir / name)
     try:
         shutil.copy2(kernel, staging / kernel.name)
         if vmlinux:

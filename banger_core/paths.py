@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+STAGING = ".staging-"  # in the name of every staging dir (Paths.staging_dir)
+
+
 @dataclass(frozen=True)
 class Paths:
     config_dir: Path
@@ -114,6 +117,16 @@ class Paths:
         """Bundles being fetched and unpacked (transient: consumed by the import)."""
         return self.cache_dir / "bundles"
 
+    @staticmethod
+    def staging_dir(beside: Path) -> Path:
+        """A new, empty staging dir next to ``beside`` (``.NAME.staging-XXXX``), renamed
+        into place when complete; what a cut-off operation leaves of it is removed by
+        the next daemon (``transient_leftovers``)."""
+        import tempfile
+
+        beside.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{beside.name}{STAGING}", dir=beside.parent))
+
     def transient_leftovers(self) -> list[Path]:
         """What an operation cut off mid-way (a daemon killed or stopped with work
         still running) leaves: staging dirs (``.NAME.staging-*``), a half-copied
@@ -122,7 +135,7 @@ class Paths:
         found: list[Path] = []
         for d in (self.images_dir, self.kernels_dir, self.bundles_dir):
             if d.is_dir():
-                found += [p for p in d.iterdir() if p.name.startswith(".") and (".staging-" in p.name or p.name.endswith(".old"))]
+                found += [p for p in d.iterdir() if p.name.startswith(".") and (STAGING in p.name or p.name.endswith(".old"))]
         if self.images_dir.is_dir():
             found += list(self.images_dir.glob("*/.rootfs.ext4.tmp"))
         if self.bundles_dir.is_dir():

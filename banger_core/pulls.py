@@ -361,7 +361,6 @@ class Puller:
         ``kernel_ref`` (default: the default image's kernel) or with its own kernel,
         initrd and modules (``kernel_files``: imported as a kernel named after the image
         once the rootfs is in place, so a failed pull imports nothing)."""
-        import tempfile
 
         from banger_core import oci
         from banger_core.artifacts.debian_kernel import static_busybox
@@ -393,7 +392,7 @@ class Puller:
                 progress("pull", {"kind": "image", "name": name, "from": ref})
             busybox = static_busybox(self.paths.debs_dir, log=log.info)
             self.paths.images_dir.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=self.paths.images_dir))
+            staging = self.paths.staging_dir(self.paths.images_dir / name)
             token = object()
             with self._guard:
                 self._blob_users[token] = time.time()

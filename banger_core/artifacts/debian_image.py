@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
+from banger_core.paths import Paths
 from banger_core.artifacts.common import ArtifactBuildError, Log, Work, remove_tree, run, run_long
 from banger_core.fsutil import tree_bytes
 
@@ -167,7 +167,7 @@ def build_debian_image(
     if shutil.which("mmdebstrap") is None:
         raise ArtifactBuildError("mmdebstrap is not installed (apt install mmdebstrap)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+    staging = Paths.staging_dir(dest)
     try:
         tree = staging / "tree"
         log(f"building {SUITE} root filesystem with mmdebstrap (a minute or two)")

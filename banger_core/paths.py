@@ -21,6 +21,8 @@ from pathlib import Path
 
 
 STAGING = ".staging-"  # in the name of every staging dir (Paths.staging_dir)
+ASIDE = ".old"  # the end of a replaced dir's name while its successor moves in (Paths.aside)
+ROOTFS_TMP = ".rootfs.ext4.tmp"  # a managed rootfs being copied in and checked (images.publish_rootfs)
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,13 @@ class Paths:
         beside.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{beside.name}{STAGING}", dir=beside.parent))
 
+    @staticmethod
+    def aside(final: Path) -> Path:
+        """Where a dir being replaced waits (``.NAME.old``) until its successor is in
+        place (fsutil.replace_dir); a daemon cut off in between leaves it, and the next
+        one puts it back (``transient_leftovers``)."""
+        return final.with_name(f".{final.name}{ASIDE}")
+
     def transient_leftovers(self) -> list[Path]:
         """What an operation cut off mid-way (a daemon killed or stopped with work
         still running) leaves: staging dirs (``.NAME.staging-*``), a half-copied
@@ -135,9 +144,9 @@ class Paths:
         found: list[Path] = []
         for d in (self.images_dir, self.kernels_dir, self.bundles_dir):
             if d.is_dir():
-                found += [p for p in d.iterdir() if p.name.startswith(".") and (STAGING in p.name or p.name.endswith(".old"))]
+                found += [p for p in d.iterdir() if p.name.startswith(".") and (STAGING in p.name or p.name.endswith(ASIDE))]
         if self.images_dir.is_dir():
-            found += list(self.images_dir.glob("*/.rootfs.ext4.tmp"))
+            found += list(self.images_dir.glob(f"*/{ROOTFS_TMP}"))
         if self.bundles_dir.is_dir():
             found += [p for p in self.bundles_dir.iterdir() if p not in found]
         return sorted(set(found))

@@ -130,14 +130,15 @@ LAYERS_FILE = "layers.json"  # beside an OCI image's rootfs: the layer digests i
 
 @contextmanager
 def build_errors(kind: str, name: str) -> Iterator[None]:
-    """A host-side build's failure as the RPC error a client sees."""
+    """A host-side build's failure (a step's or a command's) as the RPC error a client sees."""
     from banger_core.artifacts.common import ArtifactBuildError
+    from banger_core.proc import CommandFailed
 
     try:
         yield
     except Cancelled:
         raise Cancelled(f"building {kind} {name}") from None
-    except ArtifactBuildError as exc:
+    except (ArtifactBuildError, CommandFailed) as exc:
         raise BangerError(ErrorCode.OPERATION_FAILED, f"building {kind} {name}: {exc}") from None
 
 

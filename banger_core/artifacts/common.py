@@ -1,30 +1,25 @@
-"""What every host-side artifact recipe shares: running tools, Debian packages,
-atomic installs, a build lock, and the vmlinux inside a bzImage.
+"""What every host-side artifact recipe shares: Debian packages, a build lock,
+removing a build's scratch tree, an ext4 from a tree, and the vmlinux inside a bzImage.
 
 Standard library plus Debian's own tools (apt-get, dpkg-deb) only.
 """
 
 from __future__ import annotations
 
-import collections
 import fcntl
 import lzma
 import os
 import re
 import shutil
-import signal
 import struct
-import subprocess
 import tempfile
-import threading
-import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from banger_core.errors import raise_if_cancelled
+from banger_core import fsutil, proc
 from banger_core.vmm.base import ELF_MAGIC
 
 Log = Callable[[str], Any]
@@ -37,97 +32,8 @@ class ArtifactBuildError(RuntimeError):
     """Building a guest artifact failed; the message says which step and why."""
 
 
-# A cancelled build raises banger_core.errors.Cancelled (what it started is stopped first).
-
-
-def run(
-    args: Sequence[str],
-    log: Log,
-    *,
-    check: bool = True,
-    cwd: Path | None = None,
-    text: bool = True,
-) -> subprocess.CompletedProcess[Any]:
-    """Run a command, logging it and (on failure) its exit status and stderr."""
-    log(f"$ {' '.join(args)}")
-    proc = subprocess.run(list(args), capture_output=True, text=text, cwd=cwd, stdin=subprocess.DEVNULL, check=False)
-    if proc.returncode != 0:
-        stderr = proc.stderr if text else proc.stderr.decode(errors="replace")
-        tail = "\n".join(stderr.strip().splitlines()[-5:])
-        if check:
-            raise ArtifactBuildError(f"{args[0]} exited {proc.returncode}: {tail}")
-        log(f"  exit {proc.returncode}: {tail}")
-    return proc
-
-
-def run_long(
-    args: Sequence[str],
-    log: Log,
-    *,
-    cwd: Path | None = None,
-    cancel: threading.Event | None = None,
-    on_line: Callable[[str], None] | None = None,
-    env: dict[str, str] | None = None,
-) -> None:
-    """Run a long command (a kernel build), streaming its output lines to ``on_line``.
-
-    The command runs in its own process group: when ``cancel`` is set, the whole
-    group (make and every compiler it started) is terminated, then killed, and
-    errors.Cancelled is raised. A failure raises with the last lines of its output.
-    """
-    log(f"$ {' '.join(args)}")
-    p = subprocess.Popen(
-        list(args),
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-        env={**os.environ, **(env or {})},
-    )
-    tail: collections.deque[str] = collections.deque(maxlen=15)
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(0.2):
-            if cancel is not None and cancel.is_set():
-                _kill_group(p)
-                return
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        assert p.stdout is not None
-        for line in p.stdout:
-            line = line.rstrip("\n")
-            tail.append(line)
-            if on_line is not None:
-                on_line(line)
-        p.wait()
-    finally:
-        stop.set()
-        watcher.join()
-        if p.poll() is None:
-            _kill_group(p)
-    raise_if_cancelled(cancel, args[0])
-    if p.returncode != 0:
-        errors = [line for line in tail if "error" in line.lower()] or list(tail)
-        raise ArtifactBuildError(f"{args[0]} exited {p.returncode}: " + "\n".join(errors[-8:]))
-
-
-def _kill_group(p: subprocess.Popen[str]) -> None:
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                return
-            time.sleep(0.05)
+# Commands run through banger_core.proc (run, run_long), which raises CommandFailed;
+# a cancelled build raises banger_core.errors.Cancelled (what it started is stopped first).
 
 
 def mounts_under(path: Path) -> list[Path]:
@@ -154,7 +60,7 @@ def remove_tree(path: Path) -> None:
     rmtree would walk into them). Raises if a mount cannot be detached: deleting
     through it could delete the host's files."""
     for point in mounts_under(path):
-        subprocess.run(["umount", "--lazy", str(point)], capture_output=True, check=False)
+        proc.run(["umount", "--lazy", point], check=False, timeout=60, what="umount")
     left = mounts_under(path)
     if left:
         raise ArtifactBuildError(f"cannot unmount {', '.join(map(str, left))}: {path} left in place")
@@ -178,11 +84,11 @@ def download_deb(package: str, version: str | None, cache: Path, log: Log) -> Pa
             # apt's _apt sandbox user cannot write into root's cache directory.
             args[1:1] = ["-o", "APT::Sandbox::User=root"]
         try:
-            run(args, log, cwd=tmp)
-        except ArtifactBuildError:
+            proc.run(args, cwd=tmp, timeout=None, echo=log)
+        except proc.CommandFailed:
             log(f"apt-get download {spec} failed: refreshing package lists once")
-            run(["apt-get", "update"], log)
-            run(args, log, cwd=tmp)
+            proc.run(["apt-get", "update"], timeout=None, echo=log)
+            proc.run(args, cwd=tmp, timeout=None, echo=log)
         debs = list(tmp.glob("*.deb"))
         if len(debs) != 1:
             raise ArtifactBuildError(f"apt-get download {spec} produced {len(debs)} .deb files")
@@ -194,21 +100,7 @@ def download_deb(package: str, version: str | None, cache: Path, log: Log) -> Pa
 
 
 def deb_field(deb: Path, field: str) -> str:
-    return subprocess.run(["dpkg-deb", "-f", str(deb), field], capture_output=True, text=True, check=True).stdout.strip()
-
-
-def install_file(data: bytes, path: Path) -> None:
-    """Write atomically: readers never see a half-written kernel or initrd."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def install_copy(src: Path, path: Path) -> None:
-    """Copy a (large) file into place atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, path)
+    return proc.run(["dpkg-deb", "-f", deb, field], text=True, what=f"reading {field} of {deb.name}").stdout.strip()
 
 
 @contextmanager
@@ -260,7 +152,6 @@ def ext4_from_tree(
     ratio gives (mkfs's one-inode-per-16-KiB alone runs out on a tree of small files).
     Refused when ``size_mib`` is too small for the tree or over ``max_mib``. A temp
     file until complete. Returns {"size_mib", "tree_mib", "inodes"}."""
-    from banger_core import proc
     from banger_core.errors import BangerError, ErrorCode
 
     data, entries = tree_needs(tree)
@@ -276,18 +167,14 @@ def ext4_from_tree(
     if max_mib is not None and size > max_mib:  # refused before it is made (the publish step checks again)
         raise BangerError(ErrorCode.BAD_REQUEST, f"{what}: a {size} MiB rootfs is over [images] max_rootfs_size ({max_mib} MiB)")
     inodes = max(inodes, size * 1024 * 1024 // 16384)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.truncate(size * 1024 * 1024)
-    try:
+    with fsutil.atomic_file(out) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.truncate(size * 1024 * 1024)
         proc.run(
             ["mkfs.ext4", "-q", "-F", "-L", label, "-N", str(inodes), "-I", str(INODE_BYTES), "-d", tree, tmp],
             timeout=1800,
             what="mkfs.ext4 -d",
         )
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"size_mib": size, "tree_mib": used, "inodes": inodes}
 
 

@@ -19,9 +19,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from banger_core.paths import Paths
-from banger_core.artifacts.common import ArtifactBuildError, Log, Work, remove_tree, run, run_long
-from banger_core.fsutil import tree_bytes
+from banger_core import proc
+from banger_core.artifacts.common import ArtifactBuildError, Log, Work, remove_tree
+from banger_core.fsutil import staged_dir, tree_bytes
 
 RECIPE = 4
 SUITE = "bookworm"
@@ -166,9 +166,8 @@ def build_debian_image(
             return {**m, "rootfs": str(dest / m["rootfs"])}
     if shutil.which("mmdebstrap") is None:
         raise ArtifactBuildError("mmdebstrap is not installed (apt install mmdebstrap)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Paths.staging_dir(dest)
-    try:
+    # a failure unmounts what mmdebstrap left before removing the staging dir
+    with staged_dir(dest, discard=remove_tree) as staging:
         tree = staging / "tree"
         log(f"building {SUITE} root filesystem with mmdebstrap (a minute or two)")
         steps = 0
@@ -182,7 +181,7 @@ def build_debian_image(
             elif line.startswith(("I: ", "E: ", "W: ")):
                 log(line[3:])
 
-        run_long(
+        proc.run_long(
             [
                 "mmdebstrap",
                 "--verbose",
@@ -195,7 +194,7 @@ def build_debian_image(
                 str(tree),
                 MIRROR,
             ],
-            log,
+            echo=log,
             cancel=cancel,
             on_line=on_line,
         )
@@ -209,7 +208,7 @@ def build_debian_image(
         with open(rootfs, "wb") as fh:
             fh.truncate(size * 1024 * 1024)
         log(f"making a {size} MiB ext4 from the {used_mib} MiB tree")
-        run(["mkfs.ext4", "-q", "-F", "-L", "banger-root", "-d", str(tree), str(rootfs)], log)
+        proc.run(["mkfs.ext4", "-q", "-F", "-L", "banger-root", "-d", tree, rootfs], timeout=None, echo=log)
         remove_tree(tree)
         manifest = {
             "name": "debian-bookworm",
@@ -221,10 +220,4 @@ def build_debian_image(
             "kernel_modules": modules_dir.name if modules_dir else None,
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        staging.rename(dest)
-    except BaseException:
-        remove_tree(staging)
-        raise
     return {**manifest, "rootfs": str(dest / "rootfs.ext4")}

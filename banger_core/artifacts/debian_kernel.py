@@ -25,21 +25,19 @@ import lzma
 import os
 import shutil
 import struct
-import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from banger_core import fsutil, proc
 from banger_core.artifacts.common import (
     ArtifactBuildError,
     Log,
     deb_field,
     download_deb,
     extract_vmlinux,
-    install_file,
     locked,
-    run,
 )
 
 __all__ = ["ArtifactBuildError", "build_debian_cloud_kernel", "busybox_applets", "static_busybox"]
@@ -107,15 +105,10 @@ def static_busybox(cache: Path, log: Log = print) -> Path:
     if found is not None:
         return found
     deb = download_deb(BUSYBOX_PACKAGE, None, Path(cache), log)
-    tmp = Path(tempfile.mkdtemp(prefix=".busybox-", dir=cache))
-    try:
-        run(["dpkg-deb", "-x", str(deb), str(tmp)], log)
+    with fsutil.staged_dir(unpacked) as tmp:
+        proc.run(["dpkg-deb", "-x", deb, tmp], timeout=None, echo=log)
         if _find_busybox_in(tmp) is None:
             raise ArtifactBuildError(f"{deb.name} holds no static busybox binary")
-        shutil.rmtree(unpacked, ignore_errors=True)
-        tmp.rename(unpacked)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     found = _find_busybox_in(unpacked)
     assert found is not None
     return found
@@ -123,7 +116,7 @@ def static_busybox(cache: Path, log: Log = print) -> Path:
 
 def busybox_applets(busybox: Path) -> list[str]:
     """Install paths of busybox's applets relative to /, e.g. ``usr/bin/awk``."""
-    out = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout
+    out = proc.run([busybox, "--list-full"], text=True, what="listing busybox's applets").stdout
     return [line.strip().lstrip("/") for line in out.splitlines() if line.strip()]
 
 
@@ -140,7 +133,7 @@ def _build(dest: Path, cache: Path, log: Log) -> None:
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=dest))
     try:
         unpacked = work / "deb"
-        run(["dpkg-deb", "-x", str(deb), str(unpacked)], log)
+        proc.run(["dpkg-deb", "-x", deb, unpacked], timeout=None, echo=log)
         kver, modules_src = _find_modules_dir(unpacked, deb)
         bzimage = unpacked / "boot" / f"vmlinuz-{kver}"
         config = unpacked / "boot" / f"config-{kver}"
@@ -160,17 +153,15 @@ def _build(dest: Path, cache: Path, log: Log) -> None:
         log(f"initrd modules (load order): {' '.join(n for n, _ in order) or '(none)'}")
         initrd = _initrd_bytes(busybox, [(n, _read_module(p, log)) for n, p in order])
 
-        install_file(bzimage.read_bytes(), dest / "vmlinuz")
+        fsutil.atomic_write(dest / "vmlinuz", bzimage.read_bytes())
         # Firecracker (and QEMU's PVH path) boot only an uncompressed ELF kernel.
-        install_file(extract_vmlinux(bzimage.read_bytes()), dest / "vmlinux")
-        install_file(initrd, dest / "initrd.img")
+        fsutil.atomic_write(dest / "vmlinux", extract_vmlinux(bzimage.read_bytes()))
+        fsutil.atomic_write(dest / "initrd.img", initrd)
         if config.is_file():
-            install_file(config.read_bytes(), dest / "config")
+            fsutil.atomic_write(dest / "config", config.read_bytes())
         modules_dest = dest / "modules" / kver
         modules_dest.parent.mkdir(exist_ok=True)
-        if modules_dest.exists():
-            shutil.rmtree(modules_dest)
-        staged_modules.rename(modules_dest)
+        fsutil.replace_dir(staged_modules, modules_dest)
 
         manifest = {
             "version": kver,
@@ -185,7 +176,7 @@ def _build(dest: Path, cache: Path, log: Log) -> None:
             "recipe": RECIPE,
         }
         # Written last: its presence marks a complete build.
-        install_file((json.dumps(manifest, indent=2) + "\n").encode(), dest / "manifest.json")
+        fsutil.atomic_write(dest / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         log(f"kernel {kver} ({package} {version}) ready in {dest}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -218,8 +209,8 @@ def _resolve_kernel_package(cache: Path, log: Log) -> tuple[str, str | None]:
     if found is None:
         log("apt-cache knows no kernel package yet: running apt-get update")
         try:
-            run(["apt-get", "update"], log)
-        except ArtifactBuildError as exc:
+            proc.run(["apt-get", "update"], timeout=None, echo=log)
+        except proc.CommandFailed as exc:
             log(f"apt-get update failed: {exc}")
         found = _apt_kernel_dependency(log)
     if found is not None:
@@ -236,10 +227,10 @@ def _resolve_kernel_package(cache: Path, log: Log) -> tuple[str, str | None]:
 
 
 def _apt_kernel_dependency(log: Log) -> tuple[str, str | None] | None:
-    proc = run(["apt-cache", "show", "--no-all-versions", META_PACKAGE], log, check=False)
-    if proc.returncode != 0:
+    r = proc.run(["apt-cache", "show", "--no-all-versions", META_PACKAGE], check=False, timeout=None, echo=log, text=True)
+    if r.returncode != 0:
         return None
-    for line in proc.stdout.splitlines():
+    for line in r.stdout.splitlines():
         if not line.startswith(("Depends:", "Pre-Depends:")):
             continue
         for alternative in line.split(":", 1)[1].split(","):
@@ -267,10 +258,10 @@ def _depmod(base: Path, kver: str, busybox: Path, log: Log) -> None:
     """Generate modules.dep & co.: kmod's depmod when installed, else busybox's."""
     depmod = shutil.which("depmod") or next((p for p in ("/usr/sbin/depmod", "/sbin/depmod") if os.access(p, os.X_OK)), None)
     if depmod:
-        run([depmod, "-b", str(base), kver], log)
+        proc.run([depmod, "-b", base, kver], timeout=None, echo=log)
     else:
         log("kmod's depmod is not installed: using busybox depmod")
-        run([str(busybox), "depmod", "-b", str(base), kver], log)
+        proc.run([busybox, "depmod", "-b", base, kver], timeout=None, echo=log)
     if not (base / "lib" / "modules" / kver / "modules.dep").is_file():
         raise ArtifactBuildError(f"depmod wrote no modules.dep for {kver}")
 
@@ -340,7 +331,7 @@ def _read_module(path: Path, log: Log) -> bytes:
         zstd = shutil.which("zstd") or shutil.which("unzstd")
         if zstd is None:
             raise ArtifactBuildError(f"{name} is zstd-compressed and no zstd tool is installed")
-        return bytes(run([zstd, "-dc", str(path)], log, text=False).stdout)
+        return proc.run([zstd, "-dc", path], timeout=None, echo=log).stdout
     return path.read_bytes()
 
 

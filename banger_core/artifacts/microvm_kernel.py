@@ -27,17 +27,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from banger_core import fsutil, proc
 from banger_core.artifacts.common import (
     ArtifactBuildError,
     Log,
     Work,
     deb_field,
     download_deb,
-    install_copy,
-    install_file,
     locked,
-    run,
-    run_long,
 )
 
 SOURCE_PACKAGE = "linux-source-6.1"
@@ -110,8 +107,8 @@ def build_microvm_kernel(
             tree = unpack_source(deb, scratch, log)
             configure(tree, scratch / FRAGMENT, log)
             kver = compile_vmlinux(tree, log, jobs=jobs, cancel=cancel, work=work)
-            install_copy(tree / "vmlinux", dest / "vmlinux")
-            install_copy(tree / ".config", dest / "config")
+            fsutil.atomic_copy(tree / "vmlinux", dest / "vmlinux")
+            fsutil.atomic_copy(tree / ".config", dest / "config")
             manifest = {
                 "version": kver,
                 "package": deb_field(deb, "Package"),
@@ -121,7 +118,7 @@ def build_microvm_kernel(
                 "config": "config",
                 "recipe": recipe_id(),
             }
-            install_file((json.dumps(manifest, indent=2) + "\n").encode(), dest / "manifest.json")
+            fsutil.atomic_write(dest / "manifest.json", json.dumps(manifest, indent=2) + "\n")
             log(f"kernel {kver} ready in {dest}")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -155,7 +152,7 @@ def unpack_source(deb: Path, into: Path, log: Log) -> Path:
     # dpkg-deb streams the package's data tar; tar pulls the source tarball out of it
     # and a second tar unpacks that: no 140 MB intermediate file.
     script = f'dpkg-deb --fsys-tarfile "$1" | tar -xO "{member}" | tar -xJ -C "$2"'
-    run(["sh", "-ec", script, "sh", str(deb), str(into)], log)
+    proc.run(["sh", "-ec", script, "sh", deb, into], timeout=None, echo=log)
     trees = [p for p in into.iterdir() if p.is_dir() and (p / "Makefile").is_file()]
     if len(trees) != 1:
         raise ArtifactBuildError(f"{deb.name}: expected one source tree in {member}, found {len(trees)}")
@@ -172,7 +169,9 @@ def configure(tree: Path, fragment_path: Path, log: Log, text: str | None = None
     """
     text = fragment_text() if text is None else text
     fragment_path.write_text(text)
-    run(["make", "-C", str(tree), "-s", "ARCH=x86_64", f"KCONFIG_ALLCONFIG={fragment_path}", "allnoconfig"], log)
+    proc.run(
+        ["make", "-C", tree, "-s", "ARCH=x86_64", f"KCONFIG_ALLCONFIG={fragment_path}", "allnoconfig"], timeout=None, echo=log
+    )
     resolved = parse_config((tree / ".config").read_text())
     wanted = parse_config(text)
     lost = [f"{k}={v} (got {resolved.get(k, 'n')})" for k, v in wanted.items() if resolved.get(k, "n") != v]
@@ -219,8 +218,8 @@ def compile_vmlinux(
             log(f"compiling: {state['objects']} of ~{EXPECTED_STEPS} steps after {now - t0:.0f}s")
 
     log(f"compiling vmlinux with {jobs} jobs (about ten minutes on 2 cores)")
-    run_long(["make", "-C", str(tree), "ARCH=x86_64", f"-j{jobs}", "vmlinux"], log, cancel=cancel, on_line=on_line)
-    kver = run(["make", "-C", str(tree), "-s", "ARCH=x86_64", "kernelrelease"], log).stdout.strip()
+    proc.run_long(["make", "-C", tree, "ARCH=x86_64", f"-j{jobs}", "vmlinux"], echo=log, cancel=cancel, on_line=on_line)
+    kver = proc.run(["make", "-C", tree, "-s", "ARCH=x86_64", "kernelrelease"], timeout=None, echo=log, text=True).stdout.strip()
     if work is not None:
         work(EXPECTED_STEPS, EXPECTED_STEPS)
     log(f"compiled in {state['objects']} steps, {time.monotonic() - t0:.0f}s")

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from banger_core.builtin import ESSENTIAL
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Input, SizeMiB, validate_input
 from banger_core.paths import PROJECT_FILE
@@ -47,6 +48,11 @@ class PluginsTable(_Table):
         both = sorted(set(self.enable or ()) & set(self.disable))
         if both:
             raise ValueError(f"plugin(s) both enabled and disabled: {', '.join(both)}")
+        essential = sorted(set(self.disable) & ESSENTIAL)
+        if essential:
+            from banger_core.plugins import essential_refusal
+
+            raise ValueError(essential_refusal(essential))
         return self
 
 
@@ -283,8 +289,8 @@ class Config:
                             f"{project.path}: [plugins] enable: plugin {n!r} is "
                             f"{host.records[n].status} for this user ({host.records[n].reason})",
                         )
-            if project.plugins.enable is not None:
-                names = [n for n in names if n in project.plugins.enable]
+            if project.plugins.enable is not None:  # an allow-list of installed plugins
+                names = [n for n in names if n in project.plugins.enable or host.records[n].builtin]
             names = [n for n in names if n not in project.plugins.disable]
             return host.order(names, excluded_by=str(project.path))
         return host.order(names)

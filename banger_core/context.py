@@ -10,7 +10,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from pydantic import BaseModel
 
     from banger_core.models import VM
+    from banger_core.errors import BangerError
     from banger_core.paths import Paths
+    from banger_core.runtime import Runtime
     from banger_core.store import Store
 
 
@@ -47,6 +49,19 @@ class ReconcileContext:
     store: "Store"
     settings: "BaseModel | None"
     log: logging.Logger | logging.LoggerAdapter
+
+
+@dataclass
+class DoctorContext:
+    """Passed to ``register_doctor_checks`` as ``doctor``: what ``banger doctor`` knows.
+
+    ``runtime`` is None when the config could not be loaded (``load_error`` says why);
+    only the built-in plugins' checks run then.
+    """
+
+    paths: "Paths"
+    runtime: "Runtime | None"
+    load_error: "BangerError | None" = None
 
 
 @dataclass

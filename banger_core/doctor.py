@@ -1,4 +1,5 @@
-"""``banger doctor``: core checks plus every plugin's registered checks."""
+"""``banger doctor``: the core's checks (registered by the built-in ``doctor`` plugin)
+and the runner of every plugin's registered checks."""
 
 from __future__ import annotations
 
@@ -12,60 +13,71 @@ from banger_core.context import CheckResult
 from banger_core.errors import BangerError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from banger_core.context import CheckFn, DoctorContext
     from banger_core.paths import Paths
     from banger_core.runtime import Runtime
 
 
-def core_checks(paths: "Paths", rt: "Runtime | None", load_error: BangerError | None) -> list[CheckResult]:
-    out: list[CheckResult] = []
+def register_core_checks(register: Callable[[str, "CheckFn"], None], doctor: "DoctorContext") -> None:
+    """The core's checks, registered by the built-in ``doctor`` plugin."""
+    paths, rt = doctor.paths, doctor.runtime
+    register("python", lambda _s: _python_check())
+    register("config", lambda _s: _config_checks(doctor))
+    if rt is not None:
+        register("vm defaults", lambda _s: _vm_defaults_check(rt))
+        register("catalog", lambda _s: _catalog_check(rt))
+    register("state", lambda _s: _state_check(paths))
+    register("runtime dir", lambda _s: _runtime_dir_check(paths))
+    register("daemon", lambda _s: _daemon_check(paths))
+    register("qemu", lambda _s: _qemu_check())
+    register("kvm", lambda _s: _kvm_check(paths))
+    register("kernel build", lambda _s: _kernel_build_check())
+
+
+def _python_check() -> CheckResult:
     v = sys.version_info
-    out.append(
-        CheckResult.ok("python", f"{v.major}.{v.minor}.{v.micro}")
-        if v >= (3, 11)
-        else CheckResult.fail("python", f"{v.major}.{v.minor}: banger needs Python 3.11+")
-    )
-    if load_error is not None:
-        out.append(CheckResult.fail("config", load_error.message))
-    else:
-        assert rt is not None
-        detail = str(paths.config_file) if paths.config_file.exists() else f"{paths.config_file} (absent: defaults)"
-        out.append(CheckResult.ok("config", detail))
-        allow = rt.config.core.plugins.enable or []
-        absent = [n for n in allow if n not in rt.host.records]
-        if absent:
-            out.append(
-                CheckResult.warn("config plugins", f"{paths.config_file}: [plugins] enable names uninstalled {', '.join(absent)}")
-            )
-        unknown = rt.config.unknown_tables(rt.host)
-        if unknown:
-            out.append(
-                CheckResult.warn("config tables", f"{paths.config_file}: no installed plugin named {', '.join(unknown)}; ignored")
-            )
-        for rec in rt.host.records.values():
-            if rec.status == "broken":
-                out.append(CheckResult.fail(f"plugin {rec.name}", rec.reason))
-        if rt.order_error is not None:
-            out.append(CheckResult.fail("plugin order", rt.order_error.message))
-        else:
-            out.append(CheckResult.ok("plugin order", " -> ".join(rt.order or []) or "(no plugins)"))
-        for name in rt.order or []:
-            try:
-                rt.config.settings_for(rt.host, name)
-            except BangerError as exc:
-                out.append(CheckResult.fail(f"settings {name}", exc.message))
-        out.append(_vm_defaults_check(rt))
-        out.append(_catalog_check(rt))
-    out.append(_state_check(paths))
-    out.append(_runtime_dir_check(paths))
-    out.append(_daemon_check(paths))
+    if v >= (3, 11):
+        return CheckResult.ok("python", f"{v.major}.{v.minor}.{v.micro}")
+    return CheckResult.fail("python", f"{v.major}.{v.minor}: banger needs Python 3.11+")
+
+
+def _qemu_check() -> CheckResult:
     qemu = shutil.which("qemu-system-x86_64")
-    out.append(
-        CheckResult.ok("qemu", qemu)
-        if qemu
-        else CheckResult.warn("qemu", "qemu-system-x86_64 not found: VMs cannot boot under QEMU (apt install qemu-system-x86)")
-    )
-    out.append(_kvm_check(paths))
-    out.append(_kernel_build_check())
+    if qemu:
+        return CheckResult.ok("qemu", qemu)
+    return CheckResult.warn("qemu", "qemu-system-x86_64 not found: VMs cannot boot under QEMU (apt install qemu-system-x86)")
+
+
+def _config_checks(doctor: "DoctorContext") -> list[CheckResult]:
+    """The config file, the plugin set it gives (broken plugins, order) and settings."""
+    paths, rt = doctor.paths, doctor.runtime
+    if rt is None:
+        return [CheckResult.fail("config", doctor.load_error.message if doctor.load_error else "not loaded")]
+    detail = str(paths.config_file) if paths.config_file.exists() else f"{paths.config_file} (absent: defaults)"
+    out = [CheckResult.ok("config", detail)]
+    allow = rt.config.core.plugins.enable or []
+    absent = [n for n in allow if n not in rt.host.records]
+    if absent:
+        out.append(
+            CheckResult.warn("config plugins", f"{paths.config_file}: [plugins] enable names uninstalled {', '.join(absent)}")
+        )
+    unknown = rt.config.unknown_tables(rt.host)
+    if unknown:
+        out.append(
+            CheckResult.warn("config tables", f"{paths.config_file}: no installed plugin named {', '.join(unknown)}; ignored")
+        )
+    for rec in rt.host.records.values():
+        if rec.status == "broken":
+            out.append(CheckResult.fail(f"plugin {rec.name}", rec.reason))
+    if rt.order_error is not None:
+        out.append(CheckResult.fail("plugin order", rt.order_error.message))
+    else:
+        out.append(CheckResult.ok("plugin order", " -> ".join(rt.order or []) or "(no plugins)"))
+    for name in rt.order or []:
+        try:
+            rt.config.settings_for(rt.host, name)
+        except BangerError as exc:
+            out.append(CheckResult.fail(f"settings {name}", exc.message))
     return out
 
 
@@ -166,24 +178,33 @@ def _daemon_check(paths: "Paths") -> CheckResult:
     return CheckResult.ok("daemon", f"pid {info['pid']}, {paths.socket}")
 
 
-def plugin_checks(rt: "Runtime") -> list[CheckResult]:
+def run_checks(doctor: "DoctorContext") -> list[CheckResult]:
+    """Every check every plugin registered (built-ins first), run in turn.
+
+    Without a runtime (the config did not load) only the built-ins' checks run. A
+    built-in's results keep their own names; a plugin's are prefixed with its name.
+    """
+    from banger_core.plugins import PluginHost
+
+    rt = doctor.runtime
+    if rt is not None:
+        host = rt.host
+        checks = host.register_doctor_checks(doctor)
+        rt.resolve()  # a plugin whose registration broke is out of the order now
+    else:
+        host = PluginHost()
+        host.load_builtins()
+        checks = host.register_doctor_checks(doctor)
     out: list[CheckResult] = []
-    checks: list[tuple[str, str, Callable]] = []
-    for name in rt.order or rt.host.enabled:
-
-        def register(check_name: str, fn: Callable, _plugin: str = name) -> None:
-            checks.append((_plugin, check_name, fn))
-
-        try:
-            rt.host.call("register_doctor_checks", name, register=register)
-        except Exception as exc:
-            out.append(CheckResult.fail(f"{name}", f"register_doctor_checks failed: {exc}"))
     for plugin, check_name, fn in checks:
-        label = f"{plugin}: {check_name}"
-        try:
-            settings = rt.config.settings_for(rt.host, plugin)
-        except BangerError:
-            continue  # reported once, as "settings <plugin>", by core_checks
+        builtin = host.records[plugin].builtin
+        label = check_name if builtin else f"{plugin}: {check_name}"
+        settings = None
+        if rt is not None and not builtin:
+            try:
+                settings = rt.config.settings_for(rt.host, plugin)
+            except BangerError:
+                continue  # reported once, as "settings <plugin>", by the config check
         try:
             res = fn(settings)
         except Exception as exc:
@@ -192,6 +213,8 @@ def plugin_checks(rt: "Runtime") -> list[CheckResult]:
         for r in res if isinstance(res, list) else [res]:
             if not isinstance(r, CheckResult):
                 out.append(CheckResult.fail(label, f"check returned {r!r}, not a CheckResult"))
-                continue
-            out.append(CheckResult(f"{plugin}: {r.name}" if r.name != check_name else label, r.status, r.detail))
+            elif builtin:
+                out.append(r)
+            else:
+                out.append(CheckResult(f"{plugin}: {r.name}" if r.name != check_name else label, r.status, r.detail))
     return out

@@ -1,22 +1,28 @@
 """What a running daemon must match to be reused: banger's version, the user's
-config.toml and the installed plugin distributions. Stdlib only (the CLI runs it on
+config.toml and the installed distributions (plugins among them). Stdlib only (the CLI runs it on
 every daemon call); when it differs the CLI replaces the daemon."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from importlib.metadata import entry_points
+import sys
 
 from banger_core import __version__
 from banger_core.paths import Paths
 
 
-def installed_plugins() -> list[tuple[str, str]]:
-    out = set()
-    for ep in entry_points(group="banger.plugins"):
-        dist = getattr(ep, "dist", None)
-        out.add((ep.name, f"{ep.value}@{dist.version if dist else '?'}"))
+def installed_distributions() -> list[str]:
+    """The installed distributions' metadata directories (their names carry name and
+    version) on sys.path: an install, upgrade or removal of any plugin changes this.
+    A directory listing, not importlib.metadata's entry-point scan (~1 ms, not ~25)."""
+    out: set[str] = set()
+    for entry in sys.path[1:]:  # [0] is the script's dir (CLI) or the cwd (daemon)
+        try:
+            with os.scandir(entry) as it:
+                out.update(e.name for e in it if e.name.endswith((".dist-info", ".egg-info")))
+        except OSError:
+            continue
     return sorted(out)
 
 
@@ -42,8 +48,8 @@ def fingerprint(paths: Paths) -> str:
         h.update(paths.config_file.read_bytes())
     except OSError:
         h.update(b"<no config>")
-    for name, ver in installed_plugins():
-        h.update(f"\0{name}={ver}".encode())
+    for dist in installed_distributions():
+        h.update(f"\0{dist}".encode())
     # Environment that changes what the daemon loads or logs.
     for var in ("BANGER_DISABLE_PLUGINS", "BANGER_STRICT_PLUGINS", "BANGER_TRACE_PLUGINS"):
         h.update(f"\0{var}={os.environ.get(var, '')}".encode())

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import typer
     from pydantic import BaseModel
 
-    from banger_core.context import CheckFn, ReconcileContext, StageContext
+    from banger_core.context import CheckFn, DoctorContext, ReconcileContext, StageContext
     from banger_core.models import Machine
 
 PROJECT = "banger"
@@ -44,11 +44,14 @@ def config_model() -> "type[BaseModel] | None":
 
 
 @hookspec
-def register_commands(app: "typer.Typer") -> None:
-    """Add CLI commands or sub-apps to ``banger``'s typer app.
+def register_commands(app: "typer.Typer", vm: "typer.Typer") -> None:
+    """Add CLI commands or sub-apps to ``banger``'s typer app, and ``banger vm``
+    subcommands to ``vm`` (e.g. ``@vm.command("exec")``).
 
-    Keep imports inside the command functions: this hook runs on every CLI start.
-    Added in 0.1.
+    Keep imports inside the command functions: this hook runs on every CLI start that
+    needs this plugin's commands (the CLI remembers which plugin registered which
+    command and, while nothing changes, loads only the plugins a command needs).
+    Added in 0.1; ``vm`` in 0.2.
     """
 
 
@@ -59,17 +62,20 @@ def register_rpc_methods(register: "Callable[..., None]") -> None:
     ``register(name, handler, params=Model | None)``: ``name`` must be
     ``<plugin>.<method>``; ``handler`` is ``async def handler(params, call)`` where
     ``params`` is the validated params model and ``call`` the request (op id, logger,
-    ``emit(event)`` for progress). Return a JSON-able value or pydantic model; raise
-    ``BangerError`` for user errors. Added in 0.1.
+    ``emit(event)`` for progress, ``state``: the daemon's typed ``DaemonState``).
+    Return a JSON-able value or pydantic model; raise ``BangerError`` for user errors.
+    Added in 0.1; ``call.state`` in 0.2.
     """
 
 
 @hookspec
-def register_doctor_checks(register: "Callable[[str, CheckFn], None]") -> None:
+def register_doctor_checks(register: "Callable[[str, CheckFn], None]", doctor: "DoctorContext") -> None:
     """Add checks to ``banger doctor``.
 
     ``register(name, fn)``; ``fn(settings)`` returns a ``CheckResult`` (or a list).
-    An exception in ``fn`` is reported as FAIL for that check. Added in 0.1.
+    An exception in ``fn`` is reported as FAIL for that check. ``doctor`` (a
+    ``DoctorContext``: paths, runtime) is optional to accept. Added in 0.1;
+    ``doctor`` in 0.2.
     """
 
 

@@ -61,9 +61,9 @@ class Lifecycle:
             persist=lambda: self._persist(self.vm),
         )
 
-    def _stage(self, stage: str, **kwargs: Any) -> None:
+    def _stage(self, run: Callable[..., Any], stage: str, *args: Any) -> None:
         try:
-            self.rt.host.run_setup(stage, self.plugins, lambda n: self.ctx(n, stage), **kwargs)
+            run(self.plugins, lambda n: self.ctx(n, stage), *args)
         except BangerError as exc:
             exc.op_id = self.op_id
             raise
@@ -75,10 +75,11 @@ class Lifecycle:
         cleanup for every plugin and raise the first error (cleanup errors attached)."""
         self.started = True
         try:
-            self._stage("prepare_host")
-            self._stage("configure_machine", machine=machine)
+            host = self.rt.host
+            self._stage(host.prepare_host, "prepare_host")
+            self._stage(host.configure_machine, "configure_machine", machine)
             boot(machine)
-            self._stage("post_boot")
+            self._stage(host.post_boot, "post_boot")
         except BaseException as exc:
             try:
                 self.cleanup()
@@ -90,19 +91,11 @@ class Lifecycle:
 
     def request_guest_shutdown(self) -> str | None:
         """Ask plugins, in order, to shut the guest down; the first that did wins."""
-        for name in self.plugins:
-            if self.rt.host.impl("request_guest_shutdown", name) is None:
-                continue
-            try:
-                if self.rt.host.call("request_guest_shutdown", name, ctx=self.ctx(name, "request_guest_shutdown")):
-                    return name
-            except Exception as exc:  # fall through to the next way
-                log.warning("plugin %s: request_guest_shutdown failed: %s", name, exc, extra={"op_id": self.op_id})
-        return None
+        return self.rt.host.request_guest_shutdown(self.plugins, lambda n: self.ctx(n, "request_guest_shutdown"))
 
     def cleanup(self) -> None:
         """Every plugin's cleanup, reverse order; all errors raised together."""
         try:
-            self.rt.host.run_cleanup(self.plugins, lambda n: self.ctx(n, "cleanup"))
+            self.rt.host.cleanup(self.plugins, lambda n: self.ctx(n, "cleanup"))
         finally:
             self._persist(self.vm)

@@ -119,6 +119,11 @@ class Paths:
         """Bundles being fetched and unpacked (transient: consumed by the import)."""
         return self.cache_dir / "bundles"
 
+    @property
+    def cli_index(self) -> Path:
+        """Which plugin provides which CLI command (banger_core.cli.index)."""
+        return self.cache_dir / "cli-index.json"
+
     @staticmethod
     def staging_dir(beside: Path) -> Path:
         """A new, empty staging dir next to ``beside`` (``.NAME.staging-XXXX``), renamed

@@ -17,14 +17,24 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import pluggy
 
 from banger_core import hookspecs
+from banger_core.builtin import BUILTIN, ESSENTIAL
 from banger_core.errors import BangerError, ErrorCode, MultiError
 
+if TYPE_CHECKING:  # pragma: no cover
+    import typer
+    from pydantic import BaseModel
+
+    from banger_core.context import CheckFn, DoctorContext, ReconcileContext, StageContext
+    from banger_core.daemon.rpc import Registry
+    from banger_core.models import Machine
+
 ENTRY_POINT_GROUP = "banger.plugins"
+BUILTIN_RANK = {name: i for i, (name, _module) in enumerate(BUILTIN)}
 ENV_DISABLE = "BANGER_DISABLE_PLUGINS"  # comma-separated names, on top of config
 ENV_STRICT = "BANGER_STRICT_PLUGINS"  # "1": a broken plugin is a hard error
 ENV_TRACE = "BANGER_TRACE_PLUGINS"  # "1": log every hook call with its duration
@@ -44,6 +54,8 @@ class PluginRecord:
     provides: tuple[str, ...] = ()
     description: str = ""
     hooks: list[str] = field(default_factory=list)
+    builtin: bool = False  # part of banger itself (banger_core.builtin)
+    essential: bool = False  # a built-in that cannot be disabled
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +68,8 @@ class PluginRecord:
             "provides": list(self.provides),
             "description": self.description,
             "hooks": list(self.hooks),
+            "builtin": self.builtin,
+            "essential": self.essential,
         }
 
 
@@ -76,26 +90,52 @@ class PluginHost:
         self.trace = os.environ.get(ENV_TRACE) == "1"
 
     # --- loading ------------------------------------------------------------------
-    def load_entry_points(self, disabled: Iterable[str] = (), strict: bool | None = None) -> None:
+    def load_builtins(self, disabled: Iterable[str] = ()) -> None:
+        """Register banger's built-in plugins (before any entry point), except the
+        non-essential ones in ``disabled``; disabling an essential one is refused."""
+        import importlib
+
+        from banger_core import __version__
+
+        disabled = set(disabled) | env_disabled()
+        refused = sorted(disabled & ESSENTIAL)
+        if refused:
+            raise BangerError(ErrorCode.CONFIG, essential_refusal(refused))
+        for name, module_name in BUILTIN:
+            rec = PluginRecord(name=name, distribution="banger", version=__version__, builtin=True, essential=name in ESSENTIAL)
+            if name in disabled:
+                rec.status, rec.reason = "disabled", "disabled in config"
+                self.records[name] = rec
+                continue
+            self.add(importlib.import_module(module_name), rec, strict=True)
+
+    def load_entry_points(
+        self, disabled: Iterable[str] = (), strict: bool | None = None, only: Iterable[str] | None = None
+    ) -> None:
+        """Load the installed plugins (``only``: just these names; the CLI's fast path)."""
         from importlib.metadata import entry_points
 
+        wanted = None if only is None else set(only)
         disabled = set(disabled)
-        env_disabled = {n.strip() for n in os.environ.get(ENV_DISABLE, "").split(",") if n.strip()}
+        by_env = env_disabled()
         strict = os.environ.get(ENV_STRICT) == "1" if strict is None else strict
         seen: set[str] = set()
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if ep.name in seen:  # the same distribution visible twice on sys.path
-                continue
+            if ep.name in seen or (wanted is not None and ep.name not in wanted):
+                continue  # (seen: the same distribution visible twice on sys.path)
             seen.add(ep.name)
+            if ep.name in self.records and self.records[ep.name].builtin:
+                log.warning("plugin %s (%s) ignored: a built-in plugin has that name", ep.name, ep.value)
+                continue
             dist = getattr(ep, "dist", None)
             rec = PluginRecord(
                 name=ep.name,
                 distribution=dist.metadata["Name"] if dist else None,
                 version=dist.version if dist else None,
             )
-            if ep.name in disabled or ep.name in env_disabled:
+            if ep.name in disabled or ep.name in by_env:
                 rec.status = "disabled"
-                rec.reason = f"disabled by {ENV_DISABLE}" if ep.name in env_disabled else "disabled in config"
+                rec.reason = f"disabled by {ENV_DISABLE}" if ep.name in by_env else "disabled in config"
                 self.pm.set_blocked(ep.name)
                 self.records[ep.name] = rec
                 continue
@@ -228,10 +268,10 @@ class PluginHost:
                 "plugin dependency cycle: " + " -> ".join(cycle),
                 details={"cycle": cycle},
             ) from None
-        # Deterministic: among ready plugins, alphabetical.
+        # Deterministic: among ready plugins, the built-ins first, then alphabetical.
         out: list[str] = []
         while sorter.is_active():
-            ready = sorted(sorter.get_ready())
+            ready = sorted(sorter.get_ready(), key=lambda n: (BUILTIN_RANK.get(n, len(BUILTIN_RANK)), n))
             out.extend(ready)
             sorter.done(*ready)
         return out
@@ -251,23 +291,30 @@ class PluginHost:
         return "is not installed"
 
     # --- calling ------------------------------------------------------------------
-    def config_model(self, plugin: str) -> Any:
+    # Core code calls hooks through the typed methods below, never by spelling a hook
+    # name: the hook names live in this section only (as tox's plugin manager does).
+
+    def config_model(self, plugin: str) -> "type[BaseModel] | None":
         """The plugin's settings model (asked once, then cached)."""
         cache = self.__dict__.setdefault("_models", {})
         if plugin not in cache:
-            cache[plugin] = self.call("config_model", plugin)
-        return cache[plugin]
+            cache[plugin] = self._call("config_model", plugin)
+        model: type[BaseModel] | None = cache[plugin]
+        return model
 
-    def impl(self, hook: str, plugin: str) -> Any:
+    def implements(self, hook: str, plugin: str) -> bool:
+        return self._impl(hook, plugin) is not None
+
+    def _impl(self, hook: str, plugin: str) -> Any:
         caller = getattr(self.pm.hook, hook)
         for impl in caller.get_hookimpls():
             if impl.plugin_name == plugin:
                 return impl
         return None
 
-    def call(self, hook: str, plugin: str, /, **kwargs: Any) -> Any:
+    def _call(self, hook: str, plugin: str, /, **kwargs: Any) -> Any:
         """Call one plugin's implementation of ``hook`` (keyword arguments only)."""
-        impl = self.impl(hook, plugin)
+        impl = self._impl(hook, plugin)
         if impl is None:
             return None
         args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
@@ -279,38 +326,117 @@ class PluginHost:
         finally:
             log.info("hook %s.%s took %.1f ms", plugin, hook, (time.perf_counter() - t0) * 1000)
 
-    def call_each(
-        self,
-        hook: str,
-        plugins: Iterable[str],
-        *,
-        kwargs_for: Callable[[str], dict[str, Any]] | None = None,
-        **kwargs: Any,
+    def _call_each(
+        self, hook: str, plugins: Iterable[str], kwargs_for: Callable[[str], dict[str, Any]]
     ) -> list[tuple[str, BaseException]]:
         """Call ``hook`` on each plugin in turn; keep going past failures, return them."""
         failures: list[tuple[str, BaseException]] = []
         for name in plugins:
+            if self._impl(hook, name) is None:
+                continue
             try:
-                extra = kwargs_for(name) if kwargs_for else {}
-                self.call(hook, name, **kwargs, **extra)
+                self._call(hook, name, **kwargs_for(name))
             except Exception as exc:
                 log.error("plugin %s: %s failed: %s\n%s", name, hook, exc, traceback.format_exc())
                 failures.append((name, exc))
         return failures
 
-    def run_setup(self, stage: str, order: list[str], ctx_for: Callable[[str], Any], **kwargs: Any) -> list[str]:
+    def _register_each(
+        self,
+        hook: str,
+        kwargs_for: Callable[[str], dict[str, Any]],
+        undo: Callable[[str], None] = lambda _n: None,
+        after: Callable[[str], None] = lambda _n: None,
+    ) -> list[str]:
+        """The one fan-out of a registry hook: every enabled plugin (built-ins first),
+        each with its own ``register``. A plugin whose hook raises is marked broken and
+        what it registered is undone (``undo``); a built-in that raises is a bug in
+        banger and is raised. Returns the plugins that broke."""
+        broke: list[str] = []
+        for name in self.builtins_first():
+            try:
+                self._call(hook, name, **kwargs_for(name))
+            except Exception as exc:
+                if self.records[name].builtin:
+                    raise
+                undo(name)
+                self.mark_broken(name, f"{hook} failed: {type(exc).__name__}: {exc}")
+                broke.append(name)
+            after(name)
+        return broke
+
+    def builtins_first(self) -> list[str]:
+        """Enabled plugins: the built-ins in their fixed order, then the rest by name."""
+        builtin = [n for n in self.records if self.records[n].builtin and self.records[n].status == "enabled"]
+        return builtin + [n for n in self.enabled if n not in builtin]
+
+    # registry hooks --------------------------------------------------------------
+    def register_commands(
+        self, app: "typer.Typer", vm: "typer.Typer", observe: Callable[[str], None] = lambda _n: None
+    ) -> list[str]:
+        """Every plugin adds its CLI commands to ``app`` (and ``banger vm`` subcommands to
+        ``vm``); ``observe(plugin)`` after each. Returns the plugins that broke."""
+        return self._register_each("register_commands", lambda _n: {"app": app, "vm": vm}, after=observe)
+
+    def register_rpc_methods(self, registry: "Registry") -> list[str]:
+        """Every plugin adds its RPC methods (``<plugin>.*``) to ``registry``."""
+        return self._register_each(
+            "register_rpc_methods", lambda n: {"register": registry.for_plugin(n)}, undo=registry.drop_owner
+        )
+
+    def register_doctor_checks(self, doctor: "DoctorContext") -> list[tuple[str, str, "CheckFn"]]:
+        """Every plugin's doctor checks, as (plugin, check name, fn), plugins in order."""
+        checks: list[tuple[str, str, CheckFn]] = []
+
+        def kwargs_for(name: str) -> dict[str, Any]:
+            def register(check_name: str, fn: "CheckFn") -> None:
+                checks.append((name, check_name, fn))
+
+            return {"register": register, "doctor": doctor}
+
+        broke = self._register_each("register_doctor_checks", kwargs_for)
+        return [c for c in checks if c[0] not in broke]
+
+    # daemon start ------------------------------------------------------------------
+    def reconcile(self, order: list[str], ctx_for: Callable[[str], "ReconcileContext"]) -> list[tuple[str, BaseException]]:
+        """Each plugin's ``reconcile`` in order; failures returned, not raised."""
+        return self._call_each("reconcile", order, lambda n: {"ctx": ctx_for(n)})
+
+    # VM lifecycle ------------------------------------------------------------------
+    def prepare_host(self, order: list[str], ctx_for: Callable[[str], "StageContext"]) -> list[str]:
+        return self._run_setup("prepare_host", order, ctx_for)
+
+    def configure_machine(self, order: list[str], ctx_for: Callable[[str], "StageContext"], machine: "Machine") -> list[str]:
+        return self._run_setup("configure_machine", order, ctx_for, machine=machine)
+
+    def post_boot(self, order: list[str], ctx_for: Callable[[str], "StageContext"]) -> list[str]:
+        return self._run_setup("post_boot", order, ctx_for)
+
+    def request_guest_shutdown(self, order: list[str], ctx_for: Callable[[str], "StageContext"]) -> str | None:
+        """Ask plugins, in order, to shut the guest down; the name of the first that did."""
+        for name in order:
+            if self._impl("request_guest_shutdown", name) is None:
+                continue
+            try:
+                if self._call("request_guest_shutdown", name, ctx=ctx_for(name)):
+                    return name
+            except Exception as exc:  # fall through to the next way
+                log.warning("plugin %s: request_guest_shutdown failed: %s", name, exc)
+        return None
+
+    def _run_setup(self, stage: str, order: list[str], ctx_for: Callable[[str], Any], **kwargs: Any) -> list[str]:
         """Run a setup stage in dependency order; stop at the first failure.
 
         Returns the plugins whose hook ran. On failure raises ``BangerError`` naming
-        the plugin and the stage (the caller then runs ``run_cleanup``).
+        the plugin and the stage (the caller then runs ``cleanup``).
         """
         ran: list[str] = []
         for name in order:
-            if self.impl(stage, name) is None:
+            if self._impl(stage, name) is None:
                 continue
             ctx = ctx_for(name)
             try:
-                self.call(stage, name, ctx=ctx, **kwargs)
+                self._call(stage, name, ctx=ctx, **kwargs)
             except BangerError as exc:
                 raise BangerError(
                     exc.code,
@@ -326,19 +452,27 @@ class PluginHost:
             ran.append(name)
         return ran
 
-    def run_cleanup(self, order: list[str], ctx_for: Callable[[str], Any], what: str = "cleanup") -> None:
-        """Run every plugin's ``cleanup`` in reverse order; raise all failures together."""
-        failures = self.call_each(
-            "cleanup",
-            [n for n in reversed(order) if self.impl("cleanup", n) is not None],
-            kwargs_for=lambda n: {"ctx": ctx_for(n)},
-        )
+    def cleanup(self, order: list[str], ctx_for: Callable[[str], "StageContext"], what: str = "cleanup") -> None:
+        """Every plugin's ``cleanup`` in reverse order; raise all failures together."""
+        failures = self._call_each("cleanup", list(reversed(order)), lambda n: {"ctx": ctx_for(n)})
         if failures:
             raise MultiError(what, failures)
 
 
+def env_disabled() -> set[str]:
+    return {n.strip() for n in os.environ.get(ENV_DISABLE, "").split(",") if n.strip()}
+
+
+def essential_refusal(names: Iterable[str]) -> str:
+    return (
+        f"plugin(s) {', '.join(repr(n) for n in names)} are built into banger and cannot be disabled "
+        f"(the essential built-ins: {', '.join(sorted(ESSENTIAL))})"
+    )
+
+
 def load_plugins(disabled: Iterable[str] = (), strict: bool | None = None) -> PluginHost:
     host = PluginHost()
+    host.load_builtins(disabled)
     host.load_entry_points(disabled=disabled, strict=strict)
     host.finish_loading()
     return host

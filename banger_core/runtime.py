@@ -29,6 +29,7 @@ class Runtime:
 
         names = sorted({ep.name for ep in entry_points(group="banger.plugins")})
         host = PluginHost()
+        host.load_builtins(disabled=config.core.plugins.disable)
         host.load_entry_points(disabled=config.globally_disabled(names), strict=strict)
         host.finish_loading()
         rt = cls(paths=paths, config=config, host=host)

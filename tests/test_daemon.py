@@ -49,7 +49,11 @@ def test_started_on_demand_owner_only(benv):
     assert stat.S_IMODE(os.stat(benv.runtime_dir).st_mode) == 0o700
     st = json.loads(benv.run("daemon", "status", "--json", check=True).stdout)
     assert st["running"] and st["pid"] == pid and st["version"] == __version__
-    assert st["plugins"][0] == "network" and "daemon.hello" in st["methods"]
+    from banger_core.builtin import BUILTIN
+
+    builtins = [name for name, _module in BUILTIN]
+    assert st["plugins"][: len(builtins)] == builtins and st["plugins"][len(builtins)] == "network"
+    assert "daemon.hello" in st["methods"]
     assert benv.run("daemon", "socket", check=True).stdout.strip() == str(benv.socket)
     v = json.loads(benv.run("version", "--json", check=True).stdout)
     assert v == {"cli": __version__, "daemon": __version__}

@@ -244,7 +244,7 @@ def test_trace_logs_each_hook_call(tmp_path, caplog, monkeypatch):
     calls: list = []
     host = host_with(plugin("a", calls=calls))
     caplog.set_level("INFO", logger="banger.plugins")
-    host.call("prepare_host", "a", ctx=None)
+    host.prepare_host(["a"], lambda _n: None)  # type: ignore[arg-type]
     assert any("hook a.prepare_host took" in r.getMessage() for r in caplog.records)
 
 

@@ -148,7 +148,7 @@ def test_every_method_answers_bad_params_with_a_typed_error(pdaemon):
     methods = described["result"]["methods"]
     assert set(methods) == set(status["result"]["methods"])
     assert {"vm.create", "vm.kill", "example.greet", "example.wait", "daemon.methods"} <= set(methods)
-    assert methods["example.greet"]["owner"] == "example" and methods["vm.kill"]["owner"] == "core"
+    assert methods["example.greet"]["owner"] == "example" and methods["vm.kill"]["owner"] == "vm"
 
     problems: list[str] = []
     seen: set[str] = set()

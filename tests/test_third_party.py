@@ -10,7 +10,10 @@ import pytest
 
 from conftest import make_dist, pid_alive, wait_for
 
+from banger_core.builtin import BUILTIN
+
 FIRST_PARTY = {"network", "nat", "dns", "workdisk", "filesync", "vsock", "workspace"}
+BUILTINS = [name for name, _module in BUILTIN]  # registered first, in this order
 
 
 @pytest.fixture
@@ -25,14 +28,16 @@ def plugins_json(env) -> dict:
 
 def test_first_party_plugins_listed_in_dependency_order(benv):
     data = plugins_json(benv)
-    names = {p["name"] for p in data["plugins"]}
+    names = {p["name"] for p in data["plugins"] if not p["builtin"]}
     assert names == FIRST_PARTY
+    assert [p["name"] for p in data["plugins"] if p["builtin"]] == data["order"][: len(BUILTINS)] == BUILTINS
     order = data["order"]
     assert order.index("network") < order.index("nat") and order.index("network") < order.index("dns")
     assert order.index("vsock") < order.index("workspace") and order.index("workdisk") < order.index("workspace")
     assert order.index("workdisk") < order.index("filesync")
     for p in data["plugins"]:
-        assert p["distribution"] == f"banger-{p['name']}" and p["status"] == "enabled" and p["version"]
+        dist = "banger" if p["builtin"] else f"banger-{p['name']}"
+        assert p["distribution"] == dist and p["status"] == "enabled" and p["version"]
     text = benv.run("plugins", "list", check=True).stdout
     assert "order: " + " -> ".join(order) in text
 
@@ -197,7 +202,8 @@ def test_plugin_disabled_in_config(xenv):
 def test_allow_list_keeps_only_named_plugins(xenv):
     xenv.write_config("[plugins]\nenable = ['network', 'dns', 'example']\n")
     data = plugins_json(xenv)
-    assert data["order"][0] == "network" and sorted(data["order"]) == ["dns", "example", "network"]
+    rest = data["order"][len(BUILTINS) :]
+    assert rest[0] == "network" and sorted(rest) == ["dns", "example", "network"]
 
 
 def test_register_commands_failure_marks_plugin_broken_cli_survives(xenv, tmp_path):

@@ -1,17 +1,20 @@
-"""The typer app: core commands, plus whatever enabled plugins register."""
+"""The typer app: the commands every plugin registers, the built-ins' first."""
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from banger_core import __version__
 from banger_core.cli import style
-from banger_core.cli.common import echo_json, error_line, state
+from banger_core.cli.common import error_line, state
 from banger_core.errors import BangerError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from banger_core.plugins import PluginHost
 
 
 def _version_callback(value: bool) -> None:
@@ -20,7 +23,8 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
-def build_app() -> typer.Typer:
+def build_app(argv: list[str] | None = None) -> typer.Typer:
+    argv = list(argv or [])
     app = typer.Typer(
         name="banger",
         help="A real, disposable Linux machine in one command.",
@@ -37,42 +41,67 @@ def build_app() -> typer.Typer:
     ) -> None:
         pass
 
-    @app.command()
-    def version(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-        """Show the CLI's and the running daemon's versions."""
-        info = state.client().hello()
-        data = {"cli": __version__, "daemon": info.get("version") if info else None}
-        if as_json:
-            echo_json(data)
-            return
-        style.echo(f"banger  {__version__}")
-        style.echo(f"bangerd {data['daemon'] or 'not running'}")
+    from banger_core.cli import index, vm_cmd
 
-    from banger_core.cli import artifacts_cmd, daemon_cmd, doctor_cmd, plugins_cmd, vm_cmd
+    host, full = _plugin_host(argv)
+    contributed: dict[str, list[str]] = {}
+    seen = index.command_names(app)
 
-    app.add_typer(vm_cmd.app, name="vm")
-    app.add_typer(artifacts_cmd.kernel_app, name="kernel")
-    app.add_typer(artifacts_cmd.image_app, name="image")
-    app.add_typer(daemon_cmd.app, name="daemon")
-    app.add_typer(plugins_cmd.app, name="plugins")
-    app.command("doctor")(doctor_cmd.doctor)
-    _register_plugin_commands(app)
+    def observe(plugin: str) -> None:
+        nonlocal seen
+        now = index.command_names(app)
+        if not host.records[plugin].builtin:
+            for command in now - seen:
+                contributed.setdefault(command, []).append(plugin)
+        seen = now
+
+    broke = host.register_commands(app, vm=vm_cmd.app, observe=observe)
+    rt = state.try_runtime() if full else None
+    if rt is not None and host is rt.host:
+        if broke:
+            rt.resolve()  # a plugin whose commands broke is out of the order now
+        else:
+            index.save(state.paths, _fingerprint(), contributed)
     return app
 
 
-def _register_plugin_commands(app: typer.Typer) -> None:
+def _fingerprint() -> str:
+    from banger_core.fingerprint import fingerprint
+
+    return fingerprint(state.paths)
+
+
+def _plugin_host(argv: list[str]) -> tuple["PluginHost", bool]:
+    """The host whose plugins register commands, and whether it is the full one.
+
+    Fast path: when the CLI index is current and names who provides the command in
+    ``argv``, only the built-ins and those plugins are loaded (no config, no other
+    plugin). Otherwise every plugin, through the runtime; when the config cannot be
+    loaded, the built-ins alone (the core's commands work and report the error).
+    """
+    from banger_core.builtin import COMMANDS
+    from banger_core.cli import index
+    from banger_core.plugins import PluginHost
+
+    key = index.command_key(argv)
+    known = index.load(state.paths, _fingerprint()) if key else None
+    if known is not None and (key[0] in COMMANDS or key[0] in known):
+        if len(key) == 1:  # a group's help lists every subcommand, the plugins' too
+            providers = [p for c, ps in known.items() if c == key[0] or c.startswith(key[0] + " ") for p in ps]
+        else:
+            providers = known.get(key[0], []) + known.get(" ".join(key), [])
+        host = PluginHost()
+        host.load_builtins()
+        if providers:
+            host.load_entry_points(only=providers)
+        host.finish_loading()
+        return host, False
     rt = state.try_runtime()
-    if rt is None:
-        return
-    broke = False
-    for name in rt.host.enabled:
-        try:
-            rt.host.call("register_commands", name, app=app)
-        except Exception as exc:  # a broken plugin must not break the CLI
-            rt.host.mark_broken(name, f"register_commands failed: {type(exc).__name__}: {exc}")
-            broke = True
-    if broke:
-        rt.resolve()
+    if rt is not None:
+        return rt.host, True
+    host = PluginHost()
+    host.load_builtins()
+    return host, True
 
 
 def fail(err: BangerError) -> None:
@@ -93,7 +122,7 @@ def run(argv: list[str]) -> None:
         root.addHandler(logging.NullHandler())
         root.propagate = False
     try:
-        app = build_app()
+        app = build_app(argv)
         app(args=argv, prog_name="banger")
     except SystemExit as exit_:
         if exit_.code == 2 and state.load_error is not None:

@@ -10,6 +10,19 @@ from banger_core.cli.common import echo_json, state
 app = typer.Typer(help="Manage bangerd, the per-user daemon (started on demand).", no_args_is_help=True)
 
 
+def version(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Show the CLI's and the running daemon's versions."""
+    from banger_core import __version__
+
+    info = state.client().hello()
+    data = {"cli": __version__, "daemon": info.get("version") if info else None}
+    if as_json:
+        echo_json(data)
+        return
+    style.echo(f"banger  {__version__}")
+    style.echo(f"bangerd {data['daemon'] or 'not running'}")
+
+
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show whether bangerd runs, its pid, uptime, plugins and RPC methods."""

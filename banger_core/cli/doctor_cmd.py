@@ -10,12 +10,11 @@ from banger_core.cli.common import echo_json, state
 
 def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Check the host, config, plugins and daemon; exit non-zero if anything FAILs."""
-    from banger_core.doctor import core_checks, plugin_checks
+    from banger_core.context import DoctorContext
+    from banger_core.doctor import run_checks
 
     rt = state.try_runtime()
-    results = core_checks(state.paths, rt, state.load_error)
-    if rt is not None:
-        results += plugin_checks(rt)
+    results = run_checks(DoctorContext(state.paths, rt, state.load_error))
     failed = sum(r.status == "FAIL" for r in results)
     if as_json:
         echo_json({"checks": [r.__dict__ for r in results], "ok": failed == 0})

@@ -35,7 +35,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
         [
             r.name,
             r.version or "-",
-            r.distribution or "-",
+            f"{r.distribution} (built-in)" if r.builtin else r.distribution or "-",
             r.status,
             ",".join(r.requires) or "-",
             ",".join(r.hooks) or "-",

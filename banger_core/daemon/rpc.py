@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from pydantic import BaseModel, ValidationError
 
@@ -14,6 +14,9 @@ from banger_core import protocol
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.logs import clip
 from banger_core.models import Input, validate_input
+
+if TYPE_CHECKING:  # pragma: no cover
+    from banger_core.daemon.state import DaemonState
 
 log = logging.getLogger("banger.rpc")
 
@@ -43,9 +46,12 @@ class Call:
     method: str
     peer_uid: int
     _send: Callable[[bytes], Awaitable[None]]
-    #: the daemon's Runtime (paths, config, plugin host) and Store
+    #: the daemon's Runtime (paths, config, plugin host) and Store (also on ``state``)
     runtime: Any = None
     store: Any = None
+    #: the daemon's state, typed: paths, runtime, store, vms, puller, registry (set by
+    #: the daemon for every request; see banger_core.daemon.state)
+    state: "DaemonState" = None  # type: ignore[assignment]
     log: logging.LoggerAdapter = field(init=False)
 
     def __post_init__(self) -> None:

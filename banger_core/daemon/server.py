@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from banger_core import PROTOCOL_VERSION, __version__, protocol
-from banger_core.daemon.rpc import Call, NoParams, Registry
+from banger_core.daemon.rpc import Call, Registry
 from banger_core.errors import BangerError, Cancelled, ErrorCode
 from banger_core.fingerprint import fingerprint
 from banger_core.logs import clip, current_op, setup_json_logging
@@ -53,75 +53,29 @@ class Daemon:
         self.owner_uid = os.getuid()
         self._inflight: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
-        from banger_core.daemon import methods
+        from banger_core.daemon.state import DaemonState
         from banger_core.vms import VMService
 
         self.vms = VMService(self.rt, self.store, self.handles)
-        self._register_core_methods()
-        methods.register(self.registry, self.vms, self.store, paths)
-        self._register_plugin_methods()
+        self.state = DaemonState(
+            paths=paths,
+            runtime=self.rt,
+            store=self.store,
+            handles=self.handles,
+            vms=self.vms,
+            registry=self.registry,
+            started=self.started,
+            fingerprint=self.fingerprint,
+            inflight=lambda: len(self._inflight),
+            max_connections=MAX_CONNECTIONS,
+            request_shutdown=self._request_shutdown,
+        )
+        # Every method, the core's own included, comes from a plugin's register_rpc_methods.
+        if self.rt.host.register_rpc_methods(self.registry):
+            self.rt.resolve()  # a plugin whose registration broke is out of the order now
 
-    # --- methods ------------------------------------------------------------------
-    def _register_core_methods(self) -> None:
-        reg = self.registry.register
-
-        async def hello(_params: Any, call: Call) -> dict[str, Any]:
-            return {
-                "version": __version__,
-                "protocol": PROTOCOL_VERSION,
-                "pid": os.getpid(),
-                "fingerprint": self.fingerprint,
-            }
-
-        async def status(_params: Any, call: Call) -> dict[str, Any]:
-            return {
-                "version": __version__,
-                "pid": os.getpid(),
-                "uptime_s": round(time.time() - self.started, 3),
-                "socket": str(self.paths.socket),
-                "log": str(self.paths.daemon_log),
-                "state_dir": str(self.paths.state_dir),
-                "inflight": len(self._inflight) - 1,
-                "max_connections": MAX_CONNECTIONS,
-                "plugins": self.rt.order or [],
-                "broken": {n: r.reason for n, r in self.rt.host.records.items() if r.status == "broken"},
-                "plugin_error": self.rt.order_error.message if self.rt.order_error else None,
-                "methods": sorted(self.registry.methods),
-                "vms": len(self.store.list_vms()),
-            }
-
-        async def methods(_params: Any, call: Call) -> dict[str, Any]:
-            out: dict[str, Any] = {}
-            for name, m in sorted(self.registry.methods.items()):
-                try:
-                    schema = m.params.model_json_schema() if m.params is not None else None
-                except Exception as exc:  # a plugin's model may not have a schema
-                    schema = {"error": f"{type(exc).__name__}: {exc}"}
-                out[name] = {"owner": m.owner, "params": schema}
-            return {"methods": out}
-
-        async def shutdown(_params: Any, call: Call) -> dict[str, Any]:
-            call.log.info("shutdown requested by uid %s", call.peer_uid)
-            asyncio.get_running_loop().call_soon(self._stopping.set)
-            return {"pid": os.getpid()}
-
-        reg("daemon.hello", hello, NoParams)
-        reg("daemon.status", status, NoParams)
-        reg("daemon.methods", methods, NoParams)
-        reg("daemon.shutdown", shutdown, NoParams)
-
-    def _register_plugin_methods(self) -> None:
-        host = self.rt.host
-        broke = False
-        for name in host.enabled:
-            try:
-                host.call("register_rpc_methods", name, register=self.registry.for_plugin(name))
-            except Exception as exc:  # one plugin must not take the daemon down
-                self.registry.drop_owner(name)
-                host.mark_broken(name, f"register_rpc_methods failed: {type(exc).__name__}: {exc}")
-                broke = True
-        if broke:
-            self.rt.resolve()
+    def _request_shutdown(self) -> None:
+        asyncio.get_running_loop().call_soon(self._stopping.set)
 
     # --- reconcile ----------------------------------------------------------------
     def reconcile(self) -> None:
@@ -135,19 +89,16 @@ class Daemon:
             return
         host = self.rt.host
 
-        def ctx(name: str) -> dict[str, Any]:
-            return {
-                "ctx": ReconcileContext(
-                    plugin=name,
-                    paths=self.paths,
-                    store=self.store,
-                    settings=self.rt.config.settings_for(host, name),
-                    log=logging.LoggerAdapter(logging.getLogger(f"banger.plugin.{name}"), {"op_id": "reconcile"}),
-                )
-            }
+        def ctx(name: str) -> ReconcileContext:
+            return ReconcileContext(
+                plugin=name,
+                paths=self.paths,
+                store=self.store,
+                settings=self.rt.config.settings_for(host, name),
+                log=logging.LoggerAdapter(logging.getLogger(f"banger.plugin.{name}"), {"op_id": "reconcile"}),
+            )
 
-        order = [n for n in self.rt.order or [] if host.impl("reconcile", n)]
-        for name, exc in host.call_each("reconcile", order, kwargs_for=ctx):
+        for name, exc in host.reconcile(self.rt.order or [], ctx):
             log.error("plugin %s: reconcile failed: %s", name, exc)
 
     # --- connections --------------------------------------------------------------
@@ -296,6 +247,7 @@ class Daemon:
                 _send=lambda b: self._send(writer, b),
                 runtime=self.rt,
                 store=self.store,
+                state=self.state,
             )
             log.info("request %s", method, extra={"method": method, "peer_uid": uid})
             t0 = time.perf_counter()
@@ -349,7 +301,7 @@ class Daemon:
 
     async def _monitor(self, interval: float = 2.0) -> None:
         """Notice VMMs that exit behind banger's back and clean up after them."""
-        from banger_core.daemon.methods import run_simple
+        from banger_core.daemon.work import run_simple
 
         while True:
             await asyncio.sleep(interval)
@@ -496,7 +448,7 @@ def _join_workers(timeout: float) -> list[str]:
     The operation pool is shut down first, so its idle threads exit at once and only
     threads still running an operation are waited for (the loop's own pool was shut
     down the same way when the loop closed)."""
-    from banger_core.daemon.methods import EXECUTOR
+    from banger_core.daemon.work import EXECUTOR
 
     EXECUTOR.shutdown(wait=False, cancel_futures=True)
     deadline = time.monotonic() + timeout

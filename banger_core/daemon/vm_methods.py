@@ -1,0 +1,154 @@
+"""The daemon's ``vm.*`` methods, registered by the built-in ``vm`` plugin."""
+
+from __future__ import annotations
+
+import signal as signals
+from typing import Any, Callable
+
+from pydantic import Field, field_validator
+
+from banger_core.daemon.rpc import Call, NoParams
+from banger_core.daemon.work import fan_out, run_blocking, run_simple
+from banger_core.errors import BangerError, ErrorCode
+from banger_core.models import VM, Input
+from banger_core.vms import CreateParams, SetParams
+
+
+class RefsParams(Input):
+    refs: list[str] = Field(min_length=1)
+    force: bool = False
+
+
+class KillParams(Input):
+    refs: list[str] = Field(min_length=1)
+    signal: str = "KILL"
+
+    @field_validator("signal")
+    @classmethod
+    def _sig(cls, v: str) -> str:
+        name = v.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if name not in signals.Signals.__members__:
+            raise ValueError(f"unknown signal {v!r}")
+        return name
+
+
+class RefParams(Input):
+    ref: str
+
+
+class LogsParams(Input):
+    ref: str
+    lines: int = Field(default=200, ge=0)
+
+
+async def create(p: CreateParams, call: Call) -> dict[str, Any]:
+    vms = call.state.vms
+    vm = await run_blocking(call, lambda prog, cancel: vms.create(p, call.op_id, prog, cancel))
+    return vms.show(vm)
+
+
+async def start(p: RefsParams, call: Call) -> dict[str, Any]:
+    vms = call.state.vms
+
+    async def op(vm: VM) -> dict[str, Any]:
+        done = await run_blocking(call, lambda prog, cancel: vms.start(vm, call.op_id, prog, cancel))
+        return vms.show(done)
+
+    return await fan_out(call, p.refs, op)
+
+
+async def restart(p: RefsParams, call: Call) -> dict[str, Any]:
+    vms = call.state.vms
+
+    async def op(vm: VM) -> dict[str, Any]:
+        done = await run_blocking(call, lambda prog, cancel: vms.restart(vm, call.op_id, prog, cancel))
+        return vms.show(done)
+
+    return await fan_out(call, p.refs, op)
+
+
+async def stop(p: RefsParams, call: Call) -> dict[str, Any]:
+    vms = call.state.vms
+
+    async def op(vm: VM) -> dict[str, Any]:
+        return vms.show(await run_simple(vms.stop, vm, call.op_id, p.force))
+
+    return await fan_out(call, p.refs, op)
+
+
+async def kill(p: KillParams, call: Call) -> dict[str, Any]:
+    vms = call.state.vms
+    sig = int(signals.Signals[p.signal])
+
+    async def op(vm: VM) -> dict[str, Any]:
+        return vms.show(await run_simple(vms.kill, vm, call.op_id, sig))
+
+    return await fan_out(call, p.refs, op)
+
+
+async def delete(p: RefsParams, call: Call) -> dict[str, Any]:
+    vms = call.state.vms
+
+    async def op(vm: VM) -> dict[str, Any]:
+        gone = await run_simple(vms.delete, vm, call.op_id, p.force)
+        return {"id": gone.id, "name": gone.name, "state": "deleted"}
+
+    return await fan_out(call, p.refs, op)
+
+
+async def prune(_p: NoParams, call: Call) -> dict[str, Any]:
+    gone = await run_simple(call.state.vms.prune, call.op_id)
+    return {"deleted": [{"id": v.id, "name": v.name} for v in gone]}
+
+
+async def set_(p: SetParams, call: Call) -> dict[str, Any]:
+    vms = call.state.vms
+    if all(v is None for k, v in p.model_dump().items() if k != "refs"):
+        raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give vcpus, memory_mib or disk_size_mib")
+
+    async def op(vm: VM) -> dict[str, Any]:
+        return vms.show(await run_simple(vms.set, vm, p, call.op_id))
+
+    return await fan_out(call, p.refs, op)
+
+
+async def list_(_p: NoParams, call: Call) -> dict[str, Any]:
+    return {"vms": await run_simple(call.state.vms.list)}
+
+
+async def show(p: RefParams, call: Call) -> dict[str, Any]:
+    vms = call.state.vms
+    shown: dict[str, Any] = await run_simple(lambda: vms.show(vms.resolve(p.ref)))
+    return shown
+
+
+async def logs(p: LogsParams, call: Call) -> dict[str, Any]:
+    vms = call.state.vms
+
+    def read() -> dict[str, Any]:
+        vm = vms.resolve(p.ref)
+        path = vms.console_log(vm)
+        try:
+            text = path.read_text(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        lines = text.splitlines()[-p.lines :] if p.lines else text.splitlines()
+        return {"vm": vm.name, "path": str(path), "text": "\n".join(lines)}
+
+    out: dict[str, Any] = await run_simple(read)
+    return out
+
+
+def register(register: Callable[..., None]) -> None:
+    register("vm.create", create, CreateParams)
+    register("vm.start", start, RefsParams)
+    register("vm.restart", restart, RefsParams)
+    register("vm.stop", stop, RefsParams)
+    register("vm.kill", kill, KillParams)
+    register("vm.delete", delete, RefsParams)
+    register("vm.prune", prune, NoParams)
+    register("vm.set", set_, SetParams)
+    register("vm.list", list_, NoParams)
+    register("vm.show", show, RefParams)
+    register("vm.logs", logs, LogsParams)

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 import urllib.request
 from pathlib import Path, PurePosixPath
@@ -21,7 +20,7 @@ from typing import Any, Callable
 
 import zstandard
 
-from banger_core.paths import Paths
+from banger_core import fsutil
 from banger_core.errors import BangerError, ErrorCode
 
 CHUNK = 1 << 20
@@ -36,27 +35,24 @@ def download(url: str, dest: Path, sha256: str, size: int | None, progress: Prog
     """Stream ``url`` to ``dest``, verifying size and sha256; ``dest`` exists only if both match."""
     h = hashlib.sha256()
     got = 0
-    tmp = dest.with_name(dest.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:  # catalog URLs
-            total = size or (int(resp.headers["Content-Length"]) if resp.headers.get("Content-Length") else None)
-            while chunk := resp.read(CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-                got += len(chunk)
-                if size is not None and got > size:
-                    raise bad(f"{url}: more than the {size} bytes the catalog promises")
-                if progress:
-                    progress(got, total)
-        if size is not None and got != size:
-            raise bad(f"{url}: got {got} bytes, the catalog says {size} (truncated download?)")
-        if h.hexdigest() != sha256.lower():
-            raise bad(f"{url}: sha256 {h.hexdigest()} does not match the catalog's {sha256}")
-        os.replace(tmp, dest)
+        with fsutil.atomic_file(dest) as tmp:
+            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:  # catalog URLs
+                total = size or (int(resp.headers["Content-Length"]) if resp.headers.get("Content-Length") else None)
+                while chunk := resp.read(CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                    got += len(chunk)
+                    if size is not None and got > size:
+                        raise bad(f"{url}: more than the {size} bytes the catalog promises")
+                    if progress:
+                        progress(got, total)
+            if size is not None and got != size:
+                raise bad(f"{url}: got {got} bytes, the catalog says {size} (truncated download?)")
+            if h.hexdigest() != sha256.lower():
+                raise bad(f"{url}: sha256 {h.hexdigest()} does not match the catalog's {sha256}")
     except OSError as exc:
         raise BangerError(ErrorCode.OPERATION_FAILED, f"downloading {url}: {exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_member(m: tarfile.TarInfo, root: Path) -> None:
@@ -128,13 +124,13 @@ _SHORT = ("empty file", "truncated header", "unexpected end of data")
 
 
 def extract(bundle: Path, target: Path, max_file_bytes: int | None = None, label: str | None = None) -> dict[str, Any]:
-    """Unpack a .tar.zst into ``target`` (must not exist); return its manifest. Files
+    """Unpack a .tar.zst into ``target`` (new or empty); return its manifest. Files
     are written sparse; one larger than ``max_file_bytes`` is refused before it is.
     Errors name ``label`` (the bundle's URL), else the file."""
     label = label or bundle.name
     if not _zstd_complete(bundle):
         raise bad(f"{label}: truncated or incomplete bundle (the archive ends inside a zstd frame)")
-    target.mkdir(parents=True)
+    target.mkdir(parents=True, exist_ok=True)
     root = target.resolve()
     try:
         with open(bundle, "rb") as fh:
@@ -181,28 +177,21 @@ def create(
     """Write a reproducible bundle; return {path, sha256, size} for a catalog entry."""
     arc = {k: (ARCNAMES.get(k, v.name) if v else None) for k, v in files.items()}
     manifest = {"kind": kind, "name": name, "files": arc, **(extra or {})}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    try:
-        with open(tmp, "wb") as raw:
-            with zstandard.ZstdCompressor(level=10, threads=-1).stream_writer(raw) as zw:
-                with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
-                    info = tarfile.TarInfo("manifest.json")
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    tar.addfile(info, io.BytesIO(data))
+    with fsutil.atomic_file(output) as tmp, open(tmp, "wb") as raw:
+        with zstandard.ZstdCompressor(level=10, threads=-1).stream_writer(raw) as zw:
+            with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+                info = tarfile.TarInfo("manifest.json")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
 
-                    def reset(ti: tarfile.TarInfo) -> tarfile.TarInfo:
-                        ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "root", "root"
-                        return ti
+                def reset(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+                    ti.mtime, ti.uid, ti.gid, ti.uname, ti.gname = 0, 0, 0, "root", "root"
+                    return ti
 
-                    for key, path in files.items():
-                        if path is not None:
-                            tar.add(path, arcname=arc[key], filter=reset)
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                for key, path in files.items():
+                    if path is not None:
+                        tar.add(path, arcname=arc[key], filter=reset)
     h = hashlib.sha256()
     with open(output, "rb") as fh:
         while chunk := fh.read(CHUNK):
@@ -213,17 +202,12 @@ def create(
 def fetch_and_extract(
     url: str, sha256: str, size: int | None, target: Path, progress: Progress | None = None, max_file_bytes: int | None = None
 ) -> dict[str, Any]:
-    """Download + verify + unpack into ``target`` via a sibling staging dir."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Paths.staging_dir(target)
-    try:
-        archive = staging / "bundle.tar.zst"
-        download(url, archive, sha256, size, progress)
-        manifest = extract(archive, staging / "out", max_file_bytes, label=url)
-        archive.unlink()
-        if target.exists():
-            shutil.rmtree(target)
-        (staging / "out").rename(target)
-        return manifest
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """Download + verify + unpack into ``target`` via a sibling staging dir (the
+    archive beside it, named after it, removed either way)."""
+    with fsutil.staged_dir(target) as staging:
+        archive = staging.with_name(staging.name + ".tar.zst")
+        try:
+            download(url, archive, sha256, size, progress)
+            return extract(archive, staging, max_file_bytes, label=url)
+        finally:
+            archive.unlink(missing_ok=True)

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from banger_core import proc
+from banger_core import fsutil, proc
 from banger_core.errors import BangerError, ErrorCode
 
 log = logging.getLogger("banger.disks")
@@ -55,11 +55,9 @@ def create_root_disk(image_rootfs: Path, vm_dir: Path, size_mib: int, strategy: 
         raise BangerError(ErrorCode.NOT_FOUND, f"image rootfs {image_rootfs} does not exist")
     vm_dir.mkdir(parents=True, exist_ok=True)
     dest = root_disk_path(vm_dir, strategy)
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.unlink(missing_ok=True)
     base_mib = -(-image_rootfs.stat().st_size // (1024 * 1024))
     size = max(size_mib, base_mib)
-    try:
+    with fsutil.atomic_file(dest) as tmp:
         if strategy == "qcow2":
             proc.run(
                 ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image_rootfs.resolve(), tmp, f"{size}M"],
@@ -71,10 +69,6 @@ def create_root_disk(image_rootfs: Path, vm_dir: Path, size_mib: int, strategy: 
             if size > base_mib:
                 os.truncate(tmp, size * 1024 * 1024)
                 grow_ext4(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dest
 
 

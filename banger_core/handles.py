@@ -1,6 +1,6 @@
 """Transient VM handles: in memory, mirrored to a per-VM ``handles.json``.
 
-The file is written (atomically: temp file, fsync, rename) *before* the in-memory
+The file is written (fsutil.atomic_write: temp file, fsync, rename) *before* the in-memory
 cache changes, so a daemon crash leaves disk ahead of memory — recoverable at
 reconcile — never memory ahead of disk (lost handles strand host state).
 """
@@ -8,38 +8,13 @@ reconcile — never memory ahead of disk (lost handles strand host state).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
-from pathlib import Path
 
 from pydantic import ValidationError
 
+from banger_core.fsutil import atomic_write
 from banger_core.models import VMHandles
 from banger_core.paths import Paths
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class HandleStore:
@@ -51,7 +26,7 @@ class HandleStore:
     def set(self, handles: VMHandles) -> None:
         data = handles.model_dump_json(indent=2).encode()
         with self._lock:
-            atomic_write(self.paths.vm_handles(handles.vm_id), data)
+            atomic_write(self.paths.vm_handles(handles.vm_id), data, mode=0o600)
             self._cache[handles.vm_id] = handles
 
     def get(self, vm_id: str) -> VMHandles | None:

@@ -13,10 +13,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from banger_core import fsutil
 from banger_core.config import DEFAULT_MAX_ROOTFS_MIB
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Image, Kernel
-from banger_core.paths import Paths
+from banger_core.paths import ROOTFS_TMP, Paths
 from banger_core.store import Store
 from banger_core.vmm.base import kernel_is_elf
 
@@ -214,10 +215,8 @@ def import_kernel_files(
         modules_version = modules.name
     if store.find_kernel(name) and not force:
         raise BangerError(ErrorCode.ALREADY_EXISTS, f"kernel {name!r} already exists (use --force to replace)")
-    paths.kernels_dir.mkdir(parents=True, exist_ok=True)
     final = paths.kernels_dir / name
-    staging = paths.staging_dir(paths.kernels_dir / name)
-    try:
+    with fsutil.staged_dir(final) as staging:  # an existing kernel stays until the new one is in place
         shutil.copy2(kernel, staging / kernel.name)
         if vmlinux:
             shutil.copy2(vmlinux, staging / "vmlinux")
@@ -227,17 +226,6 @@ def import_kernel_files(
             shutil.copytree(
                 modules, staging / "modules" / modules_version if modules_version else staging / "modules", symlinks=True
             )
-        old = None
-        if final.exists():
-            old = final.with_name(f".{name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        staging.rename(final)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     k = Kernel(
         name=name,
         kernel=str(final / kernel.name),
@@ -370,22 +358,20 @@ def publish_rootfs(paths: Paths, name: str, src: Path, max_mib: int, *, move: bo
 
     final = paths.images_dir / name / "rootfs.ext4"
     made_dir = not final.parent.exists()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(".rootfs.ext4.tmp")
     try:
         check_rootfs_size(src, max_mib)
-        if move:
-            os.rename(src, tmp)
-        else:
-            proc.run(["cp", "--reflink=auto", "--sparse=always", src, tmp], timeout=1800, what="copying the image")
-        try:
-            check_rootfs(tmp, max_mib)
-        except BangerError as exc:  # name what the caller gave, not our temp file
-            exc.message = exc.message.replace(str(tmp), str(src), 1)
-            raise
-        tmp.rename(final)
+        # a fixed temp name: the daemon's start-up sweep knows it (Paths.transient_leftovers)
+        with fsutil.atomic_file(final, tmp=final.with_name(ROOTFS_TMP)) as tmp:
+            if move:
+                os.rename(src, tmp)
+            else:
+                proc.run(["cp", "--reflink=auto", "--sparse=always", src, tmp], timeout=1800, what="copying the image")
+            try:
+                check_rootfs(tmp, max_mib)
+            except BangerError as exc:  # name what the caller gave, not our temp file
+                exc.message = exc.message.replace(str(tmp), str(src), 1)
+                raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
         if made_dir:
             shutil.rmtree(final.parent, ignore_errors=True)
         raise

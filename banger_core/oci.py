@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 import zstandard
 
+from banger_core import fsutil
 from banger_core.errors import BangerError, ErrorCode, raise_if_cancelled
 
 ACCEPT = ", ".join(
@@ -162,10 +163,10 @@ class Registry:
         if dest.exists() and _sha256_file(dest) == digest:
             os.utime(dest)
             return dest
-        tmp = dest.with_name(dest.name + ".part")
         h = hashlib.sha256()
         got = 0
-        try:
+        # a temp name of its own: two pulls sharing a layer download it side by side
+        with fsutil.atomic_file(dest) as tmp:
             with self._open(f"{self.base}/blobs/{digest}") as r, open(tmp, "wb") as out:
                 while chunk := r.read(1 << 20):
                     raise_if_cancelled(cancel, f"pulling {self.ref.registry}/{self.ref.repository}")
@@ -176,9 +177,6 @@ class Registry:
                         on_bytes(got)
             if "sha256:" + h.hexdigest() != digest:
                 raise bad(f"blob {digest}: content hashes to sha256:{h.hexdigest()}")
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
         return dest
 
 

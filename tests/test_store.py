@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from banger_core import handles as handles_mod
+from banger_core import fsutil
 from banger_core import store as store_mod
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.handles import HandleStore
@@ -127,7 +127,7 @@ def test_handles_file_written_before_cache(paths, monkeypatch):
     def fail(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(handles_mod.os, "replace", fail)
+    monkeypatch.setattr(fsutil.os, "replace", fail)
     with pytest.raises(OSError):
         hs.set(VMHandles(vm_id="abc", pid=456))
     assert hs.get("abc").pid == 123

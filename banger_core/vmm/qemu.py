@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from banger_core import proc
+from banger_core.fsutil import atomic_write
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Machine
 from banger_core.vmm.base import Driver, Launch, kernel_is_elf, process_tag
@@ -69,8 +70,7 @@ class QemuDriver(Driver):
 
     def _write_probe_cache(self, key: str, accel: str, why: str) -> None:
         if self.probe_cache:
-            self.probe_cache.parent.mkdir(parents=True, exist_ok=True)
-            self.probe_cache.write_text(json.dumps({"key": key, "accel": accel, "why": why}))
+            atomic_write(self.probe_cache, json.dumps({"key": key, "accel": accel, "why": why}))
 
     def _probe_kvm(self, machine: Machine) -> tuple[str, str]:
         """Boot the kernel under KVM with no disk; KVM works if it prints within the

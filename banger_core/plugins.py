@@ -90,9 +90,10 @@ class PluginHost:
         self.trace = os.environ.get(ENV_TRACE) == "1"
 
     # --- loading ------------------------------------------------------------------
-    def load_builtins(self, disabled: Iterable[str] = ()) -> None:
+    def load_builtins(self, disabled: Iterable[str] = (), only: Iterable[str] | None = None) -> None:
         """Register banger's built-in plugins (before any entry point), except the
-        non-essential ones in ``disabled``; disabling an essential one is refused."""
+        non-essential ones in ``disabled``; disabling an essential one is refused.
+        ``only``: just these (the CLI's fast path builds one command's group)."""
         import importlib
 
         from banger_core import __version__
@@ -102,6 +103,8 @@ class PluginHost:
         if refused:
             raise BangerError(ErrorCode.CONFIG, essential_refusal(refused))
         for name, module_name in BUILTIN:
+            if only is not None and name not in only:
+                continue
             rec = PluginRecord(name=name, distribution="banger", version=__version__, builtin=True, essential=name in ESSENTIAL)
             if name in disabled:
                 rec.status, rec.reason = "disabled", "disabled in config"

@@ -91,7 +91,7 @@ def _plugin_host(argv: list[str]) -> tuple["PluginHost", bool]:
         else:
             providers = known.get(key[0], []) + known.get(" ".join(key), [])
         host = PluginHost()
-        host.load_builtins()
+        host.load_builtins(only=[COMMANDS[key[0]]] if key[0] in COMMANDS else [])
         if providers:
             host.load_entry_points(only=providers)
         host.finish_loading()
@@ -122,6 +122,7 @@ def run(argv: list[str]) -> None:
         root.addHandler(logging.NullHandler())
         root.propagate = False
     try:
+        state.argv = argv
         app = build_app(argv)
         app(args=argv, prog_name="banger")
     except SystemExit as exit_:

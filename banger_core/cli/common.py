@@ -21,6 +21,12 @@ class _State:
         self._rt: Runtime | None = None
         self.load_error: BangerError | None = None
         self._paths: Paths | None = None
+        #: the command line being run (set by cli.app.run)
+        self.argv: list[str] = []
+
+    def asks_help_for(self, *command: str) -> bool:
+        """Whether the command line asks for ``command``'s help (``banger vm create -h``)."""
+        return tuple(self.argv[: len(command)]) == command and any(a in ("-h", "--help") for a in self.argv)
 
     @property
     def paths(self) -> "Paths":

@@ -162,7 +162,8 @@ def _defaults_help() -> dict[str, str]:
     return out
 
 
-_D = _defaults_help()
+# Resolving the defaults loads the config: only when `vm create`'s help is shown.
+_D = _defaults_help() if state.asks_help_for("vm", "create") else {}
 
 
 @app.command()

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -75,6 +76,21 @@ class Client:
                 return msg.get("result")
             raise BangerError.from_dict(msg.get("error") or {})
         raise AssertionError("unreachable")
+
+    def open_stream(self, method: str, params: dict[str, Any] | None = None, *, autostart: bool = True) -> ClientStream:
+        """Start a streaming method: binary frames both ways until its final reply.
+
+        Use the returned object as a context manager (closing it early cancels the call)."""
+        if autostart:
+            self.ensure_daemon()
+        req = protocol.request(method, params, stream=True)
+        s = self._connect()
+        try:
+            s.sendall(protocol.encode(req))
+        except BaseException:
+            s.close()
+            raise
+        return ClientStream(s, method, req["op_id"], self.paths)
 
     # --- daemon management --------------------------------------------------------
     def hello(self) -> dict[str, Any] | None:
@@ -144,6 +160,169 @@ class Client:
             os.kill(pid, signal.SIGKILL)
             _wait_gone(pid, 5)
         return pid
+
+
+class ClientStream:
+    """The client's side of one streaming call (``Client.open_stream``).
+
+    Sending: ``send(channel, data)``, ``end(channel)`` (half-close one channel; output
+    keeps coming), ``control(obj)`` / ``resize(rows, cols)`` / ``signal(name)``. They
+    may be called from another thread than the one receiving, and they block while the
+    daemon is slow to read. Once the daemon has stopped reading (the call ended) they
+    drop what they are given and return False: the outcome is in the final reply.
+
+    Receiving: iterate (or call ``recv()``) for DATA, END and EVENT frames
+    (``protocol.Frame``); iteration ends at the final reply, whose result is then in
+    ``result``, or raises its ``BangerError``. ``pump()`` does all of it for a process.
+    """
+
+    def __init__(self, sock: socket.socket, method: str, op_id: str, paths: Paths) -> None:
+        self._sock = sock
+        self._rfile = sock.makefile("rb")
+        self._lock = threading.Lock()
+        self._send_closed = False
+        self._frames = False  # set once the daemon's first byte shows it switched to frames
+        self.method = method
+        self.op_id = op_id
+        self.paths = paths
+        self.done = False
+        self.result: Any = None
+
+    # --- sending ------------------------------------------------------------------
+    def send(self, channel: int, data: bytes | bytearray | memoryview) -> bool:
+        for f in protocol.data_frames(channel, data):
+            if not self._sendall(f):
+                return False
+        return True
+
+    def end(self, channel: int = protocol.STDIN) -> bool:
+        return self._sendall(protocol.frame(protocol.END, channel))
+
+    def control(self, obj: dict[str, Any]) -> bool:
+        encoded = protocol.json_frame(protocol.CONTROL, obj)
+        if len(encoded) - protocol.HEADER.size > protocol.MAX_CHUNK:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"control message exceeds {protocol.MAX_CHUNK} bytes", op_id=self.op_id)
+        return self._sendall(encoded)
+
+    def resize(self, rows: int, cols: int) -> bool:
+        return self.control(protocol.resize(rows, cols))
+
+    def signal(self, name: str) -> bool:
+        return self.control(protocol.signal(name))
+
+    def _sendall(self, data: bytes) -> bool:
+        with self._lock:
+            if self._send_closed:
+                return False
+            try:
+                self._sock.sendall(data)
+            except OSError:  # EPIPE, ECONNRESET: the daemon has closed; the reply tells why
+                self._send_closed = True
+                return False
+        return True
+
+    # --- receiving ----------------------------------------------------------------
+    def recv(self) -> protocol.Frame | None:
+        """The daemon's next DATA, END or EVENT frame; None after the final reply."""
+        if self.done:
+            return None
+        try:
+            if not self._frames:
+                first = self._rfile.peek(1)[:1]
+                if first == b"{":  # refused before the switch: one JSON line
+                    self._reply(json.loads(self._rfile.readline(protocol.MAX_FRAME + 1) or b"{}"))
+                    return None
+                self._frames = True
+            frame = protocol.read_frame(self._rfile)
+        except ValueError as exc:
+            raise BangerError(ErrorCode.DAEMON_UNAVAILABLE, f"bad frame from bangerd: {exc}", op_id=self.op_id) from None
+        except (EOFError, ConnectionError):
+            frame = None
+        if frame is None:
+            raise BangerError(
+                ErrorCode.DAEMON_UNAVAILABLE,
+                f"bangerd closed the connection during {self.method}; see {self.paths.daemon_log}",
+                op_id=self.op_id,
+            )
+        if frame.kind == protocol.REPLY:
+            self._reply(frame.obj)
+            return None
+        return frame
+
+    def _reply(self, msg: dict[str, Any]) -> None:
+        self.done = True
+        self.close()
+        if msg.get("ok"):
+            self.result = msg.get("result")
+            return
+        raise BangerError.from_dict(msg.get("error") or {})
+
+    def __iter__(self) -> Iterator[protocol.Frame]:
+        while (frame := self.recv()) is not None:
+            yield frame
+
+    def wait(self) -> Any:
+        """Discard output until the final reply; its result."""
+        for _ in self:
+            pass
+        return self.result
+
+    def pump(
+        self,
+        stdin: int | None = 0,
+        stdout: int = 1,
+        stderr: int = 2,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Any:
+        """Run the call for a process: copy the fd ``stdin`` to the daemon from a thread
+        (then end STDIN; ``None`` ends it at once), write STDOUT and STDERR data to the
+        fds ``stdout`` and ``stderr`` until the final reply; its result."""
+        try:
+            if stdin is None:
+                self.end(protocol.STDIN)
+            else:
+                threading.Thread(target=self._copy_in, args=(stdin,), name="banger-stdin", daemon=True).start()
+            fds = {protocol.STDOUT: stdout, protocol.STDERR: stderr}
+            for frame in self:
+                if frame.kind == protocol.DATA and frame.channel in fds:
+                    _write_all(fds[frame.channel], frame.data)
+                elif frame.kind == protocol.EVENT and on_event is not None:
+                    on_event(frame.obj.get("event") or {})
+            return self.result
+        finally:
+            self.close()
+
+    def _copy_in(self, fd: int) -> None:
+        try:
+            while data := os.read(fd, protocol.MAX_CHUNK):
+                if not self._sendall(protocol.frame(protocol.DATA, protocol.STDIN, data)):
+                    return
+        except OSError:
+            pass  # stdin unreadable: end it
+        self.end(protocol.STDIN)
+
+    def close(self) -> None:
+        """Close the connection; before the final reply that cancels the call."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a sender blocked in sendall
+        except OSError:
+            pass
+        with self._lock:
+            self._send_closed = True
+            self._rfile.close()
+            self._sock.close()
+
+    def __enter__(self) -> ClientStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:

@@ -130,9 +130,12 @@ class Daemon:
         writer.write(data)
         await writer.drain()
 
-    async def _reply_error(self, writer: asyncio.StreamWriter, err: BangerError) -> None:
+    async def _reply_error(self, writer: asyncio.StreamWriter, err: BangerError, *, frames: bool = False) -> None:
+        """Send ``err`` as the final reply: a JSON line, or a REPLY frame once the
+        connection carries frames (``frames``)."""
         log.warning("request failed: %s: %s", err.code.value, err.message, extra={"op_id": err.op_id})
-        await self._send(writer, protocol.encode(protocol.error(err.op_id, err.to_dict())))
+        reply = protocol.error(err.op_id, err.to_dict())
+        await self._send(writer, protocol.json_frame(protocol.REPLY, reply) if frames else protocol.encode(reply))
 
     async def _read_request(self, reader: asyncio.StreamReader, op_id: str) -> tuple[dict[str, Any] | None, str]:
         """The request line, decoded; None when the client left without sending one.
@@ -182,12 +185,7 @@ class Daemon:
         the reply in flight, so half-close and drain the rest first (bounded).
         """
         await self._reply_error(writer, err)
-        if writer.can_write_eof():
-            writer.write_eof()
-        try:
-            await asyncio.wait_for(self._until_eof(reader), timeout=2.0)
-        except (asyncio.TimeoutError, ValueError, ConnectionError):
-            pass
+        await self._linger(reader, writer)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -226,6 +224,18 @@ class Daemon:
         method = req.get("method")
         if not isinstance(method, str):
             await self._reject(reader, writer, BangerError(ErrorCode.BAD_REQUEST, "request has no method", op_id=op_id))
+            return
+        wants_frames = req.get("stream") is True
+        known = self.registry.methods.get(method)
+        if wants_frames or (known is not None and known.stream):
+            # Refused here, as one JSON line, before the connection switches to frames.
+            try:
+                self.registry.lookup(method, stream=wants_frames)
+            except BangerError as exc:
+                exc.op_id = op_id
+                await self._reject(reader, writer, exc)
+                return
+            await self._run_stream(method, req.get("params", {}), op_id, uid, reader, writer)
             return
         await self._run(method, req.get("params", {}), op_id, uid, reader, writer)
 
@@ -272,6 +282,93 @@ class Daemon:
             await self._send(writer, protocol.encode(protocol.result(op_id, value)))
         finally:
             current_op.reset(token)
+
+    async def _run_stream(
+        self,
+        method: str,
+        params: Any,
+        op_id: str,
+        uid: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """Run a streaming method: after the request line, frames both ways.
+
+        The stream's pump reads the client's frames beside the handler and takes the
+        EOF watch's place: the client leaving (EOF, reset) cancels the handler without
+        a reply; a frame it may not send cancels it with a ``bad_request`` REPLY. The
+        handler's outcome is the REPLY frame, after which the daemon reads no more.
+        """
+        from banger_core.daemon.rpc import Stream
+
+        token = current_op.set(op_id)
+        try:
+            stream = Stream(reader, writer)
+            call = Call(
+                op_id=op_id,
+                method=method,
+                peer_uid=uid,
+                _send=lambda b: self._send(writer, b),
+                runtime=self.rt,
+                store=self.store,
+                state=self.state,
+                stream=stream,
+            )
+            log.info("request %s (stream)", method, extra={"method": method, "peer_uid": uid})
+            t0 = time.perf_counter()
+            work = asyncio.create_task(self.registry.dispatch(method, params, call))
+            pump = asyncio.create_task(stream.pump())
+            done, _ = await asyncio.wait({work, pump}, return_when=asyncio.FIRST_COMPLETED)
+            if work not in done or stream.violation is not None:  # a bad frame wins over a result
+                await self._cancelled(work)
+                if stream.violation is None:
+                    log.warning("request %s cancelled: client disconnected", method)
+                    return
+                err: BangerError | None = stream.violation
+                stream.violation = None
+            else:
+                await self._cancelled(pump)
+                exc = None if work.cancelled() else work.exception()
+                if isinstance(exc, ConnectionError) and writer.is_closing():  # a write found the client gone
+                    exc.__traceback__ = None
+                    log.warning("request %s cancelled: client disconnected", method)
+                    return
+                err = self._failure(work, method, op_id)
+            if err is not None:
+                err.op_id = op_id
+                await self._reply_error(writer, err, frames=True)
+            else:
+                log.info(
+                    "request %s ok in %.1f ms (%d bytes in, %d out)",
+                    method,
+                    (time.perf_counter() - t0) * 1000,
+                    stream.bytes_in,
+                    stream.bytes_out,
+                )
+                await self._send(writer, protocol.json_frame(protocol.REPLY, protocol.result(op_id, work.result())))
+            await self._linger(reader, writer)
+        finally:
+            current_op.reset(token)
+
+    @staticmethod
+    async def _cancelled(task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` (if still running) and wait until it has finished."""
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """After the last reply: half-close and read what the client still sends (for
+        at most 2 s), so closing with unread input does not reset the connection and
+        destroy the reply in flight."""
+        if writer.can_write_eof():
+            writer.write_eof()
+        try:
+            await asyncio.wait_for(self._until_eof(reader), timeout=2.0)
+        except (asyncio.TimeoutError, ValueError, ConnectionError):
+            pass
 
     @staticmethod
     def _failure(work: asyncio.Task[Any], method: str, op_id: str) -> BangerError | None:

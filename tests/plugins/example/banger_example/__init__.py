@@ -48,8 +48,16 @@ def config_model() -> type[BaseModel]:
 
 
 @hookimpl
-def register_commands(app: typer.Typer) -> None:
+def register_commands(app: typer.Typer, vm: typer.Typer) -> None:
     sub = typer.Typer(help="Example plugin commands.", no_args_is_help=True)
+
+    @vm.command("hello")
+    def vm_hello(ref: str) -> None:
+        """Say hello to a VM (a `banger vm` subcommand a plugin adds)."""
+        from banger_core.client import Client
+
+        shown = Client().call("vm.show", {"ref": ref})
+        typer.echo(f"hello from the example plugin to {shown['name']} ({shown['state']})")
 
     @sub.command()
     def greet(name: str, project: Path = typer.Option(None, help="a project dir with banger.toml")) -> None:
@@ -58,6 +66,29 @@ def register_commands(app: typer.Typer) -> None:
 
         result = Client().call("example.greet", {"name": name, "project": str(project) if project else None})
         typer.echo(result["text"])
+
+    @sub.command()
+    def pipe(
+        trailer: str = typer.Option("", help="written to stdout after stdin ends"),
+        marker: Path = typer.Option(None, help="the daemon writes started/done/cancelled here"),
+    ) -> None:
+        """Pump stdin through the daemon's example.pipe back to stdout; exit with its status.
+
+        SIGINT, SIGTERM and SIGHUP are forwarded as signal controls (ending the pipe with
+        128+N); a window change as a resize when stdout is a terminal."""
+        import shutil
+        import signal
+
+        from banger_core.client import Client
+
+        params = {"trailer": trailer, "marker": str(marker) if marker else None}
+        with Client().open_stream("example.pipe", params) as stream:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, lambda n, _f: stream.signal(signal.Signals(n).name[3:]))
+            if os.isatty(1):
+                signal.signal(signal.SIGWINCH, lambda _n, _f: stream.resize(*reversed(shutil.get_terminal_size())))
+            result = stream.pump(0, 1, 2)
+        raise typer.Exit(result["exit_status"])
 
     app.add_typer(sub, name="example")
 
@@ -106,6 +137,61 @@ def register_rpc_methods(register) -> None:
     register("example.greet", greet, params=GreetParams)
     register("example.wait", wait, params=WaitParams)
     register("example.stuck", stuck, params=StuckParams)
+    register("example.pipe", _pipe, params=PipeParams, stream=True)
+
+
+class PipeParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    trailer: str = ""  # written to stdout after stdin ends: output goes on after a half-close
+    marker: str | None = None  # "started", then "done N" or "cancelled OP_ID"
+
+
+async def _pipe(params: PipeParams, call) -> dict:
+    """A streaming method: stdin comes back on stdout unchanged; each control message
+    gets a line on stderr; a signal control ends it with 128+N, the end of stdin with
+    0 (after the trailer)."""
+    import signal
+
+    from banger_core import protocol
+    from banger_core.errors import BangerError, ErrorCode
+
+    stream = call.stream
+    if params.marker:
+        Path(params.marker).write_text("started\n")
+    total = 0
+    outcome = None  # the marker's last word; None until the pipe ends normally
+    try:
+        await call.emit({"pipe": "started"})  # events travel as EVENT frames
+        while (frame := await stream.read()) is not None:
+            if frame.kind == protocol.DATA and frame.channel == protocol.STDIN:
+                total += len(frame.data)
+                await stream.write(protocol.STDOUT, frame.data)
+            elif frame.kind == protocol.END and frame.channel == protocol.STDIN:
+                if params.trailer:
+                    await stream.write(protocol.STDOUT, params.trailer.encode())
+                await stream.end(protocol.STDOUT)
+                await stream.end(protocol.STDERR)
+                outcome = f"done {total}"
+                return {"exit_status": 0, "bytes": total}
+            elif frame.kind == protocol.CONTROL:
+                msg = frame.obj
+                if msg.get("type") == "resize":
+                    await stream.write(protocol.STDERR, f"resize {msg.get('rows')}x{msg.get('cols')}\n".encode())
+                elif msg.get("type") == "signal":
+                    name = str(msg.get("name"))
+                    try:
+                        number = signal.Signals[f"SIG{name}"].value
+                    except KeyError:
+                        raise BangerError(ErrorCode.BAD_REQUEST, f"unknown signal {name[:20]!r}") from None
+                    await stream.write(protocol.STDERR, f"signal {name}\n".encode())
+                    outcome = f"signalled {name}"
+                    return {"exit_status": 128 + number, "bytes": total}
+                else:
+                    await stream.write(protocol.STDERR, f"ignored control {json.dumps(msg)[:200]}\n".encode())
+        return {"exit_status": 1, "bytes": total}  # None: the client has gone (cancellation follows)
+    finally:  # cancelled, the client gone (None, a failed write) or a normal end
+        if params.marker:
+            Path(params.marker).write_text(f"{outcome or 'cancelled ' + call.op_id}\n")
 
 
 @hookimpl

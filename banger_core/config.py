@@ -211,6 +211,23 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise BangerError(ErrorCode.CONFIG, f"{path}: cannot read: {exc.strerror}") from None
 
 
+def _with_requirements(host: "PluginHost", active: list[str], blocked: set[str]) -> list[str]:
+    """``active`` plus, transitively, a provider of each requirement none of them
+    provides (an opt-in plugin a project turned on brings what it needs); what cannot be
+    brought in is left for ``PluginHost.order`` to name."""
+    out = list(active)
+    todo = list(active)
+    while todo:
+        for req in host.records[todo.pop()].requires:
+            if host.providers_of(req, out):
+                continue
+            candidates = [n for n in host.providers_of(req) if n not in blocked]
+            if candidates:
+                out.append(candidates[0])
+                todo.append(candidates[0])
+    return out
+
+
 def _plugin_tables(path: Path, raw: dict[str, Any], core_tables: frozenset[str]) -> dict[str, dict[str, Any]]:
     tables: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
@@ -273,8 +290,18 @@ class Config:
         return out
 
     def enabled_for(self, host: "PluginHost", project: ProjectConfig | None) -> list[str]:
-        """The dependency-ordered plugins that act on VMs made from ``project``."""
-        names = list(host.enabled)
+        """The dependency-ordered plugins that act on VMs made from ``project``.
+
+        Every enabled plugin, except opt-in ones (``opt_in = True``) the user's
+        ``[plugins] enable`` does not name; then a project's ``disable`` takes plugins
+        out and its ``enable`` turns plugins on (opt-in ones included) for its VMs; then
+        whatever those require is brought in, unless the project disabled it (an error
+        names it) or it is unavailable (disabled, broken, not installed: named too).
+        """
+        allow = self.core.plugins.enable
+        active = [n for n in host.enabled if not host.records[n].opt_in or (allow is not None and n in allow)]
+        blocked: set[str] = set()
+        excluded_by = ""
         if project is not None:
             for key in ("enable", "disable"):
                 for n in getattr(project.plugins, key) or ():
@@ -283,17 +310,17 @@ class Config:
                             ErrorCode.CONFIG,
                             f"{project.path}: [plugins] {key}: plugin {n!r} is not installed",
                         )
-                    if key == "enable" and n not in names:
+                    if key == "enable" and host.records[n].status != "enabled":
                         raise BangerError(
                             ErrorCode.CONFIG,
                             f"{project.path}: [plugins] enable: plugin {n!r} is "
                             f"{host.records[n].status} for this user ({host.records[n].reason})",
                         )
-            if project.plugins.enable is not None:  # an allow-list of installed plugins
-                names = [n for n in names if n in project.plugins.enable or host.records[n].builtin]
-            names = [n for n in names if n not in project.plugins.disable]
-            return host.order(names, excluded_by=str(project.path))
-        return host.order(names)
+            blocked = set(project.plugins.disable)
+            active = [n for n in active if n not in blocked]
+            active += [n for n in project.plugins.enable or () if n not in active]
+            excluded_by = str(project.path)
+        return host.order(_with_requirements(host, active, blocked), excluded_by=excluded_by)
 
     # --- plugin settings ----------------------------------------------------------
     def settings_for(self, host: "PluginHost", plugin: str, project: ProjectConfig | None = None) -> BaseModel | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -16,6 +17,29 @@ if TYPE_CHECKING:  # pragma: no cover
     from banger_core.store import Store
 
 
+class CleanupReason(str, Enum):
+    """Why ``cleanup`` runs (``StageContext.reason``). Added in 0.2.
+
+    Only ``DELETE`` means the VM is gone for good: release what outlives a boot (an
+    address lease, a work disk) then, and only what belongs to the running VMM (TAP,
+    NAT rules, DNS record) for the others.
+    """
+
+    #: ``vm stop`` (graceful or ``--force``), ``vm kill``, the stop half of ``vm restart``
+    STOP = "stop"
+    #: ``vm start``/``vm restart`` failed (in a plugin, the VMM, or before either ran);
+    #: the VM stays, in state ``error``, and may be started again
+    FAILED_START = "failed_start"
+    #: ``vm delete`` (``--force`` on a running VM included), ``vm prune``, and a
+    #: ``vm create`` that failed (the VM is removed with it); runs once per VM
+    DELETE = "delete"
+    #: the daemon found the VMM gone without a banger operation stopping it (guest
+    #: powered off, VMM crashed or killed: noticed by the monitor, by the next
+    #: operation on the VM, or at daemon start), or leftovers of a VM cut off by a
+    #: daemon crash; the VM stays, stopped (or ``error``)
+    RECONCILE = "reconcile"
+
+
 @dataclass
 class StageContext:
     """Passed to ``prepare_host``, ``configure_machine``, ``post_boot`` and ``cleanup``.
@@ -25,6 +49,7 @@ class StageContext:
     ``teardown`` is this plugin's slice of the VM's durable teardown record: put there
     whatever ``cleanup`` needs to undo ``prepare_host`` even after a daemon crash and a
     lost handles file. ``handles`` is this plugin's slice of the transient handles.
+    ``reason`` says why ``cleanup`` runs (``None`` in the setup stages).
     """
 
     plugin: str
@@ -38,6 +63,8 @@ class StageContext:
     handles: dict[str, Any] = field(default_factory=dict)
     #: Persist ``teardown`` now (call it after recording and before creating).
     persist: Callable[[], None] = lambda: None
+    #: Why ``cleanup`` runs; ``None`` for every other stage. Added in 0.2.
+    reason: CleanupReason | None = None
 
 
 @dataclass

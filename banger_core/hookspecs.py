@@ -142,6 +142,16 @@ def cleanup(ctx: "StageContext") -> None:
     ``prepare_host`` ran (or finished): rely on ``ctx.teardown``. Every plugin's
     cleanup runs even if another's raised; all errors are reported together.
     Added in 0.1.
+
+    ``ctx.reason`` (a ``banger_core.context.CleanupReason``), added in 0.2, says why:
+    ``STOP`` (``vm stop``/``kill``, the stop of ``vm restart``), ``FAILED_START`` (a
+    ``vm start``/``restart`` that failed; the VM stays), ``DELETE`` (``vm delete``,
+    ``prune``, a failed ``vm create``: the VM is gone; exactly once, after any stop),
+    ``RECONCILE`` (the VMM was found gone without banger stopping it: by the monitor,
+    the next operation or at daemon start). Only on ``DELETE`` release what should
+    outlive a boot (an address lease, a work disk); on the others undo only what
+    belongs to the running VMM. On a core older than 0.2 ``getattr(ctx, "reason",
+    None)`` is None: undo everything then.
     """
 
 

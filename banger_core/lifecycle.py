@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from banger_core.context import StageContext
+from banger_core.context import CleanupReason, StageContext
 from banger_core.errors import BangerError, MultiError
 from banger_core.models import VM, Machine
 from banger_core.runtime import Runtime
@@ -47,7 +47,7 @@ class Lifecycle:
             name: rt.config.settings_for(rt.host, name, self.project) for name in self.plugins
         }
 
-    def ctx(self, plugin: str, stage: str) -> StageContext:
+    def ctx(self, plugin: str, stage: str, reason: CleanupReason | None = None) -> StageContext:
         return StageContext(
             plugin=plugin,
             stage=stage,
@@ -59,6 +59,7 @@ class Lifecycle:
             teardown=self.vm.teardown.setdefault(plugin, {}),
             handles=self.handles.setdefault(plugin, {}),
             persist=lambda: self._persist(self.vm),
+            reason=reason,
         )
 
     def _stage(self, run: Callable[..., Any], stage: str, *args: Any) -> None:
@@ -70,9 +71,16 @@ class Lifecycle:
         finally:
             self._persist(self.vm)
 
-    def start(self, machine: Machine, boot: Callable[[Machine], None]) -> None:
+    def start(
+        self,
+        machine: Machine,
+        boot: Callable[[Machine], None],
+        failure_reason: CleanupReason = CleanupReason.FAILED_START,
+    ) -> None:
         """prepare_host -> configure_machine -> boot -> post_boot; on any failure run
-        cleanup for every plugin and raise the first error (cleanup errors attached)."""
+        cleanup for every plugin (with ``failure_reason``: DELETE when the VM goes with
+        the failure, as in a failed create) and raise the first error (cleanup errors
+        attached)."""
         self.started = True
         try:
             host = self.rt.host
@@ -82,7 +90,7 @@ class Lifecycle:
             self._stage(host.post_boot, "post_boot")
         except BaseException as exc:
             try:
-                self.cleanup()
+                self.cleanup(failure_reason)
             except MultiError as cleanup_exc:
                 if isinstance(exc, BangerError):
                     exc.details["cleanup_failures"] = cleanup_exc.details["failures"]
@@ -93,9 +101,11 @@ class Lifecycle:
         """Ask plugins, in order, to shut the guest down; the first that did wins."""
         return self.rt.host.request_guest_shutdown(self.plugins, lambda n: self.ctx(n, "request_guest_shutdown"))
 
-    def cleanup(self) -> None:
-        """Every plugin's cleanup, reverse order; all errors raised together."""
+    def cleanup(self, reason: CleanupReason = CleanupReason.DELETE) -> None:
+        """Every plugin's cleanup, reverse order, told ``reason``; all errors raised
+        together. The core always says why; the default (a full teardown) is for
+        callers that run the lifecycle once, like ``banger_core.testing``."""
         try:
-            self.rt.host.cleanup(self.plugins, lambda n: self.ctx(n, "cleanup"))
+            self.rt.host.cleanup(self.plugins, lambda n: self.ctx(n, "cleanup", reason))
         finally:
             self._persist(self.vm)

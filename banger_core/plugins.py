@@ -56,6 +56,7 @@ class PluginRecord:
     hooks: list[str] = field(default_factory=list)
     builtin: bool = False  # part of banger itself (banger_core.builtin)
     essential: bool = False  # a built-in that cannot be disabled
+    opt_in: bool = False  # acts on a VM only when a project (or the user's allow-list) names it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +71,7 @@ class PluginRecord:
             "hooks": list(self.hooks),
             "builtin": self.builtin,
             "essential": self.essential,
+            "opt_in": self.opt_in,
         }
 
 
@@ -162,6 +164,9 @@ class PluginHost:
         try:
             rec.requires = _str_tuple(module, "requires")
             rec.provides = _str_tuple(module, "provides")
+            rec.opt_in = getattr(module, "opt_in", False)
+            if not isinstance(rec.opt_in, bool):
+                raise TypeError(f"module attribute 'opt_in' must be True or False, got {rec.opt_in!r}")
             self.pm.register(module, name=rec.name)
         except Exception as exc:
             self._broken(rec, f"invalid plugin: {exc}", strict)
@@ -279,6 +284,13 @@ class PluginHost:
             sorter.done(*ready)
         return out
 
+    def providers_of(self, capability: str, among: Iterable[str] | None = None) -> list[str]:
+        """Enabled plugins (or those of ``among``) that are or provide ``capability``:
+        the one named so first, then alphabetical."""
+        names = self.enabled if among is None else among
+        found = [n for n in names if n == capability or capability in self.records[n].provides]
+        return sorted(found, key=lambda n: (n != capability, n))
+
     def _why_absent(self, req: str, excluded_by: str = "") -> str:
         def state(rec: PluginRecord) -> str:
             if rec.status == "enabled":
@@ -291,6 +303,9 @@ class PluginHost:
         for other in self.records.values():
             if req in other.provides:
                 return f"is provided by {other.name}, which is {state(other)}"
+        unknown = sorted(n for n, r in self.records.items() if r.status == "disabled" and r.module is None)
+        if unknown:  # never imported: what they provide is unknown
+            return f"no loaded plugin provides (disabled, so not inspected: {', '.join(unknown)})"
         return "is not installed"
 
     # --- calling ------------------------------------------------------------------

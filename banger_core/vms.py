@@ -20,6 +20,7 @@ from typing import Any, Callable
 from pydantic import Field, ValidationError, field_validator
 
 from banger_core import disks, host
+from banger_core.context import CleanupReason
 from banger_core.errors import BangerError, ErrorCode, MultiError, raise_if_cancelled
 from banger_core.handles import HandleStore
 from banger_core.lifecycle import Lifecycle
@@ -152,7 +153,7 @@ class VMService:
         """Under the VM's lock: a 'running' VM whose VMM is gone becomes stopped."""
         if vm.state is VMState.RUNNING and self._pid(vm) is None:
             log.warning("VM %s: VMM exited behind banger's back; cleaning up", vm.name, extra={"op_id": op_id})
-            self._finalize_stopped(vm, op_id)
+            self._finalize_stopped(vm, op_id, CleanupReason.RECONCILE)
         return vm
 
     def _lifecycle(self, vm: VM, op_id: str) -> Lifecycle:
@@ -198,10 +199,11 @@ class VMService:
         try:
             with self.lock(vm.id):
                 raise_if_cancelled(cancel, f"VM {vm.name}: create")
-                self._start_locked(vm, op_id, progress, cancel)
+                # a failed create removes the VM: its plugins are told DELETE, once
+                self._start_locked(vm, op_id, progress, cancel, failure_reason=CleanupReason.DELETE)
         except BaseException as exc:
             # A create that did not finish leaves nothing behind: no row, no files. The
-            # failed start already ran every plugin's cleanup (exactly once).
+            # failed start already ran every plugin's cleanup (exactly once, DELETE).
             errors = self._destroy(vm, op_id, plugins_cleaned=True)
             if errors and isinstance(exc, BangerError):
                 exc.details["cleanup_failures"] = [str(e) for e in errors]
@@ -224,23 +226,38 @@ class VMService:
             raise
         return vm
 
-    def _start_locked(self, vm: VM, op_id: str, progress: Progress, cancel: threading.Event) -> None:
+    def _start_locked(
+        self,
+        vm: VM,
+        op_id: str,
+        progress: Progress,
+        cancel: threading.Event,
+        failure_reason: CleanupReason = CleanupReason.FAILED_START,
+    ) -> None:
         """Boot ``vm`` under its lock. On failure the VMM and its run files are gone and
-        every plugin's cleanup has run exactly once (by ``Lifecycle.start``, or here when
-        the failure came before the plugins ran)."""
+        every plugin's cleanup has run exactly once with ``failure_reason`` (by
+        ``Lifecycle.start``, or here when the failure came before the plugins ran)."""
         lc: Lifecycle | None = None
         try:
             lc = self._lifecycle(vm, op_id)
-            self._boot_locked(vm, lc, op_id, progress, cancel)
+            self._boot_locked(vm, lc, op_id, progress, cancel, failure_reason)
         except BaseException:
             if lc is not None and not lc.started:
                 try:
-                    lc.cleanup()
+                    lc.cleanup(failure_reason)
                 except BangerError as exc:
                     log.error("VM %s: plugin cleanup after a failed start: %s", vm.name, exc, extra={"op_id": op_id})
             raise
 
-    def _boot_locked(self, vm: VM, lc: Lifecycle, op_id: str, progress: Progress, cancel: threading.Event) -> None:
+    def _boot_locked(
+        self,
+        vm: VM,
+        lc: Lifecycle,
+        op_id: str,
+        progress: Progress,
+        cancel: threading.Event,
+        failure_reason: CleanupReason,
+    ) -> None:
         image = self.store.get_image(vm.image or "")
         kernel = self.store.get_kernel(vm.spec.kernel or image.kernel_ref or "")
         driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
@@ -278,7 +295,7 @@ class VMService:
             progress("wait_agent", {})
 
         try:
-            lc.start(machine, boot)
+            lc.start(machine, boot, failure_reason)
         except BaseException:
             self._stop_vmm(vm, driver, graceful=False)
             for f in driver.run_files(run_dir):
@@ -331,7 +348,7 @@ class VMService:
         log.log(
             logging.WARNING if how == "killed" and not force else logging.INFO, "VM %s: %s", vm.name, how, extra={"op_id": op_id}
         )
-        self._finalize_stopped(vm, op_id)
+        self._finalize_stopped(vm, op_id, CleanupReason.STOP)
         return vm
 
     def _stop_vmm(self, vm: VM, driver: vmm.Driver, graceful: bool, op_id: str = "") -> str:
@@ -373,7 +390,7 @@ class VMService:
                 raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running ({vm.state.value})")
             vmm.send_signal(pid, sig)
             if vmm.wait_exit(pid, 10):
-                self._finalize_stopped(vm, op_id)
+                self._finalize_stopped(vm, op_id, CleanupReason.STOP)
             else:
                 raise BangerError(
                     ErrorCode.OPERATION_FAILED,
@@ -381,11 +398,12 @@ class VMService:
                 )
         return vm
 
-    def _finalize_stopped(self, vm: VM, op_id: str) -> None:
-        """The VMM is gone: undo host state, drop handles, mark stopped."""
+    def _finalize_stopped(self, vm: VM, op_id: str, reason: CleanupReason) -> None:
+        """The VMM is gone: undo host state (plugins told ``reason``), drop handles,
+        mark stopped."""
         failures: list[tuple[str, BaseException]] = []
         try:
-            self._lifecycle(vm, op_id).cleanup()
+            self._lifecycle(vm, op_id).cleanup(reason)
         except MultiError as exc:
             failures += exc.failures
         except BangerError as exc:  # plugins unusable (config): still finish the rest
@@ -432,7 +450,7 @@ class VMService:
             errors.append(exc)
         if not plugins_cleaned:
             try:
-                self._lifecycle(vm, op_id).cleanup()
+                self._lifecycle(vm, op_id).cleanup(CleanupReason.DELETE)
             except Exception as exc:
                 errors.append(exc)
         self.handles.drop(vm.id)
@@ -504,20 +522,20 @@ class VMService:
                     self.handles.set((h or VMHandles(vm_id=vm.id, driver=vm.driver)).model_copy(update={"pid": pid}))
                     report["adopted"].append(vm.name)
                 elif vm.state is VMState.RUNNING:
-                    self._finalize_stopped(vm, op)
+                    self._finalize_stopped(vm, op, CleanupReason.RECONCILE)
                     report["stopped"].append(vm.name)
                 elif vm.state is VMState.CREATED:
                     # a create cut off by a daemon crash: undo it, keep the record visible
                     driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
                     self._stop_vmm(vm, driver, graceful=False, op_id=op)
-                    self._lifecycle(vm, op).cleanup()
+                    self._lifecycle(vm, op).cleanup(CleanupReason.RECONCILE)
                     self.handles.drop(vm.id)
                     self._transition(vm, VMState.ERROR, "create interrupted by a daemon restart")
                     report["interrupted"].append(vm.name)
                 elif pid is not None or h is not None:
                     driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
                     self._stop_vmm(vm, driver, graceful=False, op_id=op)
-                    self._lifecycle(vm, op).cleanup()
+                    self._lifecycle(vm, op).cleanup(CleanupReason.RECONCILE)
                     self.handles.drop(vm.id)
             except BangerError as exc:
                 log.error("reconcile %s: %s", vm.name, exc.message, extra={"op_id": op})

@@ -85,9 +85,9 @@ def test_disabling_an_essential_builtin_is_refused(benv, tmp_path, how):
     assert not benv.socket.exists()  # refused before any daemon started
 
 
-def test_a_project_allow_list_keeps_the_builtins(benv, tmp_path):
-    (tmp_path / "banger.toml").write_text("[plugins]\nenable = ['network']\n")
-    data = json.loads(benv.run("plugins", "resolve", "--project", str(tmp_path), "--json", check=True).stdout)
+def test_an_allow_list_keeps_the_builtins(benv):
+    benv.write_config("[plugins]\nenable = ['network']\n")
+    data = json.loads(benv.run("plugins", "resolve", "--json", check=True).stdout)
     assert data["order"] == [*BUILTINS, "network"]
 
 

@@ -36,7 +36,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
             r.name,
             r.version or "-",
             f"{r.distribution} (built-in)" if r.builtin else r.distribution or "-",
-            r.status,
+            f"{r.status} (opt-in)" if r.opt_in and r.status == "enabled" else r.status,
             ",".join(r.requires) or "-",
             ",".join(r.hooks) or "-",
         ]

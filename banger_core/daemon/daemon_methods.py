@@ -41,7 +41,7 @@ async def methods(_p: NoParams, call: Call) -> dict[str, Any]:
             schema = m.params.model_json_schema() if m.params is not None else None
         except Exception as exc:  # a plugin's model may not have a schema
             schema = {"error": f"{type(exc).__name__}: {exc}"}
-        out[name] = {"owner": m.owner, "params": schema}
+        out[name] = {"owner": m.owner, "params": schema, "stream": m.stream}
     return {"methods": out}
 
 

@@ -28,6 +28,7 @@ class Settings(BaseModel):
     fail_in: Literal["prepare_host", "configure_machine", "post_boot", "cleanup"] | None = Field(
         default=None, description="raise in this lifecycle hook (tests of failure paths)"
     )
+    cleanup_log: str | None = Field(default=None, description="append '<vm name> <cleanup reason>' lines here")
 
 
 def _maybe_fail(settings: Settings | None, hook: str) -> None:
@@ -234,5 +235,10 @@ def request_guest_shutdown(ctx) -> None:
 
 @hookimpl
 def cleanup(ctx) -> None:
-    _record(ctx.settings, {"hook": "cleanup", "vm": ctx.vm.name, "teardown": ctx.teardown.get("example")})
+    reason = getattr(ctx, "reason", None)  # why cleanup runs (core 0.2+; None before)
+    reason_text = reason.value if reason is not None else "unknown"
+    _record(ctx.settings, {"hook": "cleanup", "vm": ctx.vm.name, "teardown": ctx.teardown.get("example"), "reason": reason_text})
+    if ctx.settings is not None and ctx.settings.cleanup_log:
+        with open(ctx.settings.cleanup_log, "a") as fh:
+            fh.write(f"{ctx.vm.name} {reason_text}\n")
     _maybe_fail(ctx.settings, "cleanup")

@@ -22,6 +22,7 @@ from pydantic import Field, ValidationError, field_validator
 from banger_core import disks, host
 from banger_core.context import CleanupReason
 from banger_core.errors import BangerError, ErrorCode, MultiError, raise_if_cancelled
+from banger_core.fsutil import atomic_write
 from banger_core.handles import HandleStore
 from banger_core.lifecycle import Lifecycle
 from banger_core.models import VM, Drive, HostPath, Image, Input, Machine, SizeMiB, VMHandles, VMSpec, VMState, validate_vm_name
@@ -130,6 +131,20 @@ class VMService:
 
     def console_log(self, vm: VM) -> Path:
         return self.run_dir(vm) / "console.log"
+
+    def machine_file(self, vm: VM) -> Path:
+        """The Machine the VM was last booted with (JSON), written at each launch."""
+        return self.run_dir(vm) / "machine.json"
+
+    def last_machine(self, vm: VM) -> dict[str, Any] | None:
+        """``machine_file`` as shown by ``vm show``; None if the VM never booted."""
+        try:
+            return Machine.model_validate_json(self.machine_file(vm).read_bytes()).model_dump(mode="json")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("VM %s: unreadable %s: %s", vm.name, self.machine_file(vm), exc)
+            return None
 
     def _pid(self, vm: VM) -> int | None:
         h = self.handles.get(vm.id)
@@ -286,6 +301,8 @@ class VMService:
             raise_if_cancelled(cancel, f"VM {vm.name}: start")
             progress("boot", {"driver": driver.name})
             launch = driver.launch(vm.id, m, run_dir)
+            # what the VMM got, for `vm show` (kept across stops, gone with the VM)
+            atomic_write(self.machine_file(vm), m.model_dump_json(indent=2))
             # handles.json first (atomically), then the cache, then the DB state.
             self.handles.set(
                 VMHandles(vm_id=vm.id, pid=launch.pid, driver=driver.name, api_socket=launch.api_socket, plugins=lc.handles)
@@ -496,6 +513,7 @@ class VMService:
         data["pid"] = h.pid if h and vm.state is VMState.RUNNING else None
         data["console_log"] = str(self.console_log(vm))
         data["dir"] = str(self.run_dir(vm))
+        data["machine"] = self.last_machine(vm)
         return data
 
     def list(self) -> list[dict[str, Any]]:

@@ -154,6 +154,9 @@ def test_delete_force_kill_failed_create_and_daemon_restart_reasons(fcenv, tmp_p
     wait_for(lambda: not pid_alive(pid))
     assert show(env, "orphan")["state"] == "stopped"  # any command restarts the daemon
     assert cleanup_log(log)[4:] == ["orphan reconcile"]
+    # the machine of its last boot is still shown while stopped
+    m = show(env, "orphan")["machine"]
+    assert m["kernel"].endswith("vmlinux") and "example.greeting=reasons" in m["boot_args"]
     env.run("vm", "delete", "orphan", check=True)
     assert cleanup_log(log)[5:] == ["orphan delete"]
 
@@ -195,9 +198,24 @@ def test_real_vm_reasons_and_machine_shown(qenv, tmp_path):
     args = ["--image", "busybox", "--vcpu", "1", "--memory", "256M", "--disk-size", "256M", "--project", str(proj)]
     env.run("vm", "create", "--name", "real", *args, timeout=300, check=True)  # boot 1
 
+    # what the VMM got: the kernel, the plugins' boot args, the root disk
+    vm = show(env, "real")
+    kernel = json.loads(env.run("kernel", "show", "k", "--json", check=True).stdout)
+    m = vm["machine"]
+    assert m["kernel"] == kernel["kernel"] and m["vcpus"] == 1 and m["memory_mib"] == 256
+    assert "example.greeting=reasons" in m["boot_args"] and "banger.vm=real" in m["boot_args"]
+    root = [d for d in m["drives"] if d["root"]]
+    assert len(root) == 1 and root[0]["id"] == "root" and Path(root[0]["path"]).parent == Path(vm["dir"])
+    assert Path(root[0]["path"]).exists()
+    human = env.run("vm", "show", "real", check=True).stdout
+    assert "last boot:" in human and kernel["kernel"] in human and root[0]["path"] in human
+    assert "example.greeting=reasons" in human
+    assert cleanup_log(log) == []
+
     wait_boot(env, "real", 1)
     env.run("vm", "stop", "real", timeout=180, check=True)
     assert cleanup_log(log) == ["real stop"]
+    assert show(env, "real")["machine"] == m  # kept while stopped
 
     # a start that fails in a plugin (before any boot): failed_start; the VM stays
     project(proj, log, fail_in="prepare_host")

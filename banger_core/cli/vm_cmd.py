@@ -351,6 +351,18 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("error", vm.get("last_error") or "-"),
     ]:
         style.echo(f"{key + ':':9} {value}")
+    m = vm.get("machine")  # what the VMM was last booted with (None: never booted)
+    if m:
+        drives = ", ".join(f"{d['id']}={d['path']}{' (ro)' if d['read_only'] else ''}" for d in m["drives"])
+        nics = ", ".join(f"{n['id']}={n['tap']} {n['mac']}" for n in m["nics"])
+        style.echo("last boot:")
+        for key, value in [
+            ("kernel", m["kernel"] + (f" + {m['initrd']}" if m.get("initrd") else "")),
+            ("drives", drives or "-"),
+            ("nics", nics or "-"),
+            ("args", " ".join(m["boot_args"]) or "-"),
+        ]:
+            style.echo(f"  {key + ':':7} {value}")
 
 
 @app.command()

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Callable, Literal
 
 from pydantic import Field, model_validator
 
-from banger_core import images
+from banger_core import fsutil, images
 from banger_core.config import DEFAULT_IMAGE
 from banger_core.errors import BangerError, Cancelled, ErrorCode, raise_if_cancelled
 from banger_core.models import Image, Input, Kernel, fullmatching, validate_input
@@ -421,7 +421,7 @@ class Puller:
                     shutil.rmtree(final)
                 rootfs = self._publish(name, staging / "rootfs.ext4", move=True)
                 try:
-                    (final / LAYERS_FILE).write_text(json.dumps(info["layers"]) + "\n")
+                    fsutil.atomic_write(final / LAYERS_FILE, json.dumps(info["layers"]) + "\n")
                     if kernel_files is not None:
                         kernel = images.import_kernel_files(self.store, self.paths, name, *kernel_files)
                 except BaseException:

@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Bumped when the request/response envelope changes incompatibly.
-PROTOCOL_VERSION = 1
+# Bumped when the request/response envelope changes incompatibly. 2: requests carry
+# the CLI's fingerprint (a daemon running other code or config refuses them) and may
+# switch the connection to binary frames.
+PROTOCOL_VERSION = 2
 
 if TYPE_CHECKING:  # pragma: no cover
     from banger_core.hookspecs import hookimpl as hookimpl

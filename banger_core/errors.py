@@ -19,6 +19,7 @@ class ErrorCode(str, enum.Enum):
     PLUGIN = "plugin_error"
     DAEMON_UNAVAILABLE = "daemon_unavailable"
     BUSY = "busy"
+    STALE_DAEMON = "stale_daemon"  # the daemon runs other code/config than the CLI: replace it
 
 
 class BangerError(Exception):

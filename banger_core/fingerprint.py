@@ -41,7 +41,19 @@ def _code_stamp() -> str:
     return str(newest)
 
 
+_memo: dict[tuple[str, str], str] = {}
+
+
 def fingerprint(paths: Paths) -> str:
+    """Computed once per process and config file (the CLI asks twice: its command index
+    and the daemon check)."""
+    key = (str(paths.config_file), os.environ.get("BANGER_DISABLE_PLUGINS", ""))
+    if key not in _memo:
+        _memo[key] = _compute(paths)
+    return _memo[key]
+
+
+def _compute(paths: Paths) -> str:
     h = hashlib.sha256(__version__.encode())
     h.update(_code_stamp().encode())
     try:

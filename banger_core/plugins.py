@@ -42,6 +42,25 @@ ENV_TRACE = "BANGER_TRACE_PLUGINS"  # "1": log every hook call with its duration
 log = logging.getLogger("banger.plugins")
 
 
+@dataclass(frozen=True)
+class EntryPoint:
+    """One ``banger.plugins`` entry point: ``name = module[:attr]`` of a distribution."""
+
+    name: str
+    value: str
+    distribution: str | None = None
+    version: str | None = None
+
+    def load(self) -> Any:
+        import importlib
+
+        module_name, _, attrs = self.value.partition(":")
+        obj: Any = importlib.import_module(module_name.strip())
+        for attr in attrs.strip().split(".") if attrs.strip() else ():
+            obj = getattr(obj, attr)
+        return obj
+
+
 @dataclass
 class PluginRecord:
     name: str
@@ -57,6 +76,7 @@ class PluginRecord:
     builtin: bool = False  # part of banger itself (banger_core.builtin)
     essential: bool = False  # a built-in that cannot be disabled
     opt_in: bool = False  # acts on a VM only when a project (or the user's allow-list) names it
+    entry_point: str | None = None  # module[:attr] it was loaded from (None: built-in or added)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,29 +135,36 @@ class PluginHost:
             self.add(importlib.import_module(module_name), rec, strict=True)
 
     def load_entry_points(
-        self, disabled: Iterable[str] = (), strict: bool | None = None, only: Iterable[str] | None = None
+        self,
+        disabled: Iterable[str] = (),
+        strict: bool | None = None,
+        only: Iterable[EntryPoint] | None = None,
     ) -> None:
-        """Load the installed plugins (``only``: just these names; the CLI's fast path)."""
-        from importlib.metadata import entry_points
+        """Load the installed plugins, found through importlib.metadata; or ``only``
+        these (the CLI's fast path, which knows them from its index: no metadata scan)."""
+        if only is None:
+            from importlib.metadata import entry_points
 
-        wanted = None if only is None else set(only)
+            found = []
+            for meta in entry_points(group=ENTRY_POINT_GROUP):
+                dist = getattr(meta, "dist", None)
+                found.append(
+                    EntryPoint(meta.name, meta.value, dist.metadata["Name"] if dist else None, dist.version if dist else None)
+                )
+        else:
+            found = list(only)
         disabled = set(disabled)
         by_env = env_disabled()
         strict = os.environ.get(ENV_STRICT) == "1" if strict is None else strict
         seen: set[str] = set()
-        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if ep.name in seen or (wanted is not None and ep.name not in wanted):
-                continue  # (seen: the same distribution visible twice on sys.path)
+        for ep in sorted(found, key=lambda e: e.name):
+            if ep.name in seen:  # the same distribution visible twice on sys.path
+                continue
             seen.add(ep.name)
             if ep.name in self.records and self.records[ep.name].builtin:
                 log.warning("plugin %s (%s) ignored: a built-in plugin has that name", ep.name, ep.value)
                 continue
-            dist = getattr(ep, "dist", None)
-            rec = PluginRecord(
-                name=ep.name,
-                distribution=dist.metadata["Name"] if dist else None,
-                version=dist.version if dist else None,
-            )
+            rec = PluginRecord(name=ep.name, distribution=ep.distribution, version=ep.version, entry_point=ep.value)
             if ep.name in disabled or ep.name in by_env:
                 rec.status = "disabled"
                 rec.reason = f"disabled by {ENV_DISABLE}" if ep.name in by_env else "disabled in config"

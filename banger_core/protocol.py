@@ -74,11 +74,20 @@ def encode(obj: dict[str, Any]) -> bytes:
 
 
 def request(
-    method: str, params: dict[str, Any] | None = None, op_id: str | None = None, *, stream: bool = False
+    method: str,
+    params: dict[str, Any] | None = None,
+    op_id: str | None = None,
+    *,
+    stream: bool = False,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    req = {"v": PROTOCOL_VERSION, "method": method, "params": params or {}, "op_id": op_id or new_op_id()}
+    """A request line. With ``fingerprint`` the daemon runs it only if its own matches,
+    else answers ``stale_daemon`` (the CLI then replaces it and sends it again)."""
+    req: dict[str, Any] = {"v": PROTOCOL_VERSION, "method": method, "params": params or {}, "op_id": op_id or new_op_id()}
     if stream:
         req["stream"] = True
+    if fingerprint is not None:
+        req["fingerprint"] = fingerprint
     return req
 
 

@@ -8,6 +8,9 @@ Measures the installed console script next to ``sys.executable``:
     banger doctor           (all of the above plus every check; starts no daemon)
     banger vm list          (the common path: one RPC to a daemon already running; its
                              warm-up run starts the daemon)
+    banger vm bench-ping    (a plugin's `vm` subcommand making the same RPC: the plugin,
+                             written here by hand like pip would install it, is the only
+                             one the CLI imports for it)
 
 Each command gets one warm-up run; then ``--runs`` rounds run every command once per
 round (interleaved, so drift on the machine affects all of them alike). Prints
@@ -16,6 +19,9 @@ min/median/p90 in ms and each median's ratio to the baseline median.
 Config, state, cache and runtime dirs are fresh temp dirs, and ``BANGER_*`` variables
 from the caller's environment are dropped, so the numbers are for a default config
 and the user's own state is never touched. Any daemon is stopped at the end.
+PYTHONDONTWRITEBYTECODE is dropped (bytecode goes to a temp PYTHONPYCACHEPREFIX):
+without cached bytecode every run would compile banger's modules again, which no
+installed banger does.
 
 Stdlib only:  .venv/bin/python benchmarks/cli_startup.py [--runs N] [--json]
 """
@@ -49,8 +55,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def make_env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_") and k != "PYTHONDONTWRITEBYTECODE"}
     env.update(
+        # Bytecode is cached as on any install (the warm-up run writes it), but under
+        # the temp dir: an editable checkout's tree is left as it was.
+        PYTHONPYCACHEPREFIX=str(root / "pycache"),
         BANGER_CONFIG_DIR=str(root / "cfg"),
         BANGER_STATE_DIR=str(root / "state"),
         BANGER_CACHE_DIR=str(root / "cache"),
@@ -58,6 +67,33 @@ def make_env(root: Path) -> dict[str, str]:
         NO_COLOR="1",
     )
     return env
+
+
+# A plugin adding a `vm` subcommand (no settings, imports kept inside the command).
+PLUGIN = """
+from banger_core import hookimpl
+
+
+@hookimpl
+def register_commands(vm):
+    @vm.command("bench-ping")
+    def bench_ping() -> None:
+        \"\"\"One vm.list RPC, from a plugin's vm subcommand.\"\"\"
+        from banger_core.client import Client
+
+        print(len(Client().call("vm.list")))
+"""
+
+
+def install_plugin(target: Path) -> None:
+    """What pip leaves on disk for a one-module wheel with a banger.plugins entry point."""
+    target.mkdir(parents=True)
+    (target / "banger_bench_ping.py").write_text(PLUGIN)
+    info = target / "banger_bench_ping-0.0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: banger-bench-ping\nVersion: 0.0.1\n")
+    (info / "entry_points.txt").write_text("[banger.plugins]\nbench-ping = banger_bench_ping\n")
+    (info / "RECORD").write_text("")
 
 
 def time_once(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
@@ -95,11 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         "banger plugins list": [str(banger), "plugins", "list"],
         "banger doctor": [str(banger), "doctor"],
         "banger vm list": [str(banger), "vm", "list"],
+        "banger vm bench-ping": [str(banger), "vm", "bench-ping"],
     }
 
     # Short path under /tmp: the daemon's Unix socket path is limited to 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="bgbench-", dir="/tmp" if os.path.isdir("/tmp") else None))
     env = make_env(root)
+    install_plugin(root / "plugin")
+    env["PYTHONPATH"] = str(root / "plugin")
     samples: dict[str, list[float]] = {name: [] for name in commands}
     codes: dict[str, set[int]] = {name: set() for name in commands}
     daemon_stop = ""

@@ -101,11 +101,11 @@ BAD_INPUTS = {
     "random bytes no newline": (b"\x00\xff\xfe garbage", "bad_request", "truncated frame"),
     "truncated frame": (request("daemon.hello")[:20], "bad_request", "truncated frame: 20 bytes"),
     "not an object": (b"[1, 2, 3]\n", "bad_request", "request must be a JSON object"),
-    "no method": (b'{"v": 1}\n', "bad_request", "request has no method"),
+    "no method": (f'{{"v": {PROTOCOL_VERSION}}}\n'.encode(), "bad_request", "request has no method"),
     "wrong version": (request("daemon.hello", v=99), "bad_version", "protocol version 99 not supported"),
     "unknown method": (request("vm.teleport"), "unknown_method", "unknown method 'vm.teleport'"),
     "params not object": (
-        json.dumps({"v": 1, "method": "daemon.hello", "params": [1]}).encode() + b"\n",
+        json.dumps({"v": PROTOCOL_VERSION, "method": "daemon.hello", "params": [1]}).encode() + b"\n",
         "bad_request",
         "params must be a JSON object",
     ),
@@ -177,7 +177,7 @@ def test_logged_strings_are_clipped(daemon):
         request("vm.show", {"ref": "\u00e9" * (big // 7)}),
         request("vm.show", {"k" * (big // 2): 1}),  # an unknown key in the error's location
         request("vm.show", {f"k{i}": 1 for i in range(big // 16)}),  # thousands of errors
-        json.dumps({"v": 1, "method": "daemon.hello", "params": {}, "op_id": "o" * big}).encode() + b"\n",
+        json.dumps({"v": PROTOCOL_VERSION, "method": "daemon.hello", "params": {}, "op_id": "o" * big}).encode() + b"\n",
     ]
     before = log.stat().st_size
     for frame in frames:
@@ -427,3 +427,17 @@ def test_replies_the_client_reads_are_not_bound_by_the_request_limit(benv):
         t.join(10)
         server.close()
     assert result["text"] == big and events == [{"chunk": big}]
+
+
+def test_a_request_from_a_cli_with_another_fingerprint_is_refused_before_it_runs(daemon):
+    """The CLI sends its fingerprint with each request: one round trip when the daemon is
+    current; a stale daemon refuses (running nothing) and the CLI replaces it."""
+    pid = daemon.daemon_pid()
+    req = json.loads(request("vm.prune"))
+    req["fingerprint"] = "0000000000000000"
+    reply = raw(daemon, json.dumps(req).encode() + b"\n")
+    assert reply["error"]["code"] == "stale_daemon" and "replaces it" in reply["error"]["message"]
+    assert daemon.daemon_pid() == pid and pid_alive(pid)
+    daemon.write_config("[daemon]\nlog_level = 'info'\n")  # the CLI's fingerprint changes
+    assert json.loads(daemon.run("vm", "list", "--json", check=True).stdout) == []
+    assert daemon.daemon_pid() != pid and not pid_alive(pid)  # replaced on the first call

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from banger_core.errors import ErrorCode
+from banger_core import PROTOCOL_VERSION
 
 KNOWN_CODES = {c.value for c in ErrorCode}
 MIB = 1024 * 1024
@@ -114,7 +115,7 @@ def bad_requests(draw) -> bytes:
     params = draw(st.dictionaries(st.sampled_from(PARAMS) | st.text(max_size=16), values, max_size=6))
     params[draw(st.sampled_from(UNKNOWN))] = draw(values)
     req: dict = {
-        "v": 1,
+        "v": PROTOCOL_VERSION,
         "method": draw(st.sampled_from(METHODS) | st.text(max_size=40)),
         "params": params,
         "op_id": draw(st.sampled_from(["op-0123456789ab", "op-", "op-XYZ", "op-abcdef\n"]) | st.text(max_size=20)),

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from banger_core.errors import ErrorCode
+from banger_core import PROTOCOL_VERSION
 
 KNOWN_CODES = {c.value for c in ErrorCode}
 HUGE = "x" * 200_000
@@ -50,7 +51,7 @@ ELSEWHERE: set[tuple[str, str, str]] = set()
 
 
 def call(benv, method: str, params: Any, timeout: float = 30) -> dict | None:
-    frame = json.dumps({"v": 1, "method": method, "params": params, "op_id": "op-0123456789ab"}).encode() + b"\n"
+    frame = json.dumps({"v": PROTOCOL_VERSION, "method": method, "params": params, "op_id": "op-0123456789ab"}).encode() + b"\n"
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(timeout)
     s.connect(str(benv.socket))

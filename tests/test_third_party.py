@@ -11,6 +11,7 @@ import pytest
 from conftest import make_dist, pid_alive, wait_for
 
 from banger_core.builtin import BUILTIN
+from banger_core import PROTOCOL_VERSION
 
 FIRST_PARTY = {"network", "nat", "dns", "workdisk", "filesync", "vsock", "workspace"}
 BUILTINS = [name for name, _module in BUILTIN]  # registered first, in this order
@@ -120,7 +121,7 @@ def test_client_disconnect_cancels_in_flight_handler(xenv, tmp_path):
     marker = tmp_path / "marker"
     s = socket.socket(socket.AF_UNIX)
     s.connect(str(xenv.socket))
-    req = {"v": 1, "method": "example.wait", "params": {"marker": str(marker)}, "op_id": "op-abcabcabcabc"}
+    req = {"v": PROTOCOL_VERSION, "method": "example.wait", "params": {"marker": str(marker)}, "op_id": "op-abcabcabcabc"}
     s.sendall(json.dumps(req).encode() + b"\n")
     wait_for(lambda: marker.exists() and marker.read_text().startswith("started"))
     s.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from typing import TYPE_CHECKING, Optional
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from banger_core import __version__
-from banger_core.cli import style
+from banger_core.cli import index, style
 from banger_core.cli.common import error_line, state
 from banger_core.errors import BangerError
 
@@ -41,7 +42,7 @@ def build_app(argv: list[str] | None = None) -> typer.Typer:
     ) -> None:
         pass
 
-    from banger_core.cli import index, vm_cmd
+    from banger_core.cli import vm_cmd
 
     host, full = _plugin_host(argv)
     contributed: dict[str, list[str]] = {}
@@ -56,13 +57,37 @@ def build_app(argv: list[str] | None = None) -> typer.Typer:
         seen = now
 
     broke = host.register_commands(app, vm=vm_cmd.app, observe=observe)
+    if not full:
+        _keep_only(app, index.command_key(argv))
     rt = state.try_runtime() if full else None
     if rt is not None and host is rt.host:
         if broke:
             rt.resolve()  # a plugin whose commands broke is out of the order now
         else:
-            index.save(state.paths, _fingerprint(), contributed)
+            from banger_core.plugins import EntryPoint
+
+            entry_points = {
+                name: EntryPoint(name, rec.entry_point, rec.distribution, rec.version)
+                for name, rec in host.records.items()
+                if rec.entry_point is not None
+            }
+            index.save(state.paths, _fingerprint(), contributed, entry_points)
     return app
+
+
+def _keep_only(app: typer.Typer, key: tuple[str, ...]) -> None:
+    """Trim the group ``key[0]`` to its command ``key[1]``: typer converts every
+    command of a group into a click command before running one (~10 ms for ``vm``)."""
+    if len(key) < 2:
+        return
+    for i, group in enumerate(app.registered_groups):
+        if group.name != key[0] or group.typer_instance is None:
+            continue
+        trimmed = copy.copy(group.typer_instance)
+        trimmed.registered_commands = [c for c in trimmed.registered_commands if index.name_of(c) == key[1]]
+        trimmed.registered_groups = [g for g in trimmed.registered_groups if g.name == key[1]]
+        app.registered_groups[i] = copy.copy(group)
+        app.registered_groups[i].typer_instance = trimmed
 
 
 def _fingerprint() -> str:
@@ -80,16 +105,12 @@ def _plugin_host(argv: list[str]) -> tuple["PluginHost", bool]:
     loaded, the built-ins alone (the core's commands work and report the error).
     """
     from banger_core.builtin import COMMANDS
-    from banger_core.cli import index
     from banger_core.plugins import PluginHost
 
     key = index.command_key(argv)
     known = index.load(state.paths, _fingerprint()) if key else None
-    if known is not None and (key[0] in COMMANDS or key[0] in known):
-        if len(key) == 1:  # a group's help lists every subcommand, the plugins' too
-            providers = [p for c, ps in known.items() if c == key[0] or c.startswith(key[0] + " ") for p in ps]
-        else:
-            providers = known.get(key[0], []) + known.get(" ".join(key), [])
+    providers = known.providers(key) if known is not None and (key[0] in COMMANDS or key[0] in known.commands) else None
+    if providers is not None:
         host = PluginHost()
         host.load_builtins(only=[COMMANDS[key[0]]] if key[0] in COMMANDS else [])
         if providers:

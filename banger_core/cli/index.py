@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import typer
 
     from banger_core.paths import Paths
+    from banger_core.plugins import EntryPoint
 
 VERSION = 1
 
@@ -27,7 +28,7 @@ def command_names(app: "typer.Typer") -> set[str]:
     command of a group (one level: banger's groups are not nested deeper)."""
     out: set[str] = set()
     for cmd in app.registered_commands:
-        out.add(cmd.name or _derived(cmd.callback))
+        out.add(name_of(cmd))
     for group in app.registered_groups:
         name = group.name or ""
         out.add(name)
@@ -36,8 +37,9 @@ def command_names(app: "typer.Typer") -> set[str]:
     return out
 
 
-def _derived(callback: Any) -> str:
-    return str(getattr(callback, "__name__", "")).replace("_", "-")
+def name_of(command: Any) -> str:
+    """A registered typer command's name: given, or derived from its function as typer does."""
+    return str(command.name or getattr(command.callback, "__name__", "").replace("_", "-"))
 
 
 def command_key(argv: list[str]) -> tuple[str, ...]:
@@ -50,22 +52,53 @@ def command_key(argv: list[str]) -> tuple[str, ...]:
     return tuple(words)
 
 
-def load(paths: "Paths", fingerprint: str) -> dict[str, list[str]] | None:
-    """command -> plugins that contribute to it; None when absent or stale."""
+class Index:
+    """command -> the plugins contributing to it, and each such plugin's entry point."""
+
+    def __init__(self, commands: dict[str, list[str]], plugins: dict[str, "EntryPoint"]) -> None:
+        self.commands = commands
+        self.plugins = plugins
+
+    def providers(self, key: tuple[str, ...]) -> list["EntryPoint"] | None:
+        """The entry points of the plugins the command ``key`` needs; None if the index
+        cannot say (then everything is loaded)."""
+        if len(key) == 1:  # a group's help lists every subcommand, the plugins' too
+            names = [p for c, ps in self.commands.items() if c == key[0] or c.startswith(key[0] + " ") for p in ps]
+        else:
+            names = self.commands.get(key[0], []) + self.commands.get(" ".join(key), [])
+        if any(n not in self.plugins for n in names):
+            return None
+        return [self.plugins[n] for n in dict.fromkeys(names)]
+
+
+def load(paths: "Paths", fingerprint: str) -> Index | None:
+    """The index, or None when absent, unreadable or made for another fingerprint."""
+    from banger_core.plugins import EntryPoint
+
     try:
         data = json.loads(paths.cli_index.read_text())
-    except (OSError, ValueError):
+        if data.get("v") != VERSION or data.get("fingerprint") != fingerprint:
+            return None
+        commands = {str(c): [str(p) for p in ps] for c, ps in data["commands"].items()}
+        plugins = {str(n): EntryPoint(str(n), *map(_opt_str, e)) for n, e in data["plugins"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
-    if not isinstance(data, dict) or data.get("v") != VERSION or data.get("fingerprint") != fingerprint:
-        return None
-    commands = data.get("commands")
-    return commands if isinstance(commands, dict) else None
+    return Index(commands, plugins)
 
 
-def save(paths: "Paths", fingerprint: str, commands: dict[str, list[str]]) -> None:
+def _opt_str(value: Any) -> Any:
+    return None if value is None else str(value)
+
+
+def save(paths: "Paths", fingerprint: str, commands: dict[str, list[str]], plugins: dict[str, "EntryPoint"]) -> None:
     from banger_core.fsutil import atomic_write
 
-    data = {"v": VERSION, "fingerprint": fingerprint, "commands": commands}
+    data = {
+        "v": VERSION,
+        "fingerprint": fingerprint,
+        "commands": commands,
+        "plugins": {n: [e.value, e.distribution, e.version] for n, e in plugins.items()},
+    }
     try:
         paths.cli_index.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(paths.cli_index, json.dumps(data, sort_keys=True))

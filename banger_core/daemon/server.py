@@ -225,6 +225,11 @@ class Daemon:
         if not isinstance(method, str):
             await self._reject(reader, writer, BangerError(ErrorCode.BAD_REQUEST, "request has no method", op_id=op_id))
             return
+        expected = req.get("fingerprint")
+        if expected is not None and expected != self.fingerprint:  # checked before anything runs
+            stale = f"bangerd runs other code or config than this CLI ({clip(str(expected), 40)}); the CLI replaces it"
+            await self._reject(reader, writer, BangerError(ErrorCode.STALE_DAEMON, stale, op_id=op_id))
+            return
         wants_frames = req.get("stream") is True
         known = self.registry.methods.get(method)
         if wants_frames or (known is not None and known.stream):

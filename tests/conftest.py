@@ -210,7 +210,7 @@ def http_dir(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None  # type: ignore[attr-defined]
+    handler.log_message = lambda *a: None
     srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()

@@ -17,6 +17,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fcspec import validate_request
@@ -35,6 +36,7 @@ class State:
     started = False
     configured: set[str] = set()
     record: Path | None = None
+    boot: dict[str, Any]  # the putGuestBootSource body; set in __main__
     lock = threading.Lock()
 
 
@@ -55,7 +57,7 @@ class Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
-        body = json.loads(raw) if raw else None
+        body: Any = json.loads(raw) if raw else None  # validated against the spec below
         try:
             op = validate_request(method, self.path, body)
         except Exception as exc:

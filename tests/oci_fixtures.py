@@ -575,7 +575,7 @@ def push_test_image(
     """
     _check_registry(registry)
     own_tmp = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="banger-oci-image-")) if own_tmp else Path(workdir)
+    work = Path(tempfile.mkdtemp(prefix="banger-oci-image-")) if workdir is None else Path(workdir)
     try:
         layout, mdigest = build_test_layout(work, tag, compression, init_script)
         pushed = _skopeo_push(layout, tag, f"{registry}/{repo}:{tag}", workdir=work)
@@ -654,7 +654,7 @@ def push_multiarch_index(
     """
     _check_registry(registry)
     own_tmp = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="banger-oci-index-")) if own_tmp else Path(workdir)
+    work = Path(tempfile.mkdtemp(prefix="banger-oci-index-")) if workdir is None else Path(workdir)
     try:
         layout, amd64 = build_test_layout(work, tag, compression)
         blobs = _Layout(layout)

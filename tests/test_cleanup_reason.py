@@ -16,6 +16,7 @@ import re
 import signal
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,7 +40,7 @@ MICROVM_VMLINUX = ga.default_cache_dir() / "banger-cache" / "builds" / "kernel-m
 
 def reason_plugin(name: str, seen: list, fail_in: str | None = None) -> types.ModuleType:
     """A plugin recording (stage, ctx.reason) for every lifecycle stage."""
-    mod = types.ModuleType(f"plug_{name}")
+    mod: Any = types.ModuleType(f"plug_{name}")
     mod.requires = []
 
     def note(ctx, stage):

@@ -80,7 +80,7 @@ def test_run_logs_each_command_and_its_status(caplog):
     with caplog.at_level(logging.INFO, logger="banger.proc"):
         proc.run(["true"])
     (rec,) = [r for r in caplog.records if r.name == "banger.proc"]
-    assert rec.getMessage().startswith("ran true -> 0 in ") and rec.exit_status == 0  # type: ignore[attr-defined]
+    assert rec.getMessage().startswith("ran true -> 0 in ") and rec.exit_status == 0
 
 
 def test_run_a_missing_program_says_it_is_not_installed(tmp_path):
@@ -306,7 +306,7 @@ def test_a_replacement_cut_off_midway_is_repaired_by_the_daemon_sweep(tmp_path):
                     os._exit(9)  # the daemon is killed right here
                 return real(self, target)
 
-            Path.rename = rename  # type: ignore[method-assign]
+            Path.rename = rename
             with fsutil.staged_dir(final) as staging:
                 (staging / "vmlinux").write_text("v2")
         finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -18,7 +20,7 @@ from banger_core.testing import sample_vm
 
 def plugin(name: str, requires=(), provides=(), calls=None, fail_in=(), **extra):
     """A plugin module that records every lifecycle call into ``calls``."""
-    mod = types.ModuleType(f"plug_{name}", f"{name} test plugin")
+    mod: Any = types.ModuleType(f"plug_{name}", f"{name} test plugin")
     mod.requires = requires if isinstance(requires, str) else list(requires)
     mod.provides = list(provides)
 
@@ -28,6 +30,7 @@ def plugin(name: str, requires=(), provides=(), calls=None, fail_in=(), **extra)
             if stage in fail_in:
                 raise RuntimeError(f"{name} broke in {stage}")
 
+        impl: Callable[..., None]
         if stage == "configure_machine":
 
             def impl(ctx, machine):
@@ -244,7 +247,7 @@ def test_trace_logs_each_hook_call(tmp_path, caplog, monkeypatch):
     calls: list = []
     host = host_with(plugin("a", calls=calls))
     caplog.set_level("INFO", logger="banger.plugins")
-    host.prepare_host(["a"], lambda _n: None)  # type: ignore[arg-type]
+    host.prepare_host(["a"], lambda _n: None)
     assert any("hook a.prepare_host took" in r.getMessage() for r in caplog.records)
 
 
@@ -259,6 +262,7 @@ def test_trace_logs_each_hook_call(tmp_path, caplog, monkeypatch):
 )
 def test_unsupported_hookimpl_styles_are_refused(opts, fn_async, expect):
     mod = plugin("odd")
+    post_boot: Callable[..., Any]
     if fn_async:
 
         async def post_boot(ctx):

@@ -81,8 +81,8 @@ def _types(schema: dict, defs: dict) -> set[str]:
         return out
     if "enum" in schema or "const" in schema:
         return {"string"}
-    t = schema.get("type")
-    return {t} if isinstance(t, str) else set(t or ())
+    ty = schema.get("type")
+    return {ty} if isinstance(ty, str) else set(ty or ())
 
 
 def _json_type(value: Any) -> str:

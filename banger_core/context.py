@@ -65,6 +65,12 @@ class StageContext:
     persist: Callable[[], None] = lambda: None
     #: Why ``cleanup`` runs; ``None`` for every other stage. Added in 0.2.
     reason: CleanupReason | None = None
+    #: This plugin's per-VM options (its ``vm_options`` model, validated), or None
+    #: when it declares none. Added in 0.2.
+    options: "BaseModel | None" = None
+    #: ``service(capability)``: the daemon-side service another plugin registered for
+    #: a capability this plugin ``requires`` (see ``register_services``). Added in 0.2.
+    service: Callable[[str], Any] = field(default=lambda capability: _no_services(capability))
 
 
 @dataclass
@@ -76,6 +82,26 @@ class ReconcileContext:
     store: "Store"
     settings: "BaseModel | None"
     log: logging.Logger | logging.LoggerAdapter
+    #: as ``StageContext.service``. Added in 0.2.
+    service: Callable[[str], Any] = field(default=lambda capability: _no_services(capability))
+
+
+@dataclass
+class FieldsContext:
+    """Passed to ``vm_fields``: the VM and this plugin's view of it (read-only)."""
+
+    plugin: str
+    vm: "VM"
+    settings: "BaseModel | None"
+    options: "BaseModel | None"
+    teardown: dict[str, Any]
+    handles: dict[str, Any]
+
+
+def _no_services(capability: str) -> Any:
+    from banger_core.errors import BangerError, ErrorCode
+
+    raise BangerError(ErrorCode.PLUGIN, f"no service for {capability!r}: services exist in the daemon only")
 
 
 @dataclass

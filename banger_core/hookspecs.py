@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import typer
     from pydantic import BaseModel
 
-    from banger_core.context import CheckFn, DoctorContext, ReconcileContext, StageContext
+    from banger_core.context import CheckFn, DoctorContext, FieldsContext, ReconcileContext, StageContext
+    from banger_core.daemon.state import DaemonState
     from banger_core.models import Machine
 
 PROJECT = "banger"
@@ -40,6 +41,20 @@ def config_model() -> "type[BaseModel] | None":
     a project's ``banger.toml``, is validated by it; the validated instance is handed
     to every lifecycle hook as ``ctx.settings``. Errors name the file, table and key.
     Asked once per process per plugin; the result is cached. Added in 0.1.
+    """
+
+
+@hookspec
+def vm_options() -> "type[BaseModel] | None":
+    """Return the pydantic model of this plugin's per-VM options (e.g. ``nat: bool``).
+
+    Each field becomes a flag of ``vm create`` and ``vm set``: a bool field ``nat``
+    gives ``--nat/--no-nat``, any other field ``--<field-name> VALUE`` (``_`` written
+    ``-``; prefixed ``--<plugin>-`` when another plugin or banger has that flag).
+    Values are validated strictly by the model, stored with the VM (only what was
+    given: defaults stay the model's), handed to every lifecycle hook as
+    ``ctx.options`` (the validated model), shown by ``vm show`` and changed by ``vm
+    set`` on a stopped VM. Asked once per process per plugin. Added in 0.2.
     """
 
 
@@ -65,6 +80,21 @@ def register_rpc_methods(register: "Callable[..., None]") -> None:
     ``emit(event)`` for progress, ``state``: the daemon's typed ``DaemonState``).
     Return a JSON-able value or pydantic model; raise ``BangerError`` for user errors.
     Added in 0.1; ``call.state`` in 0.2.
+    """
+
+
+@hookspec
+def register_services(register: "Callable[[str, object], None]", daemon: "DaemonState") -> None:
+    """Offer daemon-side services to other plugins, by capability.
+
+    ``register(capability, service)``: ``capability`` is this plugin's name or one of
+    its ``provides``; ``service`` any object, typically implementing a Protocol the
+    providing distribution publishes in a small module consumers import for typing
+    only. Consumers reach it through the core, never by importing the provider:
+    ``ctx.service(capability)`` in lifecycle and reconcile hooks (the capability must
+    be in the consumer's ``requires``), ``call.state.service(capability)`` in RPC
+    handlers. Called once at daemon start, in dependency order (a provider before
+    its consumers), after the RPC methods are registered. Added in 0.2.
     """
 
 
@@ -124,6 +154,16 @@ def post_boot(ctx: "StageContext") -> None:
     """Act on a booted guest (health checks, file sync, DNS records). Added in 0.1."""
 
 
+@hookspec
+def vm_fields(ctx: "FieldsContext", detail: bool) -> "dict[str, object] | None":
+    """Fields this plugin shows for a VM: ``vm show`` (``detail=True``: any number)
+    and columns of ``vm list`` (``detail=False``: a few short values, e.g. the
+    address). Values must be JSON-able; keep it cheap (no guest round trips): it runs
+    for every VM on every ``vm list``. An exception shows as this plugin's ``error``
+    field. Added in 0.2.
+    """
+
+
 @hookspec(firstresult=True)
 def request_guest_shutdown(ctx: "StageContext") -> bool | None:
     """Ask the guest to ``sync`` and power off by a channel this plugin owns (agent,
@@ -158,13 +198,16 @@ def cleanup(ctx: "StageContext") -> None:
 LIFECYCLE_STAGES: tuple[str, ...] = ("prepare_host", "configure_machine", "post_boot", "cleanup")
 ALL_HOOKS: tuple[str, ...] = (
     "config_model",
+    "vm_options",
     "register_commands",
     "register_rpc_methods",
+    "register_services",
     "register_doctor_checks",
     "reconcile",
     "prepare_host",
     "configure_machine",
     "post_boot",
+    "vm_fields",
     "request_guest_shutdown",
     "cleanup",
 )

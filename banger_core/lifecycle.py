@@ -9,8 +9,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from banger_core.context import CleanupReason, StageContext
-from banger_core.errors import BangerError, MultiError
+from banger_core.context import CleanupReason, FieldsContext, StageContext
+from banger_core.errors import BangerError, ErrorCode, MultiError
 from banger_core.models import VM, Machine
 from banger_core.runtime import Runtime
 
@@ -46,6 +46,41 @@ class Lifecycle:
         self.settings: dict[str, BaseModel | None] = {
             name: rt.config.settings_for(rt.host, name, self.project) for name in self.plugins
         }
+        # Stored options of a plugin that no longer acts on this VM are kept, unused.
+        self.options = self.validate_options(
+            {k: v for k, v in vm.options.items() if k in self.plugins and rt.host.vm_options(k) is not None}
+        )
+
+    def validate_options(self, given: dict[str, dict[str, Any]]) -> dict[str, BaseModel | None]:
+        """Each acting plugin's per-VM options model, from ``given`` (plugin -> values);
+        options for a plugin that declares none, or that does not act on this VM, are
+        refused."""
+        from pydantic import ValidationError
+
+        from banger_core.models import validate_input
+
+        host = self.rt.host
+        for name in given:
+            if name not in self.plugins:
+                where = f"VMs made from {self.project.path.parent}" if self.project else "VMs (see banger plugins resolve)"
+                raise BangerError(ErrorCode.BAD_REQUEST, f"options for {name!r}: that plugin does not act on {where}")
+            if host.vm_options(name) is None:
+                raise BangerError(ErrorCode.BAD_REQUEST, f"options for {name!r}: that plugin takes no per-VM options")
+        out: dict[str, BaseModel | None] = {}
+        for name in self.plugins:
+            model = host.vm_options(name)
+            if model is None:
+                out[name] = None
+                continue
+            try:
+                out[name] = validate_input(model, given.get(name, {}))
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}"
+                    for e in exc.errors(include_url=False, include_input=False)[:5]
+                )
+                raise BangerError(ErrorCode.BAD_REQUEST, f"options for {name}: {problems}") from None
+        return out
 
     def ctx(self, plugin: str, stage: str, reason: CleanupReason | None = None) -> StageContext:
         return StageContext(
@@ -60,7 +95,24 @@ class Lifecycle:
             handles=self.handles.setdefault(plugin, {}),
             persist=lambda: self._persist(self.vm),
             reason=reason,
+            options=self.options.get(plugin),
+            service=lambda capability: self.rt.host.service_for(plugin, capability),
         )
+
+    def fields(self, detail: bool) -> dict[str, dict[str, Any]]:
+        """Every acting plugin's ``vm_fields`` for this VM."""
+
+        def ctx(plugin: str) -> FieldsContext:
+            return FieldsContext(
+                plugin=plugin,
+                vm=self.vm,
+                settings=self.settings[plugin],
+                options=self.options.get(plugin),
+                teardown=dict(self.vm.teardown.get(plugin, {})),
+                handles=dict(self.handles.get(plugin, {})),
+            )
+
+        return self.rt.host.vm_fields(self.plugins, ctx, detail)
 
     def _stage(self, run: Callable[..., Any], stage: str, *args: Any) -> None:
         try:

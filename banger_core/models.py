@@ -117,6 +117,9 @@ class VM(Strict):
     # What teardown needs even if handles.json is lost (tap name, nat rules, ...),
     # keyed by plugin name. Durable: lives in SQLite.
     teardown: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Per-VM plugin options as given (plugin -> field -> value), validated by each
+    # plugin's vm_options model; defaults stay the model's. Durable.
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 

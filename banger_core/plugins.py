@@ -29,8 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import typer
     from pydantic import BaseModel
 
-    from banger_core.context import CheckFn, DoctorContext, ReconcileContext, StageContext
+    from banger_core.context import CheckFn, DoctorContext, FieldsContext, ReconcileContext, StageContext
     from banger_core.daemon.rpc import Registry
+    from banger_core.daemon.state import DaemonState
     from banger_core.models import Machine
 
 ENTRY_POINT_GROUP = "banger.plugins"
@@ -109,6 +110,8 @@ class PluginHost:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.records: dict[str, PluginRecord] = {}
+        #: capability -> (providing plugin, service): filled by register_services (daemon)
+        self.services: dict[str, tuple[str, Any]] = {}
         self.trace = os.environ.get(ENV_TRACE) == "1"
 
     # --- loading ------------------------------------------------------------------
@@ -347,6 +350,28 @@ class PluginHost:
         model: type[BaseModel] | None = cache[plugin]
         return model
 
+    def vm_options(self, plugin: str) -> "type[BaseModel] | None":
+        """The plugin's per-VM options model (asked once, then cached)."""
+        cache = self.__dict__.setdefault("_options", {})
+        if plugin not in cache:
+            cache[plugin] = self._call("vm_options", plugin)
+        model: type[BaseModel] | None = cache[plugin]
+        return model
+
+    def option_models(self) -> "dict[str, type[BaseModel]]":
+        """Every enabled plugin's per-VM options model, built-ins first; a plugin whose
+        ``vm_options`` raises is marked broken."""
+        out: dict[str, type[BaseModel]] = {}
+        for name in self.builtins_first():
+            try:
+                model = self.vm_options(name)
+            except Exception as exc:
+                self.mark_broken(name, f"vm_options failed: {type(exc).__name__}: {exc}")
+                continue
+            if model is not None:
+                out[name] = model
+        return out
+
     def implements(self, hook: str, plugin: str) -> bool:
         return self._impl(hook, plugin) is not None
 
@@ -429,6 +454,51 @@ class PluginHost:
             "register_rpc_methods", lambda n: {"register": registry.for_plugin(n)}, undo=registry.drop_owner
         )
 
+    def register_services(self, daemon: "DaemonState") -> list[str]:
+        """Every plugin offers its services (in dependency order, providers first)."""
+        self.services.clear()
+
+        def kwargs_for(name: str) -> dict[str, Any]:
+            own = {name, *self.records[name].provides}
+
+            def register(capability: str, service: object) -> None:
+                if capability not in own:
+                    raise BangerError(
+                        ErrorCode.PLUGIN,
+                        f"plugin {name!r} may only offer services for {', '.join(sorted(own))}, not {capability!r}",
+                    )
+                if capability in self.services:
+                    other = self.services[capability][0]
+                    raise BangerError(ErrorCode.PLUGIN, f"a {capability!r} service is offered by both {other} and {name}")
+                self.services[capability] = (name, service)
+
+            return {"register": register, "daemon": daemon}
+
+        def undo(name: str) -> None:
+            for cap in [c for c, (owner, _s) in self.services.items() if owner == name]:
+                del self.services[cap]
+
+        return self._register_each("register_services", kwargs_for, undo=undo)
+
+    def service_for(self, consumer: str, capability: str) -> Any:
+        """The service offered for ``capability``, for a plugin that requires it."""
+        rec = self.records[consumer]
+        if capability not in rec.requires and capability != consumer and capability not in rec.provides:
+            raise BangerError(
+                ErrorCode.PLUGIN,
+                f"plugin {consumer!r} uses the {capability!r} service without declaring requires = [{capability!r}]",
+            )
+        return self.service(capability)
+
+    def service(self, capability: str) -> Any:
+        """The service offered for ``capability`` (any caller: RPC handlers)."""
+        try:
+            return self.services[capability][1]
+        except KeyError:
+            providers = self.providers_of(capability)
+            why = f"{', '.join(providers)} offers none" if providers else "no enabled plugin provides it"
+            raise BangerError(ErrorCode.PLUGIN, f"no {capability!r} service: {why}") from None
+
     def register_doctor_checks(self, doctor: "DoctorContext") -> list[tuple[str, str, "CheckFn"]]:
         """Every plugin's doctor checks, as (plugin, check name, fn), plugins in order."""
         checks: list[tuple[str, str, CheckFn]] = []
@@ -456,6 +526,23 @@ class PluginHost:
 
     def post_boot(self, order: list[str], ctx_for: Callable[[str], "StageContext"]) -> list[str]:
         return self._run_setup("post_boot", order, ctx_for)
+
+    def vm_fields(
+        self, order: list[str], ctx_for: Callable[[str], "FieldsContext"], detail: bool
+    ) -> dict[str, dict[str, Any]]:
+        """Each plugin's fields for one VM; a plugin that raises shows ``error``."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in order:
+            if self._impl("vm_fields", name) is None:
+                continue
+            try:
+                fields = self._call("vm_fields", name, ctx=ctx_for(name), detail=detail)
+            except Exception as exc:
+                log.warning("plugin %s: vm_fields failed: %s", name, exc)
+                fields = {"error": f"{type(exc).__name__}: {exc}"}
+            if fields:
+                out[name] = dict(fields)
+        return out
 
     def request_guest_shutdown(self, order: list[str], ctx_for: Callable[[str], "StageContext"]) -> str | None:
         """Ask plugins, in order, to shut the guest down; the name of the first that did."""

@@ -66,11 +66,16 @@ def _m004_kernel_vmlinux_source(db: sqlite_utils.Database) -> None:
     db.table("kernels").add_column("source", str)
 
 
+def _m005_vm_options(db: sqlite_utils.Database) -> None:
+    db.table("vms").add_column("options", str)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial: vms, images, kernels", _m001_initial),
     (2, "vms: disk_strategy, last_error", _m002_vm_disk_and_error),
     (3, "images: init, source", _m003_image_init_source),
     (4, "kernels: vmlinux, source", _m004_kernel_vmlinux_source),
+    (5, "vms: options (per-VM plugin options)", _m005_vm_options),
 ]
 
 
@@ -122,6 +127,7 @@ class Store:
         data = vm.model_dump(mode="json")
         data["spec"] = json.dumps(data["spec"])
         data["teardown"] = json.dumps(data["teardown"])
+        data["options"] = json.dumps(data["options"])
         return data
 
     @staticmethod
@@ -129,6 +135,7 @@ class Store:
         row = dict(row)
         row["spec"] = json.loads(row["spec"])
         row["teardown"] = json.loads(row["teardown"] or "{}")
+        row["options"] = json.loads(row.get("options") or "{}")
         return VM.model_validate({k: v for k, v in row.items() if v is not None})
 
     def insert_vm(self, vm: VM) -> VM:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from banger_core import disks, host
 from banger_core.context import CleanupReason
@@ -56,6 +56,8 @@ class CreateParams(Input):
     disk_size_mib: SizeMiB | None = None
     driver: str | None = None
     project_dir: HostPath | None = None
+    #: per-VM plugin options: plugin -> {field: value} (each plugin's vm_options model)
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -68,6 +70,19 @@ class SetParams(Input):
     vcpus: int | None = Field(default=None, gt=0)
     memory_mib: SizeMiB | None = None
     disk_size_mib: SizeMiB | None = None
+    #: per-VM plugin options to change: plugin -> {field: value}, merged over the VM's
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+def _given(checked: dict[str, BaseModel | None], given: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The options to store: for each plugin given some, the values given (as the
+    model validated them; JSON), so the model's defaults stay its own."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in given:
+        model = checked.get(name)
+        if model is not None:
+            out[name] = model.model_dump(mode="json", include=set(given[name]))
+    return out
 
 
 def check_host_limits(spec: VMSpec) -> None:
@@ -204,8 +219,9 @@ class VMService:
             driver=driver_name,
             project_dir=params.project_dir,
         )
-        # Resolve plugins and validate their settings before anything exists.
-        self._lifecycle(vm, op_id)
+        # Resolve plugins and validate their settings and the VM's options before
+        # anything exists.
+        vm.options = _given(self._lifecycle(vm, op_id).validate_options(params.options), params.options)
         with self._global:  # short: name + row only
             if self.store.find_vms(name=vm.name):
                 raise BangerError(ErrorCode.ALREADY_EXISTS, f"a VM named {vm.name!r} already exists")
@@ -496,7 +512,12 @@ class VMService:
             vm = self._settle(self.store.get_vm(vm.id), op_id)
             if vm.state is VMState.RUNNING:
                 raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is running: stop it before changing its spec")
-            spec = vm.spec.model_copy(update={k: v for k, v in params.model_dump().items() if k != "refs" and v is not None})
+            if params.options:
+                merged = {p: {**vm.options.get(p, {}), **values} for p, values in params.options.items()}
+                checked = self._lifecycle(vm, op_id).validate_options(merged)
+                vm.options = {**vm.options, **_given(checked, merged)}
+            changes = {k: v for k, v in params.model_dump().items() if k not in ("refs", "options") and v is not None}
+            spec = vm.spec.model_copy(update=changes)
             check_host_limits(spec)
             if params.disk_size_mib and vm.disk_strategy:
                 root = disks.root_disk_path(self.run_dir(vm), vm.disk_strategy)
@@ -506,9 +527,12 @@ class VMService:
             self.store.update_vm(vm)
         return vm
 
-    def show(self, vm: VM) -> dict[str, Any]:
+    def show(self, vm: VM, detail: bool = True) -> dict[str, Any]:
+        """What ``vm show`` (``detail``) and each row of ``vm list`` say about a VM,
+        plugins' fields included."""
         vm = self.refresh(vm)
         data = vm.model_dump(mode="json")
+        data["fields"] = self.fields(vm, detail)
         h = self.handles.get(vm.id)
         data["pid"] = h.pid if h and vm.state is VMState.RUNNING else None
         data["console_log"] = str(self.console_log(vm))
@@ -516,8 +540,17 @@ class VMService:
         data["machine"] = self.last_machine(vm)
         return data
 
+    def fields(self, vm: VM, detail: bool) -> dict[str, dict[str, Any]]:
+        """Plugins' ``vm_fields`` for ``vm``; none when its plugin set cannot be resolved
+        (e.g. its project's banger.toml became invalid: the next start says why)."""
+        try:
+            return self._lifecycle(vm, "op-fields").fields(detail)
+        except BangerError as exc:
+            log.warning("VM %s: no plugin fields: %s", vm.name, exc.message)
+            return {}
+
     def list(self) -> list[dict[str, Any]]:
-        return [self.show(vm) for vm in self.store.list_vms()]
+        return [self.show(vm, detail=False) for vm in self.store.list_vms()]
 
     def monitor_once(self) -> None:
         for vm in self.store.list_vms():

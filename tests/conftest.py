@@ -219,3 +219,39 @@ def http_dir(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def fake_binary(tmp: Path) -> Path:
+    """A `firecracker` on disk that runs the fake (tests/firecracker_fake.py, checked
+    against Firecracker's OpenAPI spec) with this venv's Python."""
+    exe = tmp / "firecracker"
+    exe.write_text(f'#!/bin/sh\nexec {sys.executable} {REPO / "tests" / "firecracker_fake.py"} "$@"\n')
+    exe.chmod(0o755)
+    return exe
+
+
+@pytest.fixture
+def fcenv(benv, example_plugin_dir, tmp_path):
+    """A daemon environment with the example plugin, the fake `firecracker` and a tiny
+    kernel and image (`fck`, `fcimg`): VMs are created and stopped for real through the
+    daemon and CLI, with no guest booting (cheap lifecycle paths)."""
+    benv.extra_path.append(str(example_plugin_dir))
+    exe = fake_binary(tmp_path)
+    kdir = tmp_path / "k"
+    kdir.mkdir()
+    (kdir / "vmlinux").write_bytes(b"\x7fELF" + b"\0" * 1020)
+    rootfs = tmp_path / "rootfs.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(rootfs), "16M"], check=True)
+    benv.write_config(f"[vmm]\nfirecracker_binary = '{exe}'\nstop_timeout_s = 10\n")
+    benv.run("kernel", "import", "fck", "--from", str(kdir), check=True)
+    benv.run("image", "register", "fcimg", "--rootfs", str(rootfs), "--kernel-ref", "fck", check=True)
+    return benv
+
+
+def fc_create(env, name: str, proj: Path | None = None, *extra: str, check: bool = True):
+    """`vm create` of a small VM on the fake firecracker (from project ``proj``)."""
+    args = ["vm", "create", "--name", name, "--image", "fcimg", "--driver", "firecracker"]
+    args += ["--vcpu", "1", "--memory", "128", "--disk-size", "32M", *extra]
+    if proj is not None:
+        args += ["--project", str(proj)]
+    return env.run(*args, check=check)

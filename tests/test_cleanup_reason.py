@@ -27,8 +27,7 @@ from banger_core.errors import BangerError
 from banger_core.lifecycle import Lifecycle
 from banger_core.models import Machine
 from banger_core.testing import sample_vm
-from conftest import isolated_env, pid_alive, wait_for
-from test_firecracker import fake_binary
+from conftest import fc_create, isolated_env, pid_alive, wait_for
 from test_plugin_host import _runtime_for, host_with
 
 BOOT_TIMEOUT = 180
@@ -95,28 +94,6 @@ def project(root: Path, log: Path, **extra: str) -> Path:
     lines = [f"cleanup_log = '{log}'", "greeting = 'reasons'"] + [f"{k} = '{v}'" for k, v in extra.items()]
     (root / "banger.toml").write_text("[example]\n" + "\n".join(lines) + "\n")
     return root
-
-
-@pytest.fixture
-def fcenv(benv, example_plugin_dir, tmp_path):
-    benv.extra_path.append(str(example_plugin_dir))
-    exe = fake_binary(tmp_path)
-    kdir = tmp_path / "k"
-    kdir.mkdir()
-    (kdir / "vmlinux").write_bytes(b"\x7fELF" + b"\0" * 1020)
-    rootfs = tmp_path / "rootfs.ext4"
-    import subprocess
-
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(rootfs), "16M"], check=True)
-    benv.write_config(f"[vmm]\nfirecracker_binary = '{exe}'\nstop_timeout_s = 10\n")
-    benv.run("kernel", "import", "fck", "--from", str(kdir), check=True)
-    benv.run("image", "register", "fcimg", "--rootfs", str(rootfs), "--kernel-ref", "fck", check=True)
-    return benv
-
-
-def fc_create(env, name: str, proj: Path, check: bool = True):
-    args = ["vm", "create", "--name", name, "--image", "fcimg", "--driver", "firecracker"]
-    return env.run(*args, "--vcpu", "1", "--memory", "128", "--disk-size", "32M", "--project", str(proj), check=check)
 
 
 def show(env, name) -> dict:

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -20,18 +19,8 @@ import pytest
 from banger_core.errors import BangerError
 from banger_core.models import NIC, AgentChannel, Drive, Machine
 from banger_core.vmm.firecracker import FirecrackerAPI, FirecrackerDriver
-from conftest import REPO, pid_alive, wait_for
+from conftest import fake_binary, pid_alive, wait_for
 from fcspec import find_operation, validate_request
-
-FAKE = REPO / "tests" / "firecracker_fake.py"
-
-
-def fake_binary(tmp: Path) -> Path:
-    """A `firecracker` on disk that runs the fake with this venv's Python."""
-    exe = tmp / "firecracker"
-    exe.write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE} "$@"\n')
-    exe.chmod(0o755)
-    return exe
 
 
 def rich_machine(tmp: Path) -> Machine:

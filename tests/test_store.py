@@ -11,6 +11,8 @@ import pytest
 from banger_core import fsutil
 from banger_core import store as store_mod
 from banger_core.errors import BangerError, ErrorCode
+
+ALL = [number for number, _name, _fn in store_mod.MIGRATIONS]  # every migration, in order
 from banger_core.handles import HandleStore
 from banger_core.models import VM, Image, Kernel, VMHandles, VMSpec, VMState
 from banger_core.paths import Paths
@@ -31,7 +33,7 @@ def test_migrations_recorded_and_idempotent(paths):
     s2 = Store(paths.db_file)  # reopening applies nothing again
     assert s2.migrate() == []
     rows = list(s2.db["migrations"].rows)
-    assert [r["number"] for r in rows] == [1, 2, 3, 4] and rows[0]["name"].startswith("initial")
+    assert [r["number"] for r in rows] == ALL and rows[0]["name"].startswith("initial")
     assert {"vms", "images", "kernels"} <= set(s2.tables())
 
 
@@ -68,9 +70,13 @@ def test_upgrade_from_schema_1_keeps_rows(paths, monkeypatch):
     old.close()
     monkeypatch.undo()
     new = Store(paths.db_file)
-    assert new.applied_migrations() == [1, 2, 3, 4]
+    assert new.applied_migrations() == ALL
     vm = new.get_vm("abc")
     assert vm.name == "keep" and vm.disk_strategy is None and vm.last_error is None
+    assert vm.options == {}  # migration 5: no per-VM plugin options yet
+    vm.options = {"example": {"motto": "kept"}}
+    new.update_vm(vm)
+    assert new.get_vm("abc").options == {"example": {"motto": "kept"}}
     k = new.get_kernel("k1")  # kernels gained vmlinux and source in migration 4
     assert (k.kernel, k.initrd, k.vmlinux, k.source) == ("/k/vmlinuz", "/k/initrd.img", None, None)
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 
-from banger_core.cli import style
+from banger_core.cli import index, style
 from banger_core.cli.common import echo_json, error_line, state
 from banger_core.errors import BangerError, ErrorCode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydantic import BaseModel
 
 app = typer.Typer(help="Create, run and manage VMs.", no_args_is_help=True)
 
@@ -193,6 +197,7 @@ def create(
         "disk_size_mib": parse_mib(disk_size, "--disk-size"),
         "driver": driver,
         "project_dir": str(project.resolve()) if project else None,
+        "options": dict(given_options) or None,
     }
     t0 = time.monotonic()
     vm = _call("vm.create", {k: v for k, v in params.items() if v is not None}, on_event=Progress(quiet=as_json))
@@ -277,19 +282,87 @@ def set_(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Change stopped VMs' vCPUs, memory or disk size (disks only grow)."""
-    params = {
+    params: dict[str, Any] = {
         "vcpus": positive(vcpu, "--vcpu"),
         "memory_mib": parse_mib(memory, "--memory"),
         "disk_size_mib": parse_mib(disk_size, "--disk-size"),
+        "options": dict(given_options) or None,
     }
     if all(v is None for v in params.values()):
-        raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give --vcpu, --memory or --disk-size")
+        raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give --vcpu, --memory, --disk-size or a plugin's option")
 
     def line(vm: dict[str, Any]) -> str:
         s = vm["spec"]
         return f"{vm['name']}: vcpu={s['vcpus']} memory={s['memory_mib']}MiB disk={s['disk_size_mib']}MiB"
 
     _fan_out("vm.set", refs, as_json, "set", shown=line, **{k: v for k, v in params.items() if v is not None})
+
+
+#: the vm subcommands that take plugins' per-VM options
+OPTION_COMMANDS = ("create", "set")
+
+#: plugin -> {field: value}: the plugin options given on this command line (filled by
+#: the wrapper ``with_plugin_options`` puts around ``vm create`` and ``vm set``)
+given_options: dict[str, dict[str, Any]] = {}
+
+
+def with_plugin_options(models: "dict[str, type[BaseModel]]") -> None:
+    """Give ``vm create`` and ``vm set`` one flag per field of each plugin's
+    ``vm_options`` model: ``--nat/--no-nat`` for a bool, ``--name VALUE`` otherwise
+    (``--<plugin>-<name>`` when the flag is taken). Unset flags send nothing."""
+    if not models:
+        return
+    for info in app.registered_commands:
+        if info.callback is not None and index.name_of(info) in OPTION_COMMANDS:
+            info.callback = _wrapped(info.callback, models)
+
+
+def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]") -> Any:
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn, eval_str=True)
+    taken = {"--help", "-h"}
+    for p in sig.parameters.values():
+        taken.update(getattr(p.default, "param_decls", None) or ())
+    extra: list[inspect.Parameter] = []
+    routes: dict[str, tuple[str, str, bool]] = {}  # parameter -> (plugin, field, JSON-encoded)
+    for plugin, model in models.items():
+        for field, info in model.model_fields.items():
+            flag = field.replace("_", "-")
+            if f"--{flag}" in taken:
+                flag = f"{plugin}-{flag}"
+            taken.add(f"--{flag}")
+            helptext = f"{plugin}: {info.description or field} (per-VM plugin option)"
+            kind = info.annotation
+            if kind is bool:
+                option, annotation, as_json = typer.Option(None, f"--{flag}/--no-{flag}", help=helptext), Optional[bool], False
+            elif kind in (int, float, str):
+                option, annotation, as_json = typer.Option(None, f"--{flag}", help=helptext), Optional[kind], False
+            else:  # anything else is given as JSON
+                option, annotation, as_json = typer.Option(None, f"--{flag}", help=helptext + ", as JSON"), Optional[str], True
+            name = f"plugin_option_{len(routes)}"
+            routes[name] = (plugin, field, as_json)
+            extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        given_options.clear()
+        for name, (plugin, field, as_json) in routes.items():
+            value = kwargs.pop(name, None)
+            if value is None:
+                continue
+            if as_json:
+                try:
+                    value = json.loads(value)
+                except ValueError as exc:
+                    raise BangerError(ErrorCode.BAD_REQUEST, f"{plugin} option {field}: not JSON: {exc}") from None
+            given_options.setdefault(plugin, {})[field] = value
+        return fn(**kwargs)
+
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]
+    wrapper.__signature__ = sig.replace(parameters=[*params, *extra])  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _age(ts: str) -> str:
@@ -324,7 +397,15 @@ def list_(as_json: bool = typer.Option(False, "--json")) -> None:
         ]
         for v in vms
     ]
-    style.echo(style.table(rows, ["NAME", "ID", "STATE", "IMAGE", "VCPU", "MEM", "DISK", "VMM", "AGE"]))
+    # plugins' short fields as extra columns (PLUGIN.KEY when two plugins share a key)
+    columns = list(dict.fromkeys((p, k) for v in vms for p, fields in v.get("fields", {}).items() for k in fields))
+    keys = [k for _p, k in columns]
+    headers = [(k if keys.count(k) == 1 else f"{p}.{k}").upper() for p, k in columns]
+    for row, v in zip(rows, vms, strict=True):
+        for p, k in columns:
+            value = v.get("fields", {}).get(p, {}).get(k, "-")
+            row.append(value if isinstance(value, str) else json.dumps(value))
+    style.echo(style.table(rows, ["NAME", "ID", "STATE", "IMAGE", "VCPU", "MEM", "DISK", "VMM", "AGE", *headers]))
 
 
 @app.command()
@@ -351,6 +432,11 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("error", vm.get("last_error") or "-"),
     ]:
         style.echo(f"{key + ':':9} {value}")
+    for plugin, values in sorted(vm.get("options", {}).items()):
+        style.echo(f"{'options:':9} {plugin}: " + " ".join(f"{k}={json.dumps(v)}" for k, v in values.items()))
+    for plugin, fields in vm.get("fields", {}).items():  # what plugins show (their order)
+        for key, value in fields.items():
+            style.echo(f"{plugin}.{key}: {value if isinstance(value, str) else json.dumps(value)}")
     m = vm.get("machine")  # what the VMM was last booted with (None: never booted)
     if m:
         drives = ", ".join(f"{d['id']}={d['path']}{' (ro)' if d['read_only'] else ''}" for d in m["drives"])

@@ -70,8 +70,11 @@ class Daemon:
             max_connections=MAX_CONNECTIONS,
             request_shutdown=self._request_shutdown,
         )
-        # Every method, the core's own included, comes from a plugin's register_rpc_methods.
-        if self.rt.host.register_rpc_methods(self.registry):
+        # Every method, the core's own included, comes from a plugin's register_rpc_methods;
+        # then the services plugins offer each other.
+        broke = self.rt.host.register_rpc_methods(self.registry)
+        broke += self.rt.host.register_services(self.state)
+        if broke:
             self.rt.resolve()  # a plugin whose registration broke is out of the order now
 
     def _request_shutdown(self) -> None:
@@ -96,6 +99,7 @@ class Daemon:
                 store=self.store,
                 settings=self.rt.config.settings_for(host, name),
                 log=logging.LoggerAdapter(logging.getLogger(f"banger.plugin.{name}"), {"op_id": "reconcile"}),
+                service=lambda capability: host.service_for(name, capability),
             )
 
         for name, exc in host.reconcile(self.rt.order or [], ctx):

@@ -7,7 +7,7 @@ they do not replace its members. Documented in docs/plugins.md ("Daemon state").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
     from banger_core.daemon.rpc import Registry
@@ -43,6 +43,11 @@ class DaemonState:
     max_connections: int = 0
     #: ask the daemon to drain and exit after this request replies
     request_shutdown: Callable[[], None] = field(default=lambda: None)
+
+    def service(self, capability: str) -> Any:
+        """The daemon-side service a plugin registered for ``capability``
+        (``register_services``); a typed ``BangerError`` when there is none."""
+        return self.runtime.host.service(capability)
 
     @property
     def puller(self) -> "Puller":

@@ -104,8 +104,8 @@ async def prune(_p: NoParams, call: Call) -> dict[str, Any]:
 
 async def set_(p: SetParams, call: Call) -> dict[str, Any]:
     vms = call.state.vms
-    if all(v is None for k, v in p.model_dump().items() if k != "refs"):
-        raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give vcpus, memory_mib or disk_size_mib")
+    if not p.options and all(v is None for k, v in p.model_dump().items() if k not in ("refs", "options")):
+        raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give vcpus, memory_mib, disk_size_mib or plugin options")
 
     async def op(vm: VM) -> dict[str, Any]:
         return vms.show(await run_simple(vms.set, vm, p, call.op_id))

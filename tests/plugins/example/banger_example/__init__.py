@@ -17,6 +17,8 @@ from banger_core.context import CheckResult
 
 # Runs after dns (and so after network, which dns requires).
 requires = ["dns"]
+# Offers a "greeter" service to other plugins (register_services; see api.py).
+provides = ["greeter"]
 
 
 class Settings(BaseModel):
@@ -46,6 +48,55 @@ def _record(settings: Settings | None, entry: dict) -> None:
 @hookimpl
 def config_model() -> type[BaseModel]:
     return Settings
+
+
+class VMOptions(BaseModel):
+    """Per-VM options: `vm create --motto TEXT --loud`, changed with `vm set`."""
+
+    motto: str = Field(default="", description="a motto, added to the guest's kernel command line")
+    loud: bool = Field(default=False, description="shout the motto")
+    repeat: int = Field(default=1, ge=1, le=3, description="say the motto this many times")
+
+
+@hookimpl
+def vm_options() -> type[BaseModel]:
+    return VMOptions
+
+
+def _motto(options: VMOptions | None) -> str:
+    if options is None or not options.motto:
+        return ""
+    said = "-".join([options.motto.upper() if options.loud else options.motto] * options.repeat)
+    return said
+
+
+@hookimpl
+def vm_fields(ctx, detail: bool) -> dict:
+    short = {"motto": _motto(ctx.options) or "-"}
+    if not detail:
+        return short
+    return {**short, "greeting": ctx.settings.greeting, "prepared": ctx.teardown.get("example") == "made"}
+
+
+class Greeter:
+    """The "greeter" service (implements api.Greeter)."""
+
+    def __init__(self, words: str, times: int) -> None:
+        self.words, self.times, self._greeted = words, times, 0
+
+    def greet(self, name: str) -> str:
+        self._greeted += 1
+        return " ".join([f"{self.words}, {name}!"] * self.times)
+
+    @property
+    def greeted(self) -> int:
+        return self._greeted
+
+
+@hookimpl
+def register_services(register, daemon) -> None:
+    s = daemon.runtime.config.settings_for(daemon.runtime.host, "example")
+    register("greeter", Greeter(s.greeting, s.times))
 
 
 @hookimpl
@@ -135,6 +186,11 @@ def register_rpc_methods(register) -> None:
         time.sleep(params.seconds)
         return {}
 
+    async def greeted(_params: None, call) -> dict:
+        """How many greetings the daemon's greeter service made (call.state.service)."""
+        return {"greeted": call.state.service("greeter").greeted}
+
+    register("example.greeted", greeted)
     register("example.greet", greet, params=GreetParams)
     register("example.wait", wait, params=WaitParams)
     register("example.stuck", stuck, params=StuckParams)
@@ -217,6 +273,8 @@ def prepare_host(ctx) -> None:
 @hookimpl
 def configure_machine(ctx, machine) -> None:
     machine.boot_args.append(f"example.greeting={ctx.settings.greeting}")
+    if _motto(ctx.options):
+        machine.boot_args.append(f"example.motto={_motto(ctx.options)}")
     _record(ctx.settings, {"hook": "configure_machine", "vm": ctx.vm.name})
     _maybe_fail(ctx.settings, "configure_machine")
 

@@ -1,0 +1,25 @@
+"""The example plugin's published interface: what whoever ``requires = ["greeter"]``
+gets from ``ctx.service("greeter")``. Consumers import this for typing only::
+
+    if TYPE_CHECKING:
+        from banger_example.api import Greeter
+
+    greeter: Greeter = ctx.service("greeter")
+
+It holds no implementation, so importing it never loads the example plugin itself.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Greeter(Protocol):
+    def greet(self, name: str) -> str:
+        """A greeting for ``name`` in the configured words ([example] greeting, times)."""
+        ...
+
+    @property
+    def greeted(self) -> int:
+        """How many greetings this daemon has made."""
+        ...

@@ -1,0 +1,151 @@
+"""The core pieces plugins build on, through the daemon and CLI with the pip-installed
+example plugin and the fake `firecracker` (VMs created, stopped and started for real;
+no guest boots):
+
+- per-VM plugin options: flags on `vm create`/`vm set`, stored with the VM, handed to
+  the hooks (the example puts its motto on the kernel command line), shown, changed
+  on a stopped VM, surviving stop/start;
+- plugins' fields in `vm show` and as `vm list` columns;
+- one plugin using another's daemon-side service by capability.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from conftest import fc_create, make_dist
+
+# Uses the example's "greeter" service by capability (never importing banger_example's
+# implementation; its api module is for typing only), and shows a field that fails.
+CONSUMER = """
+import os
+from typing import TYPE_CHECKING
+
+from banger_core import hookimpl
+
+if TYPE_CHECKING:
+    from banger_example.api import Greeter
+
+requires = ["greeter"]
+
+
+@hookimpl
+def prepare_host(ctx):
+    greeter: "Greeter" = ctx.service("greeter")
+    with open(os.environ["CONSUMER_LOG"], "a") as fh:
+        fh.write(greeter.greet(ctx.vm.name) + "\\n")
+
+
+@hookimpl
+def vm_fields(ctx, detail):
+    raise RuntimeError("no fields today")
+"""
+
+# Asks for a service it did not declare in `requires`.
+SNEAKY = """
+from banger_core import hookimpl
+
+opt_in = True
+
+
+@hookimpl
+def prepare_host(ctx):
+    ctx.service("greeter")
+"""
+
+
+def show(env, name: str) -> dict:
+    return json.loads(env.run("vm", "show", name, "--json", check=True).stdout)
+
+
+def rows(env) -> list:
+    return sqlite3.connect(env.state_dir / "banger.db").execute("select name from vms").fetchall()
+
+
+def test_per_vm_plugin_options(fcenv):
+    env = fcenv
+    try:
+        help_text = env.run("vm", "create", "--help", check=True).stdout
+        assert "--motto" in help_text and "--loud" in help_text and "--no-loud" in help_text and "--repeat" in help_text
+        assert "--motto" in env.run("vm", "set", "--help", check=True).stdout
+
+        fc_create(env, "opt", None, "--motto", "hi", "--loud", "--repeat", "2")
+        vm = show(env, "opt")
+        assert vm["options"] == {"example": {"motto": "hi", "loud": True, "repeat": 2}}
+        assert "example.motto=HI-HI" in vm["machine"]["boot_args"]  # the hooks got them
+        assert vm["fields"]["example"]["motto"] == "HI-HI" and vm["fields"]["example"]["prepared"] is True
+        human = env.run("vm", "show", "opt", check=True).stdout
+        assert 'options:  example: motto="hi" loud=true repeat=2' in human and "example.motto: HI-HI" in human
+
+        listed = json.loads(env.run("vm", "list", "--json", check=True).stdout)
+        assert listed[0]["fields"] == {"example": {"motto": "HI-HI"}}  # the short form
+        table = env.run("vm", "list", check=True).stdout.splitlines()
+        assert table[0].split()[-1] == "MOTTO" and table[1].split()[-1] == "HI-HI"
+
+        # changed on a stopped VM only; merged over what was given; survives stop/start
+        r = env.run("vm", "set", "opt", "--no-loud")
+        assert r.returncode == 1 and "stop it before changing" in r.stderr
+        env.run("vm", "stop", "opt", check=True)
+        env.run("vm", "set", "opt", "--no-loud", check=True)
+        assert show(env, "opt")["options"] == {"example": {"motto": "hi", "loud": False, "repeat": 2}}
+        env.run("vm", "start", "opt", check=True)
+        vm = show(env, "opt")
+        assert "example.motto=hi-hi" in vm["machine"]["boot_args"] and vm["state"] == "running"
+
+        # bad values: a clear error, nothing changed or created
+        env.run("vm", "stop", "opt", check=True)
+        r = env.run("vm", "set", "opt", "--repeat", "9")
+        assert r.returncode == 1 and "options for example: repeat: Input should be less than or equal to 3" in r.stderr
+        r = fc_create(env, "bad", None, "--repeat", "0", check=False)
+        assert r.returncode == 1 and "options for example: repeat" in r.stderr
+        assert rows(env) == [("opt",)] and show(env, "opt")["options"]["example"]["repeat"] == 2
+
+        # options for a plugin that does not act on the project's VMs are refused
+        proj = env.root / "proj"
+        proj.mkdir()
+        (proj / "banger.toml").write_text("[plugins]\ndisable = ['example']\n")
+        r = fc_create(env, "elsewhere", proj, "--motto", "x", check=False)
+        assert r.returncode == 1 and "options for 'example': that plugin does not act on VMs made from" in r.stderr
+        assert rows(env) == [("opt",)]
+
+        # the CLI index knows who adds flags to vm create
+        index = json.loads((env.root / "cache" / "cli-index.json").read_text())
+        assert index["commands"]["vm create"] == ["example"] and index["commands"]["vm set"] == ["example"]
+    finally:
+        env.run("vm", "delete", "--force", "opt", timeout=60)
+        env.stop_daemon()
+
+
+def test_a_plugin_uses_anothers_service_by_capability(fcenv, tmp_path):
+    env = fcenv
+    make_dist(tmp_path / "consumer", "banger-consumer", "consumer", CONSUMER)
+    make_dist(tmp_path / "sneaky", "banger-sneaky", "sneaky", SNEAKY)
+    env.extra_path += [str(tmp_path / "consumer"), str(tmp_path / "sneaky")]
+    env.extra_env["CONSUMER_LOG"] = str(tmp_path / "consumer.log")
+    env.write_config(env.config_file.read_text() + "[example]\ngreeting = 'Howdy'\ntimes = 2\n")
+    try:
+        order = json.loads(env.run("plugins", "resolve", "--json", check=True).stdout)["order"]
+        assert order.index("example") < order.index("consumer")  # the provider first
+        fc_create(env, "served")
+        assert (tmp_path / "consumer.log").read_text() == "Howdy, served! Howdy, served!\n"
+        # the same service object, reached from an RPC handler through call.state
+        greeted = env.python("from banger_core.client import Client; print(Client().call('example.greeted')['greeted'])").stdout
+        assert greeted.strip() == "1"
+
+        # a plugin's failing vm_fields shows as its error field; nothing else breaks
+        vm = show(env, "served")
+        assert vm["fields"]["consumer"] == {"error": "RuntimeError: no fields today"}
+        assert vm["fields"]["example"]["greeting"] == "Howdy"
+
+        # using a service without requiring its capability is refused, by name
+        proj = tmp_path / "proj"
+        proj.mkdir()
+        (proj / "banger.toml").write_text("[plugins]\nenable = ['sneaky']\n")
+        r = fc_create(env, "sneaky-vm", proj, check=False)
+        assert r.returncode == 1
+        assert "plugin 'sneaky' uses the 'greeter' service without declaring requires = ['greeter']" in r.stderr
+        assert rows(env) == [("served",)]
+    finally:
+        env.run("vm", "delete", "--force", "served", timeout=60)
+        env.stop_daemon()

@@ -12,12 +12,13 @@ from banger_core import fsutil
 from banger_core import store as store_mod
 from banger_core.errors import BangerError, ErrorCode
 
-ALL = [number for number, _name, _fn in store_mod.MIGRATIONS]  # every migration, in order
 from banger_core.handles import HandleStore
 from banger_core.models import VM, Image, Kernel, VMHandles, VMSpec, VMState
 from banger_core.paths import Paths
 from banger_core.store import Store
 from banger_core.testing import sample_vm
+
+ALL = [number for number, _name, _fn in store_mod.MIGRATIONS]  # every migration, in order
 
 
 @pytest.fixture

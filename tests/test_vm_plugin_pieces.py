@@ -149,3 +149,35 @@ def test_a_plugin_uses_anothers_service_by_capability(fcenv, tmp_path):
     finally:
         env.run("vm", "delete", "--force", "served", timeout=60)
         env.stop_daemon()
+
+
+def test_logs_follow_streams_until_the_vm_stops(fcenv):
+    """`vm logs -f` is a streaming method: the tail, then new output as the console log
+    grows (binary-safe), and it ends by itself when the VM stops."""
+    import subprocess
+    import time
+
+    from conftest import BANGER
+
+    env = fcenv
+    try:
+        fc_create(env, "chatty")
+        console = show(env, "chatty")["console_log"]
+        with open(console, "ab") as fh:
+            fh.write(b"before follow\n")
+        proc = subprocess.Popen(
+            [BANGER, "vm", "logs", "chatty", "-f", "-n", "1"], env=env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"before follow\n"
+        with open(console, "ab") as fh:
+            fh.write(b"live \xff\xfe line\n")  # not UTF-8: passed through as is
+        assert proc.stdout.readline() == b"live \xff\xfe line\n"
+        time.sleep(0.5)
+        assert proc.poll() is None  # still following while the VM runs
+        env.run("vm", "stop", "chatty", check=True)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        env.run("vm", "delete", "--force", "chatty", timeout=60)
+        env.stop_daemon()

@@ -457,22 +457,15 @@ def logs(
     lines: int = typer.Option(200, "--lines", "-n", help="last N lines (0: all)"),
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new output"),
 ) -> None:
-    """Print a VM's serial console output."""
-    res = _call("vm.logs", {"ref": ref, "lines": lines})
-    if res["text"]:
-        style.echo(res["text"])
-    if follow:
-        path = Path(res["path"])
-        pos = path.stat().st_size if path.exists() else 0
+    """Print a VM's serial console output (-f: then follow it until the VM stops)."""
+    if not follow:
+        res = _call("vm.logs", {"ref": ref, "lines": lines})
+        if res["text"]:
+            style.echo(res["text"])
+        return
+    sys.stdout.flush()
+    with state.client().open_stream("vm.follow", {"ref": ref, "lines": lines}) as stream:
         try:
-            while True:
-                if path.exists() and path.stat().st_size > pos:
-                    with path.open("rb") as fh:
-                        fh.seek(pos)
-                        chunk = fh.read()
-                    pos += len(chunk)
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                    sys.stdout.flush()
-                time.sleep(0.2)
+            stream.pump(None, sys.stdout.fileno(), sys.stderr.fileno())
         except KeyboardInterrupt:
             pass

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal as signals
+from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import Field, field_validator
 
+from banger_core import protocol
 from banger_core.daemon.rpc import Call, NoParams
 from banger_core.daemon.work import fan_out, run_blocking, run_simple
 from banger_core.errors import BangerError, ErrorCode
-from banger_core.models import VM, Input
+from banger_core.models import VM, Input, VMState
 from banger_core.vms import CreateParams, SetParams
 
 
@@ -40,6 +43,10 @@ class RefParams(Input):
 class LogsParams(Input):
     ref: str
     lines: int = Field(default=200, ge=0)
+
+
+#: how often a followed console log is checked for new output
+FOLLOW_INTERVAL = 0.2
 
 
 async def create(p: CreateParams, call: Call) -> dict[str, Any]:
@@ -140,6 +147,55 @@ async def logs(p: LogsParams, call: Call) -> dict[str, Any]:
     return out
 
 
+def _tail(path: Path, lines: int) -> tuple[bytes, int]:
+    """The last ``lines`` lines of ``path`` (0: all), and the offset after them."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return b"", 0
+    if lines:
+        data = b"".join(data.splitlines(keepends=True)[-lines:])
+    return data, path.stat().st_size if path.exists() else 0
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            return fh.read(protocol.MAX_CHUNK)
+    except FileNotFoundError:
+        return b""
+
+
+async def follow(p: LogsParams, call: Call) -> dict[str, Any]:
+    """Stream the console log: its last lines, then new output as it comes (STDOUT),
+    until the VM is no longer running (all its output sent) or the client leaves."""
+    assert call.stream is not None
+    vms = call.state.vms
+    vm = await run_simple(vms.resolve, p.ref)
+    path = vms.console_log(vm)
+    data, offset = await run_simple(_tail, path, p.lines)
+    if data:
+        await call.stream.write(protocol.STDOUT, data)
+    while True:
+        chunk = await run_simple(_read_from, path, offset)
+        if chunk:
+            offset += len(chunk)
+            await call.stream.write(protocol.STDOUT, chunk)
+            continue
+        current = await run_simple(lambda: vms.refresh(vms.store.get_vm(vm.id)))
+        if current.state is not VMState.RUNNING:
+            rest = await run_simple(_read_from, path, offset)  # written before it stopped
+            if not rest:
+                break
+            offset += len(rest)
+            await call.stream.write(protocol.STDOUT, rest)
+            continue
+        await asyncio.sleep(FOLLOW_INTERVAL)
+    await call.stream.end(protocol.STDOUT)
+    return {"vm": vm.name, "state": current.state.value}
+
+
 def register(register: Callable[..., None]) -> None:
     register("vm.create", create, CreateParams)
     register("vm.start", start, RefsParams)
@@ -152,3 +208,4 @@ def register(register: Callable[..., None]) -> None:
     register("vm.list", list_, NoParams)
     register("vm.show", show, RefParams)
     register("vm.logs", logs, LogsParams)
+    register("vm.follow", follow, LogsParams, stream=True)

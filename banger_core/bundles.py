@@ -158,7 +158,7 @@ def extract(bundle: Path, target: Path, max_file_bytes: int | None = None, label
     except zstandard.ZstdError as exc:
         raise bad(f"{label}: not a valid .tar.zst bundle: {exc}") from None
     try:
-        manifest = json.loads((target / "manifest.json").read_text())
+        manifest: dict[str, Any] = json.loads((target / "manifest.json").read_text())
     except (OSError, ValueError):
         raise bad(f"{label}: no valid manifest.json") from None
     for rel in manifest.get("files", {}).values():

@@ -123,7 +123,8 @@ class Client:
     def hello(self) -> dict[str, Any] | None:
         """The running daemon's identity, or None when none answers."""
         try:
-            return self.call("daemon.hello", autostart=False)
+            info: dict[str, Any] = self.call("daemon.hello", autostart=False)
+            return info
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
                 return None

@@ -338,7 +338,8 @@ class Config:
         except ValidationError as exc:
             raise BangerError(ErrorCode.CONFIG, format_validation_error(self.path, plugin, exc)) from None
         try:
-            return validate_input(model, {**user, **proj})
+            settings: BaseModel = validate_input(model, {**user, **proj})
+            return settings
         except ValidationError as exc:  # only the project's keys can be at fault now
             assert project is not None
             raise BangerError(ErrorCode.CONFIG, format_validation_error(project.path, plugin, exc)) from None

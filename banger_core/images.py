@@ -61,7 +61,9 @@ class KernelFiles:
     version: str | None = None  # package layout only
 
     def taken(self) -> dict[str, str | None]:
-        s = lambda p: str(p) if p else None  # noqa: E731
+        def s(p: Path | None) -> str | None:
+            return str(p) if p else None
+
         return {
             "version": self.version,
             "kernel": str(self.kernel),
@@ -100,7 +102,10 @@ def _package_files(source: Path, boot: Path, mods: Path, version: str | None) ->
                 f"--from {source}: several kernel versions in boot/ and {rel}/: {', '.join(both)}; pick one with --version",
             )
         version = both[0]
-    first = lambda *names: next((boot / n for n in names if (boot / n).is_file()), None)  # noqa: E731
+
+    def first(*names: str) -> Path | None:
+        return next((boot / n for n in names if (boot / n).is_file()), None)
+
     kernel = first(f"vmlinuz-{version}", f"bzImage-{version}", f"vmlinux-{version}")
     assert kernel is not None
     vmlinux = first(f"vmlinux-{version}")
@@ -294,10 +299,10 @@ def _ext4_bytes(path: Path) -> int | None:
         sb = fh.read(1024)
     if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != 0xEF53:
         return None
-    log_block = struct.unpack_from("<I", sb, 0x18)[0]
+    log_block: int = struct.unpack_from("<I", sb, 0x18)[0]
     if log_block > 6:  # 64 KiB blocks at most
         return None
-    blocks = struct.unpack_from("<I", sb, 0x04)[0]
+    blocks: int = struct.unpack_from("<I", sb, 0x04)[0]
     if struct.unpack_from("<I", sb, 0x60)[0] & 0x80:  # INCOMPAT_64BIT: the high half counts too
         blocks |= struct.unpack_from("<I", sb, 0x150)[0] << 32
     return blocks * (1024 << log_block)

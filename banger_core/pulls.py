@@ -28,7 +28,7 @@ from typing import Annotated, Any, Callable, Literal
 from pydantic import Field, model_validator
 
 from banger_core import fsutil, images
-from banger_core.config import DEFAULT_IMAGE
+from banger_core.config import DEFAULT_IMAGE, DEFAULT_MAX_ROOTFS_MIB
 from banger_core.errors import BangerError, Cancelled, ErrorCode, raise_if_cancelled
 from banger_core.models import Image, Input, Kernel, fullmatching, validate_input
 from banger_core.paths import Paths
@@ -84,7 +84,8 @@ class CatalogFile(Input):
 
 def _load_catalog(text: str, where: str) -> dict[str, Any]:
     try:
-        return validate_input(CatalogFile, json.loads(text)).model_dump(exclude_none=True)
+        catalog: dict[str, Any] = validate_input(CatalogFile, json.loads(text)).model_dump(exclude_none=True)
+        return catalog
     except ValueError as exc:  # JSON syntax, or the model (ValidationError is a ValueError)
         from pydantic import ValidationError
 
@@ -144,7 +145,7 @@ def build_errors(kind: str, name: str) -> Iterator[None]:
 
 class Puller:
     def __init__(
-        self, store: Store, paths: Paths, catalog_path: str | None = None, max_rootfs_mib: int = images.DEFAULT_MAX_ROOTFS_MIB
+        self, store: Store, paths: Paths, catalog_path: str | None = None, max_rootfs_mib: int = DEFAULT_MAX_ROOTFS_MIB
     ) -> None:
         self.store = store
         self.paths = paths

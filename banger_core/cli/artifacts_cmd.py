@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -13,8 +15,9 @@ kernel_app = typer.Typer(help="Kernels VMs boot.", no_args_is_help=True)
 image_app = typer.Typer(help="Root filesystem images VMs boot from.", no_args_is_help=True)
 
 
-def _call(method: str, params: dict) -> dict:
-    return state.client().call(method, params)
+def _call(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = state.client().call(method, params)
+    return result
 
 
 @kernel_app.command("import")
@@ -95,7 +98,7 @@ def kernel_list(
     _stale_notes(ks)
 
 
-def _stale_notes(items: list[dict]) -> None:
+def _stale_notes(items: list[dict[str, Any]]) -> None:
     for i in items:
         if i.get("stale"):
             style.echo(f"{i['name']}: stale, {i['stale']}")
@@ -108,7 +111,7 @@ def kernel_rm(name: str) -> None:
     style.echo(f"kernel {name}: removed")
 
 
-def _progress(quiet: bool):
+def _progress(quiet: bool) -> Callable[[dict[str, Any]], None]:
     from banger_core.cli.vm_cmd import Progress
 
     return Progress(quiet=quiet)

@@ -10,6 +10,7 @@ from banger_core.cli import style
 from banger_core.errors import BangerError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from banger_core.client import Client
     from banger_core.paths import Paths
     from banger_core.runtime import Runtime
 
@@ -53,7 +54,7 @@ class _State:
             raise self.load_error
         return rt
 
-    def client(self):  # avoid importing at module load
+    def client(self) -> Client:  # avoid importing at module load
         from banger_core.client import Client
 
         return Client(self.paths)

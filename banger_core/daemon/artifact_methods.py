@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from pydantic import Field
 
@@ -14,7 +14,7 @@ from banger_core import images
 from banger_core.daemon.rpc import Call, NoParams
 from banger_core.daemon.work import Progress, run_blocking, run_simple
 from banger_core.errors import BangerError, ErrorCode
-from banger_core.models import HostPath, Input, SizeMiB
+from banger_core.models import HostPath, Image, Input, SizeMiB
 
 
 class KernelImportParams(Input):
@@ -62,15 +62,18 @@ def _path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
+T = TypeVar("T")
+
+
 def under_lock(
-    call: Call, locks: list[tuple[str, str]], fn: Callable[..., Any], *args: Any, **kwargs: Any
-) -> Callable[[Progress, threading.Event], Any]:
+    call: Call, locks: list[tuple[str, str]], fn: Callable[..., T], *args: Any, **kwargs: Any
+) -> Callable[[Progress, threading.Event], T]:
     """``fn(*args)`` under the artifacts' per-name pull locks (taken in the order
     pulls take them: image before kernel), for run_blocking: a client that leaves
     while waiting for a lock cancels the wait."""
     puller = call.state.puller
 
-    def work(_progress: Progress, cancel: threading.Event) -> Any:
+    def work(_progress: Progress, cancel: threading.Event) -> T:
         with contextlib.ExitStack() as held:
             for kind, name in locks:
                 held.enter_context(puller.locked(kind, name, cancel))
@@ -114,7 +117,7 @@ async def kernel_pull(p: PullParams, call: Call) -> dict[str, Any]:
 async def image_pull(p: ImagePullParams, call: Call) -> dict[str, Any]:
     puller = call.state.puller
 
-    def pull(prog: Progress, cancel: threading.Event) -> Any:
+    def pull(prog: Progress, cancel: threading.Event) -> Image:
         if p.kernel and p.kernel_ref:
             raise BangerError(ErrorCode.BAD_REQUEST, "give either --kernel-ref or --kernel [--initrd] [--modules], not both")
         if not p.kernel and (p.initrd or p.modules):

@@ -56,7 +56,7 @@ class Call:
     state: "DaemonState" = None  # type: ignore[assignment]
     #: the binary frames of a method registered with ``stream=True``; None otherwise
     stream: Stream | None = None
-    log: logging.LoggerAdapter = field(init=False)
+    log: logging.LoggerAdapter[logging.Logger] = field(init=False)
 
     def __post_init__(self) -> None:
         self.log = logging.LoggerAdapter(logging.getLogger("banger.rpc"), {"op_id": self.op_id})

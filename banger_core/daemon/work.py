@@ -9,7 +9,7 @@ import contextvars
 import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 from banger_core.errors import BangerError
 
@@ -21,9 +21,10 @@ if TYPE_CHECKING:  # pragma: no cover
 EXECUTOR = ThreadPoolExecutor(max_workers=32, thread_name_prefix="banger-op")
 
 Progress = Callable[[str, dict[str, Any]], None]
+T = TypeVar("T")
 
 
-async def run_blocking(call: "Call", fn: Callable[..., Any], *args: Any) -> Any:
+async def run_blocking(call: "Call", fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args, progress, cancel)`` in a worker thread.
 
     Progress events stream to the client; if the client goes away the request task is
@@ -48,7 +49,7 @@ async def run_blocking(call: "Call", fn: Callable[..., Any], *args: Any) -> Any:
         raise
 
 
-async def run_simple(fn: Callable[..., Any], *args: Any) -> Any:
+async def run_simple(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args)`` in a worker thread (keeping the op id on its log records)."""
     loop = asyncio.get_running_loop()
     ctx = contextvars.copy_context()

@@ -151,7 +151,7 @@ class FirecrackerDriver(Driver):
             raise
         return Launch(pid=p.pid, api_socket=str(sock))
 
-    def _wait_socket(self, sock: Path, p: subprocess.Popen) -> None:
+    def _wait_socket(self, sock: Path, p: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + self.api_timeout
         while time.monotonic() < deadline:
             if p.poll() is not None:

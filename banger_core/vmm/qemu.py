@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from banger_core import proc
 from banger_core.fsutil import atomic_write
@@ -59,11 +61,11 @@ class QemuDriver(Driver):
         self._write_probe_cache(key, accel, why)
         return accel, why
 
-    def _read_probe_cache(self, key: str) -> dict | None:
+    def _read_probe_cache(self, key: str) -> dict[str, Any] | None:
         if not self.probe_cache:
             return None
         try:
-            data = json.loads(self.probe_cache.read_text())
+            data: dict[str, Any] = json.loads(self.probe_cache.read_text())
             return data if data.get("key") == key else None
         except (OSError, ValueError):
             return None
@@ -146,7 +148,7 @@ class QemuDriver(Driver):
     def argv(self, vm_id: str, machine: Machine, run_dir: Path, accel: str) -> list[str]:
         mtype = self._machine_type(machine)
         micro = mtype == "microvm"
-        dev = (lambda kind: f"virtio-{kind}-device") if micro else (lambda kind: f"virtio-{kind}-pci")
+        dev: Callable[[str], str] = (lambda kind: f"virtio-{kind}-device") if micro else (lambda kind: f"virtio-{kind}-pci")
         console = machine.console_log or str(run_dir / "console.log")
         args = [
             self.binary,

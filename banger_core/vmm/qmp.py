@@ -28,7 +28,8 @@ class QMP:
         line = self.file.readline()
         if not line:
             raise BangerError(ErrorCode.OPERATION_FAILED, "QMP: connection closed")
-        return json.loads(line)
+        msg: dict[str, Any] = json.loads(line)
+        return msg
 
     def execute(self, command: str, **arguments: Any) -> Any:
         msg: dict[str, Any] = {"execute": command}

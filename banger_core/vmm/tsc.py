@@ -17,6 +17,7 @@ import mmap
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -24,12 +25,13 @@ from pathlib import Path
 _RDTSC_X86_64 = bytes([0x0F, 0x31, 0x48, 0xC1, 0xE2, 0x20, 0x48, 0x09, 0xD0, 0xC3])
 
 
-def _rdtsc():
+def _rdtsc() -> Callable[[], int]:
     buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
     buf.write(_RDTSC_X86_64)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     fn = ctypes.CFUNCTYPE(ctypes.c_uint64)(addr)
-    fn._keepalive = buf  # the code page lives as long as the function
+    # the code page lives as long as the function (ctypes function objects take attributes; typeshed does not say so)
+    fn._keepalive = buf  # type: ignore[attr-defined]
     return fn
 
 

@@ -58,7 +58,7 @@ class StageContext:
     paths: "Paths"
     settings: "BaseModel | None"
     op_id: str
-    log: logging.Logger | logging.LoggerAdapter
+    log: "logging.Logger | logging.LoggerAdapter[logging.Logger]"
     teardown: dict[str, Any] = field(default_factory=dict)
     handles: dict[str, Any] = field(default_factory=dict)
     #: Persist ``teardown`` now (call it after recording and before creating).
@@ -81,7 +81,7 @@ class ReconcileContext:
     paths: "Paths"
     store: "Store"
     settings: "BaseModel | None"
-    log: logging.Logger | logging.LoggerAdapter
+    log: "logging.Logger | logging.LoggerAdapter[logging.Logger]"
     #: as ``StageContext.service``. Added in 0.2.
     service: Callable[[str], Any] = field(default=lambda capability: _no_services(capability))
 

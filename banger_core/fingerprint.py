@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 
 from banger_core import __version__
 from banger_core.paths import Paths
@@ -14,10 +13,16 @@ from banger_core.paths import Paths
 
 def installed_distributions() -> list[str]:
     """The installed distributions' metadata directories (their names carry name and
-    version) on sys.path: an install, upgrade or removal of any plugin changes this.
+    version) in the site directories and on PYTHONPATH: an install, upgrade or removal
+    of any plugin changes this. Not the rest of sys.path: the CLI, the daemon and a
+    test runner each put other things first (a script's dir, the cwd, a rootdir).
     A directory listing, not importlib.metadata's entry-point scan (~1 ms, not ~25)."""
+    import site
+
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    dirs += [d for d in os.environ.get("PYTHONPATH", "").split(os.pathsep) if d]
     out: set[str] = set()
-    for entry in sys.path[1:]:  # [0] is the script's dir (CLI) or the cwd (daemon)
+    for entry in dirs:
         try:
             with os.scandir(entry) as it:
                 out.update(e.name for e in it if e.name.endswith((".dist-info", ".egg-info")))

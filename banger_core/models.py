@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
@@ -200,7 +200,10 @@ class Machine(Strict):
     console_log: str | None = None
 
 
-def validate_input(model: type[BaseModel], data: Any) -> Any:
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_input(model: type[M], data: Any) -> M:
     """Validate data that arrived as JSON or TOML against any model, strictly.
 
     Strict in JSON mode: strings are never numbers, booleans never integers, but a

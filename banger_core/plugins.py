@@ -527,9 +527,7 @@ class PluginHost:
     def post_boot(self, order: list[str], ctx_for: Callable[[str], "StageContext"]) -> list[str]:
         return self._run_setup("post_boot", order, ctx_for)
 
-    def vm_fields(
-        self, order: list[str], ctx_for: Callable[[str], "FieldsContext"], detail: bool
-    ) -> dict[str, dict[str, Any]]:
+    def vm_fields(self, order: list[str], ctx_for: Callable[[str], "FieldsContext"], detail: bool) -> dict[str, dict[str, Any]]:
         """Each plugin's fields for one VM; a plugin that raises shows ``error``."""
         out: dict[str, dict[str, Any]] = {}
         for name in order:

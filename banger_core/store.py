@@ -12,12 +12,15 @@ import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import sqlite_utils
 
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import VM, Image, Kernel, utcnow
+
+
+Artifact = TypeVar("Artifact", Image, Kernel)
 
 
 def _m001_initial(db: sqlite_utils.Database) -> None:
@@ -123,7 +126,7 @@ class Store:
 
     # --- VMs ----------------------------------------------------------------------
     @staticmethod
-    def _vm_row(vm: VM) -> dict:
+    def _vm_row(vm: VM) -> dict[str, Any]:
         data = vm.model_dump(mode="json")
         data["spec"] = json.dumps(data["spec"])
         data["teardown"] = json.dumps(data["teardown"])
@@ -131,7 +134,7 @@ class Store:
         return data
 
     @staticmethod
-    def _vm_from_row(row: dict) -> VM:
+    def _vm_from_row(row: dict[str, Any]) -> VM:
         row = dict(row)
         row["spec"] = json.loads(row["spec"])
         row["teardown"] = json.loads(row["teardown"] or "{}")
@@ -171,7 +174,7 @@ class Store:
                 rows = self.db.table("vms").rows_where("id LIKE ? ESCAPE '\\'", [_like_prefix(id_prefix or "")])
             return [self._vm_from_row(r) for r in rows]
 
-    def _get(self, table: str, model: type[Image] | type[Kernel], name: str) -> Any:
+    def _get(self, table: str, model: type[Artifact], name: str) -> Artifact:
         with self._lock:
             try:
                 row = self.db.table(table).get(name)
@@ -180,7 +183,7 @@ class Store:
                 raise BangerError(ErrorCode.NOT_FOUND, f"no {kind} named {name!r} (see `banger {kind} list`)") from None
             return model.model_validate({k: v for k, v in row.items() if v is not None})
 
-    def _all(self, table: str, model: type[Image] | type[Kernel]) -> list[Any]:
+    def _all(self, table: str, model: type[Artifact]) -> list[Artifact]:
         with self._lock:
             return [model.model_validate({k: v for k, v in r.items() if v is not None}) for r in self.db.table(table).rows]
 

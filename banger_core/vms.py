@@ -26,7 +26,7 @@ from banger_core.fsutil import atomic_write
 from banger_core.handles import HandleStore
 from banger_core.lifecycle import Lifecycle
 from banger_core.models import VM, Drive, HostPath, Image, Input, Machine, SizeMiB, VMHandles, VMSpec, VMState, validate_vm_name
-from banger_core.config import resolve_vm_defaults
+from banger_core.config import CoreConfig, resolve_vm_defaults
 from banger_core.pulls import Puller
 from banger_core.runtime import Runtime
 from banger_core.store import Store
@@ -116,7 +116,7 @@ class VMService:
             return self._locks.setdefault(vm_id, threading.Lock())
 
     @property
-    def cfg(self):
+    def cfg(self) -> "CoreConfig":
         return self.rt.config.core
 
     def resolve(self, ref: str) -> VM:

@@ -6,7 +6,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from banger_core.lifecycle import Lifecycle
+from banger_core.vm.stages import Lifecycle
 from banger_core.models import VM, Machine, VMSpec
 from banger_core.runtime import Runtime
 

@@ -24,7 +24,7 @@ import guest_assets as ga
 from banger_core import hookimpl
 from banger_core.context import CleanupReason
 from banger_core.errors import BangerError
-from banger_core.lifecycle import Lifecycle
+from banger_core.vm.stages import Lifecycle
 from banger_core.models import Machine
 from banger_core.testing import sample_vm
 from conftest import fc_create, isolated_env, pid_alive, wait_for

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from banger_core import hookimpl, hookspecs
 from banger_core.context import StageContext
 from banger_core.errors import BangerError, ErrorCode, MultiError
-from banger_core.lifecycle import Lifecycle
+from banger_core.vm.stages import Lifecycle
 from banger_core.models import Machine
 from banger_core.plugins import PluginHost
 from banger_core.testing import sample_vm

@@ -12,7 +12,7 @@ from banger_core import fsutil
 from banger_core import store as store_mod
 from banger_core.errors import BangerError, ErrorCode
 
-from banger_core.handles import HandleStore
+from banger_core.vm.handles import HandleStore
 from banger_core.models import VM, Image, Kernel, VMHandles, VMSpec, VMState
 from banger_core.paths import Paths
 from banger_core.store import Store

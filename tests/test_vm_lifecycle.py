@@ -115,7 +115,7 @@ def test_create_stop_set_start_restart_delete(venv_):
     # vm set changes what the guest sees; disks only grow
     r = env.run("vm", "set", "life", "--vcpu", "2", "--memory", "384M", "--disk-size", "512M", check=True)
     assert "vcpu=2 memory=384MiB disk=512MiB" in r.stdout
-    from banger_core import disks
+    from banger_core.vm import disks
 
     root = next(Path(vm["dir"]).glob("root.*"))
     assert disks.disk_size_mib(root) == 512

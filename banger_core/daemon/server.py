@@ -39,7 +39,7 @@ def peer_uid(sock: socket.socket) -> tuple[int, int]:
 
 class Daemon:
     def __init__(self, paths: Paths) -> None:
-        from banger_core.handles import HandleStore
+        from banger_core.vm.handles import HandleStore
         from banger_core.runtime import Runtime
         from banger_core.store import Store
 
@@ -54,7 +54,7 @@ class Daemon:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         from banger_core.daemon.state import DaemonState
-        from banger_core.vms import VMService
+        from banger_core.vm.service import VMService
 
         self.vms = VMService(self.rt, self.store, self.handles)
         self.state = DaemonState(

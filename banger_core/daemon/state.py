@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
     from banger_core.daemon.rpc import Registry
-    from banger_core.handles import HandleStore
+    from banger_core.vm.handles import HandleStore
     from banger_core.paths import Paths
     from banger_core.pulls import Puller
     from banger_core.runtime import Runtime
     from banger_core.store import Store
-    from banger_core.vms import VMService
+    from banger_core.vm.service import VMService
 
 
 @dataclass

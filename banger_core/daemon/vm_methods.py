@@ -14,7 +14,7 @@ from banger_core.daemon.rpc import Call, NoParams
 from banger_core.daemon.work import fan_out, run_blocking, run_simple
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import VM, Input, VMState
-from banger_core.vms import CreateParams, SetParams
+from banger_core.vm.params import CreateParams, SetParams
 
 
 class RefsParams(Input):

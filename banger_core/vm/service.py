@@ -17,15 +17,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
-from banger_core import disks, host
+from banger_core.vm import disks
 from banger_core.context import CleanupReason
 from banger_core.errors import BangerError, ErrorCode, MultiError, raise_if_cancelled
 from banger_core.fsutil import atomic_write
-from banger_core.handles import HandleStore
-from banger_core.lifecycle import Lifecycle
-from banger_core.models import VM, Drive, HostPath, Image, Input, Machine, SizeMiB, VMHandles, VMSpec, VMState, validate_vm_name
+from banger_core.vm.handles import HandleStore
+from banger_core.vm.params import CreateParams, SetParams, check_host_limits, random_name, stored_options
+from banger_core.vm.stages import Lifecycle
+from banger_core.models import VM, Drive, Image, Machine, VMHandles, VMSpec, VMState
 from banger_core.config import CoreConfig, resolve_vm_defaults
 from banger_core.pulls import Puller
 from banger_core.runtime import Runtime
@@ -45,58 +46,6 @@ TRANSITIONS: dict[VMState, set[VMState]] = {
     VMState.STOPPED: {VMState.RUNNING, VMState.ERROR},
     VMState.ERROR: {VMState.RUNNING, VMState.STOPPED, VMState.ERROR},
 }
-
-
-class CreateParams(Input):
-    name: str | None = None
-    image: str | None = None
-    kernel: str | None = None
-    vcpus: int | None = Field(default=None, gt=0)
-    memory_mib: SizeMiB | None = None
-    disk_size_mib: SizeMiB | None = None
-    driver: str | None = None
-    project_dir: HostPath | None = None
-    #: per-VM plugin options: plugin -> {field: value} (each plugin's vm_options model)
-    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        return validate_vm_name(v) if v is not None else v
-
-
-class SetParams(Input):
-    refs: list[str] = Field(min_length=1)
-    vcpus: int | None = Field(default=None, gt=0)
-    memory_mib: SizeMiB | None = None
-    disk_size_mib: SizeMiB | None = None
-    #: per-VM plugin options to change: plugin -> {field: value}, merged over the VM's
-    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-
-def _given(checked: dict[str, BaseModel | None], given: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The options to store: for each plugin given some, the values given (as the
-    model validated them; JSON), so the model's defaults stay its own."""
-    out: dict[str, dict[str, Any]] = {}
-    for name in given:
-        model = checked.get(name)
-        if model is not None:
-            out[name] = model.model_dump(mode="json", include=set(given[name]))
-    return out
-
-
-def check_host_limits(spec: VMSpec) -> None:
-    cpus, mem = host.cpu_count(), host.memory_mib()
-    if spec.vcpus > cpus:
-        raise BangerError(ErrorCode.BAD_REQUEST, f"vcpus {spec.vcpus} exceeds this host's {cpus} CPUs")
-    if spec.memory_mib > mem:
-        raise BangerError(ErrorCode.BAD_REQUEST, f"memory {spec.memory_mib} MiB exceeds this host's {mem} MiB")
-
-
-def random_name() -> str:
-    adjectives = ["brisk", "calm", "eager", "fuzzy", "jolly", "lucid", "nimble", "quiet", "rapid", "witty"]
-    nouns = ["otter", "falcon", "badger", "heron", "lynx", "marten", "osprey", "puffin", "tapir", "wren"]
-    return f"{secrets.choice(adjectives)}-{secrets.choice(nouns)}-{secrets.token_hex(2)}"
 
 
 class VMService:
@@ -221,7 +170,7 @@ class VMService:
         )
         # Resolve plugins and validate their settings and the VM's options before
         # anything exists.
-        vm.options = _given(self._lifecycle(vm, op_id).validate_options(params.options), params.options)
+        vm.options = stored_options(self._lifecycle(vm, op_id).validate_options(params.options), params.options)
         with self._global:  # short: name + row only
             if self.store.find_vms(name=vm.name):
                 raise BangerError(ErrorCode.ALREADY_EXISTS, f"a VM named {vm.name!r} already exists")
@@ -515,7 +464,7 @@ class VMService:
             if params.options:
                 merged = {p: {**vm.options.get(p, {}), **values} for p, values in params.options.items()}
                 checked = self._lifecycle(vm, op_id).validate_options(merged)
-                vm.options = {**vm.options, **_given(checked, merged)}
+                vm.options = {**vm.options, **stored_options(checked, merged)}
             changes = {k: v for k, v in params.model_dump().items() if k not in ("refs", "options") and v is not None}
             spec = vm.spec.model_copy(update=changes)
             check_host_limits(spec)

@@ -354,9 +354,18 @@ class PluginHost:
         """The plugin's per-VM options model (asked once, then cached)."""
         cache = self.__dict__.setdefault("_options", {})
         if plugin not in cache:
-            cache[plugin] = self._call("vm_options", plugin)
-        model: type[BaseModel] | None = cache[plugin]
-        return model
+            try:
+                model = self._call("vm_options", plugin)
+            except Exception as exc:
+                raise BangerError(ErrorCode.PLUGIN, f"plugin {plugin!r}: vm_options failed: {type(exc).__name__}: {exc}") from exc
+            required = [n for n, f in (model.model_fields.items() if model is not None else ()) if f.is_required()]
+            if required:  # a VM created without the flag could never be validated
+                raise BangerError(
+                    ErrorCode.PLUGIN, f"plugin {plugin!r}: vm_options field(s) without a default: {', '.join(required)}"
+                )
+            cache[plugin] = model
+        found: type[BaseModel] | None = cache[plugin]
+        return found
 
     def option_models(self) -> "dict[str, type[BaseModel]]":
         """Every enabled plugin's per-VM options model, built-ins first; a plugin whose
@@ -365,8 +374,8 @@ class PluginHost:
         for name in self.builtins_first():
             try:
                 model = self.vm_options(name)
-            except Exception as exc:
-                self.mark_broken(name, f"vm_options failed: {type(exc).__name__}: {exc}")
+            except BangerError as exc:
+                self.mark_broken(name, exc.message.removeprefix(f"plugin {name!r}: "))
                 continue
             if model is not None:
                 out[name] = model
@@ -417,13 +426,14 @@ class PluginHost:
         kwargs_for: Callable[[str], dict[str, Any]],
         undo: Callable[[str], None] = lambda _n: None,
         after: Callable[[str], None] = lambda _n: None,
+        names: list[str] | None = None,
     ) -> list[str]:
         """The one fan-out of a registry hook: every enabled plugin (built-ins first),
         each with its own ``register``. A plugin whose hook raises is marked broken and
         what it registered is undone (``undo``); a built-in that raises is a bug in
         banger and is raised. Returns the plugins that broke."""
         broke: list[str] = []
-        for name in self.builtins_first():
+        for name in self.builtins_first() if names is None else names:
             try:
                 self._call(hook, name, **kwargs_for(name))
             except Exception as exc:
@@ -478,7 +488,11 @@ class PluginHost:
             for cap in [c for c, (owner, _s) in self.services.items() if owner == name]:
                 del self.services[cap]
 
-        return self._register_each("register_services", kwargs_for, undo=undo)
+        try:  # providers before their consumers, when the plugin set has an order
+            names = self.order()
+        except BangerError:
+            names = self.builtins_first()
+        return self._register_each("register_services", kwargs_for, undo=undo, names=names)
 
     def service_for(self, consumer: str, capability: str) -> Any:
         """The service offered for ``capability``, for a plugin that requires it."""

@@ -292,3 +292,26 @@ def test_plugin_error_details_kept_and_op_id_set(tmp_path):
     e = ei.value
     assert e.code is ErrorCode.NOT_FOUND and e.message == "p: prepare_host: no bridge" and e.op_id == "op-123456"
     assert e.details == {"bridge": "br0", "plugin": "p", "stage": "prepare_host"}
+
+
+def test_vm_options_need_defaults_and_a_failing_one_breaks_only_its_plugin():
+    from pydantic import BaseModel as Model
+
+    class NoDefault(Model):
+        level: int
+
+    class Fine(Model):
+        level: int = 1
+
+    def boom():
+        raise RuntimeError("no options today")
+
+    host = host_with(
+        plugin("strict", vm_options=hookimpl(lambda: NoDefault, specname="vm_options")),
+        plugin("boom", vm_options=hookimpl(boom, specname="vm_options")),
+        plugin("fine", vm_options=hookimpl(lambda: Fine, specname="vm_options")),
+    )
+    assert list(host.option_models()) == ["fine"]
+    assert host.records["strict"].status == "broken"
+    assert host.records["strict"].reason == "vm_options field(s) without a default: level"
+    assert host.records["boom"].reason == "vm_options failed: RuntimeError: no options today"

@@ -181,3 +181,33 @@ def test_logs_follow_streams_until_the_vm_stops(fcenv):
     finally:
         env.run("vm", "delete", "--force", "chatty", timeout=60)
         env.stop_daemon()
+
+
+FLAKY = """
+from banger_core import hookimpl
+
+
+@hookimpl
+def register_rpc_methods(register):
+    async def ping(params, call):
+        return {"pong": True}
+
+    register("flaky.ping", ping)
+
+
+@hookimpl
+def register_services(register, daemon):
+    raise RuntimeError("service start failed")
+"""
+
+
+def test_a_plugin_whose_services_fail_is_broken_in_the_daemon_methods_and_all(benv, tmp_path):
+    make_dist(tmp_path / "flaky", "banger-flaky", "flaky", FLAKY)
+    benv.extra_path.append(str(tmp_path / "flaky"))
+    try:
+        benv.run("daemon", "start", check=True)
+        status = json.loads(benv.run("daemon", "status", "--json", check=True).stdout)
+        assert status["broken"]["flaky"] == "register_services failed: RuntimeError: service start failed"
+        assert "flaky.ping" not in status["methods"] and "flaky" not in status["plugins"]
+    finally:
+        benv.stop_daemon()

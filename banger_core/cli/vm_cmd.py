@@ -335,7 +335,7 @@ def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]") -> Any:
             taken.add(f"--{flag}")
             helptext = f"{plugin}: {info.description or field} (per-VM plugin option)"
             kind = info.annotation
-            if kind is bool:
+            if kind in (bool, Optional[bool]):
                 option, annotation, as_json = typer.Option(None, f"--{flag}/--no-{flag}", help=helptext), Optional[bool], False
             elif kind in (int, float, str):
                 option, annotation, as_json = typer.Option(None, f"--{flag}", help=helptext), Optional[kind], False

@@ -73,7 +73,9 @@ class Daemon:
         # Every method, the core's own included, comes from a plugin's register_rpc_methods;
         # then the services plugins offer each other.
         broke = self.rt.host.register_rpc_methods(self.registry)
-        broke += self.rt.host.register_services(self.state)
+        for name in self.rt.host.register_services(self.state):
+            self.registry.drop_owner(name)  # broken: its methods go too
+            broke.append(name)
         if broke:
             self.rt.resolve()  # a plugin whose registration broke is out of the order now
 

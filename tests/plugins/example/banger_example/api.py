@@ -6,7 +6,9 @@ gets from ``ctx.service("greeter")``. Consumers import this for typing only::
 
     greeter: Greeter = ctx.service("greeter")
 
-It holds no implementation, so importing it never loads the example plugin itself.
+Import it under ``TYPE_CHECKING`` only: at run time importing ``banger_example.api``
+would import the ``banger_example`` package (the plugin) too, which is exactly what a
+consumer must not depend on; the service object comes from the core.
 """
 
 from __future__ import annotations

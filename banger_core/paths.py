@@ -26,6 +26,46 @@ ROOTFS_TMP = ".rootfs.ext4.tmp"  # a managed rootfs being copied in and checked 
 
 
 @dataclass(frozen=True)
+class VMFiles:
+    """The files of one VM's directory (``$STATE/vms/<id>/``), each named here once;
+    the VMM drivers get the directory and name its files through this."""
+
+    dir: Path
+
+    @property
+    def handles(self) -> Path:
+        return self.dir / "handles.json"
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def machine(self) -> Path:
+        """The Machine the VM was last booted with (JSON), written at each launch."""
+        return self.dir / "machine.json"
+
+    @property
+    def vmm_pid(self) -> Path:
+        return self.dir / "vmm.pid"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def firecracker_socket(self) -> Path:
+        return self.dir / "firecracker.sock"
+
+    @property
+    def firecracker_log(self) -> Path:
+        return self.dir / "firecracker.log"
+
+    def root_disk(self, strategy: str) -> Path:
+        return self.dir / ("root.qcow2" if strategy == "qcow2" else "root.img")
+
+
+@dataclass(frozen=True)
 class Paths:
     config_dir: Path
     state_dir: Path
@@ -77,8 +117,11 @@ class Paths:
     def vm_dir(self, vm_id: str) -> Path:
         return self.vms_dir / vm_id
 
+    def vm_files(self, vm_id: str) -> "VMFiles":
+        return VMFiles(self.vm_dir(vm_id))
+
     def vm_handles(self, vm_id: str) -> Path:
-        return self.vm_dir(vm_id) / "handles.json"
+        return self.vm_files(vm_id).handles
 
     @property
     def images_dir(self) -> Path:

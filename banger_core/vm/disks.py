@@ -18,6 +18,7 @@ from pathlib import Path
 
 from banger_core import fsutil, proc
 from banger_core.errors import BangerError, ErrorCode
+from banger_core.paths import VMFiles
 
 log = logging.getLogger("banger.disks")
 
@@ -46,7 +47,7 @@ def choose_strategy(vm_dir: Path, driver: str, wanted: str = "auto") -> str:
 
 
 def root_disk_path(vm_dir: Path, strategy: str) -> Path:
-    return vm_dir / ("root.qcow2" if strategy == "qcow2" else "root.img")
+    return VMFiles(vm_dir).root_disk(strategy)
 
 
 def create_root_disk(image_rootfs: Path, vm_dir: Path, size_mib: int, strategy: str) -> Path:

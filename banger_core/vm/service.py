@@ -94,11 +94,11 @@ class VMService:
         return self.paths.vm_dir(vm.id)
 
     def console_log(self, vm: VM) -> Path:
-        return self.run_dir(vm) / "console.log"
+        return self.paths.vm_files(vm.id).console_log
 
     def machine_file(self, vm: VM) -> Path:
         """The Machine the VM was last booted with (JSON), written at each launch."""
-        return self.run_dir(vm) / "machine.json"
+        return self.paths.vm_files(vm.id).machine
 
     def last_machine(self, vm: VM) -> dict[str, Any] | None:
         """``machine_file`` as shown by ``vm show``; None if the VM never booted."""

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from banger_core import fsutil
+from banger_core.paths import VMFiles
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Machine
 from banger_core.vmm.base import Driver, Launch, alive, kernel_is_elf, process_tag
@@ -128,10 +130,10 @@ class FirecrackerDriver(Driver):
             raise BangerError(ErrorCode.OPERATION_FAILED, f"cannot boot with Firecracker: {self.binary} not found")
         self.boot_kernel(machine)  # refuse before starting anything
         run_dir.mkdir(parents=True, exist_ok=True)
-        sock = run_dir / "firecracker.sock"
+        sock = VMFiles(run_dir).firecracker_socket
         for f in self.run_files(run_dir):
             f.unlink(missing_ok=True)
-        console = Path(machine.console_log or run_dir / "console.log")
+        console = Path(machine.console_log or VMFiles(run_dir).console_log)
         with open(console, "wb") as out:
             p = subprocess.Popen(
                 [self.binary, "--api-sock", str(sock), "--id", process_tag(vm_id)],
@@ -141,7 +143,7 @@ class FirecrackerDriver(Driver):
                 start_new_session=True,  # outlives this request and the daemon
                 close_fds=True,
             )
-        (run_dir / "vmm.pid").write_text(f"{p.pid}\n")
+        fsutil.atomic_write(VMFiles(run_dir).vmm_pid, f"{p.pid}\n")
         try:
             self._wait_socket(sock, p)
             self.configure(FirecrackerAPI(str(sock), self.api_timeout), machine, run_dir)
@@ -170,7 +172,7 @@ class FirecrackerDriver(Driver):
     @staticmethod
     def configure(api: FirecrackerAPI, machine: Machine, run_dir: Path) -> None:
         """The whole pre-boot request sequence, then InstanceStart."""
-        fc_log = run_dir / "firecracker.log"
+        fc_log = VMFiles(run_dir).firecracker_log
         fc_log.touch()
         api.put_logger(str(fc_log))
         api.put_machine_config(machine.vcpus, machine.memory_mib)
@@ -185,7 +187,7 @@ class FirecrackerDriver(Driver):
 
     def request_shutdown(self, pid: int, run_dir: Path) -> None:
         if alive(pid):
-            FirecrackerAPI(str(run_dir / "firecracker.sock"), self.api_timeout).action("SendCtrlAltDel")
+            FirecrackerAPI(str(VMFiles(run_dir).firecracker_socket), self.api_timeout).action("SendCtrlAltDel")
 
     def run_files(self, run_dir: Path) -> list[Path]:
-        return [run_dir / "firecracker.sock", run_dir / "vmm.pid"]
+        return [VMFiles(run_dir).firecracker_socket, VMFiles(run_dir).vmm_pid]

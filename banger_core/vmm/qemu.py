@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from banger_core.paths import VMFiles
 from banger_core import proc
 from banger_core.fsutil import atomic_write
 from banger_core.errors import BangerError, ErrorCode
@@ -149,7 +150,7 @@ class QemuDriver(Driver):
         mtype = self._machine_type(machine)
         micro = mtype == "microvm"
         dev: Callable[[str], str] = (lambda kind: f"virtio-{kind}-device") if micro else (lambda kind: f"virtio-{kind}-pci")
-        console = machine.console_log or str(run_dir / "console.log")
+        console = machine.console_log or str(VMFiles(run_dir).console_log)
         args = [
             self.binary,
             "-name",
@@ -176,9 +177,9 @@ class QemuDriver(Driver):
             "-serial",
             f"file:{console}",
             "-qmp",
-            f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
+            f"unix:{VMFiles(run_dir).qmp_socket},server=on,wait=off",
             "-pidfile",
-            str(run_dir / "vmm.pid"),
+            str(VMFiles(run_dir).vmm_pid),
             "-daemonize",
         ]
         if machine.initrd:
@@ -225,27 +226,27 @@ class QemuDriver(Driver):
         # back here as an exit status, and the VM is not our child: it outlives both
         # this request and the daemon.
         proc.run(self.argv(vm_id, machine, run_dir, accel), timeout=60, what="starting QEMU")
-        pid = int((run_dir / "vmm.pid").read_text().strip())
-        return Launch(pid=pid, api_socket=str(run_dir / "qmp.sock"))
+        pid = int(VMFiles(run_dir).vmm_pid.read_text().strip())
+        return Launch(pid=pid, api_socket=str(VMFiles(run_dir).qmp_socket))
 
     def request_shutdown(self, pid: int, run_dir: Path) -> None:
-        with QMP(str(run_dir / "qmp.sock")) as q:
+        with QMP(str(VMFiles(run_dir).qmp_socket)) as q:
             q.execute("system_powerdown")
 
     def send_ctrl_alt_del(self, pid: int, run_dir: Path) -> bool:
         # systemd maps it to reboot, and -no-reboot makes QEMU exit on reboot: a clean stop.
         keys = [{"type": "qcode", "data": k} for k in ("ctrl", "alt", "delete")]
-        with QMP(str(run_dir / "qmp.sock")) as q:
+        with QMP(str(VMFiles(run_dir).qmp_socket)) as q:
             q.execute("send-key", keys=keys)
         return True
 
     def status(self, run_dir: Path) -> str:
-        with QMP(str(run_dir / "qmp.sock")) as q:
+        with QMP(str(VMFiles(run_dir).qmp_socket)) as q:
             return str(q.execute("query-status").get("status"))
 
     def force_stop(self, pid: int, run_dir: Path) -> None:
         try:
-            with QMP(str(run_dir / "qmp.sock"), timeout=2) as q:
+            with QMP(str(VMFiles(run_dir).qmp_socket), timeout=2) as q:
                 q.execute("quit")
                 return
         except (BangerError, OSError):
@@ -253,4 +254,4 @@ class QemuDriver(Driver):
         super().force_stop(pid, run_dir)
 
     def run_files(self, run_dir: Path) -> list[Path]:
-        return [run_dir / "qmp.sock", run_dir / "vmm.pid"]
+        return [VMFiles(run_dir).qmp_socket, VMFiles(run_dir).vmm_pid]

@@ -25,13 +25,11 @@ def register_core_checks(register: Callable[[str, "CheckFn"], None], doctor: "Do
     register("config", lambda _s: _config_checks(doctor))
     if rt is not None:
         register("vm defaults", lambda _s: _vm_defaults_check(rt))
-        register("catalog", lambda _s: _catalog_check(rt))
     register("state", lambda _s: _state_check(paths))
     register("runtime dir", lambda _s: _runtime_dir_check(paths))
     register("daemon", lambda _s: _daemon_check(paths))
     register("qemu", lambda _s: _qemu_check())
     register("kvm", lambda _s: _kvm_check(paths))
-    register("kernel build", lambda _s: _kernel_build_check())
 
 
 def _python_check() -> CheckResult:
@@ -88,6 +86,14 @@ def _vm_defaults_check(rt: "Runtime") -> CheckResult:
     shown = shown_vm_defaults(rt.config.core.vm_defaults).items()
     parts = [f"{key.removesuffix('_mib')}={value} ({src})" for key, (value, src) in shown]
     return CheckResult.ok("vm defaults", f"{', '.join(parts)}; config {rt.config.path}")
+
+
+def register_catalog_checks(register: Callable[[str, "CheckFn"], None], doctor: "DoctorContext") -> None:
+    """The catalog's checks, registered by the built-in ``catalog`` plugin."""
+    rt = doctor.runtime
+    if rt is not None:
+        register("catalog", lambda _s: _catalog_check(rt))
+    register("kernel build", lambda _s: _kernel_build_check())
 
 
 def _catalog_check(rt: "Runtime") -> CheckResult:

@@ -123,7 +123,8 @@ class PluginHost:
 
         from banger_core import __version__
 
-        disabled = set(disabled) | env_disabled()
+        by_env = env_disabled()
+        disabled = set(disabled) | by_env
         refused = sorted(disabled & ESSENTIAL)
         if refused:
             raise BangerError(ErrorCode.CONFIG, essential_refusal(refused))
@@ -132,7 +133,8 @@ class PluginHost:
                 continue
             rec = PluginRecord(name=name, distribution="banger", version=__version__, builtin=True, essential=name in ESSENTIAL)
             if name in disabled:
-                rec.status, rec.reason = "disabled", "disabled in config"
+                rec.status = "disabled"
+                rec.reason = f"disabled by {ENV_DISABLE}" if name in by_env else "disabled in config"
                 self.records[name] = rec
                 continue
             self.add(importlib.import_module(module_name), rec, strict=True)

@@ -17,10 +17,12 @@ BUILTIN: tuple[tuple[str, str], ...] = (
     ("kernel", "banger_core.builtin.kernel"),
     ("plugins", "banger_core.builtin.plugins"),
     ("doctor", "banger_core.builtin.doctor"),
+    ("catalog", "banger_core.builtin.catalog"),
 )
 
-#: built-ins banger does not work without: ``disable`` naming one is an error
-ESSENTIAL: frozenset[str] = frozenset(name for name, _ in BUILTIN)
+#: built-ins banger does not work without: ``disable`` naming one is an error; the
+#: others (``catalog``) can be disabled like any plugin
+ESSENTIAL: frozenset[str] = frozenset({"daemon", "vm", "image", "kernel", "plugins", "doctor"})
 
 #: top-level CLI command -> the built-in that provides it (the CLI's fast path builds
 #: only what a command needs; tests check this matches what the hooks register)

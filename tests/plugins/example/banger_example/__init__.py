@@ -79,14 +79,17 @@ def vm_fields(ctx, detail: bool) -> dict:
 
 
 class Greeter:
-    """The "greeter" service (implements api.Greeter)."""
+    """The "greeter" service (implements api.Greeter). It reads the user's [example]
+    settings when it greets, not when the daemon starts: a settings error is then
+    reported to whoever asked, and does not break the plugin for the whole daemon."""
 
-    def __init__(self, words: str, times: int) -> None:
-        self.words, self.times, self._greeted = words, times, 0
+    def __init__(self, runtime) -> None:
+        self.runtime, self._greeted = runtime, 0
 
     def greet(self, name: str) -> str:
+        s = self.runtime.config.settings_for(self.runtime.host, "example")
         self._greeted += 1
-        return " ".join([f"{self.words}, {name}!"] * self.times)
+        return " ".join([f"{s.greeting}, {name}!"] * s.times)
 
     @property
     def greeted(self) -> int:
@@ -95,8 +98,7 @@ class Greeter:
 
 @hookimpl
 def register_services(register, daemon) -> None:
-    s = daemon.runtime.config.settings_for(daemon.runtime.host, "example")
-    register("greeter", Greeter(s.greeting, s.times))
+    register("greeter", Greeter(daemon.runtime))
 
 
 @hookimpl

@@ -236,6 +236,12 @@ def fcenv(benv, example_plugin_dir, tmp_path):
     kernel and image (`fck`, `fcimg`): VMs are created and stopped for real through the
     daemon and CLI, with no guest booting (cheap lifecycle paths)."""
     benv.extra_path.append(str(example_plugin_dir))
+    return fake_firecracker_env(benv, tmp_path)
+
+
+def fake_firecracker_env(benv: BangerEnv, tmp_path: Path) -> BangerEnv:
+    """Configure ``benv`` for the fake `firecracker` with a tiny kernel and image
+    (`fck`, `fcimg`) registered."""
     exe = fake_binary(tmp_path)
     kdir = tmp_path / "k"
     kdir.mkdir()

@@ -19,7 +19,7 @@ import pytest
 from banger_core.errors import BangerError
 from banger_core.models import NIC, AgentChannel, Drive, Machine
 from banger_core.vmm.firecracker import FirecrackerAPI, FirecrackerDriver
-from conftest import fake_binary, pid_alive, wait_for
+from conftest import fake_binary, fake_firecracker_env, pid_alive, wait_for
 from fcspec import find_operation, validate_request
 
 
@@ -147,15 +147,7 @@ def test_boots_the_elf_vmlinux_and_refuses_a_bzimage_only_kernel(tmp_path):
 
 
 def test_vm_lifecycle_through_cli_with_firecracker_driver(benv, tmp_path):
-    exe = fake_binary(tmp_path)
-    kdir = tmp_path / "k"
-    kdir.mkdir()
-    (kdir / "vmlinux").write_bytes(b"\x7fELF" + b"\0" * 1020)
-    rootfs = tmp_path / "rootfs.ext4"
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(rootfs), "16M"], check=True)
-    benv.write_config(f"[vmm]\nfirecracker_binary = '{exe}'\nstop_timeout_s = 10\n")
-    benv.run("kernel", "import", "fck", "--from", str(kdir), check=True)
-    benv.run("image", "register", "fcimg", "--rootfs", str(rootfs), "--kernel-ref", "fck", check=True)
+    fake_firecracker_env(benv, tmp_path)
     r = benv.run(
         "vm",
         "create",

@@ -54,6 +54,11 @@ def daemon(benv):
 
 
 @pytest.mark.parametrize("ending", ENDINGS)
+def doctor_line(out: str, check: str) -> str:
+    """The line of `banger doctor`'s output for the check named ``check``."""
+    return next(ln for ln in out.splitlines() if ln.split()[1:2] == [check])
+
+
 def test_every_validator_refuses_a_trailing_control_character(ending):
     with pytest.raises(ValueError):
         validate_vm_name("box" + ending)
@@ -185,10 +190,10 @@ def test_doctor_fails_a_catalog_path_that_does_not_exist(benv, tmp_path):
     benv.write_config(f"[catalog]\npath = '{tmp_path / 'missing.json'}'\n")
     r = benv.run("doctor")
     assert r.returncode == 1
-    line = next(ln for ln in r.stdout.splitlines() if " catalog " in f" {ln} ")
+    line = doctor_line(r.stdout, "catalog")
     assert line.startswith("FAIL") and "missing.json" in line and "No such file" in line, line
     (tmp_path / "missing.json").write_text('{"version": 1, "kernels": {}, "images": {}}')
-    line = next(ln for ln in benv.run("doctor").stdout.splitlines() if " catalog " in f" {ln} ")
+    line = doctor_line(benv.run("doctor").stdout, "catalog")
     assert line.startswith("PASS"), line
 
 
@@ -362,7 +367,7 @@ def test_a_bad_catalog_file_is_a_config_error_naming_the_entry(benv, tmp_path, c
     cat.write_text(json.dumps(catalog))
     benv.write_config(f"[catalog]\npath = '{cat}'\n")
     r = benv.run("doctor")
-    line = next(ln for ln in r.stdout.splitlines() if " catalog " in f" {ln} ")
+    line = doctor_line(r.stdout, "catalog")
     assert r.returncode == 1 and line.startswith("FAIL") and f"[catalog] path {cat}: " in line, line
     assert expect in line, line
     r = benv.run("image", "pull", "anything")

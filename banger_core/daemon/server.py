@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from banger_core import PROTOCOL_VERSION, __version__, protocol
-from banger_core.daemon.rpc import Call, Registry
+from banger_core.daemon.rpc import Call, Registry, Stream
 from banger_core.errors import BangerError, Cancelled, ErrorCode
 from banger_core.fingerprint import fingerprint
 from banger_core.logs import clip, current_op, setup_json_logging
@@ -250,6 +250,19 @@ class Daemon:
             return
         await self._run(method, req.get("params", {}), op_id, uid, reader, writer)
 
+    def _new_call(self, method: str, op_id: str, uid: int, writer: asyncio.StreamWriter, stream: "Stream | None" = None) -> Call:
+        """The call object a handler gets: its request, the daemon's state, its stream."""
+        return Call(
+            op_id=op_id,
+            method=method,
+            peer_uid=uid,
+            _send=lambda b: self._send(writer, b),
+            runtime=self.rt,
+            store=self.store,
+            state=self.state,
+            stream=stream,
+        )
+
     async def _run(
         self,
         method: str,
@@ -261,15 +274,7 @@ class Daemon:
     ) -> None:
         token = current_op.set(op_id)
         try:
-            call = Call(
-                op_id=op_id,
-                method=method,
-                peer_uid=uid,
-                _send=lambda b: self._send(writer, b),
-                runtime=self.rt,
-                store=self.store,
-                state=self.state,
-            )
+            call = self._new_call(method, op_id, uid, writer)
             log.info("request %s", method, extra={"method": method, "peer_uid": uid})
             t0 = time.perf_counter()
             work = asyncio.create_task(self.registry.dispatch(method, params, call))
@@ -310,21 +315,11 @@ class Daemon:
         a reply; a frame it may not send cancels it with a ``bad_request`` REPLY. The
         handler's outcome is the REPLY frame, after which the daemon reads no more.
         """
-        from banger_core.daemon.rpc import Stream
 
         token = current_op.set(op_id)
         try:
             stream = Stream(reader, writer)
-            call = Call(
-                op_id=op_id,
-                method=method,
-                peer_uid=uid,
-                _send=lambda b: self._send(writer, b),
-                runtime=self.rt,
-                store=self.store,
-                state=self.state,
-                stream=stream,
-            )
+            call = self._new_call(method, op_id, uid, writer, stream)
             log.info("request %s (stream)", method, extra={"method": method, "peer_uid": uid})
             t0 = time.perf_counter()
             work = asyncio.create_task(self.registry.dispatch(method, params, call))

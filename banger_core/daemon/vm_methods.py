@@ -55,24 +55,23 @@ async def create(p: CreateParams, call: Call) -> dict[str, Any]:
     return vms.show(vm)
 
 
-async def start(p: RefsParams, call: Call) -> dict[str, Any]:
+async def _boot_each(call: Call, refs: list[str], boot: Callable[..., VM]) -> dict[str, Any]:
+    """``boot(vm, op_id, progress, cancel)`` (start or restart) for each VM the refs name."""
     vms = call.state.vms
 
     async def op(vm: VM) -> dict[str, Any]:
-        done = await run_blocking(call, lambda prog, cancel: vms.start(vm, call.op_id, prog, cancel))
+        done = await run_blocking(call, lambda prog, cancel: boot(vm, call.op_id, prog, cancel))
         return vms.show(done)
 
-    return await fan_out(call, p.refs, op)
+    return await fan_out(call, refs, op)
+
+
+async def start(p: RefsParams, call: Call) -> dict[str, Any]:
+    return await _boot_each(call, p.refs, call.state.vms.start)
 
 
 async def restart(p: RefsParams, call: Call) -> dict[str, Any]:
-    vms = call.state.vms
-
-    async def op(vm: VM) -> dict[str, Any]:
-        done = await run_blocking(call, lambda prog, cancel: vms.restart(vm, call.op_id, prog, cancel))
-        return vms.show(done)
-
-    return await fan_out(call, p.refs, op)
+    return await _boot_each(call, p.refs, call.state.vms.restart)
 
 
 async def stop(p: RefsParams, call: Call) -> dict[str, Any]:

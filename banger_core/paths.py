@@ -184,6 +184,13 @@ class Paths:
         one puts it back (``transient_leftovers``)."""
         return final.with_name(f".{final.name}{ASIDE}")
 
+    @staticmethod
+    def aside_of(path: Path) -> Path | None:
+        """The dir ``path`` was moved aside from (``aside``'s inverse), or None."""
+        if path.name.startswith(".") and path.name.endswith(ASIDE):
+            return path.with_name(path.name[1 : -len(ASIDE)])
+        return None
+
     def transient_leftovers(self) -> list[Path]:
         """What an operation cut off mid-way (a daemon killed or stopped with work
         still running) leaves: staging dirs (``.NAME.staging-*``), a half-copied

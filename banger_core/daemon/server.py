@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from banger_core import PROTOCOL_VERSION, __version__, protocol
+from banger_core import PROTOCOL_VERSION, __version__, fsutil, protocol
 from banger_core.daemon.rpc import Call, Registry, Stream
 from banger_core.errors import BangerError, Cancelled, ErrorCode
 from banger_core.fingerprint import fingerprint
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         _sweep_leftovers(paths)
         daemon.reconcile()
-        paths.pid_file.write_text(f"{os.getpid()}\n")
+        fsutil.atomic_write(paths.pid_file, f"{os.getpid()}\n")
         _serve(daemon)
         stuck = _join_workers(WORKER_GRACE)
         if stuck:
@@ -571,7 +571,7 @@ def _sweep_leftovers(paths: Paths) -> None:
 
     for p in paths.transient_leftovers():
         try:
-            original = p.with_name(p.name[1:-4]) if p.name.endswith(".old") else None
+            original = Paths.aside_of(p)
             if original is not None and not original.exists():
                 p.rename(original)  # cut off between "move the old one aside" and "move the new one in"
                 log.warning("restored %s from %s, left by an interrupted replacement", original, p)

@@ -129,6 +129,20 @@ class Client:
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK):
                 return None
             raise BangerError(ErrorCode.DAEMON_UNAVAILABLE, f"cannot connect to {self.paths.socket}: {exc.strerror}") from None
+        except BangerError as exc:
+            if exc.code is not ErrorCode.BAD_VERSION:
+                raise
+        # A daemon of another protocol (an older or newer banger): known by its pid file,
+        # replaced like any stale daemon.
+        try:
+            pid = int(self.paths.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            raise BangerError(
+                ErrorCode.DAEMON_UNAVAILABLE,
+                f"a bangerd speaking another protocol answers on {self.paths.socket} and {self.paths.pid_file} "
+                "does not say its pid: stop it",
+            ) from None
+        return {"version": "another protocol", "protocol": None, "pid": pid, "fingerprint": None}
 
     def ensure_daemon(self) -> dict[str, Any]:
         from banger_core.fingerprint import fingerprint
@@ -184,8 +198,11 @@ class Client:
         pid = int(info["pid"])
         try:
             self.call("daemon.shutdown", autostart=False)
-        except (OSError, BangerError):
-            pass
+        except (OSError, BangerError):  # e.g. another protocol: the signal says the same
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return pid
         if not _wait_gone(pid, STOP_TIMEOUT):
             os.kill(pid, signal.SIGKILL)
             _wait_gone(pid, 5)

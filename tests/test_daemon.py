@@ -351,6 +351,43 @@ while True:
 """
 
 
+# What a bangerd of protocol 1 (banger 0.1) does with this CLI's requests: refuses
+# them all (bad_version) and exits on SIGTERM.
+PROTOCOL_1_DAEMON = r"""
+import json, os, signal, socket, sys
+path, pidfile = sys.argv[1], sys.argv[2]
+signal.signal(signal.SIGTERM, lambda *_: (os.unlink(path), sys.exit(0)))
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(8)
+open(pidfile, "w").write(str(os.getpid()))
+while True:
+    c, _ = s.accept()
+    req = json.loads(c.makefile("rb").readline())
+    err = {"code": "bad_version", "message": f"protocol version {req['v']} not supported; this daemon speaks 1",
+           "op_id": req["op_id"], "details": {}}
+    c.sendall(json.dumps({"v": 1, "op_id": req["op_id"], "ok": False, "error": err}).encode() + b"\n")
+    c.close()
+"""
+
+
+def test_a_daemon_of_another_protocol_is_replaced_by_any_command(benv, tmp_path):
+    benv.runtime_dir.mkdir(parents=True, mode=0o700)
+    script = tmp_path / "v1.py"
+    script.write_text(PROTOCOL_1_DAEMON)
+    old = subprocess.Popen([sys.executable, str(script), str(benv.socket), str(benv.runtime_dir / "bangerd.pid")])
+    try:
+        wait_for(lambda: benv.socket.exists() and benv.daemon_pid() == old.pid)
+        d = benv.run("doctor")
+        assert "WARN  daemon" in d.stdout and f"pid {old.pid} runs another protocol; replaced on next use" in d.stdout
+        assert json.loads(benv.run("vm", "list", "--json", check=True).stdout) == []
+        assert old.wait(timeout=30) == 0  # told to stop (SIGTERM), and did
+        assert benv.daemon_pid() != old.pid and pid_alive(benv.daemon_pid())
+    finally:
+        old.kill()
+        benv.stop_daemon()
+
+
 def test_daemon_of_another_version_is_replaced(benv, tmp_path):
     benv.runtime_dir.mkdir(parents=True, mode=0o700)
     script = tmp_path / "old.py"

@@ -50,15 +50,15 @@ def daemon(benv):
     return benv
 
 
-# --- item 1: every validation pattern is anchored at both ends ----------------------
-
-
-@pytest.mark.parametrize("ending", ENDINGS)
 def doctor_line(out: str, check: str) -> str:
     """The line of `banger doctor`'s output for the check named ``check``."""
     return next(ln for ln in out.splitlines() if ln.split()[1:2] == [check])
 
 
+# --- item 1: every validation pattern is anchored at both ends ----------------------
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
 def test_every_validator_refuses_a_trailing_control_character(ending):
     with pytest.raises(ValueError):
         validate_vm_name("box" + ending)

@@ -163,6 +163,13 @@ class Paths:
         return self.cache_dir / "bundles"
 
     @property
+    def scratch_dir(self) -> Path:
+        """Work dirs of operations in flight (an OCI image's unpacked layers), each
+        removed when its operation ends; whatever is here at daemon start is a
+        leftover (``transient_leftovers``)."""
+        return self.cache_dir / "scratch"
+
+    @property
     def cli_index(self) -> Path:
         """Which plugin provides which CLI command (banger_core.cli.index)."""
         return self.cache_dir / "cli-index.json"
@@ -194,7 +201,8 @@ class Paths:
     def transient_leftovers(self) -> list[Path]:
         """What an operation cut off mid-way (a daemon killed or stopped with work
         still running) leaves: staging dirs (``.NAME.staging-*``), a half-copied
-        ``.rootfs.ext4.tmp``, a replaced kernel's ``.NAME.old``, unpacked bundles. Only
+        ``.rootfs.ext4.tmp``, a replaced kernel's ``.NAME.old``, unpacked bundles, the
+        scratch dirs of OCI pulls. Only
         the daemon holding the lock may remove them (no operation is running then)."""
         found: list[Path] = []
         for d in (self.images_dir, self.kernels_dir, self.bundles_dir):
@@ -202,8 +210,9 @@ class Paths:
                 found += [p for p in d.iterdir() if p.name.startswith(".") and (STAGING in p.name or p.name.endswith(ASIDE))]
         if self.images_dir.is_dir():
             found += list(self.images_dir.glob(f"*/{ROOTFS_TMP}"))
-        if self.bundles_dir.is_dir():
-            found += [p for p in self.bundles_dir.iterdir() if p not in found]
+        for d in (self.bundles_dir, self.scratch_dir):  # everything in these is transient
+            if d.is_dir():
+                found += [p for p in d.iterdir() if p not in found]
         return sorted(set(found))
 
     @property

@@ -395,6 +395,9 @@ class Puller:
             busybox = static_busybox(self.paths.debs_dir, log=log.info)
             self.paths.images_dir.mkdir(parents=True, exist_ok=True)
             staging = self.paths.staging_dir(self.paths.images_dir / name)
+            # layers are unpacked under the cache, not the state dir: only the rootfs is state
+            self.paths.scratch_dir.mkdir(parents=True, exist_ok=True)
+            work = self.paths.staging_dir(self.paths.scratch_dir / f"oci-{name}")
             token = object()
             with self._guard:
                 self._blob_users[token] = time.time()
@@ -407,7 +410,7 @@ class Puller:
                 info = oci.pull_to_rootfs(
                     ref,
                     staging / "rootfs.ext4",
-                    staging / "work",
+                    work,
                     self.paths.blobs_dir,
                     busybox,
                     size_mib=size_mib,
@@ -416,7 +419,7 @@ class Puller:
                     cancel=cancel,
                     max_mib=self.max_rootfs_mib,
                 )
-                shutil.rmtree(staging / "work")
+                shutil.rmtree(work)
                 final = self.paths.images_dir / name
                 if final.exists():  # no image of that name (checked above): a leftover
                     shutil.rmtree(final)
@@ -430,6 +433,7 @@ class Puller:
                     raise
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(work, ignore_errors=True)
                 with self._guard:
                     del self._blob_users[token]
                 self.prune_blobs()

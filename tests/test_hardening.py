@@ -424,6 +424,7 @@ def test_the_next_daemon_removes_what_cut_off_operations_left(benv):
         st / "kernels" / ".k.staging-x1y2" / "vmlinuz",
         benv.root / "cache" / "bundles" / "image-img" / "rootfs.ext4",
         benv.root / "cache" / "bundles" / ".image-img.staging-zz" / "bundle.tar.zst",
+        benv.root / "cache" / "scratch" / ".oci-img.staging-q1" / "tree" / "etc" / "os-release",
     ]
     for f in leftovers:
         f.parent.mkdir(parents=True, exist_ok=True)
@@ -441,11 +442,12 @@ def test_the_next_daemon_removes_what_cut_off_operations_left(benv):
         assert not f.exists(), f
     assert not (st / "images" / ".img.staging-abc123").exists() and not (st / "kernels" / ".k.staging-x1y2").exists()
     assert list((benv.root / "cache" / "bundles").iterdir()) == []
+    assert list((benv.root / "cache" / "scratch").iterdir()) == []
     assert kept.read_bytes() == b"published"
     assert (st / "kernels" / "k2" / "vmlinuz").read_bytes() == b"k2" and not (st / "kernels" / ".k2.old").exists()
     assert (st / "kernels" / "k3").is_dir() and not (st / "kernels" / ".k3.old").exists()
     log = (st / "bangerd.log").read_text()
-    assert log.count("left by an operation the previous daemon did not finish") == 6, log
+    assert log.count("left by an operation the previous daemon did not finish") == 7, log
 
 
 def test_an_ordinary_stop_waits_for_no_idle_worker(benv):

@@ -163,6 +163,8 @@ def test_hostile_whiteouts_from_a_registry_are_refused_and_leave_nothing(oenv, o
         assert f"w{i}" not in images(env)
         idir = env.state_dir / "images"
         assert not idir.exists() or not list(idir.iterdir()), list(idir.iterdir())
+        scratch = env.root / "cache" / "scratch"  # where the layers were unpacked
+        assert not scratch.exists() or not list(scratch.iterdir()), list(scratch.iterdir())
     # the opaque marker still works, and a plain whiteout too
     ok = push_layers(
         oci_registry,
@@ -175,6 +177,8 @@ def test_hostile_whiteouts_from_a_registry_are_refused_and_leave_nothing(oenv, o
         tmp_path / "ok",
     )
     env.run("image", "pull", ok["ref"], "--name", "wok", "--size", "64M", timeout=300, check=True)
+    assert sorted(p.name for p in (env.state_dir / "images" / "wok").iterdir()) == ["layers.json", "rootfs.ext4"]
+    assert list((env.root / "cache" / "scratch").iterdir()) == []
     rootfs = Path(images(env)["wok"]["rootfs"])
     assert debugfs(rootfs, "cat /opt/new").strip() == "new"
     assert "File not found" in debugfs(rootfs, "stat /opt/old") and "File not found" in debugfs(rootfs, "stat /etc/os-release")

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from banger_core.context import CheckFn, DoctorContext, FieldsContext, ReconcileContext, StageContext
     from banger_core.daemon.state import DaemonState
+    from banger_core.sources import ImageSource
     from banger_core.models import Machine
 
 PROJECT = "banger"
@@ -95,6 +96,18 @@ def register_services(register: "Callable[[str, object], None]", daemon: "Daemon
     be in the consumer's ``requires``), ``call.state.service(capability)`` in RPC
     handlers. Called once at daemon start, in dependency order (a provider before
     its consumers), after the RPC methods are registered. Added in 0.2.
+    """
+
+
+@hookspec
+def register_sources(register: "Callable[[ImageSource], None]") -> None:
+    """Add sources of images (banger_core.sources.ImageSource): what ``image pull REF``
+    and ``vm create --image REF`` use for a ``REF`` the catalog does not have and a
+    source claims. A source says which refs it claims, the name and revision a pull
+    records, and builds the ext4 root filesystem into the staging dir the core gives
+    it; the core holds the per-name pull lock, judges staleness by the revision, checks
+    and publishes the rootfs, and cleans up. Sources are asked in plugin order, after
+    the catalog. Called once at daemon start. Added in 0.2.
     """
 
 
@@ -202,6 +215,7 @@ ALL_HOOKS: tuple[str, ...] = (
     "register_commands",
     "register_rpc_methods",
     "register_services",
+    "register_sources",
     "register_doctor_checks",
     "reconcile",
     "prepare_host",

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from banger_core.daemon.rpc import Registry
     from banger_core.daemon.state import DaemonState
     from banger_core.models import Machine
+    from banger_core.sources import ImageSource
 
 ENTRY_POINT_GROUP = "banger.plugins"
 BUILTIN_RANK = {name: i for i, (name, _module) in enumerate(BUILTIN)}
@@ -495,6 +496,38 @@ class PluginHost:
         except BangerError:
             names = self.builtins_first()
         return self._register_each("register_services", kwargs_for, undo=undo, names=names)
+
+    def register_sources(self) -> tuple[list[tuple[str, "ImageSource"]], list[str]]:
+        """Every plugin's image sources, in plugin order: ([(plugin, source)], broke)."""
+        from banger_core.sources import SOURCE_NAME_RE
+
+        found: list[tuple[str, ImageSource]] = []
+
+        def kwargs_for(name: str) -> dict[str, Any]:
+            def register(source: "ImageSource") -> None:
+                src_name = getattr(source, "name", None)
+                if not isinstance(src_name, str) or not SOURCE_NAME_RE.fullmatch(src_name):
+                    raise BangerError(
+                        ErrorCode.PLUGIN, f"an image source's name must match {SOURCE_NAME_RE.pattern}: {src_name!r}"
+                    )
+                for attr in ("claims", "image_name", "revision", "fetch"):
+                    if not callable(getattr(source, attr, None)):
+                        raise BangerError(ErrorCode.PLUGIN, f"image source {src_name!r} has no {attr}()")
+                if any(s.name == src_name for _p, s in found):
+                    raise BangerError(ErrorCode.PLUGIN, f"two image sources are named {src_name!r}")
+                found.append((name, source))
+
+            return {"register": register}
+
+        def undo(name: str) -> None:
+            found[:] = [(p, s) for p, s in found if p != name]
+
+        try:
+            names = self.order()
+        except BangerError:
+            names = self.builtins_first()
+        broke = self._register_each("register_sources", kwargs_for, undo=undo, names=names)
+        return found, broke
 
     def service_for(self, consumer: str, capability: str) -> Any:
         """The service offered for ``capability``, for a plugin that requires it."""

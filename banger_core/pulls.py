@@ -32,6 +32,7 @@ from banger_core.config import DEFAULT_IMAGE, DEFAULT_MAX_ROOTFS_MIB
 from banger_core.errors import BangerError, Cancelled, ErrorCode, raise_if_cancelled
 from banger_core.models import Image, Input, Kernel, fullmatching, validate_input
 from banger_core.paths import Paths
+from banger_core.sources import ImageSource, SourceJob
 from banger_core.store import Store
 
 log = logging.getLogger("banger.pulls")
@@ -130,6 +131,21 @@ LAYERS_FILE = "layers.json"  # beside an OCI image's rootfs: the layer digests i
 
 
 @contextmanager
+def source_errors(plugin: str, source: str, ref: str) -> Iterator[None]:
+    """A plugin source's own failure as a typed error naming it (BangerErrors and
+    cancellation pass through as they are)."""
+    try:
+        yield
+    except (BangerError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise BangerError(
+            ErrorCode.OPERATION_FAILED,
+            f"image source {source} (plugin {plugin}) failed on {ref!r}: {type(exc).__name__}: {exc}",
+        ) from exc
+
+
+@contextmanager
 def build_errors(kind: str, name: str) -> Iterator[None]:
     """A host-side build's failure (a step's or a command's) as the RPC error a client sees."""
     from banger_core.artifacts.common import ArtifactBuildError
@@ -154,6 +170,8 @@ class Puller:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._blob_users: dict[object, float] = {}  # OCI pulls running -> when they began
+        #: image sources plugins registered (register_sources): (plugin, source), in order
+        self.sources: list[tuple[str, ImageSource]] = []
 
     def catalog(self) -> dict[str, Any]:
         return catalog(self.catalog_path)
@@ -188,6 +206,10 @@ class Puller:
         """
         if isinstance(have, Image) and not have.managed:
             return None
+        if isinstance(have, Image) and have.source is not None:
+            for _plugin, src in self.sources:
+                if have.source.startswith(f"{src.name}:"):
+                    return self._source_stale(src, have)
         if have.source is not None and not have.source.startswith(("recipe:", "bundle:")):
             return None
         kernel = self.store.find_kernel(have.kernel_ref or "") if isinstance(have, Image) else None
@@ -346,6 +368,92 @@ class Puller:
 
     def _publish(self, name: str, built: Path, *, move: bool = False) -> Path:
         return images.publish_rootfs(self.paths, name, built, self.max_rootfs_mib, move=move)
+
+    # --- plugins' image sources -----------------------------------------------------------
+    def source_claiming(self, ref: str) -> tuple[str, ImageSource] | None:
+        """The first registered source (plugin order) that claims ``ref``."""
+        for plugin, src in self.sources:
+            try:
+                if src.claims(ref):
+                    return plugin, src
+            except Exception as exc:  # a source that cannot say does not claim it
+                log.warning("image source %s (plugin %s): claims(%r) failed: %s", src.name, plugin, ref, exc)
+        return None
+
+    @staticmethod
+    def _source_record(src: ImageSource, ref: str, revision: str) -> str:
+        return f"{src.name}:{ref}#{revision}"
+
+    def _source_stale(self, src: ImageSource, have: Image) -> str | None:
+        assert have.source is not None
+        ref, _, made = have.source[len(src.name) + 1 :].rpartition("#")
+        try:
+            now = src.revision(ref)
+        except Exception as exc:
+            log.warning("image source %s: revision(%r) failed: %s", src.name, ref, exc)
+            return None
+        if now == made:
+            return None
+        return f"made by {src.name} at revision {made}, it now makes {now}; `banger image pull {ref}` refreshes it"
+
+    def from_source(
+        self,
+        ref: str,
+        *,
+        force: bool = False,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Image:
+        """Pull ``ref`` from the plugin source that claims it: under the image's pull
+        lock, rebuilt only when missing, stale or forced; the rootfs checked and
+        published by the core; nothing left behind on failure."""
+        claimed = self.source_claiming(ref)
+        if claimed is None:
+            raise BangerError(ErrorCode.NOT_FOUND, f"no image source claims {ref!r}")
+        plugin, src = claimed
+        with source_errors(plugin, src.name, ref):
+            name = src.image_name(ref)
+        images.check_name("image", name)
+        cancel = cancel or threading.Event()
+        lock = self._acquire(f"image:{name}", cancel)
+        try:
+            have = self.store.find_image(name)
+            if have and not (have.source or "").startswith(f"{src.name}:"):
+                raise BangerError(ErrorCode.ALREADY_EXISTS, f"image {name!r} already exists and did not come from {src.name}")
+            if have and not force and not self._source_stale(src, have):
+                return have
+            users = [v.name for v in self.store.list_vms() if v.image == name] if have else []
+            if users:
+                raise BangerError(
+                    ErrorCode.BAD_REQUEST, f"image {name!r} is used by VM(s) {', '.join(users)}: delete them before rebuilding it"
+                )
+            with source_errors(plugin, src.name, ref):
+                revision = src.revision(ref)
+            if progress:
+                progress("pull", {"kind": "image", "name": name, "from": f"{src.name} ({plugin})"})
+            self.paths.images_dir.mkdir(parents=True, exist_ok=True)
+            staging = self.paths.staging_dir(self.paths.images_dir / name)
+            try:
+                job = SourceJob(name=name, staging=staging, cancel=cancel, step=self._step(progress))
+                with source_errors(plugin, src.name, ref):
+                    fetched = src.fetch(ref, job)
+                raise_if_cancelled(cancel, f"image {name}")
+                if not fetched.rootfs.resolve().is_relative_to(staging.resolve()):
+                    raise BangerError(ErrorCode.PLUGIN, f"image source {src.name}: the rootfs must be made inside job.staging")
+                rootfs = self._publish(name, fetched.rootfs, move=True)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            image = Image(
+                name=name,
+                rootfs=str(rootfs),
+                kernel_ref=fetched.kernel_ref,
+                managed=True,
+                source=self._source_record(src, ref, revision),
+            )
+            self.store.upsert_image(image)
+            return image
+        finally:
+            lock.release()
 
     # --- OCI ---------------------------------------------------------------------------
     def oci(

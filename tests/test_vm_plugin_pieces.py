@@ -211,3 +211,41 @@ def test_a_plugin_whose_services_fail_is_broken_in_the_daemon_methods_and_all(be
         assert "flaky.ping" not in status["methods"] and "flaky" not in status["plugins"]
     finally:
         benv.stop_daemon()
+
+
+def test_a_plugins_image_source_through_image_pull(benv, example_plugin_dir, tmp_path):
+    """The example's toy source: `image pull toy:NAME` goes through the core's pull path
+    (lock, rootfs checks, publish, store), its revision drives staleness, and a failing
+    source leaves nothing."""
+    import subprocess
+
+    benv.extra_path.append(str(example_plugin_dir))
+    revision = tmp_path / "toy-revision"
+    benv.extra_env["BANGER_EXAMPLE_TOY_REVISION_FILE"] = str(revision)
+    try:
+        r = benv.run("image", "pull", "toy:hello", check=True)
+        img = json.loads(benv.run("image", "show", "toy-hello", "--json", check=True).stdout)
+        assert img["managed"] and img["source"] == "toy:toy:hello#1" and img["stale"] is None
+        rootfs = img["rootfs"]
+        assert rootfs == str(benv.state_dir / "images" / "toy-hello" / "rootfs.ext4")
+        cat = subprocess.run(["debugfs", "-R", "cat /etc/toy", rootfs], capture_output=True, text=True).stdout
+        assert cat.strip() == "hello revision 1"
+        # pulled and current: a second pull keeps it; a new revision makes it stale, and a pull rebuilds
+        assert benv.run("image", "pull", "toy:hello", check=True).stdout == r.stdout
+        revision.write_text("2\n")
+        img = json.loads(benv.run("image", "show", "toy-hello", "--json", check=True).stdout)
+        assert img["stale"] == "made by toy at revision 1, it now makes 2; `banger image pull toy:hello` refreshes it"
+        benv.run("image", "pull", "toy:hello", check=True)
+        cat = subprocess.run(["debugfs", "-R", "cat /etc/toy", rootfs], capture_output=True, text=True).stdout
+        assert cat.strip() == "hello revision 2"
+
+        # a failing source: a clear error naming it, and nothing left
+        r = benv.run("image", "pull", "toy:fail")
+        assert r.returncode == 1
+        assert (
+            "image source toy (plugin example) failed on 'toy:fail': RuntimeError: the toy source cannot make 'fail'" in r.stderr
+        )
+        assert sorted(p.name for p in (benv.state_dir / "images").iterdir()) == ["toy-hello"]
+        assert "toy-fail" not in benv.run("image", "list", check=True).stdout
+    finally:
+        benv.stop_daemon()

@@ -122,10 +122,13 @@ async def image_pull(p: ImagePullParams, call: Call) -> dict[str, Any]:
             raise BangerError(ErrorCode.BAD_REQUEST, "give either --kernel-ref or --kernel [--initrd] [--modules], not both")
         if not p.kernel and (p.initrd or p.modules):
             raise BangerError(ErrorCode.BAD_REQUEST, "--initrd and --modules go with --kernel")
-        if p.ref in puller.catalog()["images"] or not any(c in p.ref for c in "/:@"):
+        catalog = p.ref in puller.catalog()["images"]
+        if catalog or puller.source_claiming(p.ref) or not any(c in p.ref for c in "/:@"):
             if p.name or p.kernel_ref or p.size_mib or p.kernel:
                 raise BangerError(ErrorCode.BAD_REQUEST, "--name, --kernel-ref, --kernel and --size apply to OCI pulls only")
-            return puller.image(p.ref, force=p.force, progress=prog, cancel=cancel)
+            if catalog or not puller.source_claiming(p.ref):
+                return puller.image(p.ref, force=p.force, progress=prog, cancel=cancel)
+            return puller.from_source(p.ref, force=p.force, progress=prog, cancel=cancel)  # a plugin's source
         if p.force:
             raise BangerError(
                 ErrorCode.BAD_REQUEST, "--force applies to catalog images; an OCI pull takes --name for another copy"

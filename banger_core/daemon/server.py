@@ -73,7 +73,9 @@ class Daemon:
         # Every method, the core's own included, comes from a plugin's register_rpc_methods;
         # then the services plugins offer each other.
         broke = self.rt.host.register_rpc_methods(self.registry)
-        for name in self.rt.host.register_services(self.state):
+        sources, broke_sources = self.rt.host.register_sources()
+        self.vms.puller.sources = sources
+        for name in self.rt.host.register_services(self.state) + broke_sources:
             self.registry.drop_owner(name)  # broken: its methods go too
             broke.append(name)
         if broke:

@@ -287,10 +287,13 @@ class VMService:
 
     def _image_or_pull(self, name: str, progress: Progress, cancel: threading.Event, kernel: str | None = None) -> Image:
         """The image and the kernel to boot it with (``kernel``, else the image's),
-        each pulled from the catalog first if it is missing and in it. Staleness is
-        only reported here: rebuilding is an explicit `pull`."""
+        each pulled first if it is missing and the catalog has it or a plugin's image
+        source claims it. Staleness is only reported here: rebuilding is an explicit
+        `pull`."""
         image = self.store.find_image(name)
-        if image is None:
+        if image is None and name not in self.puller.catalog()["images"] and self.puller.source_claiming(name):
+            image = self.puller.from_source(name, progress=progress, cancel=cancel)  # a plugin's source
+        elif image is None:
             if name not in self.puller.catalog()["images"]:
                 self.store.get_image(name)  # raises not_found, naming `banger image list`
             image = self.puller.image(name, progress=progress, cancel=cancel)

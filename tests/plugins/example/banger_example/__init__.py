@@ -96,6 +96,45 @@ class Greeter:
         return self._greeted
 
 
+class ToySource:
+    """A toy image source: `banger image pull toy:NAME` makes the image `toy-NAME`, a
+    tiny ext4 whose /etc/toy names it and the revision. The revision is the content of
+    the file $BANGER_EXAMPLE_TOY_REVISION_FILE (default "1"); `toy:fail` fails."""
+
+    name = "toy"
+
+    def claims(self, ref: str) -> bool:
+        return ref.startswith("toy:")
+
+    def image_name(self, ref: str) -> str:
+        return "toy-" + ref.removeprefix("toy:")
+
+    def revision(self, ref: str) -> str:
+        path = os.environ.get("BANGER_EXAMPLE_TOY_REVISION_FILE")
+        return Path(path).read_text().strip() if path and Path(path).exists() else "1"
+
+    def fetch(self, ref: str, job):
+        import subprocess
+
+        from banger_core.sources import Fetched
+
+        if ref == "toy:fail":
+            raise RuntimeError("the toy source cannot make 'fail'")
+        job.step(f"making a toy rootfs for {ref}")
+        tree = job.staging / "tree"
+        (tree / "etc").mkdir(parents=True)
+        (tree / "etc" / "toy").write_text(f"{ref.removeprefix('toy:')} revision {self.revision(ref)}\n")
+        job.check_cancelled()
+        out = job.staging / "rootfs.ext4"
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(out), "8M"], check=True)
+        return Fetched(rootfs=out, kernel_ref=None)
+
+
+@hookimpl
+def register_sources(register) -> None:
+    register(ToySource())
+
+
 @hookimpl
 def register_services(register, daemon) -> None:
     register("greeter", Greeter(daemon.runtime))

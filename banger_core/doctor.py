@@ -25,6 +25,7 @@ def register_core_checks(register: Callable[[str, "CheckFn"], None], doctor: "Do
     register("config", lambda _s: _config_checks(doctor))
     if rt is not None:
         register("vm defaults", lambda _s: _vm_defaults_check(rt))
+        register("default image", lambda _s: _default_image_check(rt))
     register("state", lambda _s: _state_check(paths))
     register("runtime dir", lambda _s: _runtime_dir_check(paths))
     register("daemon", lambda _s: _daemon_check(paths))
@@ -136,6 +137,42 @@ def _kvm_check(paths: "Paths") -> CheckResult:
     if os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK):
         return CheckResult.ok("kvm", "/dev/kvm is accessible (the first boot probes whether it works)")
     return CheckResult.warn("kvm", "/dev/kvm not accessible: guests run under TCG software emulation (slow)")
+
+
+def _default_image_check(rt: "Runtime") -> CheckResult:
+    """The image `vm create` uses without --image is here, or something provides it: the
+    catalog (built or fetched on first use) or a plugin's image source."""
+    from banger_core.config import resolve_vm_defaults
+    from banger_core.pulls import catalog
+    from banger_core.store import Store
+
+    name = resolve_vm_defaults(rt.config.core.vm_defaults)["image"][0]
+    if rt.paths.db_file.exists():
+        try:
+            store = Store(rt.paths.db_file)
+            try:
+                if store.find_image(name) is not None:
+                    return CheckResult.ok("default image", f"{name}: pulled")
+            finally:
+                store.close()
+        except Exception as exc:
+            return CheckResult.fail("default image", f"{name}: the state store cannot say: {exc}")
+    try:
+        if name in catalog(rt.config.core.catalog.path)["images"]:
+            return CheckResult.ok("default image", f"{name}: the catalog provides it on first use")
+    except BangerError:
+        pass  # reported by the catalog check
+    sources, _broke = rt.host.register_sources()
+    for plugin, src in sources:
+        try:
+            if src.claims(name):
+                return CheckResult.ok("default image", f"{name}: the image source {src.name} ({plugin}) provides it on first use")
+        except Exception:
+            continue
+    return CheckResult.fail(
+        "default image",
+        f"{name}: not pulled, and neither the catalog nor an image source provides it: `vm create` needs --image",
+    )
 
 
 def _state_check(paths: "Paths") -> CheckResult:

@@ -249,3 +249,22 @@ def test_a_plugins_image_source_through_image_pull(benv, example_plugin_dir, tmp
         assert "toy-fail" not in benv.run("image", "list", check=True).stdout
     finally:
         benv.stop_daemon()
+
+
+def test_doctor_says_where_the_default_image_comes_from(benv, example_plugin_dir):
+    benv.extra_path.append(str(example_plugin_dir))
+
+    def default_image() -> dict:
+        checks = json.loads(benv.run("doctor", "--json").stdout)["checks"]
+        return next(c for c in checks if c["name"] == "default image")
+
+    assert default_image() == {
+        "name": "default image",
+        "status": "PASS",
+        "detail": "debian-bookworm: the catalog provides it on first use",
+    }
+    benv.write_config("[vm_defaults]\nimage = 'toy:hello'\n")
+    assert default_image()["detail"] == "toy:hello: the image source toy (example) provides it on first use"
+    benv.write_config("[vm_defaults]\nimage = 'nowhere'\n")
+    got = default_image()
+    assert got["status"] == "FAIL" and "neither the catalog nor an image source provides it" in got["detail"]

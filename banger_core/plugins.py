@@ -113,6 +113,9 @@ class PluginHost:
         self.records: dict[str, PluginRecord] = {}
         #: capability -> (providing plugin, service): filled by register_services (daemon)
         self.services: dict[str, tuple[str, Any]] = {}
+        # each plugin's config_model and vm_options, asked once per process
+        self._models: dict[str, type[BaseModel] | None] = {}
+        self._options: dict[str, type[BaseModel] | None] = {}
         self.trace = os.environ.get(ENV_TRACE) == "1"
 
     # --- loading ------------------------------------------------------------------
@@ -347,16 +350,13 @@ class PluginHost:
 
     def config_model(self, plugin: str) -> "type[BaseModel] | None":
         """The plugin's settings model (asked once, then cached)."""
-        cache = self.__dict__.setdefault("_models", {})
-        if plugin not in cache:
-            cache[plugin] = self._call("config_model", plugin)
-        model: type[BaseModel] | None = cache[plugin]
-        return model
+        if plugin not in self._models:
+            self._models[plugin] = self._call("config_model", plugin)
+        return self._models[plugin]
 
     def vm_options(self, plugin: str) -> "type[BaseModel] | None":
         """The plugin's per-VM options model (asked once, then cached)."""
-        cache = self.__dict__.setdefault("_options", {})
-        if plugin not in cache:
+        if plugin not in self._options:
             try:
                 model = self._call("vm_options", plugin)
             except Exception as exc:
@@ -366,9 +366,8 @@ class PluginHost:
                 raise BangerError(
                     ErrorCode.PLUGIN, f"plugin {plugin!r}: vm_options field(s) without a default: {', '.join(required)}"
                 )
-            cache[plugin] = model
-        found: type[BaseModel] | None = cache[plugin]
-        return found
+            self._options[plugin] = model
+        return self._options[plugin]
 
     def option_models(self) -> "dict[str, type[BaseModel]]":
         """Every enabled plugin's per-VM options model, built-ins first; a plugin whose
@@ -448,6 +447,18 @@ class PluginHost:
             after(name)
         return broke
 
+    def _providers_first(self) -> list[str]:
+        """Enabled plugins in dependency order (providers before their consumers); when
+        the set has no order (a cycle, a missing requirement), built-ins first."""
+        try:
+            return self.order()
+        except BangerError:
+            return self.builtins_first()
+
+    def implemented_by_any(self, hook: str) -> bool:
+        """Whether any enabled plugin implements ``hook`` (skip per-VM work otherwise)."""
+        return bool(getattr(self.pm.hook, hook).get_hookimpls())
+
     def builtins_first(self) -> list[str]:
         """Enabled plugins: the built-ins in their fixed order, then the rest by name."""
         builtin = [n for n in self.records if self.records[n].builtin and self.records[n].status == "enabled"]
@@ -491,11 +502,7 @@ class PluginHost:
             for cap in [c for c, (owner, _s) in self.services.items() if owner == name]:
                 del self.services[cap]
 
-        try:  # providers before their consumers, when the plugin set has an order
-            names = self.order()
-        except BangerError:
-            names = self.builtins_first()
-        return self._register_each("register_services", kwargs_for, undo=undo, names=names)
+        return self._register_each("register_services", kwargs_for, undo=undo, names=self._providers_first())
 
     def register_sources(self) -> tuple[list[tuple[str, "ImageSource"]], list[str]]:
         """Every plugin's image sources, in plugin order: ([(plugin, source)], broke)."""
@@ -522,11 +529,7 @@ class PluginHost:
         def undo(name: str) -> None:
             found[:] = [(p, s) for p, s in found if p != name]
 
-        try:
-            names = self.order()
-        except BangerError:
-            names = self.builtins_first()
-        broke = self._register_each("register_sources", kwargs_for, undo=undo, names=names)
+        broke = self._register_each("register_sources", kwargs_for, undo=undo, names=self._providers_first())
         return found, broke
 
     def service_for(self, consumer: str, capability: str) -> Any:

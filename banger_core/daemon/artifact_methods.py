@@ -123,12 +123,13 @@ async def image_pull(p: ImagePullParams, call: Call) -> dict[str, Any]:
         if not p.kernel and (p.initrd or p.modules):
             raise BangerError(ErrorCode.BAD_REQUEST, "--initrd and --modules go with --kernel")
         catalog = p.ref in puller.catalog()["images"]
-        if catalog or puller.source_claiming(p.ref) or not any(c in p.ref for c in "/:@"):
+        sourced = not catalog and puller.source_claiming(p.ref) is not None  # a plugin's image source
+        if catalog or sourced or not any(c in p.ref for c in "/:@"):
             if p.name or p.kernel_ref or p.size_mib or p.kernel:
                 raise BangerError(ErrorCode.BAD_REQUEST, "--name, --kernel-ref, --kernel and --size apply to OCI pulls only")
-            if catalog or not puller.source_claiming(p.ref):
-                return puller.image(p.ref, force=p.force, progress=prog, cancel=cancel)
-            return puller.from_source(p.ref, force=p.force, progress=prog, cancel=cancel)  # a plugin's source
+            if sourced:
+                return puller.from_source(p.ref, force=p.force, progress=prog, cancel=cancel)
+            return puller.image(p.ref, force=p.force, progress=prog, cancel=cancel)
         if p.force:
             raise BangerError(
                 ErrorCode.BAD_REQUEST, "--force applies to catalog images; an OCI pull takes --name for another copy"

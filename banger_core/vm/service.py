@@ -291,12 +291,12 @@ class VMService:
         source claims it. Staleness is only reported here: rebuilding is an explicit
         `pull`."""
         image = self.store.find_image(name)
-        if image is None and name not in self.puller.catalog()["images"] and self.puller.source_claiming(name):
+        if image is None and name in self.puller.catalog()["images"]:
+            image = self.puller.image(name, progress=progress, cancel=cancel)
+        elif image is None and self.puller.source_claiming(name):
             image = self.puller.from_source(name, progress=progress, cancel=cancel)  # a plugin's source
         elif image is None:
-            if name not in self.puller.catalog()["images"]:
-                self.store.get_image(name)  # raises not_found, naming `banger image list`
-            image = self.puller.image(name, progress=progress, cancel=cancel)
+            image = self.store.get_image(name)  # raises not_found, naming `banger image list`
         elif why := self.puller.stale("image", image):
             progress("step", {"msg": f"note: image {name} is stale: {why}"})
         kernel = kernel or image.kernel_ref
@@ -495,6 +495,8 @@ class VMService:
     def fields(self, vm: VM, detail: bool) -> dict[str, dict[str, Any]]:
         """Plugins' ``vm_fields`` for ``vm``; none when its plugin set cannot be resolved
         (e.g. its project's banger.toml became invalid: the next start says why)."""
+        if not self.rt.host.implemented_by_any("vm_fields"):
+            return {}  # resolving each VM's plugins and settings is then wasted on every list
         try:
             return self._lifecycle(vm, "op-fields").fields(detail)
         except BangerError as exc:

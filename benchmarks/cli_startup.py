@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import print_table
+
 BASELINE = "python -c pass"
 
 
@@ -193,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         [r["command"], f"{r['min_ms']:.1f}", f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['ratio']:.2f}"] for r in results
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=False))))
-    for row in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False))))
+    print_table(header, rows)
     for r in results:
         if r["exit_codes"] != [0]:
             print(f"note: {r['command']} exited with {', '.join(map(str, r['exit_codes']))}")

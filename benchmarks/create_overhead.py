@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import guest_assets as ga
 from leftovers import kill_processes_using
 
+from report import print_table
+
 BOOT_TIMEOUT = 300.0
 POLL = 0.05
 STAGES = ("reserve", "prepare_host", "boot", "wait_agent", "ready")
@@ -310,11 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for r in results
     ]
-    widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print(
-            "  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))).rstrip()
-        )
+    print_table(header, rows, left=(0, 6))
     print(
         f"\nbanger overhead, median of medians: {statistics.median(mark) - base:+.2f} s;"
         f" daemon started {daemon_starts}x; load avg at end {meta['loadavg'][0]:.2f}"

@@ -58,6 +58,8 @@ import guest_assets as ga
 from leftovers import kill_processes_using
 import oci_fixtures as of
 
+from report import print_table
+
 BANGER = Path(sys.executable).parent / "banger"
 REPO, TAG = "bench/bulk", "1"
 STEP_RE = re.compile(r"^\[\s*([\d.]+)s\]\s+(?:download \S+ )?layer (\d+)/(\d+) ", re.M)
@@ -431,9 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for r in results
     ]
-    widths = [max(len(x[i]) for x in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))).rstrip())
+    print_table(header, rows)
     print(f"\ndaemon started {meta.get('daemon_starts', '?')}x; load avg at end {meta['loadavg'][0]:.2f}")
     print("cleanup: " + "; ".join(notes))
     return 0

@@ -40,6 +40,23 @@ def use_catalog(env, tmp_path, kernels=None, images=None) -> None:
     env.write_config(f"[vmm]\naccel = 'tcg'\n[catalog]\npath = '{cat}'\n")
 
 
+def use_bundled_catalog(env, tmp_path, kernel_url: str, ker: dict, image_url: str, img: dict) -> None:
+    """A catalog whose kernel `bk` and image `bb` are the bundles ``ker`` and ``img``
+    (what `bundle --json` printed) served at those URLs."""
+    use_catalog(
+        env,
+        tmp_path,
+        kernels={"bk": {"description": "bundled", "bundle": {"url": kernel_url, "sha256": ker["sha256"], "size": ker["size"]}}},
+        images={
+            "bb": {
+                "description": "bundled",
+                "kernel_ref": "bk",
+                "bundle": {"url": image_url, "sha256": img["sha256"], "size": img["size"]},
+            }
+        },
+    )
+
+
 def hostile_bundle(path: Path, member: tarfile.TarInfo, data: bytes = b"") -> None:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -68,20 +85,7 @@ def test_bundle_round_trip_pull_and_boot(benv_assets, http_dir, tmp_path):
     # reproducible: the same input makes the same bundle
     again = json.loads(env.run("kernel", "bundle", "src-kernel", "-o", str(tmp_path / "k2.tar.zst"), "--json", check=True).stdout)
     assert again["sha256"] == ker["sha256"]
-    use_catalog(
-        env,
-        tmp_path,
-        kernels={
-            "bk": {"description": "bundled", "bundle": {"url": f"{url}/k.tar.zst", "sha256": ker["sha256"], "size": ker["size"]}}
-        },
-        images={
-            "bb": {
-                "description": "bundled",
-                "kernel_ref": "bk",
-                "bundle": {"url": f"{url}/img.tar.zst", "sha256": img["sha256"], "size": img["size"]},
-            }
-        },
-    )
+    use_bundled_catalog(env, tmp_path, f"{url}/k.tar.zst", ker, f"{url}/img.tar.zst", img)
     r = env.run("image", "pull", "bb", timeout=300, check=True)
     assert "image bb:" in r.stdout and "(kernel bk)" in r.stdout
     # not a terminal: one line per download, no bar
@@ -108,20 +112,7 @@ def test_bundle_round_trip_pull_and_boot(benv_assets, http_dir, tmp_path):
     subprocess.run(["e2label", str(changed), "changed"], check=True)
     env.run("image", "register", "src-image2", "--rootfs", str(changed), "--kernel-ref", "src-kernel", check=True)
     img2 = json.loads(env.run("image", "bundle", "src-image2", "-o", str(www / "img2.tar.zst"), "--json", check=True).stdout)
-    use_catalog(
-        env,
-        tmp_path,
-        kernels={
-            "bk": {"description": "bundled", "bundle": {"url": f"{url}/k.tar.zst", "sha256": ker["sha256"], "size": ker["size"]}}
-        },
-        images={
-            "bb": {
-                "description": "bundled",
-                "kernel_ref": "bk",
-                "bundle": {"url": f"{url}/img2.tar.zst", "sha256": img2["sha256"], "size": img2["size"]},
-            }
-        },
-    )
+    use_bundled_catalog(env, tmp_path, f"{url}/k.tar.zst", ker, f"{url}/img2.tar.zst", img2)
     why = f"made by bundle:{img['sha256']}, the catalog now makes bundle:{img2['sha256']}; `banger image pull bb` refreshes it"
     bb = {i["name"]: i for i in json.loads(env.run("image", "list", "--json", check=True).stdout)}["bb"]
     assert bb["stale"] == why

@@ -39,6 +39,12 @@ def venv_(assets):
             env.run("vm", "delete", "--force", *[v["name"] for v in vms(env)], timeout=120)
 
 
+def create_small(env, name: str):
+    """`vm create` of a 1-vCPU, 256 MiB busybox VM with a 256 MiB disk."""
+    args = ["--image", "busybox", "--vcpu", "1", "--memory", "256M", "--disk-size", "256M"]
+    return env.run("vm", "create", "--name", name, *args, timeout=300, check=True)
+
+
 def vms(env) -> list[dict]:
     r = env.run("vm", "list", "--json")
     return json.loads(r.stdout) if r.returncode == 0 else []
@@ -72,22 +78,7 @@ def db_rows(env) -> list:
 @pytest.mark.slow
 def test_create_stop_set_start_restart_delete(venv_):
     env = venv_
-    r = env.run(
-        "vm",
-        "create",
-        "--name",
-        "life",
-        "--image",
-        "busybox",
-        "--vcpu",
-        "1",
-        "--memory",
-        "256M",
-        "--disk-size",
-        "256M",
-        timeout=300,
-        check=True,
-    )
+    r = create_small(env, "life")
     for stage in ("reserve", "prepare_host", "boot", "ready"):
         assert re.search(rf"\]\s+{stage}$", r.stderr, re.M), r.stderr
     assert "spec: 1 vcpu | 256 MiB | 256 MiB disk | image busybox | qemu" in r.stderr
@@ -144,22 +135,7 @@ def test_create_stop_set_start_restart_delete(venv_):
 @pytest.mark.slow
 def test_daemon_kill9_adopts_vm_and_vmm_death_cleans_up(venv_):
     env = venv_
-    env.run(
-        "vm",
-        "create",
-        "--name",
-        "adopt",
-        "--image",
-        "busybox",
-        "--vcpu",
-        "1",
-        "--memory",
-        "256M",
-        "--disk-size",
-        "256M",
-        timeout=300,
-        check=True,
-    )
+    create_small(env, "adopt")
     vm = show(env, "adopt")
     pid = vm["pid"]
     # daemon dies hard while the VM runs, and its handles file is lost too

@@ -99,8 +99,14 @@ def save(paths: "Paths", fingerprint: str, commands: dict[str, list[str]], plugi
         "commands": commands,
         "plugins": {n: [e.value, e.distribution, e.version] for n, e in plugins.items()},
     }
+    text = json.dumps(data, sort_keys=True)
+    try:
+        if paths.cli_index.read_text() == text:
+            return  # every full load gets here: no write (and fsync) when nothing changed
+    except OSError:
+        pass
     try:
         paths.cli_index.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(paths.cli_index, json.dumps(data, sort_keys=True))
+        atomic_write(paths.cli_index, text)
     except OSError:
         pass  # a read-only cache dir: every run is a full load, nothing worse

@@ -86,7 +86,9 @@ class VMMTable(_Table):
 
 
 class CatalogTable(_Table):
-    path: str | None = Field(default=None, description="a catalog.json whose entries add to or override the built-in one")
+    path: str | None = Field(
+        default=None, description="a catalog.json naming image and kernel bundles (asked before any plugin's source)"
+    )
 
 
 DEFAULT_MAX_ROOTFS_MIB = 64 * 1024  # 64 GiB

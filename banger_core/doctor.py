@@ -89,39 +89,6 @@ def _vm_defaults_check(rt: "Runtime") -> CheckResult:
     return CheckResult.ok("vm defaults", f"{', '.join(parts)}; config {rt.config.path}")
 
 
-def register_catalog_checks(register: Callable[[str, "CheckFn"], None], doctor: "DoctorContext") -> None:
-    """The catalog's checks, registered by the built-in ``catalog`` plugin."""
-    rt = doctor.runtime
-    if rt is not None:
-        register("catalog", lambda _s: _catalog_check(rt))
-    register("kernel build", lambda _s: _kernel_build_check())
-
-
-def _catalog_check(rt: "Runtime") -> CheckResult:
-    """A `[catalog] path` must name a readable catalog file."""
-    from banger_core.pulls import catalog
-
-    extra = rt.config.core.catalog.path
-    try:
-        cat = catalog(extra)
-    except BangerError as exc:
-        return CheckResult.fail("catalog", f"{rt.config.path}: {exc.message}")
-    where = f"built-in + {extra}" if extra else "built-in"
-    return CheckResult.ok("catalog", f"{where}: {len(cat['images'])} image(s), {len(cat['kernels'])} kernel(s)")
-
-
-def _kernel_build_check() -> CheckResult:
-    """Whether `kernel pull microvm-6.1` can compile here (optional: a warning at most)."""
-    from banger_core.artifacts.common import ArtifactBuildError
-    from banger_core.artifacts.microvm_kernel import check_build_tools
-
-    try:
-        check_build_tools()
-    except ArtifactBuildError as exc:
-        return CheckResult.warn("kernel build", f"microvm-6.1 cannot be compiled here: {exc}")
-    return CheckResult.ok("kernel build", "gcc, make, bc, bison, flex, libelf-dev present: microvm-6.1 can be compiled")
-
-
 def _kvm_check(paths: "Paths") -> CheckResult:
     """What the last KVM probe boot found (state/kvm-probe.json), else what /dev/kvm allows."""
     import json
@@ -140,10 +107,8 @@ def _kvm_check(paths: "Paths") -> CheckResult:
 
 
 def _default_image_check(rt: "Runtime") -> CheckResult:
-    """The image `vm create` uses without --image is here, or something provides it: the
-    catalog (built or fetched on first use) or a plugin's image source."""
+    """The image `vm create` uses without --image is here, or a source provides it."""
     from banger_core.config import resolve_vm_defaults
-    from banger_core.pulls import catalog
     from banger_core.store import Store
 
     name = resolve_vm_defaults(rt.config.core.vm_defaults)["image"][0]
@@ -157,22 +122,14 @@ def _default_image_check(rt: "Runtime") -> CheckResult:
                 store.close()
         except Exception as exc:
             return CheckResult.fail("default image", f"{name}: the state store cannot say: {exc}")
-    try:
-        if name in catalog(rt.config.core.catalog.path)["images"]:
-            return CheckResult.ok("default image", f"{name}: the catalog provides it on first use")
-    except BangerError:
-        pass  # reported by the catalog check
-    sources, _broke = rt.host.register_sources()
+    sources, _broke = rt.host.register_sources(rt)
     for plugin, src in sources:
         try:
-            if src.claims(name):
-                return CheckResult.ok("default image", f"{name}: the image source {src.name} ({plugin}) provides it on first use")
+            if "image" in src.kinds and src.claims("image", name):
+                return CheckResult.ok("default image", f"{name}: the source {src.name} ({plugin}) provides it on first use")
         except Exception:
             continue
-    return CheckResult.fail(
-        "default image",
-        f"{name}: not pulled, and neither the catalog nor an image source provides it: `vm create` needs --image",
-    )
+    return CheckResult.fail("default image", f"{name}: not pulled, and no enabled source provides it: `vm create` needs --image")
 
 
 def _state_check(paths: "Paths") -> CheckResult:

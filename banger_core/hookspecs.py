@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from banger_core.context import CheckFn, DoctorContext, FieldsContext, ReconcileContext, StageContext
     from banger_core.daemon.state import DaemonState
-    from banger_core.sources import ImageSource
+    from banger_core.runtime import Runtime
+    from banger_core.sources import Source
     from banger_core.models import Machine
 
 PROJECT = "banger"
@@ -100,14 +101,17 @@ def register_services(register: "Callable[[str, object], None]", daemon: "Daemon
 
 
 @hookspec
-def register_sources(register: "Callable[[ImageSource], None]") -> None:
-    """Add sources of images (banger_core.sources.ImageSource): what ``image pull REF``
-    and ``vm create --image REF`` use for a ``REF`` the catalog does not have and a
-    source claims. A source says which refs it claims, the name and revision a pull
-    records, and builds the ext4 root filesystem into the staging dir the core gives
-    it; the core holds the per-name pull lock, judges staleness by the revision, checks
-    and publishes the rootfs, and cleans up. Sources are asked in plugin order, after
-    the catalog. Called once at daemon start. Added in 0.2.
+def register_sources(register: "Callable[[Source], None]", runtime: "Runtime") -> None:
+    """Add sources of images and/or kernels (``banger_core.sources.Source``): what
+    ``image pull REF``, ``kernel pull REF`` and ``vm create --image REF`` use for a
+    ``REF`` a source claims. A source says which refs it claims, the name and revision
+    a pull records, and fetches or builds the artifact into the staging dir the core
+    gives it; the core holds the per-name pull lock, judges staleness by the revision,
+    checks and publishes a rootfs, imports a kernel, and cleans up. Sources are asked in
+    plugin order (the built-in ``catalog`` first; a source with ``fallback = True``
+    after all others). ``runtime`` (config, paths) is optional to accept. Called at
+    daemon start and by ``doctor``. Added in 0.2; kernels, ``runtime`` and the
+    ``kind`` argument of every ``Source`` method in 0.3.
     """
 
 

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger_core import fsutil
+from banger_core import fsutil, proc
 from banger_core.config import DEFAULT_MAX_ROOTFS_MIB
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Image, Kernel
@@ -321,7 +321,6 @@ def check_rootfs_size(path: Path, max_mib: int) -> None:
 def check_rootfs(path: Path, max_mib: int) -> None:
     """Refuse a rootfs that is not a regular file holding exactly one clean ext4 of the
     file's apparent size, no larger than ``max_mib``. Reads only (e2fsck -fn)."""
-    from banger_core import proc
 
     if not path.is_file():
         raise BangerError(ErrorCode.BAD_REQUEST, f"rootfs {path}: not a regular file")
@@ -359,7 +358,6 @@ def publish_rootfs(paths: Paths, name: str, src: Path, max_mib: int, *, move: bo
     copied (reflink where possible, else sparse). The copy is what gets checked, so a
     source changing meanwhile cannot slip through. A refusal leaves nothing: no temp
     file, and no image dir that was not there before."""
-    from banger_core import proc
 
     final = paths.images_dir / name / "rootfs.ext4"
     made_dir = not final.parent.exists()
@@ -403,3 +401,65 @@ def delete_image(store: Store, paths: Paths, name: str) -> None:
     store.delete_image(name)
     if image.managed:
         shutil.rmtree(paths.images_dir / name, ignore_errors=True)
+
+
+# --- a rootfs from a tree (for sources) -------------------------------------------
+
+INODE_BYTES = 256  # mkfs.ext4's default inode size
+BLOCK = 4096
+
+
+def tree_needs(tree: Path) -> tuple[int, int]:
+    """(bytes, entries) ``tree`` needs in an ext4: each file's data in whole 4 KiB
+    blocks (or what it occupies here, if more), a block per directory, and one inode
+    per entry. Small files cost a block each however small they are."""
+    data, entries = 0, 0
+    for dirpath, _dirs, files in os.walk(tree):
+        entries += 1
+        data += BLOCK
+        for f in files:
+            entries += 1
+            try:
+                st = os.lstat(os.path.join(dirpath, f))
+            except OSError:
+                continue
+            data += max(-(-st.st_size // BLOCK) * BLOCK, st.st_blocks * 512)
+    return data, entries
+
+
+def ext4_from_tree(
+    tree: Path,
+    out: Path,
+    size_mib: int | None = None,
+    label: str = "banger-root",
+    max_mib: int | None = None,
+    what: str = "the image",
+) -> dict[str, int]:
+    """Make ``out`` an ext4 holding ``tree`` (mkfs.ext4 -d). The default size is
+    max(tree x 1.5 + its inode tables, 1 GiB), the tree counted in whole blocks; the
+    inode count is what the tree has x 1.5 (+4096), never fewer than mkfs's default
+    ratio gives (mkfs's one-inode-per-16-KiB alone runs out on a tree of small files).
+    Refused when ``size_mib`` is too small for the tree or over ``max_mib``. A temp
+    file until complete. Returns {"size_mib", "tree_mib", "inodes"}."""
+    data, entries = tree_needs(tree)
+    used = data // (1024 * 1024)
+    inodes = int(entries * 1.5) + 4096
+    tables = inodes * INODE_BYTES // (1024 * 1024)
+    size = size_mib or max(int(used * 1.5) + tables + 16, 1024)
+    if size < used + tables + 16:
+        raise BangerError(
+            ErrorCode.BAD_REQUEST,
+            f"--size {size} MiB is too small for the {used} MiB image ({entries} files, {tables} MiB of inode tables)",
+        )
+    if max_mib is not None and size > max_mib:  # refused before it is made (the publish step checks again)
+        raise BangerError(ErrorCode.BAD_REQUEST, f"{what}: a {size} MiB rootfs is over [images] max_rootfs_size ({max_mib} MiB)")
+    inodes = max(inodes, size * 1024 * 1024 // 16384)
+    with fsutil.atomic_file(out) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.truncate(size * 1024 * 1024)
+        proc.run(
+            ["mkfs.ext4", "-q", "-F", "-L", label, "-N", str(inodes), "-I", str(INODE_BYTES), "-d", tree, tmp],
+            timeout=1800,
+            what="mkfs.ext4 -d",
+        )
+    return {"size_mib": size, "tree_mib": used, "inodes": inodes}

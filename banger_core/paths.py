@@ -144,7 +144,7 @@ class Paths:
 
     @property
     def debs_dir(self) -> Path:
-        """Debian packages downloaded for builds (kernel sources, busybox-static)."""
+        """Packages sources download for their builds (kept: a rebuild needs no network)."""
         return self.cache_dir / "debs"
 
     @property

@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from banger_core.daemon.rpc import Registry
     from banger_core.daemon.state import DaemonState
     from banger_core.models import Machine
-    from banger_core.sources import ImageSource
+    from banger_core.runtime import Runtime
+    from banger_core.sources import Source
 
 ENTRY_POINT_GROUP = "banger.plugins"
 BUILTIN_RANK = {name: i for i, (name, _module) in enumerate(BUILTIN)}
@@ -504,32 +505,35 @@ class PluginHost:
 
         return self._register_each("register_services", kwargs_for, undo=undo, names=self._providers_first())
 
-    def register_sources(self) -> tuple[list[tuple[str, "ImageSource"]], list[str]]:
-        """Every plugin's image sources, in plugin order: ([(plugin, source)], broke)."""
+    def register_sources(self, runtime: "Runtime") -> tuple[list[tuple[str, "Source"]], list[str]]:
+        """Every plugin's sources of images and kernels, in the order they are asked
+        (plugin order; ``fallback`` sources last): ([(plugin, source)], broke)."""
         from banger_core.sources import SOURCE_NAME_RE
 
-        found: list[tuple[str, ImageSource]] = []
+        found: list[tuple[str, Source]] = []
 
         def kwargs_for(name: str) -> dict[str, Any]:
-            def register(source: "ImageSource") -> None:
+            def register(source: "Source") -> None:
                 src_name = getattr(source, "name", None)
                 if not isinstance(src_name, str) or not SOURCE_NAME_RE.fullmatch(src_name):
-                    raise BangerError(
-                        ErrorCode.PLUGIN, f"an image source's name must match {SOURCE_NAME_RE.pattern}: {src_name!r}"
-                    )
-                for attr in ("claims", "image_name", "revision", "fetch"):
+                    raise BangerError(ErrorCode.PLUGIN, f"a source's name must match {SOURCE_NAME_RE.pattern}: {src_name!r}")
+                kinds = getattr(source, "kinds", None)
+                if not isinstance(kinds, tuple) or not kinds or not set(kinds) <= {"image", "kernel"}:
+                    raise BangerError(ErrorCode.PLUGIN, f"source {src_name!r}: kinds must be a tuple of 'image'/'kernel'")
+                for attr in ("claims", "artifact_name", "revision", "fetch"):
                     if not callable(getattr(source, attr, None)):
-                        raise BangerError(ErrorCode.PLUGIN, f"image source {src_name!r} has no {attr}()")
+                        raise BangerError(ErrorCode.PLUGIN, f"source {src_name!r} has no {attr}()")
                 if any(s.name == src_name for _p, s in found):
-                    raise BangerError(ErrorCode.PLUGIN, f"two image sources are named {src_name!r}")
+                    raise BangerError(ErrorCode.PLUGIN, f"two sources are named {src_name!r}")
                 found.append((name, source))
 
-            return {"register": register}
+            return {"register": register, "runtime": runtime}
 
         def undo(name: str) -> None:
             found[:] = [(p, s) for p, s in found if p != name]
 
         broke = self._register_each("register_sources", kwargs_for, undo=undo, names=self._providers_first())
+        found.sort(key=lambda ps: bool(getattr(ps[1], "fallback", False)))  # stable: plugin order otherwise
         return found, broke
 
     def service_for(self, consumer: str, capability: str) -> Any:

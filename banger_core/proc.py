@@ -3,7 +3,7 @@ status, and stops what it started (the whole process group) on a timeout, a canc
 or an error of its own.
 
 ``run`` runs a command to completion and captures its output; ``run_long`` streams a
-long command's output lines (a kernel build, mmdebstrap) and can be cancelled.
+long command's output lines (a kernel compile, a root filesystem build) and can be cancelled.
 Both raise ``CommandFailed`` (a BangerError, ``operation_failed``) when the command
 fails, is not installed or times out; ``run_long`` raises ``errors.Cancelled`` when
 cancelled.

@@ -1,10 +1,12 @@
-"""Sources of images: what a plugin registers through ``register_sources`` so that
-``banger image pull REF`` (and ``vm create --image REF``) can get an image from it.
+"""Sources of images and kernels: what a plugin registers through ``register_sources``
+so that ``banger image pull REF``, ``banger kernel pull REF`` and ``vm create --image
+REF`` can get an artifact from it.
 
-The core keeps the mechanism: the per-name pull lock, staleness, the rootfs checks,
-publishing and the store. A source only says which refs it claims, the revision a
-pull would record now, and builds the root filesystem into the staging dir the core
-hands it. Documented in docs/plugins.md (``register_sources``).
+The core keeps the mechanism (``banger_core.pulls``): the per-name pull lock, one pull
+per name, staleness, progress throttling, the rootfs checks, publishing, the store. A
+source only says which refs it claims, the name and revision a pull records, and
+fetches or builds the artifact into the staging dir the core hands it. Documented in
+docs/plugins.md (``register_sources``).
 """
 
 from __future__ import annotations
@@ -13,63 +15,153 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
 from banger_core.errors import raise_if_cancelled
 
-#: a source's name: it prefixes what an image records as its source (``NAME:REVISION``)
+if TYPE_CHECKING:  # pragma: no cover
+    from banger_core.models import Kernel
+    from banger_core.paths import Paths
+
+Kind = Literal["image", "kernel"]
+
+#: a source's name: it is shown with what it made (``image show``'s source)
 SOURCE_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+
+#: the pull options a source may take (``Source.options``), as the CLI spells them
+OPTION_FLAGS = {"name": "--name", "kernel_ref": "--kernel-ref", "size_mib": "--size", "kernel": "--kernel"}
+
+
+@dataclass(frozen=True)
+class PullOptions:
+    """What the user gave ``image pull`` beside REF. A source lists the ones it takes
+    in ``Source.options``; the core refuses the others before asking it anything."""
+
+    name: str | None = None
+    kernel_ref: str | None = None
+    size_mib: int | None = None
+    #: the image's own kernel (with its initrd and /lib/modules/VERSION dir)
+    kernel: Path | None = None
+    initrd: Path | None = None
+    modules: Path | None = None
+
+    def given(self) -> list[str]:
+        return [key for key in OPTION_FLAGS if getattr(self, key) is not None]
+
+
+@dataclass
+class SourceContext:
+    """What a source may read outside a pull (``revision``, ``available``, ``tidy``)."""
+
+    #: banger's paths: ``cache_dir`` and below are the place for a source's caches
+    paths: "Paths"
+    #: a kernel in the store by name, or None (not pulled: never pulls)
+    find_kernel: Callable[[str], "Kernel | None"]
+    #: the kernel the default image boots (``[vm] image``), when a source says so
+    default_kernel: Callable[[], "str | None"]
+    #: ``[images] max_rootfs_size`` in MiB: the core refuses a bigger rootfs
+    max_rootfs_mib: int
+    #: the names of image files kept beside every image's rootfs (``Fetched.files``)
+    image_files: Callable[[str], "list[Path]"] = lambda _name: []
 
 
 @dataclass
 class SourceJob:
-    """What the core hands ``ImageSource.fetch``: where to build, and how to report."""
+    """What the core hands ``Source.fetch``: where to build, and how to report."""
 
-    #: the image's name in banger (what ``banger image list`` will show)
+    kind: Kind
+    #: the artifact's name in banger (what ``banger image list`` will show)
     name: str
-    #: an empty directory, the source's own: build the root filesystem in it; the core
-    #: removes it afterwards, whatever happens
+    #: an empty directory, the source's own: build in it; the core removes it
+    #: afterwards, whatever happens
     staging: Path
+    ctx: SourceContext
+    options: PullOptions = field(default_factory=PullOptions)
+    #: ``--force``: rebuild from scratch (reuse nothing but downloads)
+    force: bool = False
     #: set when the client goes away or the daemon stops: stop soon (``check_cancelled``)
     cancel: threading.Event = field(default_factory=threading.Event)
-    #: ``step("message")``: a line of progress the user sees
+    #: ``step("message")``: a line of progress the user sees (and the daemon log)
     step: Callable[[str], None] = lambda _msg: None
+    #: ``work(done, total)``: a long build's progress in steps (throttled by the core)
+    work: Callable[[int, int], None] = lambda _done, _total: None
+    #: ``download(label, bytes_so_far, total_or_None)``: a download's progress
+    download: Callable[[str, int, "int | None"], None] = lambda _label, _got, _total: None
+    #: ``kernel(ref)``: the kernel ``ref``, pulled first if missing and a source has it
+    kernel: Callable[[str], "Kernel"] = field(default=lambda ref: _no_kernel(ref))
+    #: ``service(capability)``: a service another plugin offers (declare ``requires``)
+    service: Callable[[str], Any] = field(default=lambda cap: _no_service(cap))
 
     def check_cancelled(self) -> None:
         """Raise ``errors.Cancelled`` if the pull was cancelled (call it between steps)."""
-        raise_if_cancelled(self.cancel, f"image {self.name}")
+        raise_if_cancelled(self.cancel, f"{self.kind} {self.name}")
+
+
+def _no_kernel(ref: str) -> "Kernel":
+    raise RuntimeError(f"no kernel lookup in this job ({ref})")
+
+
+def _no_service(capability: str) -> Any:
+    raise RuntimeError(f"no services in this job ({capability})")
 
 
 @dataclass
 class Fetched:
-    """What ``fetch`` made: an ext4 root filesystem (inside ``job.staging``; the core
-    checks and publishes it) and the kernel images of it boot by default."""
+    """What ``fetch`` made. An image: an ext4 root filesystem (moved in place when it is
+    inside ``job.staging``, else copied; checked by the core either way) and the kernel
+    it boots (``kernel_ref``, or ``own_kernel``: imported as a kernel named after the
+    image). A kernel: ``kernel_dir``, a directory ``banger kernel import`` understands."""
 
-    rootfs: Path
+    rootfs: Path | None = None
     kernel_ref: str | None = None
-    #: recorded with the image (shown by ``image show``), e.g. the digest it came from
-    details: dict[str, Any] = field(default_factory=dict)
+    own_kernel: tuple[Path, Path | None, Path | None] | None = None
+    #: the image's init (``init=`` on the kernel command line) when not /sbin/init
+    init: str | None = None
+    kernel_dir: Path | None = None
+    #: what was made, when only the fetch can tell (a registry digest); else the core
+    #: records ``revision()`` as asked after the fetch
+    revision: str | None = None
+    #: small text files kept beside the image's rootfs (what it was made from)
+    files: dict[str, str] = field(default_factory=dict)
 
 
-class ImageSource(Protocol):
-    """A source of images. ``name`` must match ``SOURCE_NAME_RE``."""
+class Source(Protocol):
+    """A source of images and/or kernels. ``name`` must match ``SOURCE_NAME_RE``.
+
+    Optional: ``options`` (a set of ``PullOptions`` field names it takes; default
+    none), ``available(kind, ctx) -> list[dict]`` (what it offers by name, each a dict
+    with ``name``, ``description`` and, for images, ``kernel_ref``: ``image list
+    --available``) and ``tidy(ctx) -> list[str]`` (drop caches no artifact needs; called
+    after its pulls and after an image is deleted; returns what it removed)."""
 
     name: str
+    kinds: tuple[Kind, ...]
 
-    def claims(self, ref: str) -> bool:
-        """Whether ``ref`` (what the user typed after ``image pull``) is this source's."""
+    def claims(self, kind: Kind, ref: str) -> bool:
+        """Whether ``ref`` (what the user typed after ``pull``) is this source's."""
         ...
 
-    def image_name(self, ref: str) -> str:
-        """The name the image gets in banger when pulled from ``ref``."""
+    def artifact_name(self, kind: Kind, ref: str, options: PullOptions) -> str:
+        """The name the artifact gets in banger when pulled from ``ref``."""
         ...
 
-    def revision(self, ref: str) -> str:
+    def revision(self, kind: Kind, ref: str, ctx: SourceContext) -> str | None:
         """What a pull of ``ref`` would make now (a recipe revision, a digest): recorded
-        with the image; when it changes, the image is stale and a pull rebuilds it."""
+        with the artifact; when it changes, the artifact is stale and a pull rebuilds
+        it. None: the source cannot say without fetching (a registry tag): what it made
+        is never stale, and a second pull under the same name is refused."""
         ...
 
-    def fetch(self, ref: str, job: SourceJob) -> Fetched:
-        """Build or download the image into ``job.staging``; raise ``BangerError`` for
-        what the user can act on."""
+    def fetch(self, kind: Kind, ref: str, job: SourceJob) -> Fetched:
+        """Build or download the artifact into ``job.staging``; raise ``BangerError``
+        for what the user can act on."""
         ...
+
+
+def parse_record(record: str | None) -> tuple[str, str] | None:
+    """(ref, revision) from what a pull recorded as an artifact's source,
+    ``REF#REVISION``; None for what no pull made (imported, registered)."""
+    if record is None or "#" not in record:
+        return None
+    ref, _sep, revision = record.rpartition("#")
+    return ref, revision

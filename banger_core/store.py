@@ -73,12 +73,30 @@ def _m005_vm_options(db: sqlite_utils.Database) -> None:
     db.table("vms").add_column("options", str)
 
 
+def _m006_pull_records(db: sqlite_utils.Database) -> None:
+    """What a pull made is recorded as ``REF#REVISION`` since sources became plugins
+    (0.3). Before, the catalog recorded ``recipe:...``/``bundle:...`` (the ref being the
+    artifact's name; NULL before recipes were recorded) and OCI pulls ``REF@DIGEST``;
+    the revision strings are unchanged, so staleness is too. Imported and registered
+    artifacts keep what they record (no ``#``: never judged)."""
+    for table, pulled in (("images", "managed = 1"), ("kernels", "1")):
+        db.execute(
+            f"UPDATE {table} SET source = name || '#' || source "
+            f"WHERE {pulled} AND (source LIKE 'recipe:%' OR source LIKE 'bundle:%')"
+        )
+        db.execute(f"UPDATE {table} SET source = name || '#' WHERE {pulled} AND source IS NULL")
+    for row in list(db.query("SELECT name, source FROM images WHERE managed = 1 AND source LIKE '%@sha256:%'")):
+        ref, _at, digest = row["source"].rpartition("@")
+        db.execute("UPDATE images SET source = ? WHERE name = ?", [f"{ref}#{digest}", row["name"]])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial: vms, images, kernels", _m001_initial),
     (2, "vms: disk_strategy, last_error", _m002_vm_disk_and_error),
     (3, "images: init, source", _m003_image_init_source),
     (4, "kernels: vmlinux, source", _m004_kernel_vmlinux_source),
     (5, "vms: options (per-VM plugin options)", _m005_vm_options),
+    (6, "images, kernels: what a pull made as REF#REVISION", _m006_pull_records),
 ]
 
 

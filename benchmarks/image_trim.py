@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_boot as kb
 
-from banger_core.artifacts import debian_image
+from banger_debian import debian_image
 from banger_core.models import Machine
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Boot time of the same root disk on banger's two catalog kernels.
+"""Boot time of the same root disk on the debian plugin's two kernels.
 
     baseline    debian-cloud: Debian's cloud bzImage + banger's initrd, QEMU -M pc
     candidate   microvm-6.1: the ELF vmlinux compiled from linux-source-6.1 with
@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import guest_assets as ga
 
-from banger_core.artifacts.microvm_kernel import build_microvm_kernel
+from banger_debian.microvm_kernel import build_microvm_kernel
 from banger_core.models import Drive, Machine
 from banger_core.vmm.qemu import QemuDriver
 

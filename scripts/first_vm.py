@@ -1,7 +1,7 @@
 """The install's main job: boot a real VM on the default image and show its console.
 
 `banger vm create` with no image pulls the default image (debian-bookworm) and its
-kernel from the catalog — built on this host from Debian's packages the first time,
+kernel from the debian plugin — built on this host from Debian's packages the first time,
 then cached — boots it, and this script waits for the guest's login prompt, prints
 what the guest said, and stops and deletes the VM again. (Running a command inside
 needs the guest agent, which is not built yet.)

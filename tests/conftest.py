@@ -59,6 +59,8 @@ class BangerEnv:
 
     def env(self, **over: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
+        if os.environ.get("BANGER_TEST_DISABLE_PLUGINS"):  # the suite run with plugins disabled (-m "not oci")
+            env["BANGER_DISABLE_PLUGINS"] = os.environ["BANGER_TEST_DISABLE_PLUGINS"]
         env.update(
             BANGER_CONFIG_DIR=str(self.config_dir),
             BANGER_STATE_DIR=str(self.state_dir),

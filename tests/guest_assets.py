@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from banger_core.artifacts.debian_kernel import (
+from banger_debian.debian_kernel import (
     build_debian_cloud_kernel,
     busybox_applets,
     static_busybox,

@@ -359,7 +359,7 @@ def find_static_busybox() -> Path:
     for candidate in sorted(BUSYBOX_CACHE.glob("**/bin/busybox")):
         if candidate.is_file():
             return candidate
-    from banger_core.artifacts.debian_kernel import static_busybox
+    from banger_debian.debian_kernel import static_busybox
 
     return static_busybox(BUSYBOX_CACHE)
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from banger_core.artifacts.common import ArtifactBuildError, mounts_under, remove_tree
+from banger_debian.common import ArtifactBuildError, mounts_under, remove_tree
 
 
 def test_remove_tree_unmounts_before_deleting(tmp_path):
@@ -37,7 +37,7 @@ def test_remove_tree_refuses_when_a_mount_will_not_go(tmp_path, monkeypatch):
     (scratch / "m").mkdir(parents=True)
     (scratch / "file").write_text("x")
     stuck = [scratch / "m"]
-    monkeypatch.setattr("banger_core.artifacts.common.mounts_under", lambda _p: stuck)
+    monkeypatch.setattr("banger_debian.common.mounts_under", lambda _p: stuck)
     with pytest.raises(ArtifactBuildError, match=r"cannot unmount .*/scratch/m: .*/scratch left in place"):
         remove_tree(scratch)
     assert (scratch / "file").exists()

@@ -100,7 +100,7 @@ def test_bundle_round_trip_pull_and_boot(benv_assets, http_dir, tmp_path):
     k = {x["name"]: x for x in json.loads(env.run("kernel", "list", "--json", check=True).stdout)}["bk"]
     assert Path(k["kernel"]).is_file() and Path(k["initrd"]).is_file() and Path(k["modules"]).is_dir()
     assert Path(k["vmlinux"]).read_bytes()[:4] == b"\x7fELF"  # the bundle carries the ELF kernel too
-    assert k["source"] == f"bundle:{ker['sha256']}" and k["stale"] is None
+    assert k["source"] == f"bk#bundle:{ker['sha256']}" and k["stale"] is None
     env.run("vm", "create", "--name", "frombundle", "--image", "bb", "--vcpu", "1", "--memory", "256M", timeout=300, check=True)
     wait_for(lambda: ga.BOOT_MARKER in env.run("vm", "logs", "frombundle", "-n", "0").stdout, timeout=180, interval=0.5)
 
@@ -113,7 +113,7 @@ def test_bundle_round_trip_pull_and_boot(benv_assets, http_dir, tmp_path):
     env.run("image", "register", "src-image2", "--rootfs", str(changed), "--kernel-ref", "src-kernel", check=True)
     img2 = json.loads(env.run("image", "bundle", "src-image2", "-o", str(www / "img2.tar.zst"), "--json", check=True).stdout)
     use_bundled_catalog(env, tmp_path, f"{url}/k.tar.zst", ker, f"{url}/img2.tar.zst", img2)
-    why = f"made by bundle:{img['sha256']}, the catalog now makes bundle:{img2['sha256']}; `banger image pull bb` refreshes it"
+    why = f"made by catalog at bundle:{img['sha256']}, it now makes bundle:{img2['sha256']}; `banger image pull bb` refreshes it"
     bb = {i["name"]: i for i in json.loads(env.run("image", "list", "--json", check=True).stdout)}["bb"]
     assert bb["stale"] == why
     assert f"bb: stale, {why}" in env.run("image", "list", check=True).stdout
@@ -124,12 +124,12 @@ def test_bundle_round_trip_pull_and_boot(benv_assets, http_dir, tmp_path):
     assert f"note: image bb is stale: {why}" in r.stderr
     r = env.run("image", "pull", "bb", timeout=300)
     assert r.returncode == 1 and "image 'bb' is used by VM(s) frombundle, staleuser: delete them before rebuilding it" in r.stderr
-    assert json.loads(env.run("image", "show", "bb", "--json", check=True).stdout)["source"] == f"bundle:{img['sha256']}"
+    assert json.loads(env.run("image", "show", "bb", "--json", check=True).stdout)["source"] == f"bb#bundle:{img['sha256']}"
     env.run("vm", "delete", "frombundle", "staleuser", "--force", check=True)
     r = env.run("image", "pull", "bb", timeout=300, check=True)
     assert f"image bb is stale: {why}" in r.stderr and "download image bb" in r.stderr and "download kernel" not in r.stderr
     bb = json.loads(env.run("image", "show", "bb", "--json", check=True).stdout)
-    assert bb["source"] == f"bundle:{img2['sha256']}" and bb["stale"] is None
+    assert bb["source"] == f"bb#bundle:{img2['sha256']}" and bb["stale"] is None
     label = subprocess.run(["e2label", bb["rootfs"]], capture_output=True, text=True, check=True).stdout.strip()
     assert label == "changed"
     # current now: pulling again does nothing
@@ -244,3 +244,47 @@ def test_truncated_bundles_and_wrong_kinds_say_so(benv, http_dir, tmp_path):
     r = env.run("kernel", "pull", "imagebundle", timeout=120)
     assert r.returncode == 1 and "img.tar.zst: an image bundle, not a kernel bundle" in r.stderr, r.stderr
     assert "imagebundle" not in {x["name"] for x in json.loads(env.run("kernel", "list", "--json", check=True).stdout)}
+
+
+def test_a_bundle_file_on_this_host_is_pulled_by_path(benv, tmp_path):
+    """The built-in `file` source: `image pull PATH.tar.zst` and `kernel pull
+    PATH.tar.zst` (a path relative to the CLI's directory works too), named after the
+    file or --name; a second pull of the same name is refused; a bundle of the other
+    kind or a missing file leaves nothing."""
+    from banger_core import bundles
+
+    k = tmp_path / "k"
+    k.mkdir()
+    (k / "vmlinuz").write_bytes(os.urandom(64 << 10))
+    rootfs = tmp_path / "rootfs.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(rootfs), "8M"], check=True)
+    bundles.create(tmp_path / "kfile.tar.zst", "kernel", "k", {"kernel": k / "vmlinuz"})
+    bundles.create(tmp_path / "ifile.tar.zst", "image", "img", {"rootfs": rootfs}, {"kernel_ref": "kfile"})
+
+    kernel = json.loads(benv.run("kernel", "pull", str(tmp_path / "kfile.tar.zst"), "--json", check=True).stdout)
+    assert kernel["name"] == "kfile" and kernel["source"] == f"{tmp_path}/kfile.tar.zst#sha256:{sha(tmp_path / 'kfile.tar.zst')}"
+    # relative to where the CLI runs
+    r = subprocess.run(
+        [BANGER, "image", "pull", "ifile.tar.zst", "--json"], env=benv.env(), cwd=tmp_path, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    img = json.loads(r.stdout)
+    assert img["name"] == "ifile" and img["kernel_ref"] == "kfile" and img["managed"]
+    assert img["source"] == f"{tmp_path}/ifile.tar.zst#sha256:{sha(tmp_path / 'ifile.tar.zst')}"
+    assert Path(img["rootfs"]).read_bytes() == rootfs.read_bytes()
+    shown = json.loads(benv.run("image", "show", "ifile", "--json", check=True).stdout)
+    assert shown["stale"] is None  # a file's bundle is a snapshot: never stale
+
+    r = benv.run("image", "pull", str(tmp_path / "ifile.tar.zst"))
+    assert r.returncode == 1 and "image 'ifile' already exists (choose another --name)" in r.stderr, r.stderr
+    benv.run("image", "pull", f"file://{tmp_path}/ifile.tar.zst", "--name", "ifile2", check=True)
+    r = benv.run("image", "pull", str(tmp_path / "ifile.tar.zst"), "--size", "1G", "--name", "x")
+    assert r.returncode == 1 and "--size do(es) not apply to" in r.stderr and "(source file, plugin catalog" in r.stderr
+
+    r = benv.run("image", "pull", str(tmp_path / "kfile.tar.zst"), "--name", "wrongkind")
+    assert r.returncode == 1 and "kfile.tar.zst: a kernel bundle, not an image bundle" in r.stderr, r.stderr
+    r = benv.run("image", "pull", str(tmp_path / "gone.tar.zst"))
+    assert r.returncode == 1 and "gone.tar.zst: no such bundle file" in r.stderr, r.stderr
+    names = [i["name"] for i in json.loads(benv.run("image", "list", "--json", check=True).stdout)]
+    assert sorted(names) == ["ifile", "ifile2"]
+    assert sorted(p.name for p in (benv.state_dir / "images").iterdir()) == ["ifile", "ifile2"]

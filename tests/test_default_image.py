@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import guest_assets as ga
-from banger_core.artifacts import debian_image
-from banger_core.artifacts.common import mounts_under
+from banger_debian import debian_image
+from banger_debian.common import mounts_under
 from banger_core.errors import Cancelled
 from conftest import BANGER, wait_for
 from leftovers import kill_processes_using
@@ -37,9 +37,9 @@ def test_catalog_lists_and_unknown_names(denv):
     avail = json.loads(denv.run("kernel", "list", "--available", "--json", check=True).stdout)
     assert [(a["name"], a["pulled"]) for a in avail] == [("debian-cloud", False), ("microvm-6.1", False)]
     r = denv.run("kernel", "pull", "nope")
-    assert r.returncode == 1 and "no kernel 'nope' in the catalog (available: debian-cloud, microvm-6.1)" in r.stderr
+    assert r.returncode == 1 and "no kernel source claims 'nope' (available by name: debian-cloud, microvm-6.1;" in r.stderr
     r = denv.run("image", "pull", "nope")
-    assert r.returncode == 1 and "no image 'nope' in the catalog (available: debian-bookworm)" in r.stderr
+    assert r.returncode == 1 and "no image source claims 'nope' (available by name: debian-bookworm;" in r.stderr
     r = denv.run("vm", "create", "--image", "nope")
     assert r.returncode == 1 and "no image named 'nope'" in r.stderr
     assert json.loads(denv.run("vm", "list", "--json", check=True).stdout) == []

@@ -1,6 +1,6 @@
 """Regression: an ext4 made from a ~1 GB tree of many small files at the default
 sizing succeeds (the original tool ran out of inodes and space there): 120k files of
-~7.5 KB (0.9 GB) through artifacts.common.ext4_from_tree, the step OCI pulls use."""
+~7.5 KB (0.9 GB) through banger_core.images.ext4_from_tree, the step OCI pulls use."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from banger_core.artifacts.common import ext4_from_tree
+from banger_core.images import ext4_from_tree
 
 FILES, DIRS, SIZE = 120_000, 300, 8 * 1024 - 512
 

@@ -332,10 +332,11 @@ GOOD_SHA = "ab" * 32
     "catalog,expect",
     [
         (
+            # recipes are the debian plugin's now: a catalog names bundles
             {"kernels": {"k": {"recipe": "debian-cloud-kernel", "bundle": {"url": "http://x/k", "sha256": GOOD_SHA}}}},
-            "kernels.k: Value error, give exactly one of recipe",
+            "kernels.k.recipe: Extra inputs are not permitted",
         ),
-        ({"kernels": {"k": {"description": "no source"}}}, "kernels.k: Value error, give exactly one of recipe"),
+        ({"kernels": {"k": {"description": "no source"}}}, "kernels.k.bundle: Field required"),
         (
             {"kernels": {"k": {"bundle": {"url": "http://x/k", "sha256": "abc"}}}},
             "kernels.k.bundle.sha256: Value error, expected a sha256 hex digest",
@@ -352,12 +353,12 @@ GOOD_SHA = "ab" * 32
             {"kernels": {"k": {"bundle": {"url": "http://x/k", "sha256": GOOD_SHA, "size": "12"}}}},
             "kernels.k.bundle.size: Input should be a valid integer",
         ),
-        ({"images": {"i": {"recipe": "debian-bookworm"}}}, "images.i.kernel_ref: Field required"),
+        ({"images": {"i": {"bundle": {"url": "http://x/i", "sha256": GOOD_SHA}}}}, "images.i.kernel_ref: Field required"),
         (
-            {"images": {"i": {"recipe": "debian-bookworm", "kernel_ref": "k", "colour": "red"}}},
+            {"images": {"i": {"bundle": {"url": "http://x/i", "sha256": GOOD_SHA}, "kernel_ref": "k", "colour": "red"}}},
             "images.i.colour: Extra inputs are not permitted",
         ),
-        ({"kernels": {"bad\n": {"recipe": "debian-cloud-kernel"}}}, "invalid kernel name 'bad\\n'"),
+        ({"kernels": {"bad\n": {"bundle": {"url": "http://x/k", "sha256": GOOD_SHA}}}}, "invalid kernel name 'bad\\n'"),
         ({"version": 2}, "version: Input should be 1"),
         ([1, 2], "Input should be an object"),
     ],

@@ -133,6 +133,7 @@ def test_flat_layout_still_works_and_says_what_it_took(benv, tmp_path):
     assert r.returncode == 1 and "--version picks among the versions of a package tree (boot/ + lib/modules/)" in r.stderr
 
 
+@pytest.mark.oci
 def test_image_pull_kernel_options_are_exclusive_with_kernel_ref(benv, tmp_path):
     k = tmp_path / "vmlinuz"
     k.write_bytes(bzimage())
@@ -145,7 +146,10 @@ def test_image_pull_kernel_options_are_exclusive_with_kernel_ref(benv, tmp_path)
     for params, msg in [
         ({"ref": "127.0.0.1:1/x:1", "kernel": str(k), "kernel_ref": "debian-cloud"}, "not both"),
         ({"ref": "127.0.0.1:1/x:1", "modules": str(tmp_path)}, "go with --kernel"),
-        ({"ref": "debian-bookworm", "kernel": str(k)}, "apply to OCI pulls only"),
+        (
+            {"ref": "debian-bookworm", "kernel": str(k)},
+            "--kernel do\\(es\\) not apply to 'debian-bookworm' \\(source debian, plugin debian",
+        ),
     ]:
         with pytest.raises(BangerError, match=msg) as ei:
             client.call("image.pull", params)

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 import guest_assets as ga
-from banger_core.artifacts import microvm_kernel as mk
-from banger_core.artifacts.common import download_deb
+from banger_debian import microvm_kernel as mk
+from banger_debian.common import download_deb
 from conftest import BANGER, wait_for
 
 CACHE = ga.default_cache_dir() / "banger-cache"
@@ -161,7 +161,7 @@ def test_pull_builds_once_and_boots_on_microvm(kenv):
     k = json.loads(kenv.run("kernel", "show", "microvm-6.1", "--json", check=True).stdout)
     assert k["kernel"] == k["vmlinux"] and Path(k["vmlinux"]).read_bytes()[:4] == b"\x7fELF"
     assert k["initrd"] is None and k["modules"] is None
-    assert k["source"] == f"recipe:debian-source-microvm/{mk.recipe_id()}" and k["stale"] is None
+    assert k["source"] == f"microvm-6.1#recipe:debian-source-microvm/{mk.recipe_id()}" and k["stale"] is None
     # pulled again: nothing to do
     assert "pull kernel" not in kenv.run("kernel", "pull", "microvm-6.1", check=True).stderr
 

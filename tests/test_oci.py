@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 
 import guest_assets as ga
-from banger_core import oci
+from banger_oci import registry as oci
 from banger_core.errors import BangerError
 from conftest import wait_for
 from oci_fixtures import missing_tools, push_layers, push_multiarch_index, push_test_image
 
-pytestmark = pytest.mark.skipif(bool(missing_tools()), reason=f"needs {missing_tools()} (scripts/install.sh installs them)")
+pytestmark = [
+    pytest.mark.oci,
+    pytest.mark.skipif(bool(missing_tools()), reason=f"needs {missing_tools()} (scripts/install.sh installs them)"),
+]
 
 
 def debugfs(image: Path, cmd: str) -> str:
@@ -194,7 +197,7 @@ def test_pull_flatten_boot(oenv, oci_test_image):
     r = env.run("image", "pull", ref, timeout=300, check=True)
     assert "image busybox-1:" in r.stdout
     img = images(env)["busybox-1"]
-    assert img["managed"] and img["kernel_ref"] == "debian-cloud" and img["source"] == f"{ref}@{oci_test_image['digest']}"
+    assert img["managed"] and img["kernel_ref"] == "debian-cloud" and img["source"] == f"{ref}#{oci_test_image['digest']}"
     rootfs = Path(img["rootfs"])
     assert rootfs.stat().st_size >= 1024 * 1024 * 1024  # max(tree x 1.5, 1 GiB)
     for p in oci_test_image["expect_present"]:
@@ -225,8 +228,8 @@ def test_zstd_layers_index_and_names(oenv, oci_registry, tmp_path):
     assert debugfs(Path(img["rootfs"]), "cat /etc/layer2").strip() == "2"
     idx = push_multiarch_index(oci_registry, repo="banger/multi", workdir=tmp_path / "m")
     env.run("image", "pull", idx["ref"], "--name", "multi", timeout=300, check=True)
-    assert images(env)["multi"]["source"].startswith(idx["ref"] + "@sha256:")
-    assert images(env)["multi"]["source"] != f"{idx['ref']}@{idx['digest']}"  # resolved to the amd64 manifest
+    assert images(env)["multi"]["source"].startswith(idx["ref"] + "#sha256:")
+    assert images(env)["multi"]["source"] != f"{idx['ref']}#{idx['digest']}"  # resolved to the amd64 manifest
 
 
 def test_anonymous_token_auth(oenv, oci_token_registry, tmp_path):

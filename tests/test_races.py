@@ -269,7 +269,7 @@ def test_image_register_waits_for_a_pull_of_the_same_name(world, assets):
     _, err = reg.communicate(timeout=60)
     assert reg.returncode == 1 and "image 'img-reg' already exists" in err, err
     img = json.loads(env.run("image", "show", "img-reg", "--json", check=True).stdout)
-    assert img["managed"] and img["source"].startswith("bundle:")
+    assert img["managed"] and img["source"].startswith("img-reg#bundle:")
     env.run("image", "delete", "img-reg", check=True)
 
 

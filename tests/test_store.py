@@ -79,7 +79,37 @@ def test_upgrade_from_schema_1_keeps_rows(paths, monkeypatch):
     new.update_vm(vm)
     assert new.get_vm("abc").options == {"example": {"motto": "kept"}}
     k = new.get_kernel("k1")  # kernels gained vmlinux and source in migration 4
-    assert (k.kernel, k.initrd, k.vmlinux, k.source) == ("/k/vmlinuz", "/k/initrd.img", None, None)
+    # migration 6: a kernel from before sources were recorded counts as pulled under its name
+    assert (k.kernel, k.initrd, k.vmlinux, k.source) == ("/k/vmlinuz", "/k/initrd.img", None, "k1#")
+
+
+def test_pull_records_from_before_sources_become_ref_and_revision(paths, monkeypatch):
+    """Migration 6: the catalog's and OCI's records from before 0.3 read as REF#REVISION
+    with the revision unchanged (so staleness is); what no pull made keeps its record."""
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:5])
+    old = Store(paths.db_file)
+    digest = "sha256:" + "a" * 64
+    for name, managed, source in [
+        ("debian-bookworm", 1, "recipe:debian-bookworm/4;modules:6.1.0-28-cloud-amd64"),
+        ("bb", 1, "bundle:" + "b" * 64),
+        ("alpine-3", 1, f"127.0.0.1:5000/alpine:3@{digest}"),
+        ("mine", 0, "/home/me/rootfs.ext4"),
+    ]:
+        old.db["images"].insert({"name": name, "rootfs": "/r", "managed": managed, "source": source})
+    for name, source in [("debian-cloud", "recipe:debian-cloud-kernel/3"), ("own", "import:/home/me/k")]:
+        old.db["kernels"].insert({"name": name, "kernel": "/k/vmlinuz", "source": source})
+    old.close()
+    monkeypatch.undo()
+    new = Store(paths.db_file)
+    images = {i.name: i.source for i in new.list_images()}
+    assert images == {
+        "debian-bookworm": "debian-bookworm#recipe:debian-bookworm/4;modules:6.1.0-28-cloud-amd64",
+        "bb": "bb#bundle:" + "b" * 64,
+        "alpine-3": f"127.0.0.1:5000/alpine:3#{digest}",
+        "mine": "/home/me/rootfs.ext4",
+    }
+    kernels = {k.name: k.source for k in new.list_kernels()}
+    assert kernels == {"debian-cloud": "debian-cloud#recipe:debian-cloud-kernel/3", "own": "import:/home/me/k"}
 
 
 def test_vm_round_trip_and_unique_name(paths):

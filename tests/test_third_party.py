@@ -13,7 +13,7 @@ from conftest import make_dist, pid_alive, wait_for
 from banger_core.builtin import BUILTIN
 from banger_core import PROTOCOL_VERSION
 
-FIRST_PARTY = {"network", "nat", "dns", "workdisk", "filesync", "vsock", "workspace"}
+FIRST_PARTY = {"debian", "oci", "network", "nat", "dns", "workdisk", "filesync", "vsock", "workspace"}
 BUILTINS = [name for name, _module in BUILTIN]  # registered first, in this order
 
 
@@ -27,6 +27,7 @@ def plugins_json(env) -> dict:
     return json.loads(env.run("plugins", "list", "--json", check=True).stdout)
 
 
+@pytest.mark.oci
 def test_first_party_plugins_listed_in_dependency_order(benv):
     data = plugins_json(benv)
     names = {p["name"] for p in data["plugins"] if not p["builtin"]}
@@ -36,6 +37,7 @@ def test_first_party_plugins_listed_in_dependency_order(benv):
     assert order.index("network") < order.index("nat") and order.index("network") < order.index("dns")
     assert order.index("vsock") < order.index("workspace") and order.index("workdisk") < order.index("workspace")
     assert order.index("workdisk") < order.index("filesync")
+    assert order.index("debian") < order.index("oci")  # oci requires the busybox service debian provides
     for p in data["plugins"]:
         dist = "banger" if p["builtin"] else f"banger-{p['name']}"
         assert p["distribution"] == dist and p["status"] == "enabled" and p["version"]

@@ -225,16 +225,23 @@ def test_a_plugins_image_source_through_image_pull(benv, example_plugin_dir, tmp
     try:
         r = benv.run("image", "pull", "toy:hello", check=True)
         img = json.loads(benv.run("image", "show", "toy-hello", "--json", check=True).stdout)
-        assert img["managed"] and img["source"] == "toy:toy:hello#1" and img["stale"] is None
+        assert img["managed"] and img["source"] == "toy:hello#1" and img["stale"] is None
         rootfs = img["rootfs"]
         assert rootfs == str(benv.state_dir / "images" / "toy-hello" / "rootfs.ext4")
         cat = subprocess.run(["debugfs", "-R", "cat /etc/toy", rootfs], capture_output=True, text=True).stdout
         assert cat.strip() == "hello revision 1"
+        offered = json.loads(benv.run("image", "list", "--available", "--json", check=True).stdout)
+        toy = next(o for o in offered if o["name"] == "toy:demo")
+        assert toy["source"] == "toy" and toy["plugin"] == "example" and not toy["pulled"]
+        # options the source does not take are refused before it is asked anything
+        r2 = benv.run("image", "pull", "toy:other", "--size", "64M")
+        assert r2.returncode == 1
+        assert "--size do(es) not apply to 'toy:other' (source toy, plugin example, which takes none)" in r2.stderr
         # pulled and current: a second pull keeps it; a new revision makes it stale, and a pull rebuilds
         assert benv.run("image", "pull", "toy:hello", check=True).stdout == r.stdout
         revision.write_text("2\n")
         img = json.loads(benv.run("image", "show", "toy-hello", "--json", check=True).stdout)
-        assert img["stale"] == "made by toy at revision 1, it now makes 2; `banger image pull toy:hello` refreshes it"
+        assert img["stale"] == "made by toy at 1, it now makes 2; `banger image pull toy:hello` refreshes it"
         benv.run("image", "pull", "toy:hello", check=True)
         cat = subprocess.run(["debugfs", "-R", "cat /etc/toy", rootfs], capture_output=True, text=True).stdout
         assert cat.strip() == "hello revision 2"
@@ -242,9 +249,7 @@ def test_a_plugins_image_source_through_image_pull(benv, example_plugin_dir, tmp
         # a failing source: a clear error naming it, and nothing left
         r = benv.run("image", "pull", "toy:fail")
         assert r.returncode == 1
-        assert (
-            "image source toy (plugin example) failed on 'toy:fail': RuntimeError: the toy source cannot make 'fail'" in r.stderr
-        )
+        assert "source toy (plugin example) failed on 'toy:fail': RuntimeError: the toy source cannot make 'fail'" in r.stderr
         assert sorted(p.name for p in (benv.state_dir / "images").iterdir()) == ["toy-hello"]
         assert "toy-fail" not in benv.run("image", "list", check=True).stdout
     finally:
@@ -261,10 +266,10 @@ def test_doctor_says_where_the_default_image_comes_from(benv, example_plugin_dir
     assert default_image() == {
         "name": "default image",
         "status": "PASS",
-        "detail": "debian-bookworm: the catalog provides it on first use",
+        "detail": "debian-bookworm: the source debian (debian) provides it on first use",
     }
     benv.write_config("[vm_defaults]\nimage = 'toy:hello'\n")
-    assert default_image()["detail"] == "toy:hello: the image source toy (example) provides it on first use"
+    assert default_image()["detail"] == "toy:hello: the source toy (example) provides it on first use"
     benv.write_config("[vm_defaults]\nimage = 'nowhere'\n")
     got = default_image()
-    assert got["status"] == "FAIL" and "neither the catalog nor an image source provides it" in got["detail"]
+    assert got["status"] == "FAIL" and "no enabled source provides it" in got["detail"]

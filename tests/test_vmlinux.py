@@ -11,7 +11,7 @@ import lz4.block
 import pytest
 import zstandard
 
-from banger_core.artifacts.common import LZ4_LEGACY_MAGIC, ArtifactBuildError, extract_vmlinux
+from banger_debian.common import LZ4_LEGACY_MAGIC, ArtifactBuildError, extract_vmlinux
 
 ELF = b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 300  # compressible, not trivial
 

@@ -54,11 +54,11 @@ def kernel_pull(
     force: bool = typer.Option(False, "--force", help="rebuild even if present and current"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Get a kernel from the catalog (built on this host from Debian's packages).
+    """Get a kernel by name from the source that has it (`kernel list --available`).
 
-    A kernel already pulled is reused unless the catalog's recipe changed (it is then
-    rebuilt) or --force is given."""
-    k = state.client().call("kernel.pull", {"name": name, "force": force}, on_event=_progress(as_json))
+    A kernel already pulled is reused unless its source now makes another revision (it
+    is then rebuilt) or --force is given."""
+    k = state.client().call("kernel.pull", {"name": _local(name), "force": force}, on_event=_progress(as_json))
     if as_json:
         echo_json(k)
         return
@@ -67,17 +67,13 @@ def kernel_pull(
 
 @kernel_app.command("list")
 def kernel_list(
-    available: bool = typer.Option(False, "--available", help="show the catalog, pulled or not"),
+    available: bool = typer.Option(False, "--available", help="show what the sources offer by name, pulled or not"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """List imported kernels (or the catalog's, with --available)."""
+    """List kernels (or what the sources offer, with --available)."""
     res = _call("kernel.list", {})
     if available:
-        if as_json:
-            echo_json(res["available"])
-            return
-        rows = [[a["name"], "pulled" if a["pulled"] else "available", a["description"]] for a in res["available"]]
-        style.echo(style.table(rows, ["NAME", "STATUS", "DESCRIPTION"]))
+        _available(res["available"], as_json)
         return
     ks = res["kernels"]
     if as_json:
@@ -98,6 +94,14 @@ def kernel_list(
     _stale_notes(ks)
 
 
+def _available(offered: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        echo_json(offered)
+        return
+    rows = [[a["name"], "pulled" if a["pulled"] else "available", a["source"], a.get("description", "")] for a in offered]
+    style.echo(style.table(rows, ["NAME", "STATUS", "SOURCE", "DESCRIPTION"]) if rows else "no source offers any by name")
+
+
 def _stale_notes(items: list[dict[str, Any]]) -> None:
     for i in items:
         if i.get("stale"):
@@ -111,6 +115,12 @@ def kernel_rm(name: str) -> None:
     style.echo(f"kernel {name}: removed")
 
 
+def _local(ref: str) -> str:
+    """A ref naming a file here goes to the daemon as its absolute path (the daemon's
+    working directory is not ours)."""
+    return str(Path(ref).resolve()) if "://" not in ref and Path(ref).is_file() else ref
+
+
 def _progress(quiet: bool) -> Callable[[dict[str, Any]], None]:
     from banger_core.cli.vm_cmd import Progress
 
@@ -119,22 +129,24 @@ def _progress(quiet: bool) -> Callable[[dict[str, Any]], None]:
 
 @image_app.command("pull")
 def image_pull(
-    ref: str = typer.Argument(..., help="a catalog name (debian-bookworm) or REGISTRY/REPO[:TAG|@DIGEST]"),
-    name: str = typer.Option(None, "--name", help="OCI: image name (default: from the ref, e.g. debian-bookworm)"),
-    kernel_ref: str = typer.Option(None, "--kernel-ref", help="OCI: kernel to boot it with (default: debian-cloud)"),
-    size: str = typer.Option(None, "--size", help="OCI: rootfs size, e.g. 2G (default: max(tree x 1.5, 1 GiB))"),
-    kernel: Path = typer.Option(
-        None, "--kernel", help="OCI: or its own kernel file (imported as a kernel named after the image)"
+    ref: str = typer.Argument(
+        ..., help="what a source claims: a name (image list --available), a bundle file, REGISTRY/REPO[:TAG]..."
     ),
+    name: str = typer.Option(None, "--name", help="image name (default: the source's, e.g. from the ref)"),
+    kernel_ref: str = typer.Option(None, "--kernel-ref", help="kernel to boot it with (default: the default image's)"),
+    size: str = typer.Option(None, "--size", help="rootfs size, e.g. 2G (default: the source's)"),
+    kernel: Path = typer.Option(None, "--kernel", help="or its own kernel file (imported as a kernel named after the image)"),
     initrd: Path = typer.Option(None, "--initrd", help="with --kernel: its initrd"),
     modules: Path = typer.Option(None, "--modules", help="with --kernel: its /lib/modules/<version> dir"),
-    force: bool = typer.Option(False, "--force", help="catalog: rebuild even if present and current"),
+    force: bool = typer.Option(False, "--force", help="rebuild even if present and current"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Get an image: from the catalog (built on this host if need be) or an OCI registry.
+    """Get an image from the source that claims REF: a name a source builds or fetches
+    (`image list --available`), or a reference such as REGISTRY/REPO[:TAG|@DIGEST].
+    --name, --kernel-ref, --size and --kernel go to sources that take them.
 
-    A catalog image already pulled is reused unless its recipe (or its kernel's
-    modules) changed, then it is rebuilt; never while a VM uses it."""
+    An image already pulled is reused unless its source now makes another revision,
+    then it is rebuilt; never while a VM uses it."""
     from banger_core.cli.vm_cmd import parse_mib
     from banger_core.errors import BangerError, ErrorCode
 
@@ -144,7 +156,7 @@ def image_pull(
         raise BangerError(ErrorCode.BAD_REQUEST, "--initrd and --modules go with --kernel")
     res = lambda p: str(p.resolve()) if p else None  # noqa: E731
     params = {
-        "ref": ref,
+        "ref": _local(ref),
         "name": name,
         "kernel_ref": kernel_ref,
         "size_mib": parse_mib(size, "--size"),
@@ -221,9 +233,16 @@ def image_register(
 
 
 @image_app.command("list")
-def image_list(as_json: bool = typer.Option(False, "--json")) -> None:
-    """List images."""
-    imgs = _call("image.list", {})["images"]
+def image_list(
+    available: bool = typer.Option(False, "--available", help="show what the sources offer by name, pulled or not"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List images (or what the sources offer, with --available)."""
+    res = _call("image.list", {})
+    if available:
+        _available(res["available"], as_json)
+        return
+    imgs = res["images"]
     if as_json:
         echo_json(imgs)
         return

@@ -14,7 +14,8 @@ from banger_core import images
 from banger_core.daemon.rpc import Call, NoParams
 from banger_core.daemon.work import Progress, run_blocking, run_simple
 from banger_core.errors import BangerError, ErrorCode
-from banger_core.models import HostPath, Image, Input, SizeMiB
+from banger_core.models import HostPath, Input, SizeMiB
+from banger_core.sources import PullOptions
 
 
 class KernelImportParams(Input):
@@ -34,12 +35,12 @@ class PullParams(Input):
 
 
 class ImagePullParams(Input):
-    ref: str = Field(description="a catalog name or an OCI reference REGISTRY/REPO[:TAG|@DIGEST]")
-    force: bool = Field(default=False, description="catalog images: rebuild even if present and current")
+    ref: str = Field(description="what a source claims: a name (debian-bookworm), an OCI reference...")
+    force: bool = Field(default=False, description="rebuild even if present and current")
     name: str | None = None
     kernel_ref: str | None = None
     size_mib: SizeMiB | None = None
-    kernel: HostPath | None = Field(default=None, description="OCI: a kernel file, imported as a kernel named after the image")
+    kernel: HostPath | None = Field(default=None, description="a kernel file, imported as a kernel named after the image")
     initrd: HostPath | None = None
     modules: HostPath | None = None
 
@@ -104,42 +105,32 @@ async def kernel_import(p: KernelImportParams, call: Call) -> dict[str, Any]:
 async def kernel_list(_p: NoParams, call: Call) -> dict[str, Any]:
     puller = call.state.puller
     pulled = {k.name: {**k.model_dump(mode="json"), "stale": puller.stale("kernel", k)} for k in call.state.store.list_kernels()}
-    available = [{"name": n, "pulled": n in pulled, **entry} for n, entry in sorted(puller.catalog()["kernels"].items())]
+    available = [{**entry, "pulled": entry["name"] in pulled} for entry in puller.available("kernel")]
     return {"kernels": list(pulled.values()), "available": available}
 
 
 async def kernel_pull(p: PullParams, call: Call) -> dict[str, Any]:
     puller = call.state.puller
-    k = await run_blocking(call, lambda prog, cancel: puller.kernel(p.name, force=p.force, progress=prog, cancel=cancel))
+    k = await run_blocking(call, lambda prog, cancel: puller.pull("kernel", p.name, force=p.force, progress=prog, cancel=cancel))
     return k.model_dump(mode="json")
 
 
 async def image_pull(p: ImagePullParams, call: Call) -> dict[str, Any]:
     puller = call.state.puller
-
-    def pull(prog: Progress, cancel: threading.Event) -> Image:
-        if p.kernel and p.kernel_ref:
-            raise BangerError(ErrorCode.BAD_REQUEST, "give either --kernel-ref or --kernel [--initrd] [--modules], not both")
-        if not p.kernel and (p.initrd or p.modules):
-            raise BangerError(ErrorCode.BAD_REQUEST, "--initrd and --modules go with --kernel")
-        catalog = p.ref in puller.catalog()["images"]
-        sourced = not catalog and puller.source_claiming(p.ref) is not None  # a plugin's image source
-        if catalog or sourced or not any(c in p.ref for c in "/:@"):
-            if p.name or p.kernel_ref or p.size_mib or p.kernel:
-                raise BangerError(ErrorCode.BAD_REQUEST, "--name, --kernel-ref, --kernel and --size apply to OCI pulls only")
-            if sourced:
-                return puller.from_source(p.ref, force=p.force, progress=prog, cancel=cancel)
-            return puller.image(p.ref, force=p.force, progress=prog, cancel=cancel)
-        if p.force:
-            raise BangerError(
-                ErrorCode.BAD_REQUEST, "--force applies to catalog images; an OCI pull takes --name for another copy"
-            )
-        own = (Path(p.kernel), _path(p.initrd), _path(p.modules)) if p.kernel else None
-        return puller.oci(
-            p.ref, name=p.name, kernel_ref=p.kernel_ref, size_mib=p.size_mib, progress=prog, cancel=cancel, kernel_files=own
-        )
-
-    return (await run_blocking(call, pull)).model_dump(mode="json")
+    options = PullOptions(
+        name=p.name,
+        kernel_ref=p.kernel_ref,
+        size_mib=p.size_mib,
+        kernel=_path(p.kernel),
+        initrd=_path(p.initrd),
+        modules=_path(p.modules),
+    )
+    if options.kernel is None and (options.initrd or options.modules):
+        raise BangerError(ErrorCode.BAD_REQUEST, "--initrd and --modules go with --kernel")
+    image = await run_blocking(
+        call, lambda prog, cancel: puller.pull("image", p.ref, force=p.force, options=options, progress=prog, cancel=cancel)
+    )
+    return image.model_dump(mode="json")
 
 
 async def kernel_rm(p: NameParams, call: Call) -> dict[str, Any]:
@@ -226,14 +217,16 @@ async def kernel_bundle(p: BundleParams, call: Call) -> dict[str, Any]:
 
 async def image_list(_p: NoParams, call: Call) -> dict[str, Any]:
     puller = call.state.puller
-    return {"images": [{**i.model_dump(mode="json"), "stale": puller.stale("image", i)} for i in call.state.store.list_images()]}
+    pulled = {i.name: {**i.model_dump(mode="json"), "stale": puller.stale("image", i)} for i in call.state.store.list_images()}
+    available = [{**entry, "pulled": entry["name"] in pulled} for entry in puller.available("image")]
+    return {"images": list(pulled.values()), "available": available}
 
 
 async def image_delete(p: NameParams, call: Call) -> dict[str, Any]:
     s = call.state
     await run_blocking(call, under_lock(call, [("image", p.name)], images.delete_image, s.store, s.paths, p.name))
-    pruned = await run_simple(s.puller.prune_blobs)  # its OCI layers, unless another image has them
-    return {"name": p.name, "state": "deleted", "pruned_layers": len(pruned)}
+    pruned = await run_simple(s.puller.tidy)  # sources drop caches only it needed (an OCI image's layers)
+    return {"name": p.name, "state": "deleted", "pruned": len(pruned)}
 
 
 def register_kernel(register: Callable[..., None]) -> None:

@@ -73,8 +73,11 @@ class Daemon:
         # Every method, the core's own included, comes from a plugin's register_rpc_methods;
         # then the services plugins offer each other.
         broke = self.rt.host.register_rpc_methods(self.registry)
-        sources, broke_sources = self.rt.host.register_sources()
-        self.vms.puller.sources = sources
+        sources, broke_sources = self.rt.host.register_sources(self.rt)
+        puller = self.vms.puller
+        puller.sources = sources
+        puller.disabled = sorted(n for n, r in self.rt.host.records.items() if r.status == "disabled")
+        puller.service_for = self.rt.host.service_for
         for name in self.rt.host.register_services(self.state) + broke_sources:
             self.registry.drop_owner(name)  # broken: its methods go too
             broke.append(name)

@@ -57,7 +57,12 @@ class VMService:
         self._global = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self.puller = Puller(store, rt.paths, rt.config.core.catalog.path, rt.config.core.images.max_rootfs_size)
+        self.puller = Puller(
+            store,
+            rt.paths,
+            rt.config.core.images.max_rootfs_size,
+            default_image=resolve_vm_defaults(rt.config.core.vm_defaults)["image"][0],
+        )
 
     # --- helpers ----------------------------------------------------------------------
     def lock(self, vm_id: str) -> threading.Lock:
@@ -287,25 +292,16 @@ class VMService:
 
     def _image_or_pull(self, name: str, progress: Progress, cancel: threading.Event, kernel: str | None = None) -> Image:
         """The image and the kernel to boot it with (``kernel``, else the image's),
-        each pulled first if it is missing and the catalog has it or a plugin's image
-        source claims it. Staleness is only reported here: rebuilding is an explicit
-        `pull`."""
-        image = self.store.find_image(name)
-        if image is None and name in self.puller.catalog()["images"]:
-            image = self.puller.image(name, progress=progress, cancel=cancel)
-        elif image is None and self.puller.source_claiming(name):
-            image = self.puller.from_source(name, progress=progress, cancel=cancel)  # a plugin's source
-        elif image is None:
-            image = self.store.get_image(name)  # raises not_found, naming `banger image list`
-        elif why := self.puller.stale("image", image):
+        each pulled first if it is missing and a source claims it. Staleness is only
+        reported here: rebuilding is an explicit `pull`."""
+        have = self.store.find_image(name)
+        image = self.puller.ensure_image(name, progress, cancel)
+        if have is not None and (why := self.puller.stale("image", image)):
             progress("step", {"msg": f"note: image {name} is stale: {why}"})
         kernel = kernel or image.kernel_ref
         if not kernel:
             raise BangerError(ErrorCode.BAD_REQUEST, f"image {image.name} names no kernel (give --kernel)")
-        k = self.store.find_kernel(kernel)
-        if k is None and kernel in self.puller.catalog()["kernels"]:
-            k = self.puller.kernel(kernel, progress=progress, cancel=cancel)
-        k = k or self.store.get_kernel(kernel)  # neither here nor in the catalog: not_found
+        k = self.puller.ensure_kernel(kernel, progress, cancel)
         if why := self.puller.stale("kernel", k):
             progress("step", {"msg": f"note: kernel {kernel} is stale: {why}"})
         return image

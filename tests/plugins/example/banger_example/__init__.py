@@ -102,20 +102,23 @@ class ToySource:
     the file $BANGER_EXAMPLE_TOY_REVISION_FILE (default "1"); `toy:fail` fails."""
 
     name = "toy"
+    kinds = ("image",)
 
-    def claims(self, ref: str) -> bool:
+    def claims(self, kind, ref: str) -> bool:
         return ref.startswith("toy:")
 
-    def image_name(self, ref: str) -> str:
+    def artifact_name(self, kind, ref: str, options) -> str:
         return "toy-" + ref.removeprefix("toy:")
 
-    def revision(self, ref: str) -> str:
+    def revision(self, kind, ref: str, ctx) -> str:
         path = os.environ.get("BANGER_EXAMPLE_TOY_REVISION_FILE")
         return Path(path).read_text().strip() if path and Path(path).exists() else "1"
 
-    def fetch(self, ref: str, job):
-        import subprocess
+    def available(self, kind, ctx) -> list[dict]:
+        return [{"name": "toy:demo", "description": "a toy image (the example plugin)"}]
 
+    def fetch(self, kind, ref: str, job):
+        from banger_core.images import ext4_from_tree
         from banger_core.sources import Fetched
 
         if ref == "toy:fail":
@@ -123,10 +126,10 @@ class ToySource:
         job.step(f"making a toy rootfs for {ref}")
         tree = job.staging / "tree"
         (tree / "etc").mkdir(parents=True)
-        (tree / "etc" / "toy").write_text(f"{ref.removeprefix('toy:')} revision {self.revision(ref)}\n")
+        (tree / "etc" / "toy").write_text(f"{ref.removeprefix('toy:')} revision {self.revision(kind, ref, job.ctx)}\n")
         job.check_cancelled()
         out = job.staging / "rootfs.ext4"
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(out), "8M"], check=True)
+        ext4_from_tree(tree, out, size_mib=32)
         return Fetched(rootfs=out, kernel_ref=None)
 
 

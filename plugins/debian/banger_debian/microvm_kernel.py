@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from banger_core import fsutil, proc
-from banger_core.artifacts.common import (
+from banger_debian.common import (
     ArtifactBuildError,
     Log,
     Work,
@@ -55,7 +55,7 @@ _UNSET = re.compile(r"^# (CONFIG_\w+) is not set$")
 
 
 def fragment_text() -> str:
-    return resources.files("banger_core.artifacts").joinpath(FRAGMENT).read_text()
+    return resources.files("banger_debian").joinpath(FRAGMENT).read_text()
 
 
 def recipe_id() -> str:

@@ -390,7 +390,7 @@ def pull_to_rootfs(
         path = reg.blob(layer["digest"], dest, on_bytes, cancel)
         apply_layer(path, tree)
     inject_init(tree, busybox)
-    from banger_core.artifacts.common import ext4_from_tree
+    from banger_core.images import ext4_from_tree
 
     made = ext4_from_tree(tree, out, size_mib, max_mib=max_mib, what=ref_text)
     size, used = made["size_mib"], made["tree_mib"]

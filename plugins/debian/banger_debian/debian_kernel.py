@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from banger_core import fsutil, proc
-from banger_core.artifacts.common import (
+from banger_debian.common import (
     ArtifactBuildError,
     Log,
     deb_field,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from banger_core import proc
-from banger_core.artifacts.common import ArtifactBuildError, Log, Work, remove_tree
+from banger_debian.common import ArtifactBuildError, Log, Work, remove_tree
 from banger_core.fsutil import staged_dir, tree_bytes
 
 RECIPE = 4

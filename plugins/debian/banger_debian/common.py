@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from banger_core import fsutil, proc
+from banger_core import proc
 from banger_core.vmm.base import ELF_MAGIC
 
 Log = Callable[[str], Any]
@@ -114,68 +114,6 @@ def locked(path: Path) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- ext4
-
-
-INODE_BYTES = 256  # mkfs.ext4's default inode size
-BLOCK = 4096
-
-
-def tree_needs(tree: Path) -> tuple[int, int]:
-    """(bytes, entries) ``tree`` needs in an ext4: each file's data in whole 4 KiB
-    blocks (or what it occupies here, if more), a block per directory, and one inode
-    per entry. Small files cost a block each however small they are."""
-    data, entries = 0, 0
-    for dirpath, _dirs, files in os.walk(tree):
-        entries += 1
-        data += BLOCK
-        for f in files:
-            entries += 1
-            try:
-                st = os.lstat(os.path.join(dirpath, f))
-            except OSError:
-                continue
-            data += max(-(-st.st_size // BLOCK) * BLOCK, st.st_blocks * 512)
-    return data, entries
-
-
-def ext4_from_tree(
-    tree: Path,
-    out: Path,
-    size_mib: int | None = None,
-    label: str = "banger-root",
-    max_mib: int | None = None,
-    what: str = "the image",
-) -> dict[str, int]:
-    """Make ``out`` an ext4 holding ``tree`` (mkfs.ext4 -d). The default size is
-    max(tree x 1.5 + its inode tables, 1 GiB), the tree counted in whole blocks; the
-    inode count is what the tree has x 1.5 (+4096), never fewer than mkfs's default
-    ratio gives (mkfs's one-inode-per-16-KiB alone runs out on a tree of small files).
-    Refused when ``size_mib`` is too small for the tree or over ``max_mib``. A temp
-    file until complete. Returns {"size_mib", "tree_mib", "inodes"}."""
-    from banger_core.errors import BangerError, ErrorCode
-
-    data, entries = tree_needs(tree)
-    used = data // (1024 * 1024)
-    inodes = int(entries * 1.5) + 4096
-    tables = inodes * INODE_BYTES // (1024 * 1024)
-    size = size_mib or max(int(used * 1.5) + tables + 16, 1024)
-    if size < used + tables + 16:
-        raise BangerError(
-            ErrorCode.BAD_REQUEST,
-            f"--size {size} MiB is too small for the {used} MiB image ({entries} files, {tables} MiB of inode tables)",
-        )
-    if max_mib is not None and size > max_mib:  # refused before it is made (the publish step checks again)
-        raise BangerError(ErrorCode.BAD_REQUEST, f"{what}: a {size} MiB rootfs is over [images] max_rootfs_size ({max_mib} MiB)")
-    inodes = max(inodes, size * 1024 * 1024 // 16384)
-    with fsutil.atomic_file(out) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.truncate(size * 1024 * 1024)
-        proc.run(
-            ["mkfs.ext4", "-q", "-F", "-L", label, "-N", str(inodes), "-I", str(INODE_BYTES), "-d", tree, tmp],
-            timeout=1800,
-            what="mkfs.ext4 -d",
-        )
-    return {"size_mib": size, "tree_mib": used, "inodes": inodes}
 
 
 # --------------------------------------------------------------------------- vmlinux

@@ -1,1 +1,0 @@
-"""Guest artifacts banger builds on the host: kernels, initrds, root filesystems."""

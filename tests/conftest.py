@@ -25,6 +25,12 @@ from leftovers import kill_processes_using
 pytest_plugins = ["oci_fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The suite run with plugins disabled (BANGER_TEST_DISABLE_PLUGINS=oci pytest -m "not oci"):
+# every banger the tests start gets BANGER_DISABLE_PLUGINS (BangerEnv.env), and so does
+# this process, so a client made here computes the same fingerprint as their daemons.
+if os.environ.get("BANGER_TEST_DISABLE_PLUGINS"):
+    os.environ["BANGER_DISABLE_PLUGINS"] = os.environ["BANGER_TEST_DISABLE_PLUGINS"]
 BIN = Path(sys.executable).parent
 BANGER = str(BIN / "banger")
 

@@ -158,6 +158,7 @@ def test_image_pull_kernel_options_are_exclusive_with_kernel_ref(benv, tmp_path)
 
 
 @pytest.mark.skipif(bool(missing_tools()), reason=f"needs {missing_tools()} (scripts/install.sh installs them)")
+@pytest.mark.oci
 def test_image_pull_with_its_own_kernel(benv, oci_test_image, tmp_path):
     v = "6.1.0-9-amd64"
     k = tmp_path / "vmlinuz"

@@ -90,6 +90,7 @@ def test_with_oci_disabled_an_oci_pull_names_the_plugin_and_the_rest_works(benv)
     assert "debian" in checks["default image"]["detail"]
 
 
+@pytest.mark.oci
 def test_without_debian_oci_has_no_busybox_and_says_so(benv):
     """oci uses debian's busybox through the core (requires/provides), never by import:
     disabling debian alone is an error naming both; disabling both works."""

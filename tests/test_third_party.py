@@ -178,6 +178,7 @@ def test_plugin_requires_cycle_is_one_clear_error(xenv, tmp_path):
     assert r.returncode == 1 and "alpha requires beta, which is disabled" in r.stderr
 
 
+@pytest.mark.oci  # its message names every disabled plugin
 def test_missing_requirement_is_one_clear_error(xenv, tmp_path):
     d = tmp_path / "miss"
     make_dist(d, "banger-needy", "needy", "requires = ['teleporter']\n")

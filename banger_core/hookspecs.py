@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from banger_core.context import CheckFn, DoctorContext, FieldsContext, ReconcileContext, StageContext
     from banger_core.daemon.state import DaemonState
     from banger_core.runtime import Runtime
-    from banger_core.sources import Source
+    from banger_core.sources import GuestFile, Source
     from banger_core.models import Machine
 
 PROJECT = "banger"
@@ -112,6 +112,19 @@ def register_sources(register: "Callable[[Source], None]", runtime: "Runtime") -
     after all others). ``runtime`` (config, paths) is optional to accept. Called at
     daemon start and by ``doctor``. Added in 0.2; kernels, ``runtime`` and the
     ``kind`` argument of every ``Source`` method in 0.3.
+    """
+
+
+@hookspec
+def register_guest_payload(register: "Callable[[GuestFile], None]") -> None:
+    """Add files every image banger builds carries (``banger_core.sources.GuestFile``:
+    an absolute guest path with data and mode, or a symlink). Sources apply the payload
+    to a root filesystem tree before making the filesystem (``job.ctx.payload.apply``)
+    and record ``payload.id`` in their revision, so an image made with another payload
+    is stale. An executable under ``GUEST_BOOT_DIR`` is started at boot by banger's
+    minimal inits; an image with systemd needs a unit. Two plugins registering the same
+    path, or a path with '..', make the later one broken. Called at daemon start.
+    Added in 0.3.
     """
 
 
@@ -220,6 +233,7 @@ ALL_HOOKS: tuple[str, ...] = (
     "register_rpc_methods",
     "register_services",
     "register_sources",
+    "register_guest_payload",
     "register_doctor_checks",
     "reconcile",
     "prepare_host",

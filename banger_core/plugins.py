@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from banger_core.daemon.state import DaemonState
     from banger_core.models import Machine
     from banger_core.runtime import Runtime
-    from banger_core.sources import Source
+    from banger_core.sources import GuestPayload, Source
 
 ENTRY_POINT_GROUP = "banger.plugins"
 BUILTIN_RANK = {name: i for i, (name, _module) in enumerate(BUILTIN)}
@@ -535,6 +535,35 @@ class PluginHost:
         broke = self._register_each("register_sources", kwargs_for, undo=undo, names=self._providers_first())
         found.sort(key=lambda ps: bool(getattr(ps[1], "fallback", False)))  # stable: plugin order otherwise
         return found, broke
+
+    def register_guest_payload(self) -> tuple["GuestPayload", list[str]]:
+        """Every plugin's guest files, in plugin order: (payload, broke)."""
+        from banger_core.sources import GuestFile, GuestPayload
+
+        owner: dict[str, str] = {}
+        files: list[tuple[str, GuestFile]] = []
+
+        def kwargs_for(name: str) -> dict[str, Any]:
+            def register(f: GuestFile) -> None:
+                if not isinstance(f, GuestFile):
+                    raise BangerError(ErrorCode.PLUGIN, f"register_guest_payload takes a GuestFile, not {f!r}")
+                parts = f.path.split("/")
+                if not f.path.startswith("/") or ".." in parts or f.path.endswith("/") or "\0" in f.path:
+                    raise BangerError(ErrorCode.PLUGIN, f"guest file {f.path!r}: an absolute path without '..'")
+                if f.path in owner:
+                    raise BangerError(ErrorCode.PLUGIN, f"guest file {f.path} is registered by both {owner[f.path]} and {name}")
+                owner[f.path] = name
+                files.append((name, f))
+
+            return {"register": register}
+
+        def undo(name: str) -> None:
+            files[:] = [(p, f) for p, f in files if p != name]
+            for path in [p for p, o in owner.items() if o == name]:
+                del owner[path]
+
+        broke = self._register_each("register_guest_payload", kwargs_for, undo=undo)
+        return GuestPayload([f for _p, f in files]), broke
 
     def service_for(self, consumer: str, capability: str) -> Any:
         """The service offered for ``capability``, for a plugin that requires it."""

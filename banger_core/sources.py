@@ -11,6 +11,7 @@ docs/plugins.md (``register_sources``).
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -49,6 +50,81 @@ class PullOptions:
         return [key for key in OPTION_FLAGS if getattr(self, key) is not None]
 
 
+#: where banger's minimal inits look for early-boot services: every executable here is
+#: started in the background at boot (an image with systemd gets a unit instead)
+GUEST_BOOT_DIR = "/usr/local/libexec/banger/boot.d"
+
+
+@dataclass(frozen=True)
+class GuestFile:
+    """A file every image banger builds carries (``register_guest_payload``): ``data``
+    with ``mode``, or a symlink to ``link``. ``path`` is absolute inside the guest."""
+
+    path: str
+    data: bytes = b""
+    mode: int = 0o644
+    link: str | None = None
+
+
+@dataclass
+class GuestPayload:
+    """What the plugins put into images (register_guest_payload), applied by sources to
+    a root filesystem tree before they make the filesystem."""
+
+    files: list[GuestFile] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        """What identifies this payload ("" for none): a source records it in its
+        revision, so images made with another payload are stale."""
+        if not self.files:
+            return ""
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in sorted(self.files, key=lambda f: f.path):
+            h.update(f"{f.path}\0{f.mode:o}\0{f.link or ''}\0".encode() + f.data + b"\0")
+        return h.hexdigest()[:12]
+
+    def apply(self, tree: Path) -> None:
+        """Write every file into ``tree`` (symlinks in the tree resolved inside it, never
+        out of it), parents made 0755."""
+        import os
+
+        from banger_core import fsutil
+
+        for f in self.files:
+            dest = resolve_in_tree(tree, f.path)
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            if dest.is_symlink() or dest.is_file():
+                dest.unlink()
+            if f.link is not None:
+                dest.symlink_to(f.link)
+            else:
+                fsutil.atomic_write(dest, f.data)
+                os.chmod(dest, f.mode)
+
+
+def resolve_in_tree(root: Path, path: str, depth: int = 0) -> Path:
+    """``path`` (absolute, as the guest sees it) inside the tree at ``root``: symlinks on
+    the way are followed as the guest would follow them, and never lead out of ``root``."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"{path!r}: '..' is not allowed")
+    here = root
+    for i, part in enumerate(parts):
+        nxt = here / part
+        if nxt.is_symlink() and i < len(parts) - 1:
+            if depth > 20:
+                raise ValueError(f"{path!r}: too many symlinks")
+            target = os.readlink(nxt)
+            base = "/" if target.startswith("/") else "/" + str(here.relative_to(root))
+            joined = os.path.normpath(os.path.join(base, target, *parts[i + 1 :]))
+            return resolve_in_tree(root, joined, depth + 1)
+        here = nxt
+    return here
+
+
 @dataclass
 class SourceContext:
     """What a source may read outside a pull (``revision``, ``available``, ``tidy``)."""
@@ -61,8 +137,9 @@ class SourceContext:
     default_kernel: Callable[[], "str | None"]
     #: ``[images] max_rootfs_size`` in MiB: the core refuses a bigger rootfs
     max_rootfs_mib: int
-    #: the names of image files kept beside every image's rootfs (``Fetched.files``)
-    image_files: Callable[[str], "list[Path]"] = lambda _name: []
+    #: what plugins put into every image (register_guest_payload): ``payload.apply(tree)``
+    #: before making a filesystem from a tree, and ``payload.id`` in the revision
+    payload: GuestPayload = field(default_factory=GuestPayload)
 
 
 @dataclass

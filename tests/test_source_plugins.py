@@ -134,3 +134,61 @@ def test_records_from_before_the_move_are_judged_as_before(tmp_path):
     assert puller.stale("kernel", own) is None
     image.managed = False
     assert puller.stale("image", image) is None
+
+
+def test_the_guest_payload_stays_inside_the_tree(tmp_path):
+    """GuestPayload.apply follows the tree's symlinks as the guest would (Debian's
+    /lib -> usr/lib), and a link pointing out of the tree leads back into it."""
+    from banger_core.sources import GuestFile, GuestPayload, resolve_in_tree
+
+    tree = tmp_path / "tree"
+    (tree / "usr/lib").mkdir(parents=True)
+    (tree / "lib").symlink_to("usr/lib")
+    (tree / "evil").symlink_to("/etc")
+    (tree / "up").symlink_to("../../..")
+    payload = GuestPayload(
+        [
+            GuestFile("/lib/banger/a", b"a", 0o755),
+            GuestFile("/evil/banger-b", b"b"),
+            GuestFile("/up/c", b"c"),
+            GuestFile("/etc/l", link="../lib/banger/a"),
+        ]
+    )
+    payload.apply(tree)
+    assert (tree / "usr/lib/banger/a").read_bytes() == b"a" and (tree / "usr/lib/banger/a").stat().st_mode & 0o777 == 0o755
+    assert (tree / "etc/banger-b").read_bytes() == b"b" and not Path("/etc/banger-b").exists()
+    assert (tree / "c").read_bytes() == b"c"
+    assert (tree / "etc/l").readlink() == Path("../lib/banger/a")
+    assert len(payload.id) == 12 and GuestPayload().id == ""
+    assert GuestPayload([GuestFile("/x", b"1")]).id != GuestPayload([GuestFile("/x", b"2")]).id
+    with pytest.raises(ValueError):
+        resolve_in_tree(tree, "/a/../b")
+
+
+def test_a_plugin_with_a_bad_guest_file_is_broken_and_the_rest_stay(tmp_path):
+    from banger_core import hookimpl
+    from banger_core.plugins import PluginHost
+    from banger_core.sources import GuestFile
+
+    class Good:
+        @hookimpl
+        def register_guest_payload(self, register):
+            register(GuestFile("/etc/good", b"g"))
+
+    class Bad:
+        @hookimpl
+        def register_guest_payload(self, register):
+            register(GuestFile("/etc/../bad", b"b"))
+
+    class Twin:
+        @hookimpl
+        def register_guest_payload(self, register):
+            register(GuestFile("/etc/good", b"again"))
+
+    host = PluginHost()
+    for name, module in (("good", Good()), ("bad", Bad()), ("twin", Twin())):
+        host.add(module, name)
+    payload, broke = host.register_guest_payload()
+    assert [f.path for f in payload.files] == ["/etc/good"] and sorted(broke) == ["bad", "twin"]
+    assert "an absolute path without '..'" in host.records["bad"].reason
+    assert "registered by both good and twin" in host.records["twin"].reason

@@ -230,6 +230,13 @@ def test_a_plugins_image_source_through_image_pull(benv, example_plugin_dir, tmp
         assert rootfs == str(benv.state_dir / "images" / "toy-hello" / "rootfs.ext4")
         cat = subprocess.run(["debugfs", "-R", "cat /etc/toy", rootfs], capture_output=True, text=True).stdout
         assert cat.strip() == "hello revision 1"
+        # the example's guest payload went into the image (register_guest_payload)
+        motd = subprocess.run(["debugfs", "-R", "cat /etc/banger-example/motd", rootfs], capture_output=True, text=True)
+        assert motd.stdout == "built with the example plugin\n"
+        stat = subprocess.run(["debugfs", "-R", "stat /etc/banger-example/motd", rootfs], capture_output=True, text=True)
+        assert "Mode:  0640" in stat.stdout, stat.stdout
+        link = subprocess.run(["debugfs", "-R", "stat /etc/banger-example/link", rootfs], capture_output=True, text=True)
+        assert 'Fast link dest: "motd"' in link.stdout, link.stdout
         offered = json.loads(benv.run("image", "list", "--available", "--json", check=True).stdout)
         toy = next(o for o in offered if o["name"] == "toy:demo")
         assert toy["source"] == "toy" and toy["plugin"] == "example" and not toy["pulled"]

@@ -78,6 +78,8 @@ class Daemon:
         puller.sources = sources
         puller.disabled = sorted(n for n, r in self.rt.host.records.items() if r.status == "disabled")
         puller.service_for = self.rt.host.service_for
+        puller.ctx.payload, broke_payload = self.rt.host.register_guest_payload()
+        broke_sources += broke_payload
         for name in self.rt.host.register_services(self.state) + broke_sources:
             self.registry.drop_owner(name)  # broken: its methods go too
             broke.append(name)

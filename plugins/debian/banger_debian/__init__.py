@@ -104,6 +104,8 @@ class DebianSource:
             mods = Path(kernel.modules)
             versions = sorted(p.name for p in mods.iterdir() if p.is_dir()) if mods.is_dir() else []
             revision += f";modules:{','.join(versions)}"
+        if kind == "image" and ctx.payload.id:  # what banger's plugins put into the image
+            revision += f";payload:{ctx.payload.id}"
         return revision
 
     def fetch(self, kind: Kind, ref: str, job: SourceJob) -> Fetched:
@@ -127,7 +129,9 @@ class DebianSource:
 
                 modules = Path(kernel.modules).iterdir() if kernel.modules else iter(())
                 mod_dir = next((m for m in modules if m.is_dir()), None)
-                built = build_debian_image(build, modules_dir=mod_dir, log=job.step, cancel=job.cancel, work=job.work)
+                built = build_debian_image(
+                    build, modules_dir=mod_dir, log=job.step, cancel=job.cancel, work=job.work, payload=job.ctx.payload
+                )
                 return Fetched(rootfs=Path(built["rootfs"]), kernel_ref=kernel.name)
         return Fetched(kernel_dir=Path(built["kernel"]).parent)
 

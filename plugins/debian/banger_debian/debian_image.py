@@ -22,6 +22,7 @@ from typing import Any
 from banger_core import proc
 from banger_debian.common import ArtifactBuildError, Log, Work, remove_tree
 from banger_core.fsutil import staged_dir, tree_bytes
+from banger_core.sources import GuestPayload
 
 RECIPE = 4
 SUITE = "bookworm"
@@ -153,16 +154,20 @@ def build_debian_image(
     *,
     cancel: threading.Event | None = None,
     work: Work | None = None,
+    payload: GuestPayload | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) the image into ``dest``; return its manifest with an absolute
     ``rootfs``. ``cancel`` stops mmdebstrap (and unmounts what it left); ``work``
-    is told how far dpkg got."""
+    is told how far dpkg got. ``payload`` (what banger's plugins put into every image)
+    goes into the tree before the filesystem is made; a build with another payload is
+    not reused."""
     dest = Path(dest)
     manifest_path = dest / "manifest.json"
     if manifest_path.exists():
         m = json.loads(manifest_path.read_text())
         same_modules = m.get("kernel_modules") == (modules_dir.name if modules_dir else None)
-        if m.get("recipe") == RECIPE and same_modules and (dest / m["rootfs"]).exists():
+        same_payload = m.get("payload", "") == (payload.id if payload else "")
+        if m.get("recipe") == RECIPE and same_modules and same_payload and (dest / m["rootfs"]).exists():
             return {**m, "rootfs": str(dest / m["rootfs"])}
     if shutil.which("mmdebstrap") is None:
         raise ArtifactBuildError("mmdebstrap is not installed (apt install mmdebstrap)")
@@ -202,6 +207,8 @@ def build_debian_image(
             work(EXPECTED_STEPS, EXPECTED_STEPS)
         log(f"{steps} package steps done")
         customize(tree, modules_dir)
+        if payload is not None:
+            payload.apply(tree)
         used_mib = tree_bytes(tree) // (1024 * 1024)
         size = max(size_mib or 0, int(used_mib * 1.5), 1024)
         rootfs = staging / "rootfs.ext4"
@@ -218,6 +225,7 @@ def build_debian_image(
             "size_mib": size,
             "recipe": RECIPE,
             "kernel_modules": modules_dir.name if modules_dir else None,
+            "payload": payload.id if payload else "",
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return {**manifest, "rootfs": str(dest / "rootfs.ext4")}

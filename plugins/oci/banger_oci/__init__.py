@@ -86,6 +86,7 @@ class OciSource:
                 download=job.download,
                 cancel=job.cancel,
                 max_mib=job.ctx.max_rootfs_mib,
+                payload=job.ctx.payload,
             )
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -34,6 +34,7 @@ import zstandard
 
 from banger_core import fsutil
 from banger_core.errors import BangerError, ErrorCode, raise_if_cancelled
+from banger_core.sources import GUEST_BOOT_DIR, GuestPayload
 
 ACCEPT = ", ".join(
     [
@@ -332,6 +333,7 @@ for s in /lib/systemd/systemd /usr/lib/systemd/systemd; do
   [ -x "$s" ] && exec "$s"
 done
 echo "banger-init: image booted ($($B cat /etc/os-release 2>/dev/null | $B grep '^ID=' ))" > /dev/console
+for s in {boot_dir}/*; do [ -x "$s" ] && "$s" </dev/null >/dev/console 2>&1 & done
 [ -x /sbin/init ] && [ "$($B readlink -f /sbin/init)" != "{init}" ] && exec /sbin/init
 [ -x /usr/sbin/sshd ] && /usr/sbin/sshd
 trap '$B sync; $B poweroff -f' INT TERM USR2
@@ -346,7 +348,9 @@ def inject_init(root: Path, busybox: Path) -> None:
     shutil.copy2(busybox, bb)
     os.chmod(bb, 0o755)
     init = d / "init"
-    init.write_text(INIT_SCRIPT.format(busybox=str(PurePosixPath(INIT_PATH).parent / "busybox"), init=INIT_PATH))
+    init.write_text(
+        INIT_SCRIPT.format(busybox=str(PurePosixPath(INIT_PATH).parent / "busybox"), init=INIT_PATH, boot_dir=GUEST_BOOT_DIR)
+    )
     os.chmod(init, 0o755)
 
 
@@ -366,6 +370,7 @@ def pull_to_rootfs(
     download: Download | None = None,
     cancel: threading.Event | None = None,
     max_mib: int | None = None,
+    payload: GuestPayload | None = None,
 ) -> dict[str, Any]:
     """Registry -> layers -> tree -> ext4 at ``out``. ``work`` is scratch (removed after).
     ``download(label, bytes, total)`` hears each layer's download; ``cancel`` stops
@@ -390,6 +395,8 @@ def pull_to_rootfs(
         path = reg.blob(layer["digest"], dest, on_bytes, cancel)
         apply_layer(path, tree)
     inject_init(tree, busybox)
+    if payload is not None:
+        payload.apply(tree)
     from banger_core.images import ext4_from_tree
 
     made = ext4_from_tree(tree, out, size_mib, max_mib=max_mib, what=ref_text)

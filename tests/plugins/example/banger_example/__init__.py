@@ -127,10 +127,20 @@ class ToySource:
         tree = job.staging / "tree"
         (tree / "etc").mkdir(parents=True)
         (tree / "etc" / "toy").write_text(f"{ref.removeprefix('toy:')} revision {self.revision(kind, ref, job.ctx)}\n")
+        job.ctx.payload.apply(tree)  # what plugins put into every image
         job.check_cancelled()
         out = job.staging / "rootfs.ext4"
         ext4_from_tree(tree, out, size_mib=32)
         return Fetched(rootfs=out, kernel_ref=None)
+
+
+@hookimpl
+def register_guest_payload(register) -> None:
+    """A file in every image banger builds (the toy source's included)."""
+    from banger_core.sources import GuestFile
+
+    register(GuestFile("/etc/banger-example/motd", b"built with the example plugin\n", 0o640))
+    register(GuestFile("/etc/banger-example/link", link="motd"))
 
 
 @hookimpl

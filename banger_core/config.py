@@ -164,9 +164,18 @@ LEGACY_KEYS: dict[str, str] = {
 }
 
 
+#: tables of plugins that were renamed: their settings now live under the new name
+RENAMED_TABLES: dict[str, str] = {"vsock": "agent"}
+
+
 def _legacy_key_errors(path: Path, raw: dict[str, Any]) -> list[str]:
-    """Keys of the original tool's config, at the top level or inside a core table."""
-    found = []
+    """Keys of the original tool's config, at the top level or inside a core table, and
+    tables of renamed plugins."""
+    found = [
+        f"{path}: [{old}] is now [{new}] (the {old} plugin was renamed {new})"
+        for old, new in RENAMED_TABLES.items()
+        if isinstance(raw.get(old), dict)
+    ]
     for key, value in raw.items():
         if key in LEGACY_KEYS and not isinstance(value, dict):
             found.append(f"{path}: {key}: {LEGACY_KEYS[key]}")

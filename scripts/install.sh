@@ -43,7 +43,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 echo "==> pip: installing banger and its plugins into .venv"
-plugin_args=()
+plugin_args=(-e guest)  # the guest package first: the agent plugin depends on it
 for d in plugins/*/; do plugin_args+=(-e "$d"); done
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" "${plugin_args[@]}" 2>&1 \
   | { grep -v "^WARNING: Location .* is ignored" || true; }

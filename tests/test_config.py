@@ -150,3 +150,9 @@ def test_cli_project_enabling_unknown_plugin(benv, tmp_path):
     r = benv.run("plugins", "resolve", "--project", str(proj))
     assert r.returncode == 1
     assert f"{proj / 'banger.toml'}: [plugins] enable: plugin 'teleport' is not installed" in r.stderr
+
+
+def test_a_renamed_plugins_table_names_the_new_one(benv):
+    benv.write_config("[vsock]\nport = 1024\n")
+    r = benv.run("vm", "list")
+    assert r.returncode == 1 and "[vsock] is now [agent] (the vsock plugin was renamed agent)" in r.stderr, r.stderr

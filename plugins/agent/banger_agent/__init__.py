@@ -1,23 +1,37 @@
-"""Guest agent channel (vsock, or virtio-serial where vsock is unavailable): health, ports."""
+"""The guest agent: its channel (virtio-serial on QEMU, vsock on Firecracker), its disk,
+`vm exec` and `vm health`; VMs are ready when the agent answers.
+
+A VM whose image carries banger's launcher (images banger builds do, through
+``register_guest_payload``) gets the agent disk and the channel; ``vm create`` returns
+once the agent answers health (or fails naming the console log). Other images (a
+registered rootfs, a bundle made before the launcher) boot with a warning, and ``exec``
+refuses them saying why.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from banger_core import hookimpl
 from banger_core.context import CheckResult
 
-requires: list[str] = []
 provides = ["agent"]
+
+SOCKET = "agent.sock"  # in the VM's directory: QEMU's chardev / Firecracker's vsock UDS
+GUEST_CID = 3
+VSOCK_PORT = 1024
 
 
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    port: int = Field(default=1024, ge=1, le=65535, description="guest vsock port of the agent")
-    health_timeout_s: float = Field(default=120.0, gt=0, description="how long to wait for the agent after boot")
+    wait_timeout_s: float = Field(default=180.0, gt=0, le=3600, description="how long vm create/start waits for the agent")
 
 
 @hookimpl
@@ -26,10 +40,153 @@ def config_model() -> type[BaseModel]:
 
 
 @hookimpl
-def register_doctor_checks(register) -> None:
-    def transport(_s: Settings) -> CheckResult:
+def register_guest_payload(register: Callable[[Any], None]) -> None:
+    from banger_agent.guestfiles import payload
+
+    for f in payload():
+        register(f)
+
+
+_service: Any = None
+
+
+def agents() -> Any:
+    """The one AgentService of this daemon (made on first use)."""
+    global _service
+    if _service is None:
+        from banger_agent.service import AgentService
+
+        _service = AgentService()
+    return _service
+
+
+@hookimpl
+def register_services(register: Callable[[str, object], None]) -> None:
+    register("agent", agents())
+
+
+def socket_of(paths: Any, vm_id: str) -> Path:
+    return Path(paths.vm_files(vm_id).dir) / SOCKET
+
+
+def carries_launcher(rootfs: str) -> bool:
+    """Whether the image has banger's launcher (debugfs reads the ext4, nothing mounted)."""
+    from banger_agent.guestfiles import LAUNCHER
+
+    try:
+        out = subprocess.run(["debugfs", "-R", f"stat {LAUNCHER}", rootfs], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Inode:" in out
+
+
+def _image_of(ctx: Any) -> Any:
+    from banger_core.store import Store
+
+    store = Store(ctx.paths.db_file)
+    try:
+        return store.find_image(ctx.vm.image or "")
+    finally:
+        store.close()
+
+
+@hookimpl
+def configure_machine(ctx: Any, machine: Any) -> None:
+    from banger_agent.guestfiles import agent_disk
+    from banger_core import __version__
+    from banger_core.models import AgentChannel, Drive
+
+    image = _image_of(ctx)
+    if image is None or not carries_launcher(image.rootfs):
+        why = f"image {ctx.vm.image} does not carry banger's agent launcher (pull or rebuild it with this banger)"
+        ctx.teardown["no_agent"] = why
+        ctx.persist()
+        ctx.log.warning("%s: no agent in VM %s", why, ctx.vm.name)
+        return
+    ctx.teardown.pop("no_agent", None)
+    ctx.persist()
+    disk = agent_disk(ctx.paths.cache_dir, {"banger": __version__})
+    machine.drives.append(Drive(id="agent", path=str(disk), read_only=True))
+    sock = socket_of(ctx.paths, ctx.vm.id)
+    sock.unlink(missing_ok=True)
+    if ctx.vm.driver == "firecracker":
+        machine.agent = AgentChannel(kind="vsock", host_path=str(sock), guest_cid=GUEST_CID)
+    else:
+        machine.agent = AgentChannel(kind="serial", host_path=str(sock))
+
+
+@hookimpl
+def post_boot(ctx: Any) -> None:
+    """Wait (bounded) until the agent answers: `vm create` returns a VM that runs commands."""
+    from banger_agent.service import AgentMismatch, AgentUnavailable
+
+    if ctx.teardown.get("no_agent"):
+        return
+    settings = ctx.settings or Settings()
+    console = ctx.paths.vm_files(ctx.vm.id).console_log
+    t = time.monotonic()
+    try:
+        health = agents().wait_ready(ctx.vm.id, socket_of(ctx.paths, ctx.vm.id), time.monotonic() + settings.wait_timeout_s)
+    except AgentMismatch as exc:
+        raise RuntimeError(str(exc)) from None
+    except AgentUnavailable as exc:
+        raise RuntimeError(
+            f"the guest agent did not answer within {settings.wait_timeout_s:.0f}s ({exc}); see the console log {console}"
+        ) from None
+    ctx.log.info("agent %s ready in %.2fs (guest uptime %.1fs)", health.get("agent"), time.monotonic() - t, health.get("uptime"))
+
+
+@hookimpl
+def request_guest_shutdown(ctx: Any) -> bool | None:
+    """Graceful stop: the agent syncs first (data only its sync can save), then powers off."""
+    if ctx.teardown.get("no_agent"):
+        return None
+    sock = socket_of(ctx.paths, ctx.vm.id)
+    if not sock.exists():
+        return None
+    try:
+        agents().run(agents().call(ctx.vm.id, sock, {"op": "poweroff"}, timeout=10), timeout=15)
+    except Exception as exc:
+        ctx.log.warning("the agent could not sync and power off %s: %s", ctx.vm.name, exc)
+        return None
+    return True
+
+
+@hookimpl
+def cleanup(ctx: Any) -> None:
+    if _service is not None:
+        _service.drop(ctx.vm.id)
+    socket_of(ctx.paths, ctx.vm.id).unlink(missing_ok=True)
+
+
+@hookimpl
+def register_rpc_methods(register: Callable[..., None]) -> None:
+    from banger_agent import rpc
+
+    register("agent.exec", rpc.agent_exec, params=rpc.ExecParams, stream=True)
+    register("agent.health", rpc.agent_health, params=rpc.HealthParams)
+
+
+@hookimpl
+def register_commands(app: Any, vm: Any) -> None:
+    from banger_agent import cli
+
+    cli.add_commands(vm)
+
+
+@hookimpl
+def register_doctor_checks(register: Callable[[str, Callable[[Any], CheckResult]], None]) -> None:
+    def transport(_s: Any) -> CheckResult:
         if os.path.exists("/dev/vhost-vsock"):
-            return CheckResult.ok("transport", "vsock (/dev/vhost-vsock)")
-        return CheckResult.ok("transport", "virtio-serial (no /dev/vhost-vsock on this host)")
+            return CheckResult.ok("transport", "virtio-serial on QEMU (vsock on Firecracker; /dev/vhost-vsock present)")
+        return CheckResult.ok("transport", "virtio-serial on QEMU (no /dev/vhost-vsock on this host)")
+
+    def debugfs(_s: Any) -> CheckResult:
+        import shutil
+
+        if shutil.which("debugfs"):
+            return CheckResult.ok("debugfs", "present: images are checked for the agent launcher")
+        return CheckResult.fail("debugfs", "missing (apt install e2fsprogs): no VM gets an agent")
 
     register("transport", transport)
+    register("debugfs", debugfs)

@@ -1,0 +1,144 @@
+"""The host<->guest wire format: the one definition, imported by the guest agent and by
+the host side (the ``agent`` plugin). Standard library only.
+
+A channel (a virtio-serial port, or a vsock connection) carries frames::
+
+    MAGIC(4) KIND(1) SESSION(u32) LENGTH(u32) CRC32(u32) PAYLOAD(LENGTH)
+
+big-endian; the CRC covers KIND, SESSION, LENGTH and PAYLOAD. A reader that meets
+bytes that are not a valid frame (the tail of a frame cut when the host side went
+away: a virtio-serial port drops what is written while no host is connected) skips
+forward to the next MAGIC and tries again, so it resynchronises on the next frame.
+
+Every connection starts with the host's ``SYNC`` then ``HELLO`` ``{"nonce",
+"version"}``. The agent then drops every session (killing their processes) and answers
+``SYNC`` then ``WELCOME`` with the same nonce; the host ignores everything before that ``WELCOME``. Then any number of
+sessions run at once, each opened by the host with ``OPEN`` on a new session id
+(JSON: ``{"op": "exec"|"health"|"poweroff", ...}``) and ended by the agent's ``EXIT``,
+``RESULT`` or ``ERROR``; the host may ``CLOSE`` one (its process group is killed).
+JSON payloads are UTF-8 objects; STDIN/STDOUT/STDERR payloads are raw bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+VERSION = 1
+MAGIC = b"\xb4BG\x01"
+HEADER = struct.Struct(">4sBIII")
+MAX_PAYLOAD = 64 * 1024
+
+HELLO = 1  # host: {"nonce": str, "version": int}
+WELCOME = 2  # agent: {"nonce", "version", "agent", "boot_id", "uptime"}
+OPEN = 3  # host: a new session {"op": ...}
+STDIN = 4  # host: bytes for the session's stdin
+STDIN_EOF = 5  # host: no more stdin
+STDOUT = 6  # agent: bytes
+STDERR = 7  # agent: bytes
+SIGNAL = 8  # host: {"signal": N} for the session's process group
+EXIT = 9  # agent: {"status": N} (128+N for signal N); the session is over
+RESULT = 10  # agent: a JSON result (health, poweroff); the session is over
+ERROR = 11  # agent: {"message": str}; the session is over
+CLOSE = 12  # host: kill the session's process group and forget it
+
+#: sent before HELLO and before WELCOME: longer than any frame, and holding no MAGIC, so
+#: a reader stuck on the cut header of a frame that will never complete fails its CRC
+#: and resynchronises on the frame that follows
+SYNC = b"\0" * (HEADER.size + MAX_PAYLOAD)
+
+NAMES = {v: k for k, v in globals().items() if k.isupper() and isinstance(v, int) and 1 <= v <= 12}
+JSON_KINDS = frozenset({HELLO, WELCOME, OPEN, SIGNAL, EXIT, RESULT, ERROR})
+ENDS = frozenset({EXIT, RESULT, ERROR})
+
+
+class ProtocolError(ValueError):
+    """A frame that cannot be made or a JSON payload that is not an object."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: int
+    session: int
+    payload: bytes = b""
+
+    def obj(self) -> dict[str, Any]:
+        """The JSON object a JSON frame carries."""
+        try:
+            value = json.loads(self.payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError(f"{NAMES.get(self.kind, self.kind)} frame: not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{NAMES.get(self.kind, self.kind)} frame: not a JSON object")
+        return value
+
+    def __repr__(self) -> str:
+        return f"Frame({NAMES.get(self.kind, self.kind)}, session={self.session}, {len(self.payload)} bytes)"
+
+
+def _crc(kind: int, session: int, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(struct.pack(">BII", kind, session, len(payload)))) & 0xFFFFFFFF
+
+
+def encode(kind: int, session: int, payload: bytes = b"") -> bytes:
+    """One frame's bytes."""
+    if kind not in NAMES:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
+    return HEADER.pack(MAGIC, kind, session, len(payload), _crc(kind, session, payload)) + payload
+
+
+def encode_json(kind: int, session: int, obj: dict[str, Any]) -> bytes:
+    return encode(kind, session, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+
+
+def encode_data(kind: int, session: int, data: bytes) -> list[bytes]:
+    """``data`` as frames of at most MAX_PAYLOAD bytes each (none for no data)."""
+    view = memoryview(data)
+    return [encode(kind, session, bytes(view[i : i + MAX_PAYLOAD])) for i in range(0, len(view), MAX_PAYLOAD)]
+
+
+class Decoder:
+    """Bytes in, whole frames out; garbage between frames is skipped (``skipped``
+    counts the bytes thrown away while resynchronising)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.skipped = 0
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        out: list[Frame] = []
+        buf = self._buf
+        while True:
+            at = buf.find(MAGIC)
+            if at < 0:
+                keep = len(MAGIC) - 1  # a MAGIC may be split across reads
+                if len(buf) > keep:
+                    self.skipped += len(buf) - keep
+                    del buf[: len(buf) - keep]
+                return out
+            if at:
+                self.skipped += at
+                del buf[:at]
+            if len(buf) < HEADER.size:
+                return out
+            _magic, kind, session, length, crc = HEADER.unpack_from(buf)
+            if kind not in NAMES or length > MAX_PAYLOAD:
+                self.skipped += 1
+                del buf[:1]  # not a frame start after all: look for the next MAGIC
+                continue
+            end = HEADER.size + length
+            if len(buf) < end:
+                return out
+            payload = bytes(buf[HEADER.size : end])
+            if _crc(kind, session, payload) != crc:
+                self.skipped += 1
+                del buf[:1]
+                continue
+            del buf[:end]
+            out.append(Frame(kind, session, payload))

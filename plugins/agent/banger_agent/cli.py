@@ -1,0 +1,85 @@
+"""``banger vm exec`` and ``banger vm health``."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sys
+from typing import Any
+
+import typer
+
+ENV_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
+
+
+def add_commands(vm: typer.Typer) -> None:
+    @vm.command(
+        "exec",
+        context_settings={"allow_interspersed_args": False},
+    )
+    def vm_exec(
+        ref: str = typer.Argument(..., help="the VM (name or id prefix)"),
+        command: list[str] = typer.Argument(..., help="the command and its arguments, after --"),
+        env: list[str] = typer.Option([], "--env", "-e", help="K=V in the command's environment (repeatable)"),
+        workdir: str = typer.Option(None, "--workdir", "-w", help="the directory it runs in"),
+        user: str = typer.Option(None, "--user", "-u", help="the user it runs as (default root)"),
+    ) -> None:
+        """Run a command in a running VM: stdin goes to it, its stdout and stderr come
+        back, and its exit status is banger's (128+N for signal N). Ctrl-C reaches the
+        command; if banger is killed, the command's process group in the guest is too."""
+        from banger_core.client import Client
+        from banger_core.errors import BangerError, ErrorCode
+
+        pairs = {}
+        for e in env:
+            m = ENV_RE.fullmatch(e)
+            if m is None:
+                raise _bad(f"--env {e!r}: expected NAME=VALUE")
+            pairs[m.group(1)] = m.group(2)
+        if command and command[0] == "--":  # `vm exec VM -- CMD`: the separator is not the command
+            command = command[1:]
+        if not command:
+            raise _bad("no command: banger vm exec VM -- CMD [ARGS...]")
+        params: dict[str, Any] = {"ref": ref, "argv": command, "env": pairs}
+        if workdir:
+            params["cwd"] = workdir
+        if user:
+            params["user"] = user
+        try:
+            with Client().open_stream("agent.exec", params) as stream:
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                    signal.signal(sig, lambda n, _f: stream.signal(signal.Signals(n).name[3:]))
+                result = stream.pump(0 if not sys.stdin.closed else None, 1, 2)
+        except BangerError as exc:
+            if exc.code is ErrorCode.DAEMON_UNAVAILABLE:
+                print(f"banger: the daemon went away during the exec: {exc.message}", file=sys.stderr)
+                raise typer.Exit(255) from None
+            raise
+        except (ConnectionError, OSError) as exc:
+            print(f"banger: the daemon went away during the exec: {exc}", file=sys.stderr)
+            raise typer.Exit(255) from None
+        raise typer.Exit(int(result.get("exit_status", 255)))
+
+    @vm.command("health")
+    def vm_health(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
+        """Ask a running VM's agent who it is: agent and protocol versions, banger's
+        build that made its disk, boot id, uptime."""
+        from banger_core.client import Client
+
+        h = Client().call("agent.health", {"ref": ref})
+        if as_json:
+            typer.echo(json.dumps(h, indent=2))
+            return
+        build = h.get("build") or {}
+        typer.echo(
+            f"{h['vm']}: agent {h.get('agent')} (protocol {h.get('version')}, python {h.get('python')}), "
+            f"up {h.get('uptime', 0):.1f}s, hostname {h.get('hostname')}, boot {h.get('boot_id')}, "
+            f"agent disk {build.get('disk', '?')} from banger {build.get('banger', '?')}"
+        )
+
+
+def _bad(msg: str) -> Exception:
+    from banger_core.errors import BangerError, ErrorCode
+
+    return BangerError(ErrorCode.BAD_REQUEST, msg)

@@ -1,0 +1,128 @@
+"""``agent.exec`` (a streaming call: stdin in, stdout/stderr out, the exit status as its
+result) and ``agent.health``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from banger_core import protocol
+from banger_core.errors import BangerError, ErrorCode
+from banger_guest import protocol as P
+
+
+class HealthParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ref: str
+
+
+class ExecParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ref: str
+    argv: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    user: str | None = None
+
+
+def _target(call: Any, ref: str) -> tuple[Any, Any]:
+    """The running VM and its channel's socket; a clear refusal otherwise."""
+    from banger_agent import socket_of
+    from banger_core.models import VMState
+
+    vm = call.state.vms.resolve(ref)
+    if vm.state is not VMState.RUNNING:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is {vm.state.value}: start it first (banger vm start {vm.name})")
+    why = (vm.teardown or {}).get("agent", {}).get("no_agent")
+    if why:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} has no agent: {why}")
+    return vm, socket_of(call.state.paths, vm.id)
+
+
+def _unavailable(vm: Any, exc: BaseException) -> BangerError:
+    console = vm and f"; see the console log of {vm.name}"
+    return BangerError(ErrorCode.OPERATION_FAILED, f"the agent of {vm.name} does not answer: {exc}{console}")
+
+
+async def agent_health(p: HealthParams, call: Any) -> dict[str, Any]:
+    from banger_agent import agents
+
+    vm, sock = _target(call, p.ref)
+    svc = agents()
+    try:
+        health: dict[str, Any] = await svc.relay(svc.call(vm.id, sock, {"op": "health"}, timeout=10))
+    except Exception as exc:
+        raise _unavailable(vm, exc) from None
+    return {"vm": vm.name, **health}
+
+
+async def agent_exec(p: ExecParams, call: Any) -> dict[str, Any]:
+    """Run ``argv`` in the VM: the client's STDIN data goes to the command, its stdout and
+    stderr come back on STDOUT/STDERR, a signal control reaches its process group; the
+    result is ``{"exit_status": N}`` (128+N for signal N). The client going away kills
+    the command's process group in the guest."""
+    from banger_agent import agents
+
+    vm, sock = _target(call, p.ref)
+    svc = agents()
+    request = {"op": "exec", "argv": p.argv, "env": p.env, "cwd": p.cwd, "user": p.user}
+    try:
+        session = await svc.relay(svc.open(vm.id, sock, request))
+    except Exception as exc:
+        raise _unavailable(vm, exc) from None
+    stream = call.stream
+
+    async def client_to_guest() -> None:
+        while (frame := await stream.read()) is not None:
+            if frame.kind == protocol.DATA and frame.channel == protocol.STDIN:
+                await svc.relay(session.stdin(frame.data))
+            elif frame.kind == protocol.END and frame.channel == protocol.STDIN:
+                await svc.relay(session.stdin_eof())
+            elif frame.kind == protocol.CONTROL and frame.obj.get("type") == "signal":
+                try:
+                    number = signal.Signals[f"SIG{frame.obj.get('name')}"].value
+                except KeyError:
+                    continue
+                await svc.relay(session.signal(number))
+
+    async def next_frame() -> P.Frame | None:
+        async for frame in session.events():
+            return frame
+        return None
+
+    feeder = asyncio.get_running_loop().create_task(client_to_guest())
+    finished = False
+    try:
+        while True:
+            frame = await svc.relay(next_frame())
+            if frame is None:
+                raise BangerError(ErrorCode.OPERATION_FAILED, f"the agent of {vm.name} ended the session without a status")
+            if frame.kind == P.STDOUT:
+                await stream.write(protocol.STDOUT, frame.payload)
+            elif frame.kind == P.STDERR:
+                await stream.write(protocol.STDERR, frame.payload)
+            elif frame.kind == P.EXIT:
+                finished = True
+                return {"exit_status": int(frame.obj().get("status", 255))}
+            elif frame.kind == P.ERROR:
+                finished = True
+                err = frame.obj()
+                await stream.write(protocol.STDERR, f"banger: {err.get('message')}\n".encode())
+                return {"exit_status": int(err.get("status", 255)), "error": err.get("message")}
+    except Exception as exc:
+        from banger_agent.channel import ChannelClosed
+
+        if isinstance(exc, ChannelClosed):
+            raise BangerError(ErrorCode.OPERATION_FAILED, f"the agent channel of {vm.name} closed: {exc}") from None
+        raise
+    finally:
+        feeder.cancel()
+        with contextlib.suppress(BaseException):
+            await feeder
+        if not finished:  # the client went away (or the call failed): kill the command
+            with contextlib.suppress(Exception):
+                await svc.relay(session.close())

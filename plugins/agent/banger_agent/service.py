@@ -1,0 +1,102 @@
+"""The daemon side of every VM's agent: one channel per VM, owned here.
+
+The channels live on an event loop of their own (a daemon thread), so the VM lifecycle
+hooks (which run in worker threads) and the RPC handlers (on the daemon's loop) reach
+them the same way: ``run(coro)`` from a thread, ``await relay(coro)`` from a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from banger_agent.channel import AgentMismatch, Channel, ChannelClosed, Session
+
+T = TypeVar("T")
+
+
+class AgentUnavailable(RuntimeError):
+    """No agent answered (not yet, or not at all)."""
+
+
+class AgentService:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="agent-io", daemon=True)
+        self._thread.start()
+        self.channels: dict[str, Channel] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- crossing threads and loops --------------------------------------------------
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """From a thread: run ``coro`` on the agent loop and wait for it."""
+        return self.submit(coro).result(timeout)
+
+    async def relay(self, coro: Coroutine[Any, Any, T]) -> T:
+        """From another loop (an RPC handler): await ``coro`` run on the agent loop."""
+        return await asyncio.wrap_future(self.submit(coro))
+
+    # --- channels (on the agent loop) ---------------------------------------------------
+    async def channel(self, vm_id: str, socket: Path, timeout: float) -> Channel:
+        lock = self._locks.setdefault(vm_id, asyncio.Lock())
+        async with lock:
+            ch = self.channels.get(vm_id)
+            if ch is not None and not ch.closed:
+                return ch
+
+            async def opener() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                return await asyncio.open_unix_connection(str(socket), limit=1 << 20)
+
+            ch = await Channel.connect(opener, timeout)
+            self.channels[vm_id] = ch
+            return ch
+
+    async def open(self, vm_id: str, socket: Path, request: dict[str, Any], timeout: float = 10) -> Session:
+        ch = await self.channel(vm_id, socket, timeout)
+        return await ch.open(request)
+
+    async def call(self, vm_id: str, socket: Path, request: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
+        ch = await self.channel(vm_id, socket, timeout)
+        return await ch.call(request, timeout)
+
+    async def _drop(self, vm_id: str) -> None:
+        ch = self.channels.pop(vm_id, None)
+        if ch is not None:
+            await ch.close()
+
+    def drop(self, vm_id: str) -> None:
+        """From a thread: close the VM's channel (its sessions end)."""
+        try:
+            self.run(self._drop(vm_id), timeout=10)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass
+
+    # --- waiting for an agent (from a thread) ------------------------------------------
+    def wait_ready(self, vm_id: str, socket: Path, deadline: float, alive: Any = lambda: True) -> dict[str, Any]:
+        """Health, once the agent answers; AgentUnavailable at the deadline (or when
+        ``alive()`` says the VM is gone); AgentMismatch at once."""
+        last = "no answer"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AgentUnavailable(last)
+            if not alive():
+                raise AgentUnavailable("the VM exited while banger waited for its agent")
+            try:
+                if not socket.exists():
+                    raise FileNotFoundError(f"{socket} does not exist yet")
+                return self.run(self.call(vm_id, socket, {"op": "health"}, timeout=min(left, 5)), timeout=min(left, 5) + 1)
+            except AgentMismatch:
+                raise
+            except (OSError, ChannelClosed, asyncio.TimeoutError, concurrent.futures.TimeoutError, RuntimeError) as exc:
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                self.drop(vm_id)
+                time.sleep(0.2)

@@ -69,15 +69,31 @@ def socket_of(paths: Any, vm_id: str) -> Path:
     return Path(paths.vm_files(vm_id).dir) / SOCKET
 
 
-def carries_launcher(rootfs: str) -> bool:
-    """Whether the image has banger's launcher (debugfs reads the ext4, nothing mounted)."""
+PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
+
+
+def agent_support(rootfs: str) -> str | None:
+    """Why the image cannot run the agent, or None when it can: it must carry banger's
+    launcher and a python3 (debugfs reads the ext4; nothing is mounted)."""
     from banger_agent.guestfiles import LAUNCHER
 
+    paths = (LAUNCHER, *PYTHONS)
     try:
-        out = subprocess.run(["debugfs", "-R", f"stat {LAUNCHER}", rootfs], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "Inode:" in out
+        out = subprocess.run(
+            ["debugfs", "-f", "-", rootfs],
+            input="".join(f"stat {p}\n" for p in paths),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot read the image: {exc}"
+    found = {p for p, part in zip(paths, out.split("debugfs: stat ")[1:], strict=False) if "Inode:" in part}
+    if LAUNCHER not in found:
+        return "it does not carry banger's agent launcher (pull or rebuild it with this banger)"
+    if not found & set(PYTHONS):
+        return "it has no python3, which the agent needs"
+    return None
 
 
 def _image_of(ctx: Any) -> Any:
@@ -97,8 +113,9 @@ def configure_machine(ctx: Any, machine: Any) -> None:
     from banger_core.models import AgentChannel, Drive
 
     image = _image_of(ctx)
-    if image is None or not carries_launcher(image.rootfs):
-        why = f"image {ctx.vm.image} does not carry banger's agent launcher (pull or rebuild it with this banger)"
+    why = agent_support(image.rootfs) if image is not None else "its image is gone"
+    if why:
+        why = f"image {ctx.vm.image}: {why}"
         ctx.teardown["no_agent"] = why
         ctx.persist()
         ctx.log.warning("%s: no agent in VM %s", why, ctx.vm.name)

@@ -120,6 +120,9 @@ class VM(Strict):
     # Per-VM plugin options as given (plugin -> field -> value), validated by each
     # plugin's vm_options model; defaults stay the model's. Durable.
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Deleted by the daemon when the run that made it ends (``vm run --rm``); one left by
+    # a daemon that died is deleted when the next one reconciles. Durable.
+    ephemeral: bool = False
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 

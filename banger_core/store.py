@@ -90,6 +90,10 @@ def _m006_pull_records(db: sqlite_utils.Database) -> None:
         db.execute("UPDATE images SET source = ? WHERE name = ?", [f"{ref}#{digest}", row["name"]])
 
 
+def _m007_vm_ephemeral(db: sqlite_utils.Database) -> None:
+    db.table("vms").add_column("ephemeral", int, not_null_default=0)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial: vms, images, kernels", _m001_initial),
     (2, "vms: disk_strategy, last_error", _m002_vm_disk_and_error),
@@ -97,6 +101,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (4, "kernels: vmlinux, source", _m004_kernel_vmlinux_source),
     (5, "vms: options (per-VM plugin options)", _m005_vm_options),
     (6, "images, kernels: what a pull made as REF#REVISION", _m006_pull_records),
+    (7, "vms: ephemeral (deleted when the run that made it ends)", _m007_vm_ephemeral),
 ]
 
 
@@ -157,6 +162,7 @@ class Store:
         row["spec"] = json.loads(row["spec"])
         row["teardown"] = json.loads(row["teardown"] or "{}")
         row["options"] = json.loads(row.get("options") or "{}")
+        row["ephemeral"] = bool(row.get("ephemeral"))
         return VM.model_validate({k: v for k, v in row.items() if v is not None})
 
     def insert_vm(self, vm: VM) -> VM:

@@ -75,6 +75,7 @@ def test_upgrade_from_schema_1_keeps_rows(paths, monkeypatch):
     vm = new.get_vm("abc")
     assert vm.name == "keep" and vm.disk_strategy is None and vm.last_error is None
     assert vm.options == {}  # migration 5: no per-VM plugin options yet
+    assert vm.ephemeral is False  # migration 7: nothing made by a vm run --rm yet
     vm.options = {"example": {"motto": "kept"}}
     new.update_vm(vm)
     assert new.get_vm("abc").options == {"example": {"motto": "kept"}}

@@ -298,7 +298,8 @@ def set_(
     _fan_out("vm.set", refs, as_json, "set", shown=line, **{k: v for k, v in params.items() if v is not None})
 
 
-#: the vm subcommands that take plugins' per-VM options
+#: the vm subcommands that take plugins' per-VM options (a plugin's own vm subcommand
+#: opts in by setting ``__banger_vm_options__ = True`` on its function: `vm run`)
 OPTION_COMMANDS = ("create", "set")
 
 #: plugin -> {field: value}: the plugin options given on this command line (filled by
@@ -313,8 +314,9 @@ def with_plugin_options(models: "dict[str, type[BaseModel]]") -> None:
     if not models:
         return
     for info in app.registered_commands:
-        if info.callback is not None and index.name_of(info) in OPTION_COMMANDS:
-            info.callback = _wrapped(info.callback, models)
+        cb = info.callback
+        if cb is not None and (index.name_of(info) in OPTION_COMMANDS or getattr(cb, "__banger_vm_options__", False)):
+            info.callback = _wrapped(cb, models)
 
 
 def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]") -> Any:

@@ -24,6 +24,8 @@ class CreateParams(Input):
     project_dir: HostPath | None = None
     #: per-VM plugin options: plugin -> {field: value} (each plugin's vm_options model)
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: deleted by the daemon when the run that made it ends (vm run --rm); see VM.ephemeral
+    ephemeral: bool = False
 
     @field_validator("name")
     @classmethod

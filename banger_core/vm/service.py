@@ -172,6 +172,7 @@ class VMService:
             spec=spec,
             driver=driver_name,
             project_dir=params.project_dir,
+            ephemeral=params.ephemeral,
         )
         # Resolve plugins and validate their settings and the VM's options before
         # anything exists.
@@ -513,8 +514,15 @@ class VMService:
     # --- reconcile (daemon start) ---------------------------------------------------
     def reconcile(self) -> dict[str, Names]:
         """Re-adopt live VMMs; demote dead ones and tear down their leftovers."""
-        report: dict[str, Names] = {"adopted": [], "stopped": [], "interrupted": []}
+        report: dict[str, Names] = {"adopted": [], "stopped": [], "interrupted": [], "deleted": []}
         for vm in self.store.list_vms():
+            if vm.ephemeral:  # its run died with the daemon that ran it: delete it as promised
+                try:
+                    self.delete(vm, "op-reconcile", force=True)
+                    report["deleted"].append(vm.name)
+                except BangerError as exc:
+                    log.error("reconcile %s: deleting the ephemeral VM failed: %s", vm.name, exc.message)
+                continue
             h = self.handles.get(vm.id) or self.handles.read_file(vm.id)
             pid = h.pid if h and h.pid and vmm.is_vmm_of(h.pid, vm.id) else vmm.find_vmm(vm.id)
             op = "op-reconcile"

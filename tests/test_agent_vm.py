@@ -124,6 +124,47 @@ def test_killing_the_daemon_mid_exec_leaves_the_vm_running(env):
     wait_for(lambda: guest_sleepers(env) == [], timeout=10, interval=0.3)  # the old session's command is gone
 
 
+def test_vm_run_rm_runs_a_command_in_a_fresh_vm_and_leaves_nothing(env):
+    r = subprocess.run(
+        [BANGER, "vm", "run", "--rm", "--name", "once", "--vcpu", "1", "--memory", "512M", "--", "sh", "-c", "uname -s; exit 7"],
+        env=env.env(),
+        capture_output=True,
+        text=True,
+        timeout=LONG,
+    )
+    assert r.returncode == 7 and r.stdout == "Linux\n", r.stderr  # stdout is the command's alone
+    assert "spec:" in r.stderr and "ran in" in r.stderr.splitlines()[-1]
+    assert [v["name"] for v in json.loads(env.run("vm", "list", "--json", check=True).stdout)] == [VM]
+    assert sorted(p.name for p in (env.state_dir / "vms").iterdir()) == [
+        json.loads(env.run("vm", "show", VM, "--json", check=True).stdout)["id"]
+    ]
+    for args in (["-d", "--rm"], ["-d", "--", "true"]):  # refused before any VM exists
+        r = env.run("vm", "run", *args)
+        assert r.returncode == 1 and "-d leaves the VM running" in r.stderr, r.stderr
+
+
+def test_an_ephemeral_vm_whose_daemon_died_is_deleted_by_the_next(env):
+    """`vm run --rm`'s intent is durable: the daemon killed mid-run, the next one deletes
+    the VM when it reconciles."""
+    p = subprocess.Popen(
+        [BANGER, "vm", "run", "--rm", "--name", "orphan", "--vcpu", "1", "--memory", "512M", "--", "sleep", "300"],
+        env=env.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    wait_for(lambda: "orphan" in [v["name"] for v in json.loads(env.run("vm", "list", "--json", check=True).stdout)], timeout=120)
+    shown = json.loads(env.run("vm", "show", "orphan", "--json", check=True).stdout)
+    assert shown["ephemeral"] is True
+    os.kill(int((env.runtime_dir / "bangerd.pid").read_text()), signal.SIGKILL)
+    p.wait(timeout=60)
+    names = [v["name"] for v in json.loads(env.run("vm", "list", "--json", check=True).stdout)]  # a new daemon
+    assert names == [VM]
+    wait_for(lambda: subprocess.run(["pgrep", "-f", f"banger-{shown['id']}"], capture_output=True).stdout == b"", timeout=30)
+    assert not (env.state_dir / "vms" / shown["id"]).exists()
+    log = (env.state_dir / "bangerd.log").read_text()
+    assert "'deleted': ['orphan']" in log, log[-2000:]
+
+
 def test_exec_on_a_stopped_vm_is_refused(env):
     env.run("vm", "stop", VM, check=True, timeout=120)
     r = ex(env, "true")

@@ -52,7 +52,7 @@ def test_started_on_demand_owner_only(benv):
     from banger_core.builtin import BUILTIN
 
     builtins = [name for name, _module in BUILTIN]
-    assert st["plugins"][: len(builtins)] == builtins and st["plugins"][len(builtins)] == "debian"
+    assert st["plugins"][: len(builtins)] == builtins and st["plugins"][len(builtins)] == "agent"
     assert "daemon.hello" in st["methods"]
     assert benv.run("daemon", "socket", check=True).stdout.strip() == str(benv.socket)
     v = json.loads(benv.run("version", "--json", check=True).stdout)

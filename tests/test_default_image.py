@@ -83,10 +83,10 @@ def test_create_with_no_image_pulls_default_and_boots_debian(denv):
     for absent in ("getty@tty1", "e2scrub", "Kernel Debug File System", "ata_piix", "kvm: Nested"):
         assert absent not in text, absent
     assert "Started serial-getty@ttyS0" in text and "Started systemd-logind" in text
-    # graceful stop: systemd sees the power button and shuts down cleanly
+    # graceful stop: the agent syncs and powers off (systemctl poweroff: a clean shutdown)
     denv.run("vm", "stop", "deb", timeout=300, check=True)
     log = (denv.state_dir / "bangerd.log").read_text()
-    assert re.search(r'"msg": "VM deb: shut down \(ACPI\)"', log), log[-2000:]
+    assert re.search(r'"msg": "VM deb: shut down by agent"', log), log[-2000:]
     # a second create reuses the pulled image and kernel
     r = denv.run("vm", "create", "--name", "deb2", "--vcpu", "1", "--memory", "512M", timeout=300, check=True)
     assert "pull " not in r.stderr

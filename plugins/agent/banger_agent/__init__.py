@@ -178,10 +178,11 @@ def cleanup(ctx: Any) -> None:
 
 @hookimpl
 def register_rpc_methods(register: Callable[..., None]) -> None:
-    from banger_agent import rpc
+    from banger_agent import rpc, run
 
     register("agent.exec", rpc.agent_exec, params=rpc.ExecParams, stream=True)
     register("agent.health", rpc.agent_health, params=rpc.HealthParams)
+    register("agent.run", run.agent_run, params=run.RunParams, stream=True)
 
 
 @hookimpl
@@ -189,6 +190,7 @@ def register_commands(app: Any, vm: Any) -> None:
     from banger_agent import cli
 
     cli.add_commands(vm)
+    cli.add_run(vm)
 
 
 @hookimpl

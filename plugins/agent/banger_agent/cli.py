@@ -83,3 +83,83 @@ def _bad(msg: str) -> Exception:
     from banger_core.errors import BangerError, ErrorCode
 
     return BangerError(ErrorCode.BAD_REQUEST, msg)
+
+
+def add_run(vm: typer.Typer) -> None:
+    @vm.command("run", context_settings={"allow_interspersed_args": False})
+    def vm_run(
+        command: list[str] = typer.Argument(None, help="the command and its arguments, after --"),
+        rm: bool = typer.Option(False, "--rm", help="delete the VM when the command ends, however it ends"),
+        detach: bool = typer.Option(False, "--detach", "-d", help="leave the VM running and say how to reach it"),
+        name: str = typer.Option(None, "--name", "-n", help="DNS-label name (default: generated)"),
+        image: str = typer.Option(None, "--image", "-i", help="image name, pulled if missing"),
+        kernel: str = typer.Option(None, "--kernel", "-k", help="boot this kernel instead of the image's"),
+        vcpu: int = typer.Option(None, "--vcpu", help="vCPUs"),
+        memory: str = typer.Option(None, "--memory", "-m", help="memory, e.g. 1024 or 2G"),
+        disk_size: str = typer.Option(None, "--disk-size", help="root disk size, e.g. 4G"),
+        env: list[str] = typer.Option([], "--env", "-e", help="K=V in the command's environment (repeatable)"),
+        workdir: str = typer.Option(None, "--workdir", "-w", help="the directory it runs in"),
+    ) -> None:
+        """Create a VM, run a command in it, return its exit status.
+
+        The `spec:` line and progress go to stderr, then the command's output (stdout is
+        the command's alone), then the elapsed time. With --rm the daemon deletes the VM
+        however the run ends (exit, error, Ctrl-C, SIGTERM, banger killed). With -d, or
+        no command, the VM is left running."""
+        import time
+
+        from banger_core.cli.vm_cmd import Progress, check_name, given_options, parse_mib, positive
+        from banger_core.client import Client
+        from banger_core.errors import BangerError, ErrorCode
+
+        command = list(command or [])
+        if command and command[0] == "--":
+            command = command[1:]
+        if detach and rm:
+            raise _bad("-d leaves the VM running and --rm deletes it: give one")
+        if detach and command:
+            raise _bad("-d leaves the VM running without running anything: give a command or -d, not both")
+        pairs = {}
+        for e in env:
+            m = ENV_RE.fullmatch(e)
+            if m is None:
+                raise _bad(f"--env {e!r}: expected NAME=VALUE")
+            pairs[m.group(1)] = m.group(2)
+        params: dict[str, Any] = {
+            "name": check_name(name),
+            "image": image,
+            "kernel": kernel,
+            "vcpus": positive(vcpu, "--vcpu"),
+            "memory_mib": parse_mib(memory, "--memory"),
+            "disk_size_mib": parse_mib(disk_size, "--disk-size"),
+            "options": dict(given_options) or None,
+            "argv": command,
+            "rm": rm,
+            "env": pairs,
+            "cwd": workdir,
+        }
+        params = {k: v for k, v in params.items() if v is not None}
+        t0 = time.monotonic()
+        try:
+            with Client().open_stream("agent.run", params) as stream:
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                    signal.signal(sig, lambda n, _f: stream.signal(signal.Signals(n).name[3:]))
+                result = stream.pump(0 if command else None, 1, 2, on_event=Progress(quiet=False))
+        except BangerError as exc:
+            if exc.code is ErrorCode.DAEMON_UNAVAILABLE:
+                print(f"banger: the daemon went away during the run: {exc.message}", file=sys.stderr)
+                raise typer.Exit(255) from None
+            raise
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in (result.get("stages") or {}).items())
+        if not command:
+            vm = result["vm"]
+            print(
+                f"{vm['name']} is running. Run a command: banger vm exec {vm['name']} -- CMD\n"
+                f"  health: banger vm health {vm['name']}; stop: banger vm stop {vm['name']}; "
+                f"delete: banger vm delete {vm['name']} --force",
+                file=sys.stderr,
+            )
+        print(f"ran in {time.monotonic() - t0:.1f}s ({stages})", file=sys.stderr)
+        raise typer.Exit(int(result.get("exit_status", 0)))
+
+    vm_run.__banger_vm_options__ = True  # type: ignore[attr-defined]

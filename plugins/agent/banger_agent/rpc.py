@@ -65,11 +65,15 @@ async def agent_exec(p: ExecParams, call: Any) -> dict[str, Any]:
     stderr come back on STDOUT/STDERR, a signal control reaches its process group; the
     result is ``{"exit_status": N}`` (128+N for signal N). The client going away kills
     the command's process group in the guest."""
+    vm, sock = _target(call, p.ref)
+    return await exec_session(call, vm, sock, {"op": "exec", "argv": p.argv, "env": p.env, "cwd": p.cwd, "user": p.user})
+
+
+async def exec_session(call: Any, vm: Any, sock: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """One exec session bridged to the call's stream (agent.exec, agent.run)."""
     from banger_agent import agents
 
-    vm, sock = _target(call, p.ref)
     svc = agents()
-    request = {"op": "exec", "argv": p.argv, "env": p.env, "cwd": p.cwd, "user": p.user}
     try:
         session = await svc.relay(svc.open(vm.id, sock, request))
     except Exception as exc:

@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""banger's smoke suite: end-to-end scenarios against the installed `banger`.
+
+Each scenario gets its own config/state/cache/runtime dirs (the image builds are shared
+through one cache) and its own network namespace, which the daemon runs in too; both
+are removed afterwards. A preflight runs `banger doctor` and checks that UDP
+127.0.0.1:42069 is free.
+
+    scripts/smoke.py --list
+    scripts/smoke.py [--scenario NAME ...] [--jobs N] [--quick]
+
+Exit 0 only when every scenario selected passed. Later issues add their scenarios to
+SCENARIOS below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+BANGER = shutil.which("banger") or "banger"
+SHARED_CACHE = Path(os.environ.get("BANGER_SMOKE_CACHE", "/var/cache/banger-smoke"))
+
+
+class Failed(AssertionError):
+    pass
+
+
+def check(cond: object, what: str) -> None:
+    if not cond:
+        raise Failed(what)
+
+
+@dataclass
+class Env:
+    """One scenario's banger: its own dirs, its own network namespace."""
+
+    root: Path
+    netns: str
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
+        env.update(
+            BANGER_CONFIG_DIR=str(self.root / "cfg"),
+            BANGER_STATE_DIR=str(self.root / "state"),
+            BANGER_CACHE_DIR=str(SHARED_CACHE),
+            BANGER_RUNTIME_DIR=str(self.root / "run"),
+            NO_COLOR="1",
+        )
+        return env
+
+    def argv(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, BANGER, *args]
+
+    def run(self, *args: str, stdin: bytes | None = None, timeout: float = 1800) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(self.argv(*args), input=stdin, env=self.env(), capture_output=True, timeout=timeout)
+
+    def popen(self, *args: str, **kw: object) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.argv(*args), env=self.env(), **kw)  # type: ignore[call-overload]
+
+    def vms(self) -> list[dict]:
+        r = self.run("vm", "list", "--json")
+        check(r.returncode == 0, f"vm list failed: {r.stderr.decode()}")
+        return json.loads(r.stdout)
+
+    def nothing_left(self) -> None:
+        check(self.vms() == [], f"VMs left: {self.vms()}")
+        vms_dir = self.root / "state" / "vms"
+        left = list(vms_dir.iterdir()) if vms_dir.exists() else []
+        check(not left, f"VM dirs left: {left}")
+        procs = subprocess.run(["pgrep", "-f", f"qemu.*{self.root}"], capture_output=True).stdout
+        check(not procs.strip(), f"QEMU processes left: {procs.decode()}")
+
+
+def out(r: subprocess.CompletedProcess[bytes]) -> str:
+    return f"exit {r.returncode}\nstdout: {r.stdout.decode(errors='replace')[-2000:]}\nstderr: {r.stderr.decode(errors='replace')[-2000:]}"
+
+
+# --- scenarios ------------------------------------------------------------------------
+
+
+def run_uname(e: Env) -> None:
+    r = e.run("vm", "run", "--rm", "--", "uname", "-a")
+    check(r.returncode == 0 and r.stdout.startswith(b"Linux "), out(r))
+    check(b"spec:" in r.stderr and b"ran in" in r.stderr, "stderr has the spec line and the elapsed time\n" + out(r))
+    e.nothing_left()
+
+
+def run_statuses(e: Env) -> None:
+    r = e.run("vm", "run", "--rm", "--", "sh", "-c", "exit 42")
+    check(r.returncode == 42, out(r))
+    r = e.run("vm", "run", "--rm", "--", "sh", "-c", "kill -TERM $$")
+    check(r.returncode == 143, out(r))
+    r = e.run("vm", "run", "--rm", "--", "cat", stdin=b"hi\n")
+    check(r.returncode == 0 and r.stdout == b"hi\n", out(r))
+    e.nothing_left()
+
+
+def run_refusals(e: Env) -> None:
+    for args in (["-d", "--rm"], ["-d", "--", "true"]):
+        r = e.run("vm", "run", *args)
+        check(r.returncode != 0 and b"-d" in r.stderr, out(r))
+    e.nothing_left()
+
+
+def run_kill9(e: Env) -> None:
+    """kill -9 of a `vm run --rm` CLI: the daemon still deletes the VM."""
+    p = e.popen(
+        "vm", "run", "--rm", "--name", "victim", "--", "sleep", "600", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and not any(v["name"] == "victim" and v["state"] == "running" for v in e.vms()):
+        time.sleep(1)
+    time.sleep(2)  # the command is running in the guest
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and e.vms():
+        time.sleep(1)
+    e.nothing_left()
+
+
+def run_parallel(e: Env) -> None:
+    procs = [
+        e.popen("vm", "run", "--rm", "--", "echo", f"run{i}", stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)
+    ]
+    outs = [p.communicate(timeout=1800) for p in procs]
+    check(all(p.returncode == 0 for p in procs), f"{[p.returncode for p in procs]} {outs}")
+    check(sorted(o[0] for o in outs) == [b"run0\n", b"run1\n"], str(outs))
+    e.nothing_left()
+
+
+SCENARIOS: dict[str, tuple[Callable[[Env], None], bool, str]] = {
+    # name: (function, quick (run in CI), what it shows)
+    "run-uname": (run_uname, True, "vm run --rm -- uname -a prints the guest's kernel and leaves nothing"),
+    "run-statuses": (run_statuses, False, "exit 42, 143 for TERM, stdin through cat"),
+    "run-refusals": (run_refusals, True, "-d --rm and -d -- CMD are refused with no VM made"),
+    "run-kill9": (run_kill9, False, "kill -9 of a vm run --rm CLI still deletes the VM"),
+    "run-parallel": (run_parallel, False, "two vm run --rm at once both succeed"),
+}
+
+
+# --- the runner -----------------------------------------------------------------------
+
+
+def preflight() -> list[str]:
+    problems = []
+    if shutil.which("banger") is None:
+        problems.append("banger is not on PATH (scripts/install.sh links it)")
+    else:
+        r = subprocess.run([BANGER, "doctor"], capture_output=True, text=True)
+        if r.returncode != 0:
+            problems.append("banger doctor failed:\n" + r.stdout + r.stderr)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind(("127.0.0.1", 42069))
+    except OSError as exc:
+        problems.append(f"UDP 127.0.0.1:42069 is not free: {exc}")
+    finally:
+        s.close()
+    if os.geteuid() != 0:
+        problems.append("the smoke suite makes network namespaces: run it as root")
+    return problems
+
+
+def run_one(name: str) -> tuple[str, bool, float, str]:
+    fn = SCENARIOS[name][0]
+    root = Path(tempfile.mkdtemp(prefix="smk-", dir="/tmp"))
+    netns = f"smoke-{secrets.token_hex(4)}"
+    t = time.monotonic()
+    try:
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up"], check=True)
+        e = Env(root, netns)
+        (root / "cfg").mkdir(parents=True)
+        fn(e)
+        return name, True, time.monotonic() - t, ""
+    except Exception as exc:  # a scenario's failure is reported, the others go on
+        return name, False, time.monotonic() - t, f"{type(exc).__name__}: {exc}"
+    finally:
+        env = Env(root, netns)
+        subprocess.run(env.argv("daemon", "stop"), env=env.env(), capture_output=True)
+        subprocess.run(["pkill", "-9", "-f", str(root)], capture_output=True)
+        subprocess.run(["ip", "netns", "delete", netns], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--list", action="store_true", help="list the scenarios")
+    ap.add_argument("--scenario", action="append", default=[], help="run this one (repeatable)")
+    ap.add_argument("--quick", action="store_true", help="only the quick subset (what CI runs)")
+    ap.add_argument("--jobs", type=int, default=1, help="scenarios at once")
+    args = ap.parse_args(argv)
+    if args.list:
+        for name, (_fn, quick, what) in SCENARIOS.items():
+            print(f"{name:16} {'quick' if quick else '     '}  {what}")
+        return 0
+    unknown = [s for s in args.scenario if s not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)} (see --list)", file=sys.stderr)
+        return 2
+    names = args.scenario or [n for n, (_f, quick, _w) in SCENARIOS.items() if quick or not args.quick]
+    problems = preflight()
+    if problems:
+        print("preflight failed:\n" + "\n".join(problems), file=sys.stderr)
+        return 1
+    SHARED_CACHE.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(run_one, names))
+    for name, ok, secs, why in results:
+        print(f"{'PASS' if ok else 'FAIL'}  {name:16} {secs:7.1f}s  {why.splitlines()[0] if why else ''}")
+        if why and len(why.splitlines()) > 1:
+            print("      " + "\n      ".join(why.splitlines()[1:]))
+    failed = [r for r in results if not r[1]]
+    print(f"{len(results)} scenario(s), {len(failed)} failed, {time.monotonic() - t0:.1f}s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

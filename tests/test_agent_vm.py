@@ -165,6 +165,25 @@ def test_an_ephemeral_vm_whose_daemon_died_is_deleted_by_the_next(env):
     assert "'deleted': ['orphan']" in log, log[-2000:]
 
 
+def test_graceful_stop_saves_what_only_the_agents_sync_can(env):
+    """The guest writes 2,000 files without syncing and its own shutdown is made to hang
+    (poweroff, reboot and Ctrl-Alt-Del masked): `vm stop` with a 2 s stop timeout ends in
+    SIGKILL, yet after `vm start` every file is there: the agent synced first."""
+    mask = "systemctl mask --runtime poweroff.target reboot.target ctrl-alt-del.target halt.target >/dev/null 2>&1"
+    write = "mkdir -p /root/many && i=0; while [ $i -lt 2000 ]; do echo $i > /root/many/$i; i=$((i+1)); done"
+    assert ex(env, "sh", "-c", f"{mask}; {write}").returncode == 0
+    env.write_config("[vmm]\naccel = 'tcg'\nstop_timeout_s = 2\n")
+    try:
+        env.run("vm", "stop", VM, check=True, timeout=120)
+    finally:
+        env.write_config("[vmm]\naccel = 'tcg'\nstop_timeout_s = 60\n")
+    log = (env.state_dir / "bangerd.log").read_text()
+    assert f'"msg": "VM {VM}: killed"' in log, log[-3000:]  # the guest's own shutdown never came
+    env.run("vm", "start", VM, check=True, timeout=LONG)
+    r = ex(env, "sh", "-c", "ls /root/many | wc -l; cat /root/many/1999")
+    assert r.stdout.split() == [b"2000", b"1999"], r.stdout
+
+
 def test_exec_on_a_stopped_vm_is_refused(env):
     env.run("vm", "stop", VM, check=True, timeout=120)
     r = ex(env, "true")

@@ -51,6 +51,9 @@ def test_identity_and_health(env):
     assert f"\t{VM}" in ex(env, "cat", "/etc/hosts").stdout.decode()
     h = json.loads(env.run("vm", "health", VM, "--json", check=True).stdout)
     assert h["vm"] == VM and h["version"] == 1 and h["uptime"] > 0 and h["build"]["banger"]
+    assert {"commit", "build_time", "disk"} <= set(h["build"])  # the banger build that made the agent disk
+    shown = json.loads(env.run("version", "--json", check=True).stdout)["build"]
+    assert shown["version"] == h["build"]["banger"] and "commit" in shown
     assert "Linux" in ex(env, "uname", "-a").stdout.decode()
 
 

@@ -13,13 +13,16 @@ app = typer.Typer(help="Manage bangerd, the per-user daemon (started on demand).
 def version(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show the CLI's and the running daemon's versions."""
     from banger_core import __version__
+    from banger_core.build import build_info
 
     info = state.client().hello()
-    data = {"cli": __version__, "daemon": info.get("version") if info else None}
+    build = build_info()
+    data = {"cli": __version__, "daemon": info.get("version") if info else None, "build": build}
     if as_json:
         echo_json(data)
         return
-    style.echo(f"banger  {__version__}")
+    made = f" (commit {build['commit']}, {build['build_time']})" if build["commit"] else ""
+    style.echo(f"banger  {__version__}{made}")
     style.echo(f"bangerd {data['daemon'] or 'not running'}")
 
 
@@ -39,7 +42,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     if as_json:
         echo_json(st)
         return
-    style.echo(f"bangerd {st['version']}: running, pid {st['pid']}, up {st['uptime_s']:.1f}s")
+    build = st.get("build") or {}
+    made = f" (commit {build['commit']}, {build['build_time']})" if build.get("commit") else ""
+    style.echo(f"bangerd {st['version']}{made}: running, pid {st['pid']}, up {st['uptime_s']:.1f}s")
     style.echo(f"socket:  {st['socket']}")
     style.echo(f"log:     {st['log']}")
     style.echo(f"plugins: {' -> '.join(st['plugins']) or '(none)'}")

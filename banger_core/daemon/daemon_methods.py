@@ -17,8 +17,11 @@ async def hello(_p: NoParams, call: Call) -> dict[str, Any]:
 async def status(_p: NoParams, call: Call) -> dict[str, Any]:
     s = call.state
     rt = s.runtime
+    from banger_core.build import build_info
+
     return {
         "version": __version__,
+        "build": build_info(),
         "pid": os.getpid(),
         "uptime_s": round(time.time() - s.started, 3),
         "socket": str(s.paths.socket),

@@ -109,7 +109,7 @@ def _image_of(ctx: Any) -> Any:
 @hookimpl
 def configure_machine(ctx: Any, machine: Any) -> None:
     from banger_agent.guestfiles import agent_disk
-    from banger_core import __version__
+    from banger_core.build import build_info
     from banger_core.models import AgentChannel, Drive
 
     image = _image_of(ctx)
@@ -122,7 +122,8 @@ def configure_machine(ctx: Any, machine: Any) -> None:
         return
     ctx.teardown.pop("no_agent", None)
     ctx.persist()
-    disk = agent_disk(ctx.paths.cache_dir, {"banger": __version__})
+    b = build_info()
+    disk = agent_disk(ctx.paths.cache_dir, {"banger": b["version"], "commit": b["commit"], "build_time": b["build_time"]})
     machine.drives.append(Drive(id="agent", path=str(disk), read_only=True))
     sock = socket_of(ctx.paths, ctx.vm.id)
     sock.unlink(missing_ok=True)

@@ -95,9 +95,10 @@ def _guest_sources() -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in pkg.iterdir() if f.name.endswith(".py")}
 
 
-def disk_id() -> str:
-    """What identifies the agent disk: the agent's code and the run script."""
-    h = hashlib.sha256(RUN_SH.encode())
+def disk_id(build: dict[str, str | None]) -> str:
+    """What identifies the agent disk: the agent's code, the run script, and the banger
+    build recorded on it (so its health names the build that made it)."""
+    h = hashlib.sha256(RUN_SH.encode() + json.dumps(build, sort_keys=True).encode())
     for name, data in sorted(_guest_sources().items()):
         h.update(name.encode() + b"\0" + data)
     return h.hexdigest()[:12]
@@ -106,9 +107,9 @@ def disk_id() -> str:
 _lock = threading.Lock()
 
 
-def agent_disk(cache_dir: Path, build: dict[str, str]) -> Path:
+def agent_disk(cache_dir: Path, build: dict[str, str | None]) -> Path:
     """The agent disk for this agent (built once, then reused); older ones are removed."""
-    ident = disk_id()
+    ident = disk_id(build)
     where = cache_dir / "agent"
     disk = where / f"agent-{ident}.ext4"
     with _lock:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import guest_assets as ga
 from leftovers import kill_processes_using
 
-from report import print_table
+from report import banger_env, print_table
 
 BOOT_TIMEOUT = 300.0
 POLL = 0.05
@@ -53,14 +53,7 @@ BANGER = Path(sys.executable).parent / "banger"
 class Bench:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
-        self.env.update(
-            BANGER_CONFIG_DIR=str(root / "cfg"),
-            BANGER_STATE_DIR=str(root / "state"),
-            BANGER_CACHE_DIR=str(root / "cache"),
-            BANGER_RUNTIME_DIR=str(root / "run"),
-            NO_COLOR="1",
-        )
+        self.env = banger_env(root)
         (root / "cfg").mkdir(parents=True)
         (root / "cfg" / "config.toml").write_text("[vmm]\naccel = 'tcg'\n")
         self.bare: list[subprocess.Popen[bytes]] = []

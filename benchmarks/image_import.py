@@ -58,7 +58,7 @@ import guest_assets as ga
 from leftovers import kill_processes_using
 import oci_fixtures as of
 
-from report import print_table
+from report import banger_env, print_table
 
 BANGER = Path(sys.executable).parent / "banger"
 REPO, TAG = "bench/bulk", "1"
@@ -168,14 +168,7 @@ def ext4_used(image: Path) -> tuple[float, int]:
 class Bench:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
-        self.env.update(
-            BANGER_CONFIG_DIR=str(root / "cfg"),
-            BANGER_STATE_DIR=str(root / "state"),
-            BANGER_CACHE_DIR=str(root / "cache"),
-            BANGER_RUNTIME_DIR=str(root / "run"),
-            NO_COLOR="1",
-        )
+        self.env = banger_env(root)
         for k in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
             self.env.pop(k, None)  # the daemon is spawned with this env; registry is 127.0.0.1
         (root / "cfg").mkdir(parents=True)

@@ -3,7 +3,23 @@ benchmark scripts run as ``python benchmarks/NAME.py`` (this directory is on sys
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from pathlib import Path
+
+
+def banger_env(root: Path, cache: Path | None = None) -> dict[str, str]:
+    """The environment of a banger whose config, state, cache (unless ``cache`` is
+    given) and runtime dirs are under ``root``: nothing of the user's banger is touched."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
+    env.update(
+        BANGER_CONFIG_DIR=str(root / "cfg"),
+        BANGER_STATE_DIR=str(root / "state"),
+        BANGER_CACHE_DIR=str(cache or root / "cache"),
+        BANGER_RUNTIME_DIR=str(root / "run"),
+        NO_COLOR="1",
+    )
+    return env
 
 
 def print_table(header: list[str], rows: list[list[str]], left: Iterable[int] = (0,)) -> None:

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import print_table
+from report import banger_env, print_table
 
 BANGER = Path(sys.executable).parent / "banger"
 CACHE = Path(os.environ.get("BANGER_TEST_CACHE", "/var/cache/banger-test")) / "banger-cache"
@@ -42,14 +42,7 @@ RAN_RE = re.compile(r"ran in ([\d.]+)s \((.*)\)")
 class Bench:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
-        self.env.update(
-            BANGER_CONFIG_DIR=str(root / "cfg"),
-            BANGER_STATE_DIR=str(root / "state"),
-            BANGER_CACHE_DIR=str(CACHE),
-            BANGER_RUNTIME_DIR=str(root / "run"),
-            NO_COLOR="1",
-        )
+        self.env = banger_env(root, cache=CACHE)
         (root / "cfg").mkdir(parents=True)
         (root / "cfg" / "config.toml").write_text("[vmm]\naccel = 'tcg'\n")
 

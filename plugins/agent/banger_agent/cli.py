@@ -31,12 +31,7 @@ def add_commands(vm: typer.Typer) -> None:
         from banger_core.client import Client
         from banger_core.errors import BangerError, ErrorCode
 
-        pairs = {}
-        for e in env:
-            m = ENV_RE.fullmatch(e)
-            if m is None:
-                raise _bad(f"--env {e!r}: expected NAME=VALUE")
-            pairs[m.group(1)] = m.group(2)
+        pairs = env_pairs(env)
         if command and command[0] == "--":  # `vm exec VM -- CMD`: the separator is not the command
             command = command[1:]
         if not command:
@@ -79,6 +74,17 @@ def add_commands(vm: typer.Typer) -> None:
         )
 
 
+def env_pairs(env: list[str]) -> dict[str, str]:
+    """``--env K=V`` flags as a dict; a clear error for one that is not NAME=VALUE."""
+    pairs = {}
+    for e in env:
+        m = ENV_RE.fullmatch(e)
+        if m is None:
+            raise _bad(f"--env {e!r}: expected NAME=VALUE")
+        pairs[m.group(1)] = m.group(2)
+    return pairs
+
+
 def _bad(msg: str) -> Exception:
     from banger_core.errors import BangerError, ErrorCode
 
@@ -119,12 +125,7 @@ def add_run(vm: typer.Typer) -> None:
             raise _bad("-d leaves the VM running and --rm deletes it: give one")
         if detach and command:
             raise _bad("-d leaves the VM running without running anything: give a command or -d, not both")
-        pairs = {}
-        for e in env:
-            m = ENV_RE.fullmatch(e)
-            if m is None:
-                raise _bad(f"--env {e!r}: expected NAME=VALUE")
-            pairs[m.group(1)] = m.group(2)
+        pairs = env_pairs(env)
         params: dict[str, Any] = {
             "name": check_name(name),
             "image": image,

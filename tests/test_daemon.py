@@ -56,7 +56,9 @@ def test_started_on_demand_owner_only(benv):
     assert "daemon.hello" in st["methods"]
     assert benv.run("daemon", "socket", check=True).stdout.strip() == str(benv.socket)
     v = json.loads(benv.run("version", "--json", check=True).stdout)
-    assert v == {"cli": __version__, "daemon": __version__}
+    assert (v["cli"], v["daemon"]) == (__version__, __version__)
+    assert v["build"]["version"] == __version__ and set(v["build"]) == {"version", "commit", "build_time"}
+    assert st["build"] == v["build"]  # daemon status shows the same build
 
 
 def test_stop_is_idempotent_and_cleans_up(daemon):

@@ -149,6 +149,11 @@ class Puller:
         except Exception as exc:
             log.warning("source %s (plugin %s): revision(%r) failed: %s", src.name, plugin, ref, exc)
             return None
+        return self._why_stale(kind, ref, src, made, now)
+
+    @staticmethod
+    def _why_stale(kind: Kind, ref: str, src: Source, made: str, now: str | None) -> str | None:
+        """The staleness rule: what was made differs from what the source makes now."""
         if now is None or made == now:
             return None
         if not made:
@@ -213,25 +218,23 @@ class Puller:
     # --- pulling --------------------------------------------------------------------------
     def ensure_kernel(self, ref: str, progress: Progress | None = None, cancel: threading.Event | None = None) -> Kernel:
         """The kernel ``ref``: in the store, else pulled from the source claiming it."""
-        have = self.store.find_kernel(ref)
-        if have is not None:
-            return have
-        if self.claiming("kernel", ref) is None:
-            return self.store.get_kernel(ref)  # raises not_found
-        pulled = self.pull("kernel", ref, progress=progress, cancel=cancel)
-        assert isinstance(pulled, Kernel)
-        return pulled
+        got = self._ensure("kernel", ref, progress, cancel)
+        assert isinstance(got, Kernel)
+        return got
 
     def ensure_image(self, ref: str, progress: Progress | None = None, cancel: threading.Event | None = None) -> Image:
         """The image ``ref``: in the store, else pulled from the source claiming it."""
-        have = self.store.find_image(ref)
+        got = self._ensure("image", ref, progress, cancel)
+        assert isinstance(got, Image)
+        return got
+
+    def _ensure(self, kind: Kind, ref: str, progress: Progress | None, cancel: threading.Event | None) -> Image | Kernel:
+        have = self._find(kind, ref)
         if have is not None:
             return have
-        if self.claiming("image", ref) is None:
-            return self.store.get_image(ref)  # raises not_found, naming `banger image list`
-        pulled = self.pull("image", ref, progress=progress, cancel=cancel)
-        assert isinstance(pulled, Image)
-        return pulled
+        if self.claiming(kind, ref) is None:  # raises not_found, naming `banger image|kernel list`
+            return self.store.get_image(ref) if kind == "image" else self.store.get_kernel(ref)
+        return self.pull(kind, ref, progress=progress, cancel=cancel)
 
     def _find(self, kind: Kind, name: str) -> Image | Kernel | None:
         return self.store.find_image(name) if kind == "image" else self.store.find_kernel(name)
@@ -316,10 +319,11 @@ class Puller:
         go on and rebuild it (None)."""
         parsed = parse_record(have.source)
         mine = parsed is not None and parsed[0] == ref and not (isinstance(have, Image) and not have.managed)
-        if not mine or src.revision(kind, ref, self.ctx) is None:
+        now = src.revision(kind, ref, self.ctx) if mine else None
+        if parsed is None or now is None:  # not this source's, or a snapshot (a tag): never rebuilt in place
             more = " (choose another --name)" if "name" in getattr(src, "options", ()) else ""
             raise BangerError(ErrorCode.ALREADY_EXISTS, f"{kind} {name!r} already exists{more}")
-        why = self.stale(kind, have)
+        why = self._why_stale(kind, ref, src, parsed[1], now)
         if not force and not why:
             return have  # pulled meanwhile (or before)
         if isinstance(have, Image):

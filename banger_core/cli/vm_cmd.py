@@ -188,19 +188,9 @@ def create(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Create a VM and boot it, showing each stage."""
-    params = {
-        "name": check_name(name),
-        "image": image,
-        "kernel": kernel,
-        "vcpus": positive(vcpu, "--vcpu"),
-        "memory_mib": parse_mib(memory, "--memory"),
-        "disk_size_mib": parse_mib(disk_size, "--disk-size"),
-        "driver": driver,
-        "project_dir": str(project.resolve()) if project else None,
-        "options": dict(given_options) or None,
-    }
+    params = create_params(name, image, kernel, vcpu, memory, disk_size, driver=driver, project=project)
     t0 = time.monotonic()
-    vm = _call("vm.create", {k: v for k, v in params.items() if v is not None}, on_event=Progress(quiet=as_json))
+    vm = _call("vm.create", params, on_event=Progress(quiet=as_json))
     if as_json:
         echo_json(vm)
         return
@@ -296,6 +286,32 @@ def set_(
         return f"{vm['name']}: vcpu={s['vcpus']} memory={s['memory_mib']}MiB disk={s['disk_size_mib']}MiB"
 
     _fan_out("vm.set", refs, as_json, "set", shown=line, **{k: v for k, v in params.items() if v is not None})
+
+
+def create_params(
+    name: str | None,
+    image: str | None,
+    kernel: str | None,
+    vcpu: int | None,
+    memory: str | None,
+    disk_size: str | None,
+    driver: str | None = None,
+    project: Path | None = None,
+) -> dict[str, Any]:
+    """The vm.create params of a command line (vm create, a plugin's vm run), checked,
+    with the plugin options it was given; what was not given is left out."""
+    params = {
+        "name": check_name(name),
+        "image": image,
+        "kernel": kernel,
+        "vcpus": positive(vcpu, "--vcpu"),
+        "memory_mib": parse_mib(memory, "--memory"),
+        "disk_size_mib": parse_mib(disk_size, "--disk-size"),
+        "driver": driver,
+        "project_dir": str(project.resolve()) if project else None,
+        "options": dict(given_options) or None,
+    }
+    return {k: v for k, v in params.items() if v is not None}
 
 
 #: the vm subcommands that take plugins' per-VM options (a plugin's own vm subcommand

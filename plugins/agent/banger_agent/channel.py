@@ -41,17 +41,22 @@ class Session:
         self.queue: asyncio.Queue[P.Frame | None] = asyncio.Queue()
         self.ended = False
 
+    async def next(self) -> P.Frame:
+        """The agent's next frame for this session (the ending one last); ChannelClosed
+        when the connection went."""
+        frame = await self.queue.get()
+        if frame is None:
+            self.ended = True
+            raise ChannelClosed(self.channel.closed_why or "the agent channel closed")
+        if frame.kind in P.ENDS:
+            self.ended = True
+            self.channel.sessions.pop(self.sid, None)
+        return frame
+
     async def events(self) -> AsyncIterator[P.Frame]:
         """The agent's frames for this session, the ending one last."""
         while not self.ended:
-            frame = await self.queue.get()
-            if frame is None:
-                self.ended = True
-                raise ChannelClosed(self.channel.closed_why or "the agent channel closed")
-            if frame.kind in P.ENDS:
-                self.ended = True
-                self.channel.sessions.pop(self.sid, None)
-            yield frame
+            yield await self.next()
 
     async def result(self) -> P.Frame:
         """The frame that ends the session (for ops without output)."""

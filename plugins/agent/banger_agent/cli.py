@@ -28,8 +28,6 @@ def add_commands(vm: typer.Typer) -> None:
         """Run a command in a running VM: stdin goes to it, its stdout and stderr come
         back, and its exit status is banger's (128+N for signal N). Ctrl-C reaches the
         command; if banger is killed, the command's process group in the guest is too."""
-        from banger_core.client import Client
-        from banger_core.errors import BangerError, ErrorCode
 
         pairs = env_pairs(env)
         if command and command[0] == "--":  # `vm exec VM -- CMD`: the separator is not the command
@@ -41,19 +39,7 @@ def add_commands(vm: typer.Typer) -> None:
             params["cwd"] = workdir
         if user:
             params["user"] = user
-        try:
-            with Client().open_stream("agent.exec", params) as stream:
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-                    signal.signal(sig, lambda n, _f: stream.signal(signal.Signals(n).name[3:]))
-                result = stream.pump(0 if not sys.stdin.closed else None, 1, 2)
-        except BangerError as exc:
-            if exc.code is ErrorCode.DAEMON_UNAVAILABLE:
-                print(f"banger: the daemon went away during the exec: {exc.message}", file=sys.stderr)
-                raise typer.Exit(255) from None
-            raise
-        except (ConnectionError, OSError) as exc:
-            print(f"banger: the daemon went away during the exec: {exc}", file=sys.stderr)
-            raise typer.Exit(255) from None
+        result = stream_command("agent.exec", params, "exec", stdin=not sys.stdin.closed)
         raise typer.Exit(int(result.get("exit_status", 255)))
 
     @vm.command("health")
@@ -72,6 +58,29 @@ def add_commands(vm: typer.Typer) -> None:
             f"up {h.get('uptime', 0):.1f}s, hostname {h.get('hostname')}, boot {h.get('boot_id')}, "
             f"agent disk {build.get('disk', '?')} from banger {build.get('banger', '?')}"
         )
+
+
+def stream_command(method: str, params: dict[str, Any], what: str, stdin: bool, on_event: Any = None) -> dict[str, Any]:
+    """A streaming call for a command in a guest: our stdin (if ``stdin``), stdout and
+    stderr pumped through it, SIGINT/TERM/HUP/QUIT forwarded to the command; the final
+    result. The daemon going away mid-call exits 255, saying so."""
+    from banger_core.client import Client
+    from banger_core.errors import BangerError, ErrorCode
+
+    try:
+        with Client().open_stream(method, params) as stream:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                signal.signal(sig, lambda n, _f: stream.signal(signal.Signals(n).name[3:]))
+            result: dict[str, Any] = stream.pump(0 if stdin else None, 1, 2, on_event=on_event)
+            return result
+    except BangerError as exc:
+        if exc.code is not ErrorCode.DAEMON_UNAVAILABLE:
+            raise
+        why = exc.message
+    except (ConnectionError, OSError) as exc:
+        why = str(exc)
+    print(f"banger: the daemon went away during the {what}: {why}", file=sys.stderr)
+    raise typer.Exit(255)
 
 
 def env_pairs(env: list[str]) -> dict[str, str]:
@@ -114,9 +123,7 @@ def add_run(vm: typer.Typer) -> None:
         no command, the VM is left running."""
         import time
 
-        from banger_core.cli.vm_cmd import Progress, check_name, given_options, parse_mib, positive
-        from banger_core.client import Client
-        from banger_core.errors import BangerError, ErrorCode
+        from banger_core.cli.vm_cmd import Progress, create_params
 
         command = list(command or [])
         if command and command[0] == "--":
@@ -125,32 +132,12 @@ def add_run(vm: typer.Typer) -> None:
             raise _bad("-d leaves the VM running and --rm deletes it: give one")
         if detach and command:
             raise _bad("-d leaves the VM running without running anything: give a command or -d, not both")
-        pairs = env_pairs(env)
-        params: dict[str, Any] = {
-            "name": check_name(name),
-            "image": image,
-            "kernel": kernel,
-            "vcpus": positive(vcpu, "--vcpu"),
-            "memory_mib": parse_mib(memory, "--memory"),
-            "disk_size_mib": parse_mib(disk_size, "--disk-size"),
-            "options": dict(given_options) or None,
-            "argv": command,
-            "rm": rm,
-            "env": pairs,
-            "cwd": workdir,
-        }
-        params = {k: v for k, v in params.items() if v is not None}
+        params = create_params(name, image, kernel, vcpu, memory, disk_size)
+        params.update(argv=command, rm=rm, env=env_pairs(env))
+        if workdir:
+            params["cwd"] = workdir
         t0 = time.monotonic()
-        try:
-            with Client().open_stream("agent.run", params) as stream:
-                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-                    signal.signal(sig, lambda n, _f: stream.signal(signal.Signals(n).name[3:]))
-                result = stream.pump(0 if command else None, 1, 2, on_event=Progress(quiet=False))
-        except BangerError as exc:
-            if exc.code is ErrorCode.DAEMON_UNAVAILABLE:
-                print(f"banger: the daemon went away during the run: {exc.message}", file=sys.stderr)
-                raise typer.Exit(255) from None
-            raise
+        result = stream_command("agent.run", params, "run", stdin=bool(command), on_event=Progress(quiet=False))
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in (result.get("stages") or {}).items())
         if not command:
             vm = result["vm"]

@@ -93,18 +93,11 @@ async def exec_session(call: Any, vm: Any, sock: Any, request: dict[str, Any]) -
                     continue
                 await svc.relay(session.signal(number))
 
-    async def next_frame() -> P.Frame | None:
-        async for frame in session.events():
-            return frame
-        return None
-
     feeder = asyncio.get_running_loop().create_task(client_to_guest())
     finished = False
     try:
         while True:
-            frame = await svc.relay(next_frame())
-            if frame is None:
-                raise BangerError(ErrorCode.OPERATION_FAILED, f"the agent of {vm.name} ended the session without a status")
+            frame = await svc.relay(session.next())
             if frame.kind == P.STDOUT:
                 await stream.write(protocol.STDOUT, frame.payload)
             elif frame.kind == P.STDERR:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from banger_core.daemon.state import DaemonState
     from banger_core.runtime import Runtime
     from banger_core.sources import GuestFile, Source
-    from banger_core.models import Machine
+    from banger_core.models import Listener, Machine
 
 PROJECT = "banger"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -194,6 +194,16 @@ def vm_fields(ctx: "FieldsContext", detail: bool) -> "dict[str, object] | None":
     """
 
 
+@hookspec
+def vm_port_endpoint(ctx: "FieldsContext", listener: "Listener") -> str | None:
+    """Where the host reaches a port listening in the running VM, as ``HOST:PORT``
+    (e.g. ``NAME.vm:8080`` once DNS exists, ``127.0.0.1:41234`` for a forwarded port),
+    or None when this plugin cannot reach it. Asked in dependency order for each
+    listener ``vm ports`` shows; the first answer wins, and with none the endpoint is
+    ``guest:PORT``. Keep it cheap (no guest round trips). Added in 0.3.
+    """
+
+
 @hookspec(firstresult=True)
 def request_guest_shutdown(ctx: "StageContext") -> bool | None:
     """Ask the guest to ``sync`` and power off by a channel this plugin owns (agent,
@@ -240,6 +250,7 @@ ALL_HOOKS: tuple[str, ...] = (
     "configure_machine",
     "post_boot",
     "vm_fields",
+    "vm_port_endpoint",
     "request_guest_shutdown",
     "cleanup",
 )

@@ -190,6 +190,19 @@ class AgentChannel(Strict):
     guest_cid: int | None = None
 
 
+class Listener(Strict):
+    """A socket listening in a guest (``vm ports``), as the guest agent reports it."""
+
+    proto: Literal["tcp", "udp"]
+    address: str
+    port: int = Field(gt=0, lt=65536)
+    family: Literal[4, 6, "4+6"]
+    pid: int | None = None
+    process: str = ""
+    command: str = ""
+    scheme: Literal["", "http", "https"] = ""  # found by probing from inside the guest
+
+
 class Machine(Strict):
     kernel: str
     vmlinux: str | None = None  # the ELF form of ``kernel``, for VMMs that boot only ELF

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from banger_core.context import CheckFn, DoctorContext, FieldsContext, ReconcileContext, StageContext
     from banger_core.daemon.rpc import Registry
     from banger_core.daemon.state import DaemonState
-    from banger_core.models import Machine
+    from banger_core.models import Listener, Machine
     from banger_core.runtime import Runtime
     from banger_core.sources import GuestPayload, Source
 
@@ -626,6 +626,23 @@ class PluginHost:
             if fields:
                 out[name] = dict(fields)
         return out
+
+    def vm_port_endpoint(
+        self, order: list[str], ctx_for: Callable[[str], "FieldsContext"], listener: "Listener"
+    ) -> tuple[str, str] | None:
+        """(endpoint, plugin) from the first plugin, in order, that can reach the port;
+        a plugin that raises is logged and passed over."""
+        for name in order:
+            if self._impl("vm_port_endpoint", name) is None:
+                continue
+            try:
+                endpoint = self._call("vm_port_endpoint", name, ctx=ctx_for(name), listener=listener)
+            except Exception as exc:
+                log.warning("plugin %s: vm_port_endpoint failed: %s", name, exc)
+                continue
+            if endpoint:
+                return str(endpoint), name
+        return None
 
     def request_guest_shutdown(self, order: list[str], ctx_for: Callable[[str], "StageContext"]) -> str | None:
         """Ask plugins, in order, to shut the guest down; the name of the first that did."""

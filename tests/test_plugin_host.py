@@ -315,3 +315,36 @@ def test_vm_options_need_defaults_and_a_failing_one_breaks_only_its_plugin():
     assert host.records["strict"].status == "broken"
     assert host.records["strict"].reason == "vm_options field(s) without a default: level"
     assert host.records["boom"].reason == "vm_options failed: RuntimeError: no options today"
+
+
+def test_port_endpoint_first_answer_in_order_wins_and_a_raising_plugin_is_passed_over(tmp_path):
+    from banger_core.models import Listener
+
+    asked: list[str] = []
+
+    def answer(name, result):
+        def vm_port_endpoint(ctx, listener):
+            asked.append(name)
+            if isinstance(result, Exception):
+                raise result
+            return result(listener) if callable(result) else result
+
+        return hookimpl(vm_port_endpoint)
+
+    host = host_with(
+        plugin(
+            "dns", requires=["network"], vm_port_endpoint=answer("dns", lambda lst: f"{lst.port}.vm" if lst.port < 9000 else None)
+        ),
+        plugin("network", vm_port_endpoint=answer("network", RuntimeError("boom"))),
+        plugin("fwd", requires=["dns"], vm_port_endpoint=answer("fwd", lambda lst: f"127.0.0.1:{lst.port + 1}")),
+    )
+    lc = Lifecycle(_runtime_for(host, tmp_path), sample_vm(), op_id="op-abcdef")
+    web = Listener(proto="tcp", address="::", port=8080, family=6, scheme="http")
+    assert lc.port_endpoint(web) == ("8080.vm", "dns")
+    assert asked == ["network", "dns"]  # resolved order; network raised and was passed over
+    assert lc.port_endpoint(web.model_copy(update={"port": 9100})) == ("127.0.0.1:9101", "fwd")
+    assert host_with().order() == [] and Lifecycle(
+        _runtime_for(host_with(), tmp_path), sample_vm(), op_id="op-abcdef"
+    ).port_endpoint(web) == ("guest:8080", "")
+    with pytest.raises(ValueError):
+        Listener(proto="sctp", address="::", port=1, family=6)  # type: ignore[arg-type]

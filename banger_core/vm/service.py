@@ -26,7 +26,7 @@ from banger_core.fsutil import atomic_write
 from banger_core.vm.handles import HandleStore
 from banger_core.vm.params import CreateParams, SetParams, check_host_limits, random_name, stored_options
 from banger_core.vm.stages import Lifecycle
-from banger_core.models import VM, Drive, Image, Machine, VMHandles, VMSpec, VMState
+from banger_core.models import VM, Drive, Image, Listener, Machine, VMHandles, VMSpec, VMState
 from banger_core.config import CoreConfig, resolve_vm_defaults
 from banger_core.pulls import Puller
 from banger_core.runtime import Runtime
@@ -499,6 +499,11 @@ class VMService:
         except BangerError as exc:
             log.warning("VM %s: no plugin fields: %s", vm.name, exc.message)
             return {}
+
+    def port_endpoints(self, vm: VM, listeners: list[Listener]) -> list[tuple[str, str]]:
+        """(endpoint, plugin) for each of a running VM's listeners (``vm_port_endpoint``)."""
+        lifecycle = self._lifecycle(vm, "op-ports")
+        return [lifecycle.port_endpoint(listener) for listener in listeners]
 
     def list(self) -> list[dict[str, Any]]:
         return [self.show(vm, detail=False) for vm in self.store.list_vms()]

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from banger_core.context import CleanupReason, FieldsContext, StageContext
 from banger_core.errors import BangerError, ErrorCode, MultiError
-from banger_core.models import VM, Machine
+from banger_core.models import VM, Listener, Machine
 from banger_core.runtime import Runtime
 
 log = logging.getLogger("banger.lifecycle")
@@ -99,20 +99,26 @@ class Lifecycle:
             service=lambda capability: self.rt.host.service_for(plugin, capability),
         )
 
+    def fields_ctx(self, plugin: str) -> FieldsContext:
+        """A plugin's read-only view of this VM (``vm_fields``, ``vm_port_endpoint``)."""
+        return FieldsContext(
+            plugin=plugin,
+            vm=self.vm,
+            settings=self.settings[plugin],
+            options=self.options.get(plugin),
+            teardown=dict(self.vm.teardown.get(plugin, {})),
+            handles=dict(self.handles.get(plugin, {})),
+        )
+
     def fields(self, detail: bool) -> dict[str, dict[str, Any]]:
         """Every acting plugin's ``vm_fields`` for this VM."""
+        return self.rt.host.vm_fields(self.plugins, self.fields_ctx, detail)
 
-        def ctx(plugin: str) -> FieldsContext:
-            return FieldsContext(
-                plugin=plugin,
-                vm=self.vm,
-                settings=self.settings[plugin],
-                options=self.options.get(plugin),
-                teardown=dict(self.vm.teardown.get(plugin, {})),
-                handles=dict(self.handles.get(plugin, {})),
-            )
-
-        return self.rt.host.vm_fields(self.plugins, ctx, detail)
+    def port_endpoint(self, listener: Listener) -> tuple[str, str]:
+        """(endpoint, plugin) for a guest listener: the first acting plugin that can reach
+        it, else ``("guest:PORT", "")``."""
+        found = self.rt.host.vm_port_endpoint(self.plugins, self.fields_ctx, listener)
+        return found if found is not None else (f"guest:{listener.port}", "")
 
     def _stage(self, run: Callable[..., Any], stage: str, *args: Any) -> None:
         try:

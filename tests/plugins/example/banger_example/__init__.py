@@ -31,6 +31,7 @@ class Settings(BaseModel):
         default=None, description="raise in this lifecycle hook (tests of failure paths)"
     )
     cleanup_log: str | None = Field(default=None, description="append '<vm name> <cleanup reason>' lines here")
+    port_host: str | None = Field(default=None, description="vm ports: TCP listeners are reached at PORT_HOST:PORT")
 
 
 def _maybe_fail(settings: Settings | None, hook: str) -> None:
@@ -76,6 +77,14 @@ def vm_fields(ctx, detail: bool) -> dict:
     if not detail:
         return short
     return {**short, "greeting": ctx.settings.greeting, "prepared": ctx.teardown.get("example") == "made"}
+
+
+@hookimpl
+def vm_port_endpoint(ctx, listener) -> str | None:
+    host = ctx.settings.port_host
+    if not host or listener.proto != "tcp" or listener.address.startswith("127."):
+        return None
+    return f"{host}:{listener.port}"
 
 
 class Greeter:

@@ -347,4 +347,4 @@ def test_port_endpoint_first_answer_in_order_wins_and_a_raising_plugin_is_passed
         _runtime_for(host_with(), tmp_path), sample_vm(), op_id="op-abcdef"
     ).port_endpoint(web) == ("guest:8080", "")
     with pytest.raises(ValueError):
-        Listener(proto="sctp", address="::", port=1, family=6)  # type: ignore[arg-type]
+        Listener(proto="sctp", address="::", port=1, family=6)

@@ -19,6 +19,7 @@ import json
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,8 @@ from banger_guest import protocol as P
 
 PORT_NAME = "banger.agent"
 READ = 64 * 1024
+#: stop reading commands' output while this much waits for the host; resume below LOW
+OUT_HIGH, OUT_LOW = 4 << 20, 1 << 20
 #: how long a session waits for its output to end once its command exited (a background
 #: child may hold the pipes open)
 OUTPUT_GRACE = 2.0
@@ -104,16 +107,114 @@ def build_info() -> dict[str, Any]:
         return {}
 
 
+def set_winsize(fd: int, rows: Any, cols: Any) -> None:
+    import fcntl
+    import struct
+    import termios
+
+    if isinstance(rows, int) and isinstance(cols, int) and 0 < rows < 65536 and 0 < cols < 65536:
+        try:
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        except OSError:
+            pass
+
+
+def _take_terminal() -> None:
+    """In the child, after setsid: make its stdin (the pty) its controlling terminal."""
+    import fcntl
+    import termios
+
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _close_all(fds: Any) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _run_op(op: str, req: dict[str, Any], fds: tuple[int, int, int]) -> None:
+    """The child of ``fork_op``: its own session, the three fds as 0/1/2, the op, exit."""
+    status = 1
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        os.closerange(3, 65536)
+        status = _op(op, req)
+    except BaseException as exc:  # the child reports everything, then exits
+        try:
+            os.write(2, f"banger-agent: {op}: {exc}\n".encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(status)
+
+
+def _op(op: str, req: dict[str, Any]) -> int:
+    from banger_guest import ports, transfer
+
+    if op == "ports":
+        data = json.dumps(ports.listeners(probe=bool(req.get("probe", True)))).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(1, view) :]
+        return 0
+    if op == "cp_out":
+        with os.fdopen(1, "wb", buffering=transfer.BUFSIZE, closefd=False) as out:
+            transfer.tar_out(str(req["path"]), out)
+        return 0
+    directory, rename = transfer.place(str(req["dest"]), "in the VM")
+    with os.fdopen(0, "rb", buffering=transfer.BUFSIZE, closefd=False) as src:
+        transfer.tar_in(src, directory, rename, owner=(0, 0) if os.geteuid() == 0 else None)
+        while src.read(transfer.BUFSIZE):  # the stream's zero padding: read it all
+            pass
+    return 0
+
+
 class Session:
-    def __init__(self, sid: int, proc: subprocess.Popen[bytes]) -> None:
+    """One running session: a child (a command, or a forked op) leading its own process
+    group, the fd its stdin is written to, the fds its output is read from, and for a
+    terminal session the pty's master (to resize it)."""
+
+    def __init__(
+        self,
+        sid: int,
+        pid: int,
+        stdin_fd: int | None,
+        outputs: dict[int, str],
+        proc: subprocess.Popen[bytes] | None = None,
+        pty_fd: int | None = None,
+    ) -> None:
         self.sid = sid
-        self.proc = proc
-        self.pgid = proc.pid  # start_new_session: the child leads its own group
+        self.pid = self.pgid = pid  # start_new_session/setsid: the child leads its own group
+        self.proc = proc  # kept so subprocess never reaps it behind our back
+        self.stdin_fd = stdin_fd
+        self.outputs = outputs
+        self.pty_fd = pty_fd
         self.stdin_buf = bytearray()
-        self.stdin_eof = False
-        self.open_outputs = 2
+        self.stdin_eof = stdin_fd is None
+        self.open_outputs = len(outputs)
         self.status: int | None = None
         self.exited_at = 0.0
+
+    def poll(self) -> int | None:
+        """The exit status once the child exited (128+N for signal N)."""
+        if self.proc is not None:
+            rc = self.proc.poll()
+        else:
+            try:
+                pid, st = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return 255
+            if pid == 0:
+                return None
+            rc = os.waitstatus_to_exitcode(st)
+        return None if rc is None else 128 - rc if rc < 0 else rc
 
     def kill(self) -> None:
         try:
@@ -123,12 +224,14 @@ class Session:
 
 
 class Agent:
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, once: bool = False) -> None:
         self.fd = fd
+        self.once = once  # fd is one connection (a vsock stream): run() returns when it ends
         self.sel = selectors.DefaultSelector()
         self.decoder = P.Decoder()
         self.out = bytearray()
         self.sessions: dict[int, Session] = {}
+        self.paused_outputs: set[int] = set()  # output fds not read while the host is behind
         self.fds: dict[int, tuple[Session, str]] = {}  # pipe fd -> (session, "stdin"|"stdout"|"stderr")
         self.connected = False  # until a read says a host is there (poll_reconnect)
         self.powering_off = False
@@ -164,6 +267,8 @@ class Agent:
                 self.host_gone()
                 return
             del self.out[:n]
+            if self.paused_outputs and len(self.out) < OUT_LOW:
+                self._resume_outputs()
         self._want_write(False)
 
     # --- the host coming and going ------------------------------------------------------
@@ -171,6 +276,7 @@ class Agent:
         for s in list(self.sessions.values()):
             s.kill()
             self.forget(s)
+        self.paused_outputs = set()
 
     def host_gone(self) -> None:
         """The port hung up: kill every session, then wait for a host to connect."""
@@ -238,7 +344,7 @@ class Agent:
         elif s is None:
             return  # a session that ended meanwhile
         elif f.kind == P.STDIN:
-            if not s.stdin_eof and s.proc.stdin is not None:
+            if not s.stdin_eof:
                 s.stdin_buf += f.payload
                 self._stdin_interest(s)
         elif f.kind == P.STDIN_EOF:
@@ -251,6 +357,10 @@ class Agent:
                     os.killpg(s.pgid, sig)
                 except OSError:
                     pass
+        elif f.kind == P.RESIZE:
+            if s.pty_fd is not None:
+                size = f.obj()
+                set_winsize(s.pty_fd, size.get("rows"), size.get("cols"))
         elif f.kind == P.CLOSE:
             s.kill()
             self.forget(s)
@@ -280,6 +390,8 @@ class Agent:
             self.powering_off = True
         elif op == "exec":
             self.exec(sid, req)
+        elif op in ("cp_out", "cp_in", "ports"):
+            self.fork_op(sid, op, req)
         else:
             self.send_json(P.ERROR, sid, {"message": f"unknown op {op!r}"})
 
@@ -288,48 +400,94 @@ class Agent:
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             self.send_json(P.ERROR, sid, {"message": "exec needs a non-empty argv of strings", "status": 2})
             return
+        tty = req.get("tty") if isinstance(req.get("tty"), dict) else None
         env = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "dumb", "LANG": "C.UTF-8"}
+        if tty is not None:
+            env["TERM"] = str(tty.get("term") or "xterm-256color")
         env.update({k: v for k, v in (req.get("env") or {}).items() if isinstance(k, str) and isinstance(v, str)})
         cwd = req.get("cwd") or None
         user = req.get("user") or None
+        if tty is not None:
+            master, slave = os.openpty()
+            set_winsize(master, tty.get("rows"), tty.get("cols"))
+            child = (slave, slave, slave)
+            mine = [master]
+        else:
+            (in_r, in_w), (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe(), os.pipe()
+            child = (in_r, out_w, err_w)
+            mine = [in_w, out_r, err_r]
         try:
             proc = subprocess.Popen(
                 argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdin=child[0],
+                stdout=child[1],
+                stderr=child[2],
                 env=env,
                 cwd=cwd,
                 user=user,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=_take_terminal if tty is not None else None,
             )
         except OSError as exc:
             status = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
             where = f" (in {cwd})" if cwd and exc.filename == cwd else ""
             self.send_json(P.ERROR, sid, {"message": f"{exc.filename or argv[0]}: {exc.strerror}{where}", "status": status})
+            _close_all(mine)
             return
         except (KeyError, ValueError) as exc:  # an unknown user
             self.send_json(P.ERROR, sid, {"message": f"cannot run as {user!r}: {exc}", "status": 126})
+            _close_all(mine)
             return
-        s = Session(sid, proc)
-        self.sessions[sid] = s
-        assert proc.stdin and proc.stdout and proc.stderr
-        for pipe, what in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
-            os.set_blocking(pipe.fileno(), False)
-            self.fds[pipe.fileno()] = (s, what)
-            self.sel.register(pipe.fileno(), selectors.EVENT_READ, what)
-        os.set_blocking(proc.stdin.fileno(), False)
-        self.fds[proc.stdin.fileno()] = (s, "stdin")
-        if not req.get("stdin", True):
+        finally:
+            _close_all(set(child))
+        if tty is not None:
+            s = Session(sid, proc.pid, os.dup(master), {master: "stdout"}, proc=proc, pty_fd=master)
+        else:
+            s = Session(sid, proc.pid, mine[0], {mine[1]: "stdout", mine[2]: "stderr"}, proc=proc)
+        self.start(s, stdin=bool(req.get("stdin", True)))
+
+    def fork_op(self, sid: int, op: str, req: dict[str, Any]) -> None:
+        """An op that runs banger_guest code (cp, ports) in a forked child of its own,
+        with its streams and status handled as an exec's (the interpreter running this
+        agent may not be runnable on its own: no new exec)."""
+        from banger_guest import transfer
+
+        try:
+            if op == "cp_out":
+                transfer.check_source(str(req.get("path") or ""), "in the VM")
+            elif op == "cp_in":
+                transfer.place(str(req.get("dest") or ""), "in the VM")
+        except transfer.TransferError as exc:
+            self.send_json(P.ERROR, sid, {"message": str(exc), "status": 1})
+            return
+        (in_r, in_w), (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe(), os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            _run_op(op, req, (in_r, out_w, err_w))
+        _close_all([in_r, out_w, err_w])
+        self.start(Session(sid, pid, in_w, {out_r: "stdout", err_r: "stderr"}), stdin=op == "cp_in")
+
+    def start(self, s: Session, stdin: bool) -> None:
+        self.sessions[s.sid] = s
+        for fd, what in s.outputs.items():
+            os.set_blocking(fd, False)
+            self.fds[fd] = (s, what)
+            if not self.paused_outputs:
+                self.sel.register(fd, selectors.EVENT_READ, what)
+            else:
+                self.paused_outputs.add(fd)
+        if s.stdin_fd is not None:
+            os.set_blocking(s.stdin_fd, False)
+            self.fds[s.stdin_fd] = (s, "stdin")
+        if not stdin:
             s.stdin_eof = True
             self._stdin_interest(s)
 
     def _stdin_interest(self, s: Session) -> None:
-        pipe = s.proc.stdin
-        if pipe is None or pipe.closed:
+        fd = s.stdin_fd
+        if fd is None:
             return
-        fd = pipe.fileno()
         registered = fd in self.sel.get_map()
         if s.stdin_buf and not registered:
             self.sel.register(fd, selectors.EVENT_WRITE, "stdin")
@@ -340,16 +498,12 @@ class Agent:
                 self._close_stdin(s)
 
     def _close_stdin(self, s: Session) -> None:
-        pipe = s.proc.stdin
-        if pipe is not None and not pipe.closed:
-            fd = pipe.fileno()
+        fd, s.stdin_fd = s.stdin_fd, None
+        if fd is not None:
             if fd in self.sel.get_map():
                 self.sel.unregister(fd)
             self.fds.pop(fd, None)
-            try:
-                pipe.close()
-            except OSError:
-                pass
+            _close_all([fd])
 
     def on_stdin(self, fd: int) -> None:
         s, _ = self.fds[fd]
@@ -363,6 +517,20 @@ class Agent:
             s.stdin_eof = True
         self._stdin_interest(s)
 
+    # --- backpressure: stop reading commands' output while the host is behind -----------
+    def _pause_outputs(self) -> None:
+        for fd, (_s, what) in self.fds.items():
+            if what != "stdin" and fd in self.sel.get_map():
+                self.sel.unregister(fd)
+                self.paused_outputs.add(fd)
+        self.paused_outputs.add(-1)  # paused even with no output fd yet
+
+    def _resume_outputs(self) -> None:
+        paused, self.paused_outputs = self.paused_outputs, set()
+        for fd in paused:
+            if fd in self.fds:
+                self.sel.register(fd, selectors.EVENT_READ, self.fds[fd][1])
+
     def on_output(self, fd: int) -> None:
         s, what = self.fds[fd]
         try:
@@ -374,6 +542,8 @@ class Agent:
         if data:
             for frame in P.encode_data(P.STDOUT if what == "stdout" else P.STDERR, s.sid, data):
                 self.send(frame)
+            if len(self.out) > OUT_HIGH:
+                self._pause_outputs()
             return
         self.sel.unregister(fd)
         self.fds.pop(fd, None)
@@ -389,9 +559,9 @@ class Agent:
             pass
         for s in list(self.sessions.values()):
             if s.status is None:
-                rc = s.proc.poll()
-                if rc is not None:
-                    s.status = 128 - rc if rc < 0 else rc
+                status = s.poll()
+                if status is not None:
+                    s.status = status
                     s.exited_at = time.monotonic()
                     self.maybe_done(s)
             elif s.open_outputs and time.monotonic() - s.exited_at > OUTPUT_GRACE:
@@ -417,17 +587,10 @@ class Agent:
                 if fd in self.sel.get_map():
                     self.sel.unregister(fd)
                 del self.fds[fd]
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        for pipe in (s.proc.stdin, s.proc.stdout, s.proc.stderr):
-            if pipe is not None:
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
-        s.proc.poll()
+                self.paused_outputs.discard(fd)
+                _close_all([fd])
+        s.stdin_fd = None
+        s.poll()
 
     # --- the loop ----------------------------------------------------------------------
     def run(self) -> None:
@@ -446,6 +609,8 @@ class Agent:
                 else:
                     self.on_output(key.fd)
             if not self.connected:
+                if self.once:
+                    return
                 self.poll_reconnect()
             if self.powering_off and not self.out:
                 self.poweroff()
@@ -461,6 +626,51 @@ class Agent:
                 continue
 
 
+def listen_address(spec: str) -> tuple[int, Any]:
+    """The family and address a ``banger.agent=`` value names: ``vsock:PORT`` (any CID;
+    Firecracker forwards the host's ``CONNECT PORT`` here) or ``unix:PATH`` (tests: the
+    same listener over AF_UNIX)."""
+    kind, _, where = spec.partition(":")
+    if kind == "vsock" and where.isdigit():
+        return socket.AF_VSOCK, (socket.VMADDR_CID_ANY, int(where))
+    if kind == "unix" and where:
+        return socket.AF_UNIX, where
+    raise ValueError(f"not vsock:PORT or unix:PATH: {spec!r}")
+
+
+def listen(family: int, address: Any, deadline: float) -> socket.socket:
+    """A socket listening on ``address``, tried again until ``deadline`` (the vsock
+    driver may still be loading)."""
+    while True:
+        sock = None
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)  # not inherited by commands
+            sock.bind(address)
+            sock.listen(4)
+            return sock
+        except OSError:
+            if sock is not None:
+                sock.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
+def serve(lsock: socket.socket) -> None:
+    """One host connection at a time, served by the Agent loop until it ends (its
+    sessions are dropped, as when a port hangs up); then the next one."""
+    agent = Agent(-1, once=True)
+    while True:
+        conn, _ = lsock.accept()
+        with conn:
+            conn.setblocking(False)
+            agent.fd = conn.fileno()
+            agent.poll_reconnect()  # registers the connection (unless it already ended)
+            agent.run()
+        if agent.powering_off:
+            agent.poweroff()
+
+
 def main() -> int:
     inherited = os.environ.get("BANGER_AGENT_FD")  # a channel handed over (tests): no port, no identity
     if inherited:
@@ -468,8 +678,22 @@ def main() -> int:
         os.set_blocking(fd, False)
         Agent(fd).run()
         return 0
+    listen_on = os.environ.get("BANGER_AGENT_LISTEN")  # unix:PATH (tests): the vsock listener, no identity
+    if listen_on:
+        serve(listen(*listen_address(listen_on), deadline=time.monotonic()))
+        return 0
     set_identity()
     deadline = time.monotonic() + 60
+    spec = cmdline_value("banger.agent")  # vsock:PORT on Firecracker; absent on QEMU (virtio-serial)
+    if spec:
+        try:
+            lsock = listen(*listen_address(spec), deadline=deadline)
+        except (ValueError, OSError) as exc:
+            log(f"cannot listen on {spec}: {exc}: nothing to serve")
+            return 1
+        log(f"serving on {spec} (agent {__version__}, protocol {P.VERSION})")
+        serve(lsock)
+        return 0
     path = find_port()
     while path is None and time.monotonic() < deadline:  # the port's driver may still be loading
         time.sleep(0.1)

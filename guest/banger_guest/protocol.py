@@ -13,10 +13,19 @@ forward to the next MAGIC and tries again, so it resynchronises on the next fram
 Every connection starts with the host's ``SYNC`` then ``HELLO`` ``{"nonce",
 "version"}``. The agent then drops every session (killing their processes) and answers
 ``SYNC`` then ``WELCOME`` with the same nonce; the host ignores everything before that ``WELCOME``. Then any number of
-sessions run at once, each opened by the host with ``OPEN`` on a new session id
-(JSON: ``{"op": "exec"|"health"|"poweroff", ...}``) and ended by the agent's ``EXIT``,
-``RESULT`` or ``ERROR``; the host may ``CLOSE`` one (its process group is killed).
-JSON payloads are UTF-8 objects; STDIN/STDOUT/STDERR payloads are raw bytes.
+sessions run at once, each opened by the host with ``OPEN`` on a new session id and
+ended by the agent's ``EXIT``, ``RESULT`` or ``ERROR``; the host may ``CLOSE`` one (its
+process group is killed). JSON payloads are UTF-8 objects; STDIN/STDOUT/STDERR payloads
+are raw bytes. The ops an ``OPEN`` names:
+
+- ``{"op": "exec", "argv", "env", "cwd", "user", "stdin", "tty"}``: a command; with
+  ``"tty": {"rows", "cols", "term"}`` on a pseudo-terminal of its own (its output all
+  on STDOUT; ``RESIZE`` changes the window), else on pipes. Ends with ``EXIT``.
+- ``{"op": "cp_out", "path"}``: ``path`` (a file or a tree) as a tar stream on STDOUT;
+  ``{"op": "cp_in", "dest"}``: a tar stream on STDIN extracted at ``dest``
+  (``transfer.py`` is that stream's one definition). Both end with ``EXIT``.
+- ``{"op": "ports"}``: the guest's listeners as one JSON array on STDOUT (``ports.py``).
+- ``{"op": "health"}``, ``{"op": "poweroff"}``: one ``RESULT``.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-VERSION = 1
+VERSION = 2  # 2: tty exec, RESIZE, cp_in/cp_out, ports
 MAGIC = b"\xb4BG\x01"
 HEADER = struct.Struct(">4sBIII")
 MAX_PAYLOAD = 64 * 1024
@@ -44,14 +53,15 @@ EXIT = 9  # agent: {"status": N} (128+N for signal N); the session is over
 RESULT = 10  # agent: a JSON result (health, poweroff); the session is over
 ERROR = 11  # agent: {"message": str}; the session is over
 CLOSE = 12  # host: kill the session's process group and forget it
+RESIZE = 13  # host: {"rows": N, "cols": N} for a session's terminal (exec with "tty")
 
 #: sent before HELLO and before WELCOME: longer than any frame, and holding no MAGIC, so
 #: a reader stuck on the cut header of a frame that will never complete fails its CRC
 #: and resynchronises on the frame that follows
 SYNC = b"\0" * (HEADER.size + MAX_PAYLOAD)
 
-NAMES = {v: k for k, v in globals().items() if k.isupper() and isinstance(v, int) and 1 <= v <= 12}
-JSON_KINDS = frozenset({HELLO, WELCOME, OPEN, SIGNAL, EXIT, RESULT, ERROR})
+NAMES = {v: k for k, v in globals().items() if k.isupper() and isinstance(v, int) and 1 <= v <= 13}
+JSON_KINDS = frozenset({HELLO, WELCOME, OPEN, SIGNAL, EXIT, RESULT, ERROR, RESIZE})
 ENDS = frozenset({EXIT, RESULT, ERROR})
 
 

@@ -21,9 +21,58 @@ from typing import Any
 
 from banger_guest import protocol as P
 
-HELLO_EVERY = 1.0  # seconds between HELLOs until the agent answers
+HELLO_EVERY = 1.0
+QUEUE_FRAMES = (
+    64  # per session: at most 64 reads (4 MiB) wait for a slow consumer  # seconds between HELLOs until the agent answers
+)
 
 Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+#: the AF_VSOCK port the agent listens on in a Firecracker guest (``banger.agent=vsock:PORT``)
+VSOCK_PORT = 10240
+STREAM_LIMIT = 1 << 20
+
+
+def unix_opener(path: str) -> Opener:
+    """The channel is a unix socket (QEMU's virtio-serial chardev)."""
+
+    async def opener() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_unix_connection(path, limit=STREAM_LIMIT)
+
+    return opener
+
+
+def vsock_opener(uds_path: str, port: int = VSOCK_PORT) -> Opener:
+    """The channel is a vsock stream to ``port`` in a Firecracker guest, through the
+    VM's vsock unix socket (Firecracker's hybrid vsock): send ``CONNECT <port>\\n``;
+    Firecracker answers ``OK <hostport>\\n`` once the guest accepted, and closes the
+    connection when nothing in the guest listens on ``port`` (yet). Then the stream is
+    the agent's."""
+
+    async def opener() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_unix_connection(uds_path, limit=STREAM_LIMIT)
+        try:
+            writer.write(f"CONNECT {port}\n".encode())
+            await writer.drain()
+            line = b""
+            while not line.endswith(b"\n") and len(line) < 64:  # the agent says nothing first
+                chunk = await reader.read(1)
+                if not chunk:
+                    break
+                line += chunk
+            words = line.split()
+            if len(words) == 2 and words[0] == b"OK" and words[1].isdigit() and line.endswith(b"\n"):
+                return reader, writer
+            if not line:
+                raise ChannelClosed(
+                    f"vsock {uds_path}: the connection closed at CONNECT {port} (nothing in the guest listens on port {port} yet)"
+                )
+            raise ChannelClosed(f"vsock {uds_path}: CONNECT {port} was answered {line!r}, not 'OK <port>'")
+        except BaseException:
+            writer.close()
+            raise
+
+    return opener
 
 
 class ChannelClosed(ConnectionError):
@@ -38,12 +87,17 @@ class Session:
     def __init__(self, channel: "Channel", sid: int) -> None:
         self.channel = channel
         self.sid = sid
-        self.queue: asyncio.Queue[P.Frame | None] = asyncio.Queue()
+        # bounded: a consumer that falls behind (a slow client) stops the channel's reader,
+        # and so the guest's writer, instead of growing the daemon's memory
+        self.queue: asyncio.Queue[P.Frame | None] = asyncio.Queue(maxsize=QUEUE_FRAMES)
         self.ended = False
 
     async def next(self) -> P.Frame:
         """The agent's next frame for this session (the ending one last); ChannelClosed
         when the connection went."""
+        if self.queue.empty() and self.channel.closed:
+            self.ended = True
+            raise ChannelClosed(self.channel.closed_why or "the agent channel closed")
         frame = await self.queue.get()
         if frame is None:
             self.ended = True
@@ -75,9 +129,14 @@ class Session:
     async def signal(self, signum: int) -> None:
         await self.channel.send(P.encode_json(P.SIGNAL, self.sid, {"signal": signum}))
 
+    async def resize(self, rows: int, cols: int) -> None:
+        await self.channel.send(P.encode_json(P.RESIZE, self.sid, {"rows": rows, "cols": cols}))
+
     async def close(self) -> None:
         """Kill the session's process group (unless it already ended) and forget it."""
         self.channel.sessions.pop(self.sid, None)
+        while not self.queue.empty():  # frees a reader waiting to queue one more
+            self.queue.get_nowait()
         if not self.ended and not self.channel.closed:
             self.ended = True
             with contextlib.suppress(ChannelClosed, ConnectionError):
@@ -147,7 +206,7 @@ class Channel:
                 for frame in self._decoder.feed(data):
                     s = self.sessions.get(frame.session)
                     if s is not None:
-                        s.queue.put_nowait(frame)
+                        await s.queue.put(frame)
         except (ConnectionError, OSError) as exc:
             self.closed_why = f"the agent channel failed: {exc}"
         finally:
@@ -158,7 +217,8 @@ class Channel:
             self.closed = True
             self.closed_why = why
         for s in list(self.sessions.values()):
-            s.queue.put_nowait(None)
+            with contextlib.suppress(asyncio.QueueFull):  # a full queue: next() sees `closed` once drained
+                s.queue.put_nowait(None)
         self.sessions.clear()
         with contextlib.suppress(Exception):
             self.writer.close()

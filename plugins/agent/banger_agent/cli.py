@@ -1,7 +1,8 @@
-"""``banger vm exec`` and ``banger vm health``."""
+"""``banger vm exec``, ``vm run``, ``vm cp``, ``vm ports`` and ``vm health``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -9,6 +10,11 @@ import sys
 from typing import Any
 
 import typer
+
+from banger_agent import terminal
+
+#: what ``vm run`` with no command opens on a terminal: bash if the image has it, else sh
+LOGIN_SHELL = ["/bin/sh", "-c", "command -v bash >/dev/null 2>&1 && exec bash -l; exec sh -l"]
 
 ENV_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.DOTALL)
 
@@ -24,10 +30,15 @@ def add_commands(vm: typer.Typer) -> None:
         env: list[str] = typer.Option([], "--env", "-e", help="K=V in the command's environment (repeatable)"),
         workdir: str = typer.Option(None, "--workdir", "-w", help="the directory it runs in"),
         user: str = typer.Option(None, "--user", "-u", help="the user it runs as (default root)"),
+        tty: bool = typer.Option(False, "--tty", "-t", help="run it on a terminal in the guest (interactive programs, shells)"),
     ) -> None:
         """Run a command in a running VM: stdin goes to it, its stdout and stderr come
         back, and its exit status is banger's (128+N for signal N). Ctrl-C reaches the
-        command; if banger is killed, the command's process group in the guest is too."""
+        command; if banger is killed, the command's process group in the guest is too.
+
+        With -t it runs on a pseudo-terminal in the guest sized like yours (and resized
+        with it), your terminal in raw mode meanwhile (restored however banger exits);
+        its output all comes on stdout."""
 
         pairs = env_pairs(env)
         if command and command[0] == "--":  # `vm exec VM -- CMD`: the separator is not the command
@@ -39,8 +50,57 @@ def add_commands(vm: typer.Typer) -> None:
             params["cwd"] = workdir
         if user:
             params["user"] = user
-        result = stream_command("agent.exec", params, "exec", stdin=not sys.stdin.closed)
+        if tty:
+            params["tty"] = terminal.request()
+        result = stream_command("agent.exec", params, "exec", stdin=not sys.stdin.closed, tty=tty)
         raise typer.Exit(int(result.get("exit_status", 255)))
+
+    @vm.command("cp")
+    def vm_cp(
+        src: str = typer.Argument(..., help="what to copy: a local path, or VM:PATH"),
+        dst: str = typer.Argument(..., help="where to: VM:PATH, or a local path"),
+    ) -> None:
+        """Copy a file or a directory tree between this host and a running VM.
+
+        Exactly one side is VM:PATH (write a local path holding a colon as ./a:b). As
+        with cp -a: into DST when it is a directory, else as DST (its parent must
+        exist); modes, times and symlinks kept, contents byte for byte, streamed (any
+        size). Copies into the VM are owned by root; copies out, by you. A copy cut
+        short leaves nothing half-written at DST."""
+        from banger_agent import cp
+
+        status, what = cp.copy(src, dst)
+        if status == 0:
+            print(f"copied {what}", file=sys.stderr)
+        raise typer.Exit(status)
+
+    @vm.command("ports")
+    def vm_ports(
+        ref: str = typer.Argument(..., help="the VM (name or id prefix)"),
+        as_json: bool = typer.Option(False, "--json"),
+        no_probe: bool = typer.Option(False, "--no-probe", help="do not probe TCP listeners for https/http"),
+    ) -> None:
+        """What listens in a running VM: every TCP and UDP listener, v4 and v6, with the
+        process holding it, and where this host reaches it (ENDPOINT: from the plugin
+        that can reach it, e.g. NAME.vm:PORT; guest:PORT when none can). TCP listeners
+        are probed from inside the guest: PROTO says https or http when they speak it."""
+        from banger_core.client import Client
+
+        r = Client().call("agent.ports", {"ref": ref, "probe": not no_probe})
+        if as_json:
+            typer.echo(json.dumps(r["listeners"], indent=2))
+            return
+        rows = [
+            (d["scheme"] or d["proto"], d["endpoint"], f"{d['process'] or '?'}[{d['pid'] or '?'}]", d["command"])
+            for d in r["listeners"]
+        ]
+        if not rows:
+            typer.echo(f"nothing listens in {r['vm']}")
+            return
+        header = ("PROTO", "ENDPOINT", "PROCESS", "COMMAND")
+        widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(3)]
+        for row in [header, *rows]:
+            typer.echo("  ".join(str(v).ljust(w) for v, w in zip(row[:3], widths, strict=True)) + "  " + row[3][:120])
 
     @vm.command("health")
     def vm_health(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
@@ -60,10 +120,13 @@ def add_commands(vm: typer.Typer) -> None:
         )
 
 
-def stream_command(method: str, params: dict[str, Any], what: str, stdin: bool, on_event: Any = None) -> dict[str, Any]:
+def stream_command(
+    method: str, params: dict[str, Any], what: str, stdin: bool, on_event: Any = None, tty: bool = False
+) -> dict[str, Any]:
     """A streaming call for a command in a guest: our stdin (if ``stdin``), stdout and
     stderr pumped through it, SIGINT/TERM/HUP/QUIT forwarded to the command; the final
-    result. The daemon going away mid-call exits 255, saying so."""
+    result. With ``tty`` our terminal is raw meanwhile and its size follows ours. The
+    daemon going away mid-call exits 255, saying so."""
     from banger_core.client import Client
     from banger_core.errors import BangerError, ErrorCode
 
@@ -71,7 +134,8 @@ def stream_command(method: str, params: dict[str, Any], what: str, stdin: bool, 
         with Client().open_stream(method, params) as stream:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
                 signal.signal(sig, lambda n, _f: stream.signal(signal.Signals(n).name[3:]))
-            result: dict[str, Any] = stream.pump(0 if stdin else None, 1, 2, on_event=on_event)
+            with terminal.raw(stream.resize) if tty else contextlib.nullcontext():
+                result: dict[str, Any] = stream.pump(0 if stdin else None, 1, 2, on_event=on_event)
             return result
     except BangerError as exc:
         if exc.code is not ErrorCode.DAEMON_UNAVAILABLE:
@@ -119,8 +183,9 @@ def add_run(vm: typer.Typer) -> None:
 
         The `spec:` line and progress go to stderr, then the command's output (stdout is
         the command's alone), then the elapsed time. With --rm the daemon deletes the VM
-        however the run ends (exit, error, Ctrl-C, SIGTERM, banger killed). With -d, or
-        no command, the VM is left running."""
+        however the run ends (exit, error, Ctrl-C, SIGTERM, banger killed). With -d the VM is
+        left running; with no command, a shell opens in it when stdin is a terminal (the
+        VM is left running after, unless --rm), else it is left running as with -d."""
         import time
 
         from banger_core.cli.vm_cmd import Progress, create_params
@@ -132,13 +197,24 @@ def add_run(vm: typer.Typer) -> None:
             raise _bad("-d leaves the VM running and --rm deletes it: give one")
         if detach and command:
             raise _bad("-d leaves the VM running without running anything: give a command or -d, not both")
+        interactive = not command and not detach and sys.stdin.isatty()
+        if interactive:
+            command = list(LOGIN_SHELL)
         params = create_params(name, image, kernel, vcpu, memory, disk_size)
         params.update(argv=command, rm=rm, env=env_pairs(env))
+        if interactive:
+            params["tty"] = terminal.request()
         if workdir:
             params["cwd"] = workdir
         t0 = time.monotonic()
-        result = stream_command("agent.run", params, "run", stdin=bool(command), on_event=Progress(quiet=False))
+        result = stream_command("agent.run", params, "run", stdin=bool(command), on_event=Progress(quiet=False), tty=interactive)
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in (result.get("stages") or {}).items())
+        if interactive and not rm:
+            vm_name = result.get("vm")
+            print(
+                f"{vm_name} is still running: banger vm exec -t {vm_name} -- sh; delete: banger vm delete {vm_name} --force",
+                file=sys.stderr,
+            )
         if not command:
             vm = result["vm"]
             print(

@@ -1,12 +1,14 @@
 """``agent.exec`` (a streaming call: stdin in, stdout/stderr out, the exit status as its
-result) and ``agent.health``."""
+result; optionally on a terminal), ``agent.cp`` (a tar stream either way),
+``agent.ports`` and ``agent.health``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +22,15 @@ class HealthParams(BaseModel):
     ref: str
 
 
+class Terminal(BaseModel):
+    """The client's terminal, for a command run on a pseudo-terminal in the guest."""
+
+    model_config = ConfigDict(extra="forbid")
+    rows: int = Field(default=24, gt=0, lt=65536)
+    cols: int = Field(default=80, gt=0, lt=65536)
+    term: str = Field(default="xterm-256color", pattern=r"[A-Za-z0-9._+-]{1,64}")
+
+
 class ExecParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ref: str
@@ -27,6 +38,23 @@ class ExecParams(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
     user: str | None = None
+    tty: Terminal | None = None
+
+
+class CpParams(BaseModel):
+    """``in``: the client's STDIN is a tar stream (banger_guest.transfer) extracted at
+    ``path`` in the guest; ``out``: ``path`` in the guest comes back as one on STDOUT."""
+
+    model_config = ConfigDict(extra="forbid")
+    ref: str
+    direction: Literal["in", "out"]
+    path: str = Field(min_length=1, max_length=4096)
+
+
+class PortsParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ref: str
+    probe: bool = Field(default=True, description="probe TCP listeners for https/http")
 
 
 def _target(call: Any, ref: str) -> tuple[Any, Any]:
@@ -66,7 +94,59 @@ async def agent_exec(p: ExecParams, call: Any) -> dict[str, Any]:
     result is ``{"exit_status": N}`` (128+N for signal N). The client going away kills
     the command's process group in the guest."""
     vm, sock = _target(call, p.ref)
-    return await exec_session(call, vm, sock, {"op": "exec", "argv": p.argv, "env": p.env, "cwd": p.cwd, "user": p.user})
+    request = {"op": "exec", "argv": p.argv, "env": p.env, "cwd": p.cwd, "user": p.user}
+    if p.tty is not None:
+        request["tty"] = p.tty.model_dump()
+    return await exec_session(call, vm, sock, request)
+
+
+async def agent_cp(p: CpParams, call: Any) -> dict[str, Any]:
+    """Copy into or out of the guest: the tar stream is the call's STDIN (``in``) or
+    STDOUT (``out``), passed through as it comes (memory stays flat)."""
+    vm, sock = _target(call, p.ref)
+    if p.direction == "in":
+        return await exec_session(call, vm, sock, {"op": "cp_in", "dest": p.path})
+    return await exec_session(call, vm, sock, {"op": "cp_out", "path": p.path})
+
+
+async def agent_ports(p: PortsParams, call: Any) -> dict[str, Any]:
+    """The guest's listeners (the agent reads them from /proc and probes TCP ones), each
+    with the endpoint the host reaches it at: the first plugin whose
+    ``vm_port_endpoint`` answers, else ``guest:PORT``."""
+    from banger_agent import agents
+    from banger_core.models import Listener
+
+    vm, sock = _target(call, p.ref)
+    svc = agents()
+    try:
+        session = await svc.relay(svc.open(vm.id, sock, {"op": "ports", "probe": p.probe}))
+    except Exception as exc:
+        raise _unavailable(vm, exc) from None
+    out, err = bytearray(), bytearray()
+    try:
+        while True:
+            frame = await svc.relay(session.next())
+            if frame.kind == P.STDOUT:
+                out += frame.payload
+            elif frame.kind == P.STDERR:
+                err += frame.payload
+            elif frame.kind in P.ENDS:
+                break
+    finally:
+        await svc.relay(session.close())
+    status = frame.obj().get("status") if frame.kind != P.RESULT else 0
+    if frame.kind == P.ERROR or status:
+        why = frame.obj().get("message") if frame.kind == P.ERROR else err.decode(errors="replace").strip()
+        raise BangerError(ErrorCode.OPERATION_FAILED, f"the agent of {vm.name} could not list its ports: {why}")
+    try:
+        listeners = [Listener.model_validate(d) for d in json.loads(out)]
+    except ValueError as exc:
+        raise BangerError(ErrorCode.OPERATION_FAILED, f"the agent of {vm.name} sent a bad port list: {exc}") from None
+    from banger_core.daemon.work import run_blocking
+
+    endpoints = await run_blocking(call, lambda _progress, _cancel: call.state.vms.port_endpoints(vm, listeners))
+    rows = [{**lst.model_dump(), "endpoint": ep, "via": via} for lst, (ep, via) in zip(listeners, endpoints, strict=True)]
+    return {"vm": vm.name, "listeners": rows}
 
 
 async def exec_session(call: Any, vm: Any, sock: Any, request: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +166,10 @@ async def exec_session(call: Any, vm: Any, sock: Any, request: dict[str, Any]) -
                 await svc.relay(session.stdin(frame.data))
             elif frame.kind == protocol.END and frame.channel == protocol.STDIN:
                 await svc.relay(session.stdin_eof())
+            elif frame.kind == protocol.CONTROL and frame.obj.get("type") == "resize":
+                rows, cols = frame.obj.get("rows"), frame.obj.get("cols")
+                if isinstance(rows, int) and isinstance(cols, int):
+                    await svc.relay(session.resize(rows, cols))
             elif frame.kind == protocol.CONTROL and frame.obj.get("type") == "signal":
                 try:
                     number = signal.Signals[f"SIG{frame.obj.get('name')}"].value

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
+from banger_agent.rpc import Terminal
 from banger_core.vm.params import CreateParams
 
 log = logging.getLogger("banger.plugin.agent")
@@ -26,6 +27,7 @@ class RunParams(CreateParams):
     rm: bool = False
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
+    tty: Terminal | None = Field(default=None, description="run the command on a terminal (the interactive shell)")
 
 
 async def agent_run(p: RunParams, call: Any) -> dict[str, Any]:
@@ -55,7 +57,9 @@ async def agent_run(p: RunParams, call: Any) -> dict[str, Any]:
         if not p.argv:
             return {"vm": vms.show(vm), "stages": stages}
         t1 = time.monotonic()
-        request = {"op": "exec", "argv": p.argv, "env": p.env, "cwd": p.cwd}
+        request: dict[str, Any] = {"op": "exec", "argv": p.argv, "env": p.env, "cwd": p.cwd}
+        if p.tty is not None:
+            request["tty"] = p.tty.model_dump()
         result = await exec_session(call, vm, socket_of(call.state.paths, vm.id), request)
         stages["exec"] = time.monotonic() - t1
         return {**result, "vm": vm.name, "stages": stages}

@@ -1,0 +1,279 @@
+"""The agent's terminal sessions, copies, port listing and backpressure, over a
+socketpair with the real agent process and the real host channel (no VM: the booting
+tests in test_agent_tools.py take these through the daemon and CLI).
+
+The agent runs in a network namespace of its own (``unshare -n``), so the listeners
+it reports are the ones these tests open there, and nothing listens on the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from banger_agent.channel import Channel
+from banger_guest import protocol as P
+from banger_guest import transfer
+
+GUEST = Path(__file__).resolve().parent.parent / "guest"
+
+
+@pytest.fixture
+def agent():
+    """An agent in a fresh network namespace (loopback up) serving one end of a
+    socketpair; yields (host end, the agent's pid)."""
+    host, guest = socket.socketpair()
+    env = {**os.environ, "BANGER_AGENT_FD": str(guest.fileno()), "PYTHONPATH": str(GUEST)}
+    script = "ip link set lo up && exec " + sys.executable + " -m banger_guest.agent"
+    proc = subprocess.Popen(["unshare", "-n", "sh", "-c", script], pass_fds=[guest.fileno()], env=env)
+    guest.close()
+    try:
+        yield host, proc.pid
+    finally:
+        host.close()
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def connect(sock: socket.socket):
+    async def opener():
+        return await asyncio.open_unix_connection(sock=sock)
+
+    return Channel.connect(opener, timeout=10)
+
+
+async def collect(s) -> tuple[int, bytes, bytes, str]:
+    """Everything a session sends: (status, stdout, stderr, error message)."""
+    out, err = bytearray(), bytearray()
+    while True:
+        f = await s.next()
+        if f.kind == P.STDOUT:
+            out += f.payload
+        elif f.kind == P.STDERR:
+            err += f.payload
+        elif f.kind == P.EXIT:
+            return f.obj()["status"], bytes(out), bytes(err), ""
+        elif f.kind == P.ERROR:
+            return f.obj().get("status", 255), bytes(out), bytes(err), f.obj()["message"]
+
+
+async def read_until(s, needle: bytes, seen: bytearray, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        f = await asyncio.wait_for(s.next(), max(0.1, deadline - time.monotonic()))
+        assert f.kind == P.STDOUT, f
+        seen += f.payload
+
+
+def test_a_terminal_session_has_its_size_follows_resizes_and_exits_with_its_status(agent):
+    host, _pid = agent
+
+    async def main():
+        ch = await connect(host)
+        s = await ch.open(
+            {
+                "op": "exec",
+                "argv": ["sh", "-c", "tty; stty size; echo TERM=$TERM; exit 7"],
+                "tty": {"rows": 30, "cols": 101, "term": "vt100"},
+            }
+        )
+        status, out, err, _ = await collect(s)
+        assert status == 7 and err == b""  # on a terminal everything comes on stdout
+        assert out.splitlines()[0].startswith(b"/dev/pts/") and b"30 101\r\n" in out and b"TERM=vt100" in out
+
+        s = await ch.open({"op": "exec", "argv": ["sh", "-i"], "tty": {"rows": 24, "cols": 80}, "env": {"PS1": "PROMPT> "}})
+        seen = bytearray()
+        await read_until(s, b"PROMPT> ", seen)
+        await s.resize(41, 132)
+        await s.stdin(b"stty size\n")
+        await read_until(s, b"41 132", seen)
+        await s.stdin(b"\x03")  # Ctrl-C reaches the shell as a terminal's interrupt, not as banger's
+        await s.stdin(b"exit 3\n")
+        status, *_ = await collect(s)
+        assert status == 3
+        await ch.close()
+
+    asyncio.run(main())
+
+
+def _tree(root: Path) -> Path:
+    (root / "sub" / "deep").mkdir(parents=True)
+    (root / "exec.sh").write_bytes(b"#!/bin/sh\necho hi\n")
+    (root / "exec.sh").chmod(0o750)
+    (root / "secret").write_bytes(bytes(range(256)) * 1000)
+    (root / "secret").chmod(0o600)
+    (root / "sub" / "deep" / "empty").write_bytes(b"")
+    (root / "sub").chmod(0o711)
+    (root / "link").symlink_to("sub/deep")
+    return root
+
+
+def _snapshot(root: Path) -> dict[str, tuple]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        kind = "link:" + os.readlink(p) if p.is_symlink() else "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        out[str(p.relative_to(root))] = (kind, oct(st.st_mode & 0o7777))
+    return out
+
+
+def test_cp_out_and_in_round_trip_a_tree_with_modes_and_bytes_intact(agent, tmp_path):
+    host, _pid = agent
+    src = _tree(tmp_path / "src")
+
+    async def main():
+        ch = await connect(host)
+        # out: the tree as a tar stream, extracted here as `back`
+        s = await ch.open({"op": "cp_out", "path": str(src)})
+        status, stream, err, msg = await collect(s)
+        assert (status, err, msg) == (0, b"", "")
+        (tmp_path / "out").mkdir()
+        transfer.tar_in(io.BytesIO(stream), str(tmp_path / "out"), "back")
+        assert _snapshot(tmp_path / "out" / "back") == _snapshot(src)
+
+        # in: a tar stream written to the session's stdin lands at dest (renamed), whole
+        buf = io.BytesIO()
+        transfer.tar_out(str(src), buf)
+        (tmp_path / "in").mkdir()
+        s = await ch.open({"op": "cp_in", "dest": str(tmp_path / "in" / "copy")})
+        await s.stdin(buf.getvalue())
+        await s.stdin_eof()
+        assert (await collect(s))[0] == 0
+        assert _snapshot(tmp_path / "in" / "copy") == _snapshot(src)
+        assert [p.name for p in (tmp_path / "in").iterdir()] == ["copy"]  # no staging left
+
+        # a missing path on either side: an error naming it, nothing written
+        s = await ch.open({"op": "cp_out", "path": str(tmp_path / "nope")})
+        status, _, _, msg = await collect(s)
+        assert status == 1 and msg == f"{tmp_path / 'nope'}: no such file or directory in the VM"
+        s = await ch.open({"op": "cp_in", "dest": str(tmp_path / "missing" / "x")})
+        status, _, _, msg = await collect(s)
+        assert status == 1 and msg.startswith(f"{tmp_path / 'missing'}: no such directory in the VM")
+
+        # a stream cut short: the copy fails, and nothing half-written is left
+        s = await ch.open({"op": "cp_in", "dest": str(tmp_path / "in" / "cut")})
+        await s.stdin(buf.getvalue()[: len(buf.getvalue()) // 2])
+        await s.stdin_eof()
+        status, _, err, _ = await collect(s)
+        assert status != 0 and b"cp_in" in err
+        assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["copy"]
+        await ch.close()
+
+    asyncio.run(main())
+
+
+SERVERS = r"""
+import http.server, socket, ssl, sys, threading
+class Quiet(http.server.BaseHTTPRequestHandler):
+    def do_GET(self): self.send_response(200); self.end_headers()
+    do_HEAD = do_GET
+    def log_message(self, *a): pass
+def serve(sock, tls=False):
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Quiet, bind_and_activate=False)
+    srv.socket.close(); srv.socket = sock
+    if tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+        srv.socket = ctx.wrap_socket(sock, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+def listen(family, addr, port, v6only=None, kind=socket.SOCK_STREAM):
+    s = socket.socket(family, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if v6only is not None: s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+    s.bind((addr, port))
+    if kind == socket.SOCK_STREAM: s.listen()
+    return s
+serve(listen(socket.AF_INET6, "::", 8080, v6only=0))               # dual-stack, one socket: http
+serve(listen(socket.AF_INET, "0.0.0.0", 8443), tls=True)             # https
+serve(listen(socket.AF_INET, "0.0.0.0", 9000)); serve(listen(socket.AF_INET6, "::", 9000, v6only=1))  # both wildcards: once
+raw = listen(socket.AF_INET, "127.0.0.1", 7000)                      # speaks nothing
+udp = listen(socket.AF_INET6, "::", 5353, kind=socket.SOCK_DGRAM)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_ports_lists_every_listener_once_with_its_process_and_scheme(agent, tmp_path):
+    host, _pid = agent
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+    async def main():
+        ch = await connect(host)
+        srv = await ch.open({"op": "exec", "argv": [sys.executable, "-c", SERVERS, str(cert), str(key)]})
+        seen = bytearray()
+        await read_until(srv, b"ready", seen)
+        s = await ch.open({"op": "ports"})
+        status, out, err, _ = await collect(s)
+        assert status == 0, err
+        got = {(d["proto"], d["port"]): d for d in json.loads(out)}
+        assert sorted(got) == [("tcp", 7000), ("tcp", 8080), ("tcp", 8443), ("tcp", 9000), ("udp", 5353)]
+        assert got[("tcp", 8080)]["scheme"] == "http" and got[("tcp", 8080)]["address"] == "::"
+        assert got[("tcp", 8443)]["scheme"] == "https"
+        assert got[("tcp", 9000)]["family"] == "4+6" and got[("tcp", 9000)]["scheme"] == "http"
+        assert got[("tcp", 7000)]["scheme"] == "" and got[("tcp", 7000)]["address"] == "127.0.0.1"
+        assert got[("udp", 5353)]["family"] == 6
+        for d in got.values():
+            assert d["process"].startswith("python") and "http.server" in d["command"] and d["pid"] > 1
+        await srv.close()
+        await ch.close()
+
+    asyncio.run(main())
+
+
+def _rss_kib(pid: int, field: str = "VmHWM") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def test_a_slow_reader_holds_the_agent_back_instead_of_growing_its_memory(agent):
+    host, agent_pid = agent  # unshare and sh exec: the same process
+
+    async def main():
+        ch = await connect(host)
+        before = _rss_kib(agent_pid)
+        s = await ch.open({"op": "exec", "argv": ["head", "-c", str(256 << 20), "/dev/zero"], "stdin": False})
+        await asyncio.sleep(3)  # not reading: head could write all 256 MiB meanwhile
+        total = 0
+        while True:
+            f = await s.next()
+            if f.kind == P.STDOUT:
+                total += len(f.payload)
+            elif f.kind == P.EXIT:
+                break
+        assert total == 256 << 20
+        grew = (_rss_kib(agent_pid) - before) / 1024
+        assert grew < 32, f"the agent grew by {grew:.0f} MiB while nobody read"
+        await ch.close()
+
+    asyncio.run(main())

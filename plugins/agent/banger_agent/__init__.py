@@ -1,4 +1,5 @@
-"""The guest agent: its channel (virtio-serial on QEMU; Firecracker's vsock comes later), its disk,
+"""The guest agent: its channel (virtio-serial on QEMU; vsock on Firecracker, through
+Firecracker's hybrid vsock socket and its ``CONNECT <port>`` handshake), its disk,
 `vm exec` and `vm health`; VMs are ready when the agent answers.
 
 A VM whose image carries banger's launcher (images banger builds do, through
@@ -10,6 +11,7 @@ refuses them saying why.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -24,6 +26,7 @@ from banger_core.context import CheckResult
 provides = ["agent"]
 
 SOCKET = "agent.sock"  # in the VM's directory: QEMU's chardev socket
+VSOCK = "agent.vsock"  # in the VM's directory: Firecracker's vsock socket (service.opener_for: by its suffix)
 
 
 class Settings(BaseModel):
@@ -64,7 +67,14 @@ def register_services(register: Callable[[str, object], None]) -> None:
 
 
 def socket_of(paths: Any, vm_id: str) -> Path:
-    return Path(paths.vm_files(vm_id).dir) / SOCKET
+    """The host end of the VM's agent channel, as the VM was last booted (machine.json):
+    Firecracker's vsock socket, else QEMU's chardev socket."""
+    files = paths.vm_files(vm_id)
+    try:
+        agent = json.loads(Path(files.machine).read_text()).get("agent") or {}
+    except (OSError, ValueError, AttributeError):
+        agent = {}
+    return Path(files.dir) / (VSOCK if agent.get("kind") == "vsock" else SOCKET)
 
 
 PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
@@ -106,15 +116,13 @@ def _image_of(ctx: Any) -> Any:
 
 @hookimpl
 def configure_machine(ctx: Any, machine: Any) -> None:
+    from banger_agent.channel import VSOCK_PORT
     from banger_agent.guestfiles import agent_disk
     from banger_core.build import build_info
     from banger_core.models import AgentChannel, Drive
 
     image = _image_of(ctx)
-    if ctx.vm.driver == "firecracker":  # the agent speaks virtio-serial only, so far
-        why: str | None = "the agent does not speak Firecracker's vsock yet"
-    else:
-        why = agent_support(image.rootfs) if image is not None else "its image is gone"
+    why = agent_support(image.rootfs) if image is not None else "its image is gone"
     if why:
         why = f"image {ctx.vm.image}: {why}"
         ctx.teardown["no_agent"] = why
@@ -126,9 +134,14 @@ def configure_machine(ctx: Any, machine: Any) -> None:
     b = build_info()
     disk = agent_disk(ctx.paths.cache_dir, {"banger": b["version"], "commit": b["commit"], "build_time": b["build_time"]})
     machine.drives.append(Drive(id="agent", path=str(disk), read_only=True))
-    sock = socket_of(ctx.paths, ctx.vm.id)
-    sock.unlink(missing_ok=True)
-    machine.agent = AgentChannel(kind="serial", host_path=str(sock))
+    vm_dir = Path(ctx.paths.vm_files(ctx.vm.id).dir)
+    for stale in (SOCKET, VSOCK):  # Firecracker cannot bind its vsock socket over an old one
+        (vm_dir / stale).unlink(missing_ok=True)
+    if ctx.vm.driver == "firecracker":  # vsock: the agent listens on VSOCK_PORT
+        machine.agent = AgentChannel(kind="vsock", host_path=str(vm_dir / VSOCK), guest_cid=3)
+        machine.boot_args.append(f"banger.agent=vsock:{VSOCK_PORT}")
+    else:
+        machine.agent = AgentChannel(kind="serial", host_path=str(vm_dir / SOCKET))
 
 
 @hookimpl
@@ -172,7 +185,8 @@ def request_guest_shutdown(ctx: Any) -> bool | None:
 def cleanup(ctx: Any) -> None:
     if _service is not None:
         _service.drop(ctx.vm.id)
-    socket_of(ctx.paths, ctx.vm.id).unlink(missing_ok=True)
+    for name in (SOCKET, VSOCK):  # Firecracker leaves its vsock socket behind when it exits
+        (Path(ctx.paths.vm_files(ctx.vm.id).dir) / name).unlink(missing_ok=True)
 
 
 @hookimpl

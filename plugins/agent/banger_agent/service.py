@@ -15,13 +15,22 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from banger_agent.channel import AgentMismatch, Channel, ChannelClosed, Session
+from banger_agent.channel import AgentMismatch, Channel, ChannelClosed, Opener, Session, unix_opener, vsock_opener
 
 T = TypeVar("T")
 
 
 class AgentUnavailable(RuntimeError):
     """No agent answered (not yet, or not at all)."""
+
+
+def opener_for(socket: Path) -> Opener:
+    """How to reach the agent behind ``socket``: a ``.vsock`` path is a Firecracker VM's
+    vsock socket (the hybrid handshake to the agent's port first), any other QEMU's
+    virtio-serial chardev."""
+    if socket.suffix == ".vsock":
+        return vsock_opener(str(socket))
+    return unix_opener(str(socket))
 
 
 class AgentService:
@@ -51,11 +60,7 @@ class AgentService:
             ch = self.channels.get(vm_id)
             if ch is not None and not ch.closed:
                 return ch
-
-            async def opener() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-                return await asyncio.open_unix_connection(str(socket), limit=1 << 20)
-
-            ch = await Channel.connect(opener, timeout)
+            ch = await Channel.connect(opener_for(socket), timeout)
             self.channels[vm_id] = ch
             return ch
 

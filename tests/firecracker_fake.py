@@ -5,14 +5,43 @@ request against firecracker.yaml and Firecracker's pre-boot rules, and records t
 It boots nothing (no Firecracker binary can run on this machine). InstanceStart flips
 the state to Running; SendCtrlAltDel makes the process exit, as Firecracker does when
 its guest shuts down.
+
+The vsock device, as Firecracker's docs/vsock.md and its muxer (src/vmm/src/devices/
+virtio/vsock/unix/muxer.rs) describe it, host-initiated connections only:
+
+- ``PUT /vsock`` binds ``uds_path`` at once (a 400 when the path exists: Firecracker
+  cannot bind over an old socket); Firecracker never removes it, not even on exit.
+- From InstanceStart, connections to ``uds_path`` are accepted. Each must open with
+  ``CONNECT <port>\n``: read as Firecracker does (10 bytes, then a byte at a time up to
+  a newline or 32 bytes; whitespace-separated words, the first ``connect`` in any case,
+  the second a u32). A request that does not parse, or that names a port nothing in the
+  guest listens on (the guest answers the vsock request with RST), gets no reply: the
+  host connection is closed. Otherwise the guest's listener got the connection, the
+  host reads ``OK <hostport>\n`` (host-side ports are handed out from 2**30 up) and the
+  stream is the guest's from then on.
+
+The guest: when the boot args carry ``banger.agent=vsock:PORT`` and a drive is the
+agent disk (the ext4 labelled banger-agent), the fake does what banger's launcher would:
+it copies the agent off that disk (debugfs) and runs it, with the agent's own AF_UNIX
+listener mode (``BANGER_AGENT_LISTEN``) standing in for its AF_VSOCK listener on PORT;
+connections to PORT are bridged to it. Its stderr goes to the console log. The agent's
+``poweroff`` finds a stand-in ``systemctl``/``poweroff``/``busybox`` (signalling this
+process) first on its PATH, never the host's. When the guest goes (SendCtrlAltDel, its
+poweroff), every process under the fake (a child subreaper) is killed first; if the
+fake itself is killed, the agent dies with it (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import shutil
+import signal
+import socket
 import socketserver
+import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler
@@ -37,7 +66,172 @@ class State:
     configured: set[str] = set()
     record: Path | None = None
     boot: dict[str, Any]  # the putGuestBootSource body; set in __main__
+    drives: dict[str, dict[str, Any]] = {}
+    vsock: socket.socket | None = None  # listening on the putGuestVsock uds_path
+    guest_ports: dict[int, str] = {}  # a vsock port the guest listens on -> the AF_UNIX path standing in for it
+    host_port = (1 << 30) - 1  # the last host-side port handed out (Firecracker's local_port_last)
     lock = threading.Lock()
+
+
+AGENT_LABEL = b"banger-agent"
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def guest_dir() -> Path:
+    return Path(ARGS.api_sock).resolve().parent / "fake-guest"
+
+
+def read_connect(conn: socket.socket) -> int | None:
+    """The port of a ``CONNECT <port>\n`` request, read and parsed as Firecracker's
+    read_local_stream_port does; None if it is not one."""
+    buf = b""
+    try:
+        while len(buf) < 10:  # b"connect 0\n": the shortest valid request
+            chunk = conn.recv(10 - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        while not buf.endswith(b"\n") and len(buf) < 32:
+            chunk = conn.recv(1)
+            if not chunk:
+                return None
+            buf += chunk
+        words = buf.decode("utf-8").split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(words) < 2 or words[0].lower() != "connect":
+        return None
+    try:
+        port = int(words[1])  # Rust's u32 parse: digits only (a leading + allowed)
+    except ValueError:
+        return None
+    if not words[1].lstrip("+").isdigit() or not 0 <= port < 1 << 32:
+        return None
+    return port
+
+
+def pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    try:
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def host_connection(conn: socket.socket) -> None:
+    """One host-initiated vsock connection: the handshake, then the bridge to the guest."""
+    port = read_connect(conn)
+    path = State.guest_ports.get(port) if port is not None else None
+    guest = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if path is None:
+            raise ConnectionRefusedError(f"nothing in the guest listens on vsock port {port}")
+        guest.connect(path)
+    except OSError:  # the guest answers RST; Firecracker drops the host connection
+        guest.close()
+        conn.close()
+        return
+    with State.lock:
+        State.host_port = (State.host_port + 1) & ~(1 << 31) | (1 << 30)
+        host_port = State.host_port
+    try:
+        conn.sendall(f"OK {host_port}\n".encode())
+    except OSError:
+        guest.close()
+        conn.close()
+        return
+    back = threading.Thread(target=pump, args=(guest, conn), daemon=True)
+    back.start()
+    pump(conn, guest)
+    back.join()
+    guest.close()
+    conn.close()
+
+
+def serve_vsock(listener: socket.socket) -> None:
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=host_connection, args=(conn,), daemon=True).start()
+
+
+def agent_disk() -> str | None:
+    for d in State.drives.values():
+        try:
+            with open(d["path_on_host"], "rb") as fh:
+                fh.seek(1144)  # the ext4 volume label, where the launcher looks
+                if fh.read(len(AGENT_LABEL)) == AGENT_LABEL:
+                    return str(d["path_on_host"])
+        except OSError:
+            continue
+    return None
+
+
+def boot_guest() -> None:
+    """What the guest's launcher does: the agent off its disk, listening on the vsock
+    port the kernel command line names. Runs in a thread that lives as long as the
+    process (PR_SET_PDEATHSIG follows the thread that forked)."""
+    spec = next((w.split("=", 1)[1] for w in State.boot.get("boot_args", "").split() if w.startswith("banger.agent=")), "")
+    disk = agent_disk()
+    if not spec.startswith("vsock:") or disk is None:
+        return
+    port = int(spec.split(":", 1)[1])
+    gdir = guest_dir()
+    shutil.rmtree(gdir, ignore_errors=True)
+    (gdir / "bin").mkdir(parents=True)
+    for request in (f"rdump /agent {gdir}", f"dump /build.json {gdir / 'build.json'}"):  # the disk, as mounted
+        subprocess.run(["debugfs", "-R", request, disk], capture_output=True, check=True)
+    for name in ("systemctl", "poweroff", "busybox"):  # the agent's poweroff: the guest's, not the host's
+        shim = gdir / "bin" / name
+        shim.write_text(f"#!/bin/sh\nkill -USR1 {os.getpid()}\n")
+        shim.chmod(0o755)
+    listen = gdir / f"vsock-{port}.sock"
+    env = {
+        "PATH": f"{gdir / 'bin'}:/usr/bin:/bin",
+        "PYTHONPATH": str(gdir / "agent"),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "BANGER_AGENT_LISTEN": f"unix:{listen}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-s", "-B", "-m", "banger_guest.agent"],
+        env=env,
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: _libc.prctl(1, int(signal.SIGKILL)),  # PR_SET_PDEATHSIG
+    )
+    State.guest_ports[port] = str(listen)
+    proc.wait()
+
+
+def power_off() -> None:
+    """The guest is gone: every process under this one, then the process itself."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, mine = [os.getpid()], []
+    while todo:
+        for c in children.get(todo.pop(), []):
+            mine.append(c)
+            todo.append(c)
+    for pid in mine:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    shutil.rmtree(guest_dir(), ignore_errors=True)
+    os._exit(0)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -82,13 +276,38 @@ class Handler(BaseHTTPRequestHandler):
                             return self._reply(400, {"fault_message": f"{path} {p} does not exist"})
                     State.started = True
                     print("fake firecracker: guest 'booted'", flush=True)
+                    if State.vsock is not None:
+                        threading.Thread(target=serve_vsock, args=(State.vsock,), daemon=True).start()
+                    threading.Thread(target=boot_guest, daemon=True).start()
                 elif action == "SendCtrlAltDel":
                     if not State.started:
                         return self._reply(400, {"fault_message": "not started"})
-                    threading.Timer(0.3, lambda: os._exit(0)).start()
+                    threading.Timer(0.3, power_off).start()
+            if op == "putGuestVsock":
+                if State.vsock is not None:  # a new device replaces the old one and its socket
+                    State.vsock.close()
+                    os.unlink(State.vsock.getsockname())
+                    State.vsock = None
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    listener.bind(body["uds_path"])
+                except OSError as exc:
+                    listener.close()
+                    self._record(method, body, op, "bind failed")
+                    return self._reply(
+                        400,
+                        {
+                            "fault_message": "Cannot create backend for vsock device: "
+                            f"Error binding to the host-side Unix socket: {exc.strerror} (os error {exc.errno})"
+                        },
+                    )
+                listener.listen(64)
+                State.vsock = listener
             State.configured.add(op)
             if op == "putGuestBootSource":
                 State.boot = body
+            if op == "putGuestDriveByID":
+                State.drives[body["drive_id"]] = body
         self._record(method, body, op, "ok")
         if op == "describeInstance":
             return self._reply(
@@ -128,5 +347,7 @@ if __name__ == "__main__":
     ARGS = ap.parse_args()
     State.boot = {}
     State.record = Path(os.environ["FC_FAKE_RECORD"]) if os.environ.get("FC_FAKE_RECORD") else None
+    _libc.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: what the guest's commands leave behind stays ours to kill
+    signal.signal(signal.SIGUSR1, lambda *_: threading.Timer(0.2, power_off).start())  # the agent's poweroff
     with Server(ARGS.api_sock, Handler) as srv:
         srv.serve_forever()

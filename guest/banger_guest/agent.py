@@ -4,11 +4,20 @@ Standard library only; one thread around a selector. Started early in boot by th
 launcher images carry (launch.sh), from the read-only agent disk banger attaches to
 every VM, so a new agent never needs a new image.
 
+The channel is a virtio-serial port (QEMU), or an AF_VSOCK listener when the kernel
+command line says ``banger.agent=vsock:PORT`` (Firecracker): one host connection at a
+time, the next accepted when it ends.
+
 Sessions run concurrently. ``exec`` runs an argv as given (no shell), with env, cwd and
-user, in a process group of its own; stdin, stdout and stderr stream both ways as raw
-bytes; the session ends with the exit status (128+N for signal N). When the host side
-goes away (the port hangs up) or says HELLO again, every session's process group is
-killed. ``health`` says who is answering; ``poweroff`` syncs, answers, then powers off.
+user, in a process group of its own, on pipes or on a pseudo-terminal of its own
+(``tty``: sized, resized, its controlling terminal); stdin, stdout and stderr stream
+both ways as raw bytes; the session ends with the exit status (128+N for signal N).
+``cp_out``/``cp_in`` (transfer.py) and ``ports`` (ports.py) run in a forked child
+handled the same way. While 4 MiB of output wait for the host, commands' output is not
+read (their pipes fill and they wait): a slow host never grows the agent. When the host
+side goes away (the port hangs up, the connection closes) or says HELLO again, every
+session's process group is killed. ``health`` says who is answering; ``poweroff``
+syncs, answers, then powers off.
 """
 
 from __future__ import annotations

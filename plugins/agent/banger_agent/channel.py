@@ -1,6 +1,9 @@
 """The host side of a VM's agent channel: one connection (QEMU's socket chardev takes
-one client at a time), many sessions over it. The wire format is banger_guest.protocol,
-the same module the agent runs.
+one client at a time; Firecracker's vsock socket, after its ``CONNECT``/``OK``
+handshake, one per connection the agent accepts), many sessions over it. The wire
+format is banger_guest.protocol, the same module the agent runs. Each session's queue
+is bounded: a consumer that falls behind stops the reader (and so the guest) rather
+than growing the daemon.
 
 ``await Channel.connect(open_stream, timeout)`` opens the connection and says hello
 (SYNC, HELLO with a fresh nonce; everything before the WELCOME carrying that nonce is

@@ -6,21 +6,30 @@
   sshd, or ``GUEST_BOOT_DIR`` for banger's minimal inits. It does not change when the
   agent does, so images need no rebuild for a new agent.
 - The agent disk (``agent_disk``): an ext4 labelled ``banger-agent`` holding the agent
-  (banger_guest) and its ``run`` script, built once per agent version under the cache
-  and attached read-only to every VM.
+  (banger_guest), a Python interpreter for it (``python/``, assembled from the host's
+  python3 by ``interpreter``), the modules the agent uses (``modules``) and the ``run``
+  script, built once per agent, interpreter and banger build under the cache and
+  attached read-only to every VM. ``run`` runs the agent on the image's own python3 when
+  it can import every one of those modules (the agent's own imports too), else on the
+  disk's interpreter, so the agent runs on any image, python3 or not; it says which on
+  the console.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shlex
 import shutil
 import threading
+import time
 from importlib import resources
 from pathlib import Path
 
 from banger_core import fsutil
-from banger_core.images import ext4_from_tree
+from banger_agent import interpreter
+from banger_core.images import INODE_BYTES, ext4_from_tree, tree_needs
 from banger_core.sources import GUEST_BOOT_DIR, GuestFile
 
 LABEL = "banger-agent"
@@ -69,15 +78,33 @@ RestartSec=1
 WantedBy=sysinit.target
 """
 
-RUN_SH = """#!/bin/sh
-# What the launcher runs: the agent on this disk, with the image's python3.
-HERE=$(dirname "$0")
+
+def _sh(argv: list[str]) -> str:
+    """``argv`` as sh words; those starting with a variable ($P, $HERE) are expanded."""
+    return " ".join(f'"{a}"' if a.startswith("$") else shlex.quote(a) for a in argv)
+
+
+RUN_SH = f"""#!/bin/sh
+# What the launcher runs: the agent on this disk, on the image's python3 if that can
+# import every module the agent uses (./modules), else on the python this disk carries.
+HERE=${{0%/*}}
 export PYTHONPATH="$HERE/agent" PYTHONDONTWRITEBYTECODE=1
+read -r MODULES < "$HERE/modules"
+seen=
 for py in python3 /usr/bin/python3 /usr/local/bin/python3; do
-  command -v "$py" >/dev/null 2>&1 && exec "$py" -s -B -m banger_guest.agent
+  py=$(command -v "$py" 2>/dev/null) || continue
+  case " $seen " in *" $py "*) continue ;; esac
+  seen="$seen $py"
+  if "$py" -s -B -c "import $MODULES, banger_guest.agent" >/dev/null 2>&1; then
+    echo "banger-agent: running on the image's $py" >&2
+    exec "$py" -s -B -m banger_guest.agent
+  fi
+  echo "banger-agent: the image's $py cannot import all of: $MODULES" >&2
 done
-echo "banger-agent: no python3 in this image: the agent cannot run" >&2
-exit 127
+P="$HERE/python"
+read -r VERSION < "$P/version"
+echo "banger-agent: running on banger's own python $VERSION (from the agent disk)" >&2
+exec {_sh(interpreter.run_argv("$P", "$HERE/agent"))}
 """
 
 
@@ -95,38 +122,72 @@ def _guest_sources() -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in pkg.iterdir() if f.name.endswith(".py")}
 
 
-def disk_id(build: dict[str, str | None]) -> str:
-    """What identifies the agent disk: the agent's code, the run script, and the banger
-    build recorded on it (so its health names the build that made it)."""
-    h = hashlib.sha256(RUN_SH.encode() + json.dumps(build, sort_keys=True).encode())
+def disk_id(build: dict[str, str | None], python: str) -> str:
+    """What identifies the agent disk: the agent's code, the run script, the interpreter
+    (``Interpreter.identity``: its version and a hash of its files) and the banger build
+    recorded on it (so its health names the build that made it)."""
+    h = hashlib.sha256(RUN_SH.encode() + json.dumps([build, python], sort_keys=True).encode())
     for name, data in sorted(_guest_sources().items()):
         h.update(name.encode() + b"\0" + data)
     return h.hexdigest()[:12]
 
 
 _lock = threading.Lock()
+#: an interpreter dir not used by a disk build for this long is removed (another daemon
+#: sharing the cache may still be about to copy it)
+OLD_PYTHON_S = 3600
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def disk_size_mib(tree: Path) -> int:
+    """What the disk needs for ``tree`` (as ext4_from_tree counts it) and a quarter more."""
+    data, entries = tree_needs(tree)
+    need = -(-data // (1024 * 1024)) + (int(entries * 1.5) + 4096) * INODE_BYTES // (1024 * 1024) + 16
+    return need + need // 4
 
 
 def agent_disk(cache_dir: Path, build: dict[str, str | None]) -> Path:
     """The agent disk for this agent (built once, then reused); older ones are removed."""
-    ident = disk_id(build)
     where = cache_dir / "agent"
-    disk = where / f"agent-{ident}.ext4"
     with _lock:
+        sources = _guest_sources()
+        python = interpreter.ensure(where, sources)
+        ident = disk_id(build, python.identity)
+        disk = where / f"agent-{ident}.ext4"
         if disk.exists():
             return disk
-        where.mkdir(parents=True, exist_ok=True)
+        os.utime(python.root)  # in use: kept by the clean-up below (here or in another daemon)
         with fsutil.staged_dir(where / f"tree-{ident}") as tree:
             pkg = tree / "agent" / "banger_guest"
             pkg.mkdir(parents=True)
-            for name, data in _guest_sources().items():
+            for name, data in sources.items():
                 (pkg / name).write_bytes(data)
+            shutil.copytree(
+                python.root,
+                tree / "python",
+                symlinks=True,
+                copy_function=_link_or_copy,
+                ignore=shutil.ignore_patterns("manifest.json"),
+            )
+            (tree / "modules").write_text(", ".join(python.probe) + "\n")
             (tree / "run").write_text(RUN_SH)
             (tree / "run").chmod(0o755)
-            (tree / "build.json").write_text(json.dumps({**build, "disk": ident}) + "\n")
-            ext4_from_tree(tree, disk, size_mib=32, label=LABEL, what="the agent disk")
+            (tree / "build.json").write_text(json.dumps({**build, "disk": ident, "python": python.identity}) + "\n")
+            ext4_from_tree(tree, disk, size_mib=disk_size_mib(tree), label=LABEL, what="the agent disk")
         shutil.rmtree(where / f"tree-{ident}", ignore_errors=True)
         for old in where.glob("agent-*.ext4"):
             if old != disk:
                 old.unlink(missing_ok=True)  # a running VM keeps its open file
+        for old in where.glob("python-*"):
+            try:
+                if old != python.root and time.time() - old.stat().st_mtime > OLD_PYTHON_S:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                continue
         return disk

@@ -322,7 +322,8 @@ def apply_layer(layer: Path, root: Path) -> None:
 
 INIT_SCRIPT = """#!{busybox} sh
 # banger's first-boot init: mount the API filesystems, then hand over to systemd if
-# the image has it, else start what there is (sshd) and keep PID 1 alive.
+# the image has it, else load what udev would have (the agent's port driver), start
+# what there is (boot.d, sshd) and keep PID 1 alive.
 B={busybox}
 $B mkdir -p /proc /sys /dev /run /tmp
 $B mount -t proc proc /proc 2>/dev/null
@@ -333,6 +334,9 @@ for s in /lib/systemd/systemd /usr/lib/systemd/systemd; do
   [ -x "$s" ] && exec "$s"
 done
 echo "banger-init: image booted ($($B cat /etc/os-release 2>/dev/null | $B grep '^ID=' ))" > /dev/console
+# no udev here: load the agent's virtio-serial port driver where the kernel has it as a
+# module and the image its modules (microvm-6.1 has it built in; then this does nothing)
+$B modprobe -q virtio_console 2>/dev/null
 for s in {boot_dir}/*; do [ -x "$s" ] && "$s" </dev/null >/dev/console 2>&1 & done
 [ -x /sbin/init ] && [ "$($B readlink -f /sbin/init)" != "{init}" ] && exec /sbin/init
 [ -x /usr/sbin/sshd ] && /usr/sbin/sshd

@@ -207,3 +207,35 @@ def test_ports_lists_listeners_with_schemes_and_endpoints_from_a_plugin(env, tmp
     finally:
         servers.kill()
         servers.wait(timeout=30)
+
+
+def test_exec_t_forces_a_terminal_without_one_and_user_runs_as_that_user(env):
+    r = subprocess.run(
+        [BANGER, "vm", "exec", "-t", VM, "--", "sh", "-c", "read x; tty; echo got $x; exit 4"],
+        env=env.env(),
+        input=b"word\n",
+        capture_output=True,
+        timeout=120,
+    )
+    assert r.returncode == 4 and b"/dev/pts/" in r.stdout and b"got word" in r.stdout, r
+    r = subprocess.run(
+        [BANGER, "vm", "exec", "-u", "nobody", VM, "--", "id", "-un"], env=env.env(), capture_output=True, timeout=120
+    )
+    assert (r.returncode, r.stdout) == (0, b"nobody\n"), r
+
+
+def test_the_terminal_is_restored_when_the_daemon_dies_mid_session(env):
+    t = Pty(env, [BANGER, "vm", "exec", "-t", "-e", "PS1=Q> ", VM, "--", "sh", "-i"])
+    try:
+        t.expect(b"Q> ")
+        assert not termios.tcgetattr(t.slave)[3] & termios.ICANON
+        pid = env.daemon_pid()
+        assert pid
+        os.kill(pid, 9)
+        assert t.wait() == 255
+        t.expect(b"daemon went away")
+        assert termios.tcgetattr(t.slave) == t.before
+    finally:
+        t.close()
+    r = banger(env, "vm", "exec", VM, "--", "echo", "back")  # a new daemon; the VM never stopped
+    assert (r.returncode, r.stdout) == (0, "back\n"), r.stderr

@@ -143,7 +143,8 @@ def test_the_agent_runs_in_a_busybox_chroot_on_the_disks_python(disk, tmp_path, 
         stop(proc, host)
     said = log.read_text()
     assert "running on banger's own python 3." in said, said
-    assert ("cannot import all of" in said) == (image_python == "too-small"), said
+    # a python3 that will not even start (exit 1) falls back as one lacking a module does
+    assert ("the agent on the image's /usr/bin/python3 exited 1" in said) == (image_python == "too-small"), said
 
 
 def test_an_image_python3_with_every_module_runs_the_agent_itself(disk, tmp_path):
@@ -160,6 +161,34 @@ def test_an_image_python3_with_every_module_runs_the_agent_itself(disk, tmp_path
     finally:
         stop(proc, host)
     assert "running on the image's /usr/bin/python3" in log.read_text()
+
+
+def test_an_image_python3_lacking_a_module_hands_over_to_the_next_python_in_one_start(disk, tmp_path):
+    """Debian's python3-minimal has no pty: the agent started on it imports what it needs
+    first, exits 75, and the run script goes on to the next python (one start each)."""
+    subprocess.run(["debugfs", "-R", f"rdump / {tmp_path}", str(disk)], capture_output=True, check=True)
+    shadow, bindir = tmp_path / "shadow", tmp_path / "bin"
+    shadow.mkdir()
+    bindir.mkdir()
+    (shadow / "pty.py").write_text("raise ImportError('no pty in this python')\n")
+    (bindir / "python3").write_text(f'#!/bin/sh\nPYTHONPATH={shadow}:$PYTHONPATH exec /usr/bin/python3 "$@"\n')
+    (bindir / "python3").chmod(0o755)
+    log = tmp_path / "agent.log"
+    proc, host = serve([str(tmp_path / "run")], log, path=f"{bindir}:/usr/bin:/bin")
+    try:
+
+        async def script(ch: Channel) -> None:
+            assert (await run(ch, ["true"]))[0] == 0
+
+        talk(host, script)
+    finally:
+        stop(proc, host)
+    said = log.read_text()
+    assert "cannot import pty (ImportError: no pty in this python)" in said, said
+    assert f"the image's {bindir}/python3 cannot import all of:" in said, said
+    # the next python3 the script tries (the real one: this "image" is the host) serves;
+    # in a chroot with no other, the disk's python does (the test above)
+    assert "running on the image's /usr/bin/python3" in said, said
 
 
 def test_what_the_interpreter_holds_and_how_the_disk_is_named(disk):

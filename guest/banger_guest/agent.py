@@ -680,7 +680,37 @@ def serve(lsock: socket.socket) -> None:
             agent.poweroff()
 
 
+#: the exit status meaning "this python cannot run the agent": the run script then
+#: falls back to the python the agent disk carries
+EX_PYTHON = 75
+
+
+def require_modules() -> int | None:
+    """With BANGER_AGENT_REQUIRE=FILE (the run script, trying the image's own python3):
+    import every module FILE names up front, so a python lacking one fails now, with
+    EX_PYTHON, rather than in the middle of a session. One interpreter start does both
+    the probe and the serving."""
+    listed = os.environ.pop("BANGER_AGENT_REQUIRE", "")
+    if not listed:
+        return None
+    import importlib
+
+    with open(listed) as fh:
+        names = [n.strip() for n in fh.read().replace(",", " ").split() if n.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # ImportError, or a module broken in this python
+            log(f"{sys.executable} cannot import {name} ({type(exc).__name__}: {exc})")
+            return EX_PYTHON
+    log(f"running on the image's {sys.executable} (python {sys.version.split()[0]})")
+    return None
+
+
 def main() -> int:
+    failed = require_modules()
+    if failed is not None:
+        return failed
     inherited = os.environ.get("BANGER_AGENT_FD")  # a channel handed over (tests): no port, no identity
     if inherited:
         fd = int(inherited)

@@ -95,11 +95,23 @@ for py in python3 /usr/bin/python3 /usr/local/bin/python3; do
   py=$(command -v "$py" 2>/dev/null) || continue
   case " $seen " in *" $py "*) continue ;; esac
   seen="$seen $py"
-  if "$py" -s -B -c "import $MODULES, banger_guest.agent" >/dev/null 2>&1; then
-    echo "banger-agent: running on the image's $py" >&2
-    exec "$py" -s -B -m banger_guest.agent
+  # one start probes and serves: the agent imports ./modules first and exits 75 when it
+  # cannot (an import of the agent itself failing, e.g. an old python, counts too); any
+  # other exit (a python that will not start, an agent that ended) also falls through
+  BANGER_AGENT_REQUIRE="$HERE/modules" "$py" -s -B -c '
+import sys
+try:
+    from banger_guest import agent
+except BaseException as exc:
+    sys.stderr.write("banger-agent: %s cannot import the agent: %r\\n" % (sys.executable, exc))
+    sys.exit(75)
+sys.exit(agent.main())'
+  rc=$?
+  if [ "$rc" = 75 ]; then
+    echo "banger-agent: the image's $py cannot import all of: $MODULES" >&2
+  else  # it would not start, or the agent died on it: the disk's python serves instead
+    echo "banger-agent: the agent on the image's $py exited $rc" >&2
   fi
-  echo "banger-agent: the image's $py cannot import all of: $MODULES" >&2
 done
 P="$HERE/python"
 read -r VERSION < "$P/version"

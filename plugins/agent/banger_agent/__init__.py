@@ -17,12 +17,17 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import TYPE_CHECKING, Any, Callable
 
 from banger_core import hookimpl
-from banger_core.context import CheckResult
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from banger_core.context import CheckResult
+
+# Imported lazily, in the hooks that need them: `vm exec` loads this module on every
+# call, and pydantic models and the core's contexts cost more to import than the exec.
 
 provides = ["agent"]
 
@@ -30,14 +35,10 @@ SOCKET = "agent.sock"  # in the VM's directory: QEMU's chardev socket
 VSOCK = "agent.vsock"  # in the VM's directory: Firecracker's vsock socket (service.opener_for: by its suffix)
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    wait_timeout_s: float = Field(default=180.0, gt=0, le=3600, description="how long vm create/start waits for the agent")
-
-
 @hookimpl
 def config_model() -> type[BaseModel]:
+    from banger_agent.settings import Settings
+
     return Settings
 
 
@@ -142,6 +143,8 @@ def post_boot(ctx: Any) -> None:
 
     if ctx.teardown.get("no_agent"):
         return
+    from banger_agent.settings import Settings
+
     settings = ctx.settings or Settings()
     console = ctx.paths.vm_files(ctx.vm.id).console_log
     t = time.monotonic()
@@ -201,6 +204,8 @@ def register_commands(app: Any, vm: Any) -> None:
 
 @hookimpl
 def register_doctor_checks(register: Callable[[str, Callable[[Any], CheckResult]], None]) -> None:
+    from banger_core.context import CheckResult
+
     def transport(_s: Any) -> CheckResult:
         # Firecracker's vsock is its own device model behind a unix socket: no /dev/vhost-vsock needed
         return CheckResult.ok("transport", "virtio-serial on QEMU; vsock on Firecracker (its hybrid vsock socket)")

@@ -171,7 +171,14 @@ def test_an_image_python3_lacking_a_module_hands_over_to_the_next_python_in_one_
     shadow, bindir = tmp_path / "shadow", tmp_path / "bin"
     shadow.mkdir()
     bindir.mkdir()
-    (shadow / "pty.py").write_text("raise ImportError('no pty in this python')\n")
+    (shadow / "sitecustomize.py").write_text(  # this python's import system finds no pty
+        "import sys\n"
+        "class NoPty:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'pty':\n"
+        "            raise ModuleNotFoundError('no pty in this python')\n"
+        "sys.meta_path.insert(0, NoPty())\n"
+    )
     (bindir / "python3").write_text(f'#!/bin/sh\nPYTHONPATH={shadow}:$PYTHONPATH exec /usr/bin/python3 "$@"\n')
     (bindir / "python3").chmod(0o755)
     log = tmp_path / "agent.log"
@@ -185,7 +192,7 @@ def test_an_image_python3_lacking_a_module_hands_over_to_the_next_python_in_one_
     finally:
         stop(proc, host)
     said = log.read_text()
-    assert "cannot import pty (ImportError: no pty in this python)" in said, said
+    assert "cannot import pty (ModuleNotFoundError: no pty in this python)" in said, said
     assert f"the image's {bindir}/python3 cannot import all of:" in said, said
     # the next python3 the script tries (the real one: this "image" is the host) serves;
     # in a chroot with no other, the disk's python does (the test above)

@@ -98,7 +98,7 @@ for py in python3 /usr/bin/python3 /usr/local/bin/python3; do
   # one start probes and serves: the agent imports ./modules first and exits 75 when it
   # cannot (an import of the agent itself failing, e.g. an old python, counts too); any
   # other exit (a python that will not start, an agent that ended) also falls through
-  BANGER_AGENT_REQUIRE="$HERE/modules" "$py" -s -B -c '
+  BANGER_AGENT_REQUIRE="$HERE/modules" "$py" -s -S -B -c '
 import sys
 try:
     from banger_guest import agent

@@ -165,21 +165,25 @@ def test_an_image_python3_with_every_module_runs_the_agent_itself(disk, tmp_path
 
 
 def test_an_image_python3_lacking_a_module_hands_over_to_the_next_python_in_one_start(disk, tmp_path):
-    """Debian's python3-minimal has no pty: the agent started on it imports what it needs
+    """Debian's python3-minimal has no pty: the agent started on it finds what it needs
     first, exits 75, and the run script goes on to the next python (one start each)."""
     subprocess.run(["debugfs", "-R", f"rdump / {tmp_path}", str(disk)], capture_output=True, check=True)
-    shadow, bindir = tmp_path / "shadow", tmp_path / "bin"
-    shadow.mkdir()
+    bindir = tmp_path / "bin"
     bindir.mkdir()
-    (shadow / "sitecustomize.py").write_text(  # this python's import system finds no pty
+    # a python3 whose import system finds no pty: runs the -c code it is given after
+    # hiding pty (written in python: the run script's -S would skip a sitecustomize)
+    (bindir / "python3").write_text(
+        "#!/usr/bin/python3 -S\n"
         "import sys\n"
         "class NoPty:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name == 'pty':\n"
         "            raise ModuleNotFoundError('no pty in this python')\n"
         "sys.meta_path.insert(0, NoPty())\n"
+        "code = sys.argv[sys.argv.index('-c') + 1]\n"
+        "sys.argv = ['-c']\n"
+        "exec(compile(code, '<string>', 'exec'), {'__name__': '__main__'})\n"
     )
-    (bindir / "python3").write_text(f'#!/bin/sh\nPYTHONPATH={shadow}:$PYTHONPATH exec /usr/bin/python3 "$@"\n')
     (bindir / "python3").chmod(0o755)
     log = tmp_path / "agent.log"
     proc, host = serve([str(tmp_path / "run")], log, path=f"{bindir}:/usr/bin:/bin")

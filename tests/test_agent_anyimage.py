@@ -33,6 +33,7 @@ from banger_agent.channel import Channel
 from banger_guest import protocol as P
 from conftest import BANGER, isolated_env
 from oci_fixtures import find_static_busybox, missing_tools, push_layers
+from test_agent_channel import run
 
 BUILD = {"banger": "test", "commit": None, "build_time": None}
 LONG = 1500
@@ -64,24 +65,6 @@ def busybox_root(root: Path, disk: Path) -> Path:
 
 def python_files(root: Path) -> list[str]:
     return [str(p) for p in root.rglob("python*") if "agentdisk" not in p.parts]
-
-
-async def run(ch: Channel, argv: list[str], stdin: bytes = b"") -> tuple[int, bytes, bytes]:
-    s = await ch.open({"op": "exec", "argv": argv})
-    if stdin:
-        await s.stdin(stdin)
-    await s.stdin_eof()
-    out, err = bytearray(), bytearray()
-    async for f in s.events():
-        if f.kind == P.STDOUT:
-            out += f.payload
-        elif f.kind == P.STDERR:
-            err += f.payload
-        elif f.kind == P.EXIT:
-            return f.obj()["status"], bytes(out), bytes(err)
-        elif f.kind == P.ERROR:
-            return f.obj().get("status", 255), bytes(out), f.obj()["message"].encode()
-    raise AssertionError("no exit")
 
 
 def serve(argv: list[str], log: Path, path: str = "/bin") -> tuple[subprocess.Popen[bytes], socket.socket]:

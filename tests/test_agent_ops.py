@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from banger_agent.channel import Channel
 from banger_guest import protocol as P
 from banger_guest import transfer
+from test_agent_channel import connect
 
 GUEST = Path(__file__).resolve().parent.parent / "guest"
 
@@ -43,13 +43,6 @@ def agent():
         host.close()
         proc.kill()
         proc.wait(timeout=10)
-
-
-def connect(sock: socket.socket):
-    async def opener():
-        return await asyncio.open_unix_connection(sock=sock)
-
-    return Channel.connect(opener, timeout=10)
 
 
 async def collect(s) -> tuple[int, bytes, bytes, str]:

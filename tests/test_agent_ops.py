@@ -270,3 +270,28 @@ def test_a_slow_reader_holds_the_agent_back_instead_of_growing_its_memory(agent)
         await ch.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("term", ["x y", "bad/term", "", "x" * 65, "vt100\n"])
+def test_a_terminal_name_is_checked_as_a_whole(term, monkeypatch):
+    from pydantic import ValidationError
+
+    from banger_agent import rpc, terminal
+
+    with pytest.raises(ValidationError, match="expected a TERM name"):
+        rpc.Terminal(term=term)
+    monkeypatch.setenv("TERM", term)
+    assert terminal.request()["term"] == "xterm-256color"  # the client asks for the default instead
+    assert rpc.Terminal(**terminal.request()).term == "xterm-256color"
+
+
+def test_cp_arguments_name_the_vm_side_by_a_prefix():
+    from banger_agent import cp
+    from banger_core.errors import BangerError
+
+    assert cp.split("box:/root/x") == ("box", "/root/x")
+    assert cp.split("box:rel/x") == ("box", "rel/x")
+    assert cp.split("./a:b") == (None, "./a:b") and cp.split("/abs/a:b") == (None, "/abs/a:b")
+    assert cp.split("plain") == (None, "plain")
+    with pytest.raises(BangerError, match="no path after the VM name"):
+        cp.split("box:")

@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import json
 import signal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from banger_agent.terminal import TERM_RE
 from banger_core import protocol
 from banger_core.errors import BangerError, ErrorCode
+from banger_core.models import fullmatching
 from banger_guest import protocol as P
 
 
@@ -28,7 +30,7 @@ class Terminal(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rows: int = Field(default=24, gt=0, lt=65536)
     cols: int = Field(default=80, gt=0, lt=65536)
-    term: str = Field(default="xterm-256color", pattern=r"[A-Za-z0-9._+-]{1,64}")
+    term: Annotated[str, fullmatching(TERM_RE.pattern, "a TERM name (letters, digits, . _ + -)")] = "xterm-256color"
 
 
 class ExecParams(BaseModel):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import termios
 import tty
@@ -26,10 +27,15 @@ def size(default: tuple[int, int] = (24, 80)) -> tuple[int, int]:
     return default
 
 
+#: what a TERM may be (rpc.Terminal checks the same); anything else asks for the default
+TERM_RE = re.compile(r"[A-Za-z0-9._+-]{1,64}")
+
+
 def request(term: str | None = None) -> dict[str, Any]:
     """The ``tty`` an exec asks for: this terminal's size and TERM."""
     rows, cols = size()
-    return {"rows": rows, "cols": cols, "term": term or os.environ.get("TERM") or "xterm-256color"}
+    term = term or os.environ.get("TERM") or ""
+    return {"rows": rows, "cols": cols, "term": term if TERM_RE.fullmatch(term) else "xterm-256color"}
 
 
 @contextlib.contextmanager

@@ -45,11 +45,17 @@ def agent():
         proc.wait(timeout=10)
 
 
-async def collect(s) -> tuple[int, bytes, bytes, str]:
+async def collect(s, timeout: float = 60) -> tuple[int, bytes, bytes, str]:
     """Everything a session sends: (status, stdout, stderr, error message)."""
     out, err = bytearray(), bytearray()
+    deadline = time.monotonic() + timeout
     while True:
-        f = await s.next()
+        try:
+            f = await asyncio.wait_for(s.next(), max(0.1, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise AssertionError(
+                f"no end of session {s.sid} in {timeout}s: stdout {bytes(out)[-500:]!r} stderr {bytes(err)[-500:]!r}"
+            ) from None
         if f.kind == P.STDOUT:
             out += f.payload
         elif f.kind == P.STDERR:
@@ -60,10 +66,14 @@ async def collect(s) -> tuple[int, bytes, bytes, str]:
             return f.obj().get("status", 255), bytes(out), bytes(err), f.obj()["message"]
 
 
-async def read_until(s, needle: bytes, seen: bytearray, timeout: float = 10) -> None:
+async def read_until(s, needle: bytes, seen: bytearray, timeout: float = 10, count: int = 1) -> None:
+    """Read the session's output into ``seen`` until it holds ``count`` ``needle``s."""
     deadline = time.monotonic() + timeout
-    while needle not in seen:
-        f = await asyncio.wait_for(s.next(), max(0.1, deadline - time.monotonic()))
+    while seen.count(needle) < count:
+        try:
+            f = await asyncio.wait_for(s.next(), max(0.1, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise AssertionError(f"no {needle!r} (x{count}) in {timeout}s: {bytes(seen)[-500:]!r}") from None
         assert f.kind == P.STDOUT, f
         seen += f.payload
 
@@ -89,8 +99,12 @@ def test_a_terminal_session_has_its_size_follows_resizes_and_exits_with_its_stat
         await read_until(s, b"PROMPT> ", seen)
         await s.resize(41, 132)
         await s.stdin(b"stty size\n")
-        await read_until(s, b"41 132", seen)
+        await read_until(s, b"41 132\r\nPROMPT> ", seen)
+        prompts = seen.count(b"PROMPT> ")
         await s.stdin(b"\x03")  # Ctrl-C reaches the shell as a terminal's interrupt, not as banger's
+        # its new prompt first: what is typed before the shell handles the interrupt is
+        # flushed with the line, as on any terminal
+        await read_until(s, b"PROMPT> ", seen, count=prompts + 1)
         await s.stdin(b"exit 3\n")
         status, *_ = await collect(s)
         assert status == 3
@@ -295,3 +309,32 @@ def test_cp_arguments_name_the_vm_side_by_a_prefix():
     assert cp.split("plain") == (None, "plain")
     with pytest.raises(BangerError, match="no path after the VM name"):
         cp.split("box:")
+
+
+def test_stdin_has_a_window_a_command_that_never_reads_costs_the_agent_little_and_stalls_no_one(agent):
+    host, agent_pid = agent
+
+    async def main():
+        ch = await connect(host)
+        before = _rss_kib(agent_pid)
+        idle = await ch.open({"op": "exec", "argv": ["sleep", "60"]})
+        sender = asyncio.ensure_future(idle.stdin(b"x" * (64 << 20)))
+        await asyncio.sleep(2)
+        assert not sender.done() and idle.sent - idle.acked == P.STDIN_WINDOW  # held at the window
+        status, out, *_ = await collect(await ch.open({"op": "exec", "argv": ["echo", "meanwhile"]}))
+        assert (status, out) == (0, b"meanwhile\n")  # the channel is not stalled for others
+        grew = (_rss_kib(agent_pid) - before) / 1024
+        assert grew < 16, f"the agent grew by {grew:.0f} MiB for a command that reads nothing"
+        await idle.close()
+        await asyncio.wait_for(sender, 10)  # the session ended: the sender gives up
+        # a slow reader still gets every byte, in order
+        data = os.urandom(1 << 20) * 24
+        slow = await ch.open({"op": "exec", "argv": ["sh", "-c", "sleep 1; sha256sum"]})
+        await slow.stdin(data)
+        await slow.stdin_eof()
+        status, out, *_ = await collect(slow)
+        assert status == 0 and out.split()[0].decode() == hashlib.sha256(data).hexdigest()
+        assert slow.acked == len(data)
+        await ch.close()
+
+    asyncio.run(main())

@@ -207,6 +207,8 @@ class Session:
         self.pty_fd = pty_fd
         self.stdin_buf = bytearray()
         self.stdin_eof = stdin_fd is None
+        self.stdin_done = 0  # bytes of stdin written to the command (or dropped)
+        self.stdin_acked = 0  # ... as last told the host (STDIN_ACK)
         self.open_outputs = len(outputs)
         self.status: int | None = None
         self.exited_at = 0.0
@@ -356,6 +358,9 @@ class Agent:
             if not s.stdin_eof:
                 s.stdin_buf += f.payload
                 self._stdin_interest(s)
+            else:  # nobody reads it any more: done, as far as the host's window goes
+                s.stdin_done += len(f.payload)
+                self._ack_stdin(s)
         elif f.kind == P.STDIN_EOF:
             s.stdin_eof = True
             self._stdin_interest(s)
@@ -522,9 +527,19 @@ class Agent:
         except BlockingIOError:
             return
         except OSError:  # the command closed its stdin: what is left goes nowhere
+            n = len(s.stdin_buf)
             s.stdin_buf.clear()
             s.stdin_eof = True
+        s.stdin_done += n
+        self._ack_stdin(s)
         self._stdin_interest(s)
+
+    def _ack_stdin(self, s: Session) -> None:
+        """Tell the host how much stdin is done: every quarter window, and whenever the
+        buffer runs dry (so a sender waiting on the window goes on)."""
+        if s.stdin_done - s.stdin_acked >= P.STDIN_WINDOW // 4 or (not s.stdin_buf and s.stdin_done > s.stdin_acked):
+            s.stdin_acked = s.stdin_done
+            self.send_json(P.STDIN_ACK, s.sid, {"written": s.stdin_done})
 
     # --- backpressure: stop reading commands' output while the host is behind -----------
     def _pause_outputs(self) -> None:

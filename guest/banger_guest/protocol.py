@@ -26,6 +26,14 @@ are raw bytes. The ops an ``OPEN`` names:
   (``transfer.py`` is that stream's one definition). Both end with ``EXIT``.
 - ``{"op": "ports"}``: the guest's listeners as one JSON array on STDOUT (``ports.py``).
 - ``{"op": "health"}``, ``{"op": "poweroff"}``: one ``RESULT``.
+
+Flow control: output needs none from the protocol (the agent stops reading a
+command's output while 4 MiB wait to be sent, the host stops reading the channel while
+a session's frames wait for their consumer). Input has a window: the host sends a
+session at most ``STDIN_WINDOW`` bytes of STDIN beyond what the agent has acknowledged
+with ``STDIN_ACK`` (bytes written to the command, or dropped once it closed its stdin),
+so a command that reads slowly, or never, costs the agent at most the window and never
+stalls the channel for the other sessions.
 """
 
 from __future__ import annotations
@@ -54,14 +62,19 @@ RESULT = 10  # agent: a JSON result (health, poweroff); the session is over
 ERROR = 11  # agent: {"message": str}; the session is over
 CLOSE = 12  # host: kill the session's process group and forget it
 RESIZE = 13  # host: {"rows": N, "cols": N} for a session's terminal (exec with "tty")
+STDIN_ACK = 14  # agent: {"written": N}, the session's stdin bytes handed to its command so far
+
+#: how many stdin bytes the host may send a session beyond the last STDIN_ACK: the
+#: agent then holds at most this much per session, however slowly its command reads
+STDIN_WINDOW = 4 << 20
 
 #: sent before HELLO and before WELCOME: longer than any frame, and holding no MAGIC, so
 #: a reader stuck on the cut header of a frame that will never complete fails its CRC
 #: and resynchronises on the frame that follows
 SYNC = b"\0" * (HEADER.size + MAX_PAYLOAD)
 
-NAMES = {v: k for k, v in globals().items() if k.isupper() and isinstance(v, int) and 1 <= v <= 13}
-JSON_KINDS = frozenset({HELLO, WELCOME, OPEN, SIGNAL, EXIT, RESULT, ERROR, RESIZE})
+NAMES = {v: k for k, v in globals().items() if k.isupper() and isinstance(v, int) and 1 <= v <= 14}
+JSON_KINDS = frozenset({HELLO, WELCOME, OPEN, SIGNAL, EXIT, RESULT, ERROR, RESIZE, STDIN_ACK})
 ENDS = frozenset({EXIT, RESULT, ERROR})
 
 

@@ -94,6 +94,18 @@ class Session:
         # and so the guest's writer, instead of growing the daemon's memory
         self.queue: asyncio.Queue[P.Frame | None] = asyncio.Queue(maxsize=QUEUE_FRAMES)
         self.ended = False
+        self.sent = 0  # stdin bytes sent; the agent acknowledges them (STDIN_ACK)
+        self.acked = 0
+        self._window = asyncio.Event()  # set when an ack (or the end) may let stdin() go on
+
+    def on_ack(self, frame: P.Frame) -> None:
+        written = frame.obj().get("written")
+        if isinstance(written, int) and written > self.acked:
+            self.acked = written
+            self._window.set()
+
+    def wake(self) -> None:
+        self._window.set()
 
     async def next(self) -> P.Frame:
         """The agent's next frame for this session (the ending one last); ChannelClosed
@@ -104,9 +116,11 @@ class Session:
         frame = await self.queue.get()
         if frame is None:
             self.ended = True
+            self.wake()
             raise ChannelClosed(self.channel.closed_why or "the agent channel closed")
         if frame.kind in P.ENDS:
             self.ended = True
+            self.wake()
             self.channel.sessions.pop(self.sid, None)
         return frame
 
@@ -123,8 +137,19 @@ class Session:
         raise ChannelClosed("the session ended without a result")  # pragma: no cover
 
     async def stdin(self, data: bytes) -> None:
-        for frame in P.encode_data(P.STDIN, self.sid, data):
-            await self.channel.send(frame)
+        """Send stdin, waiting while ``STDIN_WINDOW`` bytes are unacknowledged; once the
+        session has ended, what is left is dropped."""
+        view = memoryview(data)
+        while view and not self.ended:
+            while self.sent - self.acked >= P.STDIN_WINDOW and not self.ended and not self.channel.closed:
+                self._window.clear()
+                await self._window.wait()
+            if self.ended:
+                return  # the send below raises ChannelClosed when the channel is gone
+            chunk = bytes(view[: min(P.MAX_PAYLOAD, P.STDIN_WINDOW - (self.sent - self.acked))])
+            view = view[len(chunk) :]
+            self.sent += len(chunk)
+            await self.channel.send(P.encode(P.STDIN, self.sid, chunk))
 
     async def stdin_eof(self) -> None:
         await self.channel.send(P.encode(P.STDIN_EOF, self.sid))
@@ -140,8 +165,9 @@ class Session:
         self.channel.sessions.pop(self.sid, None)
         while not self.queue.empty():  # frees a reader waiting to queue one more
             self.queue.get_nowait()
-        if not self.ended and not self.channel.closed:
-            self.ended = True
+        was_open, self.ended = not self.ended, True
+        self.wake()  # a sender waiting on the window gives up
+        if was_open and not self.channel.closed:
             with contextlib.suppress(ChannelClosed, ConnectionError):
                 await self.channel.send(P.encode(P.CLOSE, self.sid))
 
@@ -208,7 +234,11 @@ class Channel:
                     break
                 for frame in self._decoder.feed(data):
                     s = self.sessions.get(frame.session)
-                    if s is not None:
+                    if s is None:
+                        continue
+                    if frame.kind == P.STDIN_ACK:  # not queued: a sender may be waiting on it
+                        s.on_ack(frame)
+                    else:
                         await s.queue.put(frame)
         except (ConnectionError, OSError) as exc:
             self.closed_why = f"the agent channel failed: {exc}"
@@ -220,6 +250,7 @@ class Channel:
             self.closed = True
             self.closed_why = why
         for s in list(self.sessions.values()):
+            s.wake()  # a sender waiting on its window sees the channel closed
             with contextlib.suppress(asyncio.QueueFull):  # a full queue: next() sees `closed` once drained
                 s.queue.put_nowait(None)
         self.sessions.clear()

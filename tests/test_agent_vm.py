@@ -19,6 +19,7 @@ import time
 import pytest
 
 import guest_assets as ga
+from banger_guest import protocol as P
 from conftest import BANGER, isolated_env, pid_alive, wait_for
 
 VM = "agentvm"
@@ -50,7 +51,7 @@ def test_identity_and_health(env):
     assert ex(env, "hostname").stdout.decode().strip() == VM
     assert f"\t{VM}" in ex(env, "cat", "/etc/hosts").stdout.decode()
     h = json.loads(env.run("vm", "health", VM, "--json", check=True).stdout)
-    assert h["vm"] == VM and h["version"] == 1 and h["uptime"] > 0 and h["build"]["banger"]
+    assert h["vm"] == VM and h["version"] == P.VERSION and h["uptime"] > 0 and h["build"]["banger"]
     assert {"commit", "build_time", "disk"} <= set(h["build"])  # the banger build that made the agent disk
     shown = json.loads(env.run("version", "--json", check=True).stdout)["build"]
     assert shown["version"] == h["build"]["banger"] and "commit" in shown

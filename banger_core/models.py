@@ -92,8 +92,14 @@ class Input(BaseModel):
 class VMState(str, enum.Enum):
     CREATED = "created"
     RUNNING = "running"
+    PAUSED = "paused"  # the VMM runs, the guest's vCPUs do not (vm pause / vm resume)
     STOPPED = "stopped"
     ERROR = "error"
+
+    @property
+    def live(self) -> bool:
+        """A VMM process belongs to the VM (running or paused)."""
+        return self in (VMState.RUNNING, VMState.PAUSED)
 
 
 class VMSpec(Strict):

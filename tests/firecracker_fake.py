@@ -63,6 +63,7 @@ PRE_BOOT_ONLY = {
 
 class State:
     started = False
+    paused = False  # patchVm {"state": "Paused"}; "Resumed" clears it
     configured: set[str] = set()
     record: Path | None = None
     boot: dict[str, Any]  # the putGuestBootSource body; set in __main__
@@ -283,6 +284,13 @@ class Handler(BaseHTTPRequestHandler):
                     if not State.started:
                         return self._reply(400, {"fault_message": "not started"})
                     threading.Timer(0.3, power_off).start()
+            if op == "patchVm":  # Paused/Resumed: only once started, as Firecracker refuses before
+                if not State.started:
+                    self._record(method, body, op, "not started")
+                    return self._reply(
+                        400, {"fault_message": "The requested operation is not supported before starting the microVM."}
+                    )
+                State.paused = body["state"] == "Paused"
             if op == "putGuestVsock":
                 if State.vsock is not None:  # a new device replaces the old one and its socket
                     State.vsock.close()
@@ -314,7 +322,7 @@ class Handler(BaseHTTPRequestHandler):
                 200,
                 {
                     "id": ARGS.id,
-                    "state": "Running" if State.started else "Not started",
+                    "state": ("Paused" if State.paused else "Running") if State.started else "Not started",
                     "vmm_version": "1.17.0-dev",
                     "app_name": "Firecracker",
                 },

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import termios
 import time
+from pathlib import Path
 
 import pytest
 
@@ -239,3 +240,23 @@ def test_the_terminal_is_restored_when_the_daemon_dies_mid_session(env):
         t.close()
     r = banger(env, "vm", "exec", VM, "--", "echo", "back")  # a new daemon; the VM never stopped
     assert (r.returncode, r.stdout) == (0, "back\n"), r.stderr
+
+
+def test_pause_freezes_the_guest_and_resume_continues_it(env):
+    from banger_core.paths import VMFiles
+    from banger_core.vmm.qmp import QMP
+
+    vm = json.loads(banger(env, "vm", "show", VM, "--json").stdout)
+    qmp = str(VMFiles(Path(vm["dir"])).qmp_socket)
+    r = banger(env, "vm", "pause", VM)
+    assert r.returncode == 0 and f"{VM}: paused" in r.stdout, r.stderr
+    with QMP(qmp) as q:
+        assert q.execute("query-status")["status"] == "paused"  # the VMM's own view: vCPUs stopped
+    r = banger(env, "vm", "exec", VM, "--", "true")
+    assert r.returncode == 1 and f"VM {VM} is paused: resume it first (banger vm resume {VM})" in r.stderr
+    r = banger(env, "vm", "resume", VM)
+    assert r.returncode == 0 and f"{VM}: running" in r.stdout, r.stderr
+    with QMP(qmp) as q:
+        assert q.execute("query-status")["status"] == "running"
+    r = banger(env, "vm", "exec", VM, "--", "echo", "alive")  # the agent's channel lived through it
+    assert (r.returncode, r.stdout) == (0, "alive\n"), r.stderr

@@ -189,3 +189,48 @@ def test_real_firecracker_binary_answers_describe(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_pause_resume_and_the_graceful_stop_of_a_paused_vm(benv, tmp_path):
+    """vm pause/resume through daemon and CLI: PATCH /vm against the spec-checked fake,
+    the paused state refused where it must be, kept across a daemon restart, and a
+    graceful stop of a paused VM resumes it first (a frozen guest cannot shut down)."""
+    record = tmp_path / "requests.jsonl"
+    benv.extra_env["FC_FAKE_RECORD"] = str(record)  # before the daemon starts: its firecrackers inherit it
+    fake_firecracker_env(benv, tmp_path)
+    spec = ["--image", "fcimg", "--driver", "firecracker", "--vcpu", "1", "--memory", "128", "--disk-size", "32M"]
+    benv.run("vm", "create", "--name", "fcp", *spec, check=True)
+    try:
+        assert "fcp: paused" in benv.run("vm", "pause", "fcp", check=True).stdout
+        vm = json.loads(benv.run("vm", "show", "fcp", "--json", check=True).stdout)
+        assert vm["state"] == "paused" and pid_alive(vm["pid"])
+        for argv, said in (
+            (["vm", "pause", "fcp"], "VM fcp is paused: only a running VM pauses"),
+            (["vm", "start", "fcp"], "VM fcp is paused: banger vm resume fcp"),
+            (["vm", "set", "fcp", "--vcpu", "2"], "VM fcp is paused: stop it before changing its spec"),
+            (["vm", "delete", "fcp"], "VM fcp is paused: stop it first or delete with --force"),
+        ):
+            r = benv.run(*argv)
+            assert r.returncode == 1 and said in r.stderr, (argv, r.stderr)
+        benv.stop_daemon()  # a new daemon adopts the paused VM as paused
+        assert json.loads(benv.run("vm", "show", "fcp", "--json", check=True).stdout)["state"] == "paused"
+        assert "fcp: running" in benv.run("vm", "resume", "fcp", check=True).stdout
+        r = benv.run("vm", "resume", "fcp")
+        assert r.returncode == 1 and "VM fcp is running, not paused" in r.stderr
+        benv.run("vm", "pause", "fcp", check=True)
+        assert "fcp: stopped" in benv.run("vm", "stop", "fcp", check=True).stdout
+        assert not pid_alive(vm["pid"])
+    finally:
+        benv.run("vm", "delete", "fcp", "--force", timeout=60)
+    reqs = [json.loads(line) for line in record.read_text().splitlines()]
+    assert all(q["result"] == "ok" for q in reqs), [q for q in reqs if q["result"] != "ok"]
+    seq = [(q["op"], (q["body"] or {}).get("state") or (q["body"] or {}).get("action_type")) for q in reqs]
+    seq = [s for s in seq if s[0] in ("patchVm", "createSyncAction")]
+    assert seq == [
+        ("createSyncAction", "InstanceStart"),
+        ("patchVm", "Paused"),
+        ("patchVm", "Resumed"),
+        ("patchVm", "Paused"),
+        ("patchVm", "Resumed"),  # the stop resumed it first
+        ("createSyncAction", "SendCtrlAltDel"),
+    ]

@@ -223,6 +223,23 @@ def restart(refs: List[str] = typer.Argument(...), as_json: bool = typer.Option(
 
 
 @app.command()
+def pause(
+    refs: List[str] = typer.Argument(..., help="VM names or ID prefixes"), as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """Freeze running VMs: their vCPUs stop, memory and devices stay in the VMM (exec
+    waits for resume; stop resumes first to shut down gracefully)."""
+    _fan_out("vm.pause", refs, as_json, "paused")
+
+
+@app.command()
+def resume(
+    refs: List[str] = typer.Argument(..., help="VM names or ID prefixes"), as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """Let paused VMs run again, where they were."""
+    _fan_out("vm.resume", refs, as_json, "running")
+
+
+@app.command()
 def kill(
     refs: List[str] = typer.Argument(...),
     signal: str = typer.Option("KILL", "--signal", "-s", help="signal for the VMM process (KILL, TERM, ...)"),

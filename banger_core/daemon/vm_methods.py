@@ -13,13 +13,17 @@ from banger_core import protocol
 from banger_core.daemon.rpc import Call, NoParams
 from banger_core.daemon.work import fan_out, run_blocking, run_simple
 from banger_core.errors import BangerError, ErrorCode
-from banger_core.models import VM, Input, VMState
+from banger_core.models import VM, Input
 from banger_core.vm.params import CreateParams, SetParams
 
 
 class RefsParams(Input):
     refs: list[str] = Field(min_length=1)
     force: bool = False
+
+
+class VMsParams(Input):
+    refs: list[str] = Field(min_length=1)
 
 
 class KillParams(Input):
@@ -79,6 +83,24 @@ async def stop(p: RefsParams, call: Call) -> dict[str, Any]:
 
     async def op(vm: VM) -> dict[str, Any]:
         return vms.show(await run_simple(vms.stop, vm, call.op_id, p.force))
+
+    return await fan_out(call, p.refs, op)
+
+
+async def pause(p: VMsParams, call: Call) -> dict[str, Any]:
+    vms = call.state.vms
+
+    async def op(vm: VM) -> dict[str, Any]:
+        return vms.show(await run_simple(vms.pause, vm, call.op_id))
+
+    return await fan_out(call, p.refs, op)
+
+
+async def resume(p: VMsParams, call: Call) -> dict[str, Any]:
+    vms = call.state.vms
+
+    async def op(vm: VM) -> dict[str, Any]:
+        return vms.show(await run_simple(vms.resume, vm, call.op_id))
 
     return await fan_out(call, p.refs, op)
 
@@ -183,7 +205,7 @@ async def follow(p: LogsParams, call: Call) -> dict[str, Any]:
             await call.stream.write(protocol.STDOUT, chunk)
             continue
         current = await run_simple(lambda: vms.refresh(vms.store.get_vm(vm.id)))
-        if current.state is not VMState.RUNNING:
+        if not current.state.live:
             rest = await run_simple(_read_from, path, offset)  # written before it stopped
             if not rest:
                 break
@@ -201,6 +223,8 @@ def register(register: Callable[..., None]) -> None:
     register("vm.restart", restart, RefsParams)
     register("vm.stop", stop, RefsParams)
     register("vm.kill", kill, KillParams)
+    register("vm.pause", pause, VMsParams)
+    register("vm.resume", resume, VMsParams)
     register("vm.delete", delete, RefsParams)
     register("vm.prune", prune, NoParams)
     register("vm.set", set_, SetParams)

@@ -42,7 +42,8 @@ Names = list[str]  # (VMService.list shadows the builtin inside the class body)
 # Legal state transitions; anything else is refused.
 TRANSITIONS: dict[VMState, set[VMState]] = {
     VMState.CREATED: {VMState.RUNNING, VMState.ERROR, VMState.STOPPED},
-    VMState.RUNNING: {VMState.STOPPED, VMState.ERROR},
+    VMState.RUNNING: {VMState.STOPPED, VMState.ERROR, VMState.PAUSED},
+    VMState.PAUSED: {VMState.RUNNING, VMState.STOPPED, VMState.ERROR},
     VMState.STOPPED: {VMState.RUNNING, VMState.ERROR},
     VMState.ERROR: {VMState.RUNNING, VMState.STOPPED, VMState.ERROR},
 }
@@ -122,8 +123,8 @@ class VMService:
         return None
 
     def refresh(self, vm: VM, op_id: str = "op-monitor") -> VM:
-        """If a running VM's VMM is gone, finalise it as stopped (cleanup included)."""
-        if vm.state is VMState.RUNNING and self._pid(vm) is None:
+        """If a running (or paused) VM's VMM is gone, finalise it as stopped (cleanup included)."""
+        if vm.state.live and self._pid(vm) is None:
             lock = self.lock(vm.id)
             if not lock.acquire(blocking=False):
                 return vm  # an operation on this VM is under way; it will settle the state
@@ -134,8 +135,8 @@ class VMService:
         return vm
 
     def _settle(self, vm: VM, op_id: str) -> VM:
-        """Under the VM's lock: a 'running' VM whose VMM is gone becomes stopped."""
-        if vm.state is VMState.RUNNING and self._pid(vm) is None:
+        """Under the VM's lock: a running or paused VM whose VMM is gone becomes stopped."""
+        if vm.state.live and self._pid(vm) is None:
             log.warning("VM %s: VMM exited behind banger's back; cleaning up", vm.name, extra={"op_id": op_id})
             self._finalize_stopped(vm, op_id, CleanupReason.RECONCILE)
         return vm
@@ -203,6 +204,8 @@ class VMService:
 
     def _start_stopped_locked(self, vm: VM, op_id: str, progress: Progress, cancel: threading.Event) -> VM:
         vm = self._settle(self.store.get_vm(vm.id), op_id)
+        if vm.state is VMState.PAUSED:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is paused: banger vm resume {vm.name}")
         if vm.state is VMState.RUNNING:
             raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is already running")
         try:
@@ -323,9 +326,11 @@ class VMService:
 
     def _stop_locked(self, vm: VM, op_id: str, force: bool = False) -> VM:
         vm = self._settle(self.store.get_vm(vm.id), op_id)
-        if vm.state is not VMState.RUNNING:
+        if not vm.state.live:
             raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running ({vm.state.value})")
         driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
+        if vm.state is VMState.PAUSED and not force:  # a graceful stop needs the guest to run
+            vm = self._resume_locked(vm, driver, op_id)
         how = self._stop_vmm(vm, driver, graceful=not force, op_id=op_id)
         log.log(
             logging.WARNING if how == "killed" and not force else logging.INFO, "VM %s: %s", vm.name, how, extra={"op_id": op_id}
@@ -364,11 +369,41 @@ class VMService:
             vmm.wait_exit(pid, 5)
         return "killed"
 
+    # --- pause / resume ---------------------------------------------------------------
+    def pause(self, vm: VM, op_id: str) -> VM:
+        """Stop a running VM's vCPUs; its memory and devices stay in the VMM."""
+        with self.lock(vm.id):
+            vm = self._settle(self.store.get_vm(vm.id), op_id)
+            if vm.state is not VMState.RUNNING:
+                raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is {vm.state.value}: only a running VM pauses")
+            pid = self._pid(vm)
+            assert pid is not None  # _settle: a running VM has its VMM
+            driver_for(vm.driver, self.cfg.vmm, self.paths).pause(pid, self.run_dir(vm))
+            self._transition(vm, VMState.PAUSED)
+            log.info("VM %s: paused", vm.name, extra={"op_id": op_id})
+            return vm
+
+    def resume(self, vm: VM, op_id: str) -> VM:
+        """Let a paused VM run again, where it was."""
+        with self.lock(vm.id):
+            vm = self._settle(self.store.get_vm(vm.id), op_id)
+            if vm.state is not VMState.PAUSED:
+                raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is {vm.state.value}, not paused")
+            return self._resume_locked(vm, driver_for(vm.driver, self.cfg.vmm, self.paths), op_id)
+
+    def _resume_locked(self, vm: VM, driver: vmm.Driver, op_id: str) -> VM:
+        pid = self._pid(vm)
+        assert pid is not None
+        driver.resume(pid, self.run_dir(vm))
+        self._transition(vm, VMState.RUNNING)
+        log.info("VM %s: resumed", vm.name, extra={"op_id": op_id})
+        return vm
+
     def kill(self, vm: VM, op_id: str, sig: int = signals.SIGKILL) -> VM:
         with self.lock(vm.id):
             vm = self._settle(self.store.get_vm(vm.id), op_id)
             pid = self._pid(vm)
-            if vm.state is not VMState.RUNNING or pid is None:
+            if not vm.state.live or pid is None:
                 raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running ({vm.state.value})")
             vmm.send_signal(pid, sig)
             if vmm.wait_exit(pid, 10):
@@ -403,7 +438,7 @@ class VMService:
         operation can slip in between."""
         with self.lock(vm.id):
             vm = self._settle(self.store.get_vm(vm.id), op_id)
-            if vm.state is VMState.RUNNING:
+            if vm.state.live:
                 progress("stop", {})
                 vm = self._stop_locked(vm, op_id)
             return self._start_stopped_locked(vm, op_id, progress, cancel)
@@ -412,8 +447,10 @@ class VMService:
     def delete(self, vm: VM, op_id: str, force: bool = False) -> VM:
         with self.lock(vm.id):
             vm = self._settle(self.store.get_vm(vm.id), op_id)
-            if vm.state is VMState.RUNNING and not force:
-                raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is running: stop it first or delete with --force")
+            if vm.state.live and not force:
+                raise BangerError(
+                    ErrorCode.BAD_REQUEST, f"VM {vm.name} is {vm.state.value}: stop it first or delete with --force"
+                )
             errors = self._destroy(vm, op_id)
         with self._locks_guard:
             self._locks.pop(vm.id, None)
@@ -451,7 +488,7 @@ class VMService:
         gone = []
         for vm in self.store.list_vms():
             vm = self.refresh(vm, op_id)
-            if vm.state is not VMState.RUNNING:
+            if not vm.state.live:
                 gone.append(self.delete(vm, op_id))
         return gone
 
@@ -459,8 +496,8 @@ class VMService:
     def set(self, vm: VM, params: SetParams, op_id: str) -> VM:
         with self.lock(vm.id):
             vm = self._settle(self.store.get_vm(vm.id), op_id)
-            if vm.state is VMState.RUNNING:
-                raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is running: stop it before changing its spec")
+            if vm.state.live:
+                raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is {vm.state.value}: stop it before changing its spec")
             if params.options:
                 merged = {p: {**vm.options.get(p, {}), **values} for p, values in params.options.items()}
                 checked = self._lifecycle(vm, op_id).validate_options(merged)
@@ -483,7 +520,7 @@ class VMService:
         data = vm.model_dump(mode="json")
         data["fields"] = self.fields(vm, detail)
         h = self.handles.get(vm.id)
-        data["pid"] = h.pid if h and vm.state is VMState.RUNNING else None
+        data["pid"] = h.pid if h and vm.state.live else None
         data["console_log"] = str(self.console_log(vm))
         data["dir"] = str(self.run_dir(vm))
         data["machine"] = self.last_machine(vm)
@@ -510,7 +547,7 @@ class VMService:
 
     def monitor_once(self) -> None:
         for vm in self.store.list_vms():
-            if vm.state is VMState.RUNNING:
+            if vm.state.live:
                 try:
                     self.refresh(vm)
                 except BangerError as exc:
@@ -532,10 +569,10 @@ class VMService:
             pid = h.pid if h and h.pid and vmm.is_vmm_of(h.pid, vm.id) else vmm.find_vmm(vm.id)
             op = "op-reconcile"
             try:
-                if vm.state is VMState.RUNNING and pid is not None:
+                if vm.state.live and pid is not None:  # a paused VM stays paused
                     self.handles.set((h or VMHandles(vm_id=vm.id, driver=vm.driver)).model_copy(update={"pid": pid}))
                     report["adopted"].append(vm.name)
-                elif vm.state is VMState.RUNNING:
+                elif vm.state.live:
                     self._finalize_stopped(vm, op, CleanupReason.RECONCILE)
                     report["stopped"].append(vm.name)
                 elif vm.state is VMState.CREATED:

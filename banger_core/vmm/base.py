@@ -9,6 +9,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
+from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Machine
 
 
@@ -117,6 +118,14 @@ class Driver(ABC):
 
     def force_stop(self, pid: int, run_dir: Path) -> None:
         send_signal(pid, signal.SIGKILL)
+
+    def pause(self, pid: int, run_dir: Path) -> None:
+        """Stop the guest's vCPUs; its memory and devices stay in the VMM."""
+        raise BangerError(ErrorCode.BAD_REQUEST, f"the {self.name} driver cannot pause a VM")
+
+    def resume(self, pid: int, run_dir: Path) -> None:
+        """Let a paused guest's vCPUs run again."""
+        raise BangerError(ErrorCode.BAD_REQUEST, f"the {self.name} driver cannot resume a VM")
 
     def run_files(self, run_dir: Path) -> list[Path]:
         """Per-boot files to remove once the VMM is gone (sockets, pid files)."""

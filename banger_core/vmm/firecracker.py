@@ -97,6 +97,9 @@ class FirecrackerAPI:
     def describe(self) -> Any:
         return self.request("GET", "/")
 
+    def patch_vm(self, state: str) -> None:
+        self.request("PATCH", "/vm", {"state": state})
+
 
 class FirecrackerDriver(Driver):
     name = "firecracker"
@@ -188,6 +191,12 @@ class FirecrackerDriver(Driver):
     def request_shutdown(self, pid: int, run_dir: Path) -> None:
         if alive(pid):
             FirecrackerAPI(str(VMFiles(run_dir).firecracker_socket), self.api_timeout).action("SendCtrlAltDel")
+
+    def pause(self, pid: int, run_dir: Path) -> None:
+        FirecrackerAPI(str(VMFiles(run_dir).firecracker_socket), self.api_timeout).patch_vm("Paused")
+
+    def resume(self, pid: int, run_dir: Path) -> None:
+        FirecrackerAPI(str(VMFiles(run_dir).firecracker_socket), self.api_timeout).patch_vm("Resumed")
 
     def run_files(self, run_dir: Path) -> list[Path]:
         return [VMFiles(run_dir).firecracker_socket, VMFiles(run_dir).vmm_pid]

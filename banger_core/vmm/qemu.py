@@ -253,5 +253,13 @@ class QemuDriver(Driver):
             pass
         super().force_stop(pid, run_dir)
 
+    def pause(self, pid: int, run_dir: Path) -> None:
+        with QMP(str(VMFiles(run_dir).qmp_socket)) as q:
+            q.execute("stop")
+
+    def resume(self, pid: int, run_dir: Path) -> None:
+        with QMP(str(VMFiles(run_dir).qmp_socket)) as q:
+            q.execute("cont")
+
     def run_files(self, run_dir: Path) -> list[Path]:
         return [VMFiles(run_dir).qmp_socket, VMFiles(run_dir).vmm_pid]

@@ -65,6 +65,8 @@ def _target(call: Any, ref: str) -> tuple[Any, Any]:
     from banger_core.models import VMState
 
     vm = call.state.vms.resolve(ref)
+    if vm.state is VMState.PAUSED:
+        raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is paused: resume it first (banger vm resume {vm.name})")
     if vm.state is not VMState.RUNNING:
         raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is {vm.state.value}: start it first (banger vm start {vm.name})")
     why = (vm.teardown or {}).get("agent", {}).get("no_agent")

@@ -55,10 +55,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from report import banger_env, print_table
+from report import TEST_CACHE, banger_env, print_table
 
 BANGER = Path(sys.executable).parent / "banger"
-CACHE = Path(os.environ.get("BANGER_TEST_CACHE", "/var/cache/banger-test")) / "banger-cache"
 IMAGE = "debian-bookworm"
 VM = "execbench"
 BOOT_TIMEOUT = 600.0
@@ -190,11 +189,7 @@ class Bench:
     def __init__(self, root: Path, vcpu: int, memory: str) -> None:
         self.root = root
         self.vcpu, self.memory = vcpu, memory
-        self.env = banger_env(root, cache=CACHE)
-        # the CLI as a user's install runs it: Python caches bytecode (the first call
-        # compiles); PYTHONDONTWRITEBYTECODE, set on some build machines, would make
-        # every call compile banger's modules again
-        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
+        self.env = banger_env(root, cache=TEST_CACHE)  # the CLI with its bytecode cache on
         (root / "cfg").mkdir(parents=True)
         (root / "cfg" / "config.toml").write_text("[vmm]\naccel = 'tcg'\n")
         self.bare_dir = root / "bare"

@@ -16,7 +16,6 @@ runtime dirs, the cache shared with the test suite. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -24,10 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import banger_env, print_table
+from banger_core.client import Client
+from banger_core.paths import Paths
+from report import TEST_CACHE, banger_env, print_table
 
 BANGER = Path(sys.executable).parent / "banger"
-CACHE = Path(os.environ.get("BANGER_TEST_CACHE", "/var/cache/banger-test")) / "banger-cache"
 VM = "pausebench"
 
 
@@ -37,13 +37,13 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bg-pause-") as tmp:
         root = Path(tmp)
-        env = banger_env(root, cache=CACHE)
+        env = banger_env(root, cache=TEST_CACHE)
         (root / "cfg").mkdir()
         (root / "cfg" / "config.toml").write_text("[vmm]\naccel = 'tcg'\n")
         run = [str(BANGER), "vm", "run", "-d", "--name", VM, "--vcpu", "1", "--memory", "1G"]
         try:
             subprocess.run(run, env=env, check=True, capture_output=True, timeout=1800)
-            times = measure(env, args.rounds)
+            times = measure(Paths.from_env(env), args.rounds)
         finally:
             subprocess.run([str(BANGER), "vm", "delete", VM, "--force"], env=env, capture_output=True, timeout=300)
             subprocess.run([str(BANGER), "daemon", "stop"], env=env, capture_output=True, timeout=120)
@@ -60,11 +60,8 @@ def main() -> int:
     return 0
 
 
-def measure(env: dict[str, str], rounds: int) -> dict[str, list[float]]:
-    os.environ.update({k: v for k, v in env.items() if k.startswith("BANGER_")})
-    from banger_core.client import Client
-
-    c = Client()
+def measure(paths: Paths, rounds: int) -> dict[str, list[float]]:
+    c = Client(paths)
     out: dict[str, list[float]] = {"vm.show (baseline)": [], "vm.pause": [], "vm.resume": []}
     for _ in range(rounds):
         for method in ("vm.show", "vm.pause", "vm.resume"):

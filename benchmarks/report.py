@@ -1,4 +1,5 @@
-"""What the benchmarks share: printing a results table. Stdlib only; imported by the
+"""What the benchmarks share: an isolated banger's environment, the test suite's cache,
+printing a results table. Stdlib only; imported by the
 benchmark scripts run as ``python benchmarks/NAME.py`` (this directory is on sys.path)."""
 
 from __future__ import annotations
@@ -8,10 +9,18 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
+#: where the test suite keeps what it builds (the default image, kernels): benchmarks
+#: that boot the default image share it instead of building their own
+TEST_CACHE = Path(os.environ.get("BANGER_TEST_CACHE", "/var/cache/banger-test")) / "banger-cache"
+
+
 def banger_env(root: Path, cache: Path | None = None) -> dict[str, str]:
     """The environment of a banger whose config, state, cache (unless ``cache`` is
-    given) and runtime dirs are under ``root``: nothing of the user's banger is touched."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
+    given) and runtime dirs are under ``root``: nothing of the user's banger is touched.
+    The CLI runs as a user's install does, with Python's bytecode cache on:
+    PYTHONDONTWRITEBYTECODE (set on some build machines) would make every call compile
+    banger's modules again."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_") and k != "PYTHONDONTWRITEBYTECODE"}
     env.update(
         BANGER_CONFIG_DIR=str(root / "cfg"),
         BANGER_STATE_DIR=str(root / "state"),

@@ -32,17 +32,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import banger_env, print_table
+from report import TEST_CACHE, banger_env, print_table
 
 BANGER = Path(sys.executable).parent / "banger"
-CACHE = Path(os.environ.get("BANGER_TEST_CACHE", "/var/cache/banger-test")) / "banger-cache"
 RAN_RE = re.compile(r"ran in ([\d.]+)s \((.*)\)")
 
 
 class Bench:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.env = banger_env(root, cache=CACHE)
+        self.env = banger_env(root, cache=TEST_CACHE)
         (root / "cfg").mkdir(parents=True)
         (root / "cfg" / "config.toml").write_text("[vmm]\naccel = 'tcg'\n")
 

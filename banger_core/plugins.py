@@ -630,30 +630,28 @@ class PluginHost:
     def vm_port_endpoint(
         self, order: list[str], ctx_for: Callable[[str], "FieldsContext"], listener: "Listener"
     ) -> tuple[str, str] | None:
-        """(endpoint, plugin) from the first plugin, in order, that can reach the port;
-        a plugin that raises is logged and passed over."""
-        for name in order:
-            if self._impl("vm_port_endpoint", name) is None:
-                continue
-            try:
-                endpoint = self._call("vm_port_endpoint", name, ctx=ctx_for(name), listener=listener)
-            except Exception as exc:
-                log.warning("plugin %s: vm_port_endpoint failed: %s", name, exc)
-                continue
-            if endpoint:
-                return str(endpoint), name
-        return None
+        """(endpoint, plugin) from the first plugin, in order, that can reach the port."""
+        found = self._first_answer("vm_port_endpoint", order, lambda n: {"ctx": ctx_for(n), "listener": listener})
+        return (str(found[1]), found[0]) if found else None
 
     def request_guest_shutdown(self, order: list[str], ctx_for: Callable[[str], "StageContext"]) -> str | None:
         """Ask plugins, in order, to shut the guest down; the name of the first that did."""
+        found = self._first_answer("request_guest_shutdown", order, lambda n: {"ctx": ctx_for(n)})
+        return found[0] if found else None
+
+    def _first_answer(self, hook: str, order: list[str], kwargs_for: Callable[[str], dict[str, Any]]) -> tuple[str, Any] | None:
+        """(plugin, answer) of the first plugin in ``order`` whose ``hook`` answers
+        (anything truthy); one that raises is logged and the next is asked."""
         for name in order:
-            if self._impl("request_guest_shutdown", name) is None:
+            if self._impl(hook, name) is None:
                 continue
             try:
-                if self._call("request_guest_shutdown", name, ctx=ctx_for(name)):
-                    return name
-            except Exception as exc:  # fall through to the next way
-                log.warning("plugin %s: request_guest_shutdown failed: %s", name, exc)
+                answer = self._call(hook, name, **kwargs_for(name))
+            except Exception as exc:  # fall through to the next plugin
+                log.warning("plugin %s: %s failed: %s", name, hook, exc)
+                continue
+            if answer:
+                return name, answer
         return None
 
     def _run_setup(self, stage: str, order: list[str], ctx_for: Callable[[str], Any], **kwargs: Any) -> list[str]:

@@ -134,12 +134,12 @@ def _guest_sources() -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in pkg.iterdir() if f.name.endswith(".py")}
 
 
-def disk_id(build: dict[str, str | None], python: str) -> str:
+def disk_id(build: dict[str, str | None], python: str, sources: dict[str, bytes] | None = None) -> str:
     """What identifies the agent disk: the agent's code, the run script, the interpreter
     (``Interpreter.identity``: its version and a hash of its files) and the banger build
     recorded on it (so its health names the build that made it)."""
     h = hashlib.sha256(RUN_SH.encode() + json.dumps([build, python], sort_keys=True).encode())
-    for name, data in sorted(_guest_sources().items()):
+    for name, data in sorted((sources if sources is not None else _guest_sources()).items()):
         h.update(name.encode() + b"\0" + data)
     return h.hexdigest()[:12]
 
@@ -170,7 +170,7 @@ def agent_disk(cache_dir: Path, build: dict[str, str | None]) -> Path:
     with _lock:
         sources = _guest_sources()
         python = interpreter.ensure(where, sources)
-        ident = disk_id(build, python.identity)
+        ident = disk_id(build, python.identity, sources)
         disk = where / f"agent-{ident}.ext4"
         if disk.exists():
             return disk

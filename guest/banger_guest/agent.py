@@ -17,7 +17,8 @@ handled the same way. While 4 MiB of output wait for the host, commands' output 
 read (their pipes fill and they wait): a slow host never grows the agent. When the host
 side goes away (the port hangs up, the connection closes) or says HELLO again, every
 session's process group is killed. ``health`` says who is answering; ``poweroff``
-syncs, answers, then powers off.
+syncs, answers, then powers off; ``resume`` (identity.py) gives a VM just restored from
+a snapshot its own clock, RNG seed, hostname, machine-id and SSH host keys.
 """
 
 from __future__ import annotations
@@ -402,12 +403,30 @@ class Agent:
             os.sync()
             self.send_json(P.RESULT, sid, {"synced": True})
             self.powering_off = True
+        elif op == "resume":
+            self.resume(sid, req)
         elif op == "exec":
             self.exec(sid, req)
         elif op in ("cp_out", "cp_in", "ports"):
             self.fork_op(sid, op, req)
         else:
             self.send_json(P.ERROR, sid, {"message": f"unknown op {op!r}"})
+
+    def resume(self, sid: int, req: dict[str, Any]) -> None:
+        """In this process, at once: a few writes and syscalls, then one RESULT (or an
+        ERROR naming the bad field, with nothing applied)."""
+        from banger_guest import identity
+
+        try:
+            result = identity.apply(req, identity.root_from_env())
+        except identity.BadRequest as exc:
+            self.send_json(P.ERROR, sid, {"message": str(exc), "field": exc.field})
+            return
+        except Exception as exc:  # a bug must not take the agent down: say it, go on
+            log(f"resume: {type(exc).__name__}: {exc}")
+            self.send_json(P.ERROR, sid, {"message": f"resume: {type(exc).__name__}: {exc}"})
+            return
+        self.send_json(P.RESULT, sid, result)
 
     def exec(self, sid: int, req: dict[str, Any]) -> None:
         argv = req.get("argv")

@@ -26,6 +26,10 @@ are raw bytes. The ops an ``OPEN`` names:
   (``transfer.py`` is that stream's one definition). Both end with ``EXIT``.
 - ``{"op": "ports"}``: the guest's listeners as one JSON array on STDOUT (``ports.py``).
 - ``{"op": "health"}``, ``{"op": "poweroff"}``: one ``RESULT``.
+- ``{"op": "resume", "time_ns", "seed", "hostname", "machine_id", "ssh_host_keys"}``:
+  right after a restore from a snapshot, the VM's own clock, RNG seed, hostname,
+  machine-id and SSH host keys (``identity.py``); one ``RESULT`` ``{"applied",
+  "skipped", "errors", "notes"}``, or an ``ERROR`` naming the bad field (nothing applied).
 
 Flow control: output needs none from the protocol (the agent stops reading a
 command's output while 4 MiB wait to be sent, the host stops reading the channel while
@@ -44,7 +48,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-VERSION = 2  # 2: tty exec, RESIZE, cp_in/cp_out, ports
+VERSION = 3  # 2: tty exec, RESIZE, cp_in/cp_out, ports; 3: resume
 MAGIC = b"\xb4BG\x01"
 HEADER = struct.Struct(">4sBIII")
 MAX_PAYLOAD = 64 * 1024
@@ -58,7 +62,7 @@ STDOUT = 6  # agent: bytes
 STDERR = 7  # agent: bytes
 SIGNAL = 8  # host: {"signal": N} for the session's process group
 EXIT = 9  # agent: {"status": N} (128+N for signal N); the session is over
-RESULT = 10  # agent: a JSON result (health, poweroff); the session is over
+RESULT = 10  # agent: a JSON result (health, poweroff, resume); the session is over
 ERROR = 11  # agent: {"message": str}; the session is over
 CLOSE = 12  # host: kill the session's process group and forget it
 RESIZE = 13  # host: {"rows": N, "cols": N} for a session's terminal (exec with "tty")

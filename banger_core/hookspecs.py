@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from banger_core.daemon.state import DaemonState
     from banger_core.runtime import Runtime
     from banger_core.sources import GuestFile, Source
-    from banger_core.models import Listener, Machine
+    from banger_core.models import Listener, Machine, Resumed
 
 PROJECT = "banger"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -185,6 +185,23 @@ def post_boot(ctx: "StageContext") -> None:
 
 
 @hookspec
+def vm_resumed(ctx: "StageContext", resumed: "Resumed") -> None:
+    """The VM did not boot: it continues from a snapshot (``vm restore``, a warm
+    ``vm run``/``vm create --warm``) or from its suspend image (``vm start`` after
+    ``vm stop --suspend``). Runs in dependency order after the VMM runs again and
+    before ``post_boot``; ``prepare_host`` and ``configure_machine`` ran as for a boot.
+
+    ``resumed.new_identity`` is True when this is a new VM continuing another's state
+    (``resumed.source_vm``): whatever the plugin gave the source that must be this VM's
+    own is redone now (a NIC starts with its link down, then gets its own MAC and
+    address; the agent applies the hostname, a new machine-id, a reseeded RNG, the
+    host's clock, new SSH host keys). When False the VM resumes itself after a
+    suspend: only what the pause made stale (the clock) needs doing. Raising fails the
+    start like ``post_boot`` does. Added in 0.4.
+    """
+
+
+@hookspec
 def vm_fields(ctx: "FieldsContext", detail: bool) -> "dict[str, object] | None":
     """Fields this plugin shows for a VM: ``vm show`` (``detail=True``: any number)
     and columns of ``vm list`` (``detail=False``: a few short values, e.g. the
@@ -235,7 +252,7 @@ def cleanup(ctx: "StageContext") -> None:
     """
 
 
-LIFECYCLE_STAGES: tuple[str, ...] = ("prepare_host", "configure_machine", "post_boot", "cleanup")
+LIFECYCLE_STAGES: tuple[str, ...] = ("prepare_host", "configure_machine", "vm_resumed", "post_boot", "cleanup")
 ALL_HOOKS: tuple[str, ...] = (
     "config_model",
     "vm_options",
@@ -249,6 +266,7 @@ ALL_HOOKS: tuple[str, ...] = (
     "prepare_host",
     "configure_machine",
     "post_boot",
+    "vm_resumed",
     "vm_fields",
     "vm_port_endpoint",
     "request_guest_shutdown",

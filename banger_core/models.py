@@ -94,11 +94,14 @@ class VMState(str, enum.Enum):
     RUNNING = "running"
     PAUSED = "paused"  # the VMM runs, the guest's vCPUs do not (vm pause / vm resume)
     STOPPED = "stopped"
+    # no VMM; its memory and devices wait in a suspend image (vm stop --suspend); the
+    # next start resumes from it, or boots (saying why) when it cannot be used
+    SUSPENDED = "suspended"
     ERROR = "error"
 
     @property
     def live(self) -> bool:
-        """A VMM process belongs to the VM (running or paused)."""
+        """A VMM process belongs to the VM (running or paused; not suspended)."""
         return self in (VMState.RUNNING, VMState.PAUSED)
 
 
@@ -129,6 +132,9 @@ class VM(Strict):
     # Deleted by the daemon when the run that made it ends (``vm run --rm``); one left by
     # a daemon that died is deleted when the next one reconciles. Durable.
     ephemeral: bool = False
+    # The snapshot this VM was restored (or warm-started) from: its disk stands on that
+    # snapshot's layer, so the snapshot is not deleted while the VM exists. Durable.
+    base_snapshot: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -136,6 +142,59 @@ class VM(Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         return validate_vm_name(v)
+
+
+class SnapshotKind(str, enum.Enum):
+    USER = "user"  # vm snapshot
+    TEMPLATE = "template"  # made for warm `vm run`s (image warm, or the first run)
+
+
+class Snapshot(Strict):
+    """A VM frozen at one instant: device state and memory (the driver's files) and
+    its root disk as a read-only layer, in its own directory (``Paths.snapshot_dir``)."""
+
+    id: str
+    name: str
+    kind: SnapshotKind = SnapshotKind.USER
+    vm_id: str  # the source (it may be gone since)
+    vm_name: str
+    image: str | None = None
+    spec: VMSpec
+    driver: str
+    disk_strategy: str
+    project_dir: str | None = None
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: what a restore must match (``vm.snapshots.compat``): kernel, devices, VMM, agent
+    compat: dict[str, Any] = Field(default_factory=dict)
+    #: a template's key (``vm.snapshots.template_key``); None for a user snapshot
+    key: str | None = None
+    boot_id: str | None = None  # the guest's, when its agent said
+    size_bytes: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    last_used_at: datetime | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not VM_NAME_RE.fullmatch(v):
+            raise ValueError(
+                f"invalid snapshot name {v!r}: use 1-63 lowercase letters, digits and hyphens, "
+                "starting and ending with a letter or digit"
+            )
+        return v
+
+
+class Resumed(Strict):
+    """What ``vm_resumed`` tells plugins: this VM continues from a snapshot instead of
+    booting. ``new_identity``: it is a new VM (a restore, a warm start) and must stop
+    being its source (hostname, machine-id, RNG, keys, addresses); False when the VM
+    resumes itself (``vm stop --suspend`` then ``vm start``)."""
+
+    snapshot: str  # the snapshot's name ("" for a suspend image)
+    kind: str  # "restore", "template" or "suspend"
+    source_vm: str  # the name of the VM the snapshot was taken from
+    new_identity: bool
+    taken_at: datetime
 
 
 class Image(Strict):

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from banger_core.context import CheckFn, DoctorContext, FieldsContext, ReconcileContext, StageContext
     from banger_core.daemon.rpc import Registry
     from banger_core.daemon.state import DaemonState
-    from banger_core.models import Listener, Machine
+    from banger_core.models import Listener, Machine, Resumed
     from banger_core.runtime import Runtime
     from banger_core.sources import GuestPayload, Source
 
@@ -611,6 +611,9 @@ class PluginHost:
 
     def post_boot(self, order: list[str], ctx_for: Callable[[str], "StageContext"]) -> list[str]:
         return self._run_setup("post_boot", order, ctx_for)
+
+    def vm_resumed(self, order: list[str], ctx_for: Callable[[str], "StageContext"], resumed: "Resumed") -> list[str]:
+        return self._run_setup("vm_resumed", order, ctx_for, resumed=resumed)
 
     def vm_fields(self, order: list[str], ctx_for: Callable[[str], "FieldsContext"], detail: bool) -> dict[str, dict[str, Any]]:
         """Each plugin's fields for one VM; a plugin that raises shows ``error``."""

@@ -37,6 +37,12 @@ def plugin(name: str, requires=(), provides=(), calls=None, fail_in=(), **extra)
                 record()
                 machine.boot_args.append(f"{name}=1")
 
+        elif stage == "vm_resumed":
+
+            def impl(ctx, resumed):
+                record()
+                calls.append(("resumed-from", resumed.snapshot))
+
         else:
 
             def impl(ctx):
@@ -159,7 +165,7 @@ def test_whole_lifecycle_order_across_plugins(tmp_path):
     lc = Lifecycle(rt, vm, op_id="op-abcdef")
     machine = Machine(kernel="k", vcpus=1, memory_mib=128)
     booted = []
-    lc.start(machine, boot=lambda m: (booted.append(list(m.boot_args)), calls.append(("boot", "-"))))
+    lc.start(machine, boot=lambda m: (booted.append(list(m.boot_args)), calls.append(("boot", "-")))[-1])
     lc.cleanup()
     fwd = ["network", "dns", "nat"]
     assert calls == (
@@ -348,3 +354,32 @@ def test_port_endpoint_first_answer_in_order_wins_and_a_raising_plugin_is_passed
     ).port_endpoint(web) == ("guest:8080", "")
     with pytest.raises(ValueError):
         Listener(proto="sctp", address="::", port=1, family=6)
+
+
+def test_a_resumed_start_runs_vm_resumed_in_order_between_boot_and_post_boot(tmp_path):
+    """A boot that says the VM continued from a snapshot gets every plugin's
+    vm_resumed, in dependency order, after the VMM runs and before post_boot."""
+    from datetime import datetime, timezone
+
+    from banger_core.models import Resumed
+
+    calls: list[tuple[str, str]] = []
+    host = host_with(plugin("nat", requires=["network"], calls=calls), plugin("network", calls=calls))
+    lc = Lifecycle(_runtime_for(host, tmp_path), sample_vm(), op_id="op-abcdef")
+    resumed = Resumed(snapshot="s1", kind="restore", source_vm="src", new_identity=True, taken_at=datetime.now(timezone.utc))
+
+    def boot(_m: Machine) -> Resumed:
+        calls.append(("boot", "-"))
+        return resumed
+
+    lc.start(Machine(kernel="k", vcpus=1, memory_mib=128), boot=boot)
+    stages = [c for c in calls if c[0] not in ("prepare_host", "configure_machine")]
+    assert stages == [
+        ("boot", "-"),
+        ("vm_resumed", "network"),
+        ("resumed-from", "s1"),
+        ("vm_resumed", "nat"),
+        ("resumed-from", "s1"),
+        ("post_boot", "network"),
+        ("post_boot", "nat"),
+    ]

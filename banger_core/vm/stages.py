@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from banger_core.context import CleanupReason, FieldsContext, StageContext
 from banger_core.errors import BangerError, ErrorCode, MultiError
-from banger_core.models import VM, Listener, Machine
+from banger_core.models import VM, Listener, Machine, Resumed
 from banger_core.runtime import Runtime
 
 log = logging.getLogger("banger.lifecycle")
@@ -132,19 +132,22 @@ class Lifecycle:
     def start(
         self,
         machine: Machine,
-        boot: Callable[[Machine], None],
+        boot: Callable[[Machine], Resumed | None],
         failure_reason: CleanupReason = CleanupReason.FAILED_START,
     ) -> None:
-        """prepare_host -> configure_machine -> boot -> post_boot; on any failure run
-        cleanup for every plugin (with ``failure_reason``: DELETE when the VM goes with
-        the failure, as in a failed create) and raise the first error (cleanup errors
-        attached)."""
+        """prepare_host -> configure_machine -> boot -> [vm_resumed] -> post_boot;
+        ``vm_resumed`` when ``boot`` says the VM continued from a snapshot instead of
+        booting. On any failure run cleanup for every plugin (with ``failure_reason``:
+        DELETE when the VM goes with the failure, as in a failed create) and raise the
+        first error (cleanup errors attached)."""
         self.started = True
         try:
             host = self.rt.host
             self._stage(host.prepare_host, "prepare_host")
             self._stage(host.configure_machine, "configure_machine", machine)
-            boot(machine)
+            resumed = boot(machine)
+            if isinstance(resumed, Resumed):
+                self._stage(host.vm_resumed, "vm_resumed", resumed)
             self._stage(host.post_boot, "post_boot")
         except BaseException as exc:
             try:

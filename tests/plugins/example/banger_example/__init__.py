@@ -27,7 +27,7 @@ class Settings(BaseModel):
     greeting: str = "hello"
     times: int = Field(default=1, ge=1, le=10)
     record: str | None = Field(default=None, description="append hook calls as JSON lines here")
-    fail_in: Literal["prepare_host", "configure_machine", "post_boot", "cleanup"] | None = Field(
+    fail_in: Literal["prepare_host", "configure_machine", "vm_resumed", "post_boot", "cleanup"] | None = Field(
         default=None, description="raise in this lifecycle hook (tests of failure paths)"
     )
     cleanup_log: str | None = Field(default=None, description="append '<vm name> <cleanup reason>' lines here")
@@ -346,6 +346,23 @@ def configure_machine(ctx, machine) -> None:
 def post_boot(ctx) -> None:
     _record(ctx.settings, {"hook": "post_boot", "vm": ctx.vm.name})
     _maybe_fail(ctx.settings, "post_boot")
+
+
+@hookimpl
+def vm_resumed(ctx, resumed) -> None:
+    """The VM continued from a snapshot: recorded with what the core said about it."""
+    _record(
+        ctx.settings,
+        {
+            "hook": "vm_resumed",
+            "vm": ctx.vm.name,
+            "snapshot": resumed.snapshot,
+            "kind": resumed.kind,
+            "source_vm": resumed.source_vm,
+            "new_identity": resumed.new_identity,
+        },
+    )
+    _maybe_fail(ctx.settings, "vm_resumed")
 
 
 @hookimpl

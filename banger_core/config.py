@@ -100,6 +100,12 @@ class ImagesTable(_Table):
     )
 
 
+class SnapshotsTable(_Table):
+    templates_max: int = Field(
+        default=4, ge=0, description="warm-start templates kept (least recently used go first; 0: no warm starts)"
+    )
+
+
 class CoreConfig(_Table):
     plugins: PluginsTable = Field(default_factory=PluginsTable)
     daemon: DaemonTable = Field(default_factory=DaemonTable)
@@ -107,6 +113,7 @@ class CoreConfig(_Table):
     vmm: VMMTable = Field(default_factory=VMMTable)
     catalog: CatalogTable = Field(default_factory=CatalogTable)
     images: ImagesTable = Field(default_factory=ImagesTable)
+    snapshots: SnapshotsTable = Field(default_factory=SnapshotsTable)
 
 
 CORE_TABLES = frozenset(CoreConfig.model_fields)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 STAGING = ".staging-"  # in the name of every staging dir (Paths.staging_dir)
 ASIDE = ".old"  # the end of a replaced dir's name while its successor moves in (Paths.aside)
+SNAPSHOT_MACHINE = "machine.json"  # in a snapshot's dir: the Machine it was taken with
+SNAPSHOT_DISK = "root"  # in a snapshot's dir: the root disk layer, + ".qcow2" or ".img"
 ROOTFS_TMP = ".rootfs.ext4.tmp"  # a managed rootfs being copied in and checked (images.publish_rootfs)
 
 
@@ -63,6 +65,12 @@ class VMFiles:
 
     def root_disk(self, strategy: str) -> Path:
         return self.dir / ("root.qcow2" if strategy == "qcow2" else "root.img")
+
+    @property
+    def suspend_dir(self) -> Path:
+        """The suspend image (``vm stop --suspend``): the driver's files and
+        ``SNAPSHOT_MACHINE``; consumed by the next start."""
+        return self.dir / "suspend"
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,15 @@ class Paths:
 
     def vm_files(self, vm_id: str) -> "VMFiles":
         return VMFiles(self.vm_dir(vm_id))
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.state_dir / "snapshots"
+
+    def snapshot_dir(self, snap_id: str) -> Path:
+        """A snapshot's files: the driver's (device state, memory), its root disk layer
+        (``SNAPSHOT_DISK``) and ``SNAPSHOT_MACHINE`` (the devices it was taken with)."""
+        return self.snapshots_dir / snap_id
 
     def vm_handles(self, vm_id: str) -> Path:
         return self.vm_files(vm_id).handles
@@ -205,11 +222,13 @@ class Paths:
         scratch dirs of OCI pulls. Only
         the daemon holding the lock may remove them (no operation is running then)."""
         found: list[Path] = []
-        for d in (self.images_dir, self.kernels_dir, self.bundles_dir):
+        for d in (self.images_dir, self.kernels_dir, self.bundles_dir, self.snapshots_dir):
             if d.is_dir():
                 found += [p for p in d.iterdir() if p.name.startswith(".") and (STAGING in p.name or p.name.endswith(ASIDE))]
         if self.images_dir.is_dir():
             found += list(self.images_dir.glob(f"*/{ROOTFS_TMP}"))
+        if self.vms_dir.is_dir():  # a suspend image cut off mid-write
+            found += list(self.vms_dir.glob(f"*/.*{STAGING}*"))
         for d in (self.bundles_dir, self.scratch_dir):  # everything in these is transient
             if d.is_dir():
                 found += [p for p in d.iterdir() if p not in found]

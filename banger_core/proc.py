@@ -50,6 +50,7 @@ def run(
     what: str | None = ...,
     echo: Echo | None = ...,
     text: Literal[False] = ...,
+    pass_fds: Sequence[int] = ...,
 ) -> subprocess.CompletedProcess[bytes]: ...
 
 
@@ -65,6 +66,7 @@ def run(
     what: str | None = ...,
     echo: Echo | None = ...,
     text: Literal[True],
+    pass_fds: Sequence[int] = ...,
 ) -> subprocess.CompletedProcess[str]: ...
 
 
@@ -79,6 +81,7 @@ def run(
     what: str | None = None,
     echo: Echo | None = None,
     text: bool = False,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess[Any]:
     """Run a command to completion, capturing its output (bytes, or str with ``text``).
 
@@ -86,11 +89,11 @@ def run(
     environment; ``timeout`` (None: none) stops the command and all it started. With
     ``check`` a failure raises ``CommandFailed``: "WHAT failed: <last stderr line>",
     or without ``what`` "PROGRAM exited N: <last 5 stderr lines>". ``echo`` hears the
-    command line (and an unchecked failure).
+    command line (and an unchecked failure). ``pass_fds`` stay open in the command.
     """
     args = _argv(argv, echo)
     t0 = time.perf_counter()
-    p = _spawn(args, what, cwd, env, text, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
+    p = _spawn(args, what, cwd, env, text, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL, pass_fds=pass_fds)
     try:
         out, err = p.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -192,6 +195,7 @@ def _spawn(
     *,
     stdin: int,
     merge: bool = False,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[Any]:
     """Start ``args`` in a process group of its own (so all it starts can be stopped)."""
     try:
@@ -205,6 +209,7 @@ def _spawn(
             text=text,
             errors="replace" if text else None,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError:
         if cwd is not None and not Path(cwd).is_dir():

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import sqlite_utils
 
 from banger_core.errors import BangerError, ErrorCode
-from banger_core.models import VM, Image, Kernel, utcnow
+from banger_core.models import VM, Image, Kernel, Snapshot, utcnow
 
 
 Artifact = TypeVar("Artifact", Image, Kernel)
@@ -94,6 +94,17 @@ def _m007_vm_ephemeral(db: sqlite_utils.Database) -> None:
     db.table("vms").add_column("ephemeral", int, not_null_default=0)
 
 
+def _m008_snapshots(db: sqlite_utils.Database) -> None:
+    db.table("vms").add_column("base_snapshot", str)
+    db.table("snapshots").create(
+        {"id": str, "name": str, "kind": str, "vm_id": str, "key": str, "data": str, "created_at": str},
+        pk="id",
+        not_null={"name", "kind", "data"},
+    )
+    db.table("snapshots").create_index(["name"], unique=True)
+    db.table("snapshots").create_index(["key"])
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial: vms, images, kernels", _m001_initial),
     (2, "vms: disk_strategy, last_error", _m002_vm_disk_and_error),
@@ -102,6 +113,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (5, "vms: options (per-VM plugin options)", _m005_vm_options),
     (6, "images, kernels: what a pull made as REF#REVISION", _m006_pull_records),
     (7, "vms: ephemeral (deleted when the run that made it ends)", _m007_vm_ephemeral),
+    (8, "snapshots; vms: base_snapshot", _m008_snapshots),
 ]
 
 
@@ -252,6 +264,58 @@ class Store:
 
     def list_kernels(self) -> list[Kernel]:
         return self._all("kernels", Kernel)
+
+    # --- snapshots ----------------------------------------------------------------
+    def insert_snapshot(self, snap: Snapshot) -> Snapshot:
+        row = {
+            "id": snap.id,
+            "name": snap.name,
+            "kind": snap.kind.value,
+            "vm_id": snap.vm_id,
+            "key": snap.key,
+            "data": snap.model_dump_json(),
+            "created_at": snap.created_at.isoformat(),
+        }
+        with self._lock:
+            try:
+                self.db.table("snapshots").insert(row)
+            except sqlite3.IntegrityError:
+                raise BangerError(ErrorCode.ALREADY_EXISTS, f"a snapshot named {snap.name!r} already exists") from None
+        return snap
+
+    def update_snapshot(self, snap: Snapshot) -> None:
+        with self._lock:
+            self.db.table("snapshots").update(snap.id, {"data": snap.model_dump_json()})
+
+    def list_snapshots(self, kind: str | None = None, key: str | None = None) -> list[Snapshot]:
+        where, args = [], []
+        if kind is not None:
+            where.append("kind = ?")
+            args.append(kind)
+        if key is not None:
+            where.append("key = ?")
+            args.append(key)
+        with self._lock:
+            rows = self.db.table("snapshots").rows_where(" AND ".join(where) or None, args, order_by="created_at")
+            return [Snapshot.model_validate_json(r["data"]) for r in rows]
+
+    def find_snapshot(self, name: str) -> Snapshot | None:
+        with self._lock:
+            rows = list(self.db.table("snapshots").rows_where("name = ?", [name]))
+            return Snapshot.model_validate_json(rows[0]["data"]) if rows else None
+
+    def find_snapshots(self, id_prefix: str) -> list[Snapshot]:
+        with self._lock:
+            rows = self.db.table("snapshots").rows_where("id LIKE ? ESCAPE '\\'", [_like_prefix(id_prefix)])
+            return [Snapshot.model_validate_json(r["data"]) for r in rows]
+
+    def delete_snapshot(self, snap_id: str) -> None:
+        with self._lock:
+            self.db.table("snapshots").delete_where("id = ?", [snap_id])
+
+    def vms_on_snapshot(self, snap_id: str) -> list[VM]:
+        with self._lock:
+            return [self._vm_from_row(r) for r in self.db.table("vms").rows_where("base_snapshot = ?", [snap_id])]
 
     def tables(self) -> Iterator[str]:
         return iter(self.db.table_names())

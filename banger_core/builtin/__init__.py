@@ -13,6 +13,7 @@ from __future__ import annotations
 BUILTIN: tuple[tuple[str, str], ...] = (
     ("daemon", "banger_core.builtin.daemon"),
     ("vm", "banger_core.builtin.vm"),
+    ("snapshot", "banger_core.builtin.snapshot"),
     ("image", "banger_core.builtin.image"),
     ("kernel", "banger_core.builtin.kernel"),
     ("plugins", "banger_core.builtin.plugins"),
@@ -22,7 +23,7 @@ BUILTIN: tuple[tuple[str, str], ...] = (
 
 #: built-ins banger does not work without: ``disable`` naming one is an error; the
 #: others (``catalog``) can be disabled like any plugin
-ESSENTIAL: frozenset[str] = frozenset({"daemon", "vm", "image", "kernel", "plugins", "doctor"})
+ESSENTIAL: frozenset[str] = frozenset({"daemon", "vm", "snapshot", "image", "kernel", "plugins", "doctor"})
 
 #: top-level CLI command -> the built-in that provides it (the CLI's fast path builds
 #: only what a command needs; tests check this matches what the hooks register)
@@ -30,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "version": "daemon",
     "daemon": "daemon",
     "vm": "vm",
+    "snapshot": "snapshot",
     "image": "image",
     "kernel": "kernel",
     "plugins": "plugins",

@@ -12,8 +12,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @hookimpl
 def register_commands(app: "typer.Typer") -> None:
-    from banger_core.cli import artifacts_cmd
+    from banger_core.cli import artifacts_cmd, snapshot_cmd
 
+    artifacts_cmd.image_app.command("warm")(snapshot_cmd.image_warm)
     app.add_typer(artifacts_cmd.image_app, name="image")
 
 

@@ -113,9 +113,12 @@ class Progress:
                 f"spec: {ev['vcpus']} vcpu | {ev['memory_mib']} MiB | {ev['disk_size_mib']} MiB disk"
                 f" | image {ev['image']}"
                 + (f" | kernel {ev['kernel']}" if ev.get("kernel") else "")
-                + f" | {ev['driver']} | {ev['vm']} ({ev['id'][:8]})",
+                + f" | {ev['driver']} | {ev['vm']} ({ev['id'][:8]})"
+                + (f" | {ev['start']}" if ev.get("start") else ""),
                 err=True,
             )
+        elif stage == "restore":
+            style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)} restore from {ev['from']} (no boot)", err=True)
         elif stage == "pull":
             how = f"from {ev['from']}" if ev.get("from") else "(built on this host; minutes the first time)"
             style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)} pull {ev['kind']} {ev['name']} {how}", err=True)
@@ -185,10 +188,15 @@ def create(
     disk_size: Optional[str] = typer.Option(None, "--disk-size", help=f"root disk size, e.g. 4G ({_D.get('disk_size_mib', '')})"),
     driver: Optional[str] = typer.Option(None, "--driver", help=f"qemu | firecracker ({_D.get('driver', '')})"),
     project: Optional[Path] = typer.Option(None, "--project", "-p", help="project dir whose banger.toml applies"),
+    warm: bool = typer.Option(
+        False, "--warm", help="restore the matching warm-start template instead of booting (made by this boot if none)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Create a VM and boot it, showing each stage."""
     params = create_params(name, image, kernel, vcpu, memory, disk_size, driver=driver, project=project)
+    if warm:
+        params["warm"] = True
     t0 = time.monotonic()
     vm = _call("vm.create", params, on_event=Progress(quiet=as_json))
     if as_json:
@@ -210,10 +218,14 @@ def start(
 def stop(
     refs: List[str] = typer.Argument(..., help="VM names or ID prefixes"),
     force: bool = typer.Option(False, "--force", "-f", help="skip the graceful shutdown"),
+    suspend: bool = typer.Option(
+        False, "--suspend", help="write the guest's memory to disk instead: `vm start` resumes it where it was"
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Shut VMs down: guest sync + poweroff, then ACPI, then SIGKILL after a timeout."""
-    _fan_out("vm.stop", refs, as_json, "stopped", force=force)
+    """Shut VMs down: guest sync + poweroff, then ACPI, then SIGKILL after a timeout
+    (or, with --suspend, keep their running state on disk for the next start)."""
+    _fan_out("vm.stop", refs, as_json, "suspended" if suspend else "stopped", force=force, suspend=suspend)
 
 
 @app.command()
@@ -300,6 +312,8 @@ def set_(
 
     def line(vm: dict[str, Any]) -> str:
         s = vm["spec"]
+        for note in vm.get("notes", []):
+            style.echo(style.paint(f"note: {note}", "yellow", sys.stderr), err=True)
         return f"{vm['name']}: vcpu={s['vcpus']} memory={s['memory_mib']}MiB disk={s['disk_size_mib']}MiB"
 
     _fan_out("vm.set", refs, as_json, "set", shown=line, **{k: v for k, v in params.items() if v is not None})

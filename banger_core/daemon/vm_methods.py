@@ -7,7 +7,7 @@ import signal as signals
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from banger_core import protocol
 from banger_core.daemon.rpc import Call, NoParams
@@ -20,6 +20,16 @@ from banger_core.vm.params import CreateParams, SetParams
 class RefsParams(Input):
     refs: list[str] = Field(min_length=1)
     force: bool = False
+
+
+class StopParams(RefsParams):
+    suspend: bool = Field(default=False, description="write the guest's memory and devices to disk; `vm start` resumes it")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "StopParams":
+        if self.suspend and self.force:
+            raise ValueError("--suspend and --force exclude each other: a suspend keeps the guest's state, --force drops it")
+        return self
 
 
 class VMsParams(Input):
@@ -78,11 +88,11 @@ async def restart(p: RefsParams, call: Call) -> dict[str, Any]:
     return await _boot_each(call, p.refs, call.state.vms.restart)
 
 
-async def stop(p: RefsParams, call: Call) -> dict[str, Any]:
+async def stop(p: StopParams, call: Call) -> dict[str, Any]:
     vms = call.state.vms
 
     async def op(vm: VM) -> dict[str, Any]:
-        return vms.show(await run_simple(vms.stop, vm, call.op_id, p.force))
+        return vms.show(await run_simple(vms.stop, vm, call.op_id, p.force, p.suspend))
 
     return await fan_out(call, p.refs, op)
 
@@ -136,7 +146,9 @@ async def set_(p: SetParams, call: Call) -> dict[str, Any]:
         raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give vcpus, memory_mib, disk_size_mib or plugin options")
 
     async def op(vm: VM) -> dict[str, Any]:
-        return vms.show(await run_simple(vms.set, vm, p, call.op_id))
+        notes: list[str] = []
+        shown = vms.show(await run_simple(vms.set, vm, p, call.op_id, notes))
+        return {**shown, "notes": notes} if notes else shown
 
     return await fan_out(call, p.refs, op)
 
@@ -221,7 +233,7 @@ def register(register: Callable[..., None]) -> None:
     register("vm.create", create, CreateParams)
     register("vm.start", start, RefsParams)
     register("vm.restart", restart, RefsParams)
-    register("vm.stop", stop, RefsParams)
+    register("vm.stop", stop, StopParams)
     register("vm.kill", kill, KillParams)
     register("vm.pause", pause, VMsParams)
     register("vm.resume", resume, VMsParams)

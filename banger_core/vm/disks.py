@@ -117,3 +117,45 @@ def disk_size_mib(disk: Path) -> int:
         info = json.loads(proc.run(["qemu-img", "info", "--output=json", "-U", disk], what="qemu-img info").stdout)
         return int(info["virtual-size"]) // (1024 * 1024)
     return disk.stat().st_size // (1024 * 1024)
+
+
+# --- snapshot layers -------------------------------------------------------------------
+def freeze_root(root: Path, dest_dir: Path) -> Path:
+    """Copy a paused VM's root disk into a snapshot as its read-only layer. The VM is
+    paused (its VMM flushed the disk when it stopped the guest), so the copy matches
+    its memory. A qcow2 overlay copies only what the VM wrote (it keeps its backing
+    image); a raw disk is reflinked where the filesystem can, else copied sparsely."""
+    dest = dest_dir / f"root{root.suffix}"
+    proc.run(["cp", "--reflink=auto", "--sparse=always", root, dest], timeout=1800, what="copying the root disk")
+    os.chmod(dest, 0o444)
+    return dest
+
+
+def snapshot_layer(snapshot_dir: Path) -> Path:
+    """The root disk layer in a snapshot's directory."""
+    for suffix in (".qcow2", ".img"):
+        if (p := snapshot_dir / f"root{suffix}").exists():
+            return p
+    raise BangerError(ErrorCode.NOT_FOUND, f"snapshot {snapshot_dir.name} has no root disk layer")
+
+
+def disk_from_layer(layer: Path, vm_dir: Path, driver: str) -> str:
+    """A VM's own root disk standing on a snapshot's layer; the strategy it used.
+    QEMU: a qcow2 overlay backed by the layer (instant). Otherwise (Firecracker reads
+    raw disks only): a reflink where the filesystem can, else a sparse copy."""
+    vm_dir.mkdir(parents=True, exist_ok=True)
+    if driver == "qemu" and shutil.which("qemu-img"):
+        fmt = "qcow2" if layer.suffix == ".qcow2" else "raw"
+        with fsutil.atomic_file(root_disk_path(vm_dir, "qcow2")) as tmp:
+            proc.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", layer.resolve(), tmp],
+                what="creating the VM's overlay on the snapshot",
+            )
+        return "qcow2"
+    if layer.suffix == ".qcow2":
+        raise BangerError(ErrorCode.BAD_REQUEST, f"the {driver} driver cannot use a qcow2 snapshot layer")
+    strategy = "reflink" if reflink_works(vm_dir) else "sparse"
+    with fsutil.atomic_file(root_disk_path(vm_dir, strategy)) as tmp:
+        proc.run(["cp", "--reflink=auto", "--sparse=always", layer, tmp], timeout=1800, what="copying the snapshot's disk")
+        os.chmod(tmp, 0o644)
+    return strategy

@@ -26,6 +26,8 @@ class CreateParams(Input):
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: deleted by the daemon when the run that made it ends (vm run --rm); see VM.ephemeral
     ephemeral: bool = False
+    #: start from a warm-start template when one matches (else boot, then make one)
+    warm: bool = False
 
     @field_validator("name")
     @classmethod

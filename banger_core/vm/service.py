@@ -9,11 +9,13 @@ after runs under that VM's own lock, so creates of different VMs overlap.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 import signal as signals
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,8 +27,9 @@ from banger_core.errors import BangerError, ErrorCode, MultiError, raise_if_canc
 from banger_core.fsutil import atomic_write
 from banger_core.vm.handles import HandleStore
 from banger_core.vm.params import CreateParams, SetParams, check_host_limits, random_name, stored_options
+from banger_core.vm.snapshots import ResumeFrom, SnapshotService, compat, compat_diff, write_image
 from banger_core.vm.stages import Lifecycle
-from banger_core.models import VM, Drive, Image, Listener, Machine, VMHandles, VMSpec, VMState
+from banger_core.models import VM, Drive, Image, Listener, Machine, Resumed, VMHandles, VMSpec, VMState, utcnow
 from banger_core.config import CoreConfig, resolve_vm_defaults
 from banger_core.pulls import Puller
 from banger_core.runtime import Runtime
@@ -42,8 +45,9 @@ Names = list[str]  # (VMService.list shadows the builtin inside the class body)
 # Legal state transitions; anything else is refused.
 TRANSITIONS: dict[VMState, set[VMState]] = {
     VMState.CREATED: {VMState.RUNNING, VMState.ERROR, VMState.STOPPED},
-    VMState.RUNNING: {VMState.STOPPED, VMState.ERROR, VMState.PAUSED},
-    VMState.PAUSED: {VMState.RUNNING, VMState.STOPPED, VMState.ERROR},
+    VMState.RUNNING: {VMState.STOPPED, VMState.ERROR, VMState.PAUSED, VMState.SUSPENDED},
+    VMState.PAUSED: {VMState.RUNNING, VMState.STOPPED, VMState.ERROR, VMState.SUSPENDED},
+    VMState.SUSPENDED: {VMState.RUNNING, VMState.STOPPED, VMState.ERROR},
     VMState.STOPPED: {VMState.RUNNING, VMState.ERROR},
     VMState.ERROR: {VMState.RUNNING, VMState.STOPPED, VMState.ERROR},
 }
@@ -64,6 +68,7 @@ class VMService:
             rt.config.core.images.max_rootfs_size,
             default_image=resolve_vm_defaults(rt.config.core.vm_defaults)["image"][0],
         )
+        self.snapshots = SnapshotService(self)
 
     # --- helpers ----------------------------------------------------------------------
     def lock(self, vm_id: str) -> threading.Lock:
@@ -73,6 +78,9 @@ class VMService:
     @property
     def cfg(self) -> "CoreConfig":
         return self.rt.config.core
+
+    def driver(self, vm: VM) -> vmm.Driver:
+        return driver_for(vm.driver, self.cfg.vmm, self.paths)
 
     def resolve(self, ref: str) -> VM:
         """A VM by exact name, else by unique ID prefix."""
@@ -175,22 +183,88 @@ class VMService:
             project_dir=params.project_dir,
             ephemeral=params.ephemeral,
         )
+        if not (params.warm and self.cfg.snapshots.templates_max > 0):
+            return self.make(vm, op_id, progress, cancel, options=params.options, t0=t0)
+        return self._make_warm(vm, params.options, op_id, progress, cancel, t0)
+
+    def _make_warm(
+        self, vm: VM, options: dict[str, dict[str, Any]], op_id: str, progress: Progress, cancel: threading.Event, t0: float
+    ) -> VM:
+        """A VM from the template that matches it, else booted, then made the template
+        (right after its agent answered, before anything runs in it)."""
+        lc = self._lifecycle(vm, op_id)
+        checked = lc.validate_options(options)
+        plugins = {
+            name: {
+                "settings": s.model_dump(mode="json") if (s := lc.settings[name]) is not None else None,
+                "options": o.model_dump(mode="json") if (o := checked.get(name)) is not None else None,
+            }
+            for name in lc.plugins
+        }
+        key = self.snapshots.template_key(vm, plugins)
+        progress("step", {"msg": "looking for a warm-start template"})
+        template, maker = self.snapshots.acquire_template(key)
+        try:
+
+            def prepare(v: VM) -> ResumeFrom | None:
+                if template is None:
+                    return None
+                self.snapshots.stand_on(template, v)
+                return self.snapshots.resume_from(template, v, strict=False)
+
+            def after(v: VM) -> None:
+                if maker and v.base_snapshot is None:
+                    progress("step", {"msg": "making this VM the warm-start template"})
+                    self.snapshots.make_template(v, key, op_id)
+
+            if template is not None:
+                how = f"warm: restores template {template.name}"
+            else:
+                how = "cold: boots, then becomes the warm-start template" if maker else "cold: no template"
+            return self.make(vm, op_id, progress, cancel, options=options, prepare=prepare, after=after, t0=t0, how=how)
+        finally:
+            if maker:
+                self.snapshots.release_template(key)
+
+    def make(
+        self,
+        vm: VM,
+        op_id: str,
+        progress: Progress,
+        cancel: threading.Event,
+        *,
+        options: dict[str, dict[str, Any]] | None = None,
+        prepare: Callable[[VM], ResumeFrom | None] | None = None,
+        after: Callable[[VM], None] | None = None,
+        t0: float | None = None,
+        how: str | None = None,
+    ) -> VM:
+        """Add ``vm`` and start it: booted, or continuing from what ``prepare`` (its lock
+        held, its row added) returns; then ``after``. A make that does not finish
+        leaves nothing behind: no row, no files."""
+        t0 = time.monotonic() if t0 is None else t0
         # Resolve plugins and validate their settings and the VM's options before
         # anything exists.
-        vm.options = stored_options(self._lifecycle(vm, op_id).validate_options(params.options), params.options)
+        given = vm.options if options is None else options
+        vm.options = stored_options(self._lifecycle(vm, op_id).validate_options(given), given)
         with self._global:  # short: name + row only
             if self.store.find_vms(name=vm.name):
                 raise BangerError(ErrorCode.ALREADY_EXISTS, f"a VM named {vm.name!r} already exists")
             self.store.insert_vm(vm)
-        progress("spec", {"vm": vm.name, "id": vm.id, "image": image.name, "driver": driver_name, **spec.model_dump()})
+        spec = {"vm": vm.name, "id": vm.id, "image": vm.image, "driver": vm.driver, **vm.spec.model_dump()}
+        progress("spec", {**spec, "start": how} if how else spec)
         try:
             with self.lock(vm.id):
                 raise_if_cancelled(cancel, f"VM {vm.name}: create")
+                resume = prepare(vm) if prepare is not None else None
+                if resume is not None:
+                    self.store.update_vm(vm)
                 # a failed create removes the VM: its plugins are told DELETE, once
-                self._start_locked(vm, op_id, progress, cancel, failure_reason=CleanupReason.DELETE)
+                self._start_locked(vm, op_id, progress, cancel, failure_reason=CleanupReason.DELETE, resume=resume)
+                if after is not None:
+                    after(vm)
         except BaseException as exc:
-            # A create that did not finish leaves nothing behind: no row, no files. The
-            # failed start already ran every plugin's cleanup (exactly once, DELETE).
+            # The failed start already ran every plugin's cleanup (exactly once, DELETE).
             errors = self._destroy(vm, op_id, plugins_cleaned=True)
             if errors and isinstance(exc, BangerError):
                 exc.details["cleanup_failures"] = [str(e) for e in errors]
@@ -208,12 +282,34 @@ class VMService:
             raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is paused: banger vm resume {vm.name}")
         if vm.state is VMState.RUNNING:
             raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is already running")
+        resume = self._suspend_image(vm)
         try:
-            self._start_locked(vm, op_id, progress, cancel)
+            self._start_locked(vm, op_id, progress, cancel, resume=resume)
         except BangerError as exc:
+            if resume is not None:  # not tried twice: the next start boots
+                resume.discard()
+                exc.message += "; its suspend image is discarded: the next start boots it"
             self._transition(vm, VMState.ERROR, exc.message)
             raise
+        if resume is not None:  # consumed: the disk moves on from what the image holds
+            resume.discard()
         return vm
+
+    def _suspend_image(self, vm: VM) -> ResumeFrom | None:
+        src = self.paths.vm_files(vm.id).suspend_dir
+        if not src.is_dir():
+            return None
+        taken = utcnow()
+        try:
+            taken = datetime.fromtimestamp(src.stat().st_mtime, timezone.utc)
+        except OSError:
+            pass
+        return ResumeFrom(
+            src=src,
+            resumed=Resumed(snapshot="", kind="suspend", source_vm=vm.name, new_identity=False, taken_at=taken),
+            discard=lambda: shutil.rmtree(src, ignore_errors=True),
+            what="its suspend image",
+        )
 
     def _start_locked(
         self,
@@ -222,14 +318,16 @@ class VMService:
         progress: Progress,
         cancel: threading.Event,
         failure_reason: CleanupReason = CleanupReason.FAILED_START,
+        resume: ResumeFrom | None = None,
     ) -> None:
-        """Boot ``vm`` under its lock. On failure the VMM and its run files are gone and
-        every plugin's cleanup has run exactly once with ``failure_reason`` (by
-        ``Lifecycle.start``, or here when the failure came before the plugins ran)."""
+        """Boot ``vm`` (or continue it from ``resume``) under its lock. On failure the
+        VMM and its run files are gone and every plugin's cleanup has run exactly once
+        with ``failure_reason`` (by ``Lifecycle.start``, or here when the failure came
+        before the plugins ran)."""
         lc: Lifecycle | None = None
         try:
             lc = self._lifecycle(vm, op_id)
-            self._boot_locked(vm, lc, op_id, progress, cancel, failure_reason)
+            self._boot_locked(vm, lc, op_id, progress, cancel, resume, failure_reason)
         except BaseException:
             if lc is not None and not lc.started:
                 try:
@@ -245,20 +343,26 @@ class VMService:
         op_id: str,
         progress: Progress,
         cancel: threading.Event,
-        failure_reason: CleanupReason,
+        resume: ResumeFrom | None = None,
+        failure_reason: CleanupReason = CleanupReason.FAILED_START,
     ) -> None:
         image = self.store.get_image(vm.image or "")
         kernel = self.store.get_kernel(vm.spec.kernel or image.kernel_ref or "")
-        driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
+        driver = self.driver(vm)
         run_dir = self.run_dir(vm)
         run_dir.mkdir(parents=True, exist_ok=True)
         progress("prepare_host", {})
-        if not vm.disk_strategy:
-            vm.disk_strategy = disks.choose_strategy(run_dir, vm.driver, self.cfg.vmm.disk_strategy)
-            self.store.update_vm(vm)
-        root = disks.root_disk_path(run_dir, vm.disk_strategy)
-        if not root.exists():
-            disks.create_root_disk(Path(image.rootfs), run_dir, vm.spec.disk_size_mib, vm.disk_strategy)
+
+        def ensure_root() -> Path:
+            if not vm.disk_strategy:
+                vm.disk_strategy = disks.choose_strategy(run_dir, vm.driver, self.cfg.vmm.disk_strategy)
+                self.store.update_vm(vm)
+            root = disks.root_disk_path(run_dir, vm.disk_strategy)
+            if not root.exists():
+                disks.create_root_disk(Path(image.rootfs), run_dir, vm.spec.disk_size_mib, vm.disk_strategy)
+            return root
+
+        root = ensure_root()
         console = self.console_log(vm)
         machine = Machine(
             kernel=kernel.kernel,
@@ -271,10 +375,24 @@ class VMService:
             console_log=str(console),
         )
 
-        def boot(m: Machine) -> None:
+        def boot(m: Machine) -> Resumed | None:
+            nonlocal resume
             raise_if_cancelled(cancel, f"VM {vm.name}: start")
-            progress("boot", {"driver": driver.name})
-            launch = driver.launch(vm.id, m, run_dir)
+            if resume is not None and (why := compat_diff(resume.compat, compat(m, driver, run_dir))):
+                if resume.strict:
+                    raise BangerError(ErrorCode.BAD_REQUEST, f"{resume.what} cannot be restored: {why}")
+                progress("step", {"msg": f"booting: {resume.what} cannot be used: {why}"})
+                log.info("VM %s: booting: %s cannot be used: %s", vm.name, resume.what, why, extra={"op_id": op_id})
+                resume.discard()
+                resume = None
+                m.drives[0].path = str(ensure_root())
+            if resume is not None:
+                progress("restore", {"driver": driver.name, "from": resume.what})
+                m.boot_args = list(resume.machine.boot_args)  # the guest's command line is in its memory
+                launch = driver.restore(vm.id, m, run_dir, resume.src)
+            else:
+                progress("boot", {"driver": driver.name})
+                launch = driver.launch(vm.id, m, run_dir)
             # what the VMM got, for `vm show` (kept across stops, gone with the VM)
             atomic_write(self.machine_file(vm), m.model_dump_json(indent=2))
             # handles.json first (atomically), then the cache, then the DB state.
@@ -284,6 +402,7 @@ class VMService:
             self._transition(vm, VMState.RUNNING)
             raise_if_cancelled(cancel, f"VM {vm.name}: start")
             progress("wait_agent", {})
+            return resume.resumed if resume is not None else None
 
         try:
             lc.start(machine, boot, failure_reason)
@@ -320,9 +439,43 @@ class VMService:
         return args + list(self.cfg.vmm.boot_args)
 
     # --- stop / kill -----------------------------------------------------------------
-    def stop(self, vm: VM, op_id: str, force: bool = False) -> VM:
+    def stop(self, vm: VM, op_id: str, force: bool = False, suspend: bool = False) -> VM:
         with self.lock(vm.id):
+            if suspend:
+                return self._suspend_locked(vm, op_id)
             return self._stop_locked(vm, op_id, force)
+
+    def _suspend_locked(self, vm: VM, op_id: str) -> VM:
+        """``vm stop --suspend``: the guest's memory and devices into its suspend image,
+        then the VMM goes (host state undone as for a stop); ``vm start`` resumes it."""
+        vm = self._settle(self.store.get_vm(vm.id), op_id)
+        if not vm.state.live:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running ({vm.state.value})")
+        driver = self.driver(vm)
+        pid = self._pid(vm)
+        assert pid is not None
+        run_dir = self.run_dir(vm)
+        final = self.paths.vm_files(vm.id).suspend_dir
+        staging = self.paths.staging_dir(final)
+        was_running = vm.state is VMState.RUNNING
+        if was_running:
+            driver.pause(pid, run_dir)
+        try:
+            write_image(self, vm, driver, pid, staging)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if was_running and self._pid(vm) is not None:
+                driver.resume(pid, run_dir)
+            raise
+        driver.force_stop(pid, run_dir)
+        if not vmm.wait_exit(pid, 10):
+            vmm.send_signal(pid, signals.SIGKILL)
+            vmm.wait_exit(pid, 5)
+        log.info("VM %s: suspended", vm.name, extra={"op_id": op_id})
+        self._finalize_stopped(vm, op_id, CleanupReason.STOP, VMState.SUSPENDED)
+        return vm
 
     def _stop_locked(self, vm: VM, op_id: str, force: bool = False) -> VM:
         vm = self._settle(self.store.get_vm(vm.id), op_id)
@@ -415,7 +568,7 @@ class VMService:
                 )
         return vm
 
-    def _finalize_stopped(self, vm: VM, op_id: str, reason: CleanupReason) -> None:
+    def _finalize_stopped(self, vm: VM, op_id: str, reason: CleanupReason, state: VMState = VMState.STOPPED) -> None:
         """The VMM is gone: undo host state (plugins told ``reason``), drop handles,
         mark stopped."""
         failures: list[tuple[str, BaseException]] = []
@@ -429,7 +582,7 @@ class VMService:
         for f in driver.run_files(self.run_dir(vm)):
             f.unlink(missing_ok=True)
         self.handles.drop(vm.id)
-        self._transition(vm, VMState.STOPPED, "; ".join(f"{w}: {e}" for w, e in failures) or None)
+        self._transition(vm, state, "; ".join(f"{w}: {e}" for w, e in failures) or None)
         if failures:
             raise MultiError("cleanup", failures, op_id=op_id)
 
@@ -493,7 +646,9 @@ class VMService:
         return gone
 
     # --- set / inspect ----------------------------------------------------------------
-    def set(self, vm: VM, params: SetParams, op_id: str) -> VM:
+    def set(self, vm: VM, params: SetParams, op_id: str, notes: list[str] | None = None) -> VM:
+        """Change a stopped VM's spec or options; what the caller should be told goes in ``notes``."""
+        notes = [] if notes is None else notes
         with self.lock(vm.id):
             vm = self._settle(self.store.get_vm(vm.id), op_id)
             if vm.state.live:
@@ -505,6 +660,10 @@ class VMService:
             changes = {k: v for k, v in params.model_dump().items() if k not in ("refs", "options") and v is not None}
             spec = vm.spec.model_copy(update=changes)
             check_host_limits(spec)
+            if vm.state is VMState.SUSPENDED:  # its memory no longer fits the VM it would resume
+                shutil.rmtree(self.paths.vm_files(vm.id).suspend_dir, ignore_errors=True)
+                notes.append(f"VM {vm.name} was suspended: its suspend image is discarded (the next start boots it)")
+                vm.state = VMState.STOPPED
             if params.disk_size_mib and vm.disk_strategy:
                 root = disks.root_disk_path(self.run_dir(vm), vm.disk_strategy)
                 if root.exists():
@@ -554,9 +713,23 @@ class VMService:
                     log.error("VM %s: cleanup after VMM exit failed: %s", vm.name, exc)
 
     # --- reconcile (daemon start) ---------------------------------------------------
+    def _resume_if_left_paused(self, vm: VM, pid: int) -> None:
+        """A VM whose row says running but whose guest is paused was being snapshotted
+        (or suspended) by a daemon that died: cancel what QEMU may still be writing
+        and let it run (its partial snapshot is swept as a staging dir)."""
+        driver = self.driver(vm)
+        try:
+            if not driver.is_paused(pid, self.run_dir(vm)):
+                return
+            SnapshotService._cont(driver, pid, self.run_dir(vm), vm, "op-reconcile")
+            log.warning("VM %s: found paused by an interrupted snapshot; resumed", vm.name)
+        except BangerError as exc:
+            log.error("VM %s: could not check or resume its paused guest: %s", vm.name, exc.message)
+
     def reconcile(self) -> dict[str, Names]:
         """Re-adopt live VMMs; demote dead ones and tear down their leftovers."""
         report: dict[str, Names] = {"adopted": [], "stopped": [], "interrupted": [], "deleted": []}
+        self.snapshots.sweep()
         for vm in self.store.list_vms():
             if vm.ephemeral:  # its run died with the daemon that ran it: delete it as promised
                 try:
@@ -572,6 +745,8 @@ class VMService:
                 if vm.state.live and pid is not None:  # a paused VM stays paused
                     self.handles.set((h or VMHandles(vm_id=vm.id, driver=vm.driver)).model_copy(update={"pid": pid}))
                     report["adopted"].append(vm.name)
+                    if vm.state is VMState.RUNNING:
+                        self._resume_if_left_paused(vm, pid)
                 elif vm.state.live:
                     self._finalize_stopped(vm, op, CleanupReason.RECONCILE)
                     report["stopped"].append(vm.name)

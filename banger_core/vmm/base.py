@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from abc import ABC, abstractmethod
@@ -126,6 +127,40 @@ class Driver(ABC):
     def resume(self, pid: int, run_dir: Path) -> None:
         """Let a paused guest's vCPUs run again."""
         raise BangerError(ErrorCode.BAD_REQUEST, f"the {self.name} driver cannot resume a VM")
+
+    # --- snapshots (issue 13) ------------------------------------------------------
+    def snapshot(self, pid: int, run_dir: Path, dest: Path) -> None:
+        """With the guest paused (``pause``): write its device state and memory into
+        the directory ``dest`` (files of the driver's choosing; the directory exists and
+        is the snapshot's own). The guest stays paused. The caller owns the disks: they
+        do not change while the guest is paused."""
+        raise BangerError(ErrorCode.BAD_REQUEST, f"the {self.name} driver cannot snapshot a VM")
+
+    def restore(self, vm_id: str, machine: Machine, run_dir: Path, src: Path) -> Launch:
+        """Start a VMM for ``vm_id`` that continues from what ``snapshot`` wrote in
+        ``src``, and let its guest run. ``machine`` is the snapshot's device set (the
+        core checked it) with this VM's own paths: its disks hold what the source's
+        held when it paused. Returns once the guest runs; on failure nothing of this
+        VMM is left running."""
+        raise BangerError(ErrorCode.BAD_REQUEST, f"the {self.name} driver cannot restore a snapshot")
+
+    def cancel_snapshot(self, pid: int, run_dir: Path) -> None:
+        """Stop writing a snapshot that nobody waits for any more (before resuming);
+        a VMM whose snapshot request returns only when written has nothing to stop."""
+        return None
+
+    def is_paused(self, pid: int, run_dir: Path) -> bool:
+        """Whether the VMM's guest is paused (a daemon that died mid-snapshot leaves it so)."""
+        return False
+
+    def identity(self) -> str:
+        """What a snapshot made by this VMM depends on (its binary: path, size, mtime):
+        a snapshot is only restored by the VMM that made it."""
+        path = shutil.which(self.binary) if hasattr(self, "binary") else None
+        if not path:
+            return self.name
+        st = os.stat(path)
+        return f"{self.name}:{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
     def run_files(self, run_dir: Path) -> list[Path]:
         """Per-boot files to remove once the VMM is gone (sockets, pid files)."""

@@ -44,6 +44,18 @@ class QMP:
                 raise BangerError(ErrorCode.OPERATION_FAILED, f"QMP {command}: {reply['error'].get('desc')}")
             return reply.get("return")
 
+    def send_fd(self, name: str, fd: int) -> None:
+        """``getfd``: hand QEMU an open file descriptor under ``name`` (SCM_RIGHTS)."""
+        msg = json.dumps({"execute": "getfd", "arguments": {"fdname": name}}).encode() + b"\n"
+        socket.send_fds(self.sock, [msg], [fd])
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise BangerError(ErrorCode.OPERATION_FAILED, f"QMP getfd: {reply['error'].get('desc')}")
+            return
+
     def close(self) -> None:
         try:
             self.file.close()

@@ -160,6 +160,51 @@ def post_boot(ctx: Any) -> None:
 
 
 @hookimpl
+def vm_resumed(ctx: Any, resumed: Any) -> None:
+    """The VM continues from a snapshot: the agent steps its clock to the host's and
+    reseeds its RNG; a new VM (``resumed.new_identity``) also gets its own hostname,
+    machine-id and SSH host keys (made here on the host: no keygen in a slow guest)."""
+    import secrets
+    import uuid
+
+    if ctx.teardown.get("no_agent"):
+        return
+    from banger_agent.settings import Settings
+
+    settings = ctx.settings or Settings()
+    sock = socket_of(ctx.paths, ctx.vm.id)
+    agents().wait_ready(ctx.vm.id, sock, time.monotonic() + settings.wait_timeout_s)
+    request: dict[str, Any] = {"op": "resume", "seed": secrets.token_hex(64)}
+    if resumed.new_identity:
+        request.update(hostname=ctx.vm.name, machine_id=uuid.uuid4().hex, ssh_host_keys=_host_keys())
+    request["time_ns"] = time.time_ns()  # last: the clock is stepped to it
+    result = agents().run(agents().call(ctx.vm.id, sock, request, timeout=30), timeout=35)
+    body = result if isinstance(result, dict) else {}
+    if body.get("errors"):
+        ctx.log.warning("VM %s: resume: %s", ctx.vm.name, body["errors"])
+    ctx.log.info(
+        "VM %s resumed from %s: %s", ctx.vm.name, resumed.snapshot or "its suspend image", ", ".join(body.get("applied", []))
+    )
+
+
+def _host_keys() -> dict[str, Any] | None:
+    """A new ed25519 host key pair (ssh-keygen on the host), or None without ssh-keygen."""
+    import shutil
+    import tempfile
+
+    if shutil.which("ssh-keygen") is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="banger-hostkey-") as tmp:
+        key = Path(tmp) / "key"
+        r = subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "banger", "-f", str(key)], capture_output=True, timeout=30
+        )
+        if r.returncode != 0:
+            return None
+        return {"ed25519": {"private": key.read_text(), "public": (Path(tmp) / "key.pub").read_text().strip()}}
+
+
+@hookimpl
 def request_guest_shutdown(ctx: Any) -> bool | None:
     """Graceful stop: the agent syncs first (data only its sync can save), then powers off."""
     if ctx.teardown.get("no_agent"):

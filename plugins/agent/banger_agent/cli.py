@@ -178,6 +178,9 @@ def add_run(vm: typer.Typer) -> None:
         disk_size: str = typer.Option(None, "--disk-size", help="root disk size, e.g. 4G"),
         env: list[str] = typer.Option([], "--env", "-e", help="K=V in the command's environment (repeatable)"),
         workdir: str = typer.Option(None, "--workdir", "-w", help="the directory it runs in"),
+        cold: bool = typer.Option(
+            False, "--cold", help="boot, even when a warm-start template matches (by default one is restored, or made)"
+        ),
     ) -> None:
         """Create a VM, run a command in it, return its exit status.
 
@@ -201,7 +204,7 @@ def add_run(vm: typer.Typer) -> None:
         if interactive:
             command = list(LOGIN_SHELL)
         params = create_params(name, image, kernel, vcpu, memory, disk_size)
-        params.update(argv=command, rm=rm, env=env_pairs(env))
+        params.update(argv=command, rm=rm, env=env_pairs(env), warm=not cold)
         if interactive:
             params["tty"] = terminal.request()
         if workdir:

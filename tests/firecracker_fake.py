@@ -29,6 +29,20 @@ connections to PORT are bridged to it. Its stderr goes to the console log. The a
 process) first on its PATH, never the host's. When the guest goes (SendCtrlAltDel, its
 poweroff), every process under the fake (a child subreaper) is killed first; if the
 fake itself is killed, the agent dies with it (PR_SET_PDEATHSIG).
+
+Drives are opened at ``PUT /drives`` (a 400 if the file cannot be), as Firecracker opens
+them there: symlinks in ``path_on_host`` are resolved at that moment and never again.
+What the VM opened (each drive's resolved path, the bound vsock socket's, the TAPs) is
+written to ``fake-opened.json`` in the API socket's directory when the guest starts.
+
+Snapshots: ``PUT /snapshot/create`` (a booted, paused VM only) writes a state file (JSON
+naming the configuration as it was given: drive paths and the vsock ``uds_path`` as
+sent, not resolved) and a memory file (a recognisable header and the machine config).
+``PUT /snapshot/load`` is accepted only on a fresh process, before anything but the
+logger and metrics is configured; it reads both files, opens every drive and binds the
+vsock socket at the paths the state recorded (``vsock_override`` and
+``network_overrides`` applied), resolving symlinks then, and runs the guest as
+InstanceStart does, paused unless ``resume_vm``.
 """
 
 from __future__ import annotations
@@ -67,7 +81,14 @@ class State:
     configured: set[str] = set()
     record: Path | None = None
     boot: dict[str, Any]  # the putGuestBootSource body; set in __main__
+    machine: dict[str, Any] = {}  # the putMachineConfiguration body
     drives: dict[str, dict[str, Any]] = {}
+    drive_fds: dict[str, int] = {}  # each drive's backing file, open from PUT /drives (or load) on
+    opened: dict[str, str] = {}  # drive id -> the file that fd is (symlinks resolved when opened)
+    nics: dict[str, dict[str, Any]] = {}  # the putGuestNetworkInterfaceByID bodies
+    vsock_cfg: dict[str, Any] | None = None  # the putGuestVsock body
+    vsock_opened: str | None = None  # where its socket really is (resolved when bound)
+    restored_from: str | None = None  # the snapshot_path of a loadSnapshot
     vsock: socket.socket | None = None  # listening on the putGuestVsock uds_path
     guest_ports: dict[int, str] = {}  # a vsock port the guest listens on -> the AF_UNIX path standing in for it
     host_port = (1 << 30) - 1  # the last host-side port handed out (Firecracker's local_port_last)
@@ -163,14 +184,145 @@ def serve_vsock(listener: socket.socket) -> None:
 
 
 def agent_disk() -> str | None:
-    for d in State.drives.values():
+    """The agent disk among the drives, as opened (not as named: a name may have been
+    a link repointed since)."""
+    for path in State.opened.values():
         try:
-            with open(d["path_on_host"], "rb") as fh:
+            with open(path, "rb") as fh:
                 fh.seek(1144)  # the ext4 volume label, where the launcher looks
                 if fh.read(len(AGENT_LABEL)) == AGENT_LABEL:
-                    return str(d["path_on_host"])
+                    return path
         except OSError:
             continue
+    return None
+
+
+def open_drive(body: dict[str, Any]) -> str | None:
+    """Open a drive's backing file as Firecracker does (read-write unless read-only),
+    replacing the drive's previous one; None, or why it cannot be opened."""
+    try:
+        fd = os.open(body["path_on_host"], os.O_RDONLY if body.get("is_read_only") else os.O_RDWR)
+    except OSError as exc:
+        return f"Unable to open the drive's backing file {body['path_on_host']}: {exc.strerror} (os error {exc.errno})"
+    old = State.drive_fds.pop(body["drive_id"], None)
+    if old is not None:
+        os.close(old)
+    State.drive_fds[body["drive_id"]] = fd
+    State.opened[body["drive_id"]] = os.readlink(f"/proc/self/fd/{fd}")
+    return None
+
+
+def bind_vsock(uds_path: str) -> str | None:
+    """Bind the vsock device's socket (replacing a previous device's); None, or why not."""
+    if State.vsock is not None:  # a new device replaces the old one and its socket
+        State.vsock.close()
+        os.unlink(State.vsock.getsockname())
+        State.vsock = None
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    where = os.path.join(os.path.realpath(os.path.dirname(uds_path)), os.path.basename(uds_path))
+    try:
+        listener.bind(uds_path)
+    except OSError as exc:
+        listener.close()
+        return (
+            "Cannot create backend for vsock device: "
+            f"Error binding to the host-side Unix socket: {exc.strerror} (os error {exc.errno})"
+        )
+    listener.listen(64)
+    State.vsock = listener
+    State.vsock_opened = where
+    return None
+
+
+def write_opened() -> None:
+    """What this VM's devices really are, for tests: fake-opened.json beside the API socket."""
+    out = Path(ARGS.api_sock).resolve().parent / "fake-opened.json"
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(
+        json.dumps(
+            {
+                "drives": dict(State.opened),
+                "vsock": State.vsock_opened,
+                "taps": {i: n["host_dev_name"] for i, n in State.nics.items()},
+                "restored_from": State.restored_from,
+            }
+        )
+    )
+    os.replace(tmp, out)
+
+
+def run_guest() -> None:
+    """The guest runs (InstanceStart, or a snapshot loaded)."""
+    State.started = True
+    write_opened()
+    print("fake firecracker: guest 'booted'", flush=True)
+    if State.vsock is not None:
+        threading.Thread(target=serve_vsock, args=(State.vsock,), daemon=True).start()
+    threading.Thread(target=boot_guest, daemon=True).start()
+
+
+STATE_MAGIC = "fake-firecracker-vmstate"
+MEMORY_MAGIC = b"FAKE FIRECRACKER GUEST MEMORY\n"
+
+
+def create_snapshot(body: dict[str, Any]) -> str | None:
+    """Write the state and memory files; None, or why not."""
+    state = {
+        "magic": STATE_MAGIC,
+        "id": ARGS.id,
+        "machine_config": State.machine,
+        "boot_source": State.boot,
+        "drives": list(State.drives.values()),  # path_on_host as given: Firecracker reopens these names
+        "network_interfaces": list(State.nics.values()),
+        "vsock": State.vsock_cfg,
+    }
+    try:
+        Path(body["snapshot_path"]).write_text(json.dumps(state))
+        Path(body["mem_file_path"]).write_bytes(MEMORY_MAGIC + json.dumps(State.machine).encode() + b"\n")
+    except OSError as exc:
+        return f"Cannot create snapshot: {exc}"
+    return None
+
+
+def load_snapshot(body: dict[str, Any]) -> str | None:
+    """Restore the devices a state file names, then run the guest; None, or why not."""
+    if ("mem_backend" in body) == ("mem_file_path" in body):
+        return "Exactly one of mem_backend or mem_file_path must be given"
+    backend = body.get("mem_backend") or {"backend_type": "File", "backend_path": body["mem_file_path"]}
+    if backend["backend_type"] != "File":
+        return "this fake serves guest memory from a File backend only"
+    try:
+        state = json.loads(Path(body["snapshot_path"]).read_text())
+        if not isinstance(state, dict) or state.get("magic") != STATE_MAGIC:
+            raise ValueError("not a microVM state file")
+        with open(backend["backend_path"], "rb") as fh:
+            if fh.read(len(MEMORY_MAGIC)) != MEMORY_MAGIC:
+                raise ValueError(f"{backend['backend_path']} is not guest memory")
+    except (OSError, ValueError) as exc:
+        return f"Cannot load snapshot: {exc}"
+    nics = {n["iface_id"]: dict(n) for n in state["network_interfaces"]}
+    for o in body.get("network_overrides", []):
+        if o["iface_id"] not in nics:
+            return f"Invalid network override: no interface {o['iface_id']} in the snapshot"
+        nics[o["iface_id"]]["host_dev_name"] = o["host_dev_name"]
+    for d in state["drives"]:
+        why = open_drive(d)
+        if why:
+            return f"Cannot restore devices: {why}"
+    vsock = state["vsock"]
+    if vsock is not None:
+        uds = (body.get("vsock_override") or {}).get("uds_path", vsock["uds_path"])
+        why = bind_vsock(uds)
+        if why:
+            return f"Cannot restore devices: {why}"
+        State.vsock_cfg = {**vsock, "uds_path": uds}
+    State.drives = {d["drive_id"]: d for d in state["drives"]}
+    State.nics = nics
+    State.machine = state["machine_config"]
+    State.boot = state["boot_source"]
+    State.restored_from = os.path.realpath(body["snapshot_path"])
+    State.paused = not body.get("resume_vm", False)
+    run_guest()
     return None
 
 
@@ -264,6 +416,26 @@ class Handler(BaseHTTPRequestHandler):
                 return self._reply(400, {"fault_message": "The requested operation is not supported after starting the microVM."})
             if op == "putLogger" and not os.path.exists(body["log_path"]):
                 return self._reply(400, {"fault_message": "log_path does not exist"})
+            if op == "loadSnapshot":  # a fresh process only: nothing but the logger and metrics configured
+                configured = {o for o in State.configured if o.startswith(("put", "patch"))} - {"putLogger", "putMetrics"}
+                if State.started or configured:
+                    self._record(method, body, op, "load after configuring")
+                    return self._reply(
+                        400,
+                        {"fault_message": "Loading a microVM snapshot not allowed after configuring boot-specific resources."},
+                    )
+                why = load_snapshot(body)
+                if why:
+                    self._record(method, body, op, "load failed")
+                    return self._reply(400, {"fault_message": why})
+            if op == "createSnapshot":  # a booted VM, paused
+                if not State.started or not State.paused:
+                    self._record(method, body, op, "not paused")
+                    return self._reply(400, {"fault_message": "Cannot create a snapshot: the microVM is not paused"})
+                why = create_snapshot(body)
+                if why:
+                    self._record(method, body, op, "create failed")
+                    return self._reply(400, {"fault_message": why})
             if op == "createSyncAction":
                 action = body["action_type"]
                 if action == "InstanceStart":
@@ -275,11 +447,7 @@ class Handler(BaseHTTPRequestHandler):
                         p = State.boot.get(path)
                         if p and not os.path.exists(p):
                             return self._reply(400, {"fault_message": f"{path} {p} does not exist"})
-                    State.started = True
-                    print("fake firecracker: guest 'booted'", flush=True)
-                    if State.vsock is not None:
-                        threading.Thread(target=serve_vsock, args=(State.vsock,), daemon=True).start()
-                    threading.Thread(target=boot_guest, daemon=True).start()
+                    run_guest()
                 elif action == "SendCtrlAltDel":
                     if not State.started:
                         return self._reply(400, {"fault_message": "not started"})
@@ -292,30 +460,24 @@ class Handler(BaseHTTPRequestHandler):
                     )
                 State.paused = body["state"] == "Paused"
             if op == "putGuestVsock":
-                if State.vsock is not None:  # a new device replaces the old one and its socket
-                    State.vsock.close()
-                    os.unlink(State.vsock.getsockname())
-                    State.vsock = None
-                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    listener.bind(body["uds_path"])
-                except OSError as exc:
-                    listener.close()
+                why = bind_vsock(body["uds_path"])
+                if why:
                     self._record(method, body, op, "bind failed")
-                    return self._reply(
-                        400,
-                        {
-                            "fault_message": "Cannot create backend for vsock device: "
-                            f"Error binding to the host-side Unix socket: {exc.strerror} (os error {exc.errno})"
-                        },
-                    )
-                listener.listen(64)
-                State.vsock = listener
+                    return self._reply(400, {"fault_message": why})
+                State.vsock_cfg = body
+            if op == "putGuestDriveByID":
+                why = open_drive(body)
+                if why:
+                    self._record(method, body, op, "open failed")
+                    return self._reply(400, {"fault_message": why})
+                State.drives[body["drive_id"]] = body
             State.configured.add(op)
             if op == "putGuestBootSource":
                 State.boot = body
-            if op == "putGuestDriveByID":
-                State.drives[body["drive_id"]] = body
+            if op == "putMachineConfiguration":
+                State.machine = body
+            if op == "putGuestNetworkInterfaceByID":
+                State.nics[body["iface_id"]] = body
         self._record(method, body, op, "ok")
         if op == "describeInstance":
             return self._reply(

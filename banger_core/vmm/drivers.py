@@ -39,5 +39,5 @@ def driver_for(name: str, cfg: "VMMTable", paths: "Paths") -> Driver:
             probe_cache=paths.kvm_probe,
         )
     if name == "firecracker":
-        return FirecrackerDriver(binary=cfg.firecracker_binary)
+        return FirecrackerDriver(binary=cfg.firecracker_binary, links_dir=paths.runtime_dir / "fc")
     raise BangerError(ErrorCode.BAD_REQUEST, f"unknown VMM driver {name!r}")

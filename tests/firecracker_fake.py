@@ -338,6 +338,7 @@ def boot_guest() -> None:
     gdir = guest_dir()
     shutil.rmtree(gdir, ignore_errors=True)
     (gdir / "bin").mkdir(parents=True)
+    (gdir / "root" / "etc").mkdir(parents=True)
     for request in (f"rdump /agent {gdir}", f"dump /build.json {gdir / 'build.json'}"):  # the disk, as mounted
         subprocess.run(["debugfs", "-R", request, disk], capture_output=True, check=True)
     for name in ("systemctl", "poweroff", "busybox"):  # the agent's poweroff: the guest's, not the host's
@@ -350,6 +351,9 @@ def boot_guest() -> None:
         "PYTHONPATH": str(gdir / "agent"),
         "PYTHONDONTWRITEBYTECODE": "1",
         "BANGER_AGENT_LISTEN": f"unix:{listen}",
+        # a restored VM gets the agent's `resume` op: it must apply to this fake guest's
+        # tree, never to the host the fake runs on (hostname, machine-id, SSH host keys)
+        "BANGER_AGENT_IDENTITY_ROOT": str(gdir / "root"),
     }
     proc = subprocess.Popen(
         [sys.executable, "-s", "-B", "-m", "banger_guest.agent"],

@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Any
 
-from banger_guest import __version__
+from banger_guest import __version__, identity
 from banger_guest import protocol as P
 
 PORT_NAME = "banger.agent"
@@ -414,11 +414,15 @@ class Agent:
 
     def resume(self, sid: int, req: dict[str, Any]) -> None:
         """In this process, at once: a few writes and syscalls, then one RESULT (or an
-        ERROR naming the bad field, with nothing applied)."""
-        from banger_guest import identity
-
+        ERROR naming the bad field, with nothing applied). ``identity`` is imported
+        with the agent, not here: a VM restored from a template would compile it anew
+        on every restore (the agent runs without bytecode files)."""
+        root = identity.root_from_env()
+        if root == "/" and cmdline_value("banger.vm") is None:  # an agent run on a host (a test): never its identity
+            self.send_json(P.ERROR, sid, {"message": "resume: not in a banger VM (no banger.vm= on the kernel command line)"})
+            return
         try:
-            result = identity.apply(req, identity.root_from_env())
+            result = identity.apply(req, root)
         except identity.BadRequest as exc:
             self.send_json(P.ERROR, sid, {"message": str(exc), "field": exc.field})
             return

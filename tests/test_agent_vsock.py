@@ -279,4 +279,7 @@ def test_a_firecracker_vm_gets_the_agent_over_vsock_through_daemon_and_cli(benv,
     reqs = [json.loads(ln) for ln in record.read_text().splitlines()]
     assert [r for r in reqs if r["result"] != "ok"] == []
     vsock = [r for r in reqs if r["op"] == "putGuestVsock"]
-    assert len(vsock) == 2 and all(r["body"] == {"guest_cid": 3, "uds_path": str(uds)} for r in vsock)
+    # given through the VM's link (<runtime>/fc/<id> -> its dir: a restore repoints it), landing at uds
+    link = benv.runtime_dir / "fc" / vm["id"] / "agent.vsock"
+    assert len(vsock) == 2 and all(r["body"] == {"guest_cid": 3, "uds_path": str(link)} for r in vsock)
+    assert not link.parent.exists() and not link.parent.is_symlink()  # the link went with the VM

@@ -627,6 +627,11 @@ class VMService:
                 errors.append(exc)
         self.handles.drop(vm.id)
         try:
+            for f in self.driver(vm).run_files(self.run_dir(vm)):  # a driver's files outside the VM's dir too
+                f.unlink(missing_ok=True)
+        except (OSError, BangerError) as exc:
+            errors.append(exc)
+        try:
             shutil.rmtree(self.run_dir(vm))
         except FileNotFoundError:
             pass

@@ -173,17 +173,27 @@ def vm_resumed(ctx: Any, resumed: Any) -> None:
 
     settings = ctx.settings or Settings()
     sock = socket_of(ctx.paths, ctx.vm.id)
+    t0 = time.monotonic()
     agents().wait_ready(ctx.vm.id, sock, time.monotonic() + settings.wait_timeout_s)
+    t1 = time.monotonic()
     request: dict[str, Any] = {"op": "resume", "seed": secrets.token_hex(64)}
     if resumed.new_identity:
         request.update(hostname=ctx.vm.name, machine_id=uuid.uuid4().hex, ssh_host_keys=_host_keys())
+    t2 = time.monotonic()
     request["time_ns"] = time.time_ns()  # last: the clock is stepped to it
     result = agents().run(agents().call(ctx.vm.id, sock, request, timeout=30), timeout=35)
+    t3 = time.monotonic()
     body = result if isinstance(result, dict) else {}
     if body.get("errors"):
         ctx.log.warning("VM %s: resume: %s", ctx.vm.name, body["errors"])
     ctx.log.info(
-        "VM %s resumed from %s: %s", ctx.vm.name, resumed.snapshot or "its suspend image", ", ".join(body.get("applied", []))
+        "VM %s resumed from %s: %s (agent answered in %.2fs, keys made in %.2fs, applied in %.2fs)",
+        ctx.vm.name,
+        resumed.snapshot or "its suspend image",
+        ", ".join(body.get("applied", [])),
+        t1 - t0,
+        t2 - t1,
+        t3 - t2,
     )
 
 

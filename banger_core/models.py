@@ -20,10 +20,13 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def validate_vm_name(name: str) -> str:
-    """VM names are DNS labels: 1–63 of [a-z0-9-], no leading or trailing '-'."""
+def validate_vm_name(name: str, what: str = "VM") -> str:
+    """VM names (and snapshot names: ``what``) are DNS labels: 1–63 of [a-z0-9-], no
+    leading or trailing '-'."""
     if not isinstance(name, str) or not VM_NAME_RE.fullmatch(name):
-        raise ValueError(f"invalid VM name {name!r}: use 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'")
+        raise ValueError(
+            f"invalid {what} name {name!r}: use 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'"
+        )
     return name
 
 

@@ -38,7 +38,7 @@ def vm_snapshot(
     """Snapshot a running VM: its memory, devices and disk, taken while it is paused
     (a fraction of a second); it then runs on (or stays stopped with --stop)."""
     t0 = time.monotonic()
-    res = _call("vm.snapshot", {"ref": ref, "name": check_name(name), "stop": stop})
+    res = _call("vm.snapshot", {"ref": ref, "name": check_name(name, "snapshot"), "stop": stop})
     if as_json:
         echo_json(res)
         return

@@ -39,13 +39,13 @@ def positive(value: int | None, what: str) -> int | None:
     return value
 
 
-def check_name(name: str | None) -> str | None:
+def check_name(name: str | None, what: str = "VM") -> str | None:
     if name is None:
         return None
     from banger_core.models import validate_vm_name
 
     try:
-        return validate_vm_name(name)
+        return validate_vm_name(name, what)
     except ValueError as exc:
         raise BangerError(ErrorCode.BAD_REQUEST, str(exc)) from None
 

@@ -18,12 +18,16 @@ def _name(v: str | None) -> str | None:
     return validate_vm_name(v) if v is not None else None
 
 
+def _snapshot_name(v: str | None) -> str | None:
+    return validate_vm_name(v, "snapshot") if v is not None else None
+
+
 class SnapshotParams(Input):
     ref: str = Field(description="the VM")
     name: str | None = Field(default=None, description="the snapshot's name (default VM-YYYYmmdd-HHMMSS)")
     stop: bool = Field(default=False, description="leave the VM stopped (its disk then is the snapshot's)")
 
-    _check_name = field_validator("name")(_name)
+    _check_name = field_validator("name")(_snapshot_name)
 
 
 class RestoreParams(Input):

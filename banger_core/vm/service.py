@@ -456,16 +456,18 @@ class VMService:
         assert pid is not None
         run_dir = self.run_dir(vm)
         final = self.paths.vm_files(vm.id).suspend_dir
-        staging = self.paths.staging_dir(final)
         was_running = vm.state is VMState.RUNNING
-        if was_running:
-            driver.pause(pid, run_dir)
+        staging: Path | None = None
         try:
+            if was_running:
+                driver.pause(pid, run_dir)
+            staging = self.paths.staging_dir(final)
             write_image(self, vm, driver, pid, staging)
             shutil.rmtree(final, ignore_errors=True)
             os.rename(staging, final)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
             if was_running and self._pid(vm) is not None:
                 driver.resume(pid, run_dir)
             raise

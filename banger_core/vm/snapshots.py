@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from pydantic import ValidationError
+
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.fsutil import atomic_write
 from banger_core.models import VM, Machine, Resumed, Snapshot, SnapshotKind, VMState, utcnow
@@ -194,7 +196,8 @@ class SnapshotService:
         try:
             snap = Snapshot(
                 id=snap_id,
-                name=name or f"{vm.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                # a default name fits the 63 characters of a name: <vm name, cut>-YYYYmmdd-HHMMSS
+                name=name or f"{vm.name[:47].rstrip('-')}-{time.strftime('%Y%m%d-%H%M%S')}",
                 kind=kind,
                 vm_id=vm.id,
                 vm_name=vm.name,
@@ -206,8 +209,8 @@ class SnapshotService:
                 options=vm.options,
                 key=key,
             )
-        except ValueError as exc:
-            raise BangerError(ErrorCode.BAD_REQUEST, str(exc).splitlines()[-1].strip()) from None
+        except ValidationError as exc:  # its last line is only a link to pydantic's docs
+            raise BangerError(ErrorCode.BAD_REQUEST, exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
         if self.store.find_snapshot(snap.name):
             raise BangerError(ErrorCode.ALREADY_EXISTS, f"a snapshot named {snap.name!r} already exists")
         driver = vms.driver(vm)
@@ -215,13 +218,14 @@ class SnapshotService:
         assert pid is not None  # _settle: a live VM has its VMM
         run_dir = vms.run_dir(vm)
         final = self.paths.snapshot_dir(snap_id)
-        staging = Paths.staging_dir(final)
         was_running = vm.state is VMState.RUNNING
         t0 = time.monotonic()
-        if was_running:  # the row stays "running": a daemon dying now leaves it to reconcile to resume
-            driver.pause(pid, run_dir)
+        staging: Path | None = None
         moved = False
         try:
+            if was_running:  # the row stays "running": a daemon dying now leaves it to reconcile to resume
+                driver.pause(pid, run_dir)
+            staging = Paths.staging_dir(final)
             write_image(vms, vm, driver, pid, staging)
             disks.freeze_root(disks.root_disk_path(run_dir, vm.disk_strategy or "sparse"), staging)
             snap.size_bytes = _size(staging)
@@ -229,7 +233,10 @@ class SnapshotService:
             moved = True
             self.store.insert_snapshot(snap)
         except BaseException:
-            shutil.rmtree(final if moved else staging, ignore_errors=True)
+            if moved:
+                shutil.rmtree(final, ignore_errors=True)
+            elif staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
             if was_running and vms._pid(vm) is not None:
                 self._cont(driver, pid, run_dir, vm, op_id)
             raise

@@ -7,7 +7,7 @@ to the same readiness.
                image, the same agent disk and virtio-serial channel), timed from launch
                until the agent's first health answer (the host side of the agent
                plugin, connected directly), then killed
-    banger     banger vm run --rm -- true: create (auto-pull: the image is cached),
+    banger     banger vm run --rm --cold -- true: create (auto-pull: the image is cached),
                wait for the agent, exec `true`, delete; the CLI's wall time and its
                per-stage split (create / exec / delete, from its last stderr line)
 
@@ -90,7 +90,7 @@ class Bench:
 
     def run(self) -> tuple[float, dict[str, float]]:
         t0 = time.monotonic()
-        r = self.banger("vm", "run", "--rm", "--vcpu", "1", "--memory", "1G", "--", "true")
+        r = self.banger("vm", "run", "--rm", "--cold", "--vcpu", "1", "--memory", "1G", "--", "true")
         wall = time.monotonic() - t0
         m = RAN_RE.search(r.stderr.strip().splitlines()[-1])
         stages = {k: float(v.rstrip("s")) for k, v in (p.split() for p in m.group(2).split(", "))} if m else {}

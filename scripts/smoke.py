@@ -143,6 +143,45 @@ def run_parallel(e: Env) -> None:
     e.nothing_left()
 
 
+def run_warm(e: Env) -> None:
+    """The first `vm run` boots and becomes the template; the next restores it: same
+    boot id (no boot), its own hostname, nothing left but the template."""
+    boot = ["--", "sh", "-c", "cat /proc/sys/kernel/random/boot_id; hostname"]
+    first = e.run("vm", "run", "--rm", "--name", "first", *boot)
+    check(first.returncode == 0 and b"cold: boots, then becomes the warm-start template" in first.stderr, out(first))
+    second = e.run("vm", "run", "--rm", "--name", "second", *boot)
+    check(second.returncode == 0 and b"warm: restores template" in second.stderr, out(second))
+    check(first.stdout.split()[0] == second.stdout.split()[0], "the warm run has the template's boot id\n" + out(second))
+    check(second.stdout.split()[1] == b"second", "the warm run has its own hostname\n" + out(second))
+    e.nothing_left()
+    r = e.run("image", "warm", "--rm")
+    check(r.returncode == 0 and b"template-" in r.stdout, out(r))
+
+
+def run_snapshot(e: Env) -> None:
+    """Snapshot a VM with a file written, restore it twice, delete everything."""
+    r = e.run("vm", "run", "-d", "--cold", "--name", "src")
+    check(r.returncode == 0, out(r))
+    r = e.run("vm", "exec", "src", "--", "sh", "-c", "echo kept > /root/f")
+    check(r.returncode == 0, out(r))
+    r = e.run("vm", "snapshot", "src", "--name", "s1")
+    check(r.returncode == 0, out(r))
+    for name in ("c1", "c2"):
+        r = e.run("vm", "restore", "s1", "--name", name)
+        check(r.returncode == 0, out(r))
+        r = e.run("vm", "exec", name, "--", "sh", "-c", "cat /root/f; hostname")
+        check(r.returncode == 0 and r.stdout == f"kept\n{name}\n".encode(), out(r))
+    r = e.run("snapshot", "delete", "s1")
+    check(r.returncode != 0 and b"stand on it" in r.stderr, out(r))
+    r = e.run("vm", "delete", "--force", "src", "c1", "c2")
+    check(r.returncode == 0, out(r))
+    r = e.run("snapshot", "delete", "s1")
+    check(r.returncode == 0, out(r))
+    e.nothing_left()
+    left = list((e.root / "state" / "snapshots").iterdir())
+    check(not left, f"snapshot dirs left: {left}")
+
+
 SCENARIOS: dict[str, tuple[Callable[[Env], None], bool, str]] = {
     # name: (function, quick (run in CI), what it shows)
     "run-uname": (run_uname, True, "vm run --rm -- uname -a prints the guest's kernel and leaves nothing"),
@@ -150,6 +189,8 @@ SCENARIOS: dict[str, tuple[Callable[[Env], None], bool, str]] = {
     "run-refusals": (run_refusals, True, "-d --rm and -d -- CMD are refused with no VM made"),
     "run-kill9": (run_kill9, False, "kill -9 of a vm run --rm CLI still deletes the VM"),
     "run-parallel": (run_parallel, False, "two vm run --rm at once both succeed"),
+    "run-warm": (run_warm, True, "the second vm run restores the first's template: its boot id, its own hostname"),
+    "snapshot": (run_snapshot, False, "snapshot, two restores with the file and their own names, delete refused then done"),
 }
 
 

@@ -161,6 +161,7 @@ def test_resume_applies_everything_it_is_given(tmp_path):
     [(kind, result)] = resume(root, req)
 
     assert kind == "RESULT", result
+    assert set(result.pop("ms")) == {"clock", "rng", "hostname", "machine_id", "ssh_host_keys", "find_sshd"}
     assert result == {
         "applied": ["clock", "rng", "hostname", "machine_id", "ssh_host_keys"],
         "skipped": {},
@@ -292,6 +293,7 @@ def test_only_what_is_given_is_done_and_links_and_absent_files_are_left_alone(tm
     )
 
     assert kind == kind2 == "RESULT"
+    assert set(only_clock_rng.pop("ms")) == {"clock", "rng"}
     assert only_clock_rng == {"applied": ["clock", "rng"], "skipped": {}, "errors": {}, "notes": {}}
     assert result["applied"] == ["clock", "rng", "hostname", "machine_id"] and not result["errors"]
     assert not (root / "etc/hostname").exists()  # written only when the image has one
@@ -420,3 +422,16 @@ def test_feed_rng_credits_every_bit_then_reseeds(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "ioctl", FakeIoctl({identity.RNDADDENTROPY: errno.EBADF}))
     with pytest.raises(OSError):
         identity.feed_rng(seed, str(device))
+
+
+def test_find_sshd_takes_sshds_pid_file_when_it_names_the_listener(tmp_path):
+    root = make_root(tmp_path)
+    (root / "run").mkdir(exist_ok=True)
+    (root / "run/sshd.pid").write_text("300\n")
+    assert identity.find_sshd(str(root)) == 300
+    (root / "run/sshd.pid").write_text("120\n")  # a connection child: not the listener, so the scan decides
+    assert identity.find_sshd(str(root)) == 300
+    (root / "run/sshd.pid").write_text("500\n")  # a stale file naming another program: the scan decides
+    assert identity.find_sshd(str(root)) == 300
+    (root / "run/sshd.pid").write_text("junk")
+    assert identity.find_sshd(str(root)) == 300

@@ -300,6 +300,14 @@ def find_sshd(root: str = "/") -> int | None:
     """The listening sshd: of the processes named sshd, one whose parent is not an sshd
     (per-connection sshds are its children); the lowest such pid. None when none runs."""
     proc = _at(root, "/proc")
+    try:  # sshd's own pid file (Debian's PidFile), when it names a listening sshd: no scan
+        with open(_at(root, "/run/sshd.pid")) as fh:
+            pid = int(fh.read().strip())
+        with open(os.path.join(proc, str(pid), "comm")) as fh:
+            if fh.read().strip() == "sshd" and _comm(proc, _ppid(proc, pid)) != "sshd":
+                return pid
+    except (OSError, ValueError):
+        pass
     try:
         entries = os.listdir(proc)
     except OSError:
@@ -316,6 +324,14 @@ def find_sshd(root: str = "/") -> int | None:
             continue
     listeners = [pid for pid in pids if _ppid(proc, pid) not in pids]
     return min(listeners or pids, default=None)
+
+
+def _comm(proc: str, pid: int | None) -> str | None:
+    try:
+        with open(os.path.join(proc, str(pid), "comm")) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
 
 
 def _ppid(proc: str, pid: int) -> int | None:
@@ -338,13 +354,17 @@ def apply(req: dict[str, Any], root: str = "/", effects: Effects | None = None) 
     skipped: dict[str, str] = {}
     errors: dict[str, str] = {}
     notes: dict[str, str] = {}
+    took: dict[str, float] = {}  # ms per part: a restored guest is slow the first time through anything
 
     def part(name: str, do: Callable[[], str | None]) -> None:
+        t = time.monotonic()
         try:
             note = do()
         except OSError as exc:
             errors[name] = str(exc)
             return
+        finally:
+            took[name] = round((time.monotonic() - t) * 1000, 1)
         applied.append(name)
         if note:
             notes[name] = note
@@ -367,7 +387,9 @@ def apply(req: dict[str, Any], root: str = "/", effects: Effects | None = None) 
             keys = r.ssh_host_keys
             part("ssh_host_keys", lambda: set_ssh_host_keys(root, keys))
             if "ssh_host_keys" in applied:
+                t = time.monotonic()
                 pid = find_sshd(root)
+                took["find_sshd"] = round((time.monotonic() - t) * 1000, 1)
                 if pid is None:
                     notes["ssh_host_keys"] = "no sshd running: it reads the keys when it starts"
                 else:
@@ -378,4 +400,4 @@ def apply(req: dict[str, Any], root: str = "/", effects: Effects | None = None) 
                         notes["ssh_host_keys"] = "sshd exited meanwhile: it reads the keys when it starts"
                     except OSError as exc:
                         errors["sshd_reload"] = f"cannot signal sshd (pid {pid}): {exc}"
-    return {"applied": applied, "skipped": skipped, "errors": errors, "notes": notes}
+    return {"applied": applied, "skipped": skipped, "errors": errors, "notes": notes, "ms": took}

@@ -187,13 +187,14 @@ def vm_resumed(ctx: Any, resumed: Any) -> None:
     if body.get("errors"):
         ctx.log.warning("VM %s: resume: %s", ctx.vm.name, body["errors"])
     ctx.log.info(
-        "VM %s resumed from %s: %s (agent answered in %.2fs, keys made in %.2fs, applied in %.2fs)",
+        "VM %s resumed from %s: %s (agent answered in %.2fs, keys made in %.2fs, applied in %.2fs: %s ms)",
         ctx.vm.name,
         resumed.snapshot or "its suspend image",
         ", ".join(body.get("applied", [])),
         t1 - t0,
         t2 - t1,
         t3 - t2,
+        body.get("ms"),
     )
 
 

@@ -392,12 +392,26 @@ def promote_image(store: Store, paths: Paths, name: str, max_rootfs_mib: int = D
     return promoted
 
 
+def refuse_if_snapshotted(store: Store, paths: Paths, name: str, doing: str) -> None:
+    """Snapshots' disks are layers over the image's rootfs: its templates go (unused
+    ones), its user snapshots must be deleted first."""
+    from banger_core.vm.snapshots import image_snapshots
+
+    snaps = image_snapshots(store, paths, name)
+    if snaps:
+        raise BangerError(
+            ErrorCode.BAD_REQUEST,
+            f"image {name!r} is under snapshot(s) {', '.join(snaps)}: delete them before {doing} (banger snapshot delete)",
+        )
+
+
 def delete_image(store: Store, paths: Paths, name: str) -> None:
     """Delete an image no VM uses; a managed image's files go too."""
     image = store.get_image(name)
     users = [v.name for v in store.list_vms() if v.image == name]
     if users:
         raise BangerError(ErrorCode.BAD_REQUEST, f"image {name!r} is used by VM(s) {', '.join(users)}")
+    refuse_if_snapshotted(store, paths, name, "deleting it")
     store.delete_image(name)
     if image.managed:
         shutil.rmtree(paths.images_dir / name, ignore_errors=True)

@@ -332,6 +332,9 @@ class Puller:
                 raise BangerError(
                     ErrorCode.BAD_REQUEST, f"image {name!r} is used by VM(s) {', '.join(users)}: delete them before rebuilding it"
                 )
+            from banger_core.images import refuse_if_snapshotted
+
+            refuse_if_snapshotted(self.store, self.paths, name, "rebuilding it")
         if why and not force and progress:
             progress("step", {"msg": f"{kind} {name} is stale: {why}"})
         return None

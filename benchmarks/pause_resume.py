@@ -47,8 +47,14 @@ def main() -> int:
         finally:
             subprocess.run([str(BANGER), "vm", "delete", VM, "--force"], env=env, capture_output=True, timeout=300)
             subprocess.run([str(BANGER), "daemon", "stop"], env=env, capture_output=True, timeout=120)
+    report(times, args.rounds)
+    return 0
+
+
+def report(times: dict[str, list[float]], rounds: int) -> None:
+    """The table of ``measure``'s times, and the target."""
     base = statistics.median(times["vm.show (baseline)"])
-    print(f"vm pause / resume, {args.rounds} rounds, one client process (ms; TCG, 1 vCPU, 1 GiB)")
+    print(f"vm pause / resume, {rounds} rounds, one client process (ms; TCG, 1 vCPU, 1 GiB)")
     rows = []
     for what, ts in times.items():
         ts = sorted(ts)
@@ -57,7 +63,6 @@ def main() -> int:
     print_table(["what", "median", "p90", "x baseline"], rows)
     resume = statistics.median(times["vm.resume"]) * 1000
     print(f"target: resume <= 50 ms: {resume:.1f} ms ({'met' if resume <= 50 else 'NOT met'})")
-    return 0
 
 
 def measure(paths: Paths, rounds: int) -> dict[str, list[float]]:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from banger_core.paths import Paths
-from pause_resume import VM, measure
+from pause_resume import VM, measure, report
 from report import TEST_CACHE, banger_env, print_table
 from vm_run import RAN_RE
 
@@ -108,16 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         f"targets: warm >= 10x cold: {speedup:.1f}x ({'met' if speedup >= 10 else 'NOT met'}); "
         f"warm <= 1 s: {med['warm']:.2f}s ({'met' if med['warm'] <= 1 else 'NOT met'})"
     )
-    base = statistics.median(times["vm.show (baseline)"])
-    print(f"\nvm pause / resume, {args.rounds} rounds, one client process (ms)")
-    prow = []
-    for what, ts in times.items():
-        ts = sorted(ts)
-        m = statistics.median(ts)
-        prow.append([what, f"{m * 1000:.1f}", f"{ts[int(len(ts) * 0.9)] * 1000:.1f}", f"{m / base:.2f}"])
-    print_table(["what", "median", "p90", "x baseline"], prow)
-    resume = statistics.median(times["vm.resume"]) * 1000
-    print(f"target: resume <= 50 ms: {resume:.1f} ms ({'met' if resume <= 50 else 'NOT met'})")
+    print()
+    report(times, args.rounds)
     return 0
 
 

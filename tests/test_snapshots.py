@@ -179,17 +179,28 @@ def test_warm_runs_restore_the_template_and_boot_nothing(env):
     assert len(cold) == 1 and len(warm) == 1, [d[2] for d in done]
     boot_id = cold[0][1].strip()
     assert warm[0][1].strip() == boot_id  # the template's boot: nothing booted
-    env.run("vm", "create", "--warm", "--name", "w1", *args, check=True, timeout=300)
-    assert sh(env, "w1", "cat /proc/sys/kernel/random/boot_id") == boot_id
-    console = Path(js(env, "vm", "show", "w1")["console_log"]).read_text(errors="replace")
+    # a template whose kernel changed since is not restored: the VM boots, says why,
+    # and becomes the template in its place
+    compat = env.state_dir / "snapshots" / templates[0]["id"] / "compat.json"
+    compat.write_text(json.dumps({**json.loads(compat.read_text()), "kernel": "/boot/another:1:1"}))
+    r = env.run("vm", "create", "--warm", "--name", "w1", *args, check=True, timeout=LONG)
+    assert f"booting: template {templates[0]['name']} cannot be used: the kernel changed" in r.stderr, r.stderr
+    new_boot = sh(env, "w1", "cat /proc/sys/kernel/random/boot_id")
+    assert new_boot != boot_id
+    now = js(env, "snapshot", "list", "--kind", "template")
+    assert len(now) == 1 and now[0]["id"] != templates[0]["id"] and now[0]["vm_name"] == "w1"
+
+    env.run("vm", "create", "--warm", "--name", "w2", *args, check=True, timeout=300)
+    assert sh(env, "w2", "cat /proc/sys/kernel/random/boot_id") == new_boot
+    console = Path(js(env, "vm", "show", "w2")["console_log"]).read_text(errors="replace")
     assert "Linux version" not in console  # no kernel booted in it
-    assert sh(env, "w1", "hostname") == "w1"
+    assert sh(env, "w2", "hostname") == "w2"
 
     # the template is in use: image warm --rm keeps it, then removes it
     r = env.run("image", "warm", "--rm", check=True)
     assert "kept (VMs stand on it)" in r.stderr
-    env.run("vm", "delete", "w1", "--force", check=True, timeout=120)
-    assert templates[0]["name"] in env.run("image", "warm", "--rm", check=True).stdout
+    env.run("vm", "delete", "w1", "w2", "--force", check=True, timeout=120)
+    assert now[0]["name"] in env.run("image", "warm", "--rm", check=True).stdout
     assert js(env, "snapshot", "list", "--kind", "template") == []
 
 
@@ -241,6 +252,10 @@ def test_a_vmm_killed_mid_snapshot_leaves_no_snapshot_and_a_vm_that_starts(env):
 def test_deleting_every_vm_and_snapshot_leaves_nothing(env):
     for vm in js(env, "vm", "list"):
         env.run("vm", "delete", vm["name"], "--force", check=True, timeout=120)
+    # s1's disk layer is an overlay of the image's rootfs: the image stays while s1 does
+    image = js(env, "snapshot", "show", "s1")["image"]
+    r = env.run("image", "delete", image)
+    assert r.returncode != 0 and "under snapshot(s) s1" in r.stderr, r.stderr
     env.run("snapshot", "delete", "s1", check=True)
     assert js(env, "snapshot", "list") == [] and js(env, "vm", "list") == []
     assert snapshot_dirs(env) == []

@@ -9,9 +9,8 @@ from typing import Any, List, Optional
 import typer
 
 from banger_core.cli import style
-from banger_core.cli.common import echo_json, error_line, state
-from banger_core.cli.vm_cmd import Progress, _age, check_name, create_params
-from banger_core.errors import BangerError
+from banger_core.cli.common import echo_json, state
+from banger_core.cli.vm_cmd import Progress, _age, _fan_out, check_name, create_params
 
 app = typer.Typer(help="Snapshots of VMs: restore them as new VMs (banger vm snapshot / vm restore).", no_args_is_help=True)
 
@@ -114,21 +113,7 @@ def snapshot_show(ref: str, as_json: bool = typer.Option(False, "--json")) -> No
 @app.command("delete")
 def snapshot_delete(refs: List[str] = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
     """Delete snapshots (refused for one a VM stands on)."""
-    res = _call("snapshot.delete", {"refs": refs})["results"]
-    if as_json:
-        echo_json(res)
-    failed = 0
-    for r in res:
-        if r["ok"]:
-            if not as_json:
-                style.echo(f"{r['name']}: deleted")
-        else:
-            failed += 1
-            err = BangerError.from_dict(r["error"])
-            err.message = f"{r['ref']}: {err.message}"
-            style.echo(style.paint(error_line(err), "red", sys.stderr), err=True)
-    if failed:
-        raise typer.Exit(1)
+    _fan_out("snapshot.delete", refs, as_json, "deleted")
 
 
 def image_warm(

@@ -92,7 +92,7 @@ async def delete(p: SnapshotDeleteParams, call: Call) -> dict[str, Any]:
         try:
             snap = await run_simple(snaps.resolve, ref)
             await run_simple(snaps.delete, snap)
-            results.append({"ref": ref, "ok": True, "name": snap.name})
+            results.append({"ref": ref, "ok": True, "vm": {"name": snap.name, "state": "deleted"}})
         except BangerError as exc:
             exc.op_id = call.op_id
             results.append({"ref": ref, "ok": False, "error": exc.to_dict()})

@@ -183,8 +183,11 @@ class VMService:
             project_dir=params.project_dir,
             ephemeral=params.ephemeral,
         )
-        if not (params.warm and self.cfg.snapshots.templates_max > 0):
-            return self.make(vm, op_id, progress, cancel, options=params.options, t0=t0)
+        if not params.warm:
+            return self.make(vm, op_id, progress, cancel, options=params.options, t0=t0, how="cold: boots")
+        if self.cfg.snapshots.templates_max == 0:
+            how = "cold: boots ([snapshots] templates_max = 0: no warm starts)"
+            return self.make(vm, op_id, progress, cancel, options=params.options, t0=t0, how=how)
         return self._make_warm(vm, params.options, op_id, progress, cancel, t0)
 
     def _make_warm(
@@ -209,11 +212,16 @@ class VMService:
             def prepare(v: VM) -> ResumeFrom | None:
                 if template is None:
                     return None
-                self.snapshots.stand_on(template, v)
+                try:
+                    self.snapshots.stand_on(template, v)
+                except BangerError as exc:  # deleted meanwhile: boot
+                    progress("step", {"msg": f"booting: {exc.message}"})
+                    return None
                 return self.snapshots.resume_from(template, v, strict=False)
 
             def after(v: VM) -> None:
-                if maker and v.base_snapshot is None:
+                # the template it found could not be used (it is gone): this VM replaces it
+                if v.base_snapshot is None and (maker or template is not None):
                     progress("step", {"msg": "making this VM the warm-start template"})
                     self.snapshots.make_template(v, key, op_id)
 
@@ -386,11 +394,24 @@ class VMService:
                 resume.discard()
                 resume = None
                 m.drives[0].path = str(ensure_root())
+            launch = None
             if resume is not None:
                 progress("restore", {"driver": driver.name, "from": resume.what})
+                booted_args = m.boot_args
                 m.boot_args = list(resume.machine.boot_args)  # the guest's command line is in its memory
-                launch = driver.restore(vm.id, m, run_dir, resume.src)
-            else:
+                try:
+                    launch = driver.restore(vm.id, m, run_dir, resume.src)
+                except BangerError as exc:
+                    if resume.strict:
+                        raise
+                    # the driver left nothing running: boot instead, and say why
+                    progress("step", {"msg": f"booting: restoring {resume.what} failed: {exc.message}"})
+                    log.warning("VM %s: restoring %s failed: %s", vm.name, resume.what, exc.message, extra={"op_id": op_id})
+                    resume.discard()
+                    resume = None
+                    m.boot_args = booted_args
+                    m.drives[0].path = str(ensure_root())
+            if launch is None:
                 progress("boot", {"driver": driver.name})
                 launch = driver.launch(vm.id, m, run_dir)
             # what the VMM got, for `vm show` (kept across stops, gone with the VM)

@@ -41,6 +41,7 @@ from banger_core.paths import SNAPSHOT_MACHINE, Paths
 from banger_core.vm import disks
 
 if TYPE_CHECKING:
+    from banger_core.store import Store
     from banger_core.vm.service import Progress, VMService
     from banger_core.vmm.base import Driver
 
@@ -130,6 +131,23 @@ def write_image(vms: "VMService", vm: VM, driver: "Driver", pid: int, dest: Path
     driver.snapshot(pid, run_dir, dest)
     atomic_write(dest / SNAPSHOT_MACHINE, machine.model_dump_json(indent=2))
     atomic_write(dest / COMPAT, json.dumps(compat(machine, driver, run_dir), indent=2))
+
+
+def image_snapshots(store: "Store", paths: Paths, image: str) -> list[str]:
+    """Before ``image`` is deleted or rebuilt (a snapshot's disk layer is an overlay of
+    its rootfs: other bytes under it would be a corrupt disk): its templates that no VM
+    stands on are removed (a later run makes new ones); the names of its user
+    snapshots, which must go first, are returned."""
+    kept = []
+    for snap in store.list_snapshots():
+        if snap.image != image:
+            continue
+        if snap.kind is SnapshotKind.TEMPLATE and not store.vms_on_snapshot(snap.id):
+            store.delete_snapshot(snap.id)
+            shutil.rmtree(paths.snapshot_dir(snap.id), ignore_errors=True)
+        else:
+            kept.append(snap.name)
+    return kept
 
 
 def _size(path: Path) -> int:
@@ -278,6 +296,11 @@ class SnapshotService:
             vm.base_snapshot = None
             vm.disk_strategy = None
             self.store.update_vm(vm)
+            if snap.kind is SnapshotKind.TEMPLATE:  # stale or broken: the VM booting now replaces it
+                try:
+                    self.delete(snap)
+                except BangerError as exc:
+                    log.info("template %s kept: %s", snap.name, exc.message)
 
         return ResumeFrom(
             src=self.paths.snapshot_dir(snap.id),

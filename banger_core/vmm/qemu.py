@@ -213,15 +213,21 @@ class QemuDriver(Driver):
             args += ["-device", f"{'vhost-vsock-device' if micro else 'vhost-vsock-pci'},guest-cid={machine.agent.guest_cid}"]
         return args
 
-    def launch(self, vm_id: str, machine: Machine, run_dir: Path) -> Launch:
+    def _prepare(self, vm_id: str, machine: Machine, run_dir: Path, what: str) -> str:
+        """Before a QEMU starts (``what``: boot, restore): the binary, a clean run dir;
+        the accelerator it gets."""
         ok, why = self.available()
         if not ok:
-            raise BangerError(ErrorCode.OPERATION_FAILED, f"cannot boot with QEMU: {why}")
+            raise BangerError(ErrorCode.OPERATION_FAILED, f"cannot {what} with QEMU: {why}")
         run_dir.mkdir(parents=True, exist_ok=True)
         for f in self.run_files(run_dir):
             f.unlink(missing_ok=True)
         accel, why = self.choose_accel(machine)
         log.info("QEMU for %s uses %s: %s", vm_id, accel.upper(), why)
+        return accel
+
+    def launch(self, vm_id: str, machine: Machine, run_dir: Path) -> Launch:
+        accel = self._prepare(vm_id, machine, run_dir, "boot")
         # -daemonize: QEMU forks once it has initialised, so configuration errors come
         # back here as an exit status, and the VM is not our child: it outlives both
         # this request and the daemon.
@@ -304,13 +310,7 @@ class QemuDriver(Driver):
     def restore(self, vm_id: str, machine: Machine, run_dir: Path, src: Path) -> Launch:
         """A new QEMU with the same devices, ``-incoming fd:N`` on the snapshot's stream;
         once it is loaded (the stream says paused: it was made paused), ``cont``."""
-        ok, why = self.available()
-        if not ok:
-            raise BangerError(ErrorCode.OPERATION_FAILED, f"cannot restore with QEMU: {why}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for f in self.run_files(run_dir):
-            f.unlink(missing_ok=True)
-        accel, _why = self.choose_accel(machine)
+        accel = self._prepare(vm_id, machine, run_dir, "restore")
         fd = os.open(src / self.STATE, os.O_RDONLY)
         try:
             argv = self.argv(vm_id, machine, run_dir, accel) + ["-incoming", f"fd:{fd}"]

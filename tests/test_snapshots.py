@@ -249,6 +249,16 @@ def test_a_vmm_killed_mid_snapshot_leaves_no_snapshot_and_a_vm_that_starts(env):
     assert sh(env, "r2", "cat /root/before") == "before"
 
 
+def test_a_snapshot_with_stop_leaves_the_source_stopped(env):
+    shown = js(env, "vm", "snapshot", SRC, "--name", "s2", "--stop")
+    assert shown["vm"]["state"] == "stopped" and js(env, "vm", "show", SRC)["pid"] is None
+    js(env, "vm", "restore", "s2", "--name", "r3")
+    assert sh(env, "r3", "cat /root/after") == "after"  # written after s1, before s2
+    assert sh(env, "r3", f"kill -0 {env.counter_pid} && echo alive") == "alive"
+    env.run("vm", "delete", "r3", "--force", check=True, timeout=120)
+    env.run("snapshot", "delete", "s2", check=True)
+
+
 def test_deleting_every_vm_and_snapshot_leaves_nothing(env):
     for vm in js(env, "vm", "list"):
         env.run("vm", "delete", vm["name"], "--force", check=True, timeout=120)

@@ -269,6 +269,24 @@ def test_suspend_then_start_loads_the_suspend_image(fc):
     assert not (identity_root(now) / "etc" / "machine-id").exists()
 
 
+def test_a_suspended_vm_survives_prune_stop_discards_it_and_restart_boots(fc):
+    assert fc.run("vm", "stop", "--suspend", "src").returncode == 0
+    suspend = Path(fc.show("src")["dir"]) / "suspend"
+    r = fc.run("vm", "prune", "--force")
+    assert r.returncode == 0 and fc.show("src")["state"] == "suspended" and suspend.is_dir(), r.stdout
+    r = fc.run("vm", "stop", "src")  # nothing runs: stopping drops what it would resume
+    assert r.returncode == 0 and fc.show("src")["state"] == "stopped" and not suspend.exists(), (r.stdout, r.stderr)
+    assert fc.run("vm", "start", "src").returncode == 0
+    assert fc.run("vm", "stop", "--suspend", "src").returncode == 0
+    n = len(fc.requests())
+    assert fc.run("vm", "restart", "src").returncode == 0  # a restart is a new boot, not a resume
+    ops = [r["op"] for r in fc.requests()[n:]]
+    assert "loadSnapshot" not in ops and "putGuestBootSource" in ops, ops
+    assert fc.show("src")["state"] == "running" and not suspend.exists()
+    assert "from:" in fc.run("vm", "show", "r1", check=True).stdout  # where it came from: the snapshot
+    assert "snapshot s1" in fc.run("vm", "show", "r1", check=True).stdout
+
+
 def test_delete_is_refused_while_vms_stand_on_it_then_everything_goes(fc):
     snap = json.loads(fc.run("snapshot", "show", "s1", "--json", check=True).stdout)
     snap_dir = Path(snap["dir"])

@@ -475,6 +475,7 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("vcpu", s["vcpus"]),
         ("memory", f"{s['memory_mib']} MiB"),
         ("disk", f"{s['disk_size_mib']} MiB ({vm.get('disk_strategy') or '-'})"),
+        ("from", f"snapshot {vm.get('base_snapshot_name') or vm['base_snapshot']}" if vm.get("base_snapshot") else "a boot"),
         ("pid", vm.get("pid") or "-"),
         ("console", vm["console_log"]),
         ("created", vm["created_at"]),

@@ -500,8 +500,17 @@ class VMService:
         self._finalize_stopped(vm, op_id, CleanupReason.STOP, VMState.SUSPENDED)
         return vm
 
+    def _discard_suspend(self, vm: VM, op_id: str) -> None:
+        """A suspended VM becomes a stopped one: its suspend image goes (its next start boots)."""
+        shutil.rmtree(self.paths.vm_files(vm.id).suspend_dir, ignore_errors=True)
+        self._transition(vm, VMState.STOPPED)
+        log.info("VM %s: suspend image discarded", vm.name, extra={"op_id": op_id})
+
     def _stop_locked(self, vm: VM, op_id: str, force: bool = False) -> VM:
         vm = self._settle(self.store.get_vm(vm.id), op_id)
+        if vm.state is VMState.SUSPENDED:  # nothing runs: stopping it drops what it would resume
+            self._discard_suspend(vm, op_id)
+            return vm
         if not vm.state.live:
             raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running ({vm.state.value})")
         driver = driver_for(vm.driver, self.cfg.vmm, self.paths)
@@ -614,7 +623,7 @@ class VMService:
         operation can slip in between."""
         with self.lock(vm.id):
             vm = self._settle(self.store.get_vm(vm.id), op_id)
-            if vm.state.live:
+            if vm.state.live or vm.state is VMState.SUSPENDED:  # a restart is a new boot
                 progress("stop", {})
                 vm = self._stop_locked(vm, op_id)
             return self._start_stopped_locked(vm, op_id, progress, cancel)
@@ -669,7 +678,7 @@ class VMService:
         gone = []
         for vm in self.store.list_vms():
             vm = self.refresh(vm, op_id)
-            if not vm.state.live:
+            if not vm.state.live and vm.state is not VMState.SUSPENDED:  # a suspended VM holds a running state
                 gone.append(self.delete(vm, op_id))
         return gone
 
@@ -689,9 +698,8 @@ class VMService:
             spec = vm.spec.model_copy(update=changes)
             check_host_limits(spec)
             if vm.state is VMState.SUSPENDED:  # its memory no longer fits the VM it would resume
-                shutil.rmtree(self.paths.vm_files(vm.id).suspend_dir, ignore_errors=True)
+                self._discard_suspend(vm, op_id)
                 notes.append(f"VM {vm.name} was suspended: its suspend image is discarded (the next start boots it)")
-                vm.state = VMState.STOPPED
             if params.disk_size_mib and vm.disk_strategy:
                 root = disks.root_disk_path(self.run_dir(vm), vm.disk_strategy)
                 if root.exists():
@@ -711,6 +719,9 @@ class VMService:
         data["console_log"] = str(self.console_log(vm))
         data["dir"] = str(self.run_dir(vm))
         data["machine"] = self.last_machine(vm)
+        if vm.base_snapshot and detail:
+            found = self.store.find_snapshots(vm.base_snapshot)
+            data["base_snapshot_name"] = found[0].name if found else None
         return data
 
     def fields(self, vm: VM, detail: bool) -> dict[str, dict[str, Any]]:

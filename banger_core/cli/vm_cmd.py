@@ -25,7 +25,7 @@ def parse_mib(value: str | None, what: str) -> int | None:
     """'512' (MiB), '512M', '2G', '1GiB' -> MiB (the one size syntax: models.parse_size_mib)."""
     if value is None:
         return None
-    from banger_core.models import parse_size_mib
+    from banger_core.checks import parse_size_mib
 
     try:
         return parse_size_mib(value)
@@ -42,7 +42,7 @@ def positive(value: int | None, what: str) -> int | None:
 def check_name(name: str | None, what: str = "VM") -> str | None:
     if name is None:
         return None
-    from banger_core.models import validate_vm_name
+    from banger_core.checks import validate_vm_name
 
     try:
         return validate_vm_name(name, what)
@@ -276,11 +276,11 @@ def prune(
     force: bool = typer.Option(False, "--force", "-f", help="do not ask"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Delete every VM that is not running."""
+    """Delete every VM that is stopped (not running, paused or suspended)."""
     if not force:
         if not sys.stdin.isatty():
             raise BangerError(ErrorCode.BAD_REQUEST, "prune deletes every stopped VM: pass --force (no terminal to ask)")
-        if not typer.confirm("Delete every VM that is not running?"):
+        if not typer.confirm("Delete every stopped VM?"):
             raise typer.Exit(1)
     res = _call("vm.prune", {})
     if as_json:

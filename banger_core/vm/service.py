@@ -400,7 +400,11 @@ class VMService:
                 booted_args = m.boot_args
                 m.boot_args = list(resume.machine.boot_args)  # the guest's command line is in its memory
                 try:
+                    t = time.monotonic()
                     launch = driver.restore(vm.id, m, run_dir, resume.src)
+                    log.info(
+                        "VM %s: restored from %s in %.2fs", vm.name, resume.what, time.monotonic() - t, extra={"op_id": op_id}
+                    )
                 except BangerError as exc:
                     if resume.strict:
                         raise

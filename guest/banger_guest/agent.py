@@ -86,26 +86,16 @@ def cmdline_value(key: str) -> str | None:
 
 
 def set_identity() -> None:
-    """hostname = the VM's name (banger.vm= on the kernel command line), and an
-    /etc/hosts line for it so the name resolves in every network mode."""
+    """hostname = the VM's name (banger.vm= on the kernel command line), with its
+    /etc/hosts line so the name resolves in every network mode (and /etc/hostname when
+    the image has one): what ``resume`` does for a restored VM (identity.write_hostname)."""
     name = cmdline_value("banger.vm")
     if not name:
         return
     try:
-        with open("/proc/sys/kernel/hostname", "w") as fh:
-            fh.write(name)
+        identity.write_hostname("/", name, identity.Effects())
     except OSError as exc:
-        log(f"cannot set the hostname: {exc}")
-    try:
-        lines = _read("/etc/hosts").splitlines()
-        want = f"127.0.1.1\t{name}"
-        if want not in lines:
-            kept = [ln for ln in lines if not ln.startswith("127.0.1.1")]
-            with open("/etc/hosts.banger-tmp", "w") as fh:
-                fh.write("\n".join([*kept, want]) + "\n")
-            os.replace("/etc/hosts.banger-tmp", "/etc/hosts")
-    except OSError as exc:
-        log(f"cannot write /etc/hosts: {exc}")
+        log(str(exc))
 
 
 def build_info() -> dict[str, Any]:

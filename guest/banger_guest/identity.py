@@ -162,7 +162,7 @@ def feed_rng(seed: bytes, device: str = "/dev/urandom") -> str | None:
 
 
 def set_kernel_hostname(name: str) -> None:
-    """What set_identity() does at boot (agent.py)."""
+    """The kernel's hostname (set_identity at boot, resume after a restore)."""
     with open("/proc/sys/kernel/hostname", "w") as fh:
         fh.write(name)
 

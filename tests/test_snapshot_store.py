@@ -24,7 +24,7 @@ def snaps(tmp_path):
     store = Store(paths.db_file)
     store.upsert_image(Image(name="img", rootfs=str(tmp_path / "rootfs.ext4")))
     vms = SimpleNamespace(store=store, paths=paths, cfg=SimpleNamespace(snapshots=SimpleNamespace(templates_max=2)))
-    yield SnapshotService(vms)  # type: ignore[arg-type]
+    yield SnapshotService(vms)
     store.close()
 
 

@@ -139,6 +139,9 @@ class Snapshot(Strict):
     compat: dict[str, Any] = Field(default_factory=dict)
     #: a template's key (``vm.snapshots.template_key``); None for a user snapshot
     key: str | None = None
+    #: the snapshot the source VM stood on: this one's disk layer may be an overlay of
+    #: that one's, so that one is not deleted while this one exists
+    base_snapshot: str | None = None
     boot_id: str | None = None  # the guest's, when its agent said
     size_bytes: int = 0
     created_at: datetime = Field(default_factory=utcnow)

@@ -28,7 +28,9 @@ def snaps(tmp_path):
     store.close()
 
 
-def add(svc: SnapshotService, name: str, kind=SnapshotKind.TEMPLATE, image="img", used_minutes_ago=0) -> Snapshot:
+def add(
+    svc: SnapshotService, name: str, kind=SnapshotKind.TEMPLATE, image="img", used_minutes_ago=0, base: str | None = None
+) -> Snapshot:
     snap = Snapshot(
         id=name.replace("-", "")[:16].ljust(16, "0"),
         name=name,
@@ -41,6 +43,7 @@ def add(svc: SnapshotService, name: str, kind=SnapshotKind.TEMPLATE, image="img"
         disk_strategy="qcow2",
         key=name if kind is SnapshotKind.TEMPLATE else None,
         last_used_at=utcnow() - timedelta(minutes=used_minutes_ago),
+        base_snapshot=base,
     )
     svc.store.insert_snapshot(snap)
     d = svc.paths.snapshot_dir(snap.id)
@@ -115,3 +118,21 @@ def test_compat_says_what_changed():
     assert compat_diff(then, {**then, "vcpus": 2, "vmm": "qemu:2"}) == "the vCPU count changed; the VMM binary changed"
     assert compat_diff(then, {**then, "drives": [{"id": "root"}, {"id": "agent"}]}) == "the devices changed (disks, or the agent)"
     assert compat_diff({}, then) is not None  # an image with no record of what it needs is never trusted
+
+
+def test_a_snapshot_of_a_restored_vm_keeps_the_one_it_stands_on(snaps):
+    """The restored VM's disk was an overlay of s1's layer, so s2's layer (a copy of
+    that overlay) is too: s1 stays while s2 does, templates included."""
+    s1 = add(snaps, "s1", kind=SnapshotKind.USER)
+    t1 = add(snaps, "t1", used_minutes_ago=50)
+    add(snaps, "s2", kind=SnapshotKind.USER, base=s1.id)
+    add(snaps, "s3", kind=SnapshotKind.USER, base=t1.id)
+    with pytest.raises(BangerError, match=r"snapshot s1: snapshots of VMs restored from it stand on it \(s2\)"):
+        snaps.delete(s1)
+    assert snaps.show(s1)["snapshots"] == ["s2"]
+    snaps.vms.cfg.snapshots.templates_max = 0
+    assert snaps.evict() == [] and snaps.remove_templates(None) == ([], ["t1"])  # s3 stands on t1
+    assert "t1" in names(snaps)
+    snaps.delete(snaps.store.find_snapshot("s2"))
+    snaps.delete(s1)
+    assert sorted(names(snaps)) == ["s3", "t1"]

@@ -106,8 +106,9 @@ def snapshot_show(ref: str, as_json: bool = typer.Option(False, "--json")) -> No
         ("created", s["created_at"]),
         ("dir", s["dir"]),
         ("VMs on it", ", ".join(s["vms"]) or "-"),
+        ("snapshots on it", ", ".join(s.get("snapshots", [])) or "-"),
     ):
-        style.echo(f"{k + ':':<11} {v}")
+        style.echo(f"{k + ':':<16} {v}")
 
 
 @app.command("delete")
@@ -140,7 +141,7 @@ def image_warm(
         for n in res["removed"]:
             style.echo(f"{n}: removed")
         for n in res["kept"]:
-            style.echo(style.paint(f"{n}: kept (VMs stand on it)", "yellow", sys.stderr), err=True)
+            style.echo(style.paint(f"{n}: kept (VMs stand on it)", "yellow", sys.stderr), err=True)  # or snapshots of them
         if not res["removed"] and not res["kept"]:
             style.echo("no templates")
         return

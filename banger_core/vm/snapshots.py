@@ -142,7 +142,11 @@ def image_snapshots(store: "Store", paths: Paths, image: str) -> list[str]:
     for snap in store.list_snapshots():
         if snap.image != image:
             continue
-        if snap.kind is SnapshotKind.TEMPLATE and not store.vms_on_snapshot(snap.id):
+        if (
+            snap.kind is SnapshotKind.TEMPLATE
+            and not store.vms_on_snapshot(snap.id)
+            and not any(s.base_snapshot == snap.id for s in store.list_snapshots())
+        ):
             store.delete_snapshot(snap.id)
             shutil.rmtree(paths.snapshot_dir(snap.id), ignore_errors=True)
         else:
@@ -183,7 +187,11 @@ class SnapshotService:
         data = snap.model_dump(mode="json")
         data["dir"] = str(self.paths.snapshot_dir(snap.id))
         data["vms"] = [v.name for v in self.store.vms_on_snapshot(snap.id)]
+        data["snapshots"] = [s.name for s in self._snapshots_on(snap)]
         return data
+
+    def _snapshots_on(self, snap: Snapshot) -> list[Snapshot]:
+        return [s for s in self.store.list_snapshots() if s.base_snapshot == snap.id]
 
     def listing(self, kind: str | None = None) -> list[dict[str, Any]]:
         return [self.show(s) for s in self.store.list_snapshots(kind)]
@@ -226,6 +234,7 @@ class SnapshotService:
                 project_dir=vm.project_dir,
                 options=vm.options,
                 key=key,
+                base_snapshot=vm.base_snapshot,
             )
         except ValidationError as exc:  # its last line is only a link to pydantic's docs
             raise BangerError(ErrorCode.BAD_REQUEST, exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
@@ -353,10 +362,17 @@ class SnapshotService:
     def delete(self, snap: Snapshot) -> None:
         """Refused while a VM stands on it (its disk is a layer over the snapshot's)."""
         with self._guard:
-            on = self.store.vms_on_snapshot(snap.id)
+            on = [v.name for v in self.store.vms_on_snapshot(snap.id)]
             if on:
-                names = ", ".join(v.name for v in on)
-                raise BangerError(ErrorCode.BAD_REQUEST, f"snapshot {snap.name}: VMs stand on it ({names}); delete them first")
+                raise BangerError(
+                    ErrorCode.BAD_REQUEST, f"snapshot {snap.name}: VMs stand on it ({', '.join(on)}); delete them first"
+                )
+            above = [s.name for s in self._snapshots_on(snap)]
+            if above:
+                raise BangerError(
+                    ErrorCode.BAD_REQUEST,
+                    f"snapshot {snap.name}: snapshots of VMs restored from it stand on it ({', '.join(above)}); delete them first",
+                )
             self.store.delete_snapshot(snap.id)
             shutil.rmtree(self.paths.snapshot_dir(snap.id), ignore_errors=True)
 
@@ -442,7 +458,10 @@ class SnapshotService:
             if s.id == keep or self.store.vms_on_snapshot(s.id):
                 continue
             if stale(s) or excess > 0:
-                self.delete(s)
+                try:
+                    self.delete(s)
+                except BangerError:  # a snapshot stands on it
+                    continue
                 gone.append(s.name)
                 excess -= 1
         return gone
@@ -453,9 +472,10 @@ class SnapshotService:
         for s in self.store.list_snapshots(SnapshotKind.TEMPLATE.value):
             if image is not None and s.image != image:
                 continue
-            if self.store.vms_on_snapshot(s.id):
-                kept.append(s.name)
-            else:
+            try:
                 self.delete(s)
-                removed.append(s.name)
+            except BangerError:  # VMs (or snapshots) stand on it
+                kept.append(s.name)
+                continue
+            removed.append(s.name)
         return removed, kept

@@ -31,12 +31,13 @@ COUNTER = (
 
 
 @pytest.fixture(scope="module")
-def env(example_plugin_dir):
+def env():
+    # no example plugin here: its guest payload would make the default image another
+    # build in the shared cache (tests/test_snapshots_firecracker.py checks the hook
+    # through it, on a registered image)
     with isolated_env() as e:
         e.extra_env["BANGER_CACHE_DIR"] = str(ga.default_cache_dir() / "banger-cache")
-        e.extra_path.append(str(example_plugin_dir))
-        record = e.root / "example-record.jsonl"
-        e.write_config(f"[vmm]\naccel = 'tcg'\nstop_timeout_s = 60\n[example]\nrecord = '{record}'\n")
+        e.write_config("[vmm]\naccel = 'tcg'\nstop_timeout_s = 60\n")
         e.run("vm", "create", "--name", SRC, "--vcpu", "1", "--memory", "1G", check=True, timeout=LONG)
         e.counter_pid = int(sh(e, SRC, COUNTER))
         yield e
@@ -101,13 +102,10 @@ def test_a_restored_vm_goes_on_from_the_snapshot_as_a_vm_of_its_own(env):
     assert len(set(keys.values())) == 3
     assert sh(env, "r1", "ls /etc/ssh/ | grep -c '^ssh_host_.*_key$'") == "1"
 
-    # every plugin was told, in order, with what the core knew
-    seen = [json.loads(ln) for ln in (env.root / "example-record.jsonl").read_text().splitlines()]
-    resumed = [e for e in seen if e["hook"] == "vm_resumed"]
-    assert [e["vm"] for e in resumed] == ["r1", "r2"]
-    assert all(e["snapshot"] == "s1" and e["kind"] == "restore" and e["source_vm"] == SRC and e["new_identity"] for e in resumed)
-    order = [e["hook"] for e in seen if e.get("vm") == "r1"]
-    assert order.index("configure_machine") < order.index("vm_resumed") < order.index("post_boot")
+    # the agent plugin's vm_resumed did it, and said so
+    log = (env.state_dir / "bangerd.log").read_text()
+    for vm in ("r1", "r2"):
+        assert f"VM {vm} resumed from s1: clock, rng, hostname, machine_id, ssh_host_keys" in log
 
 
 def test_a_snapshot_a_vm_stands_on_cannot_be_deleted(env):

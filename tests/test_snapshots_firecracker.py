@@ -80,13 +80,15 @@ def agent_image(benv: BangerEnv, tmp: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def fc(tmp_path_factory) -> Iterator[FC]:
+def fc(tmp_path_factory, example_plugin_dir) -> Iterator[FC]:
     before = host_bytes()
     tmp = tmp_path_factory.mktemp("fcsnap")
     with isolated_env() as env:
         record = tmp / "requests.jsonl"
         env.extra_env["FC_FAKE_RECORD"] = str(record)  # before the daemon starts: its firecrackers inherit it
+        env.extra_path.append(str(example_plugin_dir))  # its vm_resumed records what every plugin is told
         fake_firecracker_env(env, tmp)
+        env.config_file.write_text(env.config_file.read_text() + f"[example]\nrecord = '{tmp / 'hooks.jsonl'}'\n")
         agent_image(env, tmp)
         r = env.run("vm", "create", "--name", "src", "--image", "fcagent", *ARGS, check=True)
         assert "src running" in r.stdout and "no agent" not in r.stderr, r.stderr
@@ -189,6 +191,26 @@ def test_the_resume_op_gave_each_restored_vm_its_own_identity(fc):
     assert "VM r1 resumed from s1" in log and "VM r2 resumed from s1" in log
 
 
+def hooks(fc: FC) -> list[dict[str, Any]]:
+    """What the example plugin's hooks were told, in order."""
+    f = fc.record.parent / "hooks.jsonl"
+    return [json.loads(ln) for ln in f.read_text().splitlines()] if f.exists() else []
+
+
+def test_every_plugin_is_told_the_vm_resumed_in_order_with_what_the_core_knew(fc):
+    seen = hooks(fc)
+    resumed = [e for e in seen if e["hook"] == "vm_resumed"]
+    assert [e["vm"] for e in resumed] == ["r1", "r2"]  # the source booted: not told
+    assert all(
+        e["snapshot"] == "s1" and e["kind"] == "restore" and e["source_vm"] == "src" and e["new_identity"] for e in resumed
+    ), resumed
+    for vm in ("r1", "r2"):
+        order = [e["hook"] for e in seen if e.get("vm") == vm]
+        assert (
+            order.index("prepare_host") < order.index("configure_machine") < order.index("vm_resumed") < order.index("post_boot")
+        )
+
+
 BAD_INPUT = [
     (["vm", "snapshot", "nope", "--name", "s2"], "no VM named or with ID prefix 'nope'"),
     # the snapshot's name, not a VM's, is what is wrong: the error says so
@@ -267,6 +289,10 @@ def test_suspend_then_start_loads_the_suspend_image(fc):
     calls = [c["call"] for c in identity_calls(now)]
     assert calls[:2] == ["set_clock", "feed_rng"] and "set_hostname" not in calls, calls
     assert not (identity_root(now) / "etc" / "machine-id").exists()
+    told = [e for e in hooks(fc) if e["hook"] == "vm_resumed" and e["vm"] == "src"]
+    assert told == [
+        {"hook": "vm_resumed", "vm": "src", "snapshot": "", "kind": "suspend", "source_vm": "src", "new_identity": False}
+    ]
 
 
 def test_a_suspended_vm_survives_prune_stop_discards_it_and_restart_boots(fc):

@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,12 +29,13 @@ from banger_guest import protocol as P
 GUEST = Path(__file__).resolve().parent.parent / "guest"
 
 
-@pytest.fixture
-def agent():
-    """An agent process serving one end of a socketpair; yields the other end."""
+@contextmanager
+def agent_process(**env: str) -> Iterator[socket.socket]:
+    """An agent process (``env`` added to its environment) serving one end of a
+    socketpair; yields the other end."""
     host, guest = socket.socketpair()
-    env = {**os.environ, "BANGER_AGENT_FD": str(guest.fileno()), "PYTHONPATH": str(GUEST)}
-    proc = subprocess.Popen([sys.executable, "-m", "banger_guest.agent"], pass_fds=[guest.fileno()], env=env)
+    full = {**os.environ, "BANGER_AGENT_FD": str(guest.fileno()), "PYTHONPATH": str(GUEST), **env}
+    proc = subprocess.Popen([sys.executable, "-m", "banger_guest.agent"], pass_fds=[guest.fileno()], env=full)
     guest.close()
     try:
         yield host
@@ -40,6 +43,12 @@ def agent():
         host.close()
         proc.kill()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def agent():
+    with agent_process() as host:
+        yield host
 
 
 def connect(sock: socket.socket):

@@ -17,8 +17,6 @@ import os
 import socket
 import stat
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,9 +28,8 @@ import pytest
 from banger_core.models import VM_NAME_RE
 from banger_guest import identity
 from banger_guest import protocol as P
-from test_agent_channel import connect
+from test_agent_channel import agent_process, connect
 
-GUEST = Path(__file__).resolve().parent.parent / "guest"
 
 SEED = bytes(range(64)).hex()
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
@@ -110,21 +107,8 @@ def calls(root: Path) -> list[tuple[str, Any]]:
 def agent_under(root: Path) -> Iterator[socket.socket]:
     """The agent process serving one end of a socketpair, its identity root ``root``."""
     assert root.resolve() != Path("/")
-    host, guest = socket.socketpair()
-    env = {
-        **os.environ,
-        "BANGER_AGENT_FD": str(guest.fileno()),
-        "PYTHONPATH": str(GUEST),
-        identity.ROOT_ENV: str(root),
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "banger_guest.agent"], pass_fds=[guest.fileno()], env=env)
-    guest.close()
-    try:
+    with agent_process(**{identity.ROOT_ENV: str(root)}) as host:
         yield host
-    finally:
-        host.close()
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def resume(root: Path, *requests: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

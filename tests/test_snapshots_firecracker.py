@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 
-from banger_agent.guestfiles import LAUNCHER
-from banger_core.images import ext4_from_tree
 from banger_guest.identity import RECORD
 from conftest import BangerEnv, fake_firecracker_env, isolated_env, pid_alive
+from test_agent_vsock import agent_image
 
 HOST_FILES = ("/etc/machine-id", "/etc/hostname")
 ARGS = ["--driver", "firecracker", "--vcpu", "1", "--memory", "128", "--disk-size", "32M"]
@@ -63,20 +62,6 @@ class FC:
     @property
     def links(self) -> Path:
         return self.env.runtime_dir / "fc"
-
-
-def agent_image(benv: BangerEnv, tmp: Path) -> None:
-    """Image `fcagent`: an ext4 carrying banger's launcher and a python3, which is what
-    agent_support looks for (the fake runs the agent itself). As test_agent_vsock."""
-    tree = tmp / "agent-tree"
-    for path, text in ((LAUNCHER, "#!/bin/sh\n"), ("/usr/bin/python3", "#!/bin/sh\n")):
-        f = tree / path.lstrip("/")
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(text)
-        f.chmod(0o755)
-    rootfs = tmp / "agent-rootfs.ext4"
-    ext4_from_tree(tree, rootfs, size_mib=32)
-    benv.run("image", "register", "fcagent", "--rootfs", str(rootfs), "--kernel-ref", "fck", check=True)
 
 
 @pytest.fixture(scope="module")

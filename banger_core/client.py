@@ -175,6 +175,9 @@ class Client:
                 stderr=err,
                 start_new_session=True,  # outlives this CLI and its terminal's signals
                 close_fds=True,
+                # not the CLI's directory: `-m` puts the cwd first on sys.path, and a banger
+                # checkout there would be another banger than this CLI's (stale forever)
+                cwd="/",
             )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:

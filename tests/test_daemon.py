@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from banger_core import PROTOCOL_VERSION, __version__
-from conftest import pid_alive, recv_lines, wait_for
+from conftest import BANGER, pid_alive, recv_lines, wait_for
 
 
 def raw(benv, payload: bytes, shutdown: bool = True, timeout: float = 10) -> dict:
@@ -59,6 +59,23 @@ def test_started_on_demand_owner_only(benv):
     assert (v["cli"], v["daemon"]) == (__version__, __version__)
     assert v["build"]["version"] == __version__ and set(v["build"]) == {"version", "commit", "build_time"}
     assert st["build"] == v["build"]  # daemon status shows the same build
+
+
+def test_the_daemon_does_not_import_banger_from_the_clis_directory(benv, tmp_path):
+    """`python -m` puts the cwd first on sys.path: a banger checkout (or anything named
+    banger_core) where the CLI runs must not become the daemon's code."""
+    (tmp_path / "banger_core").mkdir()
+    (tmp_path / "banger_core" / "__init__.py").write_text("raise ImportError('banger_core imported from the cwd')\n")
+    r = subprocess.run(
+        [BANGER, "image", "list"],
+        env=benv.env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "imported from the cwd" not in (benv.state_dir / "bangerd.stderr").read_text()
 
 
 def test_stop_is_idempotent_and_cleans_up(daemon):

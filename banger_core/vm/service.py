@@ -229,7 +229,9 @@ class VMService:
                 how = f"warm: restores template {template.name}"
             else:
                 how = "cold: boots, then becomes the warm-start template" if maker else "cold: no template"
-            return self.make(vm, op_id, progress, cancel, options=options, prepare=prepare, after=after, t0=t0, how=how)
+            return self.make(
+                vm, op_id, progress, cancel, options=options, prepare=prepare, after=after, t0=t0, how=how, lifecycle=lc
+            )
         finally:
             if maker:
                 self.snapshots.release_template(key)
@@ -246,6 +248,7 @@ class VMService:
         after: Callable[[VM], None] | None = None,
         t0: float | None = None,
         how: str | None = None,
+        lifecycle: Lifecycle | None = None,
     ) -> VM:
         """Add ``vm`` and start it: booted, or continuing from what ``prepare`` (its lock
         held, its row added) returns; then ``after``. A make that does not finish
@@ -254,7 +257,8 @@ class VMService:
         # Resolve plugins and validate their settings and the VM's options before
         # anything exists.
         given = vm.options if options is None else options
-        vm.options = stored_options(self._lifecycle(vm, op_id).validate_options(given), given)
+        lc = lifecycle if lifecycle is not None else self._lifecycle(vm, op_id)  # a warm create resolved it already
+        vm.options = stored_options(lc.validate_options(given), given)
         with self._global:  # short: name + row only
             if self.store.find_vms(name=vm.name):
                 raise BangerError(ErrorCode.ALREADY_EXISTS, f"a VM named {vm.name!r} already exists")
@@ -764,7 +768,7 @@ class VMService:
         try:
             if not driver.is_paused(pid, self.run_dir(vm)):
                 return
-            SnapshotService._cont(driver, pid, self.run_dir(vm), vm, "op-reconcile")
+            SnapshotService._cont(driver, pid, self.run_dir(vm), vm, "op-reconcile", cut_off=True)
             log.warning("VM %s: found paused by an interrupted snapshot; resumed", vm.name)
         except BangerError as exc:
             log.error("VM %s: could not check or resume its paused guest: %s", vm.name, exc.message)

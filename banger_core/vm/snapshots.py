@@ -265,7 +265,7 @@ class SnapshotService:
             elif staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
             if was_running and vms._pid(vm) is not None:
-                self._cont(driver, pid, run_dir, vm, op_id)
+                self._cont(driver, pid, run_dir, vm, op_id, cut_off=True)
             raise
         paused_for = time.monotonic() - t0
         if stop:
@@ -284,11 +284,14 @@ class SnapshotService:
         return snap
 
     @staticmethod
-    def _cont(driver: "Driver", pid: int, run_dir: Path, vm: VM, op_id: str) -> None:
-        try:
-            driver.cancel_snapshot(pid, run_dir)  # one cut off mid-way (a daemon died)
-        except BangerError:
-            pass
+    def _cont(driver: "Driver", pid: int, run_dir: Path, vm: VM, op_id: str, cut_off: bool = False) -> None:
+        """Let the paused source run again; ``cut_off``: its snapshot did not finish (a
+        failure, a daemon that died), so what QEMU may still be writing is cancelled first."""
+        if cut_off:
+            try:
+                driver.cancel_snapshot(pid, run_dir)
+            except BangerError:
+                pass
         try:
             driver.resume(pid, run_dir)
         except BangerError as exc:

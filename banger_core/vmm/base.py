@@ -99,6 +99,7 @@ class Driver(ABC):
     """One VMM. Instances are cheap; every method takes what it needs explicitly."""
 
     name: str
+    binary: str  # the VMM's executable (a name on PATH, or a path)
 
     @abstractmethod
     def available(self) -> tuple[bool, str]:
@@ -156,7 +157,7 @@ class Driver(ABC):
     def identity(self) -> str:
         """What a snapshot made by this VMM depends on (its binary: path, size, mtime):
         a snapshot is only restored by the VMM that made it."""
-        path = shutil.which(self.binary) if hasattr(self, "binary") else None
+        path = shutil.which(self.binary)
         if not path:
             return self.name
         st = os.stat(path)

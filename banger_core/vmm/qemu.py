@@ -279,7 +279,8 @@ class QemuDriver(Driver):
         try:
             with QMP(str(VMFiles(run_dir).qmp_socket), timeout=30) as q:
                 # the default cap (128 MiB/s) is for live migration over a network
-                q.execute("migrate-set-parameters", **{"max-bandwidth": 64 << 30})
+                cap: dict[str, Any] = {"max-bandwidth": 64 << 30}
+                q.execute("migrate-set-parameters", **cap)
                 q.send_fd("banger-snapshot", fd)
                 os.close(fd)
                 fd = -1

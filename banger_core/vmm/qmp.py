@@ -31,11 +31,16 @@ class QMP:
         msg: dict[str, Any] = json.loads(line)
         return msg
 
-    def execute(self, command: str, **arguments: Any) -> Any:
+    def execute(self, command: str, *, pass_fds: tuple[int, ...] = (), **arguments: Any) -> Any:
+        """Run ``command``; ``pass_fds`` go with it (SCM_RIGHTS), as ``getfd`` needs."""
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        data = json.dumps(msg).encode() + b"\n"
+        if pass_fds:
+            socket.send_fds(self.sock, [data], list(pass_fds))
+        else:
+            self.sock.sendall(data)
         while True:
             reply = self._read()
             if "event" in reply:
@@ -45,16 +50,8 @@ class QMP:
             return reply.get("return")
 
     def send_fd(self, name: str, fd: int) -> None:
-        """``getfd``: hand QEMU an open file descriptor under ``name`` (SCM_RIGHTS)."""
-        msg = json.dumps({"execute": "getfd", "arguments": {"fdname": name}}).encode() + b"\n"
-        socket.send_fds(self.sock, [msg], [fd])
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise BangerError(ErrorCode.OPERATION_FAILED, f"QMP getfd: {reply['error'].get('desc')}")
-            return
+        """``getfd``: hand QEMU an open file descriptor under ``name``."""
+        self.execute("getfd", pass_fds=(fd,), fdname=name)
 
     def close(self) -> None:
         try:

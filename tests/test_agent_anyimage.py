@@ -131,11 +131,12 @@ def test_the_agent_runs_in_a_busybox_chroot_on_the_disks_python(disk, tmp_path, 
     assert ("the agent on the image's /usr/bin/python3 exited 1" in said) == (image_python == "too-small"), said
 
 
-def test_an_image_python3_with_every_module_runs_the_agent_itself(disk, tmp_path):
-    """The host's /usr/bin/python3 passes the probe: the run script uses it (no chroot)."""
+def run_true_off_the_disk(disk: Path, tmp_path: Path, path: str) -> str:
+    """The disk's run script (unpacked, no chroot) with ``path`` as PATH: the agent it
+    starts runs `true`; what the agent logged."""
     subprocess.run(["debugfs", "-R", f"rdump / {tmp_path}", str(disk)], capture_output=True, check=True)
     log = tmp_path / "agent.log"
-    proc, host = serve([str(tmp_path / "run")], log, path="/usr/bin:/bin")
+    proc, host = serve([str(tmp_path / "run")], log, path=path)
     try:
 
         async def script(ch: Channel) -> None:
@@ -144,13 +145,17 @@ def test_an_image_python3_with_every_module_runs_the_agent_itself(disk, tmp_path
         talk(host, script)
     finally:
         stop(proc, host)
-    assert "running on the image's /usr/bin/python3" in log.read_text()
+    return log.read_text()
+
+
+def test_an_image_python3_with_every_module_runs_the_agent_itself(disk, tmp_path):
+    """The host's /usr/bin/python3 passes the probe: the run script uses it (no chroot)."""
+    assert "running on the image's /usr/bin/python3" in run_true_off_the_disk(disk, tmp_path, "/usr/bin:/bin")
 
 
 def test_an_image_python3_lacking_a_module_hands_over_to_the_next_python_in_one_start(disk, tmp_path):
     """Debian's python3-minimal has no pty: the agent started on it finds what it needs
     first, exits 75, and the run script goes on to the next python (one start each)."""
-    subprocess.run(["debugfs", "-R", f"rdump / {tmp_path}", str(disk)], capture_output=True, check=True)
     bindir = tmp_path / "bin"
     bindir.mkdir()
     # a python3 whose import system finds no pty: runs the -c code it is given after
@@ -168,17 +173,7 @@ def test_an_image_python3_lacking_a_module_hands_over_to_the_next_python_in_one_
         "exec(compile(code, '<string>', 'exec'), {'__name__': '__main__'})\n"
     )
     (bindir / "python3").chmod(0o755)
-    log = tmp_path / "agent.log"
-    proc, host = serve([str(tmp_path / "run")], log, path=f"{bindir}:/usr/bin:/bin")
-    try:
-
-        async def script(ch: Channel) -> None:
-            assert (await run(ch, ["true"]))[0] == 0
-
-        talk(host, script)
-    finally:
-        stop(proc, host)
-    said = log.read_text()
+    said = run_true_off_the_disk(disk, tmp_path, f"{bindir}:/usr/bin:/bin")
     assert "cannot import pty (ModuleNotFoundError: no pty in this python)" in said, said
     assert f"the image's {bindir}/python3 cannot import all of:" in said, said
     # the next python3 the script tries (the real one: this "image" is the host) serves;

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
+    import sqlite_utils
     import typer
     from pydantic import BaseModel
 
@@ -97,6 +98,36 @@ def register_services(register: "Callable[[str, object], None]", daemon: "Daemon
     be in the consumer's ``requires``), ``call.state.service(capability)`` in RPC
     handlers. Called once at daemon start, in dependency order (a provider before
     its consumers), after the RPC methods are registered. Added in 0.2.
+
+    Daemon-lifetime services (added in 0.5): a service may have any of
+
+    - ``start() -> None``: called once, after ``reconcile`` and before the daemon
+      accepts requests, providers before consumers (a DNS server binds its socket, a
+      pool starts its refill thread). One that raises is reported by ``daemon status``
+      (``services.<plugin>.error``) and in the log; the daemon serves on, and its
+      ``stop`` is not called.
+    - ``stop() -> None``: called once at daemon shutdown, after in-flight requests
+      drained, consumers before providers; every service's ``stop`` runs even if
+      another's raised. Must not wait long (the daemon bounds its exit).
+    - ``status() -> dict``: JSON-able facts ``daemon status`` shows under
+      ``services.<plugin>`` (a listener's address, a pool's size). Keep it cheap.
+
+    A service registered under several capabilities is started and stopped once.
+    """
+
+
+@hookspec
+def register_migrations(register: "Callable[[int, str, Callable[[sqlite_utils.Database], None]], None]") -> None:
+    """Declare this plugin's own tables in banger's SQLite database, as numbered
+    migrations: ``register(number, description, fn)``, numbers from 1, never reused or
+    edited once shipped (append a new one instead). ``fn(db)`` gets the
+    ``sqlite_utils.Database`` and runs once, in a transaction, recorded in the
+    ``plugin_migrations`` table under the plugin's name. Tables it creates must be named
+    ``<plugin>_...`` (``-`` written ``_``): one creating another name is rolled back and
+    the plugin is broken. Applied at daemon start, before ``register_services``, in
+    plugin order; ``bangerd --check-migrations`` lists what is pending (core and
+    plugins) without applying it. Use the tables from a service or RPC handler through
+    ``daemon.store.transaction()`` (the store's lock and one transaction). Added in 0.5.
     """
 
 
@@ -259,6 +290,7 @@ ALL_HOOKS: tuple[str, ...] = (
     "register_commands",
     "register_rpc_methods",
     "register_services",
+    "register_migrations",
     "register_sources",
     "register_guest_payload",
     "register_doctor_checks",

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from banger_core.models import Listener, Machine, Resumed
     from banger_core.runtime import Runtime
     from banger_core.sources import GuestPayload, Source
+    from banger_core.store import Store
 
 ENTRY_POINT_GROUP = "banger.plugins"
 BUILTIN_RANK = {name: i for i, (name, _module) in enumerate(BUILTIN)}
@@ -114,6 +115,11 @@ class PluginHost:
         self.records: dict[str, PluginRecord] = {}
         #: capability -> (providing plugin, service): filled by register_services (daemon)
         self.services: dict[str, tuple[str, Any]] = {}
+        #: services whose start() ran (in start order), and why others did not start
+        self.started_services: list[tuple[str, Any]] = []
+        self.service_errors: dict[str, str] = {}
+        #: plugin -> its registered migrations (register_migrations)
+        self.migrations: dict[str, list[tuple[int, str, Callable[..., None]]]] = {}
         # each plugin's config_model and vm_options, asked once per process
         self._models: dict[str, type[BaseModel] | None] = {}
         self._options: dict[str, type[BaseModel] | None] = {}
@@ -504,6 +510,111 @@ class PluginHost:
                 del self.services[cap]
 
         return self._register_each("register_services", kwargs_for, undo=undo, names=self._providers_first())
+
+    # daemon-lifetime services ------------------------------------------------------------
+    def _distinct_services(self) -> list[tuple[str, Any]]:
+        """(owner, service) once per service object, providers first."""
+        rank = {n: i for i, n in enumerate(self._providers_first())}
+        seen: set[int] = set()
+        out: list[tuple[str, Any]] = []
+        for owner, svc in sorted(self.services.values(), key=lambda os_: rank.get(os_[0], len(rank))):
+            if id(svc) not in seen:
+                seen.add(id(svc))
+                out.append((owner, svc))
+        return out
+
+    def start_services(self) -> list[tuple[str, BaseException]]:
+        """``start()`` of each service that has one, providers first; failures are
+        returned (and kept for ``services_status``), not raised."""
+        failures: list[tuple[str, BaseException]] = []
+        self.started_services = []
+        self.service_errors = {}
+        for owner, svc in self._distinct_services():
+            start = getattr(svc, "start", None)
+            if not callable(start):
+                continue
+            try:
+                start()
+            except Exception as exc:
+                log.error("plugin %s: its service did not start: %s\n%s", owner, exc, traceback.format_exc())
+                self.service_errors[owner] = f"{type(exc).__name__}: {exc}"
+                failures.append((owner, exc))
+                continue
+            self.started_services.append((owner, svc))
+        return failures
+
+    def stop_services(self) -> list[tuple[str, BaseException]]:
+        """``stop()`` of each started service, consumers first; every one runs."""
+        failures: list[tuple[str, BaseException]] = []
+        started, self.started_services = getattr(self, "started_services", []), []
+        for owner, svc in reversed(started):
+            stop = getattr(svc, "stop", None)
+            if not callable(stop):
+                continue
+            try:
+                stop()
+            except Exception as exc:
+                log.error("plugin %s: its service did not stop cleanly: %s", owner, exc)
+                failures.append((owner, exc))
+        return failures
+
+    def services_status(self) -> dict[str, dict[str, Any]]:
+        """What ``daemon status`` shows per plugin offering a service with ``status()``
+        (or one whose ``start()`` failed: its ``error``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for owner, svc in self._distinct_services():
+            entry: dict[str, Any] = {}
+            status = getattr(svc, "status", None)
+            if callable(status):
+                try:
+                    entry.update(status() or {})
+                except Exception as exc:
+                    entry["status_error"] = f"{type(exc).__name__}: {exc}"
+            if owner in getattr(self, "service_errors", {}):
+                entry["error"] = self.service_errors[owner]
+            if entry:
+                out.setdefault(owner, {}).update(entry)
+        return out
+
+    def collect_migrations(self) -> list[str]:
+        """Ask every plugin for its migrations (into ``self.migrations``), apply none;
+        the plugins whose registration broke."""
+
+        def kwargs_for(name: str) -> dict[str, Any]:
+            def register(number: int, description: str, fn: Callable[..., None]) -> None:
+                if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                    raise BangerError(ErrorCode.PLUGIN, f"a migration number must be an integer >= 1, not {number!r}")
+                mine = self.migrations.setdefault(name, [])
+                if any(n == number for n, _d, _f in mine):
+                    raise BangerError(ErrorCode.PLUGIN, f"migration {number} is registered twice")
+                if not callable(fn):
+                    raise BangerError(ErrorCode.PLUGIN, f"migration {number}: fn is not callable")
+                mine.append((number, str(description), fn))
+
+            return {"register": register}
+
+        def undo(name: str) -> None:
+            self.migrations.pop(name, None)
+
+        self.migrations = {}
+        return self._register_each("register_migrations", kwargs_for, undo=undo)
+
+    def register_migrations(self, store: "Store") -> list[str]:
+        """Every plugin's own migrations, applied now (plugin order); the plugins that
+        broke (a bad registration or a failing migration)."""
+        broke = self.collect_migrations()
+        for name, migrations in list(self.migrations.items()):
+            if name in broke:
+                continue
+            try:
+                applied = store.migrate_plugin(name, migrations)
+            except Exception as exc:
+                self.mark_broken(name, f"migration failed: {type(exc).__name__}: {exc}")
+                broke.append(name)
+                continue
+            if applied:
+                log.info("plugin %s: applied migrations %s", name, applied)
+        return broke
 
     def register_sources(self, runtime: "Runtime") -> tuple[list[tuple[str, "Source"]], list[str]]:
         """Every plugin's sources of images and kernels, in the order they are asked

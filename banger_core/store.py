@@ -12,6 +12,7 @@ import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
 import sqlite_utils
@@ -117,6 +118,16 @@ MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
 ]
 
 
+#: One plugin's migration: (number, description, fn). ``fn(db)`` runs once, in a
+#: transaction; numbers start at 1 and only grow (``register_migrations``).
+PluginMigration = tuple[int, str, Callable[[sqlite_utils.Database], None]]
+
+
+def plugin_table_prefix(plugin: str) -> str:
+    """The prefix every table a plugin's migrations create must have: ``<plugin>_``."""
+    return plugin.replace("-", "_") + "_"
+
+
 def _like_prefix(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
@@ -124,7 +135,7 @@ def _like_prefix(prefix: str) -> str:
 class Store:
     """The state store. Thread-safe; one connection guarded by a lock."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, migrate: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         conn = sqlite3.connect(str(path), check_same_thread=False)
@@ -133,7 +144,8 @@ class Store:
         conn.execute("PRAGMA foreign_keys=ON")
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
-        self.migrate()
+        if migrate:
+            self.migrate()
 
     def close(self) -> None:
         self.db.conn.close()
@@ -157,7 +169,63 @@ class Store:
         return applied_now
 
     def applied_migrations(self) -> list[int]:
+        if not self.db.table("migrations").exists():
+            return []
         return sorted(row["number"] for row in self.db.table("migrations").rows)
+
+    def pending_migrations(self) -> list[tuple[int, str]]:
+        """The core's migrations not applied yet (``bangerd --check-migrations``)."""
+        done = set(self.applied_migrations())
+        return [(n, name) for n, name, _fn in MIGRATIONS if n not in done]
+
+    # --- plugins' own tables --------------------------------------------------------
+    def _plugin_done(self, plugin: str) -> set[int]:
+        t = self.db.table("plugin_migrations")
+        if not t.exists():
+            return set()
+        return {r["number"] for r in t.rows_where("plugin = ?", [plugin])}
+
+    def pending_plugin_migrations(self, plugin: str, migrations: list[PluginMigration]) -> list[tuple[int, str]]:
+        done = self._plugin_done(plugin)
+        return [(n, name) for n, name, _fn in migrations if n not in done]
+
+    def migrate_plugin(self, plugin: str, migrations: list[PluginMigration]) -> list[int]:
+        """Apply a plugin's pending migrations (``register_migrations``), each in its own
+        transaction, recorded in ``plugin_migrations``; the numbers applied now. A
+        migration that creates a table not named ``<plugin>_...`` is rolled back and
+        refused: plugins share one database, so each keeps to its own names."""
+        prefix = plugin_table_prefix(plugin)
+        applied: list[int] = []
+        with self._lock:
+            self.db.table("plugin_migrations").create(
+                {"plugin": str, "number": int, "name": str, "applied_at": str}, pk=("plugin", "number"), if_not_exists=True
+            )
+            done = self._plugin_done(plugin)
+            for number, name, fn in sorted(migrations, key=lambda m: m[0]):
+                if number in done:
+                    continue
+                before = set(self.db.table_names())
+                with self.db.atomic():
+                    fn(self.db)
+                    foreign = sorted(t for t in set(self.db.table_names()) - before if not t.startswith(prefix))
+                    if foreign:
+                        raise BangerError(
+                            ErrorCode.PLUGIN,
+                            f"plugin {plugin!r}: migration {number} creates {', '.join(foreign)}: "
+                            f"a plugin's tables must be named {prefix}*",
+                        )
+                    self.db.table("plugin_migrations").insert(
+                        {"plugin": plugin, "number": number, "name": name, "applied_at": datetime.now(timezone.utc).isoformat()}
+                    )
+                applied.append(number)
+        return applied
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """The database, for a plugin's own tables: the store's lock held and one
+        transaction (committed on success, rolled back on an exception)."""
+        with self._lock, self.db.atomic():
+            yield self.db
 
     # --- VMs ----------------------------------------------------------------------
     @staticmethod

@@ -114,7 +114,8 @@ def test_reconcile_runs_at_daemon_start(xenv, tmp_path):
     record = tmp_path / "calls.jsonl"
     xenv.write_config(f"[example]\nrecord = '{record}'\n")
     xenv.run("daemon", "start", check=True)
-    assert [json.loads(ln)["hook"] for ln in record.read_text().splitlines()] == ["reconcile"]
+    # reconcile first, then the daemon-lifetime services start (before any request)
+    assert [json.loads(ln)["hook"] for ln in record.read_text().splitlines()] == ["reconcile", "service.start"]
 
 
 def test_client_disconnect_cancels_in_flight_handler(xenv, tmp_path):

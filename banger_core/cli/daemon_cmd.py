@@ -51,6 +51,11 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     if st.get("plugin_error"):
         style.echo(f"plugin problem: {st['plugin_error']}")
     style.echo(f"VMs:     {st['vms']}")
+    for plugin, facts in (st.get("services") or {}).items():
+        shown = ", ".join(f"{k} {v}" for k, v in facts.items() if k != "error")
+        if facts.get("error"):
+            shown = f"NOT STARTED: {facts['error']}" + (f" ({shown})" if shown else "")
+        style.echo(f"service {plugin}: {shown}")
 
 
 @app.command()

@@ -34,6 +34,7 @@ async def status(_p: NoParams, call: Call) -> dict[str, Any]:
         "plugin_error": rt.order_error.message if rt.order_error else None,
         "methods": sorted(s.registry.methods),
         "vms": len(s.store.list_vms()),
+        "services": rt.host.services_status(),
     }
 
 

@@ -80,6 +80,7 @@ class Daemon:
         puller.service_for = self.rt.host.service_for
         puller.ctx.payload, broke_payload = self.rt.host.register_guest_payload()
         broke_sources += broke_payload
+        broke_sources += self.rt.host.register_migrations(self.store)  # a plugin's tables exist before its service
         for name in self.rt.host.register_services(self.state) + broke_sources:
             self.registry.drop_owner(name)  # broken: its methods go too
             broke.append(name)
@@ -113,6 +114,15 @@ class Daemon:
 
         for name, exc in host.reconcile(self.rt.order or [], ctx):
             log.error("plugin %s: reconcile failed: %s", name, exc)
+
+    def start_services(self) -> None:
+        """Plugins' daemon-lifetime services start (after reconcile, before serving)."""
+        for name, exc in self.rt.host.start_services():
+            log.error("plugin %s: service not started: %s", name, exc)
+
+    def stop_services(self) -> None:
+        for name, exc in self.rt.host.stop_services():
+            log.error("plugin %s: service stop failed: %s", name, exc)
 
     # --- connections --------------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -496,7 +506,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="bangerd", description="banger's per-user daemon")
     parser.add_argument("--version", action="version", version=f"bangerd {__version__}")
-    parser.parse_args(argv)
+    parser.add_argument(
+        "--check-migrations",
+        action="store_true",
+        help="list the database migrations (the core's and each plugin's) a daemon start would apply, apply none; "
+        "exit 1 when some are pending",
+    )
+    args = parser.parse_args(argv)
+    if args.check_migrations:
+        return check_migrations(Paths.from_env())
     _return_freed_memory()
     paths = Paths.from_env()
     paths.ensure()
@@ -521,8 +539,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         _sweep_leftovers(paths)
         daemon.reconcile()
+        daemon.start_services()
         fsutil.atomic_write(paths.pid_file, f"{os.getpid()}\n")
-        _serve(daemon)
+        try:
+            _serve(daemon)
+        finally:
+            daemon.stop_services()
         stuck = _join_workers(WORKER_GRACE)
         if stuck:
             log.error(
@@ -539,6 +561,50 @@ def main(argv: list[str] | None = None) -> int:
         if stuck:  # interpreter exit would join those threads, however long they run
             logging.shutdown()
             os._exit(0)
+
+
+def check_migrations(paths: Paths) -> int:
+    """``bangerd --check-migrations``: what a daemon start would apply, applied not."""
+    from banger_core.runtime import Runtime
+    from banger_core.store import Store
+
+    exists = paths.db_file.exists()
+    store = Store(paths.db_file, migrate=False) if exists else None
+    pending: list[str] = []
+    try:
+        core = store.pending_migrations() if store else [(n, d) for n, d, _f in _core_migrations()]
+        pending += [f"core {n}: {d}" for n, d in core]
+        try:
+            rt = Runtime.load(paths)
+        except BangerError as exc:
+            print(f"bangerd: plugins not inspected: {exc.message}", file=sys.stderr)
+            rt = None
+        if rt is not None:
+            host = rt.host
+            host.collect_migrations()
+            for plugin, migrations in sorted(host.migrations.items()):
+                todo = store.pending_plugin_migrations(plugin, migrations) if store else [(n, d) for n, d, _f in migrations]
+                pending += [f"{plugin} {n}: {d}" for n, d in todo]
+            for name, rec in sorted(host.records.items()):
+                if rec.status == "broken":
+                    print(f"bangerd: plugin {name} is broken: {rec.reason}", file=sys.stderr)
+    finally:
+        if store is not None:
+            store.close()
+    where = str(paths.db_file) if exists else f"{paths.db_file} (not created yet)"
+    if not pending:
+        print(f"no pending migrations in {where}")
+        return 0
+    print(f"{len(pending)} pending migration(s) in {where}:")
+    for line in pending:
+        print(f"  {line}")
+    return 1
+
+
+def _core_migrations() -> list[tuple[int, str, object]]:
+    from banger_core.store import MIGRATIONS
+
+    return list(MIGRATIONS)
 
 
 def _serve(daemon: Daemon) -> None:

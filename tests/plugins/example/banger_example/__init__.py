@@ -90,19 +90,64 @@ def vm_port_endpoint(ctx, listener) -> str | None:
 class Greeter:
     """The "greeter" service (implements api.Greeter). It reads the user's [example]
     settings when it greets, not when the daemon starts: a settings error is then
-    reported to whoever asked, and does not break the plugin for the whole daemon."""
+    reported to whoever asked, and does not break the plugin for the whole daemon.
 
-    def __init__(self, runtime) -> None:
-        self.runtime, self._greeted = runtime, 0
+    A daemon-lifetime service: ``start``/``stop`` run once per daemon (recorded like
+    the hooks), ``status`` shows in ``banger daemon status``; every greeting is kept in
+    the plugin's own table ``example_greetings`` (``register_migrations``)."""
+
+    def __init__(self, daemon) -> None:
+        self.runtime, self.store, self._greeted = daemon.runtime, daemon.store, 0
+        self.started_at: float | None = None
+
+    def _settings(self):
+        return self.runtime.config.settings_for(self.runtime.host, "example")
+
+    def start(self) -> None:
+        self.started_at = time.time()
+        _record(self._settings(), {"hook": "service.start", "pid": os.getpid()})
+
+    def stop(self) -> None:
+        _record(self._settings(), {"hook": "service.stop", "pid": os.getpid(), "greeted": self._greeted})
+
+    def status(self) -> dict:
+        return {"greeted": self._greeted, "kept": self.kept, "started": self.started_at is not None}
 
     def greet(self, name: str) -> str:
-        s = self.runtime.config.settings_for(self.runtime.host, "example")
-        self._greeted += 1
+        s = self._settings()
+        self.keep(name)
         return " ".join([f"{s.greeting}, {name}!"] * s.times)
+
+    def keep(self, name: str) -> None:
+        """Count a greeting and keep it in the plugin's table."""
+        self._greeted += 1
+        with self.store.transaction() as db:
+            db["example_greetings"].insert({"name": name, "at": time.time()})
 
     @property
     def greeted(self) -> int:
         return self._greeted
+
+    @property
+    def kept(self) -> int:
+        """Greetings in the plugin's table: every daemon's, since the table was made."""
+        with self.store.transaction() as db:
+            return db["example_greetings"].count
+
+
+def _m1_greetings(db) -> None:
+    db["example_greetings"].create({"name": str, "at": float})
+
+
+def _m2_greetings_index(db) -> None:
+    db["example_greetings"].create_index(["name"])
+
+
+@hookimpl
+def register_migrations(register) -> None:
+    """The plugin's own table, in numbered migrations (applied once, at daemon start)."""
+    register(1, "example_greetings: every greeting", _m1_greetings)
+    register(2, "example_greetings: index by name", _m2_greetings_index)
 
 
 class ToySource:
@@ -159,7 +204,7 @@ def register_sources(register) -> None:
 
 @hookimpl
 def register_services(register, daemon) -> None:
-    register("greeter", Greeter(daemon.runtime))
+    register("greeter", Greeter(daemon))
 
 
 @hookimpl
@@ -232,6 +277,7 @@ def register_rpc_methods(register) -> None:
         project = ProjectConfig.load(Path(params.project)) if params.project else None
         s = rt.config.settings_for(rt.host, "example", project)
         call.log.info("greeting %s", params.name)
+        call.state.service("greeter").keep(params.name)
         return {"text": " ".join([f"{s.greeting}, {params.name}!"] * s.times), "op_id": call.op_id}
 
     async def wait(params: WaitParams, call) -> dict:

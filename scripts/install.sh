@@ -2,7 +2,8 @@
 # Install banger on this machine, then run its main job.
 #   1. system packages (apt): QEMU, e2fsprogs, iproute2, iptables, git, zstd, python3-venv,
 #      mmdebstrap (the default image), a C toolchain + bc/bison/flex/libelf-dev (the
-#      optional microvm-6.1 kernel), docker-registry/umoci/skopeo (the OCI tests)
+#      optional microvm-6.1 kernel), docker-registry/umoci/skopeo (the OCI tests),
+#      dnsperf/dnsmasq-base (the DNS benchmark)
 #   2. a virtual environment in .venv with banger's core and every first-party plugin
 #      (editable: pip with local path installs), plus the test tools
 #   3. `banger` and `bangerd` on PATH (/usr/local/bin as root, else ~/.local/bin)
@@ -20,6 +21,7 @@ APT_PACKAGES=(
   kmod mmdebstrap
   make gcc bc bison flex libelf-dev
   docker-registry umoci skopeo
+  dnsperf dnsmasq-base
 )
 
 SUDO=""

@@ -59,6 +59,7 @@ class Env:
             BANGER_CACHE_DIR=str(SHARED_CACHE),
             BANGER_RUNTIME_DIR=str(self.root / "run"),
             NO_COLOR="1",
+            BANGER_NETNS=self.netns,  # the bridge, TAPs and rules live in the scenario's namespace, and only there
         )
         return env
 

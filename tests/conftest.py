@@ -73,6 +73,9 @@ class BangerEnv:
             BANGER_CACHE_DIR=str(self.root / "cache"),
             BANGER_RUNTIME_DIR=str(self.runtime_dir),
             NO_COLOR="1",
+            # the network safety rule: a daemon under test changes no network namespace
+            # unless its test names one it made (extra_env BANGER_NETNS=<name>)
+            BANGER_NETNS="none",
         )
         if self.extra_path:
             env["PYTHONPATH"] = os.pathsep.join(self.extra_path)

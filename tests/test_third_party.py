@@ -205,10 +205,11 @@ def test_plugin_disabled_in_config(xenv):
 
 
 def test_allow_list_keeps_only_named_plugins(xenv):
-    xenv.write_config("[plugins]\nenable = ['network', 'dns', 'example']\n")
+    xenv.write_config("[plugins]\nenable = ['agent', 'network', 'dns', 'example']\n")
     data = plugins_json(xenv)
     rest = data["order"][len(BUILTINS) :]
-    assert rest[0] == "network" and sorted(rest) == ["dns", "example", "network"]
+    # network requires the agent (a restored VM's own address), dns the network
+    assert rest[:2] == ["agent", "network"] and sorted(rest) == ["agent", "dns", "example", "network"]
 
 
 def test_register_commands_failure_marks_plugin_broken_cli_survives(xenv, tmp_path):

@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Any
 
-from banger_guest import __version__, identity
+from banger_guest import __version__, identity, netconf
 from banger_guest import protocol as P
 
 PORT_NAME = "banger.agent"
@@ -395,6 +395,8 @@ class Agent:
             self.powering_off = True
         elif op == "resume":
             self.resume(sid, req)
+        elif op == "net":
+            self.net(sid, req)
         elif op == "exec":
             self.exec(sid, req)
         elif op in ("cp_out", "cp_in", "ports"):
@@ -419,6 +421,22 @@ class Agent:
         except Exception as exc:  # a bug must not take the agent down: say it, go on
             log(f"resume: {type(exc).__name__}: {exc}")
             self.send_json(P.ERROR, sid, {"message": f"resume: {type(exc).__name__}: {exc}"})
+            return
+        self.send_json(P.RESULT, sid, result)
+
+    def net(self, sid: int, req: dict[str, Any]) -> None:
+        """A restored VM's own MAC, address, gateway and resolver (netconf), at once."""
+        if cmdline_value("banger.vm") is None:  # an agent run on a host (a test): never its network
+            self.send_json(P.ERROR, sid, {"message": "net: not in a banger VM (no banger.vm= on the kernel command line)"})
+            return
+        try:
+            result = netconf.handle(req)
+        except netconf.BadRequest as exc:
+            self.send_json(P.ERROR, sid, {"message": str(exc), "field": exc.field})
+            return
+        except Exception as exc:
+            log(f"net: {type(exc).__name__}: {exc}")
+            self.send_json(P.ERROR, sid, {"message": f"net: {type(exc).__name__}: {exc}"})
             return
         self.send_json(P.RESULT, sid, result)
 
@@ -755,6 +773,9 @@ def main() -> int:
         serve(listen(*listen_address(listen_on), deadline=time.monotonic()))
         return 0
     set_identity()
+    net = cmdline_value("banger.net")
+    if net:
+        netconf.apply_at_boot(net, log)
     deadline = time.monotonic() + 60
     spec = cmdline_value("banger.agent")  # vsock:PORT on Firecracker; absent on QEMU (virtio-serial)
     if spec:

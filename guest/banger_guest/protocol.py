@@ -48,7 +48,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-VERSION = 3  # 2: tty exec, RESIZE, cp_in/cp_out, ports; 3: resume
+VERSION = 4  # 2: tty exec, RESIZE, cp_in/cp_out, ports; 3: resume; 4: net
 MAGIC = b"\xb4BG\x01"
 HEADER = struct.Struct(">4sBIII")
 MAX_PAYLOAD = 64 * 1024

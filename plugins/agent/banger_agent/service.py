@@ -84,6 +84,14 @@ class AgentService:
         except (concurrent.futures.TimeoutError, RuntimeError):
             pass
 
+    # --- for other plugins (ctx.service("agent"), see api.py) ---------------------------
+    def request(self, paths: Any, vm_id: str, request: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+        """From a thread (a lifecycle hook): one op's RESULT from the VM's agent; the
+        agent's ERROR raises RuntimeError (its message), no answer in time a TimeoutError."""
+        from banger_agent import socket_of
+
+        return self.run(self.call(vm_id, socket_of(paths, vm_id), request, timeout=timeout), timeout=timeout + 5)
+
     # --- waiting for an agent (from a thread) ------------------------------------------
     def wait_ready(self, vm_id: str, socket: Path, deadline: float, alive: Any = lambda: True) -> dict[str, Any]:
         """Health, once the agent answers; AgentUnavailable at the deadline (or when

@@ -369,6 +369,7 @@ def with_plugin_options(models: "dict[str, type[BaseModel]]") -> None:
 def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]") -> Any:
     import functools
     import inspect
+    import typing
 
     sig = inspect.signature(fn, eval_str=True)
     taken = {"--help", "-h"}
@@ -383,11 +384,18 @@ def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]") -> Any:
                 flag = f"{plugin}-{flag}"
             taken.add(f"--{flag}")
             helptext = f"{plugin}: {info.description or field} (per-VM plugin option)"
-            kind = info.annotation
-            if kind in (bool, Optional[bool]):
+            kind = _unoptional(info.annotation)
+            if kind is bool:
                 option, annotation, as_json = typer.Option(None, f"--{flag}/--no-{flag}", help=helptext), Optional[bool], False
             elif kind in (int, float, str):
                 option, annotation, as_json = typer.Option(None, f"--{flag}", help=helptext), Optional[kind], False
+            elif typing.get_origin(kind) is typing.Literal and all(isinstance(a, str) for a in typing.get_args(kind)):
+                choices = "|".join(typing.get_args(kind))  # the model says which (a clear error names them)
+                option, annotation, as_json = (
+                    typer.Option(None, f"--{flag}", help=f"{helptext} [{choices}]"),
+                    Optional[str],
+                    False,
+                )
             else:  # anything else is given as JSON
                 option, annotation, as_json = typer.Option(None, f"--{flag}", help=helptext + ", as JSON"), Optional[str], True
             name = f"plugin_option_{len(routes)}"
@@ -519,3 +527,15 @@ def logs(
             stream.pump(None, sys.stdout.fileno(), sys.stderr.fileno())
         except KeyboardInterrupt:
             pass
+
+
+def _unoptional(annotation: Any) -> Any:
+    """``X`` for ``X | None`` / ``Optional[X]``; anything else as it is."""
+    import types
+    import typing
+
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return annotation

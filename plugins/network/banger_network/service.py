@@ -40,10 +40,13 @@ def bridge_mac(bridge: str) -> str:
     return "02:" + ":".join(f"{b:02x}" for b in h[:5])
 
 
-def host_resolver() -> str | None:
+RESOLV_CONFS = ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf")
+
+
+def host_resolver(files: tuple[str, ...] = RESOLV_CONFS) -> str | None:
     """The first non-loopback nameserver the host uses: /etc/resolv.conf, or
     systemd-resolved's upstream list when /etc/resolv.conf names only its stub."""
-    for path in ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"):
+    for path in files:
         try:
             lines = Path(path).read_text().splitlines()
         except OSError:

@@ -145,8 +145,9 @@ def disk_id(build: dict[str, str | None], python: str, sources: dict[str, bytes]
 
 
 _lock = threading.Lock()
-#: an interpreter dir not used by a disk build for this long is removed (another daemon
-#: sharing the cache may still be about to copy it)
+#: an interpreter dir not used by a disk build, or another build's agent disk not used
+#: by a boot, for this long is removed (another daemon sharing the cache may still be
+#: about to use it)
 OLD_PYTHON_S = 3600
 
 
@@ -165,7 +166,8 @@ def disk_size_mib(tree: Path) -> int:
 
 
 def agent_disk(cache_dir: Path, build: dict[str, str | None]) -> Path:
-    """The agent disk for this agent (built once, then reused); older ones are removed."""
+    """The agent disk for this agent (built once, then reused); other builds' disks are
+    removed once unused for OLD_PYTHON_S (each use touches its disk)."""
     where = cache_dir / "agent"
     with _lock:
         sources = _guest_sources()
@@ -173,6 +175,7 @@ def agent_disk(cache_dir: Path, build: dict[str, str | None]) -> Path:
         ident = disk_id(build, python.identity, sources)
         disk = where / f"agent-{ident}.ext4"
         if disk.exists():
+            os.utime(disk)  # in use: kept by the clean-up below (in another daemon, of another build)
             return disk
         os.utime(python.root)  # in use: kept by the clean-up below (here or in another daemon)
         with fsutil.staged_dir(where / f"tree-{ident}") as tree:
@@ -194,8 +197,13 @@ def agent_disk(cache_dir: Path, build: dict[str, str | None]) -> Path:
             ext4_from_tree(tree, disk, size_mib=disk_size_mib(tree), label=LABEL, what="the agent disk")
         shutil.rmtree(where / f"tree-{ident}", ignore_errors=True)
         for old in where.glob("agent-*.ext4"):
-            if old != disk:
-                old.unlink(missing_ok=True)  # a running VM keeps its open file
+            # a running VM keeps its open file; one another daemon (another build sharing
+            # this cache) is about to boot with must still be there: only unused ones go
+            try:
+                if old != disk and time.time() - old.stat().st_mtime > OLD_PYTHON_S:
+                    old.unlink(missing_ok=True)
+            except OSError:
+                continue
         for old in where.glob("python-*"):
             try:
                 if old != python.root and time.time() - old.stat().st_mtime > OLD_PYTHON_S:

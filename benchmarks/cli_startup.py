@@ -67,6 +67,7 @@ def make_env(root: Path) -> dict[str, str]:
         BANGER_CACHE_DIR=str(root / "cache"),
         BANGER_RUNTIME_DIR=str(root / "run"),
         NO_COLOR="1",
+        BANGER_NETNS="none",  # changes no network namespace
     )
     return env
 

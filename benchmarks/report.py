@@ -14,9 +14,11 @@ from pathlib import Path
 TEST_CACHE = Path(os.environ.get("BANGER_TEST_CACHE", "/var/cache/banger-test")) / "banger-cache"
 
 
-def banger_env(root: Path, cache: Path | None = None) -> dict[str, str]:
+def banger_env(root: Path, cache: Path | None = None, netns: str = "none") -> dict[str, str]:
     """The environment of a banger whose config, state, cache (unless ``cache`` is
     given) and runtime dirs are under ``root``: nothing of the user's banger is touched.
+    ``netns``: the network namespace its daemon may change (BANGER_NETNS); by default
+    none (the network safety rule: a benchmark's bridge lives in a namespace it made).
     The CLI runs as a user's install does, with Python's bytecode cache on:
     PYTHONDONTWRITEBYTECODE (set on some build machines) would make every call compile
     banger's modules again."""
@@ -27,6 +29,7 @@ def banger_env(root: Path, cache: Path | None = None) -> dict[str, str]:
         BANGER_CACHE_DIR=str(cache or root / "cache"),
         BANGER_RUNTIME_DIR=str(root / "run"),
         NO_COLOR="1",
+        BANGER_NETNS=netns,
     )
     return env
 

@@ -1,14 +1,25 @@
-"""Authoritative in-process DNS for <name>.vm, answering on loopback."""
+"""Authoritative DNS for <name>.vm, answering on loopback (a daemon-lifetime service).
+
+The records are the "net" service's (``records()``: VM name -> address of running
+bridged VMs), reached through the core; see README.md for pointing the host's
+resolver at it.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from banger_core import hookimpl
 from banger_core.context import CheckResult
+
+if TYPE_CHECKING:
+    from banger_core.context import DoctorContext, FieldsContext
+    from banger_core.models import Listener
+    from banger_dns.server import DnsService
 
 requires = ["net"]
 
@@ -29,19 +40,113 @@ class Settings(BaseModel):
         return v
 
 
+#: the daemon's service (set by register_services): vm_fields and vm_port_endpoint run
+#: in the daemon, where their context has no service accessor
+_SERVICE: DnsService | None = None
+
+
 @hookimpl
 def config_model() -> type[BaseModel]:
     return Settings
 
 
 @hookimpl
-def register_doctor_checks(register) -> None:
-    def port(s: Settings) -> CheckResult:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+def register_services(register: Any, daemon: Any) -> None:
+    global _SERVICE
+    from banger_dns.server import DnsService
+
+    rt = daemon.runtime
+    service = DnsService(
+        settings=lambda: rt.config.settings_for(rt.host, "dns"),
+        net=lambda: rt.host.service_for("dns", "net"),  # looked up at start, not now
+    )
+    register("dns", service)
+    _SERVICE = service
+
+
+def _vm_name(ctx: FieldsContext) -> str | None:
+    """The VM's name in the zone, when the net service has a record for it."""
+    service = _SERVICE
+    if service is None or service.address_of(ctx.vm.name) is None:
+        return None
+    return f"{ctx.vm.name}.{service.zone_name()}"
+
+
+@hookimpl
+def vm_fields(ctx: FieldsContext, detail: bool) -> dict[str, object] | None:
+    name = _vm_name(ctx)
+    return {"dns": name} if name else None
+
+
+@hookimpl
+def vm_port_endpoint(ctx: FieldsContext, listener: Listener) -> str | None:
+    if listener.proto not in ("tcp", "udp"):
+        return None
+    try:
+        bound = ipaddress.ip_address(listener.address.split("%")[0])
+    except ValueError:
+        return None
+    if bound.is_loopback:
+        return None  # nothing outside the guest reaches it
+    service = _SERVICE
+    address = service.address_of(ctx.vm.name) if service is not None else None
+    if address is None:
+        return None
+    if not bound.is_unspecified and str(bound) != address:
+        return None  # bound to another address of the guest: the name does not lead there
+    return f"{_vm_name(ctx)}:{listener.port}"
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _port_check(s: Settings, doctor: DoctorContext | None) -> CheckResult:
+    family = socket.AF_INET6 if ":" in s.listen else socket.AF_INET
+    taken: list[str] = []
+    reasons: list[str] = []
+    for proto, kind in (("udp", socket.SOCK_DGRAM), ("tcp", socket.SOCK_STREAM)):
+        with socket.socket(family, kind) as sock:
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
             try:
                 sock.bind((s.listen, s.port))
             except OSError as exc:
-                return CheckResult.warn("port", f"{s.listen}:{s.port}/udp is taken ({exc.strerror}); bangerd may hold it")
-        return CheckResult.ok("port", f"{s.listen}:{s.port}/udp is free")
+                taken.append(proto)
+                reasons.append(exc.strerror or str(exc))
+    where = _addr(s.listen, s.port)
+    if not taken:
+        return CheckResult.ok("port", f"{where} udp and tcp are free")
+    from banger_dns.probe import answers_for_zone
 
-    register("port", port)
+    held = f"{where}/{'+'.join(taken)} is taken ({'; '.join(sorted(set(reasons)))})"
+    if answers_for_zone(s.listen, s.port, s.zone):
+        pid = _daemon_dns_pid(doctor, where)
+        if pid is not None:
+            return CheckResult.ok("port", f"bangerd (pid {pid}) answers on {where} for .{s.zone}")
+        return CheckResult.fail(
+            "port", f"{held} by a DNS server for .{s.zone} that is not this user's bangerd; set [dns] port to a free port"
+        )
+    return CheckResult.fail("port", f"{held} by another program; stop it, or set [dns] port to a free port")
+
+
+def _daemon_dns_pid(doctor: DoctorContext | None, where: str) -> int | None:
+    """The pid of this user's bangerd when its dns service listens on ``where``."""
+    if doctor is None:
+        return None
+    from banger_core.client import Client
+
+    try:
+        st = Client(doctor.paths).call("daemon.status", autostart=False)
+    except Exception:
+        return None
+    dns = (st.get("services") or {}).get("dns") or {}
+    if dns.get("listen") == where and dns.get("udp"):
+        pid: int = st["pid"]
+        return pid
+    return None
+
+
+@hookimpl
+def register_doctor_checks(register: Any, doctor: DoctorContext) -> None:
+    register("port", lambda s: _port_check(s, doctor))

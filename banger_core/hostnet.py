@@ -12,6 +12,9 @@ expects (tests name theirs, so a stray daemon never builds a bridge in the host'
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import functools
 import ipaddress
 import os
 import re
@@ -19,7 +22,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, TypeVar
 
 from banger_core.errors import BangerError, ErrorCode
 
@@ -148,7 +151,10 @@ def _fail(what: str, exc: BaseException) -> NetlinkError:
 
 
 class _Netlink:
-    """One rtnetlink socket per thread (pyroute2's IPRoute is not thread-safe)."""
+    """One rtnetlink socket per thread (pyroute2's IPRoute is not thread-safe). pyroute2
+    runs an asyncio loop of its own inside, which cannot run on a thread whose loop is
+    running (the daemon's, where RPC handlers and ``status()`` run): calls made there are
+    handed to a worker thread (``off_loop``)."""
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -164,6 +170,26 @@ class _Netlink:
 
 
 _NL = _Netlink()
+_T = TypeVar("_T")
+
+
+def off_loop(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """Run ``fn`` on a worker thread when called from a thread with a running asyncio
+    loop (pyroute2 cannot run there); directly otherwise."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> _T:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn(*args, **kwargs)
+        return _OFF_LOOP.submit(fn, *args, **kwargs).result()
+
+    return wrapper
+
+
+#: the one thread (and so one netlink socket) that serves calls made on a loop's thread
+_OFF_LOOP = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hostnet")
 
 
 def _link_of(msg: Any) -> Link:
@@ -178,6 +204,7 @@ def _link_of(msg: Any) -> Link:
     )
 
 
+@off_loop
 def links(prefix: str = "") -> list[Link]:
     try:
         found = [_link_of(m) for m in _NL.ipr().get_links()]
@@ -186,6 +213,7 @@ def links(prefix: str = "") -> list[Link]:
     return [lk for lk in found if lk.name.startswith(prefix)]
 
 
+@off_loop
 def link(name: str) -> Link | None:
     check_ifname(name)
     try:
@@ -204,6 +232,7 @@ def _index(name: str) -> int:
     return lk.index
 
 
+@off_loop
 def ensure_bridge(name: str, address: str, mac: str) -> bool:
     """The bridge ``name`` exists, up, with ``address`` (``IP/PREFIX``) and a fixed MAC
     (a bridge otherwise takes its lowest port's MAC, changing as TAPs come and go);
@@ -229,6 +258,7 @@ def ensure_bridge(name: str, address: str, mac: str) -> bool:
     return created
 
 
+@off_loop
 def create_tap(name: str, master: str | None = None, up: bool = True) -> None:
     """A persistent TAP device (QEMU and Firecracker attach to it by name)."""
     check_ifname(name)
@@ -246,6 +276,7 @@ def create_tap(name: str, master: str | None = None, up: bool = True) -> None:
         raise _fail(f"cannot create TAP {name}", exc) from None
 
 
+@off_loop
 def rename_link(name: str, new: str, up: bool = True) -> None:
     """Rename (the link goes down for it) and bring it up again unless told not to."""
     check_ifname(new)
@@ -260,6 +291,7 @@ def rename_link(name: str, new: str, up: bool = True) -> None:
         raise _fail(f"cannot rename {name} to {new}", exc) from None
 
 
+@off_loop
 def set_link(name: str, up: bool | None = None, master: str | None = None) -> None:
     idx = _index(name)
     attrs: dict[str, Any] = {}
@@ -273,6 +305,7 @@ def set_link(name: str, up: bool | None = None, master: str | None = None) -> No
         raise _fail(f"cannot set {name} {attrs}", exc) from None
 
 
+@off_loop
 def delete_link(name: str) -> bool:
     """Delete the link; False when there was none (idempotent)."""
     check_ifname(name)
@@ -289,6 +322,7 @@ def delete_link(name: str) -> bool:
     return True
 
 
+@off_loop
 def addresses(name: str) -> list[str]:
     """The IPv4 addresses of a link, as ``IP/PREFIX``."""
     idx = _index(name)
@@ -298,6 +332,7 @@ def addresses(name: str) -> list[str]:
         raise _fail(f"cannot list the addresses of {name}", exc) from None
 
 
+@off_loop
 def default_route_device() -> str | None:
     """The interface of the IPv4 default route (the uplink NAT masquerades out of)."""
     ipr = _NL.ipr()

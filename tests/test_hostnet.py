@@ -123,3 +123,21 @@ def test_firewall_rules_and_sysctl(ns):
     assert out["fw"] == ["0", "1"]  # a fresh namespace starts with forwarding off
     assert "is not allowed" in out["bad"] and "not a network sysctl" in out["badsys"]
     assert "banger:vm1" not in ns.iptables_save()
+
+
+def test_calls_from_a_running_event_loop_are_served(ns):
+    """pyroute2 runs a loop of its own: on the daemon's loop thread (RPC handlers, a
+    service's status()) hostnet hands the call to its worker thread."""
+    out = inside(
+        ns,
+        """
+        import asyncio
+
+        async def main():
+            h.create_tap("tap-loop")
+            return [lk.name for lk in h.links("tap-")], h.delete_link("tap-loop")
+
+        print(json.dumps(asyncio.run(main())))
+        """,
+    )
+    assert out == [["tap-loop"], True]

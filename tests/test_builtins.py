@@ -86,9 +86,9 @@ def test_disabling_an_essential_builtin_is_refused(benv, tmp_path, how):
 
 
 def test_an_allow_list_keeps_the_builtins(benv):
-    benv.write_config("[plugins]\nenable = ['network']\n")
+    benv.write_config("[plugins]\nenable = ['agent', 'network']\n")
     data = json.loads(benv.run("plugins", "resolve", "--json", check=True).stdout)
-    assert data["order"] == [*BUILTINS, "network"]
+    assert data["order"] == [*BUILTINS, "agent", "network"]
 
 
 def test_fast_path_imports_only_what_the_command_needs(xenv):

@@ -263,8 +263,25 @@ def test_rules_go_after_kill_9_of_the_daemon_with_handles_lost(pair):
     net.run("vm", "delete", "alpha", "--force", check=True, timeout=120)
     assert [r for r in net.rules() if d["tap"] in r or f"{d['address']}/32" in r] == []
     assert d["tap"] not in net.taps()
+    # the mode is a per-VM option, changed on a stopped VM
+    net.run("vm", "stop", "beta", check=True, timeout=120)
+    net.run("vm", "set", "beta", "--network", "none", check=True)
+    assert net.show("beta")["options"]["network"] == {"network": "none"}
+    r = net.run("vm", "set", "beta", "--network", "wifi")
+    assert r.returncode != 0 and "'auto', 'bridge', 'user' or 'none'" in r.stderr, r.stderr
     net.run("vm", "delete", "beta", "--force", check=True, timeout=120)
     # every VM gone: only pool TAPs remain, no rule names a VM, no lease is left
     wait_for(lambda: all(t.startswith("tap-pool-") for t in net.taps()), timeout=10)
     assert not [r for r in net.rules() if re.search(r"banger:[0-9a-f]{6,}", r) or "bt-" in r]
     assert json.loads(net.run("daemon", "status", "--json", check=True).stdout)["services"]["network"]["leases"] == 0
+
+
+def test_doctor_says_what_auto_picks_and_daemon_stop_drains_the_pool(net):
+    doc = net.run("doctor").stdout
+    assert re.search(r"network: mode\s+mode auto; auto = bridge \(CAP_NET_ADMIN", doc), doc
+    assert re.search(r"network: bridge\s+banger0 172\.30\.0\.1/24, up", doc), doc
+    net.run("daemon", "start", check=True)
+    wait_for(lambda: len(net.taps()) == 2, timeout=15)
+    net.run("daemon", "stop", check=True)
+    assert net.taps() == set()  # drained
+    assert "banger0" in net.host.link_names()  # the bridge stays

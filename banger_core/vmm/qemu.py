@@ -198,7 +198,7 @@ class QemuDriver(Driver):
                 "-netdev",
                 f"tap,id={n.id},ifname={n.tap},script=no,downscript=no",
                 "-device",
-                f"{dev('net')},netdev={n.id},mac={n.mac}",
+                f"{dev('net')},netdev={n.id},mac={n.mac}" + ("" if micro else ",romfile="),  # no PXE option ROM to load
             ]
         if machine.agent is not None and machine.agent.kind == "serial":
             args += [

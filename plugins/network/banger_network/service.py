@@ -172,6 +172,7 @@ class NetworkService:
         self._records: dict[str, str] = {}
         self._generation = 0
         self.pool = TapPool(self)
+        self._isolated: str | None = None  # the bridge whose isolation rule this daemon checked
 
     # --- settings, namespace ------------------------------------------------------------
     def settings(self) -> Settings:
@@ -246,8 +247,11 @@ class NetworkService:
     def ensure_bridge(self) -> None:
         s = self.settings()
         _net, gw = self.network()
-        if hostnet.ensure_bridge(s.bridge, gw.with_prefixlen, bridge_mac(s.bridge)):
+        created = hostnet.ensure_bridge(s.bridge, gw.with_prefixlen, bridge_mac(s.bridge))
+        if created:
             log.info("made bridge %s (%s)", s.bridge, gw)
+        if not created and self._isolated == s.bridge:
+            return  # checked by this daemon already (an iptables run costs ~5 ms a create)
         # guests leave the bridge only through NAT's rules (inserted ahead of this one)
         hostnet.append_rule(
             hostnet.Rule(
@@ -256,6 +260,7 @@ class NetworkService:
                 ("-i", s.bridge, "!", "-o", s.bridge, "-m", "comment", "--comment", ISOLATION_COMMENT, "-j", "DROP"),
             )
         )
+        self._isolated = s.bridge
 
     def attach_tap(self, name: str) -> str:
         """This boot's TAP on the bridge: a pool TAP renamed, else made now. 'pool' or 'new'."""

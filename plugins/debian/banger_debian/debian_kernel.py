@@ -47,15 +47,15 @@ BUSYBOX_PACKAGE = "busybox-static"
 
 # Bump when the layout or the initrd's contents change: a dest built by an older
 # recipe is then rebuilt (from the cached .deb) instead of being reused.
-RECIPE = 3  # 3: virtio_console in the initrd
+RECIPE = 4  # 3: virtio_console in the initrd; 4: virtio_net too
 
 # What the initrd loads to mount an ext4 root on a virtio disk.  Required ones must
 # be built in or shipped as modules; optional ones are loaded when they are modules
 # (virtio_mmio serves QEMU's microvm machine; crc32c backs ext4's checksums;
-# virtio_console carries the guest agent's port, and an image with no /lib/modules
-# of this kernel, an OCI image, cannot load it later).
+# virtio_console carries the guest agent's port and virtio_net the bridge NIC, and an
+# image with no /lib/modules of this kernel, an OCI image, cannot load them later).
 INITRD_REQUIRED_MODULES = ("virtio_blk", "ext4")
-INITRD_OPTIONAL_MODULES = ("virtio_pci", "virtio_mmio", "crc32c_generic", "virtio_console")
+INITRD_OPTIONAL_MODULES = ("virtio_pci", "virtio_mmio", "crc32c_generic", "virtio_console", "virtio_net")
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 

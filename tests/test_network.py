@@ -129,6 +129,7 @@ def net(oci_registry, tmp_path_factory):
             env.run(
                 "image", "pull", pushed["ref"], "--name", "nopy-micro", "--kernel-ref", "microvm-6.1", check=True, timeout=600
             )
+            env.run("image", "pull", pushed["ref"], "--name", "nopy-cloud", check=True, timeout=LONG)  # Debian's cloud kernel
             env.stop_daemon()
             env.extra_env["BANGER_NETNS"] = host.name
             n = NetEnv(env, host, inet, dns_port)
@@ -146,11 +147,14 @@ def net(oci_registry, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(net):
-    """alpha (with --nat) and beta (without), created at once."""
+    """alpha (with --nat; the microVM kernel configures eth0 from ip=) and beta (without;
+    Debian's cloud kernel has no IP autoconfiguration: the agent applies banger.net=),
+    created at once."""
+    cloud = ["--image", "nopy-cloud", *ARGS[2:]]
     with ThreadPoolExecutor(2) as pool:
         futs = [
             pool.submit(net.run, "vm", "create", "--name", "alpha", "--nat", *ARGS, timeout=600),
-            pool.submit(net.run, "vm", "create", "--name", "beta", *ARGS, timeout=600),
+            pool.submit(net.run, "vm", "create", "--name", "beta", *cloud, timeout=600),
         ]
         results = [f.result() for f in futs]
     for r in results:
@@ -165,9 +169,17 @@ def test_guests_on_the_bridge_reach_each_other_and_resolve_by_name(pair):
     assert a["address"] != b["address"] and a["mac"] != b["mac"]  # parallel creates: distinct leases
     assert a["tap"].startswith("bt-") and a["tap"] in net.taps()
     r = net.ex("alpha", f"ping -c 1 -W 5 {b['address']} && hostname && ip -4 addr show eth0")
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 0, (
+        r.stdout
+        + r.stderr
+        + net.run("vm", "logs", "beta", "-n", "0").stdout[-3000:]
+        + net.ex("beta", "ip addr; ip link; lsmod; cat /proc/cmdline").stdout
+    )
     assert "alpha" in r.stdout.split() and f"inet {a['address']}/24" in r.stdout
-    assert net.ex("beta", "hostname").stdout.strip() == "beta"
+    r = net.ex("beta", f"hostname; ip -4 addr show eth0; ip route; cat /etc/resolv.conf; ping -c 1 -W 5 {a['address']}")
+    assert r.returncode == 0 and r.stdout.split()[0] == "beta", r.stdout + r.stderr
+    assert f"inet {b['address']}/24" in r.stdout and "default via 172.30.0.1" in r.stdout
+    assert "network:" in net.run("vm", "logs", "beta", "-n", "0").stdout  # the agent said what it applied
     # DNS, from the host side, through the daemon's server (UDP and TCP)
     assert net.dns("alpha.vm") == ("NOERROR", [a["address"]])
     assert net.dns("BETA.vm", tcp=True) == ("NOERROR", [b["address"]])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Literal
@@ -25,6 +26,8 @@ from banger_core.models import Listener
 from banger_core.testing import sample_vm
 from banger_dns import Settings, zone
 from banger_dns.server import DnsService, ListenError, cache_key
+from conftest import BANGER
+from netns import Netns
 
 LOOPBACK = "127.0.0.1"
 
@@ -421,29 +424,59 @@ def test_doctor_port_check(net: FakeNet) -> None:
 
 # --- through the real daemon and CLI ------------------------------------------------------
 def test_daemon_runs_the_service_and_releases_the_port(benv) -> None:
+    """The daemon in a namespace of its own (where bridge VMs may exist, so DNS listens);
+    queries from inside it."""
+    ns = Netns.make()
+    try:
+        port = 42069  # the default: the namespace's loopback is the test's alone
+        benv.extra_env["BANGER_NETNS"] = ns.name
+
+        def banger(*args: str) -> subprocess.CompletedProcess:
+            return ns.run([BANGER, *args], env=benv.env(), check=True)
+
+        def ask_in_ns(qname: str, qtype: str = "A", tcp: bool = False) -> DNSRecord:
+            code = f"""
+                import sys
+                from dnslib import DNSRecord
+                q = DNSRecord.question({qname!r}, {qtype!r})
+                sys.stdout.write(q.send("127.0.0.1", {port}, tcp={tcp}, timeout=5).hex())
+            """
+            return DNSRecord.parse(bytes.fromhex(ns.python(code).stdout))
+
+        banger("daemon", "start")
+        st = json.loads(banger("daemon", "status", "--json").stdout)
+        dns = st["services"]["dns"]
+        assert dns["listen"] == f"127.0.0.1:{port}" and dns["udp"] is True and dns["tcp"] is True, dns
+        assert dns["zone"] == "vm" and "error" not in dns and "idle" not in dns
+        human = banger("daemon", "status").stdout
+        assert f"service dns: listen 127.0.0.1:{port}, udp True, tcp True, zone vm" in human
+
+        nx = ask_in_ns("nosuch.vm")
+        assert rcode(nx) == "NXDOMAIN" and nx.header.aa == 1
+        assert_soa_authority(nx)
+        assert rcode(ask_in_ns("example.com")) == "REFUSED"
+        assert answers(ask_in_ns("vm", "SOA", tcp=True))[0][:2] == ("vm.", "SOA")
+        after = json.loads(banger("daemon", "status", "--json").stdout)["services"]["dns"]
+        assert after["queries"] == 3
+
+        doctor = ns.run([BANGER, "doctor"], env=benv.env())
+        line = next(ln for ln in doctor.stdout.splitlines() if "dns: port" in ln)
+        assert f"bangerd (pid {st['pid']}) answers on 127.0.0.1:{port} for .vm" in line and "PASS" in line, line
+
+        banger("daemon", "stop")
+        r = ns.python(f"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('127.0.0.1', {port}))")
+        assert r.returncode == 0  # released
+    finally:
+        ns.delete()
+
+
+def test_with_no_bridge_network_possible_the_daemon_takes_no_port(benv) -> None:
+    """BANGER_NETNS=none (the test suite's default): no VM can have a bridge address, so
+    there is nothing to answer for and no port is taken (test daemons never fight over
+    42069, nor with the user's own bangerd)."""
     port = free_port()
     benv.write_config(f"[dns]\nport = {port}\n")
     benv.run("daemon", "start", check=True)
-    st = json.loads(benv.run("daemon", "status", "--json", check=True).stdout)
-    dns = st["services"]["dns"]
-    assert dns["listen"] == f"127.0.0.1:{port}" and dns["udp"] is True and dns["tcp"] is True, dns
-    assert dns["zone"] == "vm" and "error" not in dns
-    human = benv.run("daemon", "status", check=True).stdout
-    assert f"service dns: listen 127.0.0.1:{port}, udp True, tcp True, zone vm" in human
-
-    nx = ask(port, "nosuch.vm")
-    assert rcode(nx) == "NXDOMAIN" and nx.header.aa == 1
-    assert_soa_authority(nx)
-    assert rcode(ask(port, "example.com")) == "REFUSED"
-    with socket.create_connection((LOOPBACK, port), timeout=2) as s:
-        s.sendall(framed(DNSRecord.question("vm", "SOA")))
-        assert answers(tcp_read(s))[0][:2] == ("vm.", "SOA")
-    after = json.loads(benv.run("daemon", "status", "--json", check=True).stdout)["services"]["dns"]
-    assert after["queries"] == 3
-
-    doctor = benv.run("doctor")
-    line = next(ln for ln in doctor.stdout.splitlines() if "dns: port" in ln)
-    assert f"bangerd (pid {st['pid']}) answers on 127.0.0.1:{port} for .vm" in line and "PASS" in line, line
-
-    benv.run("daemon", "stop", check=True)
+    dns = json.loads(benv.run("daemon", "status", "--json", check=True).stdout)["services"]["dns"]
+    assert dns["udp"] is False and dns["tcp"] is False and "BANGER_NETNS = 'none'" in dns["idle"], dns
     assert port_free(port)

@@ -18,3 +18,7 @@ class NetService(Protocol):
     def generation(self) -> int:
         """Increments whenever ``records()`` would return something else."""
         ...
+
+    def bridge_possible(self) -> tuple[bool, str]:
+        """Whether bridge VMs (and so records) can exist in this daemon, and why (not)."""
+        ...

@@ -130,6 +130,7 @@ class DnsService:
         self._net: NetService | None = None
         self._net_error: str | None = None
         self._net_looked_up = False
+        self._idle: str | None = None  # why start() did not listen (no bridge network here)
         self._settings: Settings | None = None
         self._view = _View(None, ZoneData("vm", 0))
         self._udp: socket.socket | None = None
@@ -216,6 +217,14 @@ class DnsService:
         self._view = _View(None, ZoneData(s.zone, s.ttl))
         if self._net is None:
             log.warning("dns: no net service (%s): the %s zone is served empty", self._net_error, s.zone)
+        possible = getattr(self._net, "bridge_possible", None)
+        self._idle = None
+        if callable(possible):
+            ok, why = possible()
+            if not ok:  # no VM can have a bridge address here: nothing to answer for, no port taken
+                self._idle = f"no bridge network here ({why})"
+                log.info("dns: not listening: %s", self._idle)
+                return
         udp, tcp = self._bind(s.listen, s.port)
         self._udp, self._tcp = udp, tcp
         self.port = udp.getsockname()[1]
@@ -302,6 +311,8 @@ class DnsService:
             out["tcp_connections"] = len(self._conns)
         if self._net_looked_up and self._net is None:
             out["net"] = f"missing ({self._net_error}): every name is NXDOMAIN"
+        if self._idle:
+            out["idle"] = self._idle
         return out
 
     # --- the server thread ----------------------------------------------------------------

@@ -44,6 +44,11 @@ class NetService(Protocol):
         """Increments whenever ``records()`` would answer differently."""
         ...
 
+    def bridge_possible(self) -> tuple[bool, str]:
+        """Whether this daemon may put VMs on the bridge here (TAPs allowed, the
+        namespace rule met), and why (not): no records can exist otherwise."""
+        ...
+
     def resolved_mode(self, vm: Any, settings: Any, options: Any) -> Mode:
         """What the VM's mode ("auto" included) resolves to here, without acting."""
         ...

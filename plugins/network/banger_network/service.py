@@ -228,6 +228,9 @@ class NetworkService:
             return False, refused
         return True, why
 
+    def bridge_possible(self) -> tuple[bool, str]:
+        return self.can_bridge()
+
     def resolved_mode(self, vm: Any, settings: Any, options: Any) -> Mode:
         s = settings if isinstance(settings, Settings) else self.settings()
         asked = (getattr(options, "network", None) if options is not None else None) or s.mode

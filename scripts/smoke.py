@@ -183,6 +183,86 @@ def run_snapshot(e: Env) -> None:
     check(not left, f"snapshot dirs left: {left}")
 
 
+INTERNET = "10.99.0.2"
+UPLINK = "10.99.0.1"
+HTTP_ECHO_PEER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.client_address[0].encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer((sys.argv[1], 8080), H).serve_forever()
+"""
+# bash's /dev/tcp: the default image has neither curl nor wget
+GET = f"exec 3<>/dev/tcp/{INTERNET}/8080 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && timeout 10 cat <&3"
+
+
+def _ns(netns: str, *argv: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["ip", "netns", "exec", netns, *argv], capture_output=True, timeout=60)
+
+
+def _dns(e: Env, name: str) -> tuple[str, list[str]]:
+    code = (
+        "import dnslib, json; q = dnslib.DNSRecord.question(%r); "
+        "r = dnslib.DNSRecord.parse(q.send('127.0.0.1', 42069, timeout=5)); "
+        "print(json.dumps([dnslib.RCODE[r.header.rcode], [str(a.rdata) for a in r.rr]]))" % name
+    )
+    r = _ns(e.netns, sys.executable, "-c", code)
+    check(r.returncode == 0, out(r))
+    rcode, answers = json.loads(r.stdout)
+    return rcode, answers
+
+
+def run_network(e: Env) -> None:
+    """Bridge, NAT and DNS on the default image: two VMs (one with --nat) reach each
+    other, resolve as NAME.vm, only the NAT one reaches an 'internet' namespace (as the
+    uplink's address); after stop/start one rule set; after delete only pool TAPs."""
+    inet = f"{e.netns}-inet"
+    subprocess.run(["ip", "netns", "add", inet], check=True)
+    server = None
+    try:
+        subprocess.run(
+            ["ip", "link", "add", "up0", "netns", e.netns, "type", "veth", "peer", "name", "wan0", "netns", inet], check=True
+        )
+        for ns, dev, addr in ((e.netns, "up0", UPLINK), (inet, "wan0", INTERNET)):
+            check(_ns(ns, "ip", "addr", "add", f"{addr}/24", "dev", dev).returncode == 0, "veth address")
+            check(_ns(ns, "ip", "link", "set", dev, "up").returncode == 0, "veth up")
+        check(_ns(e.netns, "ip", "route", "add", "default", "via", INTERNET).returncode == 0, "default route")
+        server = subprocess.Popen(["ip", "netns", "exec", inet, sys.executable, "-c", HTTP_ECHO_PEER, INTERNET])
+        for args in (["--name", "a", "--nat"], ["--name", "b"]):
+            r = e.run("vm", "run", "-d", "--cold", *args)
+            check(r.returncode == 0, out(r))
+        shown = {n: json.loads(e.run("vm", "show", n, "--json").stdout)["fields"]["network"] for n in ("a", "b")}
+        check(shown["a"]["mode"] == "bridge" and shown["a"]["address"] != shown["b"]["address"], str(shown))
+        r = e.run("vm", "exec", "a", "--", "ping", "-c", "1", "-W", "5", shown["b"]["address"])
+        check(r.returncode == 0, out(r))
+        check(_dns(e, "a.vm") == ("NOERROR", [shown["a"]["address"]]), "a.vm resolves")
+        check(_dns(e, "nosuch.vm")[0] == "NXDOMAIN" and _dns(e, "example.com")[0] == "REFUSED", "NXDOMAIN / REFUSED")
+        r = e.run("vm", "exec", "a", "--", "bash", "-c", GET)
+        check(r.returncode == 0 and r.stdout.strip().endswith(UPLINK.encode()), "a reaches the internet masqueraded\n" + out(r))
+        r = e.run("vm", "exec", "b", "--", "bash", "-c", GET)
+        check(not r.stdout.strip().endswith(UPLINK.encode()), "b has no way out\n" + out(r))
+        for _ in range(2):
+            check(e.run("vm", "stop", "a").returncode == 0, "stop a")
+            check(e.run("vm", "start", "a").returncode == 0, "start a")
+        rules = _ns(e.netns, "iptables-save").stdout.decode()
+        mine = [ln for ln in rules.splitlines() if f"{shown['a']['address']}/32" in ln]
+        check(len(mine) == 3, "one MASQUERADE and two FORWARD rules for a:\n" + "\n".join(mine))
+        check(e.run("vm", "delete", "--force", "a", "b").returncode == 0, "delete")
+        links = _ns(e.netns, "ip", "-o", "link", "show").stdout.decode()
+        check("bt-" not in links, "no VM TAP left:\n" + links)
+        rules = _ns(e.netns, "iptables-save").stdout.decode()
+        check("banger:nat:" not in rules, "no NAT rule left:\n" + rules)
+        e.nothing_left()
+    finally:
+        if server is not None:
+            server.kill()
+        subprocess.run(["ip", "netns", "delete", inet], capture_output=True)
+
+
 SCENARIOS: dict[str, tuple[Callable[[Env], None], bool, str]] = {
     # name: (function, quick (run in CI), what it shows)
     "run-uname": (run_uname, True, "vm run --rm -- uname -a prints the guest's kernel and leaves nothing"),
@@ -192,6 +272,7 @@ SCENARIOS: dict[str, tuple[Callable[[Env], None], bool, str]] = {
     "run-parallel": (run_parallel, False, "two vm run --rm at once both succeed"),
     "run-warm": (run_warm, True, "the second vm run restores the first's template: its boot id, its own hostname"),
     "snapshot": (run_snapshot, False, "snapshot, two restores with the file and their own names, delete refused then done"),
+    "network": (run_network, False, "bridge + NAT + DNS: two VMs, NAME.vm, egress only with --nat, one rule set, nothing left"),
 }
 
 

@@ -1,7 +1,9 @@
 """The interface of the "net" service this plugin reads its records from (typing only).
 
 The network plugin offers it (``provides = ["net"]``); this plugin reaches it through
-the core (``host.service_for("dns", "net")``) and never imports the provider.
+the core (``host.service_for("dns", "net")``) and never imports the provider. When the
+service also has ``bridge_possible() -> (bool, why)`` and it says no bridge VM can
+exist here, the server does not listen at all (nothing could ever be answered).
 """
 
 from __future__ import annotations
@@ -17,8 +19,4 @@ class NetService(Protocol):
     @property
     def generation(self) -> int:
         """Increments whenever ``records()`` would return something else."""
-        ...
-
-    def bridge_possible(self) -> tuple[bool, str]:
-        """Whether bridge VMs (and so records) can exist in this daemon, and why (not)."""
         ...

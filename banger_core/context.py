@@ -88,7 +88,8 @@ class ReconcileContext:
 
 @dataclass
 class FieldsContext:
-    """Passed to ``vm_fields``: the VM and this plugin's view of it (read-only)."""
+    """Passed to ``vm_fields`` and ``vm_port_endpoint``: the VM and this plugin's view
+    of it (read-only)."""
 
     plugin: str
     vm: "VM"
@@ -96,6 +97,10 @@ class FieldsContext:
     options: "BaseModel | None"
     teardown: dict[str, Any]
     handles: dict[str, Any]
+    #: as ``StageContext.service`` (e.g. a DNS plugin asks its own service for a VM's
+    #: record). Keep calls cheap: these hooks run for every VM of every ``vm list``.
+    #: Added in 0.5.
+    service: Callable[[str], Any] = field(default=lambda capability: _no_services(capability))
 
 
 def _no_services(capability: str) -> Any:

@@ -75,6 +75,7 @@ def test_per_vm_plugin_options(fcenv):
         assert vm["options"] == {"example": {"motto": "hi", "loud": True, "repeat": 2}}
         assert "example.motto=HI-HI" in vm["machine"]["boot_args"]  # the hooks got them
         assert vm["fields"]["example"]["motto"] == "HI-HI" and vm["fields"]["example"]["prepared"] is True
+        assert vm["fields"]["example"]["greeted"] == 0  # vm_fields reached the plugin's service (ctx.service)
         human = env.run("vm", "show", "opt", check=True).stdout
         assert 'options:  example: motto="hi" loud=true repeat=2' in human and "example.motto: HI-HI" in human
 

@@ -108,6 +108,7 @@ class Lifecycle:
             options=self.options.get(plugin),
             teardown=dict(self.vm.teardown.get(plugin, {})),
             handles=dict(self.handles.get(plugin, {})),
+            service=lambda capability: self.rt.host.service_for(plugin, capability),
         )
 
     def fields(self, detail: bool) -> dict[str, dict[str, Any]]:

@@ -76,7 +76,10 @@ def vm_fields(ctx, detail: bool) -> dict:
     short = {"motto": _motto(ctx.options) or "-"}
     if not detail:
         return short
-    return {**short, "greeting": ctx.settings.greeting, "prepared": ctx.teardown.get("example") == "made"}
+    out = {**short, "greeting": ctx.settings.greeting, "prepared": ctx.teardown.get("example") == "made"}
+    if getattr(ctx, "service", None) is not None:  # core 0.5+: services from vm_fields too
+        out["greeted"] = ctx.service("greeter").greeted
+    return out
 
 
 @hookimpl

@@ -383,13 +383,20 @@ def listener(address: str, port: int = 8080, proto: Literal["tcp", "udp"] = "tcp
     return Listener(proto=proto, address=address, port=port, family=6 if ":" in address else 4)
 
 
-def fields_ctx(name: str) -> FieldsContext:
-    return FieldsContext(plugin="dns", vm=sample_vm(name), settings=Settings(), options=None, teardown={}, handles={})
+def fields_ctx(name: str, service: DnsService | None) -> FieldsContext:
+    def lookup(capability: str) -> DnsService:
+        assert capability == "dns"
+        if service is None:
+            raise BangerError(ErrorCode.PLUGIN, "no services outside the daemon")
+        return service
+
+    return FieldsContext(
+        plugin="dns", vm=sample_vm(name), settings=Settings(), options=None, teardown={}, handles={}, service=lookup
+    )
 
 
-def test_vm_fields_and_port_endpoint(dns: DnsService, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(banger_dns, "_SERVICE", dns)
-    web, gone = fields_ctx("web"), fields_ctx("gone")
+def test_vm_fields_and_port_endpoint(dns: DnsService) -> None:
+    web, gone = fields_ctx("web", dns), fields_ctx("gone", dns)
     assert banger_dns.vm_fields(web, True) == {"dns": "web.vm"}
     assert banger_dns.vm_fields(web, False) == {"dns": "web.vm"}
     assert banger_dns.vm_fields(gone, True) is None
@@ -400,7 +407,7 @@ def test_vm_fields_and_port_endpoint(dns: DnsService, monkeypatch: pytest.Monkey
     assert banger_dns.vm_port_endpoint(web, listener("::1")) is None
     assert banger_dns.vm_port_endpoint(web, listener("10.0.0.5")) is None  # another address of the guest
     assert banger_dns.vm_port_endpoint(gone, listener("0.0.0.0")) is None
-    monkeypatch.setattr(banger_dns, "_SERVICE", None)  # no daemon service: nothing to say
+    web = fields_ctx("web", None)  # no daemon service: nothing to say
     assert banger_dns.vm_port_endpoint(web, listener("0.0.0.0")) is None and banger_dns.vm_fields(web, True) is None
 
 

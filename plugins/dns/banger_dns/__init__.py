@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from banger_core import hookimpl
 from banger_core.context import CheckResult
+from banger_core.errors import BangerError
 
 if TYPE_CHECKING:
     from banger_core.context import DoctorContext, FieldsContext
@@ -40,11 +41,6 @@ class Settings(BaseModel):
         return v
 
 
-#: the daemon's service (set by register_services): vm_fields and vm_port_endpoint run
-#: in the daemon, where their context has no service accessor
-_SERVICE: DnsService | None = None
-
-
 @hookimpl
 def config_model() -> type[BaseModel]:
     return Settings
@@ -52,7 +48,6 @@ def config_model() -> type[BaseModel]:
 
 @hookimpl
 def register_services(register: Any, daemon: Any) -> None:
-    global _SERVICE
     from banger_dns.server import DnsService
 
     rt = daemon.runtime
@@ -61,12 +56,20 @@ def register_services(register: Any, daemon: Any) -> None:
         net=lambda: rt.host.service_for("dns", "net"),  # looked up at start, not now
     )
     register("dns", service)
-    _SERVICE = service
+
+
+def _service(ctx: FieldsContext) -> DnsService | None:
+    """This plugin's service (FieldsContext.service, core 0.5), None outside a daemon."""
+    try:
+        service: DnsService = ctx.service("dns")
+    except (BangerError, AttributeError):
+        return None
+    return service
 
 
 def _vm_name(ctx: FieldsContext) -> str | None:
     """The VM's name in the zone, when the net service has a record for it."""
-    service = _SERVICE
+    service = _service(ctx)
     if service is None or service.address_of(ctx.vm.name) is None:
         return None
     return f"{ctx.vm.name}.{service.zone_name()}"
@@ -88,7 +91,7 @@ def vm_port_endpoint(ctx: FieldsContext, listener: Listener) -> str | None:
         return None
     if bound.is_loopback:
         return None  # nothing outside the guest reaches it
-    service = _SERVICE
+    service = _service(ctx)
     address = service.address_of(ctx.vm.name) if service is not None else None
     if address is None:
         return None

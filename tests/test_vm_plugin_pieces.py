@@ -69,6 +69,7 @@ def test_per_vm_plugin_options(fcenv):
         help_text = env.run("vm", "create", "--help", check=True).stdout
         assert "--motto" in help_text and "--loud" in help_text and "--no-loud" in help_text and "--repeat" in help_text
         assert "--motto" in env.run("vm", "set", "--help", check=True).stdout
+        assert "--motto" in env.run("vm", "run", "--help", check=True).stdout  # vm run takes them too
 
         fc_create(env, "opt", None, "--motto", "hi", "--loud", "--repeat", "2")
         vm = show(env, "opt")

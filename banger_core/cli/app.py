@@ -58,11 +58,12 @@ def build_app(argv: list[str] | None = None) -> typer.Typer:
 
     broke = host.register_commands(app, vm=vm_cmd.app, observe=observe)
     models = host.option_models()  # plugins' per-VM options become vm create/set flags
-    vm_cmd.with_plugin_options(models)
+    taking = vm_cmd.with_plugin_options(models)  # vm create, vm set, and vm run (the agent's)
     for plugin in models:
         if not host.records[plugin].builtin:
-            for command in vm_cmd.OPTION_COMMANDS:
-                contributed.setdefault(f"vm {command}", []).append(plugin)
+            for command in taking:
+                if plugin not in contributed.setdefault(f"vm {command}", []):
+                    contributed[f"vm {command}"].append(plugin)
     if not full:
         _keep_only(app, index.command_key(argv))
     rt = state.try_runtime() if full else None

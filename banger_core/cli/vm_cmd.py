@@ -354,16 +354,19 @@ OPTION_COMMANDS = ("create", "set")
 given_options: dict[str, dict[str, Any]] = {}
 
 
-def with_plugin_options(models: "dict[str, type[BaseModel]]") -> None:
-    """Give ``vm create`` and ``vm set`` one flag per field of each plugin's
-    ``vm_options`` model: ``--nat/--no-nat`` for a bool, ``--name VALUE`` otherwise
-    (``--<plugin>-<name>`` when the flag is taken). Unset flags send nothing."""
-    if not models:
-        return
+def with_plugin_options(models: "dict[str, type[BaseModel]]") -> list[str]:
+    """Give ``vm create``, ``vm set`` (and plugin commands that opt in, like ``vm run``)
+    one flag per field of each plugin's ``vm_options`` model: ``--nat/--no-nat`` for a
+    bool, ``--name VALUE`` otherwise (``--<plugin>-<name>`` when the flag is taken).
+    Unset flags send nothing. Returns the names of the commands that take them."""
+    names = []
     for info in app.registered_commands:
         cb = info.callback
         if cb is not None and (index.name_of(info) in OPTION_COMMANDS or getattr(cb, "__banger_vm_options__", False)):
-            info.callback = _wrapped(cb, models)
+            names.append(index.name_of(info))
+            if models:
+                info.callback = _wrapped(cb, models)
+    return names
 
 
 def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]") -> Any:

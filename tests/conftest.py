@@ -216,6 +216,13 @@ def example_plugin_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def example_env(benv, example_plugin_dir):
+    """An isolated banger with the example plugin installed (on its PYTHONPATH)."""
+    benv.extra_path.append(str(example_plugin_dir))
+    return benv
+
+
+@pytest.fixture
 def http_dir(tmp_path):
     """A directory served over HTTP on 127.0.0.1: (dir, base URL)."""
     root = tmp_path / "www"

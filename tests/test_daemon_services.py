@@ -17,9 +17,8 @@ from conftest import BIN, make_dist
 
 
 @pytest.fixture
-def xenv(benv, example_plugin_dir):
-    benv.extra_path.append(str(example_plugin_dir))
-    return benv
+def xenv(example_env):
+    return example_env
 
 
 def status(env) -> dict:

@@ -13,7 +13,9 @@ import json
 import re
 import socket
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -48,18 +50,6 @@ requires = ["dns", "nat"]
 def prepare_host(ctx):
     if ctx.vm.name.startswith("fail-"):
         raise RuntimeError("injected failure after network, nat and dns")
-"""
-
-HTTP_SERVER = """
-import http.server, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = self.client_address[0].encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-http.server.HTTPServer((sys.argv[1], 8080), H).serve_forever()
 """
 
 
@@ -114,7 +104,7 @@ def net(oci_registry, tmp_path_factory):
         host.run(["ip", "route", "add", "default", "via", INTERNET], check=True)
         # count what reaches the internet from the guests' subnet, NATed or not
         inet.run(["iptables", "-A", "INPUT", "-i", "wan0", "-s", "172.30.0.0/24"], check=True)
-        server = subprocess.Popen(inet.argv(["python3", "-c", HTTP_SERVER, INTERNET]))
+        server = subprocess.Popen(inet.argv([sys.executable, str(Path(__file__).with_name("peer_http.py")), INTERNET]))
         pushed = push_layers(oci_registry, "banger/netbusybox", "1", [busybox_layer()], tmp_path_factory.mktemp("netimg"))
         plugdir = tmp_path_factory.mktemp("failer")
         make_dist(plugdir, "banger-failer", "failer", FAILER)

@@ -18,9 +18,8 @@ BUILTINS = [name for name, _module in BUILTIN]  # registered first, in this orde
 
 
 @pytest.fixture
-def xenv(benv, example_plugin_dir):
-    benv.extra_path.append(str(example_plugin_dir))
-    return benv
+def xenv(example_env):
+    return example_env
 
 
 def plugins_json(env) -> dict:

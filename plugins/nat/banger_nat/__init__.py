@@ -123,9 +123,6 @@ def decide(vm: Any, merged: Settings, user: Settings | None, user_config: Path |
 
 
 # --------------------------------------------------------------------------- services
-_service: "NatService | None" = None
-
-
 def _own_service(ctx: Any) -> "NatService":
     svc: NatService = ctx.service("nat")
     return svc
@@ -149,11 +146,9 @@ def register_migrations(register: Callable[..., None]) -> None:
 
 @hookimpl
 def register_services(register: Callable[[str, object], None], daemon: Any) -> None:
-    global _service
     from banger_nat.service import NatService
 
-    _service = NatService(daemon.runtime, daemon.store)
-    register("nat", _service)
+    register("nat", NatService(daemon.runtime, daemon.store))
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -345,7 +340,7 @@ def reconcile(ctx: Any) -> None:
 @hookimpl
 def vm_fields(ctx: Any, detail: bool) -> dict[str, object]:
     settings = _settings(ctx.settings)
-    svc = _service
+    svc = _own_service_or_none(ctx)  # FieldsContext.service (core 0.5)
     decision = decide(ctx.vm, settings, svc.user_settings() if svc else None, svc.user_config if svc else None)
     out: dict[str, object] = {"nat": decision.on}
     if detail:

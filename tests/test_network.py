@@ -261,7 +261,11 @@ def test_rules_go_after_kill_9_of_the_daemon_with_handles_lost(pair):
     wait_for(lambda: subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0, timeout=10)
     for handles in net.env.state_dir.rglob("handles.json"):
         handles.write_text("{truncated")
+    pool = {t for t in net.taps() if t.startswith("tap-pool-")}
     net.run("daemon", "start", check=True)
+    # the new daemon rebuilt the records of the running VMs and adopted the pool
+    assert net.dns("alpha.vm") == ("NOERROR", [d["address"]])
+    assert {t for t in net.taps() if t.startswith("tap-pool-")} == pool and len(pool) == 2
     net.run("vm", "delete", "alpha", "--force", check=True, timeout=120)
     assert [r for r in net.rules() if d["tap"] in r or f"{d['address']}/32" in r] == []
     assert d["tap"] not in net.taps()

@@ -382,8 +382,10 @@ class NetworkService:
         removed: list[str] = []
         if self.guard_error() is None:
             keep = {tap_name(i) for i in live}
+            bridge = hostnet.link(self.settings().bridge)
             for lk in hostnet.links(VM_TAP_PREFIX):
-                if lk.name not in keep and lk.kind == "tun":
+                # only on this daemon's bridge: another banger (its own bridge) keeps its own
+                if lk.name not in keep and lk.kind == "tun" and bridge is not None and lk.master == bridge.index:
                     hostnet.delete_link(lk.name)
                     removed.append(lk.name)
         return {"records": len(self._records), "released": released, "removed_taps": removed}

@@ -233,6 +233,8 @@ def run_network(e: Env) -> None:
         )
         check(r.returncode == 0 and r.stdout == b"SSH-2.0", "a reaches b's sshd\n" + out(r))
         check(_dns(e, "a.vm") == ("NOERROR", [shown["a"]["address"]]), "a.vm resolves")
+        r = e.run("vm", "ports", "a", "--json")
+        check(r.returncode == 0 and any(p["endpoint"] == "a.vm:22" for p in json.loads(r.stdout)), "sshd as a.vm:22\n" + out(r))
         check(_dns(e, "nosuch.vm")[0] == "NXDOMAIN" and _dns(e, "example.com")[0] == "REFUSED", "NXDOMAIN / REFUSED")
         r = e.run("vm", "exec", "a", "--", "bash", "-c", GET)
         check(r.returncode == 0 and r.stdout.strip().endswith(UPLINK.encode()), "a reaches the internet masqueraded\n" + out(r))

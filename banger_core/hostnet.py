@@ -74,21 +74,12 @@ def current_namespace() -> Namespace:
                 e = entry.stat()
             except OSError:
                 continue
-            if (e.st_dev, e.st_ino) == (st.st_dev, st.st_ino) or e.st_ino == st.st_ino:
+            if e.st_ino == st.st_ino:  # a bind mount of the nsfs inode (its st_dev differs)
                 name = entry.name
                 break
     except OSError:
         pass
     return Namespace(st.st_dev, st.st_ino, name)
-
-
-def initial_namespace() -> Namespace | None:
-    """The host's own network namespace (pid 1's), when this process may see it."""
-    try:
-        st = os.stat("/proc/1/ns/net")
-    except OSError:
-        return None
-    return Namespace(st.st_dev, st.st_ino, None)
 
 
 def named_namespace(name: str) -> Namespace | None:
@@ -289,20 +280,6 @@ def rename_link(name: str, new: str, up: bool = True) -> None:
             ipr.link("set", index=idx, state="up")
     except Exception as exc:
         raise _fail(f"cannot rename {name} to {new}", exc) from None
-
-
-@off_loop
-def set_link(name: str, up: bool | None = None, master: str | None = None) -> None:
-    idx = _index(name)
-    attrs: dict[str, Any] = {}
-    if up is not None:
-        attrs["state"] = "up" if up else "down"
-    if master is not None:
-        attrs["master"] = _index(master)
-    try:
-        _NL.ipr().link("set", index=idx, **attrs)
-    except Exception as exc:
-        raise _fail(f"cannot set {name} {attrs}", exc) from None
 
 
 @off_loop

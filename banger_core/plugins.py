@@ -546,7 +546,7 @@ class PluginHost:
     def stop_services(self) -> list[tuple[str, BaseException]]:
         """``stop()`` of each started service, consumers first; every one runs."""
         failures: list[tuple[str, BaseException]] = []
-        started, self.started_services = getattr(self, "started_services", []), []
+        started, self.started_services = self.started_services, []
         for owner, svc in reversed(started):
             stop = getattr(svc, "stop", None)
             if not callable(stop):
@@ -570,7 +570,7 @@ class PluginHost:
                     entry.update(status() or {})
                 except Exception as exc:
                     entry["status_error"] = f"{type(exc).__name__}: {exc}"
-            if owner in getattr(self, "service_errors", {}):
+            if owner in self.service_errors:
                 entry["error"] = self.service_errors[owner]
             if entry:
                 out.setdefault(owner, {}).update(entry)

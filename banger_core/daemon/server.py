@@ -566,13 +566,13 @@ def main(argv: list[str] | None = None) -> int:
 def check_migrations(paths: Paths) -> int:
     """``bangerd --check-migrations``: what a daemon start would apply, applied not."""
     from banger_core.runtime import Runtime
-    from banger_core.store import Store
+    from banger_core.store import MIGRATIONS, Store
 
     exists = paths.db_file.exists()
     store = Store(paths.db_file, migrate=False) if exists else None
     pending: list[str] = []
     try:
-        core = store.pending_migrations() if store else [(n, d) for n, d, _f in _core_migrations()]
+        core = store.pending_migrations() if store else [(n, d) for n, d, _f in MIGRATIONS]
         pending += [f"core {n}: {d}" for n, d in core]
         try:
             rt = Runtime.load(paths)
@@ -599,12 +599,6 @@ def check_migrations(paths: Paths) -> int:
     for line in pending:
         print(f"  {line}")
     return 1
-
-
-def _core_migrations() -> list[tuple[int, str, object]]:
-    from banger_core.store import MIGRATIONS
-
-    return list(MIGRATIONS)
 
 
 def _serve(daemon: Daemon) -> None:

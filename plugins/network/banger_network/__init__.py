@@ -114,7 +114,7 @@ def prepare_host(ctx: Any) -> None:
     svc.guard()
     address, mac = svc.lease(ctx.vm.id, ctx.vm.name)
     s = svc.settings()
-    resolver = (ctx.settings.resolver if ctx.settings is not None else None) or s.resolver or host_resolver()
+    resolver = s.resolver or host_resolver()  # the user's own setting: a project cannot pick its guests' resolver
     ctx.teardown.update(bridge=s.bridge, tap=tap_name(ctx.vm.id), address=address, mac=mac, resolver=resolver)
     ctx.persist()  # before anything exists: cleanup finds the TAP even after a crash
     svc.ensure_bridge()
@@ -229,21 +229,15 @@ def register_doctor_checks(register: Callable[..., None], doctor: Any) -> None:
 
     def mode(s: Any) -> "CheckResult":
         from banger_core import hostnet
-        from banger_network.settings import NO_NETNS, Settings
+        from banger_network.service import netns_refusal
+        from banger_network.settings import Settings
 
         s = s if isinstance(s, Settings) else Settings()
         ok, why = hostnet.may_create_taps()
         expected = s.expected_netns()
-        here = hostnet.current_namespace()
-        where = f"daemon namespace {here.describe()}"
-        if expected == NO_NETNS:
-            auto = "none (netns = 'none': banger changes no network namespace)"
-        elif expected and hostnet.named_namespace(expected) is None:
-            auto = f"none (netns {expected!r} does not exist)"
-        elif expected and hostnet.named_namespace(expected).inode != here.inode:  # type: ignore[union-attr]
-            auto = f"none (banger may act only in {expected!r})"
-        else:
-            auto = f"bridge ({why})" if ok else f"none ({why})"
+        refused = netns_refusal(expected) if expected else None  # '': the daemon's recorded namespace rules
+        auto = f"none ({refused})" if refused else (f"bridge ({why})" if ok else f"none ({why})")
+        where = f"daemon namespace {hostnet.current_namespace().describe()}"
         return CheckResult.ok("mode", f"mode {s.mode}; auto = {auto}; {where}")
 
     def bridge(s: Any) -> "CheckResult":

@@ -11,7 +11,6 @@ import ipaddress
 import logging
 import secrets
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,18 @@ def host_resolver(files: tuple[str, ...] = RESOLV_CONFS) -> str | None:
                     continue
                 if addr.version == 4 and not addr.is_loopback:
                     return str(addr)
+    return None
+
+
+def netns_refusal(expected: str) -> str | None:
+    """Why the namespace banger is told to act in (``[network] netns`` / BANGER_NETNS:
+    'none' or a name) forbids acting here; None when this is it."""
+    if expected == NO_NETNS:
+        return "banger is told to change no network namespace ([network] netns / BANGER_NETNS = 'none')"
+    try:
+        hostnet.require_namespace(expected)
+    except BangerError as exc:
+        return exc.message
     return None
 
 
@@ -189,14 +200,8 @@ class NetworkService:
     def guard_error(self) -> str | None:
         """Why banger may not change the network here (None: it may). Does not record."""
         expected = self.settings().expected_netns()
-        if expected == NO_NETNS:
-            return "banger is told to change no network namespace ([network] netns / BANGER_NETNS = 'none')"
         if expected:
-            try:
-                hostnet.require_namespace(expected)
-            except BangerError as exc:
-                return exc.message
-            return None
+            return netns_refusal(expected)
         here = hostnet.current_namespace()
         recorded = self._meta("netns")
         if recorded is not None and recorded != here.key:
@@ -424,12 +429,3 @@ def _new_mac(taken: set[str]) -> str:
         mac = "02:42:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(4))
         if mac not in taken:
             return mac
-
-
-def wait_for(pred: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False

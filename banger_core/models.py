@@ -7,7 +7,7 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from banger_core.checks import VM_NAME_RE as VM_NAME_RE
 from banger_core.checks import parse_size_mib as parse_size_mib
@@ -217,10 +217,74 @@ class Drive(Strict):
     root: bool = False
 
 
+MAC_RE = r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"
+USER_NET_DEFAULT = "10.0.2.0/24"
+
+
+class HostForward(Strict):
+    """A port of the host that leads to a port of the guest through a user-mode NIC
+    (QEMU's ``hostfwd``): ``host_address:host_port`` -> the guest's ``guest_port``."""
+
+    proto: Literal["tcp", "udp"]
+    host_address: str = "127.0.0.1"
+    host_port: int = Field(ge=0, lt=65536)  # 0: the VMM picks one (a driver may not support it)
+    guest_port: int = Field(gt=0, lt=65536)
+
+    @field_validator("host_address")
+    @classmethod
+    def _ipv4(cls, v: str) -> str:
+        import ipaddress
+
+        return str(ipaddress.IPv4Address(v))
+
+    def spec(self) -> str:
+        return f"{self.proto}:{self.host_address}:{self.host_port}"
+
+
 class NIC(Strict):
-    id: str
-    tap: str
-    mac: str
+    """A network device. ``kind="tap"``: backed by the host TAP device ``tap``.
+    ``kind="user"``: the VMM's own user-mode network stack (QEMU's slirp), nothing on
+    the host: the guest is ``net``'s 15th address, the gateway its 2nd (which leads to
+    the host's loopback), the DNS forwarder its 3rd; ``forwards`` are set up at start
+    (and added or removed later through the driver)."""
+
+    id: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+    mac: str = Field(pattern=MAC_RE)
+    kind: Literal["tap", "user"] = "tap"
+    tap: str | None = None
+    net: str | None = None
+    forwards: list[HostForward] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _backend(self) -> "NIC":
+        if self.kind == "tap" and not self.tap:
+            raise ValueError("a tap NIC needs its TAP device (tap=)")
+        if self.kind == "user":
+            if self.tap:
+                raise ValueError("a user-mode NIC has no TAP device")
+            self.net = str(user_net(self.net or USER_NET_DEFAULT).network)
+        elif self.net or self.forwards:
+            raise ValueError("net= and forwards= are for user-mode NICs")
+        return self
+
+
+class UserNet(Strict):
+    """The addresses of a user-mode NIC's network (QEMU's conventions)."""
+
+    network: str
+    prefixlen: int
+    guest: str
+    gateway: str
+    dns: str
+
+
+def user_net(net: str) -> UserNet:
+    import ipaddress
+
+    n = ipaddress.IPv4Network(net, strict=True)
+    if n.prefixlen > 27:
+        raise ValueError(f"user-mode network {net}: must be /27 or larger")
+    return UserNet(network=str(n), prefixlen=n.prefixlen, guest=str(n[15]), gateway=str(n[2]), dns=str(n[3]))
 
 
 class AgentChannel(Strict):

@@ -29,7 +29,7 @@ from banger_core.vm.handles import HandleStore
 from banger_core.vm.params import CreateParams, SetParams, check_host_limits, random_name, stored_options
 from banger_core.vm.snapshots import ResumeFrom, SnapshotService, compat, compat_diff, write_image
 from banger_core.vm.stages import Lifecycle
-from banger_core.models import VM, Drive, Image, Listener, Machine, Resumed, VMHandles, VMSpec, VMState, utcnow
+from banger_core.models import VM, Drive, HostForward, Image, Listener, Machine, Resumed, VMHandles, VMSpec, VMState, utcnow
 from banger_core.config import CoreConfig, resolve_vm_defaults
 from banger_core.pulls import Puller
 from banger_core.runtime import Runtime
@@ -81,6 +81,21 @@ class VMService:
 
     def driver(self, vm: VM) -> vmm.Driver:
         return driver_for(vm.driver, self.cfg.vmm, self.paths)
+
+    def host_forward(self, vm: VM, nic_id: str, forward: HostForward, remove: bool = False) -> bool:
+        """Add (or with ``remove``, remove) a host forward on a running VM's user-mode
+        NIC, through its driver. For plugins (from any thread; quick). Raises
+        ``BangerError``: BUSY when the host port is taken, BAD_REQUEST when the VM is not
+        running or its VMM has no user-mode networking. Removing answers whether the
+        forward existed."""
+        pid = self._pid(vm)
+        if pid is None:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"VM {vm.name} is not running: no forward to change")
+        driver = self.driver(vm)
+        if remove:
+            return driver.remove_forward(pid, self.run_dir(vm), nic_id, forward)
+        driver.add_forward(pid, self.run_dir(vm), nic_id, forward)
+        return True
 
     def resolve(self, ref: str) -> VM:
         """A VM by exact name, else by unique ID prefix."""

@@ -75,7 +75,7 @@ def compat(machine: Machine, driver: "Driver", vm_dir: Path) -> dict[str, Any]:
             {"id": d.id, "root": d.root, "read_only": d.read_only, "path": None if d.path.startswith(inside) else d.path}
             for d in machine.drives
         ],
-        "nics": [n.id for n in machine.nics],
+        "nics": [n.id if n.kind == "tap" else f"{n.id}:{n.kind}" for n in machine.nics],  # slirp has device state
         "agent": machine.agent.kind if machine.agent else None,
         "vmm": driver.identity(),
     }

@@ -9,9 +9,10 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from banger_core.errors import BangerError, ErrorCode
-from banger_core.models import Machine
+from banger_core.models import HostForward, Machine
 
 
 ELF_MAGIC = b"\x7fELF"
@@ -100,6 +101,17 @@ class Driver(ABC):
 
     name: str
     binary: str  # the VMM's executable (a name on PATH, or a path)
+    #: the NIC kinds (``banger_core.models.NIC.kind``) this VMM can give a guest
+    nic_kinds: ClassVar[frozenset[str]] = frozenset({"tap"})
+
+    def check_machine(self, machine: Machine) -> None:
+        """Refuse, before anything starts, a machine with devices this VMM lacks."""
+        for n in machine.nics:
+            if n.kind not in self.nic_kinds:
+                raise BangerError(
+                    ErrorCode.BAD_REQUEST,
+                    f"the {self.name} VMM has no {n.kind}-mode networking (NIC {n.id}); it has: {', '.join(sorted(self.nic_kinds))}",
+                )
 
     @abstractmethod
     def available(self) -> tuple[bool, str]:
@@ -128,6 +140,18 @@ class Driver(ABC):
     def resume(self, pid: int, run_dir: Path) -> None:
         """Let a paused guest's vCPUs run again."""
         raise BangerError(ErrorCode.BAD_REQUEST, f"the {self.name} driver cannot resume a VM")
+
+    # --- host forwards of user-mode NICs ----------------------------------------------
+    def add_forward(self, pid: int, run_dir: Path, nic_id: str, forward: HostForward) -> None:
+        """Make ``forward`` lead to the running guest through its user-mode NIC
+        ``nic_id``. A host port that is taken raises ``BangerError`` with code
+        ``BUSY``; anything else that fails, ``OPERATION_FAILED``."""
+        raise BangerError(ErrorCode.BAD_REQUEST, f"the {self.name} driver has no user-mode networking to forward ports through")
+
+    def remove_forward(self, pid: int, run_dir: Path, nic_id: str, forward: HostForward) -> bool:
+        """Undo ``add_forward`` (by protocol, host address and port); False when there
+        was no such forward."""
+        raise BangerError(ErrorCode.BAD_REQUEST, f"the {self.name} driver has no user-mode networking to forward ports through")
 
     # --- snapshots (issue 13) ------------------------------------------------------
     def snapshot(self, pid: int, run_dir: Path, dest: Path) -> None:

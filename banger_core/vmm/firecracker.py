@@ -241,6 +241,7 @@ class FirecrackerDriver(Driver):
         )
 
     def launch(self, vm_id: str, machine: Machine, run_dir: Path) -> Launch:
+        self.check_machine(machine)  # no user-mode networking: refused before anything starts
         if shutil.which(self.binary) is None:
             raise BangerError(ErrorCode.OPERATION_FAILED, f"cannot boot with Firecracker: {self.binary} not found")
         self.boot_kernel(machine)  # refuse before starting anything
@@ -315,7 +316,7 @@ class FirecrackerDriver(Driver):
         for d in machine.drives:
             api.put_drive(d.id, str(link / DRIVES_DIR / d.id) if link else d.path, d.root, d.read_only)
         for n in machine.nics:
-            api.put_network_interface(n.id, n.tap, n.mac)
+            api.put_network_interface(n.id, str(n.tap), n.mac)
         if machine.agent is not None and machine.agent.kind == "vsock":
             rel = vsock_rel(machine, run_dir)
             api.put_vsock(machine.agent.guest_cid or 3, str(link / rel) if link and rel else machine.agent.host_path)
@@ -451,6 +452,7 @@ class FirecrackerDriver(Driver):
         """A fresh firecracker loads ``src`` while the snapshot's link points at
         ``run_dir`` (whose ``drives/`` link to this machine's drives), then the link
         points where it did before (removed if that directory is gone)."""
+        self.check_machine(machine)
         if self.links_dir is None:
             raise BangerError(ErrorCode.BAD_REQUEST, "the Firecracker driver restores snapshots only with a link directory")
         if shutil.which(self.binary) is None:
@@ -487,7 +489,7 @@ class FirecrackerDriver(Driver):
                 fc_log = VMFiles(run_dir).firecracker_log
                 fc_log.touch()
                 api.put_logger(str(fc_log))
-                api.load_snapshot(str(src / SNAPSHOT_STATE), str(src / SNAPSHOT_MEMORY), {n.id: n.tap for n in machine.nics})
+                api.load_snapshot(str(src / SNAPSHOT_STATE), str(src / SNAPSHOT_MEMORY), {n.id: str(n.tap) for n in machine.nics})
             except BaseException as exc:
                 if p is not None:
                     p.kill()

@@ -16,7 +16,7 @@ from banger_core.paths import VMFiles
 from banger_core import proc
 from banger_core.fsutil import atomic_write
 from banger_core.errors import BangerError, ErrorCode
-from banger_core.models import Machine
+from banger_core.models import NIC, HostForward, Machine
 from banger_core.vmm.base import Driver, Launch, kernel_is_elf, process_tag
 from banger_core.vmm.qmp import QMP
 from banger_core.vmm.tsc import host_tsc_khz, host_tsc_trusted
@@ -26,6 +26,7 @@ log = logging.getLogger("banger.vmm.qemu")
 
 class QemuDriver(Driver):
     name = "qemu"
+    nic_kinds = frozenset({"tap", "user"})
 
     def __init__(
         self,
@@ -196,7 +197,7 @@ class QemuDriver(Driver):
         for n in machine.nics:
             args += [
                 "-netdev",
-                f"tap,id={n.id},ifname={n.tap},script=no,downscript=no",
+                self.netdev(n),
                 "-device",
                 f"{dev('net')},netdev={n.id},mac={n.mac}" + ("" if micro else ",romfile="),  # no PXE option ROM to load
             ]
@@ -213,12 +214,21 @@ class QemuDriver(Driver):
             args += ["-device", f"{'vhost-vsock-device' if micro else 'vhost-vsock-pci'},guest-cid={machine.agent.guest_cid}"]
         return args
 
+    @staticmethod
+    def netdev(n: NIC) -> str:
+        if n.kind == "user":
+            # slirp: the guest is net's .15, .2 leads to the host's loopback, .3 forwards DNS
+            fwd = "".join(f",hostfwd={f.spec()}-:{f.guest_port}" for f in n.forwards)
+            return f"user,id={n.id},net={n.net},restrict=off{fwd}"
+        return f"tap,id={n.id},ifname={n.tap},script=no,downscript=no"
+
     def _prepare(self, vm_id: str, machine: Machine, run_dir: Path, what: str) -> str:
         """Before a QEMU starts (``what``: boot, restore): the binary, a clean run dir;
         the accelerator it gets."""
         ok, why = self.available()
         if not ok:
             raise BangerError(ErrorCode.OPERATION_FAILED, f"cannot {what} with QEMU: {why}")
+        self.check_machine(machine)
         run_dir.mkdir(parents=True, exist_ok=True)
         for f in self.run_files(run_dir):
             f.unlink(missing_ok=True)
@@ -266,6 +276,29 @@ class QemuDriver(Driver):
     def resume(self, pid: int, run_dir: Path) -> None:
         with QMP(str(VMFiles(run_dir).qmp_socket)) as q:
             q.execute("cont")
+
+    # --- host forwards (slirp's hostfwd, through the human monitor: QMP has no command) ---
+    def _hmp(self, run_dir: Path, command: str) -> str:
+        with QMP(str(VMFiles(run_dir).qmp_socket)) as q:
+            args: dict[str, Any] = {"command-line": command}
+            return str(q.execute("human-monitor-command", **args)).strip()
+
+    def add_forward(self, pid: int, run_dir: Path, nic_id: str, forward: HostForward) -> None:
+        out = self._hmp(run_dir, f"hostfwd_add {nic_id} {forward.spec()}-:{forward.guest_port}")
+        if out.startswith("Could not set up host forwarding rule"):
+            raise BangerError(
+                ErrorCode.BUSY, f"{forward.proto} {forward.host_address}:{forward.host_port} cannot be bound (in use?)"
+            )
+        if out:
+            raise BangerError(ErrorCode.OPERATION_FAILED, f"QEMU refused forward {forward.spec()}: {out}")
+
+    def remove_forward(self, pid: int, run_dir: Path, nic_id: str, forward: HostForward) -> bool:
+        out = self._hmp(run_dir, f"hostfwd_remove {nic_id} {forward.spec()}")
+        if out.endswith(" removed"):
+            return True
+        if out.endswith(" not found"):
+            return False
+        raise BangerError(ErrorCode.OPERATION_FAILED, f"QEMU could not remove forward {forward.spec()}: {out}")
 
     # --- snapshots: QEMU's migration stream to a file, and back -----------------------
     STATE = "vmstate"  # in a snapshot's directory: the migration stream (devices + memory)

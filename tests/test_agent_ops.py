@@ -338,3 +338,49 @@ def test_stdin_has_a_window_a_command_that_never_reads_costs_the_agent_little_an
         await ch.close()
 
     asyncio.run(main())
+
+
+def test_watch_ports_pushes_the_listeners_when_they_change(agent):
+    """The guest pushes: a line now, one when a listener appears, one when it goes, and
+    nothing while nothing changes; closing the session ends the watcher."""
+    host, pid = agent
+
+    async def next_line(s, timeout: float = 5) -> list:
+        f = await asyncio.wait_for(s.next(), timeout)
+        assert f.kind == P.STDOUT and f.payload.endswith(b"\n") and f.payload.count(b"\n") == 1, f
+        return json.loads(f.payload)
+
+    async def main():
+        ch = await connect(host)
+        before = _children(pid)
+        w = await ch.open({"op": "watch_ports", "interval": 0.2})
+        assert await next_line(w) == []
+        code = "import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 8080)); s.listen(); print('ready', flush=True); time.sleep(60)"
+        srv = await ch.open({"op": "exec", "argv": [sys.executable, "-c", code]})
+        seen = bytearray()
+        await read_until(srv, b"ready", seen)
+        t0 = time.monotonic()
+        got = await next_line(w)
+        assert time.monotonic() - t0 < 3
+        assert [(d["proto"], d["address"], d["port"], d["scheme"]) for d in got] == [("tcp", "0.0.0.0", 8080, "")]
+        assert got[0]["process"].startswith("python")
+        with pytest.raises(asyncio.TimeoutError):  # no change, no line
+            await asyncio.wait_for(w.next(), 1.0)
+        await srv.close()  # kills the server
+        assert await next_line(w) == []
+        await w.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _children(pid) != before:  # the watcher's process is gone
+            await asyncio.sleep(0.1)
+        assert _children(pid) == before, subprocess.run(
+            ["ps", "-o", "pid,ppid,pgid,stat,cmd", "--ppid", str(pid)], capture_output=True, text=True
+        ).stdout
+        await ch.close()
+
+    asyncio.run(main())
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    kids = [int(p) for p in out.split()]
+    return [k for grand in kids for k in [grand, *_children(grand)]]

@@ -164,6 +164,15 @@ def _op(op: str, req: dict[str, Any]) -> int:
         while view:
             view = view[os.write(1, view) :]
         return 0
+    if op == "watch_ports":
+
+        def write(data: bytes) -> None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(1, view) :]
+
+        ports.watch(write, interval=min(max(float(req.get("interval") or 0.5), 0.1), 10.0))
+        return 0
     if op == "cp_out":
         with os.fdopen(1, "wb", buffering=transfer.BUFSIZE, closefd=False) as out:
             transfer.tar_out(str(req["path"]), out)
@@ -233,6 +242,7 @@ class Agent:
         self.decoder = P.Decoder()
         self.out = bytearray()
         self.sessions: dict[int, Session] = {}
+        self.unreaped: list[Session] = []  # sessions dropped before their child exited
         self.paused_outputs: set[int] = set()  # output fds not read while the host is behind
         self.fds: dict[int, tuple[Session, str]] = {}  # pipe fd -> (session, "stdin"|"stdout"|"stderr")
         self.connected = False  # until a read says a host is there (poll_reconnect)
@@ -399,7 +409,7 @@ class Agent:
             self.net(sid, req)
         elif op == "exec":
             self.exec(sid, req)
-        elif op in ("cp_out", "cp_in", "ports"):
+        elif op in ("cp_out", "cp_in", "ports", "watch_ports"):
             self.fork_op(sid, op, req)
         else:
             self.send_json(P.ERROR, sid, {"message": f"unknown op {op!r}"})
@@ -612,6 +622,7 @@ class Agent:
                 pass
         except BlockingIOError:
             pass
+        self.unreaped = [s for s in self.unreaped if s.poll() is None]
         for s in list(self.sessions.values()):
             if s.status is None:
                 status = s.poll()
@@ -632,7 +643,7 @@ class Agent:
     def _timeout(self) -> float | None:
         if not self.connected:
             return 0.2
-        return 0.5 if any(s.status is not None for s in self.sessions.values()) else None
+        return 0.5 if self.unreaped or any(s.status is not None for s in self.sessions.values()) else None
 
     def forget(self, s: Session) -> None:
         """Drop a session: its pipes closed, its child reaped when it exits."""
@@ -645,7 +656,8 @@ class Agent:
                 self.paused_outputs.discard(fd)
                 _close_all([fd])
         s.stdin_fd = None
-        s.poll()
+        if s.status is None and s.poll() is None:  # killed a moment ago: reaped by reap() once it exits
+            self.unreaped.append(s)
 
     # --- the loop ----------------------------------------------------------------------
     def run(self) -> None:

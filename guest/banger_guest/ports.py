@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import glob
 import ipaddress
+import json
 import os
 import socket
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 PROBE_TIMEOUT = 1.0
@@ -66,11 +69,9 @@ def _process(pid: int | None) -> tuple[str, str]:
     return comm, cmd
 
 
-def listeners(probe: bool = True) -> list[dict[str, Any]]:
-    """Every listener: proto, address, port, family (4, 6 or "4+6"), pid, process,
-    command, and scheme ("https", "http" or "") for TCP."""
-    owners = _socket_owners()
-    found: dict[tuple[str, str, int, int | None], dict[str, Any]] = {}
+def _sockets() -> list[tuple[str, int, str, int, str]]:
+    """(proto, family, address, port, inode) of every listening socket in the tables."""
+    out = []
     for proto, table, family in TABLES:
         try:
             with open(table) as fh:
@@ -83,28 +84,40 @@ def listeners(probe: bool = True) -> list[dict[str, Any]]:
                 continue
             hexaddr, hexport = f[1].split(":")
             port = int(hexport, 16)
-            if port == 0:
-                continue
-            address = _address(hexaddr, family)
-            pid = owners.get(f[9])
-            # the same process on both wildcards: one dual-stack listener
-            key = (proto, "*" if address in WILDCARDS else address, port, pid)
-            if key in found:
-                found[key]["family"] = "4+6"
-                if address == "::":
-                    found[key]["address"] = "::"
-                continue
-            process, command = _process(pid)
-            found[key] = {
-                "proto": proto,
-                "address": address,
-                "port": port,
-                "family": family,
-                "pid": pid,
-                "process": process,
-                "command": command,
-                "scheme": "",
-            }
+            if port != 0:
+                out.append((proto, family, _address(hexaddr, family), port, f[9]))
+    return out
+
+
+def listeners(probe: bool = True) -> list[dict[str, Any]]:
+    """Every listener: proto, address, port, family (4, 6 or "4+6"), pid, process,
+    command, and scheme ("https", "http" or "") for TCP."""
+    return _listeners(_sockets(), probe)
+
+
+def _listeners(sockets: list[tuple[str, int, str, int, str]], probe: bool) -> list[dict[str, Any]]:
+    owners = _socket_owners()
+    found: dict[tuple[str, str, int, int | None], dict[str, Any]] = {}
+    for proto, family, address, port, inode in sockets:
+        pid = owners.get(inode)
+        # the same process on both wildcards: one dual-stack listener
+        key = (proto, "*" if address in WILDCARDS else address, port, pid)
+        if key in found:
+            found[key]["family"] = "4+6"
+            if address == "::":
+                found[key]["address"] = "::"
+            continue
+        process, command = _process(pid)
+        found[key] = {
+            "proto": proto,
+            "address": address,
+            "port": port,
+            "family": family,
+            "pid": pid,
+            "process": process,
+            "command": command,
+            "scheme": "",
+        }
     result = sorted(found.values(), key=lambda d: (d["proto"], d["port"], d["address"]))
     if probe:
         threads = [threading.Thread(target=_probe, args=(d,)) for d in result if d["proto"] == "tcp"]
@@ -113,6 +126,21 @@ def listeners(probe: bool = True) -> list[dict[str, Any]]:
         for t in threads:
             t.join()
     return result
+
+
+def watch(write: Callable[[bytes], None], interval: float = 0.5) -> None:
+    """The listeners (not probed) as one JSON array per line: now, and again each time
+    the set of listening sockets changes (the tables are read every ``interval``
+    seconds: the kernel has no event for a new listener). Runs until ``write`` fails
+    (the host went) or the process is killed (the host closed the session)."""
+    last: set[tuple[str, str, int]] | None = None
+    while True:
+        sockets = _sockets()
+        now = {(proto, address, port) for proto, _f, address, port, _i in sockets}
+        if now != last:
+            write(json.dumps(_listeners(sockets, probe=False)).encode() + b"\n")
+            last = now
+        time.sleep(interval)
 
 
 def _target(d: dict[str, Any]) -> tuple[str, int]:

@@ -25,6 +25,10 @@ are raw bytes. The ops an ``OPEN`` names:
   ``{"op": "cp_in", "dest"}``: a tar stream on STDIN extracted at ``dest``
   (``transfer.py`` is that stream's one definition). Both end with ``EXIT``.
 - ``{"op": "ports"}``: the guest's listeners as one JSON array on STDOUT (``ports.py``).
+- ``{"op": "watch_ports", "interval"}``: the listeners (as ``ports`` gives them, not
+  probed) as a JSON array on one line of STDOUT now, and another each time the set of
+  listening sockets changes (checked every ``interval`` s, default 0.5): the guest
+  pushes, the host does not poll. Runs until the host ``CLOSE``s the session.
 - ``{"op": "health"}``, ``{"op": "poweroff"}``: one ``RESULT``.
 - ``{"op": "resume", "time_ns", "seed", "hostname", "machine_id", "ssh_host_keys"}``:
   right after a restore from a snapshot, the VM's own clock, RNG seed, hostname,
@@ -48,7 +52,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-VERSION = 4  # 2: tty exec, RESIZE, cp_in/cp_out, ports; 3: resume; 4: net
+VERSION = 5  # 2: tty exec, RESIZE, cp_in/cp_out, ports; 3: resume; 4: net; 5: watch_ports
 MAGIC = b"\xb4BG\x01"
 HEADER = struct.Struct(">4sBIII")
 MAX_PAYLOAD = 64 * 1024

@@ -3,6 +3,7 @@ gets from ``ctx.service("agent")``. Import it for typing only (``if TYPE_CHECKIN
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 
@@ -11,4 +12,24 @@ class AgentAPI(Protocol):
         """From a lifecycle hook (a worker thread): send one op (``{"op": ...}``, see
         banger_guest.agent) to the VM's agent and return its result; raises when the
         agent answers an error or does not answer within ``timeout`` seconds."""
+        ...
+
+    def watch(
+        self, paths: Any, vm_id: str, request: dict[str, Any], on_line: Callable[[Any], None], retry_max: float = 5.0
+    ) -> "WatchHandle":
+        """From any thread: keep a session of ``request`` (an op that writes JSON lines
+        on its STDOUT until closed, e.g. ``{"op": "watch_ports"}``) open to the VM's
+        agent, calling ``on_line(obj)`` for each line on the agent plugin's event-loop
+        thread (be quick); reopened with a back-off when the channel drops, until
+        ``cancel()``. It does not fail: ``last_error`` says what went wrong last."""
+        ...
+
+
+class WatchHandle(Protocol):
+    lines: int
+    sessions: int
+    last_error: str | None
+
+    def cancel(self) -> None:
+        """Stop watching; from any thread, idempotent."""
         ...

@@ -9,15 +9,39 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import json
+import logging
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 from banger_agent.channel import AgentMismatch, Channel, ChannelClosed, Opener, Session, unix_opener, vsock_opener
+from banger_guest import protocol as P
 
 T = TypeVar("T")
+log = logging.getLogger("banger.plugin.agent")
+
+
+class Watch:
+    """A session kept open to a VM's agent (``AgentService.watch``)."""
+
+    def __init__(self, service: "AgentService", vm_id: str, what: str) -> None:
+        self.service, self.vm_id, self.what = service, vm_id, what
+        self.task: asyncio.Task[None] | None = None
+        self.lines = 0  # JSON lines delivered
+        self.sessions = 0  # sessions opened (more than one: the channel dropped and it was reopened)
+        self.last_error: str | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop watching (the agent kills the op's process); from any thread, idempotent."""
+        self.cancelled = True
+        task = self.task
+        if task is not None:
+            self.service.loop.call_soon_threadsafe(task.cancel)
 
 
 class AgentUnavailable(RuntimeError):
@@ -91,6 +115,62 @@ class AgentService:
         from banger_agent import socket_of
 
         return self.run(self.call(vm_id, socket_of(paths, vm_id), request, timeout=timeout), timeout=timeout + 5)
+
+    def watch(
+        self, paths: Any, vm_id: str, request: dict[str, Any], on_line: Callable[[Any], None], retry_max: float = 5.0
+    ) -> Watch:
+        """From any thread: keep a session of ``request`` open to the VM's agent and
+        call ``on_line(obj)`` for each JSON line the op writes on its STDOUT, on the
+        agent's event-loop thread (be quick: hand work to a thread of your own). When
+        the session or the channel ends (the agent restarted, the daemon reconnected)
+        it is opened again, after a back-off of 0.5 s doubling up to ``retry_max``, until
+        ``cancel()``."""
+        from banger_agent import socket_of
+
+        w = Watch(self, vm_id, str(request.get("op")))
+
+        def start() -> None:
+            w.task = self.loop.create_task(self._watch(w, lambda: socket_of(paths, vm_id), request, on_line, retry_max))
+            if w.cancelled:
+                w.task.cancel()
+
+        self.loop.call_soon_threadsafe(start)
+        return w
+
+    async def _watch(
+        self, w: Watch, socket: Callable[[], Path], request: dict[str, Any], on_line: Callable[[Any], None], retry_max: float
+    ) -> None:
+        backoff = 0.5
+        while not w.cancelled:
+            session: Session | None = None
+            try:
+                session = await self.open(w.vm_id, socket(), request, timeout=10)
+                w.sessions += 1
+                buf = b""
+                async for frame in session.events():
+                    if frame.kind == P.STDOUT:
+                        buf += frame.payload
+                        *lines, buf = buf.split(b"\n")
+                        for line in lines:
+                            w.lines += 1
+                            backoff = 0.5
+                            try:
+                                on_line(json.loads(line))
+                            except Exception as exc:  # the consumer's problem: say so, keep watching
+                                log.warning("VM %s: %s consumer failed: %s", w.vm_id, w.what, exc)
+                    elif frame.kind in P.ENDS:
+                        why = frame.obj().get("message") or frame.obj().get("status")
+                        w.last_error = f"the agent ended {w.what}: {why}"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                w.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            finally:
+                if session is not None:
+                    with contextlib.suppress(Exception):
+                        await session.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, retry_max)
 
     # --- waiting for an agent (from a thread) ------------------------------------------
     def wait_ready(self, vm_id: str, socket: Path, deadline: float, alive: Any = lambda: True) -> dict[str, Any]:

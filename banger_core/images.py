@@ -265,12 +265,17 @@ def register_image(
     initrd: Path | None = None,
     modules: Path | None = None,
     *,
+    init: str | None = None,
     max_rootfs_mib: int = DEFAULT_MAX_ROOTFS_MIB,
 ) -> Image:
     """Register a rootfs in place, booted with ``kernel_ref`` or with its own kernel
     triple (imported as a kernel of the same name). Exactly one of the two. The rootfs
-    is checked as a managed one would be (check_rootfs), read-only."""
+    is checked as a managed one would be (check_rootfs), read-only. ``init``: the
+    program the kernel starts (``init=``) when it is not /sbin/init; it must exist in
+    the rootfs (e.g. the ``init`` of a pulled image, ``banger image show``)."""
     check_name("image", name)
+    if init is not None and (not re.fullmatch(r"(/[A-Za-z0-9._+-]+)+", init) or "/../" in f"{init}/" or "/./" in f"{init}/"):
+        raise BangerError(ErrorCode.BAD_REQUEST, f"--init {init!r}: must be an absolute path in the image, without . or ..")
     if (kernel_ref is None) == (kernel is None):
         raise BangerError(ErrorCode.BAD_REQUEST, "give either --kernel-ref or --kernel [--initrd] [--modules], not both")
     if kernel is None and (initrd or modules):
@@ -286,7 +291,11 @@ def register_image(
     else:
         assert kernel is not None
         kernel_ref = import_kernel_files(store, paths, name, kernel, initrd, modules).name
-    image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel_ref, managed=False, source=str(rootfs))
+    if init is not None:
+        found = proc.run(["debugfs", "-R", f"stat {init}", rootfs], check=False, timeout=30, text=True, what="debugfs")
+        if found.returncode != 0 or "Inode:" not in found.stdout:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"--init {init}: not in {rootfs}")
+    image = Image(name=name, rootfs=str(rootfs), kernel_ref=kernel_ref, managed=False, source=str(rootfs), init=init)
     store.upsert_image(image)
     return image
 

@@ -116,3 +116,23 @@ def test_failed_kernel_import_leaves_nothing(benv, tmp_path):
     assert r.returncode == 1 and "invalid kernel name" in r.stderr
     kernels = benv.state_dir / "kernels"
     assert not kernels.exists() or not list(kernels.iterdir())
+
+
+def test_register_with_an_init_that_must_be_in_the_image(benv, kdir, tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "banger").mkdir(parents=True)
+    (tree / "banger" / "init").write_text("#!/bin/sh\n")
+    p = tmp_path / "init.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(p), "8M"], check=True)
+    benv.run("kernel", "import", "k1", "--from", str(kdir), check=True)
+    for init, msg in [
+        ("banger/init", "must be an absolute path"),
+        ("/banger/../etc/init", "must be an absolute path"),
+        ("/banger/init;reboot", "must be an absolute path"),
+        ("/banger/nosuch", "not in"),
+    ]:
+        r = benv.run("image", "register", "img", "--rootfs", str(p), "--kernel-ref", "k1", "--init", init)
+        assert r.returncode == 1 and msg in r.stderr, (init, r.stderr)
+    assert json.loads(benv.run("image", "list", "--json", check=True).stdout) == []
+    r = benv.run("image", "register", "img", "--rootfs", str(p), "--kernel-ref", "k1", "--init", "/banger/init", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["init"] == "/banger/init", r.stderr

@@ -208,6 +208,7 @@ def image_register(
     kernel: Path = typer.Option(None, "--kernel", help="or: a kernel file (vmlinux/bzImage) for this image"),
     initrd: Path = typer.Option(None, "--initrd", help="with --kernel: its initrd"),
     modules: Path = typer.Option(None, "--modules", help="with --kernel: its /lib/modules/<version> dir"),
+    init: str = typer.Option(None, "--init", help="the image's init when not /sbin/init (a path in the image)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Register a root filesystem image, with --kernel-ref or its own kernel (not both)."""
@@ -224,6 +225,7 @@ def image_register(
         "kernel": str(kernel.resolve()) if kernel else None,
         "initrd": str(initrd.resolve()) if initrd else None,
         "modules": str(modules.resolve()) if modules else None,
+        "init": init,
     }
     i = _call("image.register", {k: v for k, v in params.items() if v is not None})
     if as_json:

@@ -57,6 +57,7 @@ class ImageRegisterParams(Input):
     kernel: HostPath | None = None
     initrd: HostPath | None = None
     modules: HostPath | None = None
+    init: str | None = None
 
 
 def _path(value: str | None) -> Path | None:
@@ -157,6 +158,7 @@ async def image_register(p: ImageRegisterParams, call: Call) -> dict[str, Any]:
             _path(p.kernel),
             _path(p.initrd),
             _path(p.modules),
+            init=p.init,
             max_rootfs_mib=s.puller.max_rootfs_mib,
         ),
     )

@@ -39,7 +39,15 @@ else
   echo "==> apt: all system packages present"
 fi
 
-PY=${PYTHON:-python3}
+# The system's python3 by default, not one under a home directory (pyenv's in /root):
+# banger is for every user of the machine, and a user cannot run an interpreter that
+# lies in a directory only root may enter.
+if [ -z "${PYTHON:-}" ] && [ -x /usr/bin/python3 ]; then PY=/usr/bin/python3; else PY=${PYTHON:-python3}; fi
+py_home=$(dirname "$(readlink -f "$(command -v "$PY")")")
+if [ -f .venv/pyvenv.cfg ] && ! grep -qx "home = $py_home" .venv/pyvenv.cfg; then
+  echo "==> .venv was made with another python ($(sed -n 's/^home = //p' .venv/pyvenv.cfg)): making it anew with $PY"
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv with $($PY --version)"
   "$PY" -m venv .venv

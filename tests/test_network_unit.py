@@ -16,7 +16,7 @@ import pytest
 from banger_core.errors import BangerError
 from banger_core.store import Store
 from banger_guest import netconf
-from banger_network import _m1_leases
+from banger_network import _m1_leases, _m2_forwards
 from banger_network.service import NetworkService, bridge_mac, host_resolver, tap_name
 from banger_network.settings import Settings, VMOptions
 from netns import Netns
@@ -24,7 +24,7 @@ from netns import Netns
 
 def service(tmp_path: Path, **settings) -> NetworkService:
     store = Store(tmp_path / "banger.db")
-    store.migrate_plugin("network", [(1, "leases", _m1_leases)])
+    store.migrate_plugin("network", [(1, "leases", _m1_leases), (2, "forwards", _m2_forwards)])
     s = Settings(**settings)
     runtime = SimpleNamespace(config=SimpleNamespace(settings_for=lambda host, name: s), host=None)
     return NetworkService(SimpleNamespace(store=store, runtime=runtime))
@@ -145,7 +145,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from banger_core import hostnet
 from banger_core.store import Store
-from banger_network import _m1_leases
+from banger_network import _m1_leases, _m2_forwards
 from banger_network.service import NetworkService
 from banger_network.settings import Settings
 
@@ -192,3 +192,87 @@ def test_tap_pool_adopts_fills_hands_out_and_drains(tmp_path):
     assert len(out["after_take"]) == 1 and out["refilled"] == 2
     assert len(out["drained"]) == 3 and all(n.startswith("tap-pool-") for n in out["drained"])
     assert out["left"] == [] and out["isolation"]
+
+
+def test_auto_picks_user_mode_only_where_the_vmm_has_it(tmp_path, monkeypatch):
+    from banger_core import hostnet
+
+    monkeypatch.delenv("BANGER_NETNS", raising=False)
+    monkeypatch.setattr(hostnet, "may_create_taps", lambda: (False, "no CAP_NET_ADMIN"))
+    svc = service(tmp_path)
+    qemu, fc = SimpleNamespace(id="1" * 16, name="q", driver="qemu"), SimpleNamespace(id="2" * 16, name="f", driver="firecracker")
+    assert svc.resolved_mode(qemu, Settings(), None) == "user"
+    assert svc.resolved_mode(fc, Settings(), None) == "none"  # Firecracker has no user-mode networking
+    assert svc.resolved_mode(fc, Settings(), VMOptions(network="user")) == "user"  # asked: prepare_host refuses it
+    assert svc.user_refusal("firecracker") == "the firecracker VMM has no user-mode networking (QEMU has)"
+    assert svc.auto_explained("qemu").startswith("user (no CAP_NET_ADMIN)")
+    monkeypatch.setenv("BANGER_NETNS", "none")  # told to use no network at all: not even user mode
+    assert svc.resolved_mode(qemu, Settings(), None) == "none"
+    assert "told to change no network namespace" in (svc.user_refusal("qemu") or "")
+
+
+def test_forwards_follow_the_pushed_listener_lists(tmp_path):
+    """The forwarding policy against a fake VMM: the same host port when free, else an
+    ephemeral one; a pin or nothing; exclusions, loopback-only listeners; removal; and
+    the table the next daemon adopts from."""
+    from banger_core.errors import ErrorCode
+    from banger_core.models import HostForward
+    from banger_network.forwards import ForwardManager
+    from banger_network.settings import ForwardSettings
+
+    taken = {("tcp", 8080), ("tcp", 19090)}  # host ports something else holds
+    held: dict[tuple[str, int], int] = {}  # (proto, host port) -> guest port
+
+    def host_forward(vm, nic, fwd: HostForward, remove=False):
+        key = (fwd.proto, fwd.host_port)
+        if remove:
+            return held.pop(key, None) is not None
+        if key in taken or key in held:
+            raise BangerError(ErrorCode.BUSY, f"{fwd.spec()} taken")
+        held[key] = fwd.guest_port
+        return True
+
+    store = Store(tmp_path / "banger.db")
+    store.migrate_plugin("network", [(1, "leases", _m1_leases), (2, "forwards", _m2_forwards)])
+    vms = SimpleNamespace(host_forward=host_forward)
+    store.get_vm = lambda vm_id: SimpleNamespace(id=vm_id)
+    rules = ForwardSettings(exclude=["6060", "udp/5353"], pin={"9090": 19090, "9191": 19191})
+    mgr = ForwardManager(SimpleNamespace(store=store, vms=vms), lambda: SimpleNamespace(forward=rules))
+    from banger_network.forwards import Forwarder
+
+    f = Forwarder(mgr, "v" * 16, "web", "10.0.2.15", {})
+
+    def push(*listeners):
+        f.on_listeners([{"proto": p, "address": a, "port": n} for p, a, n in listeners])
+        f.apply(rules)
+        return {d["guest"]: d.get("host") or d["why"] for d in f.describe()}
+
+    got = push(("tcp", "0.0.0.0", 3000), ("tcp", "::", 8080), ("udp", "0.0.0.0", 67), ("tcp", "127.0.0.1", 7070),
+               ("tcp", "0.0.0.0", 6060), ("udp", "::", 5353), ("tcp", "10.0.2.15", 9090), ("tcp", "0.0.0.0", 9191),
+               ("tcp", "192.168.1.5", 4000))  # fmt: skip
+    assert got["tcp/3000"] == "127.0.0.1:3000" and got["udp/67"] == "127.0.0.1:67"
+    assert got["tcp/8080"].startswith("127.0.0.1:") and got["tcp/8080"] != "127.0.0.1:8080"  # taken: an ephemeral one
+    assert "pinned to 127.0.0.1:19090" in got["tcp/9090"] and got["tcp/9191"] == "127.0.0.1:19191"
+    assert "exclude" in got["tcp/6060"] and "exclude" in got["udp/5353"]
+    assert "only the guest reaches it" in got["tcp/7070"] and "not to the guest's 10.0.2.15" in got["tcp/4000"]
+    rows = {(r["proto"], r["guest_port"]): r["host_port"] for r in mgr.rows("v" * 16)}
+    assert rows == {(p, g): h for (p, h), g in held.items()} and len(rows) == 4
+    # 3000 goes, 5000 comes; the others stay as they were (no re-add)
+    before = dict(held)
+    got = push(("tcp", "::", 8080), ("udp", "0.0.0.0", 67), ("tcp", "0.0.0.0", 9191), ("tcp", "0.0.0.0", 5000))
+    assert "tcp/3000" not in got and ("tcp", 3000) not in held and got["tcp/5000"] == "127.0.0.1:5000"
+    assert {k: v for k, v in held.items() if v != 5000} == {k: v for k, v in before.items() if v != 3000}
+    # the table (what the next daemon adopts) follows
+    assert {(r["proto"], r["guest_port"]) for r in mgr.rows("v" * 16)} == {
+        ("tcp", 8080),
+        ("udp", 67),
+        ("tcp", 9191),
+        ("tcp", 5000),
+    }
+    f.close()
+    assert mgr.rows("v" * 16) == [] and f.forwards == {}
+    rules.auto = False  # forwarding switched off: a new list forwards nothing
+    f2 = Forwarder(mgr, "w" * 16, "w", "10.0.2.15", {})
+    f2.on_listeners([{"proto": "tcp", "address": "0.0.0.0", "port": 3000}])
+    f2.apply(rules)
+    assert f2.forwards == {} and mgr.rows("w" * 16) == []

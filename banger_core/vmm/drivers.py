@@ -16,6 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from banger_core.paths import Paths
 
 DRIVERS = ("qemu", "firecracker")
+#: each driver's class, for what it can do before one is built (``nic_kinds``)
+DRIVER_CLASSES: dict[str, type[Driver]] = {"qemu": QemuDriver, "firecracker": FirecrackerDriver}
 
 
 def pick_driver(wanted: str, cfg: "VMMTable") -> str:

@@ -154,11 +154,9 @@ def register_services(register: Callable[[str, object], None], daemon: Any) -> N
 # --------------------------------------------------------------------------- lifecycle
 def _refuse_mode(vm: Any, net: "VMNet | None") -> str:
     mode = net.mode if net is not None else "none"
-    hint = {
-        "none": "a VM with --network none has no network to give egress to",
-        "user": "QEMU's user-mode network does not go through the host's bridge (its own outbound NAT is a later "
-        "feature): use --network bridge, or drop --nat",
-    }.get(mode, "only the bridge network's guests are masqueraded")
+    hint = {"none": "a VM with --network none has no network to give egress to"}.get(
+        mode, "only the bridge network's guests are masqueraded"
+    )
     return f"--nat needs the bridge network: VM {vm.name} has network mode {mode} ({hint})"
 
 
@@ -184,6 +182,9 @@ def prepare_host(ctx: Any) -> None:
         return
     net_service: NetService = ctx.service("net")
     net = net_service.vm_network(ctx.vm)
+    if net is not None and net.mode == "user":  # QEMU's own NAT gives it egress already: nothing to add
+        ctx.log.info("VM %s: --nat in user mode: egress through QEMU's user-mode network, no rules needed", ctx.vm.name)
+        return
     if net is None or net.mode != "bridge":
         raise BangerError(ErrorCode.BAD_REQUEST, _refuse_mode(ctx.vm, net))
     if not net.bridge or not net.address:

@@ -4,8 +4,8 @@ NAT and DNS use.
 
 - ``--network bridge|user|none|auto`` per VM (``vm create``, ``vm run``, ``vm set``),
   ``[network] mode`` in config.toml or a project's banger.toml (flag > project > user).
-  ``auto``: bridge when the daemon may create TAP devices here, else none (user mode is
-  the next banger's).
+  ``auto``: bridge when the daemon may create TAP devices here, else user when the VM's
+  VMM has it (QEMU), else none.
 - bridge: the bridge (``banger0``, the subnet's first host address) is made on demand;
   a daemon service keeps ``tap_pool`` TAPs (``tap-pool-N``) on it, refilled in the
   background, adopted or removed at the next start after a crash, drained at daemon stop.
@@ -14,6 +14,12 @@ NAT and DNS use.
   released on delete. The guest gets them on its kernel command line (``ip=`` for
   kernels with IP autoconfiguration, ``banger.net=`` that the agent applies otherwise);
   a VM restored from a snapshot gets its own MAC and address through the agent.
+- user: QEMU's user-mode network (slirp), nothing made on the host and no privilege
+  needed: the guest is 10.0.2.15, reaches the host's loopback at 10.0.2.2 and the
+  internet through the daemon's own network. The guest agent pushes its listeners when
+  they change (``watch_ports``) and each TCP/UDP one is forwarded from 127.0.0.1 on the
+  same port when free, else an ephemeral one (``[network.forward]`` excludes or pins
+  ports); ``vm ports`` and ``vm show`` say where (forwards.py).
 - Safety: every change goes through ``banger_core.hostnet``, and only in the network
   namespace banger is told to use (``[network] netns`` / ``BANGER_NETNS``), or else the
   one it first acted in (recorded).
@@ -60,9 +66,17 @@ def _m1_leases(db: Any) -> None:
     db["network_meta"].create({"key": str, "value": str}, pk="key")
 
 
+def _m2_forwards(db: Any) -> None:
+    db["network_forwards"].create(
+        {"vm_id": str, "proto": str, "guest_port": int, "host_address": str, "host_port": int, "created_at": str},
+        pk=("vm_id", "proto", "guest_port"),
+    )
+
+
 @hookimpl
 def register_migrations(register: Callable[..., None]) -> None:
     register(1, "network_leases (guest addresses and MACs), network_meta (the namespace banger acts in)", _m1_leases)
+    register(2, "network_forwards (user mode's host forwards, while their VMM holds them)", _m2_forwards)
 
 
 @hookimpl
@@ -97,7 +111,8 @@ def reconcile(ctx: Any) -> None:
 @hookimpl
 def prepare_host(ctx: Any) -> None:
     from banger_core.errors import BangerError, ErrorCode
-    from banger_network.service import host_resolver, tap_name
+    from banger_core.models import user_net
+    from banger_network.service import host_resolver, tap_name, user_mac
 
     svc = _svc(ctx)
     mode = svc.resolved_mode(ctx.vm, ctx.settings, ctx.options) if svc is not None else "none"
@@ -107,10 +122,16 @@ def prepare_host(ctx: Any) -> None:
         ctx.persist()
         return
     if mode == "user":
-        raise BangerError(
-            ErrorCode.BAD_REQUEST,
-            "network mode 'user' (QEMU user-mode networking) is not in this banger yet: use --network bridge or none",
-        )
+        refused = svc.user_refusal(ctx.vm.driver)
+        if refused is not None:
+            raise BangerError(ErrorCode.BAD_REQUEST, f"network mode user: {refused}")
+        svc.forwards.stop_vm(ctx.vm.id)  # a previous boot's rows: its VMM is gone
+        u = user_net(svc.settings().user_subnet)
+        ctx.teardown.update(user_net=u.network, address=u.guest, mac=user_mac(ctx.vm.id))
+        ctx.persist()
+        svc.prepared(svc.vmnet(ctx.vm.id, ctx.vm.name, ctx.teardown))
+        ctx.log.info("VM %s: user-mode network %s (nothing made on the host)", ctx.vm.name, u.network)
+        return
     svc.guard()
     address, mac = svc.lease(ctx.vm.id, ctx.vm.name)
     s = svc.settings()
@@ -128,16 +149,19 @@ def configure_machine(ctx: Any, machine: Any) -> None:
     from banger_core.models import NIC
 
     td = ctx.teardown
-    if td.get("mode") != "bridge":
+    if td.get("mode") not in ("bridge", "user"):
         return
     net = _svc(ctx).vm_network(ctx.vm)
-    machine.nics.append(NIC(id="net0", tap=td["tap"], mac=td["mac"]))
+    if td["mode"] == "user":
+        machine.nics.append(NIC(id="net0", kind="user", net=td["user_net"], mac=td["mac"]))
+    else:
+        machine.nics.append(NIC(id="net0", tap=td["tap"], mac=td["mac"]))
     mask = str(ipaddress.IPv4Network(f"0.0.0.0/{net.prefixlen}").netmask)
-    dns = td.get("resolver") or ""
+    dns = net.resolver or ""
     # the kernel's own autoconfiguration (banger's microVM kernel has it; Debian's cloud
     # kernel has not, and the agent applies banger.net= there)
-    machine.boot_args.append(f"ip={td['address']}::{net.gateway}:{mask}:{ctx.vm.name}:eth0:off:{dns}")
-    machine.boot_args.append(f"banger.net={td['address']}/{net.prefixlen},{net.gateway},{dns},{td['mac']}")
+    machine.boot_args.append(f"ip={net.address}::{net.gateway}:{mask}:{ctx.vm.name}:eth0:off:{dns}")
+    machine.boot_args.append(f"banger.net={net.address}/{net.prefixlen},{net.gateway},{dns},{td['mac']}")
 
 
 @hookimpl
@@ -145,6 +169,9 @@ def vm_resumed(ctx: Any, resumed: Any) -> None:
     """A VM restored from a snapshot runs with its source's MAC and address: the agent
     gives the guest its own (link down, new MAC, address, route, resolver, link up)."""
     td = ctx.teardown
+    if td.get("mode") == "user":  # a new VMM: no forwards yet, whatever the guest listens on
+        _svc(ctx).watch_ports(ctx.vm.id, ctx.vm.name)
+        return
     if td.get("mode") != "bridge" or not resumed.new_identity:
         return
     net = _svc(ctx).vm_network(ctx.vm)
@@ -174,8 +201,11 @@ def vm_resumed(ctx: Any, resumed: Any) -> None:
 @hookimpl
 def post_boot(ctx: Any) -> None:
     svc = _svc(ctx)
-    if svc is not None:
-        svc.activate(ctx.vm.id)
+    if svc is None:
+        return
+    svc.activate(ctx.vm.id)
+    if ctx.teardown.get("mode") == "user" and svc.forwards.get(ctx.vm.id) is None:  # (vm_resumed started it)
+        svc.watch_ports(ctx.vm.id, ctx.vm.name)
 
 
 @hookimpl
@@ -189,6 +219,10 @@ def cleanup(ctx: Any) -> None:
         return
     svc.forget(ctx.vm.id)
     errors = []
+    try:
+        svc.forwards.stop_vm(ctx.vm.id)
+    except Exception as exc:
+        errors.append(f"forwards: {exc}")
     if ctx.teardown.get("mode") == "bridge" or hostnet.link(tap_name(ctx.vm.id)) is not None:
         try:
             svc.guard()
@@ -208,12 +242,39 @@ def vm_fields(ctx: Any, detail: bool) -> dict[str, object] | None:
     if not td:
         return None
     if not detail:
-        return {"ip": td.get("address") or "-"}
+        return {"ip": "user" if td.get("mode") == "user" else td.get("address") or "-"}
     out: dict[str, object] = {"mode": td.get("mode")}
-    for k in ("address", "mac", "bridge", "tap", "resolver"):
+    for k in ("address", "mac", "bridge", "tap", "resolver", "user_net"):
         if td.get(k):
             out[k] = td[k]
+    if td.get("mode") == "user":
+        f = _forwarder(ctx)
+        out["forwards"] = f.describe() if f is not None else []
     return out
+
+
+def _forwarder(ctx: Any) -> Any:
+    try:
+        svc = ctx.service("net")
+    except Exception:
+        return None
+    return svc.forwards.get(ctx.vm.id) if ctx.vm.state.live else None
+
+
+@hookimpl
+def vm_port_endpoint(ctx: Any, listener: Any) -> str | None:
+    """A user-mode VM's forwarded listener: 127.0.0.1:<its host port>."""
+    if ctx.teardown.get("mode") != "user":
+        return None
+    f = _forwarder(ctx)
+    fwd = f.forwards.get((listener.proto, listener.port)) if f is not None else None
+    if fwd is None:
+        return None
+    from banger_network.forwards import reachable
+
+    if reachable(listener.model_dump(), f.guest) is not None:
+        return None  # the same port on the guest's loopback: not what the forward leads to
+    return f"{fwd.host_address}:{fwd.host_port}"
 
 
 @hookimpl
@@ -236,9 +297,33 @@ def register_doctor_checks(register: Callable[..., None], doctor: Any) -> None:
         ok, why = hostnet.may_create_taps()
         expected = s.expected_netns()
         refused = netns_refusal(expected) if expected else None  # '': the daemon's recorded namespace rules
-        auto = f"none ({refused})" if refused else (f"bridge ({why})" if ok else f"none ({why})")
+        if refused:
+            auto = f"none ({refused})"
+        elif ok:
+            auto = f"bridge ({why})"
+        else:
+            auto = f"user on QEMU, none on Firecracker ({why})"
         where = f"daemon namespace {hostnet.current_namespace().describe()}"
         return CheckResult.ok("mode", f"mode {s.mode}; auto = {auto}; {where}")
+
+    def user(s: Any) -> "CheckResult":
+        import shutil
+
+        from banger_core.models import user_net
+        from banger_network.settings import Settings
+
+        s = s if isinstance(s, Settings) else Settings()
+        u = user_net(s.user_subnet)
+        rt = getattr(doctor, "runtime", None)
+        if shutil.which(rt.config.core.vmm.qemu_binary if rt is not None else "qemu-system-x86_64") is None:
+            return CheckResult.warn("user mode", "no QEMU binary: user mode needs QEMU (Firecracker has none)")
+        f = s.forward
+        fwd = "off" if not f.auto else f"on ({len(f.exclude)} excluded, {len(f.pin)} pinned)"
+        return CheckResult.ok(
+            "user mode",
+            f"QEMU slirp on {u.network}: the guest is {u.guest}; it reaches this host's 127.0.0.1 services at {u.gateway} "
+            f"and DNS at {u.dns}, and goes out through the daemon's network; its listeners are forwarded to 127.0.0.1: {fwd}",
+        )
 
     def bridge(s: Any) -> "CheckResult":
         from banger_core import hostnet
@@ -257,4 +342,5 @@ def register_doctor_checks(register: Callable[..., None], doctor: Any) -> None:
 
     register("tun", tun)
     register("mode", mode)
+    register("user mode", user)
     register("bridge", bridge)

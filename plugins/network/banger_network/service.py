@@ -18,6 +18,7 @@ from typing import Any
 from banger_core import hostnet
 from banger_core.errors import BangerError, ErrorCode
 from banger_network.api import Mode, VMNet
+from banger_network.forwards import ForwardManager
 from banger_network.settings import NO_NETNS, Settings
 
 log = logging.getLogger("banger.plugin.network")
@@ -37,6 +38,12 @@ def bridge_mac(bridge: str) -> str:
     which changes as TAPs come and go and breaks guests' ARP entries for the gateway)."""
     h = hashlib.sha256(f"banger-bridge:{bridge}".encode()).digest()
     return "02:" + ":".join(f"{b:02x}" for b in h[:5])
+
+
+def user_mac(vm_id: str) -> str:
+    """A user-mode VM's MAC (its own slirp network: unique only for neatness)."""
+    h = hashlib.sha256(f"banger-user:{vm_id}".encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in h[:3])
 
 
 RESOLV_CONFS = ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf")
@@ -60,6 +67,14 @@ def host_resolver(files: tuple[str, ...] = RESOLV_CONFS) -> str | None:
                 if addr.version == 4 and not addr.is_loopback:
                     return str(addr)
     return None
+
+
+def driver_nic_kinds(driver: str) -> frozenset[str]:
+    """The NIC kinds the VMM ``driver`` can give a guest (the core's drivers say)."""
+    from banger_core.vmm.drivers import DRIVER_CLASSES
+
+    cls = DRIVER_CLASSES.get(driver)
+    return cls.nic_kinds if cls is not None else frozenset()
 
 
 def netns_refusal(expected: str) -> str | None:
@@ -184,6 +199,8 @@ class NetworkService:
         self._generation = 0
         self.pool = TapPool(self)
         self._isolated: str | None = None  # the bridge whose isolation rule this daemon checked
+        self.forwards = ForwardManager(daemon, self.settings)
+        self._adopt: list[tuple[str, str]] = []  # running user-mode VMs found at reconcile: (id, name)
 
     # --- settings, namespace ------------------------------------------------------------
     def settings(self) -> Settings:
@@ -236,16 +253,32 @@ class NetworkService:
     def bridge_possible(self) -> tuple[bool, str]:
         return self.can_bridge()
 
+    def user_refusal(self, driver: str | None) -> str | None:
+        """Why user mode is not possible for a VM of VMM ``driver`` (None: it is): the
+        VMM must have it, and banger must be allowed this namespace's network (user
+        mode changes nothing on the host, but its guests use the daemon's network)."""
+        if driver is not None and "user" not in driver_nic_kinds(driver):
+            return f"the {driver} VMM has no user-mode networking (QEMU has)"
+        expected = self.settings().expected_netns()
+        if expected:
+            return netns_refusal(expected)
+        return None
+
     def resolved_mode(self, vm: Any, settings: Any, options: Any) -> Mode:
         s = settings if isinstance(settings, Settings) else self.settings()
         asked = (getattr(options, "network", None) if options is not None else None) or s.mode
         if asked != "auto":
             return asked
-        return "bridge" if self.can_bridge()[0] else "none"
+        if self.can_bridge()[0]:
+            return "bridge"
+        return "user" if self.user_refusal(getattr(vm, "driver", None)) is None else "none"
 
-    def auto_explained(self) -> str:
+    def auto_explained(self, driver: str | None = "qemu") -> str:
         ok, why = self.can_bridge()
-        return f"bridge ({why})" if ok else f"none: {why} (user mode comes with the next banger)"
+        if ok:
+            return f"bridge ({why})"
+        refused = self.user_refusal(driver)
+        return f"user ({why})" if refused is None else f"none ({why}; {refused})"
 
     # --- bridge, TAPs ---------------------------------------------------------------------
     def network(self) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Interface]:
@@ -333,6 +366,8 @@ class NetworkService:
             if net is not None and net.mode == "bridge" and net.address:
                 self._active[vm_id] = net
                 self._rebuild()
+            elif net is not None:
+                self._active[vm_id] = net  # no record: a user-mode address is the VM's own
 
     def forget(self, vm_id: str) -> None:
         with self.lock:
@@ -341,7 +376,7 @@ class NetworkService:
                 self._rebuild()
 
     def _rebuild(self) -> None:
-        self._records = {n.vm_name: n.address for n in self._active.values() if n.address}
+        self._records = {n.vm_name: n.address for n in self._active.values() if n.address and n.mode == "bridge"}
         self._generation += 1
 
     def records(self) -> dict[str, str]:
@@ -353,6 +388,20 @@ class NetworkService:
         return self._generation
 
     def vmnet(self, vm_id: str, vm_name: str, teardown: dict[str, Any]) -> VMNet:
+        if teardown.get("mode") == "user":
+            from banger_core.models import user_net
+
+            u = user_net(teardown.get("user_net") or self.settings().user_subnet)
+            return VMNet(
+                vm_id=vm_id,
+                vm_name=vm_name,
+                mode="user",
+                mac=teardown.get("mac"),
+                address=u.guest,
+                prefixlen=u.prefixlen,
+                gateway=u.gateway,
+                resolver=u.dns,
+            )
         s = self.settings()
         net, gw = self.network()
         return VMNet(
@@ -379,11 +428,19 @@ class NetworkService:
         released = [lease["vm_id"] for lease in self.leases() if lease["vm_id"] not in vms]
         for vm_id in released:
             self.release(vm_id)
+        self._adopt = []
         for vm_id in live:
             td = vms[vm_id].teardown.get("network") or {}
-            if td.get("mode") == "bridge" and td.get("address"):
+            if td.get("mode") in ("bridge", "user") and td.get("address"):
                 self.prepared(self.vmnet(vm_id, vms[vm_id].name, td))
                 self.activate(vm_id)
+            if td.get("mode") == "user":
+                self._adopt.append((vm_id, vms[vm_id].name))
+        dropped = 0
+        for row in self.forwards.rows():
+            if row["vm_id"] not in live:
+                self.forwards.forget_rows(row["vm_id"])
+                dropped += 1
         removed: list[str] = []
         if self.guard_error() is None:
             keep = {tap_name(i) for i in live}
@@ -393,9 +450,30 @@ class NetworkService:
                 if lk.name not in keep and lk.kind == "tun" and bridge is not None and lk.master == bridge.index:
                     hostnet.delete_link(lk.name)
                     removed.append(lk.name)
-        return {"records": len(self._records), "released": released, "removed_taps": removed}
+        return {
+            "records": len(self._records),
+            "released": released,
+            "removed_taps": removed,
+            "user_vms": len(self._adopt),
+            "stale_forwards": dropped,
+        }
+
+    def watch_ports(self, vm_id: str, vm_name: str, adopt: bool = False) -> None:
+        """Forward a running user-mode VM's listeners (post_boot, vm_resumed, start)."""
+        from banger_core.models import user_net
+
+        agent = self.runtime.host.service_for("network", "agent")
+        guest = user_net(self.settings().user_subnet).guest
+        net = self._prepared.get(vm_id)
+        self.forwards.watch(agent, self.daemon.paths, vm_id, vm_name, net.address if net and net.address else guest, adopt)
 
     def start(self) -> None:
+        for vm_id, name in self._adopt:  # the VMs kept their forwards: the table says which
+            try:
+                self.watch_ports(vm_id, name, adopt=True)
+            except Exception as exc:
+                log.warning("VM %s: cannot watch its ports again: %s", name, exc)
+        self._adopt = []
         if self.guard_error() is None and hostnet.may_create_taps()[0]:
             s = self.settings()
             adopted, removed = self.pool.adopt(s.bridge, s.tap_pool)
@@ -404,6 +482,7 @@ class NetworkService:
             self.pool.start()
 
     def stop(self) -> None:
+        self.forwards.stop()
         self.pool.stop()
         if self.guard_error() is None and hostnet.may_create_taps()[0]:
             drained = self.pool.drain()
@@ -419,6 +498,7 @@ class NetworkService:
             out["pool"] = exc.message
         out["leases"] = len(self.leases())
         out["running"] = len(self._records)
+        out.update(self.forwards.status())
         if self.pool.last_error:
             out["pool_error"] = self.pool.last_error
         return out

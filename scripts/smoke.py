@@ -16,6 +16,7 @@ SCENARIOS below.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,10 +206,10 @@ def _dns(e: Env, name: str) -> tuple[str, list[str]]:
     return rcode, answers
 
 
-def run_network(e: Env) -> None:
-    """Bridge, NAT and DNS on the default image: two VMs (one with --nat) reach each
-    other, resolve as NAME.vm, only the NAT one reaches an 'internet' namespace (as the
-    uplink's address); after stop/start one rule set; after delete only pool TAPs."""
+@contextlib.contextmanager
+def _internet(e: Env) -> Iterator[None]:
+    """An 'internet' namespace behind the scenario's (a veth, a default route), where
+    tests/peer_http.py answers GETs on INTERNET:8080 with the client's address."""
     inet = f"{e.netns}-inet"
     subprocess.run(["ip", "netns", "add", inet], check=True)
     server = None
@@ -222,6 +223,18 @@ def run_network(e: Env) -> None:
         check(_ns(e.netns, "ip", "route", "add", "default", "via", INTERNET).returncode == 0, "default route")
         peer = Path(__file__).resolve().parent.parent / "tests" / "peer_http.py"  # answers with the client's address
         server = subprocess.Popen(["ip", "netns", "exec", inet, sys.executable, str(peer), INTERNET])
+        yield
+    finally:
+        if server is not None:
+            server.kill()
+        subprocess.run(["ip", "netns", "delete", inet], capture_output=True)
+
+
+def run_network(e: Env) -> None:
+    """Bridge, NAT and DNS on the default image: two VMs (one with --nat) reach each
+    other, resolve as NAME.vm, only the NAT one reaches an 'internet' namespace (as the
+    uplink's address); after stop/start one rule set; after delete only pool TAPs."""
+    with _internet(e):
         for args in (["--name", "a", "--nat"], ["--name", "b"]):
             r = e.run("vm", "run", "-d", "--cold", *args)
             check(r.returncode == 0, out(r))
@@ -252,10 +265,47 @@ def run_network(e: Env) -> None:
         rules = _ns(e.netns, "iptables-save").stdout.decode()
         check("banger:nat:" not in rules, "no NAT rule left:\n" + rules)
         e.nothing_left()
-    finally:
-        if server is not None:
-            server.kill()
-        subprocess.run(["ip", "netns", "delete", inet], capture_output=True)
+
+
+def _host_state(e: Env) -> tuple[str, ...]:
+    """The scenario namespace's links, addresses and firewall rules."""
+    out = [_ns(e.netns, *argv).stdout.decode() for argv in (["ip", "-o", "link"], ["ip", "-o", "addr"], ["iptables-save"])]
+    out[2] = "\n".join(ln for ln in out[2].splitlines() if not ln.startswith("#"))  # its timestamps
+    return tuple(out)
+
+
+def run_network_user(e: Env) -> None:
+    """User mode on the default image: egress with nothing made on the host, a server
+    in the guest answers on 127.0.0.1 of the daemon's namespace, and goes with the VM."""
+    with _internet(e):
+        before = _host_state(e)
+        r = e.run("vm", "run", "-d", "--cold", "--name", "u", "--network", "user")
+        check(r.returncode == 0, out(r))
+        r = e.run("vm", "exec", "u", "--", "bash", "-c", GET)
+        check(r.returncode == 0 and r.stdout.strip().endswith(UPLINK.encode()), "u reaches the internet\n" + out(r))
+        r = e.run(
+            "vm",
+            "exec",
+            "u",
+            "--",
+            "bash",
+            "-c",
+            "cd /tmp && echo hi > hi.txt && setsid -f python3 -m http.server 8000 >/dev/null 2>&1",
+        )
+        check(r.returncode == 0, out(r))
+        deadline = time.monotonic() + 30
+        endpoint = ""
+        while time.monotonic() < deadline and not endpoint.startswith("127.0.0.1:"):
+            ports = json.loads(e.run("vm", "ports", "u", "--json", "--no-probe").stdout or "[]")
+            endpoint = next((p["endpoint"] for p in ports if p["port"] == 8000), "")
+            time.sleep(0.3)
+        check(endpoint.startswith("127.0.0.1:"), f"port 8000 forwarded: {endpoint!r}")
+        url = f"http://{endpoint}/hi.txt"
+        got = _ns(e.netns, sys.executable, "-c", f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())")
+        check(got.stdout.strip() == b"hi", "the guest's server answers on its forward\n" + out(got))
+        check(_host_state(e) == before, "user mode made nothing on the host")
+        check(e.run("vm", "delete", "--force", "u").returncode == 0, "delete")
+        e.nothing_left()
 
 
 SCENARIOS: dict[str, tuple[Callable[[Env], None], bool, str]] = {
@@ -268,6 +318,7 @@ SCENARIOS: dict[str, tuple[Callable[[Env], None], bool, str]] = {
     "run-warm": (run_warm, True, "the second vm run restores the first's template: its boot id, its own hostname"),
     "snapshot": (run_snapshot, False, "snapshot, two restores with the file and their own names, delete refused then done"),
     "network": (run_network, False, "bridge + NAT + DNS: two VMs, NAME.vm, egress only with --nat, one rule set, nothing left"),
+    "network-user": (run_network_user, False, "user mode: egress, nothing on the host, a guest server on its 127.0.0.1 forward"),
 }
 
 

@@ -72,7 +72,12 @@ class UserEnv:
         links = sorted((lk["ifname"], lk.get("linkinfo", {}).get("info_kind", "")) for lk in self.host.links())
         addrs = self.host.run(["ip", "-j", "addr"], check=True).stdout
         fwd = self.host.run(["sysctl", "-n", "net.ipv4.ip_forward"], check=True).stdout
-        return {"links": links, "addrs": json.loads(addrs), "rules": self.host.iptables_save().splitlines()[1:-1], "fwd": fwd}
+        return {
+            "links": links,
+            "addrs": json.loads(addrs),
+            "rules": [ln for ln in self.host.iptables_save().splitlines() if not ln.startswith("#")],
+            "fwd": fwd,
+        }
 
     def get(self, port: int, path: str = "/") -> str:
         """An HTTP GET to 127.0.0.1:PORT from inside the daemon's namespace."""

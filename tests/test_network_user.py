@@ -70,11 +70,14 @@ class UserEnv:
     def host_state(self) -> dict:
         """What a VM could have changed in the daemon's namespace."""
         links = sorted((lk["ifname"], lk.get("linkinfo", {}).get("info_kind", "")) for lk in self.host.links())
-        addrs = self.host.run(["ip", "-j", "addr"], check=True).stdout
+        addrs = json.loads(self.host.run(["ip", "-j", "addr"], check=True).stdout)
+        for link in addrs:  # an IPv6 link-local address still in duplicate detection is the same address
+            for a in link.get("addr_info", []):
+                a.pop("tentative", None)
         fwd = self.host.run(["sysctl", "-n", "net.ipv4.ip_forward"], check=True).stdout
         return {
             "links": links,
-            "addrs": json.loads(addrs),
+            "addrs": addrs,
             "rules": [ln for ln in self.host.iptables_save().splitlines() if not ln.startswith("#")],
             "fwd": fwd,
         }

@@ -384,3 +384,42 @@ def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     kids = [int(p) for p in out.split()]
     return [k for grand in kids for k in [grand, *_children(grand)]]
+
+
+def test_tcp_connect_relays_a_guest_loopback_port_both_ways(agent):
+    """The op the host's relay for a loopback-only listener uses: bytes both ways, the
+    host's end of input shuts the socket's write side, a refused port exits 1."""
+    host, _pid = agent
+    echo = (
+        "import socket; s=socket.socket(); s.bind(('127.0.0.1', 7000)); s.listen(); print('ready', flush=True)\n"
+        "c, _ = s.accept(); data = b''\n"
+        "while (chunk := c.recv(65536)): data += chunk\n"
+        "c.sendall(data[::-1] + b'|' + str(len(data)).encode()); c.close()"
+    )
+
+    async def main():
+        ch = await connect(host)
+        srv = await ch.open({"op": "exec", "argv": [sys.executable, "-c", echo]})
+        await read_until(srv, b"ready", bytearray())
+        s = await ch.open({"op": "tcp_connect", "port": 7000})
+        payload = os.urandom(300_000)  # more than a frame, less than the window
+        await s.stdin(payload)
+        await s.stdin_eof()  # the server sees EOF, answers, closes
+        status, out, err, _ = await collect(s)
+        assert status == 0, err
+        assert out == payload[::-1] + b"|300000"
+        s = await ch.open({"op": "tcp_connect", "port": 7001})  # nothing listens
+        status, out, err, _ = await collect(s)
+        assert status == 1 and b"refused" in err.lower(), err
+        for bad in (
+            {"op": "tcp_connect", "port": 0},
+            {"op": "tcp_connect", "port": "80"},
+            {"op": "tcp_connect", "port": 1, "host": "x"},
+        ):
+            s = await ch.open(bad)
+            status, _out, err, message = await collect(s)
+            assert status != 0 and (message or err), bad
+        await srv.close()
+        await ch.close()
+
+    asyncio.run(main())

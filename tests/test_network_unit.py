@@ -240,7 +240,19 @@ def test_forwards_follow_the_pushed_listener_lists(tmp_path):
     mgr = ForwardManager(SimpleNamespace(store=store, vms=vms), lambda: SimpleNamespace(forward=rules))
     from banger_network.forwards import Forwarder
 
-    f = Forwarder(mgr, "v" * 16, "web", "10.0.2.15", {})
+    relays: dict[int, int] = {}  # host port -> guest port, of the agent relays open
+
+    class Relay:
+        def __init__(self, guest: int, host: int) -> None:
+            if host in relays or ("tcp", host) in taken or ("tcp", host) in held:
+                raise OSError(98, "Address already in use")
+            self.port = host or 40000 + guest
+            relays[self.port] = guest
+
+        def close(self) -> None:
+            relays.pop(self.port, None)
+
+    f = Forwarder(mgr, "v" * 16, "web", "10.0.2.15", {}, proxy=Relay)
 
     def push(*listeners):
         f.on_listeners([{"proto": p, "address": a, "port": n} for p, a, n in listeners])
@@ -249,18 +261,23 @@ def test_forwards_follow_the_pushed_listener_lists(tmp_path):
 
     got = push(("tcp", "0.0.0.0", 3000), ("tcp", "::", 8080), ("udp", "0.0.0.0", 67), ("tcp", "127.0.0.1", 7070),
                ("tcp", "0.0.0.0", 6060), ("udp", "::", 5353), ("tcp", "10.0.2.15", 9090), ("tcp", "0.0.0.0", 9191),
-               ("tcp", "192.168.1.5", 4000))  # fmt: skip
+               ("tcp", "192.168.1.5", 4000), ("udp", "127.0.0.1", 5000), ("tcp", "127.0.0.1", 8080))  # fmt: skip
     assert got["tcp/3000"] == "127.0.0.1:3000" and got["udp/67"] == "127.0.0.1:67"
     assert got["tcp/8080"].startswith("127.0.0.1:") and got["tcp/8080"] != "127.0.0.1:8080"  # taken: an ephemeral one
     assert "pinned to 127.0.0.1:19090" in got["tcp/9090"] and got["tcp/9191"] == "127.0.0.1:19191"
     assert "exclude" in got["tcp/6060"] and "exclude" in got["udp/5353"]
-    assert "only the guest reaches it" in got["tcp/7070"] and "not to the guest's 10.0.2.15" in got["tcp/4000"]
+    assert got["tcp/7070"] == "127.0.0.1:7070" and relays == {7070: 7070}  # loopback TCP: relayed by the agent
+    assert [d.get("via") for d in f.describe() if d["guest"] == "tcp/7070"] == ["agent"]
+    assert "only the guest reaches it" in got["udp/5000"] and "not to the guest's 10.0.2.15" in got["tcp/4000"]
+    assert f.endpoint(("tcp", 8080), {"proto": "tcp", "address": "::", "port": 8080}) == got["tcp/8080"]  # the wildcard one wins
+    assert f.endpoint(("tcp", 7070), {"proto": "tcp", "address": "127.0.0.1", "port": 7070}) == "127.0.0.1:7070"
     rows = {(r["proto"], r["guest_port"]): r["host_port"] for r in mgr.rows("v" * 16)}
     assert rows == {(p, g): h for (p, h), g in held.items()} and len(rows) == 4
     # 3000 goes, 5000 comes; the others stay as they were (no re-add)
     before = dict(held)
     got = push(("tcp", "::", 8080), ("udp", "0.0.0.0", 67), ("tcp", "0.0.0.0", 9191), ("tcp", "0.0.0.0", 5000))
     assert "tcp/3000" not in got and ("tcp", 3000) not in held and got["tcp/5000"] == "127.0.0.1:5000"
+    assert relays == {}  # the loopback listener went: its relay closed
     assert {k: v for k, v in held.items() if v != 5000} == {k: v for k, v in before.items() if v != 3000}
     # the table (what the next daemon adopts) follows
     assert {(r["proto"], r["guest_port"]) for r in mgr.rows("v" * 16)} == {

@@ -200,7 +200,7 @@ def test_listeners_are_forwarded_to_loopback_as_they_come_and_go(pair):
     other = u.ports("u2")[("tcp", 8080)]
     assert other.startswith("127.0.0.1:") and other != "127.0.0.1:8080"
     assert u.get(int(other.split(":")[1])) == "two\n" and u.get(8080) == "one\n"
-    # pinned, excluded, loopback-only and UDP listeners
+    # pinned, excluded, guest-loopback and UDP listeners
     _serve(u, "u1", "9090", "pinned")
     _serve(u, "u1", "6060", "excluded")
     _serve(u, "u1", "127.0.0.1:7070", "private")
@@ -215,7 +215,9 @@ def test_listeners_are_forwarded_to_loopback_as_they_come_and_go(pair):
     fw = u.forwards("u1")
     assert fw["tcp/8080"]["host"] == "127.0.0.1:8080" and fw["tcp/9090"]["host"] == "127.0.0.1:19090"
     assert fw["tcp/6060"]["host"] is None and "exclude" in fw["tcp/6060"]["why"]
-    assert fw["tcp/7070"]["host"] is None and "127.0.0.1" in fw["tcp/7070"]["why"]
+    # a listener on the guest's loopback (a dev server on localhost): relayed through the agent
+    assert fw["tcp/7070"] == {"guest": "tcp/7070", "host": "127.0.0.1:7070", "via": "agent"}
+    assert u.get(7070) == "private\n" and u.ports("u1")[("tcp", 7070)] == "127.0.0.1:7070"
     assert fw["udp/67"]["host"] == "127.0.0.1:67" and u.bound(67, "udp")
     assert u.get(19090) == "pinned\n" and not u.bound(6060)
     ports = u.ports("u1")

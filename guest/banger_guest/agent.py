@@ -173,6 +173,9 @@ def _op(op: str, req: dict[str, Any]) -> int:
 
         ports.watch(write, interval=min(max(float(req.get("interval") or 0.5), 0.1), 10.0))
         return 0
+    if op == "tcp_connect":
+        ports.connect_relay(str(req.get("host") or "127.0.0.1"), int(req["port"]))
+        return 0
     if op == "cp_out":
         with os.fdopen(1, "wb", buffering=transfer.BUFSIZE, closefd=False) as out:
             transfer.tar_out(str(req["path"]), out)
@@ -409,7 +412,7 @@ class Agent:
             self.net(sid, req)
         elif op == "exec":
             self.exec(sid, req)
-        elif op in ("cp_out", "cp_in", "ports", "watch_ports"):
+        elif op in ("cp_out", "cp_in", "ports", "watch_ports", "tcp_connect"):
             self.fork_op(sid, op, req)
         else:
             self.send_json(P.ERROR, sid, {"message": f"unknown op {op!r}"})
@@ -516,12 +519,17 @@ class Agent:
         except transfer.TransferError as exc:
             self.send_json(P.ERROR, sid, {"message": str(exc), "status": 1})
             return
+        if op == "tcp_connect":
+            port = req.get("port")
+            if not isinstance(port, int) or not 0 < port < 65536 or not isinstance(req.get("host", ""), str):
+                self.send_json(P.ERROR, sid, {"message": f"tcp_connect: bad port {port!r}", "status": 1})
+                return
         (in_r, in_w), (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe(), os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: never returns
             _run_op(op, req, (in_r, out_w, err_w))
         _close_all([in_r, out_w, err_w])
-        self.start(Session(sid, pid, in_w, {out_r: "stdout", err_r: "stderr"}), stdin=op == "cp_in")
+        self.start(Session(sid, pid, in_w, {out_r: "stdout", err_r: "stderr"}), stdin=op in ("cp_in", "tcp_connect"))
 
     def start(self, s: Session, stdin: bool) -> None:
         self.sessions[s.sid] = s

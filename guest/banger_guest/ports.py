@@ -16,6 +16,7 @@ import glob
 import ipaddress
 import json
 import os
+import selectors
 import socket
 import threading
 import time
@@ -141,6 +142,38 @@ def watch(write: Callable[[bytes], None], interval: float = 0.5) -> None:
             write(json.dumps(_listeners(sockets, probe=False)).encode() + b"\n")
             last = now
         time.sleep(interval)
+
+
+def connect_relay(host: str, port: int, fd_in: int = 0, fd_out: int = 1) -> None:
+    """Connect to ``host:port`` in the guest and relay: what arrives on ``fd_in`` goes
+    to the socket (its end: the socket's write side is shut), what the socket sends
+    goes to ``fd_out``; returns when the socket's peer is done. ``host`` must be an IP
+    address. Raises OSError when nothing listens there."""
+    ipaddress.ip_address(host)
+    s = socket.create_connection((host, port), timeout=10)
+    s.settimeout(None)
+    sel = selectors.DefaultSelector()
+    sel.register(fd_in, selectors.EVENT_READ, "in")
+    sel.register(s, selectors.EVENT_READ, "sock")
+    try:
+        while True:
+            for key, _ in sel.select():
+                if key.data == "in":
+                    data = os.read(fd_in, 65536)
+                    if data:
+                        s.sendall(data)
+                    else:
+                        sel.unregister(fd_in)
+                        s.shutdown(socket.SHUT_WR)
+                    continue
+                data = s.recv(65536)
+                if not data:
+                    return
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd_out, view) :]
+    finally:
+        s.close()
 
 
 def _target(d: dict[str, Any]) -> tuple[str, int]:

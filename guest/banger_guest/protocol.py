@@ -29,6 +29,11 @@ are raw bytes. The ops an ``OPEN`` names:
   probed) as a JSON array on one line of STDOUT now, and another each time the set of
   listening sockets changes (checked every ``interval`` s, default 0.5): the guest
   pushes, the host does not poll. Runs until the host ``CLOSE``s the session.
+- ``{"op": "tcp_connect", "host", "port"}``: a TCP connection to ``host`` (an IP
+  address, default 127.0.0.1) and ``port`` in the guest: STDIN goes to it (STDIN_EOF
+  shuts its write side), what it sends comes as STDOUT; ``EXIT`` 0 once it closed, 1
+  (the reason on STDERR) when it could not connect. How the host reaches a listener
+  bound to the guest's loopback.
 - ``{"op": "health"}``, ``{"op": "poweroff"}``: one ``RESULT``.
 - ``{"op": "resume", "time_ns", "seed", "hostname", "machine_id", "ssh_host_keys"}``:
   right after a restore from a snapshot, the VM's own clock, RNG seed, hostname,
@@ -52,7 +57,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-VERSION = 5  # 2: tty exec, RESIZE, cp_in/cp_out, ports; 3: resume; 4: net; 5: watch_ports
+VERSION = 5  # 2: tty exec, RESIZE, cp_in/cp_out, ports; 3: resume; 4: net; 5: watch_ports, tcp_connect
 MAGIC = b"\xb4BG\x01"
 HEADER = struct.Struct(">4sBIII")
 MAX_PAYLOAD = 64 * 1024

@@ -24,6 +24,21 @@ class AgentAPI(Protocol):
         ``cancel()``. It does not fail: ``last_error`` says what went wrong last."""
         ...
 
+    def listen_tcp(self, paths: Any, vm_id: str, guest_port: int, host_port: int = 0, host: str = "127.0.0.1") -> "ProxyHandle":
+        """From a thread: listen on ``host:host_port`` (0: ephemeral; OSError when the
+        port is taken) and relay each connection to the guest's 127.0.0.1:``guest_port``
+        through the agent channel."""
+        ...
+
+
+class ProxyHandle(Protocol):
+    port: int  # the host port it listens on
+    connections: int
+
+    def close(self) -> None:
+        """Stop accepting; from any thread, idempotent."""
+        ...
+
 
 class WatchHandle(Protocol):
     lines: int

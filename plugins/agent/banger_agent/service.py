@@ -57,6 +57,20 @@ def opener_for(socket: Path) -> Opener:
     return unix_opener(str(socket))
 
 
+class TcpProxy:
+    """A host port whose connections go to a guest port through the agent
+    (``AgentService.listen_tcp``)."""
+
+    def __init__(self, service: "AgentService", server: asyncio.base_events.Server, port: int) -> None:
+        self.service, self.server, self.port = service, server, port
+        self.connections = 0
+
+    def close(self) -> None:
+        """Stop accepting (connections under way go on until either side closes);
+        from any thread, idempotent."""
+        self.service.loop.call_soon_threadsafe(self.server.close)
+
+
 class AgentService:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -171,6 +185,51 @@ class AgentService:
                         await session.close()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, retry_max)
+
+    def listen_tcp(self, paths: Any, vm_id: str, guest_port: int, host_port: int = 0, host: str = "127.0.0.1") -> TcpProxy:
+        """From a thread: listen on ``host:host_port`` (0: an ephemeral port; OSError
+        when taken) and relay each connection to the guest's 127.0.0.1:``guest_port``
+        through the agent (its ``tcp_connect`` op): a listener bound to the guest's
+        loopback, which nothing outside the guest reaches otherwise."""
+        from banger_agent import socket_of
+
+        proxy: TcpProxy | None = None
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            assert proxy is not None
+            proxy.connections += 1
+            session: Session | None = None
+            up: asyncio.Task[None] | None = None
+            try:
+                session = await self.open(vm_id, socket_of(paths, vm_id), {"op": "tcp_connect", "port": guest_port}, timeout=10)
+
+                async def to_guest(s: Session) -> None:
+                    while data := await reader.read(P.MAX_PAYLOAD):
+                        await s.stdin(data)
+                    await s.stdin_eof()
+
+                up = asyncio.get_running_loop().create_task(to_guest(session))
+                async for frame in session.events():
+                    if frame.kind == P.STDOUT:
+                        writer.write(frame.payload)
+                        await writer.drain()
+            except Exception as exc:  # the guest refused, the channel went, the client went: this connection ends
+                log.debug("VM %s: relay to guest port %d ended: %s", vm_id, guest_port, exc)
+            finally:
+                if up is not None:
+                    up.cancel()
+                if session is not None:
+                    with contextlib.suppress(Exception):
+                        await session.close()
+                writer.close()
+
+        async def start() -> TcpProxy:
+            nonlocal proxy
+            server = await asyncio.start_server(handle, host, host_port)
+            proxy = TcpProxy(self, server, int(server.sockets[0].getsockname()[1]))
+            return proxy
+
+        return self.run(start(), timeout=10)
 
     # --- waiting for an agent (from a thread) ------------------------------------------
     def wait_ready(self, vm_id: str, socket: Path, deadline: float, alive: Any = lambda: True) -> dict[str, Any]:

@@ -267,14 +267,7 @@ def vm_port_endpoint(ctx: Any, listener: Any) -> str | None:
     if ctx.teardown.get("mode") != "user":
         return None
     f = _forwarder(ctx)
-    fwd = f.forwards.get((listener.proto, listener.port)) if f is not None else None
-    if fwd is None:
-        return None
-    from banger_network.forwards import reachable
-
-    if reachable(listener.model_dump(), f.guest) is not None:
-        return None  # the same port on the guest's loopback: not what the forward leads to
-    return f"{fwd.host_address}:{fwd.host_port}"
+    return f.endpoint((listener.proto, listener.port), listener.model_dump()) if f is not None else None
 
 
 @hookimpl

@@ -1,7 +1,9 @@
 """User mode's automatic port forwards: the guest agent pushes its listeners
 (``watch_ports``) whenever they change; each TCP and UDP listener the host can reach
-through slirp (bound to a wildcard or to the guest's own address) gets a forward from
-127.0.0.1 on the same port when that is free, else on an ephemeral one, or on the port
+through slirp (bound to a wildcard or to the guest's own address) gets a QEMU forward
+from 127.0.0.1, and each TCP listener on the guest's loopback (a dev server on
+localhost) a port the daemon listens on and relays through the agent (``tcp_connect``):
+on the same port when that is free, else on an ephemeral one, or on the port
 ``[network.forward] pin`` names; ``exclude`` ones never do. A listener that goes takes
 its forward with it.
 
@@ -41,29 +43,46 @@ def free_port(proto: str) -> int:
         return int(s.getsockname()[1])
 
 
-def reachable(listener: dict[str, Any], guest: str) -> str | None:
-    """Why slirp cannot lead to ``listener`` (None: it can): it forwards to the guest's
-    own address, so loopback-only listeners (and those on other addresses) are out."""
+SLIRP, AGENT = "slirp", "agent"
+
+
+def route(listener: dict[str, Any], guest: str) -> tuple[str | None, str]:
+    """How the host reaches ``listener``: (SLIRP, "") through a QEMU forward (it
+    delivers to the guest's own address: a wildcard or that address), (AGENT, "")
+    through the guest agent (a TCP listener on the guest's loopback), or (None, why
+    not)."""
     try:
         bound = ipaddress.ip_address(str(listener.get("address", "")).split("%")[0])
     except ValueError:
-        return "an address banger cannot read"
+        return None, "an address banger cannot read"
     if bound.is_unspecified or str(bound) == guest:
-        return None
+        return SLIRP, ""
     if bound.is_loopback:
-        return f"bound to {bound} in the guest: only the guest reaches it"
-    return f"bound to {bound}, not to the guest's {guest}"
+        if listener.get("proto") == "tcp" and bound.version == 4:
+            return AGENT, ""
+        return None, f"{listener.get('proto')} bound to {bound} in the guest: only the guest reaches it"
+    return None, f"bound to {bound}, not to the guest's {guest}"
 
 
 class Forwarder:
     """One running user-mode VM's forwards."""
 
-    def __init__(self, manager: "ForwardManager", vm_id: str, vm_name: str, guest: str, existing: dict[Key, HostForward]) -> None:
+    def __init__(
+        self,
+        manager: "ForwardManager",
+        vm_id: str,
+        vm_name: str,
+        guest: str,
+        existing: dict[Key, HostForward],
+        proxy: Any = None,
+    ) -> None:
         self.manager = manager
         self.vm_id, self.vm_name, self.guest = vm_id, vm_name, guest
+        self.proxy = proxy  # (guest_port, host_port) -> a ProxyHandle (the agent's listen_tcp); None: no agent proxies
         self.lock = threading.Lock()
         self.alive = True
-        self.forwards: dict[Key, HostForward] = dict(existing)
+        self.forwards: dict[Key, HostForward] = dict(existing)  # through QEMU
+        self.proxies: dict[Key, Any] = {}  # through the agent: key -> ProxyHandle (daemon-lifetime: not in the table)
         self.skipped: dict[Key, str] = {}
         self.listeners: list[dict[str, Any]] | None = None  # the newest list the agent pushed
         self.pushed_at = 0.0
@@ -77,20 +96,23 @@ class Forwarder:
             self.pushed_at = time.monotonic()
             self.manager.wake(self.vm_id)
 
-    def wanted(self, rules: ForwardSettings) -> tuple[set[Key], dict[Key, str]]:
-        want: set[Key] = set()
+    def wanted(self, rules: ForwardSettings) -> tuple[dict[Key, str], dict[Key, str]]:
+        """(key -> SLIRP or AGENT, key -> why it is not forwarded)."""
+        want: dict[Key, str] = {}
         skipped: dict[Key, str] = {}
         for d in self.listeners or []:
             proto, port = d.get("proto"), d.get("port")
             if proto not in ("tcp", "udp") or not isinstance(port, int):
                 continue
             key = (proto, port)
-            why = reachable(d, self.guest)
-            if why is None and rules.excluded(proto, port):
-                why = "excluded by [network.forward] exclude"
-            if why is None:
-                want.add(key)
-            elif key not in want:
+            how, why = route(d, self.guest)
+            if how == AGENT and self.proxy is None:
+                how, why = None, f"bound to {d.get('address')} in the guest, and no agent to relay it"
+            if how is not None and rules.excluded(proto, port):
+                how, why = None, "excluded by [network.forward] exclude"
+            if how is not None and want.get(key) != SLIRP:  # one process on a wildcard beats another on loopback
+                want[key] = how
+            elif how is None:
                 skipped[key] = why
         return want, {k: v for k, v in skipped.items() if k not in want}
 
@@ -99,8 +121,8 @@ class Forwarder:
         with self.lock:
             if not self.alive or self.listeners is None:
                 return
-            want, skipped = self.wanted(rules) if rules.auto else (set(), {})
-            for key in sorted(set(self.forwards) - want):
+            want, skipped = self.wanted(rules) if rules.auto else ({}, {})
+            for key in sorted(k for k in self.forwards if want.get(k) != SLIRP):
                 fwd = self.forwards.pop(key)
                 try:
                     self.manager.remove(self.vm_id, fwd)
@@ -108,17 +130,41 @@ class Forwarder:
                     log.warning("VM %s: removing forward %s -> %s: %s", self.vm_name, fwd.spec(), key, exc.message)
                 self.manager.forget_row(self.vm_id, key)
                 log.info("VM %s: %s/%d no longer forwarded (from %s)", self.vm_name, *key, fwd.spec())
-            for key in sorted(want - set(self.forwards)):
+            for key in sorted(k for k in self.proxies if want.get(k) != AGENT):
+                self.proxies.pop(key).close()
+                log.info("VM %s: %s/%d no longer relayed", self.vm_name, *key)
+            for key, how in sorted(want.items()):
+                if key in (self.forwards if how == SLIRP else self.proxies):
+                    continue
                 try:
-                    fwd = self._add(key, rules)
+                    if how == SLIRP:
+                        fwd = self._add(key, rules)
+                        self.forwards[key] = fwd
+                        self.manager.record_row(self.vm_id, key, fwd)
+                        port = fwd.host_port
+                    else:
+                        self.proxies[key] = self._relay(key, rules)
+                        port = self.proxies[key].port
                 except BangerError as exc:
                     skipped[key] = exc.message
                     continue
-                self.forwards[key] = fwd
-                self.manager.record_row(self.vm_id, key, fwd)
-                log.info("VM %s: %s/%d forwarded from %s:%d", self.vm_name, key[0], key[1], fwd.host_address, fwd.host_port)
+                log.info("VM %s: %s/%d forwarded from %s:%d (%s)", self.vm_name, key[0], key[1], HOST, port, how)
             self.skipped = skipped
             self.applied_at = time.monotonic()
+
+    def _relay(self, key: Key, rules: ForwardSettings) -> Any:
+        """A listener on the guest's loopback: the daemon listens on 127.0.0.1 and
+        relays each connection through the agent."""
+        _proto, port = key
+        pinned = rules.pinned("tcp", port)
+        for host_port in [pinned] if pinned is not None else [port, 0]:
+            try:
+                return self.proxy(port, host_port)
+            except OSError:
+                continue
+        if pinned is not None:
+            raise BangerError(ErrorCode.BUSY, f"pinned to {HOST}:{pinned} by [network.forward] pin, which is taken")
+        raise BangerError(ErrorCode.BUSY, "no free host port for it")  # pragma: no cover (port 0 is always free)
 
     def _add(self, key: Key, rules: ForwardSettings) -> HostForward:
         proto, port = key
@@ -143,21 +189,39 @@ class Forwarder:
                 last = exc
         raise BangerError(ErrorCode.BUSY, f"no free host port for it ({last.message if last else 'all taken'})")
 
+    def stop_watching(self) -> None:
+        """No more changes: the watch ends, the agent relays close (they are the
+        daemon's); QEMU's forwards stay with it."""
+        self.alive = False
+        if self.watch is not None:
+            self.watch.cancel()
+        for relay in self.proxies.values():
+            relay.close()
+        self.proxies.clear()
+
     def close(self) -> None:
         with self.lock:
-            self.alive = False
-            if self.watch is not None:
-                self.watch.cancel()
+            self.stop_watching()
             self.forwards.clear()
             self.manager.forget_rows(self.vm_id)
+
+    def endpoint(self, key: Key, listener: dict[str, Any]) -> str | None:
+        """Where the host reaches ``listener`` (as ``vm ports`` shows it), if it does."""
+        how, _why = route(listener, self.guest)
+        if how == SLIRP and key in self.forwards:
+            return f"{self.forwards[key].host_address}:{self.forwards[key].host_port}"
+        if how == AGENT and key in self.proxies:
+            return f"{HOST}:{self.proxies[key].port}"
+        return None
 
     def describe(self) -> list[dict[str, Any]]:
         """For ``vm show``: each listener the host reaches, and each it does not (why)."""
         rows: list[dict[str, Any]] = [
             {"guest": f"{p}/{g}", "host": f"{f.host_address}:{f.host_port}"} for (p, g), f in sorted(self.forwards.items())
         ]
+        rows += [{"guest": f"{p}/{g}", "host": f"{HOST}:{r.port}", "via": "agent"} for (p, g), r in sorted(self.proxies.items())]
         rows += [{"guest": f"{p}/{g}", "host": None, "why": why} for (p, g), why in sorted(self.skipped.items())]
-        return rows
+        return sorted(rows, key=lambda r: (r["guest"].split("/")[0], int(r["guest"].split("/")[1])))
 
 
 class ForwardManager:
@@ -221,14 +285,13 @@ class ForwardManager:
                 )
         else:
             self.forget_rows(vm_id)
-        f = Forwarder(self, vm_id, vm_name, guest, existing)
+        f = Forwarder(self, vm_id, vm_name, guest, existing, lambda g, h: agent.listen_tcp(paths, vm_id, g, h, HOST))
         with self.lock:
             old = self.forwarders.pop(vm_id, None)
             self.forwarders[vm_id] = f
         if old is not None:
-            old.alive = False
-            if old.watch is not None:
-                old.watch.cancel()
+            with old.lock:
+                old.stop_watching()
         f.watch = agent.watch(paths, vm_id, {"op": "watch_ports"}, f.on_listeners)
         self._ensure_thread()
         return f
@@ -285,13 +348,12 @@ class ForwardManager:
             forwarders = list(self.forwarders.values())
             self.forwarders.clear()
         for f in forwarders:
-            f.alive = False
-            if f.watch is not None:
-                f.watch.cancel()
+            with f.lock:
+                f.stop_watching()
         if self.thread is not None:
             self.thread.join(timeout=5)
 
     def status(self) -> dict[str, Any]:
         with self.lock:
             fs = list(self.forwarders.values())
-        return {"user_vms": len(fs), "forwards": sum(len(f.forwards) for f in fs)}
+        return {"user_vms": len(fs), "forwards": sum(len(f.forwards) + len(f.proxies) for f in fs)}

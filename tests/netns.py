@@ -13,6 +13,8 @@ import secrets
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,3 +74,31 @@ class Netns:
         self.run(["ip", "link", "set", here, "up"], check=True)
         other.run(["ip", "addr", "add", there_addr, "dev", there], check=True)
         other.run(["ip", "link", "set", there, "up"], check=True)
+
+
+@contextmanager
+def uplinked(host_prefix: str, inet_prefix: str, uplink: str, internet: str) -> Iterator[tuple["Netns", "Netns"]]:
+    """Two namespaces: ``host`` (where a daemon under test runs), whose default route
+    leads over a veth (``up0``, ``uplink``/24) to ``inet`` (``wan0``, ``internet``/24),
+    where tests/peer_http.py answers GETs on ``internet``:8080 with the client's
+    address. Both go afterwards."""
+    host, inet = Netns.make(host_prefix), Netns.make(inet_prefix)
+    server = None
+    try:
+        host.veth_to(inet, "up0", "wan0", f"{uplink}/24", f"{internet}/24")
+        host.run(["ip", "route", "add", "default", "via", internet], check=True)
+        server = subprocess.Popen(inet.argv([sys.executable, str(Path(__file__).with_name("peer_http.py")), internet]))
+        yield host, inet
+    finally:
+        if server is not None:
+            server.kill()
+        host.delete()
+        inet.delete()
+
+
+def delete_vms_and_stop(run: Callable[..., subprocess.CompletedProcess]) -> None:
+    """A module's daemon at the end: every VM deleted, then the daemon stopped
+    (``run(*banger_args, timeout=...)``)."""
+    for vm in json.loads(run("vm", "list", "--json").stdout or "[]"):
+        run("vm", "delete", vm["name"], "--force", timeout=120)
+    run("daemon", "stop", timeout=60)

@@ -13,15 +13,13 @@ import json
 import re
 import socket
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 import guest_assets as ga
 from conftest import BANGER, isolated_env, make_dist, wait_for
-from netns import Netns
+from netns import Netns, delete_vms_and_stop, uplinked
 from oci_fixtures import missing_tools, push_layers
 from test_agent_anyimage import busybox_layer
 
@@ -97,14 +95,9 @@ class NetEnv:
 
 @pytest.fixture(scope="module")
 def net(oci_registry, tmp_path_factory):
-    host, inet = Netns.make("bgt-host"), Netns.make("bgt-inet")
-    server = None
-    try:
-        host.veth_to(inet, "up0", "wan0", f"{UPLINK}/24", f"{INTERNET}/24")
-        host.run(["ip", "route", "add", "default", "via", INTERNET], check=True)
+    with uplinked("bgt-host", "bgt-inet", UPLINK, INTERNET) as (host, inet):
         # count what reaches the internet from the guests' subnet, NATed or not
         inet.run(["iptables", "-A", "INPUT", "-i", "wan0", "-s", "172.30.0.0/24"], check=True)
-        server = subprocess.Popen(inet.argv([sys.executable, str(Path(__file__).with_name("peer_http.py")), INTERNET]))
         pushed = push_layers(oci_registry, "banger/netbusybox", "1", [busybox_layer()], tmp_path_factory.mktemp("netimg"))
         plugdir = tmp_path_factory.mktemp("failer")
         make_dist(plugdir, "banger-failer", "failer", FAILER)
@@ -125,14 +118,7 @@ def net(oci_registry, tmp_path_factory):
             n = NetEnv(env, host, inet, dns_port)
             n.run("daemon", "start", check=True)
             yield n
-            for vm in json.loads(n.run("vm", "list", "--json").stdout or "[]"):
-                n.run("vm", "delete", vm["name"], "--force", timeout=120)
-            n.run("daemon", "stop", timeout=60)
-    finally:
-        if server is not None:
-            server.kill()
-        host.delete()
-        inet.delete()
+            delete_vms_and_stop(n.run)
 
 
 @pytest.fixture(scope="module")

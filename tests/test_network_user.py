@@ -25,7 +25,7 @@ import pytest
 
 import guest_assets as ga
 from conftest import BANGER, isolated_env, wait_for
-from netns import Netns
+from netns import Netns, delete_vms_and_stop, uplinked
 from oci_fixtures import missing_tools, push_layers
 from test_agent_anyimage import busybox_layer
 
@@ -109,12 +109,7 @@ class UserEnv:
 
 @pytest.fixture(scope="module")
 def uenv(oci_registry, tmp_path_factory):
-    host, inet = Netns.make("bgt-uhost"), Netns.make("bgt-uinet")
-    server = None
-    try:
-        host.veth_to(inet, "up0", "wan0", f"{UPLINK}/24", f"{INTERNET}/24")
-        host.run(["ip", "route", "add", "default", "via", INTERNET], check=True)
-        server = subprocess.Popen(inet.argv([sys.executable, PEER, INTERNET]))
+    with uplinked("bgt-uhost", "bgt-uinet", UPLINK, INTERNET) as (host, inet):
         pushed = push_layers(oci_registry, "banger/userbusybox", "1", [busybox_layer()], tmp_path_factory.mktemp("uimg"))
         with isolated_env() as env:
             env.extra_env["BANGER_CACHE_DIR"] = str(ga.default_cache_dir() / "banger-cache")
@@ -130,14 +125,7 @@ def uenv(oci_registry, tmp_path_factory):
             u = UserEnv(env, host, inet)
             u.run("daemon", "start", check=True)
             yield u
-            for vm in json.loads(u.run("vm", "list", "--json").stdout or "[]"):
-                u.run("vm", "delete", vm["name"], "--force", timeout=120)
-            u.run("daemon", "stop", timeout=60)
-    finally:
-        if server is not None:
-            server.kill()
-        host.delete()
-        inet.delete()
+            delete_vms_and_stop(u.run)
 
 
 @pytest.fixture(scope="module")

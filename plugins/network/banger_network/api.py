@@ -23,10 +23,12 @@ class VMNet:
     bridge: str | None = None  # bridge mode: the host bridge
     tap: str | None = None  # bridge mode: this boot's TAP device
     mac: str | None = None
-    address: str | None = None  # bridge mode: the guest's IPv4 address (leased, kept across stop/start)
+    # bridge mode: the guest's IPv4 address (leased, kept across stop/start); user mode:
+    # its address on its own slirp network (10.0.2.15 by default: every user-mode VM's)
+    address: str | None = None
     prefixlen: int | None = None
-    gateway: str | None = None  # the bridge's address
-    resolver: str | None = None  # the nameserver the guest is told to use
+    gateway: str | None = None  # the bridge's address; user mode: slirp's, which leads to the host's loopback
+    resolver: str | None = None  # the nameserver the guest is told to use (user mode: slirp's DNS forwarder)
 
 
 class NetService(Protocol):
@@ -36,7 +38,8 @@ class NetService(Protocol):
         ...
 
     def records(self) -> dict[str, str]:
-        """VM name -> IPv4 address, for running VMs in bridge mode (what DNS serves)."""
+        """VM name -> IPv4 address, for running VMs in bridge mode (what DNS serves;
+        a user-mode address is not reachable from the host, and every one is the same)."""
         ...
 
     @property

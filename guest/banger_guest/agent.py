@@ -410,6 +410,8 @@ class Agent:
             self.resume(sid, req)
         elif op == "net":
             self.net(sid, req)
+        elif op == "ssh_setup":
+            self.ssh_setup(sid, req)
         elif op == "exec":
             self.exec(sid, req)
         elif op in ("cp_out", "cp_in", "ports", "watch_ports", "tcp_connect"):
@@ -434,6 +436,19 @@ class Agent:
         except Exception as exc:  # a bug must not take the agent down: say it, go on
             log(f"resume: {type(exc).__name__}: {exc}")
             self.send_json(P.ERROR, sid, {"message": f"resume: {type(exc).__name__}: {exc}"})
+            return
+        self.send_json(P.RESULT, sid, result)
+
+    def ssh_setup(self, sid: int, req: dict[str, Any]) -> None:
+        """The VM's own SSH host key pair (sshd told to reload it) and the public keys
+        root's authorized_keys must hold; one RESULT, or an ERROR naming the bad field."""
+        try:
+            result = identity.ssh_setup("/", req.get("host_keys"), req.get("authorized_keys"))
+        except identity.BadRequest as exc:
+            self.send_json(P.ERROR, sid, {"message": str(exc)})
+            return
+        except OSError as exc:
+            self.send_json(P.ERROR, sid, {"message": f"ssh_setup: {exc}"})
             return
         self.send_json(P.RESULT, sid, result)
 

@@ -67,8 +67,8 @@ RNDRESEEDCRNG = 0x5207
 class BadRequest(ValueError):
     """A field of a ``resume`` request that is not acceptable (``field`` names it)."""
 
-    def __init__(self, field: str, why: str) -> None:
-        super().__init__(f"resume: bad {field}: {why}")
+    def __init__(self, field: str, why: str, op: str = "resume") -> None:
+        super().__init__(f"{op}: bad {field}: {why}")
         self.field = field
 
 
@@ -106,6 +106,10 @@ def parse(req: dict[str, Any]) -> Request:
     if keys is not None:
         keys = _check_keys(keys)
     return Request(t, bytes.fromhex(seed), name, mid, keys)
+
+
+#: an authorized_keys line banger adds: a key type, its base64, an optional comment
+PUBLIC_ANY_RE = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,3}( [^\n\r]{0,200})?")
 
 
 def _check_keys(keys: Any) -> dict[str, dict[str, str]]:
@@ -294,6 +298,44 @@ def set_ssh_host_keys(root: str, keys: dict[str, dict[str, str]]) -> None:
     for old in sorted(glob.glob(f"{where}/ssh_host_*_key") + glob.glob(f"{where}/ssh_host_*_key.pub")):
         if old not in (private, private + ".pub"):
             os.unlink(old)
+
+
+def ssh_setup(root: str, host_keys: Any, authorized_keys: Any, signal_sshd: Callable[[int], None] = hup) -> dict[str, Any]:
+    """The ``ssh_setup`` op: the VM's own host key pair (others removed; a running sshd
+    is told to reload) and each of ``authorized_keys`` (public key lines) in root's
+    ``~/.ssh/authorized_keys`` once (lines already there stay). Checked whole first:
+    nothing is written when a field is bad."""
+    keys = None
+    if host_keys is not None:
+        try:
+            keys = _check_keys(host_keys)
+        except BadRequest as exc:
+            raise BadRequest("host_keys", str(exc).split(": ", 2)[-1], op="ssh_setup") from None
+    if not isinstance(authorized_keys, list) or not all(isinstance(k, str) and PUBLIC_ANY_RE.fullmatch(k) for k in authorized_keys):
+        raise BadRequest("authorized_keys", "expected a list of one-line public keys ('TYPE BASE64 [comment]')", op="ssh_setup")
+    out: dict[str, Any] = {"host_keys": False, "authorized_keys": 0, "sshd": None}
+    if keys is not None:
+        set_ssh_host_keys(root, keys)
+        out["host_keys"] = True
+        pid = find_sshd(root)
+        if pid is not None:
+            signal_sshd(pid)
+            out["sshd"] = pid
+    if authorized_keys:
+        ssh_dir = _at(root, "/root/.ssh")
+        os.makedirs(ssh_dir, mode=0o700, exist_ok=True)
+        os.chmod(ssh_dir, 0o700)
+        path = os.path.join(ssh_dir, "authorized_keys")
+        try:
+            with open(path) as fh:
+                have = fh.read().splitlines()
+        except FileNotFoundError:
+            have = []
+        added = [k for k in authorized_keys if k not in have]
+        if added:
+            write_atomic(path, ("\n".join([*have, *added]) + "\n").encode(), 0o600)
+        out["authorized_keys"] = len(added)
+    return out
 
 
 def find_sshd(root: str = "/") -> int | None:

@@ -247,6 +247,7 @@ def register_rpc_methods(register: Callable[..., None]) -> None:
     register("agent.health", rpc.agent_health, params=rpc.HealthParams)
     register("agent.cp", rpc.agent_cp, params=rpc.CpParams, stream=True)
     register("agent.ports", rpc.agent_ports, params=rpc.PortsParams)
+    register("agent.connect", rpc.agent_connect, params=rpc.ConnectParams, stream=True)
     register("agent.run", run.agent_run, params=run.RunParams, stream=True)
 
 

@@ -31,6 +31,13 @@ class AgentAPI(Protocol):
         ...
 
 
+    def probe_tcp(self, paths: Any, vm_id: str, port: int, timeout: float = 5) -> bytes:
+        """From a thread: the first bytes the guest's 127.0.0.1:``port`` sends after a
+        connection (b"" when none come in ``timeout``); RuntimeError when nothing
+        listens there (e.g. waiting for sshd's banner)."""
+        ...
+
+
 class ProxyHandle(Protocol):
     port: int  # the host port it listens on
     connections: int

@@ -53,6 +53,12 @@ class CpParams(BaseModel):
     path: str = Field(min_length=1, max_length=4096)
 
 
+class ConnectParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ref: str
+    port: int = Field(gt=0, lt=65536, description="a TCP port in the guest (connected to on its 127.0.0.1)")
+
+
 class PortsParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ref: str
@@ -111,6 +117,14 @@ async def agent_cp(p: CpParams, call: Any) -> dict[str, Any]:
     if p.direction == "in":
         return await exec_session(call, vm, sock, {"op": "cp_in", "dest": p.path})
     return await exec_session(call, vm, sock, {"op": "cp_out", "path": p.path})
+
+
+async def agent_connect(p: ConnectParams, call: Any) -> dict[str, Any]:
+    """A TCP connection to the guest's 127.0.0.1:PORT through the agent: the call's
+    STDIN goes to it, what it sends comes back on STDOUT (an SSH ProxyCommand's
+    transport, for VMs the host has no route to)."""
+    vm, sock = _target(call, p.ref)
+    return await exec_session(call, vm, sock, {"op": "tcp_connect", "port": p.port})
 
 
 async def agent_ports(p: PortsParams, call: Any) -> dict[str, Any]:

@@ -231,6 +231,29 @@ class AgentService:
 
         return self.run(start(), timeout=10)
 
+    def probe_tcp(self, paths: Any, vm_id: str, port: int, timeout: float = 5) -> bytes:
+        """From a thread: what the guest's 127.0.0.1:``port`` sends first after a
+        connection (through the agent; b"" when it sends nothing in ``timeout``).
+        RuntimeError (the agent's reason) when nothing listens there."""
+        from banger_agent import socket_of
+
+        async def probe() -> bytes:
+            s = await self.open(vm_id, socket_of(paths, vm_id), {"op": "tcp_connect", "port": port}, timeout=timeout)
+            try:
+                async for frame in s.events():
+                    if frame.kind == P.STDOUT:
+                        return frame.payload
+                    if frame.kind == P.STDERR:
+                        raise RuntimeError(frame.payload.decode(errors="replace").strip())
+                return b""
+            finally:
+                await s.close()
+
+        try:
+            return self.run(asyncio.wait_for(probe(), timeout), timeout=timeout + 5)
+        except (asyncio.TimeoutError, concurrent.futures.TimeoutError):
+            return b""
+
     # --- waiting for an agent (from a thread) ------------------------------------------
     def wait_ready(self, vm_id: str, socket: Path, deadline: float, alive: Any = lambda: True) -> dict[str, Any]:
         """Health, once the agent answers; AgentUnavailable at the deadline (or when

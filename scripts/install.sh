@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install banger on this machine, then run its main job.
-#   1. system packages (apt): QEMU, e2fsprogs, iproute2, iptables, git, zstd, python3-venv,
+#   1. system packages (apt): QEMU, e2fsprogs, iproute2, iptables, git, zstd, openssh-client, python3-venv,
 #      mmdebstrap (the default image), a C toolchain + bc/bison/flex/libelf-dev (the
 #      optional microvm-6.1 kernel), docker-registry/umoci/skopeo (the OCI tests),
 #      dnsperf/dnsmasq-base (the DNS benchmark)
@@ -17,7 +17,7 @@ ROOT=$PWD
 APT_PACKAGES=(
   python3 python3-venv
   qemu-system-x86 qemu-utils
-  e2fsprogs iproute2 iptables git zstd
+  e2fsprogs iproute2 iptables git zstd openssh-client
   kmod mmdebstrap
   make gcc bc bison flex libelf-dev
   docker-registry umoci skopeo

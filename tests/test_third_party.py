@@ -13,7 +13,7 @@ from conftest import make_dist, pid_alive, wait_for
 from banger_core.builtin import BUILTIN
 from banger_core import PROTOCOL_VERSION
 
-FIRST_PARTY = {"agent", "debian", "oci", "network", "nat", "dns", "workdisk", "filesync", "workspace"}
+FIRST_PARTY = {"agent", "debian", "oci", "network", "nat", "dns", "ssh", "workdisk", "filesync", "workspace"}
 BUILTINS = [name for name, _module in BUILTIN]  # registered first, in this order
 
 
@@ -35,7 +35,7 @@ def test_first_party_plugins_listed_in_dependency_order(benv):
     order = data["order"]
     assert order.index("network") < order.index("nat") and order.index("network") < order.index("dns")
     assert order.index("agent") < order.index("workspace") and order.index("workdisk") < order.index("workspace")
-    assert order.index("workdisk") < order.index("filesync")
+    assert order.index("workdisk") < order.index("filesync") and order.index("agent") < order.index("ssh")
     assert order.index("debian") < order.index("oci")  # oci requires the busybox service debian provides
     for p in data["plugins"]:
         dist = "banger" if p["builtin"] else f"banger-{p['name']}"

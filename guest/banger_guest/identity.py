@@ -311,7 +311,9 @@ def ssh_setup(root: str, host_keys: Any, authorized_keys: Any, signal_sshd: Call
             keys = _check_keys(host_keys)
         except BadRequest as exc:
             raise BadRequest("host_keys", str(exc).split(": ", 2)[-1], op="ssh_setup") from None
-    if not isinstance(authorized_keys, list) or not all(isinstance(k, str) and PUBLIC_ANY_RE.fullmatch(k) for k in authorized_keys):
+    if not isinstance(authorized_keys, list) or not all(
+        isinstance(k, str) and PUBLIC_ANY_RE.fullmatch(k) for k in authorized_keys
+    ):
         raise BadRequest("authorized_keys", "expected a list of one-line public keys ('TYPE BASE64 [comment]')", op="ssh_setup")
     out: dict[str, Any] = {"host_keys": False, "authorized_keys": 0, "sshd": None}
     if keys is not None:

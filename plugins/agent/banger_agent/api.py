@@ -30,7 +30,6 @@ class AgentAPI(Protocol):
         through the agent channel."""
         ...
 
-
     def probe_tcp(self, paths: Any, vm_id: str, port: int, timeout: float = 5) -> bytes:
         """From a thread: the first bytes the guest's 127.0.0.1:``port`` sends after a
         connection (b"" when none come in ``timeout``); RuntimeError when nothing

@@ -246,6 +246,9 @@ def run_network(e: Env) -> None:
             "vm", "exec", "a", "--", "bash", "-c", f"exec 3<>/dev/tcp/{shown['b']['address']}/22 && timeout 10 head -c 7 <&3"
         )
         check(r.returncode == 0 and r.stdout == b"SSH-2.0", "a reaches b's sshd\n" + out(r))
+        # vm ssh to a bridge VM goes straight to its address: sshd sees the bridge's
+        r = e.run("vm", "ssh", "b", "--", "sh", "-c", "echo $SSH_CLIENT")
+        check(r.returncode == 0 and r.stdout.split()[:1] == [b"172.30.0.1"], "vm ssh b: direct, from the bridge\n" + out(r))
         check(_dns(e, "a.vm") == ("NOERROR", [shown["a"]["address"]]), "a.vm resolves")
         r = e.run("vm", "ports", "a", "--json")
         check(r.returncode == 0 and any(p["endpoint"] == "a.vm:22" for p in json.loads(r.stdout)), "sshd as a.vm:22\n" + out(r))
@@ -302,6 +305,9 @@ def run_network_user(e: Env) -> None:
             endpoint = next((p["endpoint"] for p in ports if p["port"] == 8000), "")
             time.sleep(0.3)
         check(endpoint.startswith("127.0.0.1:"), f"port 8000 forwarded: {endpoint!r}")
+        # vm ssh to a user-mode VM goes through the agent: sshd sees its own loopback
+        r = e.run("vm", "ssh", "u", "--", "sh", "-c", "echo $SSH_CLIENT")
+        check(r.returncode == 0 and r.stdout.split()[:1] == [b"127.0.0.1"], "vm ssh u: through the agent\n" + out(r))
         url = f"http://{endpoint}/hi.txt"
         got = _ns(e.netns, sys.executable, "-c", f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())")
         check(got.stdout.strip() == b"hi", "the guest's server answers on its forward\n" + out(got))
@@ -325,8 +331,16 @@ SCENARIOS: dict[str, tuple[Callable[[Env], None], bool, str]] = {
     "run-parallel": (run_parallel, False, "two vm run --rm at once both succeed"),
     "run-warm": (run_warm, True, "the second vm run restores the first's template: its boot id, its own hostname"),
     "snapshot": (run_snapshot, False, "snapshot, two restores with the file and their own names, delete refused then done"),
-    "network": (run_network, False, "bridge + NAT + DNS: two VMs, NAME.vm, egress only with --nat, one rule set, nothing left"),
-    "network-user": (run_network_user, False, "user mode: egress, nothing on the host, a guest server on its 127.0.0.1 forward"),
+    "network": (
+        run_network,
+        False,
+        "bridge + NAT + DNS: two VMs, NAME.vm, egress only with --nat, vm ssh direct, one rule set, nothing left",
+    ),
+    "network-user": (
+        run_network_user,
+        False,
+        "user mode: egress, nothing on the host, a guest server on its 127.0.0.1 forward, vm ssh",
+    ),
 }
 
 

@@ -256,6 +256,8 @@ class SnapshotService:
             write_image(vms, vm, driver, pid, staging)
             disks.freeze_root(disks.root_disk_path(run_dir, vm.disk_strategy or "sparse"), staging)
             snap.size_bytes = _size(staging)
+            if vms._pid(vm) is None:  # the VMM died meanwhile: the snapshot failed, whatever was written
+                raise BangerError(ErrorCode.OPERATION_FAILED, f"VM {vm.name}'s VMM exited during the snapshot")
             os.rename(staging, final)
             moved = True
             self.store.insert_snapshot(snap)

@@ -206,10 +206,10 @@ def _kill_mid_snapshot(env, vm: str, name: str, victim) -> tuple[subprocess.Comp
     """Start `vm snapshot`, kill ``victim()``'s pid while the snapshot is being written
     (its staging dir exists); the CLI's result, and whether the kill landed mid-way."""
     staging = env.state_dir / "snapshots"
+    pid = victim()  # before the snapshot starts: a small guest's is written before a `vm show` returns
     p = subprocess.Popen(
         [BANGER, "vm", "snapshot", vm, "--name", name], env=env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    pid = victim()
     mid = False
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and p.poll() is None:

@@ -19,7 +19,6 @@ import ipaddress
 import logging
 import socket
 import threading
-import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -85,15 +84,12 @@ class Forwarder:
         self.proxies: dict[Key, Any] = {}  # through the agent: key -> ProxyHandle (daemon-lifetime: not in the table)
         self.skipped: dict[Key, str] = {}
         self.listeners: list[dict[str, Any]] | None = None  # the newest list the agent pushed
-        self.pushed_at = 0.0
-        self.applied_at = 0.0
         self.watch: Any = None
 
     def on_listeners(self, listeners: Any) -> None:
         """The agent's callback (on its loop thread): keep the newest list, wake the worker."""
         if isinstance(listeners, list):
             self.listeners = [d for d in listeners if isinstance(d, dict)]
-            self.pushed_at = time.monotonic()
             self.manager.wake(self.vm_id)
 
     def wanted(self, rules: ForwardSettings) -> tuple[dict[Key, str], dict[Key, str]]:
@@ -150,7 +146,6 @@ class Forwarder:
                     continue
                 log.info("VM %s: %s/%d forwarded from %s:%d (%s)", self.vm_name, key[0], key[1], HOST, port, how)
             self.skipped = skipped
-            self.applied_at = time.monotonic()
 
     def _relay(self, key: Key, rules: ForwardSettings) -> Any:
         """A listener on the guest's loopback: the daemon listens on 127.0.0.1 and
@@ -236,7 +231,6 @@ class ForwardManager:
         self.event = threading.Event()
         self.stopping = False
         self.thread: threading.Thread | None = None
-        self.applied = 0
 
     # --- the table -------------------------------------------------------------------
     def rows(self, vm_id: str | None = None) -> list[dict[str, Any]]:
@@ -335,7 +329,6 @@ class ForwardManager:
             for f in todo:
                 try:
                     f.apply(rules)
-                    self.applied += 1
                 except Exception:  # one VM's trouble must not stop the others' forwards
                     log.exception("VM %s: applying forwards failed", f.vm_name)
 

@@ -32,27 +32,12 @@ def ssh_argv(target: dict[str, Any], command: list[str], tty: bool) -> list[str]
     """The system ssh client's argv for ``vm ssh``: banger's key and known_hosts, the
     VM's name as the host-key alias, banger's ProxyCommand; the command's words quoted
     so the guest's shell sees them as given."""
-    argv = [
-        "ssh",
-        "-i",
-        target["key"],
-        "-o",
-        "IdentitiesOnly=yes",
-        "-o",
-        f"UserKnownHostsFile={target['known_hosts']}",
-        "-o",
-        "StrictHostKeyChecking=yes",
-        "-o",
-        f"HostKeyAlias={target['alias']}",
-        "-o",
-        "CheckHostIP=no",
-        "-o",
-        "LogLevel=ERROR",
-        "-o",
-        f"ProxyCommand={shlex.quote(_banger())} vm ssh-proxy {shlex.quote(target['name'])}",
-        "-l",
-        "root",
-    ]
+    from banger_ssh.sshconfig import client_options
+
+    proxy = f"{shlex.quote(_banger())} vm ssh-proxy {shlex.quote(target['name'])}"
+    argv = ["ssh"]
+    for k, v in [*client_options(target["key"], target["known_hosts"], proxy), ("HostKeyAlias", target["alias"])]:
+        argv += ["-o", f"{k}={v}"]
     if tty:
         argv.append("-t")
     argv.append(target["alias"])

@@ -20,20 +20,25 @@ MARK = "# banger: NAME.vm hosts (`banger ssh-config --uninstall` removes this an
 HOST_OR_MATCH = re.compile(r"[ \t]*(host|match)([ \t=]|$)", re.IGNORECASE)
 
 
+def client_options(key: Path | str, known_hosts: Path | str, proxy: str) -> list[tuple[str, str]]:
+    """How banger's ssh client reaches a VM: the one list both the Include's file
+    (``render``) and ``vm ssh``'s ``-o`` options are made from."""
+    return [
+        ("User", "root"),
+        ("IdentityFile", f'"{key}"'),
+        ("IdentitiesOnly", "yes"),
+        ("UserKnownHostsFile", f'"{known_hosts}"'),
+        ("StrictHostKeyChecking", "yes"),
+        ("CheckHostIP", "no"),
+        ("LogLevel", "ERROR"),
+        ("ProxyCommand", proxy),
+    ]
+
+
 def render(key: Path, known_hosts: Path, banger: str) -> str:
     """banger's own settings for ``*.vm`` (the file the Include names)."""
-    return (
-        "# banger's SSH settings for NAME.vm: written by banger, included from ~/.ssh/config\n"
-        "Host *.vm\n"
-        "    User root\n"
-        f'    IdentityFile "{key}"\n'
-        "    IdentitiesOnly yes\n"
-        f'    UserKnownHostsFile "{known_hosts}"\n'
-        "    StrictHostKeyChecking yes\n"
-        "    CheckHostIP no\n"
-        "    LogLevel ERROR\n"
-        f'    ProxyCommand "{banger}" vm ssh-proxy %h\n'
-    )
+    lines = "".join(f"    {k} {v}\n" for k, v in client_options(key, known_hosts, f'"{banger}" vm ssh-proxy %h'))
+    return "# banger's SSH settings for NAME.vm: written by banger, included from ~/.ssh/config\nHost *.vm\n" + lines
 
 
 def block(include: Path) -> str:

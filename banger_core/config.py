@@ -68,7 +68,7 @@ class VMDefaultsTable(_Table):
 
     vcpus: int | None = Field(default=None, gt=0)
     memory_mib: SizeMiB | None = Field(default=None, description='MiB, or a size like "2G"')
-    disk_size_mib: SizeMiB = Field(default=4096, description='MiB, or a size like "8G"')
+    root_size_mib: SizeMiB = Field(default=4096, description='MiB, or a size like "8G"')
     image: str | None = None
     kernel: str | None = None  # instead of each image's own kernel, e.g. microvm-6.1
 
@@ -137,7 +137,7 @@ def resolve_vm_defaults(d: VMDefaultsTable) -> dict[str, tuple[Any, Provenance]]
     return {
         "vcpus": pick("vcpus", host.default_vcpus()),
         "memory_mib": pick("memory_mib", host.default_memory_mib()),
-        "disk_size_mib": pick("disk_size_mib"),
+        "root_size_mib": pick("root_size_mib"),
         "image": pick("image", None) if d.image is not None else (DEFAULT_IMAGE, "builtin"),
         "kernel": pick("kernel"),  # None: each image's own kernel
     }
@@ -160,12 +160,14 @@ _RENAMED = "renamed to"
 LEGACY_KEYS: dict[str, str] = {
     "vcpu": f"{_RENAMED} [vm_defaults] vcpus",
     "memory_mib": f"{_RENAMED} [vm_defaults] memory_mib",
-    "disk_size": f'{_RENAMED} [vm_defaults] disk_size_mib (MiB, or a size like "8G")',
+    "disk_size": f'{_RENAMED} [workdisk] size_mib (the work disk that holds /root; MiB, or a size like "8G")',
     "default_image_name": f"{_RENAMED} [vm_defaults] image",
     "firecracker_bin": f"{_RENAMED} [vmm] firecracker_binary",
-    "system_overlay_size": (
-        "not supported: each VM has one copy-on-write root disk, sized by [vm_defaults] disk_size_mib;"
-        " there is no separate system overlay"
+    "system_overlay_size": f'{_RENAMED} [vm_defaults] root_size_mib (the root filesystem; MiB, or a size like "8G")',
+    # banger's own before 0.7: it sized the root disk, and `--disk-size` now sizes the work disk
+    "disk_size_mib": (
+        f"{_RENAMED} root_size_mib for the root filesystem (0.7); the work disk that holds /root is"
+        " sized by [workdisk] size_mib (or --disk-size)"
     ),
     "stats_poll_interval": ("not supported: banger polls no VM stats; the daemon notices a VMM exiting by itself"),
 }

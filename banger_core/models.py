@@ -79,7 +79,7 @@ class VMState(str, enum.Enum):
 class VMSpec(Strict):
     vcpus: int = Field(gt=0)
     memory_mib: int = Field(gt=0)
-    disk_size_mib: int = Field(gt=0)
+    root_size_mib: int = Field(gt=0)
     kernel: str | None = None  # boot this kernel instead of the image's kernel_ref
 
 

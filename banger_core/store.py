@@ -106,6 +106,20 @@ def _m008_snapshots(db: sqlite_utils.Database) -> None:
     db.table("snapshots").create_index(["key"])
 
 
+def _m009_root_size(db: sqlite_utils.Database) -> None:
+    """A VM's spec says ``root_size_mib`` (0.7): ``disk_size_mib`` sized the root disk,
+    and ``--disk-size`` now sizes the work disk. In VMs and in snapshots' VM specs."""
+    db.execute(
+        "UPDATE vms SET spec = json_remove(json_set(spec, '$.root_size_mib', json_extract(spec, '$.disk_size_mib')),"
+        " '$.disk_size_mib') WHERE json_extract(spec, '$.disk_size_mib') IS NOT NULL"
+    )
+    db.execute(
+        "UPDATE snapshots SET data = json_remove(json_set(data, '$.spec.root_size_mib',"
+        " json_extract(data, '$.spec.disk_size_mib')), '$.spec.disk_size_mib')"
+        " WHERE json_extract(data, '$.spec.disk_size_mib') IS NOT NULL"
+    )
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial: vms, images, kernels", _m001_initial),
     (2, "vms: disk_strategy, last_error", _m002_vm_disk_and_error),
@@ -115,6 +129,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (6, "images, kernels: what a pull made as REF#REVISION", _m006_pull_records),
     (7, "vms: ephemeral (deleted when the run that made it ends)", _m007_vm_ephemeral),
     (8, "snapshots; vms: base_snapshot", _m008_snapshots),
+    (9, "vms, snapshots: spec.disk_size_mib is root_size_mib", _m009_root_size),
 ]
 
 

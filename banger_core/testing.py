@@ -15,7 +15,7 @@ def sample_vm(name: str = "sample", project_dir: Path | None = None, **kwargs: A
     return VM(
         id=secrets.token_hex(8),
         name=name,
-        spec=VMSpec(vcpus=1, memory_mib=512, disk_size_mib=1024),
+        spec=VMSpec(vcpus=1, memory_mib=512, root_size_mib=1024),
         project_dir=str(project_dir) if project_dir else None,
         **kwargs,
     )

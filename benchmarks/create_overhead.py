@@ -7,7 +7,7 @@ which prints ``BANGER-TEST-BOOT`` on its serial console once booted.  Each round
     baseline   qemu-system-x86_64 as banger runs it (-M pc -accel tcg -cpu max -smp 1
                -m 256M, virtio-blk root on a qcow2 overlay of the cached rootfs,
                -serial file:, same -append minus banger.*), foreground, then killed
-    banger     banger vm create --vcpu 1 --memory 256M --disk-size 256M, then
+    banger     banger vm create --vcpu 1 --memory 256M --root-size 256M, then
                vm delete --force
 
 and reports seconds from process start until the BOOT marker is in the console log,
@@ -119,7 +119,7 @@ class Bench:
     # --- banger ---------------------------------------------------------------------
     def creates(self, names: list[str]) -> dict[str, dict[str, float]]:
         """Start one `vm create` per name at once; per name: CLI wall, time to BOOT marker, stages."""
-        argv = [str(BANGER), "vm", "create", "--image", "bb", "--vcpu", "1", "--memory", "256M", "--disk-size", "256M"]
+        argv = [str(BANGER), "vm", "create", "--image", "bb", "--vcpu", "1", "--memory", "256M", "--root-size", "256M"]
         t0 = time.monotonic()
         procs = {
             n: subprocess.Popen(

@@ -275,7 +275,7 @@ def fake_firecracker_env(benv: BangerEnv, tmp_path: Path) -> BangerEnv:
 def fc_create(env, name: str, proj: Path | None = None, *extra: str, check: bool = True):
     """`vm create` of a small VM on the fake firecracker (from project ``proj``)."""
     args = ["vm", "create", "--name", name, "--image", "fcimg", "--driver", "firecracker"]
-    args += ["--vcpu", "1", "--memory", "128", "--disk-size", "32M", *extra]
+    args += ["--vcpu", "1", "--memory", "128", "--root-size", "32M", *extra]
     if proj is not None:
         args += ["--project", str(proj)]
     return env.run(*args, check=check)

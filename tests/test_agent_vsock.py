@@ -248,7 +248,7 @@ def test_a_firecracker_vm_gets_the_agent_over_vsock_through_daemon_and_cli(benv,
     benv.extra_env["FC_FAKE_RECORD"] = str(record)  # before the daemon starts: its firecrackers inherit it
     fake_firecracker_env(benv, tmp_path)
     agent_image(benv, tmp_path)
-    args = ["--driver", "firecracker", "--vcpu", "1", "--memory", "128", "--disk-size", "32M"]
+    args = ["--driver", "firecracker", "--vcpu", "1", "--memory", "128", "--root-size", "32M"]
     r = benv.run("vm", "create", "--name", "fcv", "--image", "fcagent", *args, check=True)
     assert "fcv running" in r.stdout and "no agent" not in r.stderr, r.stderr
     vm = json.loads(benv.run("vm", "show", "fcv", "--json", check=True).stdout)

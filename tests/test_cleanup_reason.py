@@ -173,7 +173,7 @@ def wait_boot(env, name, count: int) -> None:
 def test_real_vm_reasons_and_machine_shown(qenv, tmp_path):
     env, log = qenv, tmp_path / "cleanups.log"
     proj = project(tmp_path / "proj", log)
-    args = ["--image", "busybox", "--vcpu", "1", "--memory", "256M", "--disk-size", "256M", "--project", str(proj)]
+    args = ["--image", "busybox", "--vcpu", "1", "--memory", "256M", "--root-size", "256M", "--project", str(proj)]
     env.run("vm", "create", "--name", "real", *args, timeout=300, check=True)  # boot 1
 
     # what the VMM got: the kernel, the plugins' boot args, the root disk

@@ -66,7 +66,7 @@ PARAMS = [
     "kernel",
     "vcpus",
     "memory_mib",
-    "disk_size_mib",
+    "root_size_mib",
     "driver",
     "force",
     "signal",

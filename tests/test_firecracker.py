@@ -161,7 +161,7 @@ def test_vm_lifecycle_through_cli_with_firecracker_driver(benv, tmp_path):
         "1",
         "--memory",
         "128",
-        "--disk-size",
+        "--root-size",
         "32M",
         check=True,
     )
@@ -198,7 +198,7 @@ def test_pause_resume_and_the_graceful_stop_of_a_paused_vm(benv, tmp_path):
     record = tmp_path / "requests.jsonl"
     benv.extra_env["FC_FAKE_RECORD"] = str(record)  # before the daemon starts: its firecrackers inherit it
     fake_firecracker_env(benv, tmp_path)
-    spec = ["--image", "fcimg", "--driver", "firecracker", "--vcpu", "1", "--memory", "128", "--disk-size", "32M"]
+    spec = ["--image", "fcimg", "--driver", "firecracker", "--vcpu", "1", "--memory", "128", "--root-size", "32M"]
     benv.run("vm", "create", "--name", "fcp", *spec, check=True)
     try:
         assert "fcp: paused" in benv.run("vm", "pause", "fcp", check=True).stdout

@@ -127,8 +127,8 @@ def test_cli_refuses_a_name_with_a_newline(benv):
         ('[vm_defaults]\nvcpus = "2"\n', "[vm_defaults] vcpus: Input should be a valid integer (got '2')"),
         ("[vm_defaults]\nmemory_mib = true\n", "[vm_defaults] memory_mib: Value error, expected a size"),
         ("[vm_defaults]\nmemory_mib = 1.5\n", "[vm_defaults] memory_mib: Value error, expected a size"),
-        ('[vm_defaults]\ndisk_size_mib = "8X"\n', "[vm_defaults] disk_size_mib: Value error, cannot parse size '8X'"),
-        ('[vm_defaults]\ndisk_size_mib = "0G"\n', "[vm_defaults] disk_size_mib: Value error, size must be at least 1 MiB"),
+        ('[vm_defaults]\nroot_size_mib = "8X"\n', "[vm_defaults] root_size_mib: Value error, cannot parse size '8X'"),
+        ('[vm_defaults]\nroot_size_mib = "0G"\n', "[vm_defaults] root_size_mib: Value error, size must be at least 1 MiB"),
         ("[daemon]\nlog_level = 1\n", "[daemon] log_level: Input should be 'debug', 'info', 'warning' or 'error'"),
         ('[plugins]\ndisable = "dns"\n', "[plugins] disable: Input should be a valid list"),
         ('[images]\nmax_rootfs_size = "lots"\n', "[images] max_rootfs_size: Value error, cannot parse size 'lots'"),
@@ -144,9 +144,9 @@ def test_config_values_are_not_coerced(tmp_path, text, expect):
 
 def test_sizes_take_mib_integers_and_unit_strings(tmp_path):
     p = tmp_path / "config.toml"
-    p.write_text('[vm_defaults]\nmemory_mib = "512M"\ndisk_size_mib = "8G"\n[images]\nmax_rootfs_size = 2048\n')
+    p.write_text('[vm_defaults]\nmemory_mib = "512M"\nroot_size_mib = "8G"\n[images]\nmax_rootfs_size = 2048\n')
     cfg = Config.load(p).core
-    assert (cfg.vm_defaults.memory_mib, cfg.vm_defaults.disk_size_mib, cfg.images.max_rootfs_size) == (512, 8192, 2048)
+    assert (cfg.vm_defaults.memory_mib, cfg.vm_defaults.root_size_mib, cfg.images.max_rootfs_size) == (512, 8192, 2048)
     assert Config.load(tmp_path / "absent.toml").core.images.max_rootfs_size == 64 * 1024
     ok = {"512": 512, "512M": 512, "512m": 512, "2G": 2048, "1GiB": 1024, "1T": 1024 * 1024, "2048K": 2, 7: 7}
     for given, mib in ok.items():
@@ -228,7 +228,7 @@ def test_original_config_renames_name_the_new_key(tmp_path):
         Config.load(p)
     msg = ei.value.message
     assert f"{p}: vcpu: renamed to [vm_defaults] vcpus" in msg
-    assert f"{p}: disk_size: renamed to [vm_defaults] disk_size_mib" in msg
+    assert f"{p}: disk_size: renamed to [workdisk] size_mib" in msg
     assert f"{p}: firecracker_bin: renamed to [vmm] firecracker_binary" in msg
 
 
@@ -238,7 +238,7 @@ def test_original_config_renames_name_the_new_key(tmp_path):
 def test_create_help_and_doctor_show_resolved_defaults_with_provenance(benv):
     from banger_core import host
 
-    benv.write_config('[vm_defaults]\nvcpus = 2\ndisk_size_mib = "2G"\n')
+    benv.write_config('[vm_defaults]\nvcpus = 2\nroot_size_mib = "2G"\n')
     text = " ".join(benv.run("vm", "create", "--help", COLUMNS="200", check=True).stdout.split())
     assert "default: 2 (config)" in text
     assert f"default: {host.default_memory_mib()} MiB (auto: host RAM/8" in text
@@ -246,7 +246,7 @@ def test_create_help_and_doctor_show_resolved_defaults_with_provenance(benv):
     assert "default: debian-bookworm (builtin)" in text and "[vm_defaults]" not in text
     line = next(ln for ln in benv.run("doctor").stdout.splitlines() if "vm defaults" in ln)
     assert "vcpus=2 (config)" in line and f"memory={host.default_memory_mib()} MiB (auto)" in line
-    assert "disk_size=2048 MiB (config)" in line and "image=debian-bookworm (builtin)" in line
+    assert "root_size=2048 MiB (config)" in line and "image=debian-bookworm (builtin)" in line
     assert str(benv.config_file) in line
 
 

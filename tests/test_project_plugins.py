@@ -115,7 +115,7 @@ def test_a_project_enabled_plugin_acts_on_that_projects_vms_only(guests):
     proj = root / "proj"
     proj.mkdir()
     (proj / "banger.toml").write_text("[plugins]\nenable = ['optin']\n")
-    common = ["--image", "busybox", "--vcpu", "1", "--memory", "256M", "--disk-size", "256M"]
+    common = ["--image", "busybox", "--vcpu", "1", "--memory", "256M", "--root-size", "256M"]
     env.run("vm", "create", "--name", "inproj", "--project", str(proj), *common, timeout=300, check=True)
     env.run("vm", "create", "--name", "outside", *common, timeout=300, check=True)
 

@@ -38,7 +38,7 @@ def add(
         vm_id="0" * 16,
         vm_name="src",
         image=image,
-        spec=VMSpec(vcpus=1, memory_mib=256, disk_size_mib=1024),
+        spec=VMSpec(vcpus=1, memory_mib=256, root_size_mib=1024),
         driver="qemu",
         disk_strategy="qcow2",
         key=name if kind is SnapshotKind.TEMPLATE else None,

@@ -24,7 +24,7 @@ from conftest import BangerEnv, fake_firecracker_env, isolated_env, pid_alive
 from test_agent_vsock import agent_image
 
 HOST_FILES = ("/etc/machine-id", "/etc/hostname")
-ARGS = ["--driver", "firecracker", "--vcpu", "1", "--memory", "128", "--disk-size", "32M"]
+ARGS = ["--driver", "firecracker", "--vcpu", "1", "--memory", "128", "--root-size", "32M"]
 
 
 def host_bytes() -> dict[str, bytes | None]:

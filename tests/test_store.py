@@ -61,7 +61,7 @@ def test_upgrade_from_schema_1_keeps_rows(paths, monkeypatch):
             "id": "abc",
             "name": "keep",
             "state": "stopped",
-            "spec": '{"vcpus":1,"memory_mib":1,"disk_size_mib":1}',
+            "spec": '{"vcpus":1,"memory_mib":1,"disk_size_mib":3}',
             "teardown": "{}",
         }
     )
@@ -74,6 +74,7 @@ def test_upgrade_from_schema_1_keeps_rows(paths, monkeypatch):
     assert new.applied_migrations() == ALL
     vm = new.get_vm("abc")
     assert vm.name == "keep" and vm.disk_strategy is None and vm.last_error is None
+    assert vm.spec.root_size_mib == 3  # migration 9: disk_size_mib sized the root disk
     assert vm.options == {}  # migration 5: no per-VM plugin options yet
     assert vm.ephemeral is False  # migration 7: nothing made by a vm run --rm yet
     vm.options = {"example": {"motto": "kept"}}
@@ -82,6 +83,23 @@ def test_upgrade_from_schema_1_keeps_rows(paths, monkeypatch):
     k = new.get_kernel("k1")  # kernels gained vmlinux and source in migration 4
     # migration 6: a kernel from before sources were recorded counts as pulled under its name
     assert (k.kernel, k.initrd, k.vmlinux, k.source) == ("/k/vmlinuz", "/k/initrd.img", None, "k1#")
+
+
+def test_root_size_renamed_in_vms_and_snapshots(paths, monkeypatch):
+    """Migration 9: ``disk_size_mib`` (the root disk's size before 0.7) reads as
+    ``root_size_mib`` in a VM's spec and in a snapshot's; other keys untouched."""
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:8])
+    old = Store(paths.db_file)
+    old.db["vms"].insert({"id": "v", "name": "n", "state": "stopped", "spec": '{"vcpus":2,"memory_mib":5,"disk_size_mib":7}'})
+    old.db["snapshots"].insert({"id": "s", "name": "s", "kind": "manual", "data": '{"x":1,"spec":{"vcpus":2,"disk_size_mib":9}}'})
+    old.close()
+    monkeypatch.undo()
+    new = Store(paths.db_file)
+    assert json.loads(next(new.db.query("SELECT spec FROM vms"))["spec"]) == {"vcpus": 2, "memory_mib": 5, "root_size_mib": 7}
+    assert json.loads(next(new.db.query("SELECT data FROM snapshots"))["data"]) == {
+        "x": 1,
+        "spec": {"vcpus": 2, "root_size_mib": 9},
+    }
 
 
 def test_pull_records_from_before_sources_become_ref_and_revision(paths, monkeypatch):
@@ -143,13 +161,13 @@ def test_images_and_kernels(paths):
 @pytest.mark.parametrize("name", ["", "-a", "a-", "A", "a_b", "a" * 64, "a.b"])
 def test_vm_names_are_dns_labels(name):
     with pytest.raises(ValueError, match="invalid VM name"):
-        VM(id="x", name=name, spec=VMSpec(vcpus=1, memory_mib=1, disk_size_mib=1))
+        VM(id="x", name=name, spec=VMSpec(vcpus=1, memory_mib=1, root_size_mib=1))
 
 
-@pytest.mark.parametrize("field", ["vcpus", "memory_mib", "disk_size_mib"])
+@pytest.mark.parametrize("field", ["vcpus", "memory_mib", "root_size_mib"])
 @pytest.mark.parametrize("value", [0, -1])
 def test_specs_must_be_positive(field, value):
-    spec = {"vcpus": 1, "memory_mib": 1, "disk_size_mib": 1, field: value}
+    spec = {"vcpus": 1, "memory_mib": 1, "root_size_mib": 1, field: value}
     with pytest.raises(ValueError, match="greater than 0"):
         VMSpec(**spec)
 

@@ -40,8 +40,8 @@ def venv_(assets):
 
 
 def create_small(env, name: str):
-    """`vm create` of a 1-vCPU, 256 MiB busybox VM with a 256 MiB disk."""
-    args = ["--image", "busybox", "--vcpu", "1", "--memory", "256M", "--disk-size", "256M"]
+    """`vm create` of a 1-vCPU, 256 MiB busybox VM with a 256 MiB root filesystem."""
+    args = ["--image", "busybox", "--vcpu", "1", "--memory", "256M", "--root-size", "256M"]
     return env.run("vm", "create", "--name", name, *args, timeout=300, check=True)
 
 
@@ -81,7 +81,7 @@ def test_create_stop_set_start_restart_delete(venv_):
     r = create_small(env, "life")
     for stage in ("reserve", "prepare_host", "boot", "ready"):
         assert re.search(rf"\]\s+{stage}$", r.stderr, re.M), r.stderr
-    assert "spec: 1 vcpu | 256 MiB | 256 MiB disk | image busybox | qemu" in r.stderr
+    assert "spec: 1 vcpu | 256 MiB | 256 MiB root | image busybox | qemu" in r.stderr
     vm = show(env, "life")
     assert vm["state"] == "running" and pid_alive(vm["pid"])
     assert wait_boot(env, "life") == ["1"]
@@ -104,15 +104,15 @@ def test_create_stop_set_start_restart_delete(venv_):
     assert not pid_alive(vm["pid"]) and show(env, "life")["pid"] is None
 
     # vm set changes what the guest sees; disks only grow
-    r = env.run("vm", "set", "life", "--vcpu", "2", "--memory", "384M", "--disk-size", "512M", check=True)
-    assert "vcpu=2 memory=384MiB disk=512MiB" in r.stdout
+    r = env.run("vm", "set", "life", "--vcpu", "2", "--memory", "384M", "--root-size", "512M", check=True)
+    assert "vcpu=2 memory=384MiB root=512MiB" in r.stdout
     from banger_core.vm import disks
 
     root = next(Path(vm["dir"]).glob("root.*"))
     assert disks.disk_size_mib(root) == 512
-    r = env.run("vm", "set", "life", "--disk-size", "128M")
+    r = env.run("vm", "set", "life", "--root-size", "128M")
     assert r.returncode == 1 and "disks only grow" in r.stderr
-    assert show(env, "life")["spec"]["disk_size_mib"] == 512
+    assert show(env, "life")["spec"]["root_size_mib"] == 512
     env.run("vm", "start", "life", timeout=300, check=True)
     assert wait_boot(env, "life") == ["2"]
     first_pid = show(env, "life")["pid"]
@@ -180,7 +180,7 @@ def test_bad_input_changes_nothing(venv_):
         (["--vcpu", "0"], "--vcpu must be greater than 0, got 0"),
         (["--vcpu", "-2"], "--vcpu must be greater than 0"),
         (["--memory", "0"], "--memory: size must be at least 1 MiB, got '0'"),
-        (["--disk-size", "0G"], "--disk-size: size must be at least 1 MiB, got '0G'"),
+        (["--root-size", "0G"], "--root-size: size must be at least 1 MiB, got '0G'"),
         (["--memory", "lots"], "cannot parse size 'lots'"),
         (["--vcpu", "4096"], "exceeds this host's"),
         (["--image", "nope"], "no image named 'nope'"),

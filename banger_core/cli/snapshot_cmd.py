@@ -101,7 +101,7 @@ def snapshot_show(ref: str, as_json: bool = typer.Option(False, "--json")) -> No
         ("kind", s["kind"]),
         ("from VM", f"{s['vm_name']} ({s['vm_id'][:8]})"),
         ("image", s.get("image") or "-"),
-        ("spec", f"{spec['vcpus']} vcpu | {spec['memory_mib']} MiB | {spec['disk_size_mib']} MiB disk | {s['driver']}"),
+        ("spec", f"{spec['vcpus']} vcpu | {spec['memory_mib']} MiB | {spec['root_size_mib']} MiB root | {s['driver']}"),
         ("size", _mib(s["size_bytes"])),
         ("created", s["created_at"]),
         ("dir", s["dir"]),
@@ -123,7 +123,7 @@ def image_warm(
     kernel: Optional[str] = typer.Option(None, "--kernel", "-k"),
     vcpu: Optional[int] = typer.Option(None, "--vcpu"),
     memory: Optional[str] = typer.Option(None, "--memory", "-m"),
-    disk_size: Optional[str] = typer.Option(None, "--disk-size"),
+    root_size: Optional[str] = typer.Option(None, "--root-size"),
     driver: Optional[str] = typer.Option(None, "--driver"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -132,7 +132,7 @@ def image_warm(
     plugin set and banger build, and is remade when any of them changes."""
     params: dict[str, Any] = {"image": image, "rm": rm}
     if not rm:
-        params["create"] = create_params(None, image, kernel, vcpu, memory, disk_size, driver=driver)
+        params["create"] = create_params(None, image, kernel, vcpu, memory, root_size, driver=driver)
     res = _call("snapshot.warm", params, on_event=None if rm else Progress(quiet=as_json))
     if as_json:
         echo_json(res)

@@ -110,7 +110,7 @@ class Progress:
             return
         if stage == "spec":
             style.echo(
-                f"spec: {ev['vcpus']} vcpu | {ev['memory_mib']} MiB | {ev['disk_size_mib']} MiB disk"
+                f"spec: {ev['vcpus']} vcpu | {ev['memory_mib']} MiB | {ev['root_size_mib']} MiB root"
                 f" | image {ev['image']}"
                 + (f" | kernel {ev['kernel']}" if ev.get("kernel") else "")
                 + f" | {ev['driver']} | {ev['vm']} ({ev['id'][:8]})"
@@ -185,7 +185,9 @@ def create(
     ),
     vcpu: Optional[int] = typer.Option(None, "--vcpu", help=f"vCPUs ({_D.get('vcpus', '')})"),
     memory: Optional[str] = typer.Option(None, "--memory", "-m", help=f"memory, e.g. 1024 or 2G ({_D.get('memory_mib', '')})"),
-    disk_size: Optional[str] = typer.Option(None, "--disk-size", help=f"root disk size, e.g. 4G ({_D.get('disk_size_mib', '')})"),
+    root_size: Optional[str] = typer.Option(
+        None, "--root-size", help=f"root filesystem size, e.g. 4G ({_D.get('root_size_mib', '')})"
+    ),
     driver: Optional[str] = typer.Option(None, "--driver", help=f"qemu | firecracker ({_D.get('driver', '')})"),
     project: Optional[Path] = typer.Option(None, "--project", "-p", help="project dir whose banger.toml applies"),
     warm: bool = typer.Option(
@@ -194,7 +196,7 @@ def create(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Create a VM and boot it, showing each stage."""
-    params = create_params(name, image, kernel, vcpu, memory, disk_size, driver=driver, project=project)
+    params = create_params(name, image, kernel, vcpu, memory, root_size, driver=driver, project=project)
     if warm:
         params["warm"] = True
     t0 = time.monotonic()
@@ -297,24 +299,24 @@ def set_(
     refs: List[str] = typer.Argument(..., help="VM names or ID prefixes"),
     vcpu: Optional[int] = typer.Option(None, "--vcpu"),
     memory: Optional[str] = typer.Option(None, "--memory", "-m"),
-    disk_size: Optional[str] = typer.Option(None, "--disk-size"),
+    root_size: Optional[str] = typer.Option(None, "--root-size"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Change stopped VMs' vCPUs, memory or disk size (disks only grow)."""
+    """Change stopped VMs' vCPUs, memory or root filesystem size (it only grows)."""
     params: dict[str, Any] = {
         "vcpus": positive(vcpu, "--vcpu"),
         "memory_mib": parse_mib(memory, "--memory"),
-        "disk_size_mib": parse_mib(disk_size, "--disk-size"),
+        "root_size_mib": parse_mib(root_size, "--root-size"),
         "options": dict(given_options) or None,
     }
     if all(v is None for v in params.values()):
-        raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give --vcpu, --memory, --disk-size or a plugin's option")
+        raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give --vcpu, --memory, --root-size or a plugin's option")
 
     def line(vm: dict[str, Any]) -> str:
         s = vm["spec"]
         for note in vm.get("notes", []):
             style.echo(style.paint(f"note: {note}", "yellow", sys.stderr), err=True)
-        return f"{vm['name']}: vcpu={s['vcpus']} memory={s['memory_mib']}MiB disk={s['disk_size_mib']}MiB"
+        return f"{vm['name']}: vcpu={s['vcpus']} memory={s['memory_mib']}MiB root={s['root_size_mib']}MiB"
 
     _fan_out("vm.set", refs, as_json, "set", shown=line, **{k: v for k, v in params.items() if v is not None})
 
@@ -325,7 +327,7 @@ def create_params(
     kernel: str | None,
     vcpu: int | None,
     memory: str | None,
-    disk_size: str | None,
+    root_size: str | None,
     driver: str | None = None,
     project: Path | None = None,
 ) -> dict[str, Any]:
@@ -337,7 +339,7 @@ def create_params(
         "kernel": kernel,
         "vcpus": positive(vcpu, "--vcpu"),
         "memory_mib": parse_mib(memory, "--memory"),
-        "disk_size_mib": parse_mib(disk_size, "--disk-size"),
+        "root_size_mib": parse_mib(root_size, "--root-size"),
         "driver": driver,
         "project_dir": str(project.resolve()) if project else None,
         "options": dict(given_options) or None,
@@ -451,7 +453,7 @@ def list_(as_json: bool = typer.Option(False, "--json")) -> None:
             v["image"] or "-",
             str(v["spec"]["vcpus"]),
             f"{v['spec']['memory_mib']}M",
-            f"{v['spec']['disk_size_mib']}M",
+            f"{v['spec']['root_size_mib']}M",
             v["driver"],
             _age(v["created_at"]),
         ]
@@ -485,7 +487,7 @@ def show(ref: str, as_json: bool = typer.Option(False, "--json")) -> None:
         ("vmm", vm["driver"]),
         ("vcpu", s["vcpus"]),
         ("memory", f"{s['memory_mib']} MiB"),
-        ("disk", f"{s['disk_size_mib']} MiB ({vm.get('disk_strategy') or '-'})"),
+        ("root", f"{s['root_size_mib']} MiB ({vm.get('disk_strategy') or '-'})"),
         ("from", f"snapshot {vm.get('base_snapshot_name') or vm['base_snapshot']}" if vm.get("base_snapshot") else "a boot"),
         ("pid", vm.get("pid") or "-"),
         ("console", vm["console_log"]),

@@ -143,7 +143,7 @@ async def prune(_p: NoParams, call: Call) -> dict[str, Any]:
 async def set_(p: SetParams, call: Call) -> dict[str, Any]:
     vms = call.state.vms
     if not p.options and all(v is None for k, v in p.model_dump().items() if k not in ("refs", "options")):
-        raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give vcpus, memory_mib, disk_size_mib or plugin options")
+        raise BangerError(ErrorCode.BAD_REQUEST, "nothing to set: give vcpus, memory_mib, root_size_mib or plugin options")
 
     async def op(vm: VM) -> dict[str, Any]:
         notes: list[str] = []

@@ -97,7 +97,7 @@ def grow_ext4(path: Path) -> None:
 
 
 def resize_root_disk(disk: Path, size_mib: int) -> None:
-    """Grow a stopped VM's root disk (``vm set --disk-size``)."""
+    """Grow a stopped VM's root disk (``vm set --root-size``)."""
     current = disk_size_mib(disk)
     if size_mib < current:
         raise BangerError(ErrorCode.BAD_REQUEST, f"disks only grow: {disk.name} is {current} MiB, asked {size_mib} MiB")

@@ -19,7 +19,7 @@ class CreateParams(Input):
     kernel: str | None = None
     vcpus: int | None = Field(default=None, gt=0)
     memory_mib: SizeMiB | None = None
-    disk_size_mib: SizeMiB | None = None
+    root_size_mib: SizeMiB | None = None
     driver: str | None = None
     project_dir: HostPath | None = None
     #: per-VM plugin options: plugin -> {field: value} (each plugin's vm_options model)
@@ -39,7 +39,7 @@ class SetParams(Input):
     refs: list[str] = Field(min_length=1)
     vcpus: int | None = Field(default=None, gt=0)
     memory_mib: SizeMiB | None = None
-    disk_size_mib: SizeMiB | None = None
+    root_size_mib: SizeMiB | None = None
     #: per-VM plugin options to change: plugin -> {field: value}, merged over the VM's
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

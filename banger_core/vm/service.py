@@ -181,7 +181,7 @@ class VMService:
             spec = VMSpec(
                 vcpus=params.vcpus or d["vcpus"],
                 memory_mib=params.memory_mib or d["memory_mib"],
-                disk_size_mib=params.disk_size_mib or d["disk_size_mib"],
+                root_size_mib=params.root_size_mib or d["root_size_mib"],
                 kernel=params.kernel or d["kernel"],
             )
         except ValidationError as exc:
@@ -386,7 +386,7 @@ class VMService:
                 self.store.update_vm(vm)
             root = disks.root_disk_path(run_dir, vm.disk_strategy)
             if not root.exists():
-                disks.create_root_disk(Path(image.rootfs), run_dir, vm.spec.disk_size_mib, vm.disk_strategy)
+                disks.create_root_disk(Path(image.rootfs), run_dir, vm.spec.root_size_mib, vm.disk_strategy)
             return root
 
         root = ensure_root()
@@ -723,10 +723,10 @@ class VMService:
             if vm.state is VMState.SUSPENDED:  # its memory no longer fits the VM it would resume
                 self._discard_suspend(vm, op_id)
                 notes.append(f"VM {vm.name} was suspended: its suspend image is discarded (the next start boots it)")
-            if params.disk_size_mib and vm.disk_strategy:
+            if params.root_size_mib and vm.disk_strategy:
                 root = disks.root_disk_path(self.run_dir(vm), vm.disk_strategy)
                 if root.exists():
-                    disks.resize_root_disk(root, params.disk_size_mib)
+                    disks.resize_root_disk(root, params.root_size_mib)
             vm.spec = spec
             self.store.update_vm(vm)
         return vm

@@ -175,7 +175,7 @@ def add_run(vm: typer.Typer) -> None:
         kernel: str = typer.Option(None, "--kernel", "-k", help="boot this kernel instead of the image's"),
         vcpu: int = typer.Option(None, "--vcpu", help="vCPUs"),
         memory: str = typer.Option(None, "--memory", "-m", help="memory, e.g. 1024 or 2G"),
-        disk_size: str = typer.Option(None, "--disk-size", help="root disk size, e.g. 4G"),
+        root_size: str = typer.Option(None, "--root-size", help="root filesystem size, e.g. 4G"),
         env: list[str] = typer.Option([], "--env", "-e", help="K=V in the command's environment (repeatable)"),
         workdir: str = typer.Option(None, "--workdir", "-w", help="the directory it runs in"),
         cold: bool = typer.Option(
@@ -203,7 +203,7 @@ def add_run(vm: typer.Typer) -> None:
         interactive = not command and not detach and sys.stdin.isatty()
         if interactive:
             command = list(LOGIN_SHELL)
-        params = create_params(name, image, kernel, vcpu, memory, disk_size)
+        params = create_params(name, image, kernel, vcpu, memory, root_size)
         params.update(argv=command, rm=rm, env=env_pairs(env), warm=not cold)
         if interactive:
             params["tty"] = terminal.request()

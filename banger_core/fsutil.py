@@ -11,10 +11,14 @@ A reader (or a daemon killed half way) never sees a half-written file or dir:
   and removed only once the new one is in), removed if it raises. What a cut-off
   daemon leaves of either is cleaned up by the next daemon's start-up sweep
   (``Paths.transient_leftovers``).
+
+``locked(path)`` is the one inter-process lock: ``flock`` on a lock file (made 0600
+with its directory if missing), exclusive, or shared for readers.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -23,6 +27,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from banger_core.paths import Paths
+
+
+@contextmanager
+def locked(path: Path, shared: bool = False) -> Iterator[None]:
+    """Hold an ``flock`` on the lock file ``path`` (exclusive, or ``shared``) for the
+    block; made 0600, with its directory (0700), when missing. Released when the block
+    ends or the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -6,7 +6,6 @@ Standard library plus Debian's own tools (apt-get, dpkg-deb) only.
 
 from __future__ import annotations
 
-import fcntl
 import lzma
 import os
 import re
@@ -14,8 +13,7 @@ import shutil
 import struct
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,16 +99,6 @@ def download_deb(package: str, version: str | None, cache: Path, log: Log) -> Pa
 
 def deb_field(deb: Path, field: str) -> str:
     return proc.run(["dpkg-deb", "-f", deb, field], text=True, what=f"reading {field} of {deb.name}").stdout.strip()
-
-
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- ext4

@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from banger_core import fsutil, proc
+from banger_core.fsutil import locked
 from banger_debian.common import (
     ArtifactBuildError,
     Log,
     deb_field,
     download_deb,
     extract_vmlinux,
-    locked,
 )
 
 __all__ = ["ArtifactBuildError", "build_debian_cloud_kernel", "busybox_applets", "static_busybox"]

@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from banger_core import fsutil, proc
+from banger_core.fsutil import locked
 from banger_debian.common import (
     ArtifactBuildError,
     Log,
     Work,
     deb_field,
     download_deb,
-    locked,
 )
 
 SOURCE_PACKAGE = "linux-source-6.1"

@@ -9,28 +9,20 @@ Files (``$BANGER_STATE_DIR/ssh/`` unless ``[ssh] key`` names another key path):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from banger_core.errors import BangerError, ErrorCode
+from banger_core import fsutil
 from banger_core.fsutil import atomic_write
 
 SUFFIX = ".vm"
 
 
-@contextlib.contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def locked(directory: Path) -> contextlib.AbstractContextManager[None]:
+    return fsutil.locked(directory / ".lock")
 
 
 def keygen(path: Path, comment: str) -> None:

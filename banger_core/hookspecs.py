@@ -53,7 +53,10 @@ def vm_options() -> "type[BaseModel] | None":
 
     Each field becomes a flag of ``vm create`` and ``vm set``: a bool field ``nat``
     gives ``--nat/--no-nat``, any other field ``--<field-name> VALUE`` (``_`` written
-    ``-``; prefixed ``--<plugin>-`` when another plugin or banger has that flag).
+    ``-``; prefixed ``--<plugin>-`` when another plugin or banger has that flag). VALUE
+    is an int, float or str for those types, the text as given for a type that parses
+    text itself (``Annotated`` with a ``BeforeValidator``, e.g.
+    ``banger_core.models.SizeMiB``: ``--disk-size 8G``; added in 0.7), else JSON.
     Values are validated strictly by the model, stored with the VM (only what was
     given: defaults stay the model's), handed to every lifecycle hook as
     ``ctx.options`` (the validated model), shown by ``vm show`` and changed by ``vm

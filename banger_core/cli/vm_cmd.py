@@ -392,8 +392,12 @@ def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]") -> Any:
             kind = _unoptional(info.annotation)
             if kind is bool:
                 option, annotation, as_json = typer.Option(None, f"--{flag}/--no-{flag}", help=helptext), Optional[bool], False
-            elif kind in (int, float, str):
-                option, annotation, as_json = typer.Option(None, f"--{flag}", help=helptext), Optional[kind], False
+            elif kind in (int, float, str) or _parses_text(kind):
+                option, annotation, as_json = (
+                    typer.Option(None, f"--{flag}", help=helptext),
+                    Optional[str] if kind not in (int, float) else Optional[kind],
+                    False,
+                )
             elif typing.get_origin(kind) is typing.Literal and all(isinstance(a, str) for a in typing.get_args(kind)):
                 choices = "|".join(typing.get_args(kind))  # the model says which (a clear error names them)
                 option, annotation, as_json = (
@@ -425,6 +429,16 @@ def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]") -> Any:
     params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]
     wrapper.__signature__ = sig.replace(parameters=[*params, *extra])  # type: ignore[attr-defined]
     return wrapper
+
+
+def _parses_text(kind: Any) -> bool:
+    """A type that reads text itself (an ``Annotated`` one with a ``BeforeValidator``,
+    e.g. ``SizeMiB``: "8G"): its flag hands the model the text as given."""
+    import typing
+
+    from pydantic import BeforeValidator
+
+    return typing.get_origin(kind) is typing.Annotated and any(isinstance(m, BeforeValidator) for m in kind.__metadata__)
 
 
 def _age(ts: str) -> str:

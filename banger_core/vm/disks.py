@@ -15,10 +15,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from banger_core import fsutil, proc
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.paths import VMFiles
+
+if TYPE_CHECKING:  # pragma: no cover
+    from banger_core.models import Machine
 
 log = logging.getLogger("banger.disks")
 
@@ -129,6 +133,47 @@ def freeze_root(root: Path, dest_dir: Path) -> Path:
     proc.run(["cp", "--reflink=auto", "--sparse=always", root, dest], timeout=1800, what="copying the root disk")
     os.chmod(dest, 0o444)
     return dest
+
+
+#: in a snapshot's dir: copies of the VM's own writable drives besides the root disk
+DRIVES_DIR = "drives"
+
+
+def own_drives(machine: "Machine", vm_dir: Path) -> list[Path]:
+    """The VM's own writable disks besides the root disk: drives a plugin keeps in the
+    VM's dir (a work disk). They are the VM's state as much as its root disk is."""
+    inside = str(vm_dir) + os.sep
+    return [Path(d.path) for d in machine.drives if not d.root and not d.read_only and d.path.startswith(inside)]
+
+
+def freeze_drives(machine: "Machine", vm_dir: Path, dest_dir: Path) -> list[Path]:
+    """Copy a paused VM's own drives (``own_drives``) into a snapshot, read-only, under
+    their file names: a restore gets a copy of each at the same name in its own dir."""
+    out = []
+    for disk in own_drives(machine, vm_dir):
+        dest = dest_dir / DRIVES_DIR / disk.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        proc.run(["cp", "--reflink=auto", "--sparse=always", disk, dest], timeout=1800, what=f"copying the disk {disk.name}")
+        os.chmod(dest, 0o444)
+        out.append(dest)
+    return out
+
+
+def drives_from_snapshot(snapshot_dir: Path, vm_dir: Path) -> list[Path]:
+    """A restored VM's own copy of each drive ``freeze_drives`` kept (reflinked where
+    the filesystem can, else sparse), before its plugins prepare: they find their disk
+    already there, as it was when the snapshot was taken."""
+    src = snapshot_dir / DRIVES_DIR
+    if not src.is_dir():
+        return []
+    vm_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for layer in sorted(src.iterdir()):
+        with fsutil.atomic_file(vm_dir / layer.name) as tmp:
+            proc.run(["cp", "--reflink=auto", "--sparse=always", layer, tmp], timeout=1800, what=f"copying {layer.name}")
+            os.chmod(tmp, 0o644)
+        out.append(vm_dir / layer.name)
+    return out
 
 
 def snapshot_layer(snapshot_dir: Path) -> Path:

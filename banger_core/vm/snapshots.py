@@ -255,6 +255,7 @@ class SnapshotService:
             staging = Paths.staging_dir(final)
             write_image(vms, vm, driver, pid, staging)
             disks.freeze_root(disks.root_disk_path(run_dir, vm.disk_strategy or "sparse"), staging)
+            disks.freeze_drives(Machine.model_validate_json(vms.machine_file(vm).read_bytes()), run_dir, staging)
             snap.size_bytes = _size(staging)
             if vms._pid(vm) is None:  # the VMM died meanwhile: the snapshot failed, whatever was written
                 raise BangerError(ErrorCode.OPERATION_FAILED, f"VM {vm.name}'s VMM exited during the snapshot")
@@ -337,6 +338,7 @@ class SnapshotService:
                 raise BangerError(ErrorCode.NOT_FOUND, f"snapshot {snap.name} was deleted")
             layer = disks.snapshot_layer(self.paths.snapshot_dir(snap.id))
             vm.disk_strategy = disks.disk_from_layer(layer, self.vms.run_dir(vm), vm.driver)
+            disks.drives_from_snapshot(self.paths.snapshot_dir(snap.id), self.vms.run_dir(vm))
             vm.base_snapshot = snap.id
             self.store.update_vm(vm)
             snap.last_used_at = utcnow()

@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Any
 
-from banger_guest import __version__, identity, netconf
+from banger_guest import __version__, identity, netconf, workdisk
 from banger_guest import protocol as P
 
 PORT_NAME = "banger.agent"
@@ -48,6 +48,8 @@ OUTPUT_GRACE = 2.0
 #: what a bare process gets when the request names no PATH (a minimal init's env has none)
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: the work disk mount done at start (``workdisk.mount``), reported by ``health``
+WORKDISK: dict[str, str] = {}
 
 
 def log(msg: str) -> None:
@@ -396,6 +398,7 @@ class Agent:
             "uptime": uptime,
             "hostname": _read("/proc/sys/kernel/hostname"),
             "python": sys.version.split()[0],
+            "workdisk": dict(WORKDISK) or None,
         }
 
     def open(self, sid: int, req: dict[str, Any]) -> None:
@@ -808,6 +811,10 @@ def main() -> int:
         serve(listen(*listen_address(listen_on), deadline=time.monotonic()))
         return 0
     set_identity()
+    label = cmdline_value("banger.workdisk")
+    if label:  # before serving: nothing the host places under /root may land beneath it
+        WORKDISK.update(workdisk.mount(label))
+        log(f"work disk: {WORKDISK}")
     net = cmdline_value("banger.net")
     if net:
         netconf.apply_at_boot(net, log)

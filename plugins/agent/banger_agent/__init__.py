@@ -235,6 +235,7 @@ def request_guest_shutdown(ctx: Any) -> bool | None:
 def cleanup(ctx: Any) -> None:
     if _service is not None:
         _service.drop(ctx.vm.id)
+        _service.healths.pop(ctx.vm.id, None)
     for name in (SOCKET, VSOCK):  # Firecracker leaves its vsock socket behind when it exits
         (Path(ctx.paths.vm_files(ctx.vm.id).dir) / name).unlink(missing_ok=True)
 

@@ -8,6 +8,13 @@ from typing import Any, Protocol
 
 
 class AgentAPI(Protocol):
+    def health(self, vm_id: str) -> dict[str, Any] | None:
+        """No guest round trip: the health the VM's agent answered when the VM last
+        booted or resumed (``agent``, ``version``, ``uptime``, ``workdisk``, ...), None
+        when it has no agent (an image without banger's agent). For ``post_boot`` and
+        ``vm_resumed`` hooks of plugins ordered after the agent."""
+        ...
+
     def request(self, paths: Any, vm_id: str, request: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
         """From a lifecycle hook (a worker thread): send one op (``{"op": ...}``, see
         banger_guest.agent) to the VM's agent and return its result; raises when the

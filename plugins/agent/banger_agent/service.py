@@ -78,6 +78,7 @@ class AgentService:
         self._thread.start()
         self.channels: dict[str, Channel] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.healths: dict[str, dict[str, Any]] = {}  # vm id -> the health its agent answered at start
 
     # --- crossing threads and loops --------------------------------------------------
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
@@ -123,6 +124,10 @@ class AgentService:
             pass
 
     # --- for other plugins (ctx.service("agent"), see api.py) ---------------------------
+    def health(self, vm_id: str) -> dict[str, Any] | None:
+        """The health the VM's agent answered when it (re)started, or None."""
+        return self.healths.get(vm_id)
+
     def request(self, paths: Any, vm_id: str, request: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
         """From a thread (a lifecycle hook): one op's RESULT from the VM's agent; the
         agent's ERROR raises RuntimeError (its message), no answer in time a TimeoutError."""
@@ -268,7 +273,9 @@ class AgentService:
             try:
                 if not socket.exists():
                     raise FileNotFoundError(f"{socket} does not exist yet")
-                return self.run(self.call(vm_id, socket, {"op": "health"}, timeout=min(left, 5)), timeout=min(left, 5) + 1)
+                health = self.run(self.call(vm_id, socket, {"op": "health"}, timeout=min(left, 5)), timeout=min(left, 5) + 1)
+                self.healths[vm_id] = health
+                return health
             except AgentMismatch:
                 raise
             except (OSError, ChannelClosed, asyncio.TimeoutError, concurrent.futures.TimeoutError, RuntimeError) as exc:

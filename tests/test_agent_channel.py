@@ -132,7 +132,10 @@ def pid_alive(pid: int) -> bool:
 def wait_dead(pid: int, timeout: float = 5) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if not pid_alive(pid) or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+        try:
+            if not pid_alive(pid) or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+                return True
+        except OSError:  # gone between the two looks (ENOENT, or ESRCH reading it)
             return True
         time.sleep(0.05)
     return False

@@ -114,7 +114,7 @@ def test_per_vm_plugin_options(fcenv):
         # the CLI index knows who adds flags to vm create
         index = json.loads((env.root / "cache" / "cli-index.json").read_text())
         # (nat and network add --nat and --network)
-        assert index["commands"]["vm create"] == ["example", "nat", "network"] == index["commands"]["vm set"]
+        assert index["commands"]["vm create"] == ["example", "nat", "network", "workdisk"] == index["commands"]["vm set"]
     finally:
         env.run("vm", "delete", "--force", "opt", timeout=60)
         env.stop_daemon()

@@ -72,9 +72,10 @@ def prepare_host(ctx: Any) -> None:
     from banger_workdisk import disks
 
     disk, size = disk_path(ctx), _size(ctx)
-    ctx.teardown["disk"] = str(disk)
-    ctx.persist()
     if disk.exists():  # its own, from an earlier start or a snapshot: keep it, grow it if asked
+        if ctx.teardown.get("disk") != str(disk):  # a restored VM: the core made its copy
+            ctx.teardown["disk"] = str(disk)
+            ctx.persist()
         if disks.grow(disk, size):
             ctx.log.info("VM %s: work disk grown to %d MiB", ctx.vm.name, size)
         return
@@ -83,8 +84,11 @@ def prepare_host(ctx: Any) -> None:
         image = store.find_image(ctx.vm.image or "")
     finally:
         store.close()
-    if image is None:
-        raise RuntimeError(f"image {ctx.vm.image} is gone: no work-seed to make the work disk from")
+    if image is None:  # (a VM without an image: only banger_core.testing.run_lifecycle makes one)
+        ctx.log.warning("VM %s: no work disk: its image %s is gone (no work-seed)", ctx.vm.name, ctx.vm.image)
+        return
+    ctx.teardown["disk"] = str(disk)  # recorded first: a failed create's cleanup (DELETE) removes it
+    ctx.persist()
     disks.make_disk(ctx.paths.state_dir, image.name, Path(image.rootfs), disk, size)
     ctx.log.info("VM %s: work disk %s (%d MiB) from image %s's work-seed", ctx.vm.name, disk.name, size, image.name)
 
@@ -94,22 +98,30 @@ def configure_machine(ctx: Any, machine: Any) -> None:
     from banger_core.models import Drive
     from banger_workdisk.disks import LABEL
 
-    machine.drives.append(Drive(id="work", path=str(disk_path(ctx))))
-    machine.boot_args.append(f"banger.workdisk={LABEL}")
+    if disk_path(ctx).exists():
+        machine.drives.append(Drive(id="work", path=str(disk_path(ctx))))
+        machine.boot_args.append(f"banger.workdisk={LABEL}")
 
 
 @hookimpl
 def post_boot(ctx: Any) -> None:
     """/root must be the work disk before anything is placed there (keys, files)."""
+    if not disk_path(ctx).exists():
+        return
     health = ctx.service("agent").health(ctx.vm.id)
     if health is None:  # an image without banger's agent: nothing mounts the disk
         ctx.log.warning("VM %s: /root is the image's, not the work disk: the image has no banger agent", ctx.vm.name)
         ctx.teardown["mounted"] = None
         ctx.persist()
         return
-    state = health.get("workdisk")
+    if "workdisk" not in health:
+        raise RuntimeError(f"the work disk was not mounted on /root: agent {health.get('agent')} does not mount work disks")
+    state = health["workdisk"]
+    if state is None:  # an agent not started by the guest's boot (the fake Firecracker's, on the host)
+        ctx.log.warning("VM %s: the agent was not asked to mount the work disk (no banger.workdisk=)", ctx.vm.name)
+        return
     if not isinstance(state, dict) or state.get("error") or not state.get("device"):
-        why = state.get("error") if isinstance(state, dict) else "the agent does not mount work disks (an old agent?)"
+        why = state.get("error") if isinstance(state, dict) else f"the agent said {state!r}"
         raise RuntimeError(f"the work disk was not mounted on /root: {why}")
     ctx.teardown["mounted"] = state.get("target")
     ctx.persist()

@@ -12,19 +12,24 @@
     [<plugin>]                # one table per plugin, validated by its own model
     key = "value"
 
+    [[file_sync]]             # a top-level key a plugin claims (its ``config_keys``):
+    host = "~/.aws"           # an array or a table, part of that plugin's settings
+
 A project's ``banger.toml`` (in the directory a VM is made from) has the same
-``[plugins]`` table, applied on top for that project's VMs only, and plugin tables
-whose keys override the user's.
+``[plugins]`` table, applied on top for that project's VMs only, plugin tables whose
+keys override the user's, and claimed keys: a claimed array's items come after the
+user's, a claimed table's keys override the user's.
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, model_validator
 
 from banger_core.builtin import ESSENTIAL
 from banger_core.errors import BangerError, ErrorCode
@@ -248,15 +253,149 @@ def _with_requirements(host: "PluginHost", active: list[str], blocked: set[str])
     return out
 
 
-def _plugin_tables(path: Path, raw: dict[str, Any], core_tables: frozenset[str]) -> dict[str, dict[str, Any]]:
+def _plugin_values(
+    path: Path, raw: dict[str, Any], core_tables: frozenset[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[Any]]]:
+    """The top-level keys that are not the core's: (tables, arrays). A table is a
+    plugin's ``[name]`` or a table some plugin claims; an array must be claimed
+    (``check_claims``, once the plugins are known); anything else is refused here."""
     tables: dict[str, dict[str, Any]] = {}
+    arrays: dict[str, list[Any]] = {}
     for key, value in raw.items():
         if key in core_tables:
             continue
-        if not isinstance(value, dict):
+        if isinstance(value, dict):
+            tables[key] = value
+        elif isinstance(value, list):
+            arrays[key] = value
+        else:
             raise BangerError(ErrorCode.CONFIG, f"{path}: {key}: expected a table [{key}], got {type(value).__name__}")
-        tables[key] = value
-    return tables
+    return tables, arrays
+
+
+@dataclass(frozen=True)
+class SettingsSource:
+    """Where the values of a plugin's settings come from, for the plugin's validators
+    (added in 0.7). The core validates a plugin's settings twice: the user's
+    config.toml alone (``project_file`` None), then merged with the project's
+    banger.toml; each time pydantic's validation context holds this under
+    ``"banger"``: read it with ``SettingsSource.of(info)`` in a validator that takes
+    ``info: ValidationInfo``. A project's items are the ones a plugin may want to trust
+    less than the user's own (a cloned repository wrote them)."""
+
+    user_file: Path
+    project_file: Path | None = None
+    #: top-level keys of the plugin's settings the project's banger.toml set
+    project_keys: frozenset[str] = frozenset()
+    #: for each claimed array: how many of its items are the user's (the project's follow)
+    user_items: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def project_dir(self) -> Path | None:
+        """The project's directory (where its banger.toml is), when one is merged in."""
+        return self.project_file.parent if self.project_file is not None else None
+
+    def from_project(self, key: str, index: int | None = None) -> bool:
+        """Whether the value of ``key`` came from the project's banger.toml; for a
+        claimed array, whether its item ``index`` did."""
+        if self.project_file is None or key not in self.project_keys:
+            return False
+        return index is None or index >= self.user_items.get(key, 0)
+
+    @staticmethod
+    def of(info: ValidationInfo) -> "SettingsSource | None":
+        """The source of the values being validated; None when the core is not the one
+        validating (a plugin's own unit test): treat the values as the user's."""
+        ctx = info.context
+        source = ctx.get("banger") if isinstance(ctx, dict) else None
+        return source if isinstance(source, SettingsSource) else None
+
+
+def _loc_text(loc: list[Any]) -> str:
+    """``file_sync[2].mode`` for the location ("file_sync", 2, "mode")."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def format_settings_error(
+    plugin: str, exc: ValidationError, claimed: tuple[str, ...], user_file: Path, project: "SettingsSource | None" = None
+) -> str:
+    """A plugin's settings errors, one per line as ``format_validation_error`` writes
+    them, but each naming the file the bad value is in: ``FILE: [plugin] key: ...`` for
+    its own table, ``FILE: file_sync[2].mode: ...`` for a claimed key, the index counted
+    in that file's own array (from 0)."""
+    lines = []
+    for err in exc.errors():
+        loc = list(err.get("loc", ()))
+        where_file = user_file
+        if project is not None and project.project_file is not None:
+            # merged: the user's values alone were valid, so the project's are at fault,
+            # unless the error is in one of the user's items of a claimed array
+            where_file = project.project_file
+            if len(loc) > 1 and loc[0] in claimed and isinstance(loc[1], int):
+                if project.from_project(str(loc[0]), loc[1]):
+                    loc[1] -= project.user_items.get(str(loc[0]), 0)
+                else:
+                    where_file = user_file
+        if loc and loc[0] in claimed:
+            where = _loc_text(loc)
+        else:
+            where = f"[{plugin}] " + (".".join(str(p) for p in loc) if loc else "(table)")
+        got = ""
+        if err.get("type") not in ("missing",) and "input" in err and not isinstance(err["input"], dict):
+            got = f" (got {err['input']!r})"
+        lines.append(f"{where_file}: {where}: {err.get('msg', 'invalid')}{got}")
+    return "; ".join(lines)
+
+
+def _claimed_values(
+    path: Path, plugin: str, tables: dict[str, dict[str, Any]], arrays: dict[str, list[Any]], claimed: tuple[str, ...]
+) -> dict[str, Any]:
+    """A plugin's values in one file: its ``[plugin]`` table and the claimed keys."""
+    own = dict(tables.get(plugin, {}))
+    for key in claimed:
+        if key in own:
+            raise BangerError(
+                ErrorCode.CONFIG, f"{path}: [{plugin}] {key}: {key} is a top-level key of its own, not a key of [{plugin}]"
+            )
+        if key in arrays:
+            own[key] = arrays[key]
+        elif key in tables:
+            own[key] = tables[key]
+    return own
+
+
+def _merge(user: dict[str, Any], proj: dict[str, Any], claimed: tuple[str, ...]) -> dict[str, Any]:
+    """The project's values over the user's: a key replaces the user's, except a
+    claimed array (the project's items follow the user's) and a claimed table (merged
+    key by key, as the plugin's own table is)."""
+    out = dict(user)
+    for key, value in proj.items():
+        mine = user.get(key)
+        if key in claimed and isinstance(mine, list) and isinstance(value, list):
+            out[key] = mine + value
+        elif key in claimed and isinstance(mine, dict) and isinstance(value, dict):
+            out[key] = {**mine, **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _check_claims(host: "PluginHost", path: Path, arrays: dict[str, list[Any]]) -> None:
+    """Every top-level array is claimed by an enabled plugin, else one error naming
+    each such key and why nobody claims it."""
+    unclaimed = [k for k in arrays if host.claimant(k) is None]
+    if unclaimed:
+        raise BangerError(
+            ErrorCode.CONFIG,
+            "; ".join(
+                f"{path}: {key}: not a banger setting: {host.why_unclaimed(key)} "
+                f"(a plugin's settings go in its table [name], or in a top-level key it claims)"
+                for key in unclaimed
+            ),
+        )
 
 
 @dataclass
@@ -266,6 +405,7 @@ class ProjectConfig:
     path: Path
     plugins: PluginsTable
     tables: dict[str, dict[str, Any]]
+    arrays: dict[str, list[Any]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, directory: Path) -> "ProjectConfig | None":
@@ -280,7 +420,8 @@ class ProjectConfig:
             plugins = PluginsTable.model_validate(raw.get("plugins", {}))
         except ValidationError as exc:
             raise BangerError(ErrorCode.CONFIG, format_validation_error(path, "plugins", exc)) from None
-        return cls(path=path, plugins=plugins, tables=_plugin_tables(path, raw, frozenset({"plugins"})))
+        tables, arrays = _plugin_values(path, raw, frozenset({"plugins"}))
+        return cls(path=path, plugins=plugins, tables=tables, arrays=arrays)
 
 
 @dataclass
@@ -288,6 +429,8 @@ class Config:
     path: Path
     core: CoreConfig = field(default_factory=CoreConfig)
     tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: top-level arrays: each must be claimed by a plugin (``check_claims``)
+    arrays: dict[str, list[Any]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> "Config":
@@ -299,7 +442,12 @@ class Config:
             core = CoreConfig.model_validate(core_raw)
         except ValidationError as exc:
             raise BangerError(ErrorCode.CONFIG, format_validation_error(path, None, exc)) from None
-        return cls(path=path, core=core, tables=_plugin_tables(path, raw, CORE_TABLES))
+        tables, arrays = _plugin_values(path, raw, CORE_TABLES)
+        return cls(path=path, core=core, tables=tables, arrays=arrays)
+
+    def check_claims(self, host: "PluginHost") -> None:
+        """Refuse a top-level array no enabled plugin claims (once plugins are loaded)."""
+        _check_claims(host, self.path, self.arrays)
 
     # --- plugin enablement --------------------------------------------------------
     def globally_disabled(self, installed: list[str]) -> set[str]:
@@ -336,6 +484,7 @@ class Config:
                             f"{project.path}: [plugins] enable: plugin {n!r} is "
                             f"{host.records[n].status} for this user ({host.records[n].reason})",
                         )
+            _check_claims(host, project.path, project.arrays)
             blocked = set(project.plugins.disable)
             active = [n for n in active if n not in blocked]
             active += [n for n in project.plugins.enable or () if n not in active]
@@ -344,25 +493,46 @@ class Config:
 
     # --- plugin settings ----------------------------------------------------------
     def settings_for(self, host: "PluginHost", plugin: str, project: ProjectConfig | None = None) -> BaseModel | None:
+        """The plugin's settings: its ``[plugin]`` table and the top-level keys it
+        claims (``config_keys``), from the user's config.toml, then merged with the
+        project's banger.toml. Each is validated strictly, with a ``SettingsSource`` as
+        the validation context; an error names the file the bad value is in."""
         model = host.config_model(plugin)
-        user = self.tables.get(plugin, {})
-        proj = project.tables.get(plugin, {}) if project else {}
+        rec = host.records.get(plugin)
+        claimed = rec.config_keys if rec is not None else ()
+        user = _claimed_values(self.path, plugin, self.tables, self.arrays, claimed)
+        proj = _claimed_values(project.path, plugin, project.tables, project.arrays, claimed) if project else {}
         if model is None:
             if user or proj:
                 src = project.path if project is not None and proj else self.path
                 raise BangerError(ErrorCode.CONFIG, f"{src}: [{plugin}]: plugin {plugin!r} takes no settings")
             return None
+        absent = [k for k in claimed if k not in model.model_fields]
+        if absent:
+            raise BangerError(
+                ErrorCode.PLUGIN,
+                f"plugin {plugin!r} claims the config key(s) {', '.join(absent)} but its settings have no such field",
+            )
         # strict=True here makes every plugin's model strict, third parties' included.
+        mine = SettingsSource(user_file=self.path)
         try:
-            validate_input(model, user)
+            settings: BaseModel = validate_input(model, user, context={"banger": mine})
         except ValidationError as exc:
-            raise BangerError(ErrorCode.CONFIG, format_validation_error(self.path, plugin, exc)) from None
-        try:
-            settings: BaseModel = validate_input(model, {**user, **proj})
+            raise BangerError(ErrorCode.CONFIG, format_settings_error(plugin, exc, claimed, self.path)) from None
+        if not proj:
             return settings
-        except ValidationError as exc:  # only the project's keys can be at fault now
-            assert project is not None
-            raise BangerError(ErrorCode.CONFIG, format_validation_error(project.path, plugin, exc)) from None
+        assert project is not None
+        both = SettingsSource(
+            user_file=self.path,
+            project_file=project.path,
+            project_keys=frozenset(proj),
+            user_items={k: len(user[k]) for k in claimed if isinstance(user.get(k), list)},
+        )
+        try:
+            settings = validate_input(model, _merge(user, proj, claimed), context={"banger": both})
+        except ValidationError as exc:  # the project's values are at fault (the user's alone were valid)
+            raise BangerError(ErrorCode.CONFIG, format_settings_error(plugin, exc, claimed, project.path, both)) from None
+        return settings
 
     def unknown_tables(self, host: "PluginHost") -> list[str]:
-        return sorted(t for t in self.tables if t not in host.records)
+        return sorted(t for t in self.tables if t not in host.records and host.claimant(t) is None)

@@ -322,14 +322,14 @@ class Machine(Strict):
 M = TypeVar("M", bound=BaseModel)
 
 
-def validate_input(model: type[M], data: Any) -> M:
+def validate_input(model: type[M], data: Any, context: Any = None) -> M:
     """Validate data that arrived as JSON or TOML against any model, strictly.
 
     Strict in JSON mode: strings are never numbers, booleans never integers, but a
     string still makes a Path, an enum member or a datetime as it would from JSON. Used
     for RPC params and plugin settings, so a third party's model is as strict as the
-    core's.
+    core's. ``context`` is pydantic's validation context (``ValidationInfo.context``).
     """
     import json
 
-    return model.model_validate_json(json.dumps(data, default=str), strict=True)
+    return model.model_validate_json(json.dumps(data, default=str), strict=True, context=context)

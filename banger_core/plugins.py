@@ -5,7 +5,9 @@ come from pluggy (it only knows LIFO + tryfirst/trylast): every plugin declares
 ``requires`` (names of plugins or capabilities it needs) and optionally ``provides``
 (capabilities it offers besides its own name) as module attributes; banger resolves
 the order with ``graphlib`` and runs each stage as an explicit loop over plugins, one
-try/except per plugin.
+try/except per plugin. ``config_keys`` (optional, also a module attribute) names the
+top-level config keys besides its own ``[name]`` table whose values are the plugin's
+settings (``[[file_sync]]``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import graphlib
 import logging
 import os
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -42,6 +45,8 @@ BUILTIN_RANK = {name: i for i, (name, _module) in enumerate(BUILTIN)}
 ENV_DISABLE = "BANGER_DISABLE_PLUGINS"  # comma-separated names, on top of config
 ENV_STRICT = "BANGER_STRICT_PLUGINS"  # "1": a broken plugin is a hard error
 ENV_TRACE = "BANGER_TRACE_PLUGINS"  # "1": log every hook call with its duration
+#: what a plugin may claim as a top-level config key (``config_keys``): a bare TOML key
+CONFIG_KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 log = logging.getLogger("banger.plugins")
 
@@ -80,6 +85,7 @@ class PluginRecord:
     builtin: bool = False  # part of banger itself (banger_core.builtin)
     essential: bool = False  # a built-in that cannot be disabled
     opt_in: bool = False  # acts on a VM only when a project (or the user's allow-list) names it
+    config_keys: tuple[str, ...] = ()  # top-level config keys whose values are this plugin's settings
     entry_point: str | None = None  # module[:attr] it was loaded from (None: built-in or added)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +102,7 @@ class PluginRecord:
             "builtin": self.builtin,
             "essential": self.essential,
             "opt_in": self.opt_in,
+            "config_keys": list(self.config_keys),
         }
 
 
@@ -210,6 +217,7 @@ class PluginHost:
             rec.opt_in = getattr(module, "opt_in", False)
             if not isinstance(rec.opt_in, bool):
                 raise TypeError(f"module attribute 'opt_in' must be True or False, got {rec.opt_in!r}")
+            rec.config_keys = self._config_keys(rec.name, _str_tuple(module, "config_keys"))
             self.pm.register(module, name=rec.name)
         except Exception as exc:
             self._broken(rec, f"invalid plugin: {exc}", strict)
@@ -227,6 +235,47 @@ class PluginHost:
         rec.hooks = [h for h in hookspecs.ALL_HOOKS if h in self._impl_names(module)]
         self.records[rec.name] = rec
         return rec
+
+    def _config_keys(self, name: str, keys: tuple[str, ...]) -> tuple[str, ...]:
+        """``keys`` when this plugin may claim them: bare keys, none a core table, a
+        plugin's name or another plugin's claim (the first plugin loaded keeps a key);
+        and the plugin's own name must not be a key another plugin claims."""
+        if claimant := self.claimant(name):
+            raise TypeError(f"its name is the config key {claimant} claims")
+        if not keys:
+            return keys
+        from banger_core.config import CORE_TABLES  # only for a plugin that claims keys: pydantic
+
+        for key in keys:
+            if not CONFIG_KEY_RE.fullmatch(key):
+                raise TypeError(f"config_keys: {key!r} is not a config key ({CONFIG_KEY_RE.pattern})")
+            if key in CORE_TABLES:
+                raise TypeError(f"config_keys: {key!r} is banger's own [{key}] table")
+            if key == name or key in self.records:
+                raise TypeError(f"config_keys: {key!r} is a plugin's name: its table is that plugin's")
+            if claimant := self.claimant(key):
+                raise TypeError(f"config_keys: {key!r} is claimed by {claimant}")
+        if len(set(keys)) != len(keys):
+            raise TypeError(f"config_keys: a key is named twice: {list(keys)}")
+        return keys
+
+    def claimant(self, key: str) -> str | None:
+        """The plugin (enabled) whose ``config_keys`` claim the top-level ``key``."""
+        for rec in self.records.values():
+            if key in rec.config_keys and rec.status == "enabled":
+                return rec.name
+        return None
+
+    def why_unclaimed(self, key: str) -> str:
+        """Why no enabled plugin claims ``key``: one that would is not enabled, or the
+        plugins never imported (disabled) might; for an error message."""
+        for rec in self.records.values():
+            if key in rec.config_keys and rec.status != "enabled":
+                return f"{rec.name} claims it, but is {rec.status}" + (f" ({rec.reason})" if rec.reason else "")
+        unknown = sorted(n for n, r in self.records.items() if r.module is None and r.status != "enabled")
+        if unknown:
+            return f"no loaded plugin claims it (not loaded, so not inspected: {', '.join(unknown)})"
+        return "no installed plugin claims it"
 
     def _impl_names(self, module: object) -> list[str]:
         names = []

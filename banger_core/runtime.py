@@ -32,6 +32,7 @@ class Runtime:
         host.load_builtins(disabled=config.core.plugins.disable)
         host.load_entry_points(disabled=config.globally_disabled(names), strict=strict)
         host.finish_loading()
+        config.check_claims(host)  # a top-level array no plugin claims: refused, as a core key would be
         rt = cls(paths=paths, config=config, host=host)
         rt.resolve()
         return rt

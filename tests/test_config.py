@@ -156,3 +156,68 @@ def test_a_renamed_plugins_table_names_the_new_one(benv):
     benv.write_config("[vsock]\nport = 1024\n")
     r = benv.run("vm", "list")
     assert r.returncode == 1 and "[vsock] is now [agent] (the vsock plugin was renamed agent)" in r.stderr, r.stderr
+
+
+# --- a top-level key a plugin claims: the example plugin's [[greeting_for]] ---------------
+
+USER_GREETINGS = "[example]\ngreeting = 'hi'\n[[greeting_for]]\nname = 'ann'\ngreeting = 'howdy'\n"
+
+
+def test_cli_a_claimed_key_reaches_the_plugin_through_the_daemon_and_doctor(example_env, tmp_path):
+    env = example_env
+    env.write_config(USER_GREETINGS)
+    ex = next(p for p in json.loads(env.run("plugins", "list", "--json", check=True).stdout)["plugins"] if p["name"] == "example")
+    assert ex["config_keys"] == ["greeting_for"]
+    assert env.run("example", "greet", "ann", check=True).stdout.strip() == "howdy, ann!"
+    assert env.run("example", "greet", "bob", check=True).stdout.strip() == "hi, bob!"
+    proj = tmp_path / "proj"
+    write(proj / "banger.toml", "[[greeting_for]]\nname = 'bob'\ngreeting = 'yo'\n")
+    for name, said in [("bob", "yo, bob!"), ("ann", "howdy, ann!")]:  # the project's adds to the user's
+        assert env.run("example", "greet", name, "--project", str(proj), check=True).stdout.strip() == said
+    checks = {c["name"]: c for c in json.loads(env.run("doctor", "--json").stdout)["checks"]}
+    assert checks["example: greeting"]["detail"] == "hi; 1 per-name greeting"
+    # a project's item the plugin's validator refuses (SettingsSource: it is the project's)
+    write(
+        proj / "banger.toml",
+        "[[greeting_for]]\nname = 'cy'\ngreeting = 'hey'\n[[greeting_for]]\nname = 'ann'\ngreeting = 'hey'\n",
+    )
+    r = env.run("example", "greet", "ann", "--project", str(proj))
+    assert r.returncode == 1
+    assert f"{proj / 'banger.toml'}: greeting_for[1].name: 'ann' is greeted by the user's own config.toml (got 'ann')" in r.stderr
+    write(proj / "banger.toml", "[[greeting_for]]\nname = 'bob'\n")
+    r = env.run("example", "greet", "bob", "--project", str(proj))
+    assert r.returncode == 1 and f"{proj / 'banger.toml'}: greeting_for[0].greeting: Field required" in r.stderr
+
+
+def test_cli_an_unclaimed_top_level_key_is_refused_with_a_clear_error(example_env, tmp_path):
+    env = example_env
+    env.write_config("[[greetings_for]]\nname = 'ann'\ngreeting = 'howdy'\n")
+    says = f"{env.config_file}: greetings_for: not a banger setting: no installed plugin claims it"
+    for argv in (["vm", "list"], ["plugins", "list"], ["example", "greet", "ann"]):  # the last: a plugin's command
+        r = env.run(*argv)
+        assert r.returncode in (1, 2) and says in r.stderr, (argv, r.stderr)
+    d = env.run("doctor")
+    assert d.returncode == 1 and "FAIL  config" in d.stdout and says in d.stdout
+    env.write_config("")
+    write(tmp_path / "proj" / "banger.toml", "[[greetings_for]]\nname = 'ann'\n")
+    r = env.run("plugins", "resolve", "--project", str(tmp_path / "proj"))
+    assert r.returncode == 1 and f"{tmp_path / 'proj' / 'banger.toml'}: greetings_for: not a banger setting" in r.stderr
+
+
+def test_cli_vm_create_with_a_claimed_key_and_a_refused_project_leaves_nothing(fcenv, tmp_path):
+    from conftest import fc_create
+
+    env = fcenv
+    env.config_file.write_text(env.config_file.read_text() + USER_GREETINGS)
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    write(good / "banger.toml", "[[greeting_for]]\nname = 'bob'\ngreeting = 'yo'\n")
+    write(bad / "banger.toml", "[[greeting_for]]\nname = 'ann'\ngreeting = 'hey'\n")
+    fc_create(env, "good", good)
+    shown = json.loads(env.run("vm", "show", "good", "--json", check=True).stdout)
+    assert shown["fields"]["example"]["greeting_for"] == {"ann": "howdy", "bob": "yo"}
+    vms_before = sorted(p.name for p in (env.state_dir / "vms").iterdir())
+    r = fc_create(env, "bad", bad, check=False)
+    assert r.returncode != 0 and f"{bad / 'banger.toml'}: greeting_for[0].name: 'ann' is greeted" in r.stderr
+    assert [v["name"] for v in json.loads(env.run("vm", "list", "--json", check=True).stdout)] == ["good"]
+    assert sorted(p.name for p in (env.state_dir / "vms").iterdir()) == vms_before
+    env.run("vm", "delete", "good", "--force", check=True)

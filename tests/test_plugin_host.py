@@ -14,7 +14,7 @@ from banger_core.context import StageContext
 from banger_core.errors import BangerError, ErrorCode, MultiError
 from banger_core.vm.stages import Lifecycle
 from banger_core.models import Machine
-from banger_core.plugins import PluginHost
+from banger_core.plugins import PluginHost, PluginRecord
 from banger_core.testing import sample_vm
 
 
@@ -383,3 +383,162 @@ def test_a_resumed_start_runs_vm_resumed_in_order_between_boot_and_post_boot(tmp
         ("post_boot", "network"),
         ("post_boot", "nat"),
     ]
+
+
+# --- top-level config keys a plugin claims (config_keys) ----------------------------------
+
+
+class _Item(BaseModel):
+    model_config = {"extra": "forbid"}
+    name: str
+    size: int = 1
+
+
+class _Claiming(BaseModel):
+    model_config = {"extra": "forbid"}
+    greeting: str = "hi"
+    items: list[_Item] = []
+    limits: dict[str, int] = {}
+    seen: list[tuple[str, bool]] = []  # (name, from the project), as SettingsSource said
+
+
+def _claiming_plugin(name: str = "claimer", keys=("items", "limits")) -> types.ModuleType:
+    from pydantic import ValidationInfo, field_validator
+
+    from banger_core.config import SettingsSource
+
+    class Model(_Claiming):
+        @field_validator("items", mode="after")
+        @classmethod
+        def _note(cls, items: list[_Item], info: ValidationInfo) -> list[_Item]:
+            source = SettingsSource.of(info)
+            assert source is not None  # the core always says where the values come from
+            for i, it in enumerate(items):
+                if it.name == "banned" and source.from_project("items", i):
+                    raise ValueError(f"item {i}: a project may not name 'banned'")
+            return items
+
+    mod = plugin(name, config_keys=list(keys))
+
+    @hookimpl
+    def config_model():
+        return Model
+
+    mod.config_model = config_model
+    return mod
+
+
+def test_config_keys_are_recorded_and_listed():
+    host = host_with(_claiming_plugin())
+    assert host.records["claimer"].config_keys == ("items", "limits")
+    assert host.records["claimer"].to_dict()["config_keys"] == ["items", "limits"]
+    assert host.claimant("items") == "claimer" and host.claimant("nope") is None
+
+
+@pytest.mark.parametrize(
+    ("keys", "says"),
+    [
+        ("items", "must be a list of plugin names"),  # a bare string, as for requires
+        (["Items"], "'Items' is not a config key"),
+        (["vmm"], "'vmm' is banger's own [vmm] table"),
+        (["other"], "'other' is a plugin's name"),
+        (["claimer"], "'claimer' is a plugin's name"),
+        (["taken"], "'taken' is claimed by first"),
+        (["a", "a"], "a key is named twice"),
+    ],
+)
+def test_a_bad_or_conflicting_claim_marks_the_plugin_broken(keys, says):
+    host = host_with(plugin("other"), plugin("first", config_keys=["taken"]), plugin("claimer", config_keys=keys))
+    assert host.records["claimer"].status == "broken" and says in host.records["claimer"].reason, host.records["claimer"].reason
+    assert host.records["first"].status == "enabled" and host.claimant("taken") == "first"
+
+
+def test_a_plugin_named_as_a_claimed_key_is_broken():
+    host = host_with(plugin("first", config_keys=["taken"]), plugin("taken"))
+    assert host.records["taken"].status == "broken" and "its name is the config key first claims" in host.records["taken"].reason
+
+
+def _config(tmp_path, user: str, project: str | None = None):
+    from banger_core.config import Config, ProjectConfig
+
+    (tmp_path / "config.toml").write_text(user)
+    proj = None
+    if project is not None:
+        (tmp_path / "proj").mkdir(exist_ok=True)
+        (tmp_path / "proj" / "banger.toml").write_text(project)
+        proj = ProjectConfig.load(tmp_path / "proj")
+    return Config.load(tmp_path / "config.toml"), proj
+
+
+def test_claimed_keys_are_the_plugins_settings_and_a_project_adds_to_an_array(tmp_path):
+    host = host_with(_claiming_plugin())
+    cfg, proj = _config(
+        tmp_path,
+        "[claimer]\ngreeting = 'yo'\n[[items]]\nname = 'a'\n[[items]]\nname = 'b'\nsize = 2\n[limits]\nx = 1\ny = 2\n",
+        "[[items]]\nname = 'c'\n[limits]\ny = 3\n",
+    )
+    cfg.check_claims(host)
+    user = cfg.settings_for(host, "claimer")
+    assert [i.name for i in user.items] == ["a", "b"] and user.limits == {"x": 1, "y": 2} and user.greeting == "yo"
+    both = cfg.settings_for(host, "claimer", proj)
+    assert [i.name for i in both.items] == ["a", "b", "c"]  # the project's items follow the user's
+    assert both.limits == {"x": 1, "y": 3} and both.greeting == "yo"  # a claimed table merges key by key
+
+
+def test_claimed_key_errors_name_the_file_and_the_index_in_that_file(tmp_path):
+    host = host_with(_claiming_plugin())
+    cfg, proj = _config(tmp_path, "[[items]]\nname = 'a'\n[[items]]\nname = 'b'\nsize = 'big'\n")
+    with pytest.raises(BangerError) as ei:
+        cfg.settings_for(host, "claimer")
+    assert ei.value.message == f"{tmp_path / 'config.toml'}: items[1].size: Input should be a valid integer (got 'big')"
+
+    cfg, proj = _config(tmp_path, "[[items]]\nname = 'a'\n", "[[items]]\nname = 'c'\n[[items]]\nname = 'd'\nextra = 1\n")
+    with pytest.raises(BangerError) as ei:
+        cfg.settings_for(host, "claimer", proj)
+    # the project's second item: [1] in banger.toml, though [2] of the merged array
+    assert ei.value.message == f"{tmp_path / 'proj' / 'banger.toml'}: items[1].extra: Extra inputs are not permitted (got 1)"
+
+
+def test_a_validator_tells_the_projects_items_from_the_users(tmp_path):
+    host = host_with(_claiming_plugin())
+    cfg, proj = _config(tmp_path, "[[items]]\nname = 'banned'\n", "[[items]]\nname = 'ok'\n")
+    assert [i.name for i in cfg.settings_for(host, "claimer", proj).items] == ["banned", "ok"]  # the user may
+    cfg, proj = _config(tmp_path, "[[items]]\nname = 'a'\n", "[[items]]\nname = 'banned'\n")
+    with pytest.raises(BangerError, match=r"proj/banger.toml: items: Value error, item 1: a project may not name 'banned'"):
+        cfg.settings_for(host, "claimer", proj)
+
+
+def test_a_claimed_key_inside_the_plugins_own_table_is_refused(tmp_path):
+    host = host_with(_claiming_plugin())
+    cfg, _ = _config(tmp_path, "[claimer]\nitems = [{name = 'a'}]\n")
+    with pytest.raises(BangerError, match=r"\[claimer\] items: items is a top-level key of its own, not a key of \[claimer\]"):
+        cfg.settings_for(host, "claimer")
+
+
+def test_an_unclaimed_top_level_array_is_refused_saying_why(tmp_path):
+    from banger_core.config import Config
+
+    host = host_with(_claiming_plugin())
+    cfg, proj = _config(tmp_path, "[[itemz]]\nname = 'a'\n", "[[things]]\nx = 1\n")
+    with pytest.raises(BangerError) as ei:
+        cfg.check_claims(host)
+    assert ei.value.message.startswith(f"{tmp_path / 'config.toml'}: itemz: not a banger setting: no installed plugin claims it")
+    with pytest.raises(BangerError, match=r"proj/banger.toml: things: not a banger setting"):
+        cfg.enabled_for(host, proj)
+    # the plugin that would claim it is broken (or disabled, never imported): the error says so
+    broken = host_with(_claiming_plugin(keys=("items", "itemz")))
+    broken.mark_broken("claimer", "a test broke it")
+    with pytest.raises(BangerError, match=r"itemz: not a banger setting: claimer claims it, but is broken \(a test broke it\)"):
+        cfg.check_claims(broken)
+    host.records["off"] = PluginRecord("off", status="disabled")
+    with pytest.raises(BangerError, match=r"no loaded plugin claims it \(not loaded, so not inspected: off\)"):
+        cfg.check_claims(host)
+    assert Config.load(tmp_path / "config.toml").arrays == {"itemz": [{"name": "a"}]}  # kept for the check, not refused at load
+
+
+def test_a_scalar_top_level_key_is_still_refused_at_load(tmp_path):
+    from banger_core.config import Config
+
+    (tmp_path / "config.toml").write_text("items = 3\n")
+    with pytest.raises(BangerError, match=r"items: expected a table \[items\], got int"):
+        Config.load(tmp_path / "config.toml")

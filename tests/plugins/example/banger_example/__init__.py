@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Literal
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from banger_core import hookimpl
 from banger_core.context import CheckResult
@@ -19,11 +20,25 @@ from banger_core.context import CheckResult
 requires = ["dns"]
 # Offers a "greeter" service to other plugins (register_services; see api.py).
 provides = ["greeter"]
+# Its settings also take the top-level [[greeting_for]] array of config.toml and banger.toml.
+config_keys = ["greeting_for"]
+
+
+class NamedGreeting(BaseModel):
+    """``[[greeting_for]]``: how to greet one name (instead of ``greeting``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    greeting: str = Field(min_length=1)
 
 
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    greeting_for: list[NamedGreeting] = Field(
+        default_factory=list, description="[[greeting_for]]: per-name greetings; a project adds names, never changes the user's"
+    )
     greeting: str = "hello"
     times: int = Field(default=1, ge=1, le=10)
     record: str | None = Field(default=None, description="append hook calls as JSON lines here")
@@ -32,6 +47,34 @@ class Settings(BaseModel):
     )
     cleanup_log: str | None = Field(default=None, description="append '<vm name> <cleanup reason>' lines here")
     port_host: str | None = Field(default=None, description="vm ports: TCP listeners are reached at PORT_HOST:PORT")
+
+    @field_validator("greeting_for", mode="wrap")
+    @classmethod
+    def _users_names_are_the_users(cls, value, handler, info: ValidationInfo) -> list[NamedGreeting]:
+        """A project's banger.toml may greet new names, not change how the user's own
+        config greets one (SettingsSource says which items are the project's)."""
+        from banger_core.config import SettingsSource
+
+        items: list[NamedGreeting] = handler(value)
+        source = SettingsSource.of(info)
+        if source is None:
+            return items
+        users = {g.name for i, g in enumerate(items) if not source.from_project("greeting_for", i)}
+        errors = [
+            InitErrorDetails(
+                type=PydanticCustomError("users_name", "'{name}' is greeted by the user's own config.toml", {"name": g.name}),
+                loc=(i, "name"),
+                input=g.name,
+            )
+            for i, g in enumerate(items)
+            if source.from_project("greeting_for", i) and g.name in users
+        ]
+        if errors:
+            raise ValidationError.from_exception_data("Settings", errors)
+        return items
+
+    def greeting_of(self, name: str) -> str:
+        return next((g.greeting for g in reversed(self.greeting_for) if g.name == name), self.greeting)
 
 
 def _maybe_fail(settings: Settings | None, hook: str) -> None:
@@ -77,6 +120,8 @@ def vm_fields(ctx, detail: bool) -> dict:
     if not detail:
         return short
     out = {**short, "greeting": ctx.settings.greeting, "prepared": ctx.teardown.get("example") == "made"}
+    if ctx.settings.greeting_for:  # [[greeting_for]]: the user's and the project's
+        out["greeting_for"] = {g.name: g.greeting for g in ctx.settings.greeting_for}
     if getattr(ctx, "service", None) is not None:  # core 0.5+: services from vm_fields too
         out["greeted"] = ctx.service("greeter").greeted
     return out
@@ -119,7 +164,7 @@ class Greeter:
     def greet(self, name: str) -> str:
         s = self._settings()
         self.keep(name)
-        return " ".join([f"{s.greeting}, {name}!"] * s.times)
+        return " ".join([f"{s.greeting_of(name)}, {name}!"] * s.times)
 
     def keep(self, name: str) -> None:
         """Count a greeting and keep it in the plugin's table."""
@@ -281,7 +326,7 @@ def register_rpc_methods(register) -> None:
         s = rt.config.settings_for(rt.host, "example", project)
         call.log.info("greeting %s", params.name)
         call.state.service("greeter").keep(params.name)
-        return {"text": " ".join([f"{s.greeting}, {params.name}!"] * s.times), "op_id": call.op_id}
+        return {"text": " ".join([f"{s.greeting_of(params.name)}, {params.name}!"] * s.times), "op_id": call.op_id}
 
     async def wait(params: WaitParams, call) -> dict:
         Path(params.marker).write_text("started\n")
@@ -365,9 +410,13 @@ async def _pipe(params: PipeParams, call) -> dict:
 
 @hookimpl
 def register_doctor_checks(register) -> None:
-    register(
-        "greeting", lambda s: CheckResult.ok("greeting", s.greeting) if s.greeting else CheckResult.fail("greeting", "empty")
-    )
+    def greeting(s: Settings) -> CheckResult:
+        if not s.greeting:
+            return CheckResult.fail("greeting", "empty")
+        n = len(s.greeting_for)
+        return CheckResult.ok("greeting", s.greeting + (f"; {n} per-name greeting{'s' if n > 1 else ''}" if n else ""))
+
+    register("greeting", greeting)
 
 
 @hookimpl

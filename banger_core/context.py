@@ -49,7 +49,8 @@ class StageContext:
     ``teardown`` is this plugin's slice of the VM's durable teardown record: put there
     whatever ``cleanup`` needs to undo ``prepare_host`` even after a daemon crash and a
     lost handles file. ``handles`` is this plugin's slice of the transient handles.
-    ``reason`` says why ``cleanup`` runs (``None`` in the setup stages).
+    ``reason`` says why ``cleanup`` runs (``None`` in the setup stages). ``warn`` tells
+    the user something that did not stop the VM.
     """
 
     plugin: str
@@ -71,6 +72,11 @@ class StageContext:
     #: ``service(capability)``: the daemon-side service another plugin registered for
     #: a capability this plugin ``requires`` (see ``register_services``). Added in 0.2.
     service: Callable[[str], Any] = field(default=lambda capability: _no_services(capability))
+    #: ``warn(message)``: something the user should know that did not stop the VM (a
+    #: file it could not copy): a warning in the daemon log (with the op id and the VM's
+    #: name) and, while a start runs (``vm create``/``start``/``restore``, warm ``vm
+    #: run``), a line of that command's progress. Added in 0.7.
+    warn: Callable[[str], None] = field(default=lambda message: None)
 
 
 @dataclass

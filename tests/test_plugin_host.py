@@ -542,3 +542,20 @@ def test_a_scalar_top_level_key_is_still_refused_at_load(tmp_path):
     (tmp_path / "config.toml").write_text("items = 3\n")
     with pytest.raises(BangerError, match=r"items: expected a table \[items\], got int"):
         Config.load(tmp_path / "config.toml")
+
+
+def test_a_plugins_warning_reaches_the_starts_progress_and_the_log(tmp_path, caplog):
+    warner = plugin("warner")
+
+    @hookimpl
+    def post_boot(ctx):
+        ctx.warn("/home/me/.aws: no such file: skipped")
+
+    warner.post_boot = post_boot
+    host = host_with(warner)
+    lc = Lifecycle(_runtime_for(host, tmp_path), sample_vm("box"), op_id="op-abcdef")
+    events: list[tuple[str, dict]] = []
+    with caplog.at_level("WARNING", logger="banger.plugin.warner"):
+        lc.start(Machine(kernel="k", vcpus=1, memory_mib=128), boot=lambda m: None, progress=lambda s, d: events.append((s, d)))
+    assert events == [("warning", {"plugin": "warner", "msg": "/home/me/.aws: no such file: skipped"})]
+    assert [(r.getMessage(), r.op_id) for r in caplog.records] == [("VM box: /home/me/.aws: no such file: skipped", "op-abcdef")]

@@ -108,6 +108,10 @@ class Progress:
         if stage == "step":
             style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)}   {ev['msg']}", err=True)
             return
+        if stage == "warning":  # a plugin's (StageContext.warn): the VM goes on
+            warning = style.paint(f"warning: {ev.get('plugin')}: {ev.get('msg')}", "yellow", sys.stderr)
+            style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)}   {warning}", err=True)
+            return
         if stage == "spec":
             style.echo(
                 f"spec: {ev['vcpus']} vcpu | {ev['memory_mib']} MiB | {ev['root_size_mib']} MiB root"

@@ -449,7 +449,7 @@ class VMService:
             return resume.resumed if resume is not None else None
 
         try:
-            lc.start(machine, boot, failure_reason)
+            lc.start(machine, boot, failure_reason, progress=progress)
         except BaseException:
             self._stop_vmm(vm, driver, graceful=False)
             for f in driver.run_files(run_dir):

@@ -40,6 +40,8 @@ class Lifecycle:
         self._persist = persist or (lambda _vm: None)
         #: True once ``start`` began running the stages (its failure then ran cleanup)
         self.started = False
+        #: the running start's progress (``StageContext.warn`` adds a line to it)
+        self.progress: Callable[[str, dict[str, Any]], None] | None = None
         self.handles = handles if handles is not None else {}
         project_dir = Path(vm.project_dir) if vm.project_dir else None
         self.plugins, self.project = rt.plugins_for(project_dir)
@@ -97,7 +99,14 @@ class Lifecycle:
             reason=reason,
             options=self.options.get(plugin),
             service=lambda capability: self.rt.host.service_for(plugin, capability),
+            warn=lambda message: self.warn(plugin, message),
         )
+
+    def warn(self, plugin: str, message: str) -> None:
+        """A plugin's warning: the daemon log, and the running start's progress."""
+        logging.getLogger(f"banger.plugin.{plugin}").warning("VM %s: %s", self.vm.name, message, extra={"op_id": self.op_id})
+        if self.progress is not None:
+            self.progress("warning", {"plugin": plugin, "msg": message})
 
     def fields_ctx(self, plugin: str) -> FieldsContext:
         """A plugin's read-only view of this VM (``vm_fields``, ``vm_port_endpoint``)."""
@@ -135,13 +144,15 @@ class Lifecycle:
         machine: Machine,
         boot: Callable[[Machine], Resumed | None],
         failure_reason: CleanupReason = CleanupReason.FAILED_START,
+        progress: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         """prepare_host -> configure_machine -> boot -> [vm_resumed] -> post_boot;
         ``vm_resumed`` when ``boot`` says the VM continued from a snapshot instead of
         booting. On any failure run cleanup for every plugin (with ``failure_reason``:
         DELETE when the VM goes with the failure, as in a failed create) and raise the
-        first error (cleanup errors attached)."""
+        first error (cleanup errors attached). Plugins' warnings go to ``progress``."""
         self.started = True
+        self.progress = progress
         try:
             host = self.rt.host
             self._stage(host.prepare_host, "prepare_host")

@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -423,3 +425,97 @@ def test_tcp_connect_relays_a_guest_loopback_port_both_ways(agent):
         await ch.close()
 
     asyncio.run(main())
+
+
+@contextmanager
+def agent_behind(sock_path: Path) -> Iterator[None]:
+    """An agent for each connection to a unix socket at ``sock_path``, as a VM's channel
+    socket is (what the agent plugin's service connects to)."""
+    import threading
+
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(sock_path))
+    srv.listen()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            env = {**os.environ, "BANGER_AGENT_FD": str(conn.fileno()), "PYTHONPATH": str(GUEST)}
+            procs.append(subprocess.Popen([sys.executable, "-m", "banger_guest.agent"], pass_fds=[conn.fileno()], env=env))
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield
+    finally:
+        srv.shutdown(socket.SHUT_RDWR)
+        srv.close()
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)
+
+
+def test_the_agent_service_sends_a_stream_into_cp_in_making_its_parents(tmp_path):
+    """AgentService.send (what plugins get from ctx.service("agent")) and cp_in's
+    ``parents``: a file lands in directories cp_in made, with the tar header's mode; an
+    op that refuses, a writer that fails and a VM without a channel each say so."""
+    import tarfile
+
+    from banger_agent.service import AgentService
+    from banger_core.paths import Paths
+
+    paths = Paths(tmp_path / "c", tmp_path / "s", tmp_path / "k", tmp_path / "r")
+    vm_dir = Path(paths.vm_files("vm1").dir)
+    vm_dir.mkdir(parents=True)
+    svc = AgentService()
+
+    def one_file(name: str, data: bytes, mode: int):
+        def write(out) -> None:
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = len(data), mode
+                tar.addfile(info, io.BytesIO(data))
+
+        return write
+
+    with agent_behind(vm_dir / "agent.sock"):
+        dest = tmp_path / "guest" / "root" / ".config" / "tool"
+        big = os.urandom(300 * 1024)  # beyond the STDIN window: the writes wait for acks
+        status, why = svc.send(paths, "vm1", {"op": "cp_in", "dest": str(dest), "parents": True}, one_file("auth", big, 0o640))
+        assert (status, why) == (0, "")
+        assert (dest / "auth").read_bytes() == big and (dest / "auth").stat().st_mode & 0o7777 == 0o640
+        assert oct(dest.stat().st_mode & 0o777) == "0o755" and sorted(p.name for p in dest.iterdir()) == ["auth"]
+        # again, a new version: replaced in place
+        assert svc.send(paths, "vm1", {"op": "cp_in", "dest": str(dest), "parents": True}, one_file("auth", b"v2", 0o600))[0] == 0
+        assert (dest / "auth").read_bytes() == b"v2" and (dest / "auth").stat().st_mode & 0o7777 == 0o600
+
+        # a part of the destination is a file: the agent refuses before reading anything
+        (tmp_path / "guest" / "flat").write_text("x")
+        status, why = svc.send(
+            paths,
+            "vm1",
+            {"op": "cp_in", "dest": str(tmp_path / "guest" / "flat" / "sub"), "parents": True},
+            one_file("a", b"", 0o600),
+        )
+        assert status == 1 and why.startswith(f"{tmp_path / 'guest' / 'flat' / 'sub'}: cannot make this directory in the VM")
+        # without parents, a missing directory is refused as before
+        status, why = svc.send(
+            paths, "vm1", {"op": "cp_in", "dest": str(tmp_path / "guest" / "nope" / "x")}, one_file("a", b"", 0o600)
+        )
+        assert status == 1 and "no such directory in the VM" in why
+
+        # the writer fails halfway: the error is the caller's, and nothing lands
+        def broken(out) -> None:
+            out.write(b"\0" * 100_000)
+            raise OSError("the host file went away")
+
+        with pytest.raises(OSError, match="the host file went away"):
+            svc.send(paths, "vm1", {"op": "cp_in", "dest": str(dest), "parents": True}, broken)
+        assert sorted(p.name for p in dest.iterdir()) == ["auth"]  # no staging dir left behind
+
+    with pytest.raises(OSError):  # no channel at all (a VM without the agent)
+        svc.send(paths, "vm2", {"op": "cp_in", "dest": str(dest)}, one_file("a", b"", 0o600))

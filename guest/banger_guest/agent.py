@@ -137,6 +137,10 @@ def _close_all(fds: Any) -> None:
             pass
 
 
+def _stop_copy(_signum: int, _frame: Any) -> None:
+    raise SystemExit("stopped by the host (SIGTERM): nothing copied")
+
+
 def _run_op(op: str, req: dict[str, Any], fds: tuple[int, int, int]) -> None:
     """The child of ``fork_op``: its own session, the three fds as 0/1/2, the op, exit."""
     status = 1
@@ -144,6 +148,8 @@ def _run_op(op: str, req: dict[str, Any], fds: tuple[int, int, int]) -> None:
         os.setsid()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if op == "cp_in":  # told to stop (its input is incomplete): what it staged is removed first
+            signal.signal(signal.SIGTERM, _stop_copy)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
         os.closerange(3, 65536)
@@ -533,6 +539,8 @@ class Agent:
             if op == "cp_out":
                 transfer.check_source(str(req.get("path") or ""), "in the VM")
             elif op == "cp_in":
+                if req.get("parents") is True:
+                    transfer.make_dirs(str(req.get("dest") or ""), "in the VM")
                 transfer.place(str(req.get("dest") or ""), "in the VM")
         except transfer.TransferError as exc:
             self.send_json(P.ERROR, sid, {"message": str(exc), "status": 1})

@@ -22,8 +22,10 @@ are raw bytes. The ops an ``OPEN`` names:
   ``"tty": {"rows", "cols", "term"}`` on a pseudo-terminal of its own (its output all
   on STDOUT; ``RESIZE`` changes the window), else on pipes. Ends with ``EXIT``.
 - ``{"op": "cp_out", "path"}``: ``path`` (a file or a tree) as a tar stream on STDOUT;
-  ``{"op": "cp_in", "dest"}``: a tar stream on STDIN extracted at ``dest``
-  (``transfer.py`` is that stream's one definition). Both end with ``EXIT``.
+  ``{"op": "cp_in", "dest", "parents"}``: a tar stream on STDIN extracted at ``dest``
+  (``transfer.py`` is that stream's one definition); with ``"parents": true``,
+  ``dest`` and its missing parents are made as directories first (``mkdir -p``), so
+  the stream's entries land inside it under their own names. Both end with ``EXIT``.
 - ``{"op": "ports"}``: the guest's listeners as one JSON array on STDOUT (``ports.py``).
 - ``{"op": "watch_ports", "interval"}``: the listeners (as ``ports`` gives them, not
   probed) as a JSON array on one line of STDOUT now, and another each time the set of
@@ -61,7 +63,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-VERSION = 5  # 2: tty exec, RESIZE, cp_in/cp_out, ports; 3: resume; 4: net; 5: watch_ports, tcp_connect, ssh_setup
+# 2: tty exec, RESIZE, cp_in/cp_out, ports; 3: resume; 4: net; 5: watch_ports, tcp_connect,
+# ssh_setup; 6: cp_in parents
+VERSION = 6
 MAGIC = b"\xb4BG\x01"
 HEADER = struct.Struct(">4sBIII")
 MAX_PAYLOAD = 64 * 1024

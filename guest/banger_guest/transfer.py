@@ -46,6 +46,16 @@ def place(dest: str, where: str) -> tuple[str, str | None]:
     return parent, os.path.basename(dest)
 
 
+def make_dirs(dest: str, where: str) -> None:
+    """``dest`` and its missing parents made as directories, as ``mkdir -p`` does
+    (mode 0755 less the umask, owned by whoever runs this); a part of it that exists and
+    is not a directory is an error."""
+    try:
+        os.makedirs(dest, 0o755, exist_ok=True)
+    except OSError as exc:
+        raise TransferError(f"{dest}: cannot make this directory {where}: {exc.strerror or exc}") from None
+
+
 def tar_out(path: str, out: BinaryIO) -> tuple[int, int]:
     """Write ``path`` (a file or a whole tree) to ``out`` as a tar stream; (entries, bytes)."""
     check_source(path, "")

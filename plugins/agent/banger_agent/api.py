@@ -4,7 +4,7 @@ gets from ``ctx.service("agent")``. Import it for typing only (``if TYPE_CHECKIN
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 
 class AgentAPI(Protocol):
@@ -19,6 +19,21 @@ class AgentAPI(Protocol):
         """From a lifecycle hook (a worker thread): send one op (``{"op": ...}``, see
         banger_guest.agent) to the VM's agent and return its result; raises when the
         agent answers an error or does not answer within ``timeout`` seconds."""
+        ...
+
+    def send(
+        self, paths: Any, vm_id: str, request: dict[str, Any], write: Callable[[BinaryIO], None], timeout: float = 60
+    ) -> tuple[int, str]:
+        """From a thread (a lifecycle hook): open a session of ``request``, an op that
+        reads its STDIN (``{"op": "cp_in", "dest", "parents"}``: a tar stream as
+        banger_guest.transfer writes it), call ``write(out)`` with a binary file whose
+        bytes go to that STDIN (flow-controlled: a write waits while the agent is
+        behind), end the STDIN and wait for the op's end: (exit status, why: its STDERR,
+        or the agent's reason for refusing the request). The op ending early stops the
+        writes (its outcome is returned). An exception from ``write`` kills the op (a
+        cp_in then extracts nothing) and propagates; so does a channel that closes. No
+        agent channel (the VM has none): OSError; ``timeout`` bounds each wait (added in
+        banger-agent 0.4)."""
         ...
 
     def watch(

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import io
 import json
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from banger_agent.channel import AgentMismatch, Channel, ChannelClosed, Opener, Session, unix_opener, vsock_opener
 from banger_guest import protocol as P
@@ -42,6 +44,24 @@ class Watch:
         task = self.task
         if task is not None:
             self.service.loop.call_soon_threadsafe(task.cancel)
+
+
+class _StdinWriter(io.RawIOBase):
+    """A writable file whose bytes go to a session's STDIN (``AgentService.send``),
+    from a thread; once the op has ended, a write is a BrokenPipeError."""
+
+    def __init__(self, service: "AgentService", session: Session, ended: "concurrent.futures.Future[Any]", timeout: float):
+        self.service, self.session, self.ended, self.timeout = service, session, ended, timeout
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        if self.ended.done():
+            raise BrokenPipeError("the op ended in the VM")
+        data = bytes(b)
+        self.service.run(self.session.stdin(data), self.timeout)
+        return len(data)
 
 
 class AgentUnavailable(RuntimeError):
@@ -134,6 +154,51 @@ class AgentService:
         from banger_agent import socket_of
 
         return self.run(self.call(vm_id, socket_of(paths, vm_id), request, timeout=timeout), timeout=timeout + 5)
+
+    def send(
+        self, paths: Any, vm_id: str, request: dict[str, Any], write: Callable[[BinaryIO], None], timeout: float = 60
+    ) -> tuple[int, str]:
+        """From a thread: ``write(out)`` into the STDIN of a session of ``request`` (an op
+        that reads it, e.g. ``cp_in``), then the op's (exit status, why); see api.py."""
+        from banger_agent import socket_of
+
+        session = self.run(self.open(vm_id, socket_of(paths, vm_id), request, timeout=min(timeout, 10)), timeout + 5)
+        ended = self.submit(self._outcome(session))  # read as it comes: an early end stops the writes
+        try:
+            try:
+                with io.BufferedWriter(_StdinWriter(self, session, ended, timeout), P.MAX_PAYLOAD) as out:
+                    write(out)
+            except BrokenPipeError:
+                pass  # the op ended before its input did: its outcome says why
+            except BaseException:
+                # the input is incomplete: the op is asked to stop first (a cp_in then
+                # removes what it staged), killed below if it does not end at once
+                with contextlib.suppress(Exception):
+                    self.run(session.signal(signal.SIGTERM), 5)
+                    ended.result(5)
+                raise
+            if not ended.done():
+                self.run(session.stdin_eof(), timeout)
+            return ended.result(timeout)
+        finally:
+            if not ended.done():  # write failed, or no end in time: kill the op, forget the session
+                ended.cancel()
+                with contextlib.suppress(Exception):
+                    self.run(session.close(), 10)
+
+    async def _outcome(self, session: Session) -> tuple[int, str]:
+        """How a session ends: (exit status, its STDERR text or the agent's message)."""
+        err = bytearray()
+        async for frame in session.events():
+            if frame.kind == P.STDERR:
+                err += frame.payload
+            elif frame.kind == P.EXIT:
+                return int(frame.obj().get("status", 255)), err.decode(errors="replace").strip()
+            elif frame.kind == P.ERROR:
+                return int(frame.obj().get("status") or 1), str(frame.obj().get("message"))
+            elif frame.kind == P.RESULT:
+                return 0, err.decode(errors="replace").strip()
+        raise ChannelClosed("the session ended without an outcome")  # pragma: no cover
 
     def watch(
         self, paths: Any, vm_id: str, request: dict[str, Any], on_line: Callable[[Any], None], retry_max: float = 5.0

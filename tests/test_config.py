@@ -129,10 +129,10 @@ def test_cli_project_file_overrides_user_settings_and_plugins(benv, tmp_path):
 
 def test_cli_project_bad_value_names_project_file(benv, tmp_path):
     proj = tmp_path / "proj"
-    write(proj / "banger.toml", "[filesync]\nentries = [{host = '/etc/hosts', guest = '/etc/x'}]\n")
+    write(proj / "banger.toml", "[[file_sync]]\nhost = '/etc/hosts'\nguest = '/etc/x'\n")
     r = benv.run("plugins", "resolve", "--project", str(proj))
     assert r.returncode == 1
-    assert f"{proj / 'banger.toml'}: [filesync] entries.0.guest: Value error, must be under ~ or /root" in r.stderr
+    assert f"{proj / 'banger.toml'}: file_sync[0].guest: Value error, the guest path must lie under ~" in r.stderr
 
 
 def test_cli_project_disabling_a_requirement_is_one_clear_error(benv, tmp_path):

@@ -452,7 +452,7 @@ class Agent:
         """The VM's own SSH host key pair (sshd told to reload it) and the public keys
         root's authorized_keys must hold; one RESULT, or an ERROR naming the bad field."""
         try:
-            result = identity.ssh_setup("/", req.get("host_keys"), req.get("authorized_keys"))
+            result = identity.ssh_setup("/", req.get("host_keys"), req.get("authorized_keys"), req.get("revoke"))
         except identity.BadRequest as exc:
             self.send_json(P.ERROR, sid, {"message": str(exc)})
             return

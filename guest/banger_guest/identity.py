@@ -300,10 +300,24 @@ def set_ssh_host_keys(root: str, keys: dict[str, dict[str, str]]) -> None:
             os.unlink(old)
 
 
-def ssh_setup(root: str, host_keys: Any, authorized_keys: Any, signal_sshd: Callable[[int], None] = hup) -> dict[str, Any]:
+def _key_id(line: str) -> tuple[str, str]:
+    """A public key line's identity: its type and base64 blob (not its comment)."""
+    words = line.split()
+    return (words[0], words[1]) if len(words) > 1 else (line, "")
+
+
+def ssh_setup(
+    root: str,
+    host_keys: Any,
+    authorized_keys: Any,
+    revoke: Any = None,
+    signal_sshd: Callable[[int], None] = hup,
+) -> dict[str, Any]:
     """The ``ssh_setup`` op: the VM's own host key pair (others removed; a running sshd
-    is told to reload) and each of ``authorized_keys`` (public key lines) in root's
-    ``~/.ssh/authorized_keys`` once (lines already there stay). Checked whole first:
+    is told to reload) unless the image has no /etc/ssh (no sshd to use them); each of
+    ``authorized_keys`` (public key lines) in root's ``~/.ssh/authorized_keys`` once
+    (lines already there stay), and the keys in ``revoke`` (a key banger rotated out)
+    taken out, matched by type and key, whatever the comment. Checked whole first:
     nothing is written when a field is bad."""
     keys = None
     if host_keys is not None:
@@ -311,19 +325,21 @@ def ssh_setup(root: str, host_keys: Any, authorized_keys: Any, signal_sshd: Call
             keys = _check_keys(host_keys)
         except BadRequest as exc:
             raise BadRequest("host_keys", str(exc).split(": ", 2)[-1], op="ssh_setup") from None
-    if not isinstance(authorized_keys, list) or not all(
-        isinstance(k, str) and PUBLIC_ANY_RE.fullmatch(k) for k in authorized_keys
-    ):
-        raise BadRequest("authorized_keys", "expected a list of one-line public keys ('TYPE BASE64 [comment]')", op="ssh_setup")
-    out: dict[str, Any] = {"host_keys": False, "authorized_keys": 0, "sshd": None}
+    for field, value in (("authorized_keys", authorized_keys), ("revoke", [] if revoke is None else revoke)):
+        if not isinstance(value, list) or not all(isinstance(k, str) and PUBLIC_ANY_RE.fullmatch(k) for k in value):
+            raise BadRequest(field, "expected a list of one-line public keys ('TYPE BASE64 [comment]')", op="ssh_setup")
+    out: dict[str, Any] = {"host_keys": False, "authorized_keys": 0, "revoked": 0, "sshd": None}
     if keys is not None:
-        set_ssh_host_keys(root, keys)
-        out["host_keys"] = True
-        pid = find_sshd(root)
-        if pid is not None:
-            signal_sshd(pid)
-            out["sshd"] = pid
-    if authorized_keys:
+        if os.path.isdir(_at(root, "/etc/ssh")):
+            set_ssh_host_keys(root, keys)
+            out["host_keys"] = True
+            pid = find_sshd(root)
+            if pid is not None:
+                signal_sshd(pid)
+                out["sshd"] = pid
+        else:
+            out["skipped"] = {"host_keys": "no /etc/ssh: no sshd in this image"}
+    if authorized_keys or revoke:
         ssh_dir = _at(root, "/root/.ssh")
         os.makedirs(ssh_dir, mode=0o700, exist_ok=True)
         os.chmod(ssh_dir, 0o700)
@@ -333,10 +349,13 @@ def ssh_setup(root: str, host_keys: Any, authorized_keys: Any, signal_sshd: Call
                 have = fh.read().splitlines()
         except FileNotFoundError:
             have = []
-        added = [k for k in authorized_keys if k not in have]
-        if added:
-            write_atomic(path, ("\n".join([*have, *added]) + "\n").encode(), 0o600)
-        out["authorized_keys"] = len(added)
+        gone = {_key_id(k) for k in revoke or ()} - {_key_id(k) for k in authorized_keys}
+        kept = [ln for ln in have if _key_id(ln) not in gone]
+        held = {_key_id(ln) for ln in kept}
+        added = [k for k in authorized_keys if _key_id(k) not in held]
+        if added or len(kept) != len(have) or not os.path.exists(path):
+            write_atomic(path, "".join(f"{ln}\n" for ln in [*kept, *added]).encode(), 0o600)
+        out["authorized_keys"], out["revoked"] = len(added), len(have) - len(kept)
     return out
 
 

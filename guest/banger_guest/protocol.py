@@ -36,10 +36,12 @@ are raw bytes. The ops an ``OPEN`` names:
   shuts its write side), what it sends comes as STDOUT; ``EXIT`` 0 once it closed, 1
   (the reason on STDERR) when it could not connect. How the host reaches a listener
   bound to the guest's loopback.
-- ``{"op": "ssh_setup", "host_keys", "authorized_keys"}``: the VM's own SSH host key
-  pair (``{"ed25519": {"private", "public"}}`` or null; others removed, a running sshd
-  reloads) and public key lines root's authorized_keys must hold (added once); one
-  ``RESULT`` ``{"host_keys", "authorized_keys": N added, "sshd": pid}`` or an ``ERROR``.
+- ``{"op": "ssh_setup", "host_keys", "authorized_keys", "revoke"}``: the VM's own SSH
+  host key pair (``{"ed25519": {"private", "public"}}`` or null; others removed, a
+  running sshd reloads; skipped without /etc/ssh), public key lines root's
+  authorized_keys must hold (added once) and ones it must not (``revoke``, optional:
+  keys rotated out, matched by type and key); one ``RESULT`` ``{"host_keys",
+  "authorized_keys": N added, "revoked": N, "sshd": pid}`` or an ``ERROR``.
 - ``{"op": "health"}``, ``{"op": "poweroff"}``: one ``RESULT``.
 - ``{"op": "resume", "time_ns", "seed", "hostname", "machine_id", "ssh_host_keys"}``:
   right after a restore from a snapshot, the VM's own clock, RNG seed, hostname,
@@ -64,7 +66,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # 2: tty exec, RESIZE, cp_in/cp_out, ports; 3: resume; 4: net; 5: watch_ports, tcp_connect,
-# ssh_setup; 6: cp_in parents
+# ssh_setup; 6: cp_in parents, ssh_setup revoke
 VERSION = 6
 MAGIC = b"\xb4BG\x01"
 HEADER = struct.Struct(">4sBIII")

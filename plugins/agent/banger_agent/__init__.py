@@ -162,8 +162,8 @@ def post_boot(ctx: Any) -> None:
 @hookimpl
 def vm_resumed(ctx: Any, resumed: Any) -> None:
     """The VM continues from a snapshot: the agent steps its clock to the host's and
-    reseeds its RNG; a new VM (``resumed.new_identity``) also gets its own hostname,
-    machine-id and SSH host keys (made here on the host: no keygen in a slow guest)."""
+    reseeds its RNG; a new VM (``resumed.new_identity``) also gets its own hostname and
+    machine-id. (SSH host keys are the ssh plugin's: it places the VM's own.)"""
     import secrets
     import uuid
 
@@ -178,7 +178,7 @@ def vm_resumed(ctx: Any, resumed: Any) -> None:
     t1 = time.monotonic()
     request: dict[str, Any] = {"op": "resume", "seed": secrets.token_hex(64)}
     if resumed.new_identity:
-        request.update(hostname=ctx.vm.name, machine_id=uuid.uuid4().hex, ssh_host_keys=_host_keys())
+        request.update(hostname=ctx.vm.name, machine_id=uuid.uuid4().hex)
     t2 = time.monotonic()
     request["time_ns"] = time.time_ns()  # last: the clock is stepped to it
     result = agents().run(agents().call(ctx.vm.id, sock, request, timeout=30), timeout=35)
@@ -187,7 +187,7 @@ def vm_resumed(ctx: Any, resumed: Any) -> None:
     if body.get("errors"):
         ctx.log.warning("VM %s: resume: %s", ctx.vm.name, body["errors"])
     ctx.log.info(
-        "VM %s resumed from %s: %s (agent answered in %.2fs, keys made in %.2fs, applied in %.2fs: %s ms)",
+        "VM %s resumed from %s: %s (agent answered in %.2fs, request made in %.2fs, applied in %.2fs: %s ms)",
         ctx.vm.name,
         resumed.snapshot or "its suspend image",
         ", ".join(body.get("applied", [])),
@@ -196,23 +196,6 @@ def vm_resumed(ctx: Any, resumed: Any) -> None:
         t3 - t2,
         body.get("ms"),
     )
-
-
-def _host_keys() -> dict[str, Any] | None:
-    """A new ed25519 host key pair (ssh-keygen on the host), or None without ssh-keygen."""
-    import shutil
-    import tempfile
-
-    if shutil.which("ssh-keygen") is None:
-        return None
-    with tempfile.TemporaryDirectory(prefix="banger-hostkey-") as tmp:
-        key = Path(tmp) / "key"
-        r = subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "banger", "-f", str(key)], capture_output=True, timeout=30
-        )
-        if r.returncode != 0:
-            return None
-        return {"ed25519": {"private": key.read_text(), "public": (Path(tmp) / "key.pub").read_text().strip()}}
 
 
 @hookimpl

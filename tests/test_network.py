@@ -172,6 +172,30 @@ def test_guests_on_the_bridge_reach_each_other_and_resolve_by_name(pair):
     wait_for(lambda: len([t for t in net.taps() if t.startswith("tap-pool-")]) == 2, timeout=15)
 
 
+def test_ssh_name_vm_goes_straight_to_a_bridge_vms_address(pair):
+    """`ssh NAME.vm`'s ProxyCommand (`vm ssh-proxy`) connects to a bridge VM's address,
+    not through the agent: the guest's port-22 server sees the bridge's address as the
+    peer. (A busybox httpd CGI on port 22 says what peer it saw; no sshd needed.)"""
+    net = pair
+    script = (
+        "mkdir -p /tmp/www/cgi-bin && cat > /tmp/www/cgi-bin/peer <<'EOF'\n"
+        '#!/bin/sh\necho "Content-Type: text/plain"\necho\necho "peer=$REMOTE_ADDR"\nEOF\n'
+        "chmod 755 /tmp/www/cgi-bin/peer && { netstat -ltn | grep -q ':22 ' || httpd -p 22 -h /tmp/www; }"
+    )
+    r = net.ex("alpha", script)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(
+        net.host.argv([BANGER, "vm", "ssh-proxy", "alpha.vm"]),
+        env=net.env.env(),
+        input=b"GET /cgi-bin/peer HTTP/1.0\r\n\r\n",
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    peer = r.stdout.split(b"peer=", 1)[-1].strip()  # busybox httpd listens on v6: a v4 peer is mapped
+    assert peer in (b"172.30.0.1", b"[::ffff:172.30.0.1]"), (r.stdout, r.stderr)
+
+
 def test_nat_reaches_the_internet_and_only_with_nat(pair):
     net = pair
     before = _counted(net)

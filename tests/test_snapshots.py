@@ -102,10 +102,14 @@ def test_a_restored_vm_goes_on_from_the_snapshot_as_a_vm_of_its_own(env):
     assert len(set(keys.values())) == 3
     assert sh(env, "r1", "ls /etc/ssh/ | grep -c '^ssh_host_.*_key$'") == "1"
 
-    # the agent plugin's vm_resumed did it, and said so
+    # the agent plugin's vm_resumed did the identity, the ssh plugin's the host keys (its
+    # own, pinned under the VM's name), and each said so
     log = (env.state_dir / "bangerd.log").read_text()
+    pinned = dict(ln.split(" ", 1) for ln in (env.state_dir / "ssh" / "known_hosts").read_text().splitlines())
     for vm in ("r1", "r2"):
-        assert f"VM {vm} resumed from s1: clock, rng, hostname, machine_id, ssh_host_keys" in log
+        assert f"VM {vm} resumed from s1: clock, rng, hostname, machine_id (" in log
+        assert f"VM {vm}: SSH host key pinned as {vm}.vm" in log
+        assert pinned[f"{vm}.vm"] == " ".join(keys[vm].split()[:2])
 
 
 def test_a_snapshot_a_vm_stands_on_cannot_be_deleted(env):

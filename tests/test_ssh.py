@@ -116,11 +116,25 @@ def test_ssh_setup_places_keys_and_refuses_bad_fields_whole(tmp_path):
     auth.parent.mkdir(parents=True)
     auth.write_text("ssh-rsa AAAAuser me@laptop\n")
     out = identity.ssh_setup(root, pair, [mine])
-    assert out == {"host_keys": True, "authorized_keys": 1, "sshd": None}
+    assert out == {"host_keys": True, "authorized_keys": 1, "revoked": 0, "sshd": None}
     assert sorted(os.listdir(etc)) == ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
     assert (etc / "ssh_host_ed25519_key").stat().st_mode & 0o777 == 0o600
     assert identity.ssh_setup(root, None, [mine])["authorized_keys"] == 0  # once
     assert auth.read_text() == f"ssh-rsa AAAAuser me@laptop\n{mine}\n" and auth.stat().st_mode & 0o777 == 0o600
+    # a rotation: the new key in, the old one out (matched without its comment), the user's kept
+    new = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAInew banger"
+    with pytest.raises(identity.BadRequest, match="revoke"):
+        identity.ssh_setup(root, None, [new], ["not a key"])
+    assert auth.read_text() == f"ssh-rsa AAAAuser me@laptop\n{mine}\n"  # nothing written
+    out = identity.ssh_setup(root, None, [new], [mine.rsplit(" ", 1)[0] + " other-comment"])
+    assert (out["authorized_keys"], out["revoked"]) == (1, 1)
+    assert auth.read_text() == f"ssh-rsa AAAAuser me@laptop\n{new}\n"
+    assert identity.ssh_setup(root, None, [new], [new])["revoked"] == 0  # never the key it must hold
+    # an image without /etc/ssh (no sshd): no host keys written, authorized_keys still
+    bare = tmp_path / "bare"
+    out = identity.ssh_setup(str(bare), pair, [new])
+    assert out["host_keys"] is False and "no sshd" in out["skipped"]["host_keys"] and not (bare / "etc").exists()
+    assert (bare / "root" / ".ssh" / "authorized_keys").read_text() == f"{new}\n"
 
 
 # --- a real sshd ------------------------------------------------------------------------
@@ -149,6 +163,20 @@ def test_vm_ssh_and_ssh_name_vm_with_a_pinned_key_that_a_new_vm_of_the_name_repl
     assert r.returncode == 42, r.stdout + r.stderr
     r = env.run("vm", "ssh", "s1", "--", "printf", "%s|", "a b", "c'd", "$HOME", "", timeout=120)
     assert r.returncode == 0 and r.stdout == "a b|c'd|$HOME||", r.stdout + r.stderr
+    # interactive, on a terminal of the test's own: a shell, then the reminder
+    from conftest import BANGER
+    from test_agent_tools import Pty
+
+    term = Pty(env, [BANGER, "vm", "ssh", "s1"])
+    try:
+        term.expect(b"# ", timeout=120, poke=b"\r")
+        term.send(b"echo in-$((6*7))\r")
+        term.expect(b"in-42")
+        term.send(b"exit\r")
+        term.expect(b"VM s1 is still running (banger vm stop s1 to stop it)")
+        assert term.wait() == 0
+    finally:
+        term.close()
     kh = env.state_dir / "ssh" / "known_hosts"
     first = kh.read_text()
     assert first.startswith("s1.vm ssh-ed25519 ")

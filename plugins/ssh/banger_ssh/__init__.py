@@ -71,10 +71,10 @@ def prepare_host(ctx: Any) -> None:
     ctx.persist()
 
 
-@hookimpl
-def post_boot(ctx: Any) -> None:
-    """Through the agent: the VM's host keys (sshd reloads them) and banger's public key
-    in root's authorized_keys; then ``NAME.vm`` is pinned to the VM's host key."""
+def _place(ctx: Any) -> None:
+    """Through the agent: the VM's host keys (sshd reloads them), banger's public key in
+    root's authorized_keys and the keys it rotated out taken out; then ``NAME.vm`` is
+    pinned to the VM's host key."""
     from banger_ssh import keys
 
     f = files(ctx.paths, ctx.settings)
@@ -85,19 +85,37 @@ def post_boot(ctx: Any) -> None:
         "op": "ssh_setup",
         "host_keys": {"ed25519": {"private": host_key.read_text(), "public": keys.public_line(host_key)}},
         "authorized_keys": [keys.ensure_key(f["key"])],
+        "revoke": keys.retired(f["key"]),
     }
     try:
         result = ctx.service("agent").request(ctx.paths, ctx.vm.id, request, timeout=20)
     except Exception as exc:  # an image without the agent (or an old one) boots; vm ssh says why it cannot
         ctx.log.warning("VM %s: SSH keys not placed: %s", ctx.vm.name, exc)
         return
+    ctx.handles["placed_in"] = ctx.op_id
     keys.pin(f["known_hosts"], ctx.vm.name, keys.public_line(host_key))
     ctx.log.info(
-        "VM %s: SSH host key pinned as %s (sshd %s)",
+        "VM %s: SSH host key pinned as %s (sshd %s%s)",
         ctx.vm.name,
         keys.alias(ctx.vm.name),
         result.get("sshd") or "not running yet",
+        f"; {result['revoked']} rotated-out key(s) revoked" if result.get("revoked") else "",
     )
+
+
+@hookimpl
+def vm_resumed(ctx: Any, resumed: Any) -> None:
+    """A VM restored from a snapshot (or warm-started) still serves the source's host
+    key: it gets its own (made by prepare_host for this VM) in its resume hook."""
+    if resumed.new_identity:
+        _place(ctx)
+
+
+@hookimpl
+def post_boot(ctx: Any) -> None:
+    """Every start (unless vm_resumed just placed them in this start)."""
+    if ctx.handles.get("placed_in") != ctx.op_id:
+        _place(ctx)
 
 
 @hookimpl
@@ -183,7 +201,7 @@ def ssh_target(p: TargetParams, call: Any) -> dict[str, Any]:
 
 def ssh_key(p: KeyParams, call: Any) -> dict[str, Any]:
     """banger's key (made if missing); ``rotate``: a new one, pushed to the running VMs'
-    authorized_keys (the old one stays in theirs until they are deleted)."""
+    authorized_keys, the old one revoked there (and in stopped VMs at their next start)."""
     from banger_ssh import keys
 
     state = call.state
@@ -195,9 +213,13 @@ def ssh_key(p: KeyParams, call: Any) -> dict[str, Any]:
         for vm in state.store.list_vms():
             if vm.state.live:
                 try:
-                    agent.request(
-                        state.paths, vm.id, {"op": "ssh_setup", "host_keys": None, "authorized_keys": [public]}, timeout=20
-                    )
+                    request = {
+                        "op": "ssh_setup",
+                        "host_keys": None,
+                        "authorized_keys": [public],
+                        "revoke": keys.retired(f["key"]),
+                    }
+                    agent.request(state.paths, vm.id, request, timeout=20)
                     pushed.append(vm.name)
                 except Exception as exc:
                     failed[vm.name] = str(exc)

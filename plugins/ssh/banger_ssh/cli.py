@@ -51,7 +51,9 @@ def add_commands(app: typer.Typer, vm: typer.Typer) -> None:
     def vm_ssh(
         ref: str = typer.Argument(..., help="the VM (name or id prefix)"),
         command: list[str] = typer.Argument(None, help="a command and its arguments, after -- (none: a login shell)"),
-        wait: float = typer.Option(None, "--wait", help="seconds to wait for the guest's sshd (default: [ssh] wait_s)"),
+        wait: float = typer.Option(
+            None, "--wait", help="seconds to wait for the guest's sshd (default: wait_s in config.toml's ssh table, 60)"
+        ),
     ) -> None:
         """SSH into a running VM with the system's OpenSSH client (banger's key, the VM's
         pinned host key). With a command, its exit status is banger's and each argument

@@ -53,9 +53,23 @@ def ensure_key(key: Path) -> str:
 
 
 def rotate_key(key: Path) -> str:
+    """A new pair; the old public key joins ``KEY.retired`` (every VM is told to revoke
+    what is listed there: running ones now, stopped ones at their next start)."""
     with locked(key.parent):
+        old = public_line(key) if key.with_name(key.name + ".pub").exists() else None
         keygen(key, "banger")
+        if old:
+            atomic_write(retired_file(key), "".join(f"{ln}\n" for ln in dict.fromkeys([*retired(key), old])), mode=0o600)
         return public_line(key)
+
+
+def retired_file(key: Path) -> Path:
+    return key.with_name(key.name + ".retired")
+
+
+def retired(key: Path) -> list[str]:
+    """banger's public keys rotated out, oldest first."""
+    return _read(retired_file(key))
 
 
 def public_line(key: Path) -> str:

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from banger_core.models import USER_NET_DEFAULT
+
 ModeSetting = Literal["auto", "bridge", "user", "none"]
 NETNS_ENV = "BANGER_NETNS"
 #: the value of ``netns`` (or BANGER_NETNS) that forbids acting in any namespace
@@ -100,7 +102,7 @@ class Settings(BaseModel):
     )
     resolver: str | None = Field(default=None, description="nameserver for guests; default: the host's first non-loopback one")
     user_subnet: str = Field(
-        default="10.0.2.0/24",
+        default=USER_NET_DEFAULT,
         description="user mode's guest network (QEMU's slirp: the guest is its .15, the host's loopback its .2, DNS its .3)",
     )
     forward: ForwardSettings = Field(default_factory=ForwardSettings, description="user mode's port forwarding")

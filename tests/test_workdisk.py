@@ -221,3 +221,36 @@ def test_a_second_vm_starts_from_the_seed_and_a_restore_has_its_own_copy(env):
     env.run("snapshot", "delete", "wds", check=True)
     env.run("vm", "delete", "wd2", "--force", check=True, timeout=120)
     assert not d2.exists()
+
+
+def test_four_parallel_creates_of_one_image_after_a_key_rotation(env):
+    """They race to make the image's seed (removed first) and to pin their host keys;
+    each gets its own /root from the seed, its own host key, and only the new key
+    (the rotated-out one revoked, also in a VM that was stopped during the rotation)."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    env.run("vm", "create", "--name", "old", *ARGS, check=True, timeout=600)
+    env.run("vm", "stop", "old", check=True, timeout=120)
+    old_key = json.loads(env.run("ssh-key", "--json", check=True).stdout)["public"]
+    shutil.rmtree(wd.seeds_dir(env.state_dir, "bb-work"))
+    new_key = json.loads(env.run("ssh-key", "--rotate", "--json", check=True).stdout)["public"]
+    assert new_key != old_key
+    names = [f"p{i}" for i in range(1, 5)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda n: env.run("vm", "create", "--name", n, *ARGS, timeout=900), names))
+    assert all(r.returncode == 0 for r in results), [r.stderr[-800:] for r in results if r.returncode]
+    env.run("vm", "start", "old", check=True, timeout=600)
+    ours = {f"{n}.vm" for n in [*names, "old"]}
+    lines = (env.state_dir / "ssh" / "known_hosts").read_text().splitlines()
+    pinned = {k: v for k, v in (ln.split(" ", 1) for ln in lines) if k in ours}
+    assert set(pinned) == ours and len(lines) == len({ln.split()[0] for ln in lines})  # one line per VM
+    for n in [*names, "old"]:
+        out = sh(env, n, "cat /root/seeded.txt /root/.ssh/authorized_keys; [ -e /etc/ssh ] || echo no-etc-ssh")
+        assert out.split("\n") == ["from the image", new_key, "no-etc-ssh"], (n, out)  # no sshd here: no host keys
+        vm_dir = env.state_dir / "vms" / show(env, n)["id"]
+        own = (vm_dir / "ssh_host_ed25519_key.pub").read_text().split()
+        assert pinned[f"{n}.vm"] == f"{own[0]} {own[1]}"  # pinned to the key made for it
+    assert len(set(pinned.values())) == 5  # each its own
+    assert len(list(wd.seeds_dir(env.state_dir, "bb-work").glob("*.ext4"))) == 1
+    env.run("vm", "delete", "--force", *names, "old", check=True, timeout=300)

@@ -330,8 +330,9 @@ def test_an_unprivileged_daemon_runs_a_user_mode_vm(uenv, unprivileged):
         # the default network here: user mode
         r = banger("vm", "create", "--name", "mine", "--image", "mine", "--vcpu", "1", "--memory", "256M")
         assert r.returncode == 0, r.stdout + r.stderr + banger("vm", "logs", "mine", "-n", "0").stdout[-3000:]
-        r = banger("vm", "exec", "mine", "--", "sh", "-c", f"id -u; {GET}")
-        assert r.returncode == 0 and r.stdout.split()[0] == "0" and r.stdout.strip().endswith(UPLINK), r.stdout + r.stderr
+        r = banger("vm", "exec", "mine", "--", "sh", "-c", f"id -u; stat -c %u /root; grep -c ' /root ' /proc/mounts; {GET}")
+        assert r.returncode == 0 and r.stdout.split()[:3] == ["0", "0", "1"], r.stdout + r.stderr  # /root: the work disk, root's
+        assert r.stdout.strip().endswith(UPLINK), r.stdout + r.stderr
         show = json.loads(banger("vm", "show", "mine", "--json").stdout)
         assert show["fields"]["network"]["mode"] == "user"
         qemu = subprocess.run(["pgrep", "-u", USER, "-f", "qemu-system"], capture_output=True, text=True).stdout.split()

@@ -192,8 +192,11 @@ def test_vm_ssh_and_ssh_name_vm_with_a_pinned_key_that_a_new_vm_of_the_name_repl
     # the VM goes, a new one takes its name: its own host key, pinned anew, no warning
     env.run("vm", "delete", "s1", "--force", check=True, timeout=300)
     assert "s1.vm" not in kh.read_text()
+    new_key = json.loads(env.run("ssh-key", "--rotate", "--json", check=True).stdout)["public"]
     env.run("vm", "create", "--name", "s1", *spec, check=True, timeout=1800)
-    env.run("vm", "ssh", "s1", "--", "true", check=True, timeout=600)  # waits for sshd
+    env.run("vm", "ssh", "s1", "--", "true", check=True, timeout=600)  # waits for sshd; the new key is accepted
+    r = env.run("vm", "ssh", "s1", "--", "cat", "/root/.ssh/authorized_keys", check=True, timeout=120)
+    assert r.stdout.splitlines() == [new_key]
     assert kh.read_text().startswith("s1.vm ssh-ed25519 ") and kh.read_text() != first
     r = subprocess.run([*ssh, "s1.vm", "true"], env=env.env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stderr == "", r.stderr

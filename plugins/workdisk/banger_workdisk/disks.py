@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,13 +56,31 @@ def build_seed(rootfs: Path, out: Path) -> int:
         if not tree.is_dir():  # no /root in the image: an empty one, root's own
             tree.mkdir(mode=0o700)
         entries = tree_needs(tree)[1]
-        st = tree.stat()
-        cmds = Path(tmp) / "cmds"  # mkfs -d leaves the top dir 0755 root's: make it /root's own
-        cmds.write_text(f"sif / mode 0{st.st_mode:o}\nsif / uid {st.st_uid}\nsif / gid {st.st_gid}\n")
+        cmds = Path(tmp) / "cmds"
+        cmds.write_text(owner_fixes(tree))
         with fsutil.atomic_file(out) as tmp_out:
             ext4_from_tree(tree, tmp_out, size_mib=seed_size_mib(tree), label=LABEL, what="the work-seed")
             proc.run(["debugfs", "-w", "-f", cmds, tmp_out], what="setting the work-seed's /root mode")
     return entries
+
+
+def owner_fixes(tree: Path) -> str:
+    """debugfs commands run on the made seed: its top dir gets /root's mode and owner
+    (mkfs -d leaves it 0755); and when banger runs unprivileged, so that ``rdump`` could
+    not give files their owners, what it made the daemon's own becomes root's (an
+    image's /root is root's), or sshd would refuse root's authorized_keys."""
+    st = tree.stat()
+    uid, unprivileged = os.geteuid(), os.geteuid() != 0
+    top = (0, 0) if unprivileged and st.st_uid == uid else (st.st_uid, st.st_gid)
+    lines = [f"sif / mode 0{st.st_mode:o}", f"sif / uid {top[0]}", f"sif / gid {top[1]}"]
+    if unprivileged:
+        for dirpath, dirs, files in os.walk(tree):
+            for name in [*dirs, *files]:
+                path = os.path.join(dirpath, name)
+                rel = "/" + os.path.relpath(path, tree)
+                if os.lstat(path).st_uid == uid and re.fullmatch(r"[^\s\"\\]+", rel):
+                    lines += [f'sif "{rel}" uid 0', f'sif "{rel}" gid 0']
+    return "".join(f"{ln}\n" for ln in lines)
 
 
 def seed_for(state_dir: Path, image: str, rootfs: Path) -> Path:

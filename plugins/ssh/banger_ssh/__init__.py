@@ -81,6 +81,13 @@ def _place(ctx: Any) -> None:
     host_key = Path(ctx.paths.vm_files(ctx.vm.id).dir) / HOST_KEY
     if not host_key.exists():
         return
+    try:
+        agent = ctx.service("agent")
+    except Exception as exc:  # no agent service (no daemon: banger_core.testing.run_lifecycle)
+        ctx.log.warning("VM %s: SSH keys not placed: %s", ctx.vm.name, exc)
+        return
+    if agent.health(ctx.vm.id) is None:  # no agent answered this start (an image without it): nothing to ask
+        return
     request = {
         "op": "ssh_setup",
         "host_keys": {"ed25519": {"private": host_key.read_text(), "public": keys.public_line(host_key)}},
@@ -88,8 +95,8 @@ def _place(ctx: Any) -> None:
         "revoke": keys.retired(f["key"]),
     }
     try:
-        result = ctx.service("agent").request(ctx.paths, ctx.vm.id, request, timeout=20)
-    except Exception as exc:  # an image without the agent (or an old one) boots; vm ssh says why it cannot
+        result = agent.request(ctx.paths, ctx.vm.id, request, timeout=20)
+    except Exception as exc:  # an old agent, or one that went away: the VM runs; vm ssh says why it cannot
         ctx.log.warning("VM %s: SSH keys not placed: %s", ctx.vm.name, exc)
         return
     ctx.handles["placed_in"] = ctx.op_id

@@ -396,12 +396,10 @@ def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]") -> Any:
             kind = _unoptional(info.annotation)
             if kind is bool:
                 option, annotation, as_json = typer.Option(None, f"--{flag}/--no-{flag}", help=helptext), Optional[bool], False
-            elif kind in (int, float, str) or _parses_text(kind):
-                option, annotation, as_json = (
-                    typer.Option(None, f"--{flag}", help=helptext),
-                    Optional[str] if kind not in (int, float) else Optional[kind],
-                    False,
-                )
+            elif kind in (int, float, str):
+                option, annotation, as_json = typer.Option(None, f"--{flag}", help=helptext), Optional[kind], False
+            elif _parses_text(kind):  # the model reads the text ("8G")
+                option, annotation, as_json = typer.Option(None, f"--{flag}", help=helptext), Optional[str], False
             elif typing.get_origin(kind) is typing.Literal and all(isinstance(a, str) for a in typing.get_args(kind)):
                 choices = "|".join(typing.get_args(kind))  # the model says which (a clear error names them)
                 option, annotation, as_json = (

@@ -85,7 +85,7 @@ def prepare_host(ctx: Any) -> None:
     finally:
         store.close()
     if image is None:  # (a VM without an image: only banger_core.testing.run_lifecycle makes one)
-        ctx.log.warning("VM %s: no work disk: its image %s is gone (no work-seed)", ctx.vm.name, ctx.vm.image)
+        ctx.warn(f"no work disk: image {ctx.vm.image} is gone (no work-seed to make it from)")
         return
     ctx.teardown["disk"] = str(disk)  # recorded first: a failed create's cleanup (DELETE) removes it
     ctx.persist()
@@ -110,7 +110,7 @@ def post_boot(ctx: Any) -> None:
         return
     health = ctx.service("agent").health(ctx.vm.id)
     if health is None:  # an image without banger's agent: nothing mounts the disk
-        ctx.log.warning("VM %s: /root is the image's, not the work disk: the image has no banger agent", ctx.vm.name)
+        ctx.warn("/root is the image's, not the work disk: the image has no banger agent to mount it")
         ctx.teardown["mounted"] = None
         ctx.persist()
         return
@@ -118,7 +118,7 @@ def post_boot(ctx: Any) -> None:
         raise RuntimeError(f"the work disk was not mounted on /root: agent {health.get('agent')} does not mount work disks")
     state = health["workdisk"]
     if state is None:  # an agent not started by the guest's boot (the fake Firecracker's, on the host)
-        ctx.log.warning("VM %s: the agent was not asked to mount the work disk (no banger.workdisk=)", ctx.vm.name)
+        ctx.warn("the agent was not asked to mount the work disk (no banger.workdisk= on its command line)")
         return
     if not isinstance(state, dict) or state.get("error") or not state.get("device"):
         why = state.get("error") if isinstance(state, dict) else f"the agent said {state!r}"

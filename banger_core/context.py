@@ -80,6 +80,50 @@ class StageContext:
 
 
 @dataclass
+class ExecRequest:
+    """The command a ``before_exec`` hook may adjust (``ExecContext.request``). Added in 0.8."""
+
+    #: the command and its arguments (empty: ``vm run -d``, nothing runs yet)
+    argv: list[str]
+    #: the directory it runs in; None: the guest's default (the user's home). A plugin
+    #: may set it when None (the first to set it wins; a user's ``--workdir`` is kept)
+    cwd: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    user: str | None = None
+
+
+@dataclass
+class ExecContext:
+    """Passed to ``before_exec``: a command is about to run in ``vm``. Added in 0.8.
+
+    ``run`` is True for the command of ``vm run`` (its VM was made for it);
+    ``plan`` is True when that VM does not exist yet (``vm run`` checks before it makes
+    one, and ``vm run --dry-run`` stops there): describe with ``note``, refuse by
+    raising, change nothing. ``exec_options`` is this plugin's ``exec_options`` model
+    (validated) or None. ``egress()`` says whether the VM reaches networks beyond this
+    host (any plugin's ``vm_egress``).
+    """
+
+    plugin: str
+    vm: "VM"
+    paths: "Paths"
+    settings: "BaseModel | None"
+    options: "BaseModel | None"
+    exec_options: "BaseModel | None"
+    request: ExecRequest
+    op_id: str
+    log: "logging.Logger | logging.LoggerAdapter[logging.Logger]"
+    run: bool = False
+    plan: bool = False
+    service: Callable[[str], Any] = field(default=lambda capability: _no_services(capability))
+    #: as ``StageContext.warn``: the daemon log and a warning line of the command's output
+    warn: Callable[[str], None] = field(default=lambda message: None)
+    #: something the user asked to see (what a plan would do): a line of the command's output
+    note: Callable[[str], None] = field(default=lambda message: None)
+    egress: Callable[[], bool] = field(default=lambda: False)
+
+
+@dataclass
 class ReconcileContext:
     """Passed to ``reconcile`` once at daemon start, before the socket accepts requests."""
 

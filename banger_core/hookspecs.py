@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import typer
     from pydantic import BaseModel
 
-    from banger_core.context import CheckFn, DoctorContext, FieldsContext, ReconcileContext, StageContext
+    from banger_core.context import CheckFn, DoctorContext, ExecContext, FieldsContext, ReconcileContext, StageContext
     from banger_core.daemon.state import DaemonState
     from banger_core.runtime import Runtime
     from banger_core.sources import GuestFile, Source
@@ -61,6 +61,16 @@ def vm_options() -> "type[BaseModel] | None":
     given: defaults stay the model's), handed to every lifecycle hook as
     ``ctx.options`` (the validated model), shown by ``vm show`` and changed by ``vm
     set`` on a stopped VM. Asked once per process per plugin. Added in 0.2.
+    """
+
+
+@hookspec
+def exec_options() -> "type[BaseModel] | None":
+    """Return the pydantic model of this plugin's per-command options of ``vm exec``
+    (e.g. ``auto_prepare: bool``). Each field becomes a flag of ``vm exec`` the way a
+    ``vm_options`` field does of ``vm create``; the values given are validated strictly
+    and handed to ``before_exec`` as ``ctx.exec_options`` (not stored). Every field
+    needs a default. Asked once per process per plugin. Added in 0.8.
     """
 
 
@@ -255,6 +265,33 @@ def vm_port_endpoint(ctx: "FieldsContext", listener: "Listener") -> str | None:
     """
 
 
+@hookspec
+def vm_egress(ctx: "FieldsContext") -> bool | None:
+    """True when the VM reaches networks beyond this host through this plugin (NAT on
+    a bridge, QEMU's user-mode network); None or False when not. Asked, in dependency
+    order until one says True, by ``ExecContext.egress()`` (a plugin about to fetch
+    something in the guest asks it first). Keep it cheap: no guest round trips; it may
+    be asked before the VM exists (``ctx.teardown`` empty). Added in 0.8.
+    """
+
+
+@hookspec
+def before_exec(ctx: "ExecContext") -> None:
+    """A command is about to run in a VM: ``vm exec``, and the command of ``vm run``
+    (``ctx.run``; its ``argv`` is empty for ``vm run -d``). Called in dependency order
+    in a worker thread, on a running VM: a plugin may set ``ctx.request.cwd`` when it is
+    None, do work in the guest first (sync files into it), ``ctx.warn`` about something,
+    or refuse by raising ``BangerError`` (the command does not run; for ``vm run`` the
+    VM is then deleted if it was ``--rm``).
+
+    ``vm run`` also calls it with ``ctx.plan`` True before it makes the VM (``ctx.vm``
+    is then what it would make: no row, nothing on the host or in a guest), and ``vm run
+    --dry-run`` stops there: a plugin checks what it can (refusing a run that could not
+    succeed before any VM exists) and says what it would do with ``ctx.note``. Added in
+    0.8.
+    """
+
+
 @hookspec(firstresult=True)
 def request_guest_shutdown(ctx: "StageContext") -> bool | None:
     """Ask the guest to ``sync`` and power off by a channel this plugin owns (agent,
@@ -290,6 +327,7 @@ LIFECYCLE_STAGES: tuple[str, ...] = ("prepare_host", "configure_machine", "vm_re
 ALL_HOOKS: tuple[str, ...] = (
     "config_model",
     "vm_options",
+    "exec_options",
     "register_commands",
     "register_rpc_methods",
     "register_services",
@@ -304,6 +342,8 @@ ALL_HOOKS: tuple[str, ...] = (
     "vm_resumed",
     "vm_fields",
     "vm_port_endpoint",
+    "vm_egress",
+    "before_exec",
     "request_guest_shutdown",
     "cleanup",
 )

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import typer
     from pydantic import BaseModel
 
-    from banger_core.context import CheckFn, DoctorContext, FieldsContext, ReconcileContext, StageContext
+    from banger_core.context import CheckFn, DoctorContext, ExecContext, FieldsContext, ReconcileContext, StageContext
     from banger_core.daemon.rpc import Registry
     from banger_core.daemon.state import DaemonState
     from banger_core.models import Listener, Machine, Resumed
@@ -130,6 +130,7 @@ class PluginHost:
         # each plugin's config_model and vm_options, asked once per process
         self._models: dict[str, type[BaseModel] | None] = {}
         self._options: dict[str, type[BaseModel] | None] = {}
+        self._exec_options: dict[str, type[BaseModel] | None] = {}
         self.trace = os.environ.get(ENV_TRACE) == "1"
 
     # --- loading ------------------------------------------------------------------
@@ -412,26 +413,33 @@ class PluginHost:
 
     def vm_options(self, plugin: str) -> "type[BaseModel] | None":
         """The plugin's per-VM options model (asked once, then cached)."""
-        if plugin not in self._options:
-            try:
-                model = self._call("vm_options", plugin)
-            except Exception as exc:
-                raise BangerError(ErrorCode.PLUGIN, f"plugin {plugin!r}: vm_options failed: {type(exc).__name__}: {exc}") from exc
-            required = [n for n, f in (model.model_fields.items() if model is not None else ()) if f.is_required()]
-            if required:  # a VM created without the flag could never be validated
-                raise BangerError(
-                    ErrorCode.PLUGIN, f"plugin {plugin!r}: vm_options field(s) without a default: {', '.join(required)}"
-                )
-            self._options[plugin] = model
-        return self._options[plugin]
+        return self._options_model("vm_options", plugin, self._options)
 
-    def option_models(self) -> "dict[str, type[BaseModel]]":
-        """Every enabled plugin's per-VM options model, built-ins first; a plugin whose
-        ``vm_options`` raises is marked broken."""
+    def exec_options(self, plugin: str) -> "type[BaseModel] | None":
+        """The plugin's ``vm exec`` options model (asked once, then cached)."""
+        return self._options_model("exec_options", plugin, self._exec_options)
+
+    def _options_model(self, hook: str, plugin: str, cache: "dict[str, type[BaseModel] | None]") -> "type[BaseModel] | None":
+        if plugin not in cache:
+            try:
+                model = self._call(hook, plugin)
+            except Exception as exc:
+                raise BangerError(ErrorCode.PLUGIN, f"plugin {plugin!r}: {hook} failed: {type(exc).__name__}: {exc}") from exc
+            required = [n for n, f in (model.model_fields.items() if model is not None else ()) if f.is_required()]
+            if required:  # a command given without the flag could never be validated
+                raise BangerError(
+                    ErrorCode.PLUGIN, f"plugin {plugin!r}: {hook} field(s) without a default: {', '.join(required)}"
+                )
+            cache[plugin] = model
+        return cache[plugin]
+
+    def option_models(self, hook: str = "vm_options") -> "dict[str, type[BaseModel]]":
+        """Every enabled plugin's per-VM options model (``exec_options``: its ``vm exec``
+        options model), built-ins first; a plugin whose hook raises is marked broken."""
         out: dict[str, type[BaseModel]] = {}
         for name in self.builtins_first():
             try:
-                model = self.vm_options(name)
+                model = self.vm_options(name) if hook == "vm_options" else self.exec_options(name)
             except BangerError as exc:
                 self.mark_broken(name, exc.message.removeprefix(f"plugin {name!r}: "))
                 continue
@@ -796,6 +804,14 @@ class PluginHost:
         """(endpoint, plugin) from the first plugin, in order, that can reach the port."""
         found = self._first_answer("vm_port_endpoint", order, lambda n: {"ctx": ctx_for(n), "listener": listener})
         return (str(found[1]), found[0]) if found else None
+
+    def before_exec(self, order: list[str], ctx_for: Callable[[str], "ExecContext"]) -> list[str]:
+        return self._run_setup("before_exec", order, ctx_for)
+
+    def vm_egress(self, order: list[str], ctx_for: Callable[[str], "FieldsContext"]) -> str | None:
+        """The first plugin, in order, through which the VM reaches beyond this host."""
+        found = self._first_answer("vm_egress", order, lambda n: {"ctx": ctx_for(n)})
+        return found[0] if found else None
 
     def request_guest_shutdown(self, order: list[str], ctx_for: Callable[[str], "StageContext"]) -> str | None:
         """Ask plugins, in order, to shut the guest down; the name of the first that did."""

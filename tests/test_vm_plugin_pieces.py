@@ -113,8 +113,9 @@ def test_per_vm_plugin_options(fcenv):
 
         # the CLI index knows who adds flags to vm create
         index = json.loads((env.root / "cache" / "cli-index.json").read_text())
-        # (nat and network add --nat and --network)
-        assert index["commands"]["vm create"] == ["example", "nat", "network", "workdisk"] == index["commands"]["vm set"]
+        # (nat and network add --nat and --network; workspace --mode, --include-untracked, --bootstrap)
+        assert index["commands"]["vm create"] == ["example", "nat", "network", "workdisk", "workspace"]
+        assert index["commands"]["vm create"] == index["commands"]["vm set"]
     finally:
         env.run("vm", "delete", "--force", "opt", timeout=60)
         env.stop_daemon()
@@ -283,3 +284,36 @@ def test_doctor_says_where_the_default_image_comes_from(benv, example_plugin_dir
     benv.write_config("[vm_defaults]\nimage = 'nowhere'\n")
     got = default_image()
     assert got["status"] == "FAIL" and "no enabled source provides it" in got["detail"]
+
+
+def test_exec_options_and_before_exec_and_vm_egress_through_vm_run_plans(fcenv):
+    """vm exec takes plugins' exec options as flags; vm run asks every plugin's
+    before_exec before it makes a VM (--dry-run stops there and shows what they said);
+    a plugin refusing there leaves nothing; ExecContext.egress() asks vm_egress."""
+    env = fcenv
+    try:
+        help_text = env.run("vm", "exec", "--help", check=True).stdout
+        assert "--cheer" in help_text and "--auto-prepare" in help_text and "--force" in help_text
+        r = env.run("vm", "run", "--dry-run", "--name", "plan1", "--", "true", check=True)
+        assert "example: would greet plan1 with 'hello' (egress: False)" in r.stderr, r.stderr
+        assert "would make plan1:" in r.stderr and "then run: true" in r.stderr
+        r = env.run("vm", "run", "--dry-run", "--name", "plan2", "--motto", "egress", "--", "true", check=True)
+        assert "(egress: True)" in r.stderr, r.stderr
+        # the motto "refuse": refused before any VM exists, naming the plugin and the hook
+        r = env.run("vm", "run", "--name", "plan3", "--motto", "refuse", "--", "true")
+        assert r.returncode == 1 and "example: before_exec: the motto 'refuse' refuses every run" in r.stderr, r.stderr
+        assert rows(env) == [] and not list((env.state_dir / "vms").glob("*"))
+        # a bare word that is not a directory, before --: what was meant is said
+        r = env.run("vm", "run", "echo", "hi")
+        assert r.returncode == 1 and "did you mean `banger vm run -- echo hi`" in r.stderr, r.stderr
+        r = env.run("vm", "run", ".", "echo")
+        assert r.returncode == 1 and "did you mean `banger vm run . -- echo`" in r.stderr, r.stderr
+        assert env.run("vm", "run", "--readonly", ".", "--", "true").returncode == 2  # not an option
+        assert rows(env) == []
+        # exec options are validated through the daemon: a VM (the fake VMM: no agent to run in)
+        fc_create(env, "ex", None)
+        r = env.run("vm", "exec", "ex", "--cheer", "--", "true")
+        assert r.returncode == 1 and "has no agent" in r.stderr  # refused by the agent, before any hook
+    finally:
+        env.run("vm", "delete", "--force", "ex", timeout=60)
+        env.stop_daemon()

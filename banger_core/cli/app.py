@@ -57,13 +57,16 @@ def build_app(argv: list[str] | None = None) -> typer.Typer:
         seen = now
 
     broke = host.register_commands(app, vm=vm_cmd.app, observe=observe)
-    models = host.option_models()  # plugins' per-VM options become vm create/set flags
-    taking = vm_cmd.with_plugin_options(models)  # vm create, vm set, and vm run (the agent's)
-    for plugin in models:
-        if not host.records[plugin].builtin:
-            for command in taking:
-                if plugin not in contributed.setdefault(f"vm {command}", []):
-                    contributed[f"vm {command}"].append(plugin)
+    # plugins' per-VM options become flags of vm create/set and the agent's vm run; their
+    # vm exec options, of the agent's vm exec
+    for hook in ("vm_options", "exec_options"):
+        models = host.option_models(hook)
+        taking = vm_cmd.with_plugin_options(models, hook)
+        for plugin in models:
+            if not host.records[plugin].builtin:
+                for command in taking:
+                    if plugin not in contributed.setdefault(f"vm {command}", []):
+                        contributed[f"vm {command}"].append(plugin)
     if not full:
         _keep_only(app, index.command_key(argv))
     rt = state.try_runtime() if full else None

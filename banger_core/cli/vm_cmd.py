@@ -112,6 +112,9 @@ class Progress:
             warning = style.paint(f"warning: {ev.get('plugin')}: {ev.get('msg')}", "yellow", sys.stderr)
             style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)}   {warning}", err=True)
             return
+        if stage == "note":  # a plugin's (ExecContext.note): what it does, or would do
+            style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)}   {ev.get('plugin')}: {ev.get('msg')}", err=True)
+            return
         if stage == "spec":
             style.echo(
                 f"spec: {ev['vcpus']} vcpu | {ev['memory_mib']} MiB | {ev['root_size_mib']} MiB root"
@@ -359,23 +362,30 @@ OPTION_COMMANDS = ("create", "set")
 #: the wrapper ``with_plugin_options`` puts around ``vm create`` and ``vm set``)
 given_options: dict[str, dict[str, Any]] = {}
 
+#: the same for plugins' ``vm exec`` options (``exec_options``: the commands that opt in
+#: with ``__banger_exec_options__ = True``, i.e. the agent's ``vm exec``)
+given_exec_options: dict[str, dict[str, Any]] = {}
 
-def with_plugin_options(models: "dict[str, type[BaseModel]]") -> list[str]:
+
+def with_plugin_options(models: "dict[str, type[BaseModel]]", hook: str = "vm_options") -> list[str]:
     """Give ``vm create``, ``vm set`` (and plugin commands that opt in, like ``vm run``)
     one flag per field of each plugin's ``vm_options`` model: ``--nat/--no-nat`` for a
     bool, ``--name VALUE`` otherwise (``--<plugin>-<name>`` when the flag is taken).
-    Unset flags send nothing. Returns the names of the commands that take them."""
+    Unset flags send nothing. With ``hook="exec_options"`` the same for the commands
+    that opt in to plugins' ``vm exec`` options, into ``given_exec_options``. Returns
+    the names of the commands that take them."""
     names = []
+    builtin, into = (OPTION_COMMANDS, given_options) if hook == "vm_options" else ((), given_exec_options)
     for info in app.registered_commands:
         cb = info.callback
-        if cb is not None and (index.name_of(info) in OPTION_COMMANDS or getattr(cb, "__banger_vm_options__", False)):
+        if cb is not None and (index.name_of(info) in builtin or getattr(cb, f"__banger_{hook}__", False)):
             names.append(index.name_of(info))
             if models:
-                info.callback = _wrapped(cb, models)
+                info.callback = _wrapped(cb, models, into)
     return names
 
 
-def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]") -> Any:
+def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]", into: dict[str, dict[str, Any]]) -> Any:
     import functools
     import inspect
     import typing
@@ -415,7 +425,7 @@ def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]") -> Any:
 
     @functools.wraps(fn)
     def wrapper(**kwargs: Any) -> Any:
-        given_options.clear()
+        into.clear()
         for name, (plugin, field, as_json) in routes.items():
             value = kwargs.pop(name, None)
             if value is None:
@@ -425,7 +435,7 @@ def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]") -> Any:
                     value = json.loads(value)
                 except ValueError as exc:
                     raise BangerError(ErrorCode.BAD_REQUEST, f"{plugin} option {field}: not JSON: {exc}") from None
-            given_options.setdefault(plugin, {})[field] = value
+            into.setdefault(plugin, {})[field] = value
         return fn(**kwargs)
 
     params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values()]

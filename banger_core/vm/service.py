@@ -22,7 +22,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from banger_core.vm import disks
-from banger_core.context import CleanupReason
+from banger_core.context import CleanupReason, ExecRequest, FieldsContext
 from banger_core.errors import BangerError, ErrorCode, MultiError, raise_if_cancelled
 from banger_core.fsutil import atomic_write
 from banger_core.vm.handles import HandleStore
@@ -172,10 +172,55 @@ class VMService:
 
         return Lifecycle(self.rt, vm, op_id=op_id, persist=persist, handles=dict(h.plugins) if h else None)
 
+    # --- before a command runs in a VM (vm exec, vm run) ---------------------------
+    def before_exec(
+        self,
+        vm: VM,
+        request: ExecRequest,
+        exec_options: dict[str, dict[str, Any]],
+        op_id: str,
+        progress: Progress,
+        *,
+        run: bool = False,
+    ) -> None:
+        """Every acting plugin's ``before_exec`` for a command about to run in ``vm``."""
+        self._lifecycle(vm, op_id).before_exec(request, exec_options, run=run, progress=progress)
+
+    def fields_context(self, vm: VM, plugin: str) -> FieldsContext | None:
+        """A plugin's read-only view of ``vm`` (its settings as the VM's project makes
+        them, its options), for the plugin's RPC handlers; None when it does not act on
+        the VM."""
+        lc = self._lifecycle(vm, "")
+        return lc.fields_ctx(plugin) if plugin in lc.plugins else None
+
+    def plan_run(self, params: CreateParams, request: ExecRequest, op_id: str, progress: Progress) -> VM:
+        """``vm run`` before it makes its VM: what it would make (no row, nothing on the
+        host), checked by every acting plugin's ``before_exec`` with ``plan`` True."""
+        vm = self.draft(params)
+        vm.options = dict(params.options)  # as the plugins will see them (e.g. --nat)
+        lc = Lifecycle(self.rt, vm, op_id=op_id)
+        lc.options = lc.validate_options(params.options)
+        lc.before_exec(request, {}, run=True, plan=True, progress=progress)
+        return vm
+
     # --- create / start -----------------------------------------------------------
     def create(self, params: CreateParams, op_id: str, progress: Progress, cancel: threading.Event) -> VM:
         t0 = time.monotonic()
         progress("reserve", {})
+        vm = self.draft(params)
+        assert vm.image is not None  # the defaults always name one
+        vm.image = self._image_or_pull(vm.image, progress, cancel, vm.spec.kernel).name
+        if not params.warm:
+            return self.make(vm, op_id, progress, cancel, options=params.options, t0=t0, how="cold: boots")
+        if self.cfg.snapshots.templates_max == 0:
+            how = "cold: boots ([snapshots] templates_max = 0: no warm starts)"
+            return self.make(vm, op_id, progress, cancel, options=params.options, t0=t0, how=how)
+        return self._make_warm(vm, params.options, op_id, progress, cancel, t0)
+
+    def draft(self, params: CreateParams) -> VM:
+        """The VM ``params`` describe, its spec completed from the defaults and checked
+        against this host; not added (no row), its image not pulled (``image`` is the
+        name asked for)."""
         d = {k: v for k, (v, _src) in resolve_vm_defaults(self.cfg.vm_defaults).items()}
         try:
             spec = VMSpec(
@@ -187,23 +232,15 @@ class VMService:
         except ValidationError as exc:
             raise BangerError(ErrorCode.BAD_REQUEST, f"invalid spec: {exc.errors()[0]['msg']}") from None
         check_host_limits(spec)
-        image = self._image_or_pull(params.image or d["image"], progress, cancel, spec.kernel)
-        driver_name = pick_driver(params.driver or self.cfg.vmm.driver, self.cfg.vmm)
-        vm = VM(
+        return VM(
             id=secrets.token_hex(8),
             name=params.name or random_name(),
-            image=image.name,
+            image=params.image or d["image"],
             spec=spec,
-            driver=driver_name,
+            driver=pick_driver(params.driver or self.cfg.vmm.driver, self.cfg.vmm),
             project_dir=params.project_dir,
             ephemeral=params.ephemeral,
         )
-        if not params.warm:
-            return self.make(vm, op_id, progress, cancel, options=params.options, t0=t0, how="cold: boots")
-        if self.cfg.snapshots.templates_max == 0:
-            how = "cold: boots ([snapshots] templates_max = 0: no warm starts)"
-            return self.make(vm, op_id, progress, cancel, options=params.options, t0=t0, how=how)
-        return self._make_warm(vm, params.options, op_id, progress, cancel, t0)
 
     def _make_warm(
         self, vm: VM, options: dict[str, dict[str, Any]], op_id: str, progress: Progress, cancel: threading.Event, t0: float

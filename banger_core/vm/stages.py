@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from banger_core.context import CleanupReason, FieldsContext, StageContext
+from banger_core.context import CleanupReason, ExecContext, ExecRequest, FieldsContext, StageContext
 from banger_core.errors import BangerError, ErrorCode, MultiError
 from banger_core.models import VM, Listener, Machine, Resumed
 from banger_core.runtime import Runtime
@@ -53,24 +53,26 @@ class Lifecycle:
             {k: v for k, v in vm.options.items() if k in self.plugins and rt.host.vm_options(k) is not None}
         )
 
-    def validate_options(self, given: dict[str, dict[str, Any]]) -> dict[str, BaseModel | None]:
-        """Each acting plugin's per-VM options model, from ``given`` (plugin -> values);
-        options for a plugin that declares none, or that does not act on this VM, are
-        refused."""
+    def validate_options(self, given: dict[str, dict[str, Any]], hook: str = "vm_options") -> dict[str, BaseModel | None]:
+        """Each acting plugin's per-VM options model (``exec_options``: its ``vm exec``
+        options model), from ``given`` (plugin -> values); options for a plugin that
+        declares none, or that does not act on this VM, are refused."""
         from pydantic import ValidationError
 
         from banger_core.models import validate_input
 
         host = self.rt.host
+        model_of = host.vm_options if hook == "vm_options" else host.exec_options
+        kind = "per-VM" if hook == "vm_options" else "vm exec"
         for name in given:
             if name not in self.plugins:
                 where = f"VMs made from {self.project.path.parent}" if self.project else "VMs (see banger plugins resolve)"
                 raise BangerError(ErrorCode.BAD_REQUEST, f"options for {name!r}: that plugin does not act on {where}")
-            if host.vm_options(name) is None:
-                raise BangerError(ErrorCode.BAD_REQUEST, f"options for {name!r}: that plugin takes no per-VM options")
+            if model_of(name) is None:
+                raise BangerError(ErrorCode.BAD_REQUEST, f"options for {name!r}: that plugin takes no {kind} options")
         out: dict[str, BaseModel | None] = {}
         for name in self.plugins:
-            model = host.vm_options(name)
+            model = model_of(name)
             if model is None:
                 out[name] = None
                 continue
@@ -119,6 +121,54 @@ class Lifecycle:
             handles=dict(self.handles.get(plugin, {})),
             service=lambda capability: self.rt.host.service_for(plugin, capability),
         )
+
+    def egress(self) -> bool:
+        """Whether the VM reaches networks beyond this host (any plugin's ``vm_egress``)."""
+        return self.rt.host.vm_egress(self.plugins, self.fields_ctx) is not None
+
+    def before_exec(
+        self,
+        request: ExecRequest,
+        exec_options: dict[str, dict[str, Any]],
+        *,
+        run: bool = False,
+        plan: bool = False,
+        progress: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        """Every acting plugin's ``before_exec`` in order, with its validated ``vm exec``
+        options; the first that raises stops the command (its error names the plugin).
+        Warnings and notes go to ``progress``."""
+        checked = self.validate_options(exec_options, hook="exec_options")
+        self.progress = progress
+
+        def note(plugin: str, message: str) -> None:
+            if progress is not None:
+                progress("note", {"plugin": plugin, "msg": message})
+
+        def ctx(plugin: str) -> ExecContext:
+            return ExecContext(
+                plugin=plugin,
+                vm=self.vm,
+                paths=self.rt.paths,
+                settings=self.settings[plugin],
+                options=self.options.get(plugin),
+                exec_options=checked.get(plugin),
+                request=request,
+                op_id=self.op_id,
+                log=logging.LoggerAdapter(logging.getLogger(f"banger.plugin.{plugin}"), {"op_id": self.op_id}),
+                run=run,
+                plan=plan,
+                service=lambda capability: self.rt.host.service_for(plugin, capability),
+                warn=lambda message: self.warn(plugin, message),
+                note=lambda message: note(plugin, message),
+                egress=self.egress,
+            )
+
+        try:
+            self.rt.host.before_exec(self.plugins, ctx)
+        except BangerError as exc:
+            exc.op_id = self.op_id
+            raise
 
     def fields(self, detail: bool) -> dict[str, dict[str, Any]]:
         """Every acting plugin's ``vm_fields`` for this VM."""

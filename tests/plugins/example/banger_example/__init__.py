@@ -127,6 +127,46 @@ def vm_fields(ctx, detail: bool) -> dict:
     return out
 
 
+class ExecOptions(BaseModel):
+    """`vm exec --cheer`: the greeting in the command's environment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cheer: bool = Field(default=False, description="put the greeting in the command's environment (EXAMPLE_GREETING)")
+
+
+@hookimpl
+def exec_options() -> type[BaseModel]:
+    return ExecOptions
+
+
+@hookimpl
+def vm_egress(ctx) -> bool | None:
+    """A VM whose motto is "egress" says it reaches beyond this host (for tests)."""
+    return True if ctx.options is not None and ctx.options.motto == "egress" else None
+
+
+@hookimpl
+def before_exec(ctx) -> None:
+    """Plan: say what it would do (and whether the VM has egress), refuse the motto
+    "refuse"; exec: --cheer puts the greeting in the command's environment, and the motto
+    "tmp" runs it in /tmp unless a directory was asked for."""
+    from banger_core.errors import BangerError, ErrorCode
+
+    motto = ctx.options.motto if ctx.options is not None else ""
+    if ctx.plan:
+        if motto == "refuse":
+            raise BangerError(ErrorCode.BAD_REQUEST, "the motto 'refuse' refuses every run")
+        ctx.note(f"would greet {ctx.vm.name} with {ctx.settings.greeting!r} (egress: {ctx.egress()})")
+        return
+    _record(ctx.settings, {"hook": "before_exec", "vm": ctx.vm.name, "run": ctx.run, "argv": ctx.request.argv})
+    if ctx.exec_options is not None and ctx.exec_options.cheer:
+        ctx.request.env["EXAMPLE_GREETING"] = ctx.settings.greeting
+        ctx.warn("cheering")
+    if motto == "tmp" and ctx.request.cwd is None:
+        ctx.request.cwd = "/tmp"
+
+
 @hookimpl
 def vm_port_endpoint(ctx, listener) -> str | None:
     host = ctx.settings.port_host

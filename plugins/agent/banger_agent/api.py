@@ -22,7 +22,13 @@ class AgentAPI(Protocol):
         ...
 
     def send(
-        self, paths: Any, vm_id: str, request: dict[str, Any], write: Callable[[BinaryIO], None], timeout: float = 60
+        self,
+        paths: Any,
+        vm_id: str,
+        request: dict[str, Any],
+        write: Callable[[BinaryIO], None] | None,
+        timeout: float = 60,
+        stdout: Callable[[bytes], None] | None = None,
     ) -> tuple[int, str]:
         """From a thread (a lifecycle hook): open a session of ``request``, an op that
         reads its STDIN (``{"op": "cp_in", "dest", "parents"}``: a tar stream as
@@ -33,7 +39,12 @@ class AgentAPI(Protocol):
         writes (its outcome is returned). An exception from ``write`` kills the op (a
         cp_in then extracts nothing) and propagates; so does a channel that closes. No
         agent channel (the VM has none): OSError; ``timeout`` bounds each wait (added in
-        banger-agent 0.4)."""
+        banger-agent 0.4).
+
+        ``write=None`` sends no input; ``stdout(chunk)`` receives the op's STDOUT as it
+        comes, on the agent's event-loop thread (keep it quick: append to a buffer or
+        file), e.g. ``{"op": "exec", "argv": [...]}`` whose output a plugin reads (both
+        added in banger-agent 0.5)."""
         ...
 
     def watch(

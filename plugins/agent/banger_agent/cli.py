@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import shlex
 import signal
 import sys
 from typing import Any
@@ -52,8 +54,14 @@ def add_commands(vm: typer.Typer) -> None:
             params["user"] = user
         if tty:
             params["tty"] = terminal.request()
-        result = stream_command("agent.exec", params, "exec", stdin=not sys.stdin.closed, tty=tty)
+        from banger_core.cli.vm_cmd import given_exec_options
+
+        if given_exec_options:
+            params["options"] = given_exec_options
+        result = stream_command("agent.exec", params, "exec", stdin=not sys.stdin.closed, tty=tty, on_event=_said)
         raise typer.Exit(int(result.get("exit_status", 255)))
+
+    vm_exec.__banger_exec_options__ = True  # type: ignore[attr-defined]
 
     @vm.command("cp")
     def vm_cp(
@@ -147,6 +155,36 @@ def stream_command(
     raise typer.Exit(255)
 
 
+def _said(ev: dict[str, Any]) -> None:
+    """What plugins say before the command runs (``before_exec``): to stderr."""
+    from banger_core.cli import style
+
+    if ev.get("stage") == "warning":
+        style.echo(style.paint(f"warning: {ev.get('plugin')}: {ev.get('msg')}", "yellow", sys.stderr), err=True)
+    elif ev.get("stage") == "note":
+        style.echo(f"{ev.get('plugin')}: {ev.get('msg')}", err=True)
+
+
+def run_words(args: list[str], argv: list[str]) -> tuple[str | None, list[str]]:
+    """``vm run [PATH] [-- CMD...]``'s positionals: (PATH, CMD). The command is what
+    follows ``--`` on the command line (click drops a ``--`` that comes before any
+    positional, so the raw ``argv`` says where it was); a word before it that is not a
+    directory is refused, saying what was probably meant."""
+    command = argv[argv.index("--") + 1 :] if "--" in argv else []
+    words = args[: len(args) - len(command)] if command else list(args)
+    if words and words[-1] == "--":
+        words = words[:-1]
+    path = None
+    if words and os.path.isdir(words[0]):
+        path, words = words[0], words[1:]
+    if words:
+        shown = " ".join(shlex.quote(w) for w in [*words, *command])
+        before = f"{shlex.quote(path)} " if path else ""
+        what = f"{words[0]!r} is not a directory" if path is None else f"{words[0]!r} comes before --"
+        raise _bad(f"{what}: did you mean `banger vm run {before}-- {shown}`?")
+    return path, command
+
+
 def env_pairs(env: list[str]) -> dict[str, str]:
     """``--env K=V`` flags as a dict; a clear error for one that is not NAME=VALUE."""
     pairs = {}
@@ -167,7 +205,9 @@ def _bad(msg: str) -> Exception:
 def add_run(vm: typer.Typer) -> None:
     @vm.command("run", context_settings={"allow_interspersed_args": False})
     def vm_run(
-        command: list[str] = typer.Argument(None, help="the command and its arguments, after --"),
+        args: list[str] = typer.Argument(
+            None, metavar="[PATH] [-- CMD...]", help="a project directory, then the command and its arguments after --"
+        ),
         rm: bool = typer.Option(False, "--rm", help="delete the VM when the command ends, however it ends"),
         detach: bool = typer.Option(False, "--detach", "-d", help="leave the VM running and say how to reach it"),
         name: str = typer.Option(None, "--name", "-n", help="DNS-label name (default: generated)"),
@@ -181,8 +221,16 @@ def add_run(vm: typer.Typer) -> None:
         cold: bool = typer.Option(
             False, "--cold", help="boot, even when a warm-start template matches (by default one is restored, or made)"
         ),
+        dry_run: bool = typer.Option(
+            False, "--dry-run", help="say what the run would make and do (plugins' checks too); make nothing"
+        ),
     ) -> None:
         """Create a VM, run a command in it, return its exit status.
+
+        With PATH the VM is made from that project: its banger.toml applies (image and
+        resources in [vm_defaults], plugins and their settings), and plugins act on it
+        (the workspace plugin copies its git repository to /root/repo, where the command
+        runs). Without PATH, neither.
 
         The `spec:` line and progress go to stderr, then the command's output (stdout is
         the command's alone), then the elapsed time. With --rm the daemon deletes the VM
@@ -190,12 +238,12 @@ def add_run(vm: typer.Typer) -> None:
         left running; with no command, a shell opens in it when stdin is a terminal (the
         VM is left running after, unless --rm), else it is left running as with -d."""
         import time
+        from pathlib import Path
 
+        from banger_core.cli.common import state
         from banger_core.cli.vm_cmd import Progress, create_params
 
-        command = list(command or [])
-        if command and command[0] == "--":
-            command = command[1:]
+        path, command = run_words(list(args or []), list(state.argv or []))
         if detach and rm:
             raise _bad("-d leaves the VM running and --rm deletes it: give one")
         if detach and command:
@@ -203,13 +251,24 @@ def add_run(vm: typer.Typer) -> None:
         interactive = not command and not detach and sys.stdin.isatty()
         if interactive:
             command = list(LOGIN_SHELL)
-        params = create_params(name, image, kernel, vcpu, memory, root_size)
+        params = create_params(name, image, kernel, vcpu, memory, root_size, project=Path(path) if path else None)
         params.update(argv=command, rm=rm, env=env_pairs(env), warm=not cold)
-        if interactive:
+        if interactive and not dry_run:
             params["tty"] = terminal.request()
         if workdir:
             params["cwd"] = workdir
         t0 = time.monotonic()
+        if dry_run:
+            plan = stream_command("agent.run", {**params, "dry_run": True}, "run", stdin=False, on_event=Progress(quiet=False))
+            s = plan["spec"]
+            print(
+                f"would make {s['vm']}: {s['vcpus']} vcpu | {s['memory_mib']} MiB | {s['root_size_mib']} MiB root"
+                f" | image {s['image']} | {s['driver']}"
+                + (f"; then run: {shlex.join(command)}" if command else "")
+                + " (dry run: nothing made)",
+                file=sys.stderr,
+            )
+            return
         result = stream_command("agent.run", params, "run", stdin=bool(command), on_event=Progress(quiet=False), tty=interactive)
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in (result.get("stages") or {}).items())
         if interactive and not rm:

@@ -41,6 +41,8 @@ class ExecParams(BaseModel):
     cwd: str | None = None
     user: str | None = None
     tty: Terminal | None = None
+    #: plugins' ``vm exec`` options (plugin -> {field: value}; their ``exec_options``)
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class CpParams(BaseModel):
@@ -103,11 +105,25 @@ async def agent_exec(p: ExecParams, call: Any) -> dict[str, Any]:
     stderr come back on STDOUT/STDERR, a signal control reaches its process group; the
     result is ``{"exit_status": N}`` (128+N for signal N). The client going away kills
     the command's process group in the guest."""
+    from banger_core.context import ExecRequest
+
     vm, sock = _target(call, p.ref)
-    request = {"op": "exec", "argv": p.argv, "env": p.env, "cwd": p.cwd, "user": p.user}
+    req = await before_exec(call, vm, ExecRequest(argv=p.argv, cwd=p.cwd, env=p.env, user=p.user), p.options)
+    request = {"op": "exec", "argv": req.argv, "env": req.env, "cwd": req.cwd, "user": req.user}
     if p.tty is not None:
         request["tty"] = p.tty.model_dump()
     return await exec_session(call, vm, sock, request)
+
+
+async def before_exec(call: Any, vm: Any, req: Any, options: dict[str, dict[str, Any]], run: bool = False) -> Any:
+    """Every acting plugin's ``before_exec`` (in a worker thread: they may reach into
+    the guest through this plugin's service); the request as they left it."""
+    from banger_core.daemon.work import run_blocking
+
+    await run_blocking(
+        call, lambda progress, _cancel: call.state.vms.before_exec(vm, req, options, call.op_id, progress, run=run)
+    )
+    return req
 
 
 async def agent_cp(p: CpParams, call: Any) -> dict[str, Any]:

@@ -28,11 +28,13 @@ class RunParams(CreateParams):
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
     tty: Terminal | None = Field(default=None, description="run the command on a terminal (the interactive shell)")
+    dry_run: bool = Field(default=False, description="say what the run would make and do; make nothing")
 
 
 async def agent_run(p: RunParams, call: Any) -> dict[str, Any]:
     from banger_agent import socket_of
-    from banger_agent.rpc import exec_session
+    from banger_agent.rpc import before_exec, exec_session
+    from banger_core.context import ExecRequest
     from banger_core.daemon.work import run_blocking
     from banger_core.errors import BangerError, ErrorCode
 
@@ -46,6 +48,19 @@ async def agent_run(p: RunParams, call: Any) -> dict[str, Any]:
     create = CreateParams(**{**fields, "name": p.name or random_name(), "ephemeral": p.rm})
     stages: dict[str, float] = {}
     t0 = time.monotonic()
+    # plugins check the run before its VM exists (and say what they would do)
+    req = ExecRequest(argv=p.argv, cwd=p.cwd, env=p.env)
+
+    def plan(progress: Any, _cancel: Any) -> Any:
+        if not p.dry_run:  # what a plan would do is said when it is done
+            said = progress
+            progress = lambda stage, data: None if stage == "note" else said(stage, data)  # noqa: E731
+        return vms.plan_run(create, ExecRequest(**vars(req)), call.op_id, progress)
+
+    draft = await run_blocking(call, plan)
+    if p.dry_run:
+        spec = {"vm": draft.name, "image": draft.image, "driver": draft.driver, **draft.spec.model_dump()}
+        return {"dry_run": True, "spec": spec, "argv": p.argv, "stages": stages}
     ours = True  # False when the name was another VM's: that one is not this run's to delete
     try:
         try:
@@ -54,10 +69,14 @@ async def agent_run(p: RunParams, call: Any) -> dict[str, Any]:
             ours = exc.code is not ErrorCode.ALREADY_EXISTS
             raise
         stages["create"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        await before_exec(call, vm, req, {}, run=True)  # e.g. the workspace goes in
+        if (spent := time.monotonic() - t1) >= 0.05:
+            stages["prepare"] = spent
         if not p.argv:
             return {"vm": vms.show(vm), "stages": stages}
         t1 = time.monotonic()
-        request: dict[str, Any] = {"op": "exec", "argv": p.argv, "env": p.env, "cwd": p.cwd}
+        request: dict[str, Any] = {"op": "exec", "argv": req.argv, "env": req.env, "cwd": req.cwd}
         if p.tty is not None:
             request["tty"] = p.tty.model_dump()
         result = await exec_session(call, vm, socket_of(call.state.paths, vm.id), request)

@@ -156,18 +156,26 @@ class AgentService:
         return self.run(self.call(vm_id, socket_of(paths, vm_id), request, timeout=timeout), timeout=timeout + 5)
 
     def send(
-        self, paths: Any, vm_id: str, request: dict[str, Any], write: Callable[[BinaryIO], None], timeout: float = 60
+        self,
+        paths: Any,
+        vm_id: str,
+        request: dict[str, Any],
+        write: Callable[[BinaryIO], None] | None,
+        timeout: float = 60,
+        stdout: Callable[[bytes], None] | None = None,
     ) -> tuple[int, str]:
         """From a thread: ``write(out)`` into the STDIN of a session of ``request`` (an op
-        that reads it, e.g. ``cp_in``), then the op's (exit status, why); see api.py."""
+        that reads it, e.g. ``cp_in``; None: no input), its STDOUT to ``stdout`` as it
+        comes, then the op's (exit status, why); see api.py."""
         from banger_agent import socket_of
 
         session = self.run(self.open(vm_id, socket_of(paths, vm_id), request, timeout=min(timeout, 10)), timeout + 5)
-        ended = self.submit(self._outcome(session))  # read as it comes: an early end stops the writes
+        ended = self.submit(self._outcome(session, stdout))  # read as it comes: an early end stops the writes
         try:
             try:
-                with io.BufferedWriter(_StdinWriter(self, session, ended, timeout), P.MAX_PAYLOAD) as out:
-                    write(out)
+                if write is not None:
+                    with io.BufferedWriter(_StdinWriter(self, session, ended, timeout), P.MAX_PAYLOAD) as out:
+                        write(out)
             except BrokenPipeError:
                 pass  # the op ended before its input did: its outcome says why
             except BaseException:
@@ -186,12 +194,15 @@ class AgentService:
                 with contextlib.suppress(Exception):
                     self.run(session.close(), 10)
 
-    async def _outcome(self, session: Session) -> tuple[int, str]:
-        """How a session ends: (exit status, its STDERR text or the agent's message)."""
+    async def _outcome(self, session: Session, stdout: Callable[[bytes], None] | None = None) -> tuple[int, str]:
+        """How a session ends: (exit status, its STDERR text or the agent's message);
+        its STDOUT to ``stdout`` (dropped when None)."""
         err = bytearray()
         async for frame in session.events():
             if frame.kind == P.STDERR:
                 err += frame.payload
+            elif frame.kind == P.STDOUT and stdout is not None:
+                stdout(frame.payload)
             elif frame.kind == P.EXIT:
                 return int(frame.obj().get("status", 255)), err.decode(errors="replace").strip()
             elif frame.kind == P.ERROR:

@@ -338,11 +338,21 @@ def reconcile(ctx: Any) -> None:
         raise BangerError(ErrorCode.OPERATION_FAILED, f"NAT reconcile: {len(problems)} problem(s): " + "; ".join(problems))
 
 
-@hookimpl
-def vm_fields(ctx: Any, detail: bool) -> dict[str, object]:
+def _decision(ctx: Any) -> Decision:
     settings = _settings(ctx.settings)
     svc = _own_service_or_none(ctx)  # FieldsContext.service (core 0.5)
-    decision = decide(ctx.vm, settings, svc.user_settings() if svc else None, svc.user_config if svc else None)
+    return decide(ctx.vm, settings, svc.user_settings() if svc else None, svc.user_config if svc else None)
+
+
+@hookimpl
+def vm_egress(ctx: Any) -> bool | None:
+    """NAT on a bridge VM is its way out (in user mode QEMU's own NAT is: the network plugin says so)."""
+    return True if _asks(ctx.vm, _settings(ctx.settings)) and _decision(ctx).on else None
+
+
+@hookimpl
+def vm_fields(ctx: Any, detail: bool) -> dict[str, object]:
+    decision = _decision(ctx)
     out: dict[str, object] = {"nat": decision.on}
     if detail:
         out["why"] = decision.why

@@ -237,6 +237,15 @@ def cleanup(ctx: Any) -> None:
 
 
 @hookimpl
+def vm_egress(ctx: Any) -> bool | None:
+    """A user-mode VM reaches out through QEMU's own NAT (a bridge VM needs the nat plugin)."""
+    mode = ctx.teardown.get("mode")
+    if mode is None and (svc := _svc(ctx)) is not None:  # not started yet (vm run's plan)
+        mode = svc.resolved_mode(ctx.vm, ctx.settings, ctx.options)
+    return True if mode == "user" else None
+
+
+@hookimpl
 def vm_fields(ctx: Any, detail: bool) -> dict[str, object] | None:
     td = ctx.teardown
     if not td:

@@ -18,7 +18,20 @@
 A project's ``banger.toml`` (in the directory a VM is made from) has the same
 ``[plugins]`` table, applied on top for that project's VMs only, plugin tables whose
 keys override the user's, and claimed keys: a claimed array's items come after the
-user's, a claimed table's keys override the user's.
+user's, a claimed table's keys override the user's. It may also have a
+``[vm_defaults]`` table, the same keys and checks as the user's, so a repository says
+what its VMs get::
+
+    [vm_defaults]             # only the keys given here override the user's
+    image = "debian-bookworm"
+    kernel = "microvm-6.1"
+    vcpus = 2
+    memory_mib = "2G"
+    root_size_mib = "8G"
+
+For each VM spec value, a flag (an RPC param) wins, then the project's
+``[vm_defaults]``, then the user's, then what is derived from the host or built in
+(``resolve_vm_defaults``).
 """
 
 from __future__ import annotations
@@ -123,36 +136,41 @@ class CoreConfig(_Table):
 
 CORE_TABLES = frozenset(CoreConfig.model_fields)
 
-Provenance = Literal["config", "auto", "builtin"]
+Provenance = Literal["project", "config", "auto", "builtin"]
 
 
-def resolve_vm_defaults(d: VMDefaultsTable) -> dict[str, tuple[Any, Provenance]]:
+def resolve_vm_defaults(d: VMDefaultsTable, project: VMDefaultsTable | None = None) -> dict[str, tuple[Any, Provenance]]:
     """What `vm create` uses for each spec value nobody gave, and where it comes from:
-    the user's config, derived from this host ("auto"), or banger's built-in default.
-    The one resolution of VM defaults: create, `vm create --help` and doctor use it."""
+    the project's banger.toml (``project``: its ``[vm_defaults]``, when the VM is made
+    from one), the user's config, derived from this host ("auto"), or banger's built-in
+    default. Only the keys a table sets count (``model_fields_set``): a project that
+    sets memory_mib alone keeps the user's image. The one resolution of VM defaults:
+    create, `vm create --help` and doctor use it."""
     from banger_core import host
 
-    def pick(key: str, auto: Any | None = None) -> tuple[Any, Provenance]:
-        if key in d.model_fields_set and getattr(d, key) is not None:
-            return getattr(d, key), "config"
+    def pick(key: str, auto: Any | None = None, builtin: Any | None = None) -> tuple[Any, Provenance]:
+        layers: tuple[tuple[VMDefaultsTable | None, Provenance], ...] = ((project, "project"), (d, "config"))
+        for table, src in layers:
+            if table is not None and key in table.model_fields_set and getattr(table, key) is not None:
+                return getattr(table, key), src
         if auto is not None:
             return auto, "auto"
-        return getattr(d, key), "builtin"
+        return (builtin if builtin is not None else VMDefaultsTable.model_fields[key].default), "builtin"
 
     return {
         "vcpus": pick("vcpus", host.default_vcpus()),
         "memory_mib": pick("memory_mib", host.default_memory_mib()),
         "root_size_mib": pick("root_size_mib"),
-        "image": pick("image", None) if d.image is not None else (DEFAULT_IMAGE, "builtin"),
+        "image": pick("image", builtin=DEFAULT_IMAGE),
         "kernel": pick("kernel"),  # None: each image's own kernel
     }
 
 
-def shown_vm_defaults(d: VMDefaultsTable) -> dict[str, tuple[str, Provenance]]:
+def shown_vm_defaults(d: VMDefaultsTable, project: VMDefaultsTable | None = None) -> dict[str, tuple[str, Provenance]]:
     """``resolve_vm_defaults`` as users read it ("3013 MiB", "the image's own"): what
     `vm create --help` and `doctor` print."""
     out: dict[str, tuple[str, Provenance]] = {}
-    for key, (value, src) in resolve_vm_defaults(d).items():
+    for key, (value, src) in resolve_vm_defaults(d, project).items():
         if value is None:
             out[key] = ("the image's own", src)
         else:
@@ -398,6 +416,10 @@ def _check_claims(host: "PluginHost", path: Path, arrays: dict[str, list[Any]]) 
         )
 
 
+#: the core's tables a project's banger.toml may have (the rest are plugins')
+PROJECT_TABLES = frozenset({"plugins", "vm_defaults"})
+
+
 @dataclass
 class ProjectConfig:
     """A project's ``banger.toml``."""
@@ -406,6 +428,8 @@ class ProjectConfig:
     plugins: PluginsTable
     tables: dict[str, dict[str, Any]]
     arrays: dict[str, list[Any]] = field(default_factory=dict)
+    #: its ``[vm_defaults]``: only the keys it sets (``model_fields_set``) override the user's
+    vm_defaults: VMDefaultsTable = field(default_factory=VMDefaultsTable)
 
     @classmethod
     def load(cls, directory: Path) -> "ProjectConfig | None":
@@ -420,8 +444,12 @@ class ProjectConfig:
             plugins = PluginsTable.model_validate(raw.get("plugins", {}))
         except ValidationError as exc:
             raise BangerError(ErrorCode.CONFIG, format_validation_error(path, "plugins", exc)) from None
-        tables, arrays = _plugin_values(path, raw, frozenset({"plugins"}))
-        return cls(path=path, plugins=plugins, tables=tables, arrays=arrays)
+        try:  # the keys it leaves out stay unset (model_fields_set): the user's apply
+            vm_defaults = VMDefaultsTable.model_validate(raw.get("vm_defaults", {}))
+        except ValidationError as exc:
+            raise BangerError(ErrorCode.CONFIG, format_validation_error(path, "vm_defaults", exc)) from None
+        tables, arrays = _plugin_values(path, raw, PROJECT_TABLES)
+        return cls(path=path, plugins=plugins, tables=tables, arrays=arrays, vm_defaults=vm_defaults)
 
 
 @dataclass

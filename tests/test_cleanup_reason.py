@@ -15,6 +15,8 @@ import os
 import re
 import signal
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from banger_core.errors import BangerError
 from banger_core.vm.stages import Lifecycle
 from banger_core.models import Machine
 from banger_core.testing import sample_vm
-from conftest import fc_create, isolated_env, pid_alive, wait_for
+from conftest import BangerEnv, fc_create, isolated_env, pid_alive, wait_for
 from test_plugin_host import _runtime_for, host_with
 
 BOOT_TIMEOUT = 180
@@ -142,10 +144,13 @@ def test_delete_force_kill_failed_create_and_daemon_restart_reasons(fcenv, tmp_p
 # --- real guests: busybox under QEMU/TCG, two boots -----------------------------------
 
 
-@pytest.fixture(scope="module")
-def qenv(example_plugin_dir, tmp_path_factory):
+@contextmanager
+def busybox_env(tmp_path_factory, *extra_path: str) -> Iterator[BangerEnv]:
+    """An isolated banger booting under QEMU/TCG, with the kernel `k` (banger's microVM
+    kernel when the test cache has it, else the test kernel) and the image `busybox`
+    on it; the VMs left are deleted afterwards. Also used by test_config."""
     with isolated_env() as env:
-        env.extra_path.append(str(example_plugin_dir))
+        env.extra_path += extra_path
         env.write_config("[vmm]\naccel = 'tcg'\nstop_timeout_s = 60\n")
         assets = ga.busybox_assets()
         if MICROVM_VMLINUX.exists():  # banger's microVM kernel, as the test cache has it: no initrd
@@ -159,6 +164,12 @@ def qenv(example_plugin_dir, tmp_path_factory):
         names = [v["name"] for v in json.loads(env.run("vm", "list", "--json").stdout or "[]")]
         if names:
             env.run("vm", "delete", "--force", *names, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def qenv(example_plugin_dir, tmp_path_factory):
+    with busybox_env(tmp_path_factory, str(example_plugin_dir)) as env:
+        yield env
 
 
 def wait_boot(env, name, count: int) -> None:

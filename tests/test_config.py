@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from banger_core.config import Config, ProjectConfig
-from banger_core.errors import BangerError
+from banger_core import host
+from banger_core.config import DEFAULT_IMAGE, Config, ProjectConfig, VMDefaultsTable, resolve_vm_defaults
+from banger_core.errors import BangerError, ErrorCode
 from banger_core.paths import Paths
 
 
@@ -70,6 +71,76 @@ def test_project_file_validation_names_project_file(tmp_path):
     with pytest.raises(BangerError) as ei:
         ProjectConfig.load(p.parent)
     assert ei.value.message.startswith(f"{p}: [plugins] disable: Input should be a valid list")
+
+
+# --- a project's [vm_defaults] ------------------------------------------------------------
+
+
+def test_project_vm_defaults_parse_and_set_only_the_keys_given(tmp_path):
+    p = write(tmp_path / "proj" / "banger.toml", '[vm_defaults]\nmemory_mib = "512M"\nvcpus = 2\n[dns]\nttl = 7\n')
+    proj = ProjectConfig.load(p.parent)
+    assert proj is not None
+    assert (proj.vm_defaults.memory_mib, proj.vm_defaults.vcpus) == (512, 2)
+    assert proj.vm_defaults.model_fields_set == {"memory_mib", "vcpus"}
+    assert "vm_defaults" not in proj.tables and proj.tables == {"dns": {"ttl": 7}}  # not a plugin's table
+    none = ProjectConfig.load(write(tmp_path / "bare" / "banger.toml", "[dns]\nttl = 7\n").parent)
+    assert none is not None and none.vm_defaults.model_fields_set == set()
+    full = "[vm_defaults]\nvcpus = 1\nmemory_mib = 300\nroot_size_mib = '2G'\nimage = 'img'\nkernel = 'microvm-6.1'\n"
+    proj = ProjectConfig.load(write(tmp_path / "full" / "banger.toml", full).parent)
+    assert proj is not None
+    assert proj.vm_defaults.model_dump() == {
+        "vcpus": 1,
+        "memory_mib": 300,
+        "root_size_mib": 2048,
+        "image": "img",
+        "kernel": "microvm-6.1",
+    }
+
+
+def test_project_vm_defaults_override_the_users_key_by_key():
+    user = VMDefaultsTable.model_validate({"vcpus": 3, "memory_mib": "1G", "root_size_mib": "8G", "image": "mine"})
+    project = VMDefaultsTable.model_validate({"memory_mib": "512M", "kernel": "microvm-6.1"})
+    got = resolve_vm_defaults(user, project)
+    assert got == {
+        "vcpus": (3, "config"),
+        "memory_mib": (512, "project"),
+        "root_size_mib": (8192, "config"),
+        "image": ("mine", "config"),  # the project sets memory alone: the user's image stays
+        "kernel": ("microvm-6.1", "project"),
+    }
+    # no project (or an empty [vm_defaults]): the user's, then the host's, then builtin
+    assert resolve_vm_defaults(user) == resolve_vm_defaults(user, VMDefaultsTable()) != got
+    bare = resolve_vm_defaults(VMDefaultsTable(), VMDefaultsTable.model_validate({"image": "theirs", "vcpus": 1}))
+    assert bare == {
+        "vcpus": (1, "project"),
+        "memory_mib": (host.default_memory_mib(), "auto"),
+        "root_size_mib": (4096, "builtin"),
+        "image": ("theirs", "project"),
+        "kernel": (None, "builtin"),
+    }
+    assert resolve_vm_defaults(VMDefaultsTable())["image"] == (DEFAULT_IMAGE, "builtin")
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("[vm_defaults]\nvcpu = 2\n", "[vm_defaults] vcpu: Extra inputs are not permitted (got 2)"),
+        ("[vm_defaults]\nvcpus = '2'\n", "[vm_defaults] vcpus: Input should be a valid integer (got '2')"),
+        ("[vm_defaults]\nvcpus = 0\n", "[vm_defaults] vcpus: Input should be greater than 0 (got 0)"),
+        ("[vm_defaults]\nimage = 7\n", "[vm_defaults] image: Input should be a valid string (got 7)"),
+        ("[vm_defaults]\nmemory_mib = true\n", "[vm_defaults] memory_mib: Value error, expected a size"),
+        ("[vm_defaults]\nmemory_mib = 'lots'\n", "[vm_defaults] memory_mib: Value error, cannot parse size 'lots'"),
+        ("[vm_defaults]\nroot_size_mib = '0G'\n", "[vm_defaults] root_size_mib: Value error, size must be at least 1 MiB"),
+        ("vm_defaults = 3\n", "[vm_defaults] (table): Input should be a valid dictionary"),
+        ("vm_defaults = [1]\n", "[vm_defaults] (table): Input should be a valid dictionary"),
+    ],
+)
+def test_project_vm_defaults_errors_name_the_file_table_and_key(tmp_path, text, says):
+    p = write(tmp_path / "proj" / "banger.toml", text)
+    with pytest.raises(BangerError) as ei:
+        ProjectConfig.load(p.parent)
+    assert ei.value.code is ErrorCode.CONFIG
+    assert ei.value.message.startswith(f"{p}: {says}"), ei.value.message
 
 
 def test_paths_env_overrides(tmp_path):
@@ -221,3 +292,40 @@ def test_cli_vm_create_with_a_claimed_key_and_a_refused_project_leaves_nothing(f
     assert [v["name"] for v in json.loads(env.run("vm", "list", "--json", check=True).stdout)] == ["good"]
     assert sorted(p.name for p in (env.state_dir / "vms").iterdir()) == vms_before
     env.run("vm", "delete", "good", "--force", check=True)
+
+
+# --- a project's [vm_defaults] through the daemon: one busybox boot ------------------------
+
+
+@pytest.fixture(scope="module")
+def bbenv(tmp_path_factory):
+    from test_cleanup_reason import busybox_env
+
+    with busybox_env(tmp_path_factory) as env:
+        yield env
+
+
+@pytest.mark.slow
+def test_cli_vm_create_takes_the_projects_vm_defaults_and_refuses_a_bad_one(bbenv, tmp_path):
+    env = bbenv
+    # the user's: image busybox (no --image below), 1 vCPU, 1 GiB
+    env.config_file.write_text(env.config_file.read_text() + "[vm_defaults]\nimage = 'busybox'\nvcpus = 1\nmemory_mib = '1G'\n")
+
+    # a bad value is refused naming the file, the table and the key, before the VM exists
+    bad = tmp_path / "bad"
+    write(bad / "banger.toml", "[vm_defaults]\nvcpus = 1\nmemory_mib = 'lots'\n")
+    r = env.run("vm", "create", "--name", "nope", "--project", str(bad), timeout=120)
+    assert r.returncode == 1
+    assert f"{bad / 'banger.toml'}: [vm_defaults] memory_mib: Value error, cannot parse size 'lots'" in r.stderr, r.stderr
+    assert json.loads(env.run("vm", "list", "--json", check=True).stdout) == []
+    assert not (env.state_dir / "vms").exists() or list((env.state_dir / "vms").iterdir()) == []
+
+    # the project's keys over the user's, a flag over the project's, the user's image kept
+    proj = tmp_path / "proj"
+    write(proj / "banger.toml", "[vm_defaults]\nvcpus = 2\nmemory_mib = '320M'\nroot_size_mib = '512M'\n")
+    env.run("vm", "create", "--name", "fromproj", "--project", str(proj), "--root-size", "256M", timeout=300, check=True)
+    vm = json.loads(env.run("vm", "show", "fromproj", "--json", check=True).stdout)
+    assert vm["image"] == "busybox" and vm["project_dir"] == str(proj)
+    assert vm["spec"] == {"vcpus": 2, "memory_mib": 320, "root_size_mib": 256, "kernel": None}
+    assert (vm["machine"]["vcpus"], vm["machine"]["memory_mib"]) == (2, 320)  # what the VMM got
+    env.run("vm", "delete", "--force", "fromproj", timeout=120, check=True)

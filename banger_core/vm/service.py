@@ -30,7 +30,7 @@ from banger_core.vm.params import CreateParams, SetParams, check_host_limits, ra
 from banger_core.vm.snapshots import ResumeFrom, SnapshotService, compat, compat_diff, write_image
 from banger_core.vm.stages import Lifecycle
 from banger_core.models import VM, Drive, HostForward, Image, Listener, Machine, Resumed, VMHandles, VMSpec, VMState, utcnow
-from banger_core.config import CoreConfig, resolve_vm_defaults
+from banger_core.config import CoreConfig, ProjectConfig, resolve_vm_defaults
 from banger_core.pulls import Puller
 from banger_core.runtime import Runtime
 from banger_core.store import Store
@@ -221,7 +221,11 @@ class VMService:
         """The VM ``params`` describe, its spec completed from the defaults and checked
         against this host; not added (no row), its image not pulled (``image`` is the
         name asked for)."""
-        d = {k: v for k, (v, _src) in resolve_vm_defaults(self.cfg.vm_defaults).items()}
+        # the project's [vm_defaults] over the user's: a bad banger.toml is refused here,
+        # before anything of the VM exists
+        project = ProjectConfig.load(Path(params.project_dir)) if params.project_dir else None
+        resolved = resolve_vm_defaults(self.cfg.vm_defaults, project.vm_defaults if project else None)
+        d = {k: v for k, (v, _src) in resolved.items()}
         try:
             spec = VMSpec(
                 vcpus=params.vcpus or d["vcpus"],

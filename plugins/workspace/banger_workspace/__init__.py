@@ -1,20 +1,62 @@
-"""Copy a git repo into the guest's /root/repo and export the guest's edits as a patch."""
+"""A git repository in the guest at /root/repo, and every change back out as a patch.
+
+- ``vm run PATH -- CMD``: the VM is made from PATH's project, its repository goes to
+  /root/repo (``before_exec`` of the run), a declared toolchain (``.mise.toml``) is
+  installed, then CMD runs there.
+- ``vm workspace prepare VM PATH`` / ``vm workspace export VM``: the same copy into a
+  running VM, and the patch of what the guest changed (``git apply`` on the host).
+- ``vm exec`` runs in the workspace when one was prepared, warns when the host's
+  repository changed since, and ``--auto-prepare`` copies it again first (refusing,
+  unless ``--force``, when the guest holds changes not exported yet).
+
+The copy lives on the work disk (requires ``workdisk``): it survives stop/start and is
+part of the VM's snapshots. See README.md beside this file.
+"""
 
 from __future__ import annotations
+
+import posixpath
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from banger_core import hookimpl
 from banger_core.context import check_binaries
 
+if TYPE_CHECKING:
+    from banger_workspace.repo import Plan
+
 requires = ["agent", "workdisk"]
+
+Mode = Literal["copy", "full_copy"]
 
 
 class Settings(BaseModel):
+    """``[workspace]`` in config.toml (or a project's banger.toml)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    guest_path: str = Field(default="/root/repo", pattern=r"^/root(/[^/]+)+$")
-    include_untracked: bool = False
+    guest_path: str = Field(default="/root/repo", pattern=r"^/root(/[A-Za-z0-9._-]+)+$", description="where the repository goes")
+    include_untracked: bool = Field(default=False, description="send untracked files (those .gitignore does not exclude)")
+    mode: Mode = Field(default="copy", description="copy: HEAD's commit alone; full_copy: the whole git dir and submodules")
+    bootstrap: bool = Field(default=True, description="install a toolchain the repository declares (.mise.toml) with mise")
+
+
+class VMOptions(BaseModel):
+    """How ``vm run PATH`` (and a later ``--auto-prepare``) sends the VM's workspace."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_untracked: bool | None = Field(default=None, description="send untracked files too (default: [workspace])")
+    mode: Mode | None = Field(default=None, description="copy (HEAD alone) or full_copy (all history, submodules)")
+    bootstrap: bool | None = Field(default=None, description="install the toolchain .mise.toml declares (needs egress)")
+
+
+class ExecOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    auto_prepare: bool = Field(default=False, description="copy the host repository into the workspace again first")
+    force: bool = Field(default=False, description="with --auto-prepare: even over changes not exported yet")
 
 
 @hookimpl
@@ -23,5 +65,174 @@ def config_model() -> type[BaseModel]:
 
 
 @hookimpl
-def register_doctor_checks(register) -> None:
+def vm_options() -> type[BaseModel]:
+    return VMOptions
+
+
+@hookimpl
+def exec_options() -> type[BaseModel]:
+    return ExecOptions
+
+
+def resolved(settings: Any, options: Any) -> tuple[str, bool, bool]:
+    """(mode, include_untracked, bootstrap): the VM's options, else the settings."""
+    s = settings if isinstance(settings, Settings) else Settings()
+    o = options if isinstance(options, VMOptions) else VMOptions()
+    return (
+        o.mode or s.mode,
+        s.include_untracked if o.include_untracked is None else o.include_untracked,
+        s.bootstrap if o.bootstrap is None else o.bootstrap,
+    )
+
+
+def guest_path(settings: Any) -> str:
+    return (settings if isinstance(settings, Settings) else Settings()).guest_path
+
+
+@hookimpl
+def register_rpc_methods(register: Any) -> None:
+    from banger_workspace import rpc
+
+    register("workspace.prepare", rpc.prepare, params=rpc.PrepareParams)
+    register("workspace.export", rpc.export, params=rpc.ExportParams, stream=True)
+
+
+@hookimpl
+def register_commands(app: Any, vm: Any) -> None:
+    from banger_workspace.cli import add_commands
+
+    add_commands(vm)
+
+
+@hookimpl
+def register_doctor_checks(register: Any) -> None:
     register("tools", lambda _s: check_binaries("tools", "git", package="git"))
+
+
+def summary(plan: "Plan", guest: str) -> list[str]:
+    """What a prepare sends, in a few lines (the first says where from and to)."""
+    head = f"{plan.branch or 'detached HEAD'} at {plan.head[:12]}"
+    lines = [f"{plan.top} ({head}, {plan.mode}) -> {guest}: {len(plan.files)} files, {plan.size / 1e6:.1f} MB"]
+    if plan.dirty:
+        shown = ", ".join(plan.dirty[:5]) + (f" and {len(plan.dirty) - 5} more" if len(plan.dirty) > 5 else "")
+        lines.append(f"{len(plan.dirty)} uncommitted host edit(s) arrive as uncommitted edits: {shown}")
+    if plan.untracked and not plan.include_untracked:
+        lines.append(f"{len(plan.untracked)} untracked file(s) left out (--include-untracked sends them)")
+    elif plan.untracked:
+        lines.append(f"{len(plan.untracked)} untracked file(s) sent")
+    if plan.submodules:
+        lines.append(f"submodule(s) left out in copy mode (--mode full_copy sends them): {', '.join(plan.submodules)}")
+    return lines
+
+
+@hookimpl
+def before_exec(ctx: Any) -> None:
+    from banger_core.errors import BangerError, ErrorCode
+    from banger_workspace import ops, repo
+
+    mode, untracked, boot = resolved(ctx.settings, ctx.options)
+    guest = guest_path(ctx.settings)
+    if ctx.run:  # vm run PATH: the project's repository goes in before the command runs
+        if not ctx.vm.project_dir:
+            return
+        try:
+            plan = repo.inspect(ctx.vm.project_dir, mode, untracked)
+        except repo.RepoError as exc:
+            ctx.note(f"no workspace: {exc}")
+            return
+        if ctx.plan:
+            for line in summary(plan, guest):
+                ctx.note(("would copy " if line.startswith(plan.top) else "") + line)
+            if plan.mise and boot and not ctx.egress():
+                raise BangerError(
+                    ErrorCode.BAD_REQUEST,
+                    f"{plan.top}/{plan.mise} declares a toolchain, and installing it needs network egress, which this "
+                    "VM would not have: give --nat (bridge network) or --network user, or --no-bootstrap",
+                )
+            return
+        agent = ctx.service("agent")
+        made = ops.prepare(agent, ctx.paths, ctx.vm, plan, guest)
+        for line in summary(plan, guest):
+            ctx.note(line)
+        if ctx.request.cwd is None:
+            ctx.request.cwd = posixpath.join(guest, plan.subdir) if plan.subdir else guest
+        if plan.mise and boot:
+            ctx.note(f"installing the toolchain {plan.mise} declares (mise install)")
+            ctx.note(ops.bootstrap(agent, ctx.paths, ctx.vm, guest, plan.mise))
+        ctx.log.info("VM %s: workspace prepared from %s at %s", ctx.vm.name, plan.top, made["head"])
+        return
+    if ctx.plan:
+        return
+    record = ops.load_record(ctx.paths, ctx.vm.id)
+    wanted = ctx.exec_options if isinstance(ctx.exec_options, ExecOptions) else ExecOptions()
+    if record is None:
+        if wanted.auto_prepare:
+            raise BangerError(
+                ErrorCode.BAD_REQUEST,
+                f"VM {ctx.vm.name} has no workspace to prepare again: banger vm workspace prepare {ctx.vm.name} PATH",
+            )
+        return
+    if wanted.auto_prepare:
+        from banger_workspace.rpc import prepare_again
+
+        prepare_again(ctx.service("agent"), ctx.paths, ctx.vm, record, wanted.force, ctx.note)
+    else:
+        try:
+            changed = repo.host_state(record["top"], bool(record.get("include_untracked"))) != record.get("host_state")
+        except repo.RepoError as exc:
+            ctx.warn(f"cannot tell whether {record['top']} changed since it was prepared: {exc}")
+            changed = False
+        if changed:
+            ctx.warn(
+                f"{record['top']} changed on the host since it was prepared into {ctx.vm.name} "
+                f"(banger vm exec --auto-prepare {ctx.vm.name} -- ... copies it again)"
+            )
+    if ctx.request.cwd is None:
+        sub = record.get("subdir") or ""
+        ctx.request.cwd = posixpath.join(record["guest_path"], sub) if sub else record["guest_path"]
+
+
+@hookimpl
+def vm_resumed(ctx: Any, resumed: Any) -> None:
+    """A VM restored from a snapshot holds the workspace its source had (on its own copy
+    of the work disk): its record comes back from the copy's git dir."""
+    from banger_workspace import ops
+
+    if not resumed.new_identity or resumed.kind == "template":  # templates never hold a workspace
+        return
+    try:
+        agent = ctx.service("agent")
+    except Exception:
+        return
+    if agent.health(ctx.vm.id) is None:
+        return
+    record = ops.read_markers(agent, ctx.paths, ctx.vm, guest_path(ctx.settings))
+    if record is not None:
+        ops.save_record(ctx.paths, ctx.vm.id, record)
+        ctx.log.info("VM %s: holds the workspace of %s (%s)", ctx.vm.name, resumed.source_vm, record.get("head"))
+
+
+@hookimpl
+def vm_fields(ctx: Any, detail: bool) -> dict[str, object] | None:
+    from banger_workspace import ops
+
+    if not detail:
+        return None
+    paths = getattr(ctx, "paths", None)
+    if paths is None:
+        from banger_core.paths import Paths
+
+        paths = Paths.from_env()
+    record = ops.load_record(paths, ctx.vm.id)
+    if record is None:
+        return None
+    return {
+        "path": record.get("guest_path"),
+        "from": record.get("top"),
+        "head": record.get("head"),
+        "branch": record.get("branch"),
+        "mode": record.get("mode"),
+        "files": record.get("files"),
+        "prepared_at": record.get("prepared_at"),
+        "exported_at": record.get("exported_at"),
+    }

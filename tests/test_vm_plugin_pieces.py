@@ -312,8 +312,10 @@ def test_exec_options_and_before_exec_and_vm_egress_through_vm_run_plans(fcenv):
         assert rows(env) == []
         # exec options are validated through the daemon: a VM (the fake VMM: no agent to run in)
         fc_create(env, "ex", None)
-        r = env.run("vm", "exec", "ex", "--cheer", "--", "true")
+        r = env.run("vm", "exec", "--cheer", "ex", "--", "true")
         assert r.returncode == 1 and "has no agent" in r.stderr  # refused by the agent, before any hook
+        r = env.run("vm", "exec", "ex", "--cheer", "--", "echo", "a b")  # options after the VM: said how
+        assert r.returncode == 1 and "did you mean `banger vm exec --cheer ex -- echo 'a b'`" in r.stderr, r.stderr
     finally:
         env.run("vm", "delete", "--force", "ex", timeout=60)
         env.stop_daemon()

@@ -131,7 +131,7 @@ def wsenv(tmp_path_factory):
     with isolated_env() as env:
         env.extra_env["BANGER_CACHE_DIR"] = str(ga.default_cache_dir() / "banger-cache")
         env.write_config("[vmm]\naccel = 'tcg'\nstop_timeout_s = 30\n")
-        env.repo = make_repo(tmp_path_factory.mktemp("ws"))  # type: ignore[attr-defined]
+        env.repo = make_repo(tmp_path_factory.mktemp("ws"))
         yield env
 
 

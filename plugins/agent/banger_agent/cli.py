@@ -47,6 +47,11 @@ def add_commands(vm: typer.Typer) -> None:
             command = command[1:]
         if not command:
             raise _bad("no command: banger vm exec VM -- CMD [ARGS...]")
+        if "--" in command and all(w.startswith("-") for w in command[: command.index("--")]):
+            flags = " ".join(command[: command.index("--")])  # `vm exec VM --flag -- CMD`: options come first
+            raise _bad(
+                f"options go before the VM: did you mean `banger vm exec {flags} {ref} -- {shlex.join(command[command.index('--') + 1 :])}`?"
+            )
         params: dict[str, Any] = {"ref": ref, "argv": command, "env": pairs}
         if workdir:
             params["cwd"] = workdir

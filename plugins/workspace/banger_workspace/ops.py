@@ -178,6 +178,17 @@ def unexported(agent: "AgentAPI", paths: Any, vm: Any, record: dict[str, Any]) -
     return "its files changed since it was prepared"
 
 
+def refuse_unexported(agent: "AgentAPI", paths: Any, vm: Any, record: dict[str, Any]) -> None:
+    """Refuse to replace a workspace whose guest copy holds changes not exported yet."""
+    why = unexported(agent, paths, vm, record)
+    if why is not None:
+        raise BangerError(
+            ErrorCode.BAD_REQUEST,
+            f"the workspace in {vm.name} holds changes not exported yet: {why}; export them first "
+            f"(banger vm workspace export {vm.name} > changes.patch), or give --force to replace them",
+        )
+
+
 def export(agent: "AgentAPI", paths: Any, vm: Any, guest_path: str, base: str) -> tuple[dict[str, Any], bytes]:
     """Everything the guest's copy changed against ``base``: ({head, tree, files}, patch)."""
     status, out, err = sh(agent, paths, vm.id, EXPORT, guest_path, base)

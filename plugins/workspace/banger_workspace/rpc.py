@@ -49,13 +49,8 @@ def prepare_again(agent: Any, paths: Any, vm: Any, record: dict[str, Any], force
     refused when the guest holds changes not exported yet, unless ``force``."""
     from banger_workspace import ops, repo, summary
 
-    why = ops.unexported(agent, paths, vm, record)
-    if why is not None and not force:
-        raise BangerError(
-            ErrorCode.BAD_REQUEST,
-            f"the workspace in {vm.name} holds changes not exported yet: {why}; export them first "
-            f"(banger vm workspace export {vm.name} > changes.patch), or give --force to replace them",
-        )
+    if not force:
+        ops.refuse_unexported(agent, paths, vm, record)
     try:
         plan = repo.inspect(record["top"], record.get("mode") or "copy", bool(record.get("include_untracked")))
     except repo.RepoError as exc:
@@ -84,13 +79,7 @@ async def prepare(p: PrepareParams, call: Any) -> dict[str, Any]:
         agent = call.state.service("agent")
         old = ops.load_record(call.state.paths, vm.id)
         if old is not None and not p.force:
-            why = ops.unexported(agent, call.state.paths, vm, old)
-            if why is not None:
-                raise BangerError(
-                    ErrorCode.BAD_REQUEST,
-                    f"the workspace in {vm.name} holds changes not exported yet: {why}; export them first "
-                    f"(banger vm workspace export {vm.name} > changes.patch), or give --force to replace them",
-                )
+            ops.refuse_unexported(agent, call.state.paths, vm, old)
         record = ops.prepare(agent, call.state.paths, vm, plan, guest_path(settings))
         return {"vm": vm.name, **record, "summary": summary(plan, record["guest_path"]), "dirty_files": plan.dirty}
 

@@ -10,7 +10,8 @@ untracked and binary files) while a plain export leaves the commit out, the gues
 staged set untouched and /tmp a 1 MiB tmpfs; vm exec in /root/repo, the dirty-host
 warning, --auto-prepare refusing over unexported changes unless --force; the workspace
 intact after stop/start and after a restore from a snapshot; .mise.toml without egress
-refused before any VM exists, --no-bootstrap passing.
+refused before any VM exists, --no-bootstrap passing, an image without mise named
+(egress from the example plugin's vm_egress: tests have no way out).
 
 Boots: ws (a boot, then a start after a stop); restores: the --rm runs (warm), ws-r.
 """
@@ -125,10 +126,13 @@ def test_shallow_git_dir_holds_head_alone_on_the_hosts_branch(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def wsenv(tmp_path_factory):
+def wsenv(tmp_path_factory, example_plugin_dir):
     from conftest import isolated_env
 
     with isolated_env() as env:
+        # the example plugin says a VM with --motto egress reaches beyond this host
+        # (vm_egress): egress without a network namespace of the test's own
+        env.extra_path.append(str(example_plugin_dir))
         env.extra_env["BANGER_CACHE_DIR"] = str(ga.default_cache_dir() / "banger-cache")
         env.write_config("[vmm]\naccel = 'tcg'\nstop_timeout_s = 30\n")
         env.repo = make_repo(tmp_path_factory.mktemp("ws"))
@@ -228,4 +232,9 @@ def test_vm_run_path_untracked_only_when_asked_and_bootstrap_needs_egress(wsenv)
     assert vms(env) == []
     ok = env.run("vm", "run", "--rm", "--network", "none", "--no-bootstrap", *spec, str(r), "--", "true", timeout=LONG)
     assert ok.returncode == 0, ok.stderr
+    # with egress, on an image without mise: the run says what is missing, and --rm leaves nothing
+    plan = env.run("vm", "run", "--dry-run", "--network", "none", "--motto", "egress", str(r), "--", "true", check=True)
+    assert "(egress: True)" in plan.stderr and "would copy" in plan.stderr
+    nomise = env.run("vm", "run", "--rm", "--network", "none", "--motto", "egress", *spec, str(r), "--", "true", timeout=LONG)
+    assert nomise.returncode == 1 and "has no mise to install it" in nomise.stderr, nomise.stderr
     assert vms(env) == []

@@ -48,6 +48,9 @@ rm -rf "$old"
 printf '%s' "$tree"
 """
 
+# The stream's top entry lands in $1 as $2; a partial one is removed by the caller.
+EXTRACT = 'mkdir -p "$1" && rm -rf "$1/$2" && exec tar -x -f - -C "$1"'
+
 NEEDS_GIT = """command -v git >/dev/null 2>&1 || { echo "the guest has no git (use an image with git, e.g. debian-bookworm)" >&2; exit 127; }
 cd "$1" 2>/dev/null || { echo "no workspace at $1 in the guest" >&2; exit 3; }
 gd=$(git rev-parse --absolute-git-dir)
@@ -140,11 +143,22 @@ def prepare(agent: "AgentAPI", paths: Any, vm: Any, plan: repo.Plan, guest_path:
     def write(out: Any) -> None:
         sent["entries"], sent["bytes"] = repo.write_tar(plan, out, name, record)
 
+    # The guest's own tar extracts a tree of small files ~3x faster than the agent's
+    # Python tarfile (cp_in) under emulation; cp_in when it has none.
+    request: dict[str, Any]
+    if sh(agent, paths, vm.id, "command -v tar >/dev/null", timeout=30)[0] == 0:
+        request = {"op": "exec", "argv": ["sh", "-c", EXTRACT, "sh", parent, name], "env": {}, "cwd": "/"}
+    else:
+        request = {"op": "cp_in", "dest": parent, "parents": True}
     try:
-        status, why = agent.send(paths, vm.id, {"op": "cp_in", "dest": parent, "parents": True}, write, timeout=TIMEOUT)
+        status, why = agent.send(paths, vm.id, request, write, timeout=TIMEOUT)
     except repo.RepoError as exc:
         raise BangerError(ErrorCode.BAD_REQUEST, str(exc)) from None
+    finally:
+        if request["op"] == "exec" and "bytes" not in sent:  # cut short: what it extracted goes
+            sh(agent, paths, vm.id, 'rm -rf "$1"', f"{parent}/{name}", timeout=120)
     if status != 0:
+        sh(agent, paths, vm.id, 'rm -rf "$1"', f"{parent}/{name}", timeout=120)
         raise BangerError(ErrorCode.OPERATION_FAILED, f"copying the workspace into {vm.name} failed: {why}")
     status, out, err = sh(agent, paths, vm.id, FINISH, f"{parent}/{name}", guest_path)
     if status != 0:

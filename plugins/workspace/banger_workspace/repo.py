@@ -203,6 +203,7 @@ def write_tar(plan: Plan, out: BinaryIO, name: str, record: dict[str, object]) -
             def add(path: str, arc: str) -> None:
                 nonlocal entries, size
                 info = tar.gettarinfo(path, arc)
+                info.mtime = int(info.mtime)  # a float needs a pax header per entry: twice the stream
                 info.uid = info.gid = 0
                 info.uname = info.gname = "root"
                 if info.isreg():

@@ -322,6 +322,167 @@ def run_network_user(e: Env) -> None:
         e.nothing_left()
 
 
+# --- the workspace plugin ---------------------------------------------------------------
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "smoke",
+    "GIT_AUTHOR_EMAIL": "smoke@example.invalid",
+    "GIT_COMMITTER_NAME": "smoke",
+    "GIT_COMMITTER_EMAIL": "smoke@example.invalid",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
+}
+GUEST_COMMIT = "git -c user.email=a@b -c user.name=n commit -qam x"
+# every file but .git's, with its digest, in C order: a tree's content to compare
+DIGESTS = "find . -type f ! -path './.git/*' -exec sha256sum {} + | LC_ALL=C sort"
+
+
+def _git(cwd: Path, *args: str) -> bytes:
+    r = subprocess.run(["git", "-C", str(cwd), *args], env={**os.environ, **GIT_ENV}, capture_output=True, timeout=120)
+    check(r.returncode == 0, f"git {' '.join(args)} in {cwd}:\n{out(r)}")
+    return r.stdout
+
+
+def _repo(where: Path, files: dict[str, str]) -> Path:
+    """A git repository at ``where`` holding ``files`` (path: text), committed."""
+    for path, text in files.items():
+        (where / path).parent.mkdir(parents=True, exist_ok=True)
+        (where / path).write_text(text)
+    _git(where, "init", "-q", "-b", "main")
+    _git(where, "add", "-A")
+    _git(where, "commit", "-q", "-m", "first")
+    return where
+
+
+def run_workspace_roundtrip(e: Env) -> None:
+    """prepare copies a repository into a VM (host edits as uncommitted edits); the guest
+    commits, edits, adds text and binary files, under a full 1 MiB /tmp; export against
+    the host's HEAD applies to a fresh clone and gives the guest's files exactly; a plain
+    export leaves the guest's commit out; the guest's staged set is untouched."""
+    repo = _repo(
+        e.root / "repo",
+        {
+            "tracked.txt": "tracked\n",
+            "committed.txt": "committed\n",
+            "gone.txt": "deleted in the guest\n",
+            "dir/a.txt": "a\n",
+            "dir/sub/b.txt": "b\n",
+        },
+    )
+    head = _git(repo, "rev-parse", "HEAD").decode().strip()
+    (repo / "committed.txt").write_text("committed\nan uncommitted host edit\n")
+    r = e.run("vm", "create", "--name", "wsr")
+    check(r.returncode == 0, out(r))
+    r = e.run("vm", "workspace", "prepare", "wsr", str(repo))
+    check(r.returncode == 0 and b"/root/repo" in r.stdout, out(r))
+    r = e.run("vm", "exec", "wsr", "--", "sh", "-c", "pwd; cat tracked.txt committed.txt; git status --porcelain")
+    check(
+        r.returncode == 0 and r.stdout == b"/root/repo\ntracked\ncommitted\nan uncommitted host edit\n M committed.txt\n",
+        "vm exec runs in /root/repo, the host's edit is an uncommitted edit there\n" + out(r),
+    )
+    script = (
+        f"set -e; echo guest-commit >> dir/a.txt; {GUEST_COMMIT}; "
+        "echo staged >> dir/sub/b.txt; git add dir/sub/b.txt; "
+        "echo uncommitted >> tracked.txt; rm gone.txt; echo untracked > new.txt; "
+        "mkdir -p newdir; head -c 4096 /dev/urandom > newdir/blob.bin; "
+        "mount -t tmpfs -o size=1m tmpfs /tmp; head -c 2097152 /dev/zero > /tmp/fill 2>/dev/null || true; "
+        "git diff --cached --name-only"
+    )
+    r = e.run("vm", "exec", "wsr", "--", "sh", "-c", script)
+    check(r.returncode == 0 and r.stdout == b"dir/sub/b.txt\n", "the guest's changes, one staged\n" + out(r))
+    staged = r.stdout
+    patch = e.root / "full.patch"
+    r = e.run("vm", "workspace", "export", "wsr", "--base-commit", head, "-o", str(patch))
+    check(r.returncode == 0 and patch.exists(), "export --base-commit under a full /tmp\n" + out(r))
+    for name in ("dir/a.txt", "dir/sub/b.txt", "tracked.txt", "committed.txt", "gone.txt", "new.txt", "newdir/blob.bin"):
+        check(name.encode() in r.stderr, f"the export lists {name}\n" + out(r))
+    r = e.run("vm", "exec", "wsr", "--", "git", "diff", "--cached", "--name-only")
+    check(r.returncode == 0 and r.stdout == staged, f"the staged set is as it was ({staged!r})\n" + out(r))
+    r = e.run("vm", "workspace", "export", "wsr")
+    check(r.returncode == 0 and b"diff --git a/tracked.txt b/tracked.txt" in r.stdout, "a plain export\n" + out(r))
+    check(b"diff --git a/dir/a.txt" not in r.stdout, "a plain export leaves the guest's commit out\n" + out(r))
+    clone = e.root / "clone"
+    r = subprocess.run(["git", "clone", "-q", str(repo), str(clone)], env={**os.environ, **GIT_ENV}, capture_output=True)
+    check(r.returncode == 0, out(r))
+    _git(clone, "apply", "--binary", str(patch))
+    host = subprocess.run(["sh", "-c", DIGESTS], cwd=clone, capture_output=True, timeout=60)
+    check(host.returncode == 0, out(host))
+    guest = e.run("vm", "exec", "wsr", "--", "sh", "-c", DIGESTS)
+    check(guest.returncode == 0, out(guest))
+    diff = "\n".join(difflib.unified_diff(guest.stdout.decode().splitlines(), host.stdout.decode().splitlines(), lineterm=""))
+    check(host.stdout == guest.stdout and b"./newdir/blob.bin" in host.stdout, "the patched clone is the guest's copy:\n" + diff)
+    r = e.run("vm", "delete", "--force", "wsr")
+    check(r.returncode == 0, out(r))
+    e.nothing_left()
+
+
+def run_workspace_run(e: Env) -> None:
+    """vm run PATH: the repository at /root/repo; an untracked .env only with
+    --include-untracked; --dry-run makes nothing; an unknown flag and a missing -- are
+    refused."""
+    repo = _repo(e.root / "repo", {"tracked.txt": "tracked\n"})
+    (repo / ".env").write_text("SECRET=1\n")
+    r = e.run("vm", "run", "--rm", str(repo), "--", "cat", "/root/repo/tracked.txt")
+    check(r.returncode == 0 and r.stdout == b"tracked\n", out(r))
+    r = e.run("vm", "run", "--rm", str(repo), "--", "cat", "/root/repo/.env")
+    check(r.returncode != 0 and r.stdout == b"", "untracked .env left out by default\n" + out(r))
+    r = e.run("vm", "run", "--rm", "--include-untracked", str(repo), "--", "cat", "/root/repo/.env")
+    check(r.returncode == 0 and r.stdout == b"SECRET=1\n", "--include-untracked sends .env\n" + out(r))
+    r = e.run("vm", "run", "--dry-run", str(repo), "--", "true")
+    check(r.returncode == 0 and b"dry run" in r.stderr, out(r))
+    check(e.vms() == [], f"--dry-run made a VM: {e.vms()}")
+    r = e.run("vm", "run", "--readonly", str(repo), "--", "true")
+    check(r.returncode == 2 and b"--readonly" in r.stderr, "an unknown option: a usage error\n" + out(r))
+    r = e.run("vm", "run", "echo", "hi")
+    check(r.returncode != 0 and b"did you mean" in r.stderr, "vm run echo hi (no --)\n" + out(r))
+    e.nothing_left()
+
+
+def run_workspace_restart(e: Env) -> None:
+    """A workspace survives stop/start, and comes with a snapshot to a restored VM
+    (where vm exec runs in it and export sees the file)."""
+    repo = _repo(e.root / "repo", {"tracked.txt": "tracked\n"})
+    r = e.run("vm", "create", "--name", "wss")
+    check(r.returncode == 0, out(r))
+    r = e.run("vm", "workspace", "prepare", "wss", str(repo))
+    check(r.returncode == 0, out(r))
+    r = e.run("vm", "exec", "wss", "--", "sh", "-c", "echo kept > /root/repo/marker.txt")
+    check(r.returncode == 0, out(r))
+    check(e.run("vm", "stop", "wss").returncode == 0, "stop wss")
+    check(e.run("vm", "start", "wss").returncode == 0, "start wss")
+    here = ["--", "sh", "-c", "pwd; cat marker.txt tracked.txt"]
+    r = e.run("vm", "exec", "wss", *here)
+    check(r.returncode == 0 and r.stdout == b"/root/repo\nkept\ntracked\n", "after stop/start\n" + out(r))
+    r = e.run("vm", "snapshot", "wss", "--name", "ws1")
+    check(r.returncode == 0, out(r))
+    r = e.run("vm", "restore", "ws1", "--name", "wsc")
+    check(r.returncode == 0, out(r))
+    r = e.run("vm", "exec", "wsc", *here)
+    check(r.returncode == 0 and r.stdout == b"/root/repo\nkept\ntracked\n", "in the restored VM\n" + out(r))
+    r = e.run("vm", "workspace", "export", "wsc")
+    check(r.returncode == 0 and b"b/marker.txt" in r.stdout, "the restored VM's export has the marker\n" + out(r))
+    r = e.run("vm", "delete", "--force", "wss", "wsc")
+    check(r.returncode == 0, out(r))
+    r = e.run("snapshot", "delete", "ws1")
+    check(r.returncode == 0, out(r))
+    e.nothing_left()
+    left = list((e.root / "state" / "snapshots").iterdir())
+    check(not left, f"snapshot dirs left: {left}")
+
+
+def run_bootstrap_precondition(e: Env) -> None:
+    """A repository declaring a toolchain (.mise.toml) in a VM with no egress is refused
+    before any VM exists, saying how (--nat); --no-bootstrap runs it."""
+    repo = _repo(e.root / "repo", {".mise.toml": "[tools]\n", "tracked.txt": "tracked\n"})
+    for net in ([], ["--network", "none"]):  # the default here (a bridge, no NAT), and none
+        r = e.run("vm", "run", "--rm", *net, str(repo), "--", "true")
+        check(r.returncode != 0 and b"egress" in r.stderr and b"--nat" in r.stderr, f"refused {net}\n" + out(r))
+        check(e.vms() == [], f"a refused run made a VM: {e.vms()}")
+    r = e.run("vm", "run", "--rm", "--network", "none", "--no-bootstrap", str(repo), "--", "cat", "tracked.txt")
+    check(r.returncode == 0 and r.stdout == b"tracked\n", "--no-bootstrap\n" + out(r))
+    e.nothing_left()
+
+
 SCENARIOS: dict[str, tuple[Callable[[Env], None], bool, str]] = {
     # name: (function, quick (run in CI), what it shows)
     "run-uname": (run_uname, True, "vm run --rm -- uname -a prints the guest's kernel and leaves nothing"),
@@ -340,6 +501,26 @@ SCENARIOS: dict[str, tuple[Callable[[Env], None], bool, str]] = {
         run_network_user,
         False,
         "user mode: egress, nothing on the host, a guest server on its 127.0.0.1 forward, vm ssh",
+    ),
+    "workspace-roundtrip": (
+        run_workspace_roundtrip,
+        False,
+        "workspace prepare, guest commit + edits + binary under a full /tmp, export applies to a clone exactly",
+    ),
+    "workspace-run": (
+        run_workspace_run,
+        False,
+        "vm run PATH: /root/repo, .env only with --include-untracked, --dry-run makes nothing, refusals",
+    ),
+    "workspace-restart": (
+        run_workspace_restart,
+        False,
+        "a workspace survives stop/start and a snapshot's restore (exec in it, export sees it)",
+    ),
+    "bootstrap-precondition": (
+        run_bootstrap_precondition,
+        False,
+        ".mise.toml without egress refused before a VM exists (says --nat); --no-bootstrap runs",
     ),
 }
 
@@ -422,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.list:
         for name, (_fn, quick, what) in SCENARIOS.items():
-            print(f"{name:16} {'quick' if quick else '     '}  {what}")
+            print(f"{name:22} {'quick' if quick else '     '}  {what}")
         return 0
     unknown = [s for s in args.scenario if s not in SCENARIOS]
     if unknown:
@@ -443,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(run_one, names))
     for name, ok, secs, why in results:
-        print(f"{'PASS' if ok else 'FAIL'}  {name:16} {secs:7.1f}s  {why.splitlines()[0] if why else ''}")
+        print(f"{'PASS' if ok else 'FAIL'}  {name:22} {secs:7.1f}s  {why.splitlines()[0] if why else ''}")
         if why and len(why.splitlines()) > 1:
             print("      " + "\n      ".join(why.splitlines()[1:]))
     failed = [r for r in results if not r[1]]

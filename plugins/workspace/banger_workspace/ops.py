@@ -9,6 +9,7 @@ tmpfs), so the guest's staged set is untouched.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import secrets
@@ -22,15 +23,17 @@ from banger_workspace import repo
 if TYPE_CHECKING:
     from banger_agent.api import AgentAPI
 
+log = logging.getLogger("banger.plugin.workspace")
+
 #: how long one wait for the agent may take (a write of the stream, a script)
 TIMEOUT = 600.0
 RECORD = "workspace.json"  # in the VM's directory: what was prepared there
 
-# The copy was extracted next to the destination: refresh its index (its files' stat
-# data is this guest's), note the tree it holds, then move it into place.
-FINISH = r"""
-set -e
-new="$1"; dest="$2"; tree=""
+# The copy ($new, next to the destination $dest) gets its index refreshed (its files'
+# stat data is this guest's) and the tree it holds noted (for "changes not exported
+# yet"), then replaces what is at $dest; prints the tree. $head: the copy's HEAD.
+PLACE = r"""
+tree=""
 if command -v git >/dev/null 2>&1; then
     cd "$new"
     git update-index -q --refresh >/dev/null 2>&1 || true
@@ -38,7 +41,7 @@ if command -v git >/dev/null 2>&1; then
     cp "$new/.git/index" "$idx"
     tree=$(GIT_INDEX_FILE="$idx" git add -A && GIT_INDEX_FILE="$idx" git write-tree)
     rm -f "$idx"
-    printf '%s %s' "$(git rev-parse HEAD)" "$tree" > "$new/.git/banger-workspace.tree"
+    printf '%s %s' "$head" "$tree" > "$new/.git/banger-workspace.tree"
     cd /
 fi
 old="$dest.banger-old.$$"
@@ -48,8 +51,14 @@ rm -rf "$old"
 printf '%s' "$tree"
 """
 
-# The stream's top entry lands in $1 as $2; a partial one is removed by the caller.
-EXTRACT = 'mkdir -p "$1" && rm -rf "$1/$2" && exec tar -x -f - -C "$1"'
+# One round trip: the guest's tar extracts the stream (a tree of small files ~3x faster
+# than the agent's Python tarfile under emulation) into $1 as $2, then PLACE at $3.
+# Without a tar it exits 127 having read nothing (the caller falls back to cp_in).
+EXTRACT = (
+    'set -e\nnew="$1/$2"; dest="$3"; head="$4"\nmkdir -p "$1"; rm -rf "$new"\n'
+    'command -v tar >/dev/null 2>&1 || exit 127\ntar -x -f - -C "$1"\n' + PLACE
+)
+FINISH = 'set -e\nnew="$1"; dest="$2"; head="$3"\n' + PLACE
 
 NEEDS_GIT = """command -v git >/dev/null 2>&1 || { echo "the guest has no git (use an image with git, e.g. debian-bookworm)" >&2; exit 127; }
 cd "$1" 2>/dev/null || { echo "no workspace at $1 in the guest" >&2; exit 3; }
@@ -143,30 +152,35 @@ def prepare(agent: "AgentAPI", paths: Any, vm: Any, plan: repo.Plan, guest_path:
     def write(out: Any) -> None:
         sent["entries"], sent["bytes"] = repo.write_tar(plan, out, name, record)
 
-    # The guest's own tar extracts a tree of small files ~3x faster than the agent's
-    # Python tarfile (cp_in) under emulation; cp_in when it has none.
-    request: dict[str, Any]
-    if sh(agent, paths, vm.id, "command -v tar >/dev/null", timeout=30)[0] == 0:
-        request = {"op": "exec", "argv": ["sh", "-c", EXTRACT, "sh", parent, name], "env": {}, "cwd": "/"}
-    else:
-        request = {"op": "cp_in", "dest": parent, "parents": True}
+    exec_in = {"op": "exec", "argv": ["sh", "-c", EXTRACT, "sh", parent, name, guest_path, plan.head], "env": {}, "cwd": "/"}
+    out = bytearray()
     try:
-        status, why = agent.send(paths, vm.id, request, write, timeout=TIMEOUT)
-    except repo.RepoError as exc:
-        raise BangerError(ErrorCode.BAD_REQUEST, str(exc)) from None
-    finally:
-        if request["op"] == "exec" and "bytes" not in sent:  # cut short: what it extracted goes
-            sh(agent, paths, vm.id, 'rm -rf "$1"', f"{parent}/{name}", timeout=120)
+        status, why = agent.send(paths, vm.id, exec_in, write, timeout=TIMEOUT, stdout=out.extend)
+        if status == 127:  # no tar in the guest: the agent's cp_in, then the same placing
+            sent.clear()
+            status, why = agent.send(paths, vm.id, {"op": "cp_in", "dest": parent, "parents": True}, write, timeout=TIMEOUT)
+            if status == 0:
+                status, placed, why = sh(agent, paths, vm.id, FINISH, f"{parent}/{name}", guest_path, plan.head)
+                out += placed
+    except BaseException as exc:
+        _remove(agent, paths, vm, f"{parent}/{name}")  # what a copy cut short extracted
+        if isinstance(exc, repo.RepoError):
+            raise BangerError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        raise
     if status != 0:
-        sh(agent, paths, vm.id, 'rm -rf "$1"', f"{parent}/{name}", timeout=120)
-        raise BangerError(ErrorCode.OPERATION_FAILED, f"copying the workspace into {vm.name} failed: {why}")
-    status, out, err = sh(agent, paths, vm.id, FINISH, f"{parent}/{name}", guest_path)
-    if status != 0:
-        raise BangerError(ErrorCode.OPERATION_FAILED, f"placing the workspace at {guest_path} in {vm.name} failed: {err}")
+        _remove(agent, paths, vm, f"{parent}/{name}")
+        raise BangerError(ErrorCode.OPERATION_FAILED, f"copying the workspace to {guest_path} in {vm.name} failed: {why}")
     tree = out.decode().strip() or None
     record.update(tree=tree, prepared=[plan.head, tree] if tree else None, exported=None, sent=sent)
     save_record(paths, vm.id, record)
     return record
+
+
+def _remove(agent: "AgentAPI", paths: Any, vm: Any, path: str) -> None:
+    try:
+        sh(agent, paths, vm.id, 'rm -rf "$1"', path, timeout=120)
+    except Exception as exc:  # the failure being reported matters more
+        log.warning("VM %s: could not remove %s: %s", vm.name, path, exc)
 
 
 def guest_state(agent: "AgentAPI", paths: Any, vm: Any, guest_path: str) -> tuple[str, str]:

@@ -110,6 +110,15 @@ def test_fast_path_imports_only_what_the_command_needs(xenv):
         assert "banger_example" not in imported and "pydantic" not in imported and "banger_core.config" not in imported
         assert _marks(xenv) == 1  # not imported again
 
+        # vm exec: the plugins adding flags to it are loaded, but their models are not
+        # built (the workspace's module of them, pydantic, not imported) unless a command
+        # line gives one of those flags or asks for help
+        assert "example" in index["commands"]["vm exec"] and "workspace" in index["commands"]["vm exec"]
+        r = xenv.run("vm", "exec", "nosuch", "--", "true", PYTHONPROFILEIMPORTTIME="1")
+        assert r.returncode == 1 and "nosuch" in r.stderr and "banger_workspace.settings" not in r.stderr
+        r = xenv.run("vm", "exec", "--cheer", "nosuch", "--", "true", PYTHONPROFILEIMPORTTIME="1")
+        assert r.returncode == 1 and "nosuch" in r.stderr and "banger_workspace.settings" in r.stderr  # a known flag
+
         # A plugin's vm subcommand: that plugin only.
         r = xenv.run("vm", "marked", check=True, PYTHONPROFILEIMPORTTIME="1")
         assert "marked plugin's vm subcommand ran" in r.stdout

@@ -60,6 +60,8 @@ def build_app(argv: list[str] | None = None) -> typer.Typer:
     # plugins' per-VM options become flags of vm create/set and the agent's vm run; their
     # vm exec options, of the agent's vm exec
     for hook in ("vm_options", "exec_options"):
+        if not full and not vm_cmd.gives_plugin_flags(argv, hook):
+            continue  # e.g. `vm exec VM -- CMD`: no plugin's model (pydantic) for flags not given
         models = host.option_models(hook)
         taking = vm_cmd.with_plugin_options(models, hook)
         for plugin in models:

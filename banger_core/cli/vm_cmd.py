@@ -385,6 +385,33 @@ def with_plugin_options(models: "dict[str, type[BaseModel]]", hook: str = "vm_op
     return names
 
 
+def gives_plugin_flags(argv: list[str], hook: str) -> bool:
+    """Whether the command of ``argv`` (``vm CMD ...``) needs plugins' flags of ``hook``
+    built: ``vm create``/``set``/``run`` always take per-VM options; a command that opts
+    in to ``vm exec`` options, only when the command line asks for help or names a long
+    option the command does not declare itself (before ``--``). Otherwise the plugins'
+    models (pydantic) stay unloaded: ``vm exec VM -- CMD`` is the common path."""
+    import inspect
+
+    if len(argv) < 2 or argv[0] != "vm":
+        return False
+    for info in app.registered_commands:
+        cb = info.callback
+        if cb is None or index.name_of(info) != argv[1]:
+            continue
+        if hook == "vm_options":
+            return argv[1] in OPTION_COMMANDS or getattr(cb, "__banger_vm_options__", False)
+        if not getattr(cb, f"__banger_{hook}__", False):
+            return False
+        own = {"--help", "-h"}
+        for p in inspect.signature(cb).parameters.values():
+            for decl in getattr(p.default, "param_decls", None) or ():
+                own.update(decl.split("/"))  # "--tty", "--x/--no-x"
+        words = argv[2 : argv.index("--")] if "--" in argv else argv[2:]
+        return any(w in ("-h", "--help") or (w.startswith("--") and w.split("=", 1)[0] not in own) for w in words)
+    return False
+
+
 def _wrapped(fn: Any, models: "dict[str, type[BaseModel]]", into: dict[str, dict[str, Any]]) -> Any:
     import functools
     import inspect

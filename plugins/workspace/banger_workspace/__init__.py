@@ -16,66 +16,46 @@ part of the VM's snapshots. See README.md beside this file.
 from __future__ import annotations
 
 import posixpath
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import TYPE_CHECKING, Any
 
 from banger_core import hookimpl
-from banger_core.context import check_binaries
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from banger_workspace.repo import Plan
 
+# The models (pydantic) are imported in the hooks that need them: `vm exec` loads this
+# module on every call (this plugin adds flags to it), and most calls give none of them.
+
 requires = ["agent", "workdisk"]
-
-Mode = Literal["copy", "full_copy"]
-
-
-class Settings(BaseModel):
-    """``[workspace]`` in config.toml (or a project's banger.toml)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    guest_path: str = Field(default="/root/repo", pattern=r"^/root(/[A-Za-z0-9._-]+)+$", description="where the repository goes")
-    include_untracked: bool = Field(default=False, description="send untracked files (those .gitignore does not exclude)")
-    mode: Mode = Field(default="copy", description="copy: HEAD's commit alone; full_copy: the whole git dir and submodules")
-    bootstrap: bool = Field(default=True, description="install a toolchain the repository declares (.mise.toml) with mise")
-
-
-class VMOptions(BaseModel):
-    """How ``vm run PATH`` (and a later ``--auto-prepare``) sends the VM's workspace."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    include_untracked: bool | None = Field(default=None, description="send untracked files too (default: [workspace])")
-    mode: Mode | None = Field(default=None, description="copy (HEAD alone) or full_copy (all history, submodules)")
-    bootstrap: bool | None = Field(default=None, description="install the toolchain .mise.toml declares (needs egress)")
-
-
-class ExecOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    auto_prepare: bool = Field(default=False, description="copy the host repository into the workspace again first")
-    force: bool = Field(default=False, description="with --auto-prepare: even over changes not exported yet")
 
 
 @hookimpl
 def config_model() -> type[BaseModel]:
+    from banger_workspace.settings import Settings
+
     return Settings
 
 
 @hookimpl
 def vm_options() -> type[BaseModel]:
+    from banger_workspace.settings import VMOptions
+
     return VMOptions
 
 
 @hookimpl
 def exec_options() -> type[BaseModel]:
+    from banger_workspace.settings import ExecOptions
+
     return ExecOptions
 
 
 def resolved(settings: Any, options: Any) -> tuple[str, bool, bool]:
     """(mode, include_untracked, bootstrap): the VM's options, else the settings."""
+    from banger_workspace.settings import Settings, VMOptions
+
     s = settings if isinstance(settings, Settings) else Settings()
     o = options if isinstance(options, VMOptions) else VMOptions()
     return (
@@ -86,6 +66,8 @@ def resolved(settings: Any, options: Any) -> tuple[str, bool, bool]:
 
 
 def guest_path(settings: Any) -> str:
+    from banger_workspace.settings import Settings
+
     return (settings if isinstance(settings, Settings) else Settings()).guest_path
 
 
@@ -106,6 +88,8 @@ def register_commands(app: Any, vm: Any) -> None:
 
 @hookimpl
 def register_doctor_checks(register: Any) -> None:
+    from banger_core.context import check_binaries
+
     register("tools", lambda _s: check_binaries("tools", "git", package="git"))
 
 
@@ -129,6 +113,8 @@ def summary(plan: "Plan", guest: str) -> list[str]:
 def before_exec(ctx: Any) -> None:
     from banger_core.errors import BangerError, ErrorCode
     from banger_workspace import ops, repo
+
+    from banger_workspace.settings import ExecOptions
 
     mode, untracked, boot = resolved(ctx.settings, ctx.options)
     guest = guest_path(ctx.settings)

@@ -151,6 +151,9 @@ class FieldsContext:
     #: record). Keep calls cheap: these hooks run for every VM of every ``vm list``.
     #: Added in 0.5.
     service: Callable[[str], Any] = field(default=lambda capability: _no_services(capability))
+    #: every path banger uses (e.g. ``paths.vm_dir(vm.id)`` for a file the plugin keeps
+    #: there). Added in 0.8.
+    paths: "Paths | None" = None
 
 
 def _no_services(capability: str) -> Any:

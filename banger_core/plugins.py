@@ -129,8 +129,8 @@ class PluginHost:
         self.migrations: dict[str, list[tuple[int, str, Callable[..., None]]]] = {}
         # each plugin's config_model and vm_options, asked once per process
         self._models: dict[str, type[BaseModel] | None] = {}
-        self._options: dict[str, type[BaseModel] | None] = {}
-        self._exec_options: dict[str, type[BaseModel] | None] = {}
+        #: hook ("vm_options", "exec_options") -> plugin -> its model
+        self._option_models: dict[str, dict[str, type[BaseModel] | None]] = {"vm_options": {}, "exec_options": {}}
         self.trace = os.environ.get(ENV_TRACE) == "1"
 
     # --- loading ------------------------------------------------------------------
@@ -411,35 +411,34 @@ class PluginHost:
             self._models[plugin] = self._call("config_model", plugin)
         return self._models[plugin]
 
-    def vm_options(self, plugin: str) -> "type[BaseModel] | None":
-        """The plugin's per-VM options model (asked once, then cached)."""
-        return self._options_model("vm_options", plugin, self._options)
-
-    def exec_options(self, plugin: str) -> "type[BaseModel] | None":
-        """The plugin's ``vm exec`` options model (asked once, then cached)."""
-        return self._options_model("exec_options", plugin, self._exec_options)
-
-    def _options_model(self, hook: str, plugin: str, cache: "dict[str, type[BaseModel] | None]") -> "type[BaseModel] | None":
+    def options_model(self, hook: str, plugin: str) -> "type[BaseModel] | None":
+        """The plugin's model of ``hook``: ``vm_options`` (its per-VM options) or
+        ``exec_options`` (its ``vm exec`` options); asked once, then cached."""
+        cache = self._option_models[hook]
         if plugin not in cache:
             try:
                 model = self._call(hook, plugin)
             except Exception as exc:
                 raise BangerError(ErrorCode.PLUGIN, f"plugin {plugin!r}: {hook} failed: {type(exc).__name__}: {exc}") from exc
             required = [n for n, f in (model.model_fields.items() if model is not None else ()) if f.is_required()]
-            if required:  # a command given without the flag could never be validated
+            if required:  # a VM made (a command given) without the flag could never be validated
                 raise BangerError(
                     ErrorCode.PLUGIN, f"plugin {plugin!r}: {hook} field(s) without a default: {', '.join(required)}"
                 )
             cache[plugin] = model
         return cache[plugin]
 
+    def vm_options(self, plugin: str) -> "type[BaseModel] | None":
+        """The plugin's per-VM options model (asked once, then cached)."""
+        return self.options_model("vm_options", plugin)
+
     def option_models(self, hook: str = "vm_options") -> "dict[str, type[BaseModel]]":
-        """Every enabled plugin's per-VM options model (``exec_options``: its ``vm exec``
-        options model), built-ins first; a plugin whose hook raises is marked broken."""
+        """Every enabled plugin's model of ``hook`` (see ``options_model``), built-ins
+        first; a plugin whose hook raises is marked broken."""
         out: dict[str, type[BaseModel]] = {}
         for name in self.builtins_first():
             try:
-                model = self.vm_options(name) if hook == "vm_options" else self.exec_options(name)
+                model = self.options_model(hook, name)
             except BangerError as exc:
                 self.mark_broken(name, exc.message.removeprefix(f"plugin {name!r}: "))
                 continue

@@ -108,12 +108,8 @@ class Progress:
         if stage == "step":
             style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)}   {ev['msg']}", err=True)
             return
-        if stage == "warning":  # a plugin's (StageContext.warn): the VM goes on
-            warning = style.paint(f"warning: {ev.get('plugin')}: {ev.get('msg')}", "yellow", sys.stderr)
-            style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)}   {warning}", err=True)
-            return
-        if stage == "note":  # a plugin's (ExecContext.note): what it does, or would do
-            style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)}   {ev.get('plugin')}: {ev.get('msg')}", err=True)
+        if (said := plugin_said(ev)) is not None:
+            style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)}   {said}", err=True)
             return
         if stage == "spec":
             style.echo(
@@ -131,6 +127,16 @@ class Progress:
             style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)} pull {ev['kind']} {ev['name']} {how}", err=True)
         else:
             style.echo(f"{style.paint(elapsed, 'dim', sys.stderr)} {stage}", err=True)
+
+
+def plugin_said(ev: dict[str, Any]) -> str | None:
+    """A plugin's line in a command's progress, as shown: a warning (``warn``: the VM or
+    the command goes on), or a note (``ExecContext.note``: what it does, or would do)."""
+    if ev.get("stage") == "warning":
+        return style.paint(f"warning: {ev.get('plugin')}: {ev.get('msg')}", "yellow", sys.stderr)
+    if ev.get("stage") == "note":
+        return f"{ev.get('plugin')}: {ev.get('msg')}"
+    return None
 
 
 def _call(method: str, params: dict[str, Any], on_event: Any = None) -> Any:

@@ -62,7 +62,10 @@ class Lifecycle:
         from banger_core.models import validate_input
 
         host = self.rt.host
-        model_of = host.vm_options if hook == "vm_options" else host.exec_options
+
+        def model_of(name: str) -> "type[BaseModel] | None":
+            return host.options_model(hook, name)
+
         kind = "per-VM" if hook == "vm_options" else "vm exec"
         for name in given:
             if name not in self.plugins:
@@ -120,6 +123,7 @@ class Lifecycle:
             teardown=dict(self.vm.teardown.get(plugin, {})),
             handles=dict(self.handles.get(plugin, {})),
             service=lambda capability: self.rt.host.service_for(plugin, capability),
+            paths=self.rt.paths,
         )
 
     def egress(self) -> bool:

@@ -163,11 +163,10 @@ def stream_command(
 def _said(ev: dict[str, Any]) -> None:
     """What plugins say before the command runs (``before_exec``): to stderr."""
     from banger_core.cli import style
+    from banger_core.cli.vm_cmd import plugin_said
 
-    if ev.get("stage") == "warning":
-        style.echo(style.paint(f"warning: {ev.get('plugin')}: {ev.get('msg')}", "yellow", sys.stderr), err=True)
-    elif ev.get("stage") == "note":
-        style.echo(f"{ev.get('plugin')}: {ev.get('msg')}", err=True)
+    if (said := plugin_said(ev)) is not None:
+        style.echo(said, err=True)
 
 
 def run_words(args: list[str], argv: list[str]) -> tuple[str | None, list[str]]:

@@ -158,10 +158,20 @@ def before_exec(ctx: Any) -> None:
                 f"VM {ctx.vm.name} has no workspace to prepare again: banger vm workspace prepare {ctx.vm.name} PATH",
             )
         return
-    if wanted.auto_prepare:
-        from banger_workspace.rpc import prepare_again
-
-        prepare_again(ctx.service("agent"), ctx.paths, ctx.vm, record, wanted.force, ctx.note)
+    if wanted.auto_prepare:  # as it was sent before, from where it came
+        plan, _made = ops.prepare_from(
+            ctx.service("agent"),
+            ctx.paths,
+            ctx.vm,
+            record["top"],
+            record.get("mode") or "copy",
+            bool(record.get("include_untracked")),
+            record["guest_path"],
+            force=wanted.force,
+            subdir=record.get("subdir") or "",
+        )
+        for line in summary(plan, record["guest_path"]):
+            ctx.note(line)
     else:
         try:
             changed = repo.host_state(record["top"], bool(record.get("include_untracked"))) != record.get("host_state")
@@ -202,14 +212,9 @@ def vm_resumed(ctx: Any, resumed: Any) -> None:
 def vm_fields(ctx: Any, detail: bool) -> dict[str, object] | None:
     from banger_workspace import ops
 
-    if not detail:
+    if not detail or ctx.paths is None:  # FieldsContext.paths: core 0.8
         return None
-    paths = getattr(ctx, "paths", None)
-    if paths is None:
-        from banger_core.paths import Paths
-
-        paths = Paths.from_env()
-    record = ops.load_record(paths, ctx.vm.id)
+    record = ops.load_record(ctx.paths, ctx.vm.id)
     if record is None:
         return None
     return {

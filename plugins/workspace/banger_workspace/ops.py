@@ -176,6 +176,33 @@ def prepare(agent: "AgentAPI", paths: Any, vm: Any, plan: repo.Plan, guest_path:
     return record
 
 
+def prepare_from(
+    agent: "AgentAPI",
+    paths: Any,
+    vm: Any,
+    path: str,
+    mode: str,
+    include_untracked: bool,
+    guest_path: str,
+    *,
+    force: bool,
+    subdir: str | None = None,
+) -> tuple[repo.Plan, dict[str, Any]]:
+    """The repository ``path`` is in, sent to ``guest_path`` (``prepare``), unless the VM
+    already holds a workspace with changes not exported yet and not ``force``: (what was
+    sent, its record). ``subdir``: where commands run in it, when not ``path``'s own."""
+    try:
+        plan = repo.inspect(path, mode, include_untracked)
+    except repo.RepoError as exc:
+        raise BangerError(ErrorCode.BAD_REQUEST, str(exc)) from None
+    if subdir is not None:
+        plan.subdir = subdir
+    old = load_record(paths, vm.id)
+    if old is not None and not force:
+        refuse_unexported(agent, paths, vm, old)
+    return plan, prepare(agent, paths, vm, plan, guest_path)
+
+
 def _remove(agent: "AgentAPI", paths: Any, vm: Any, path: str) -> None:
     try:
         sh(agent, paths, vm.id, 'rm -rf "$1"', path, timeout=120)

@@ -93,10 +93,10 @@ def inspect(path: str, mode: str = "copy", include_untracked: bool = False) -> P
         head = git("rev-parse", "--verify", "-q", "HEAD^{commit}", cwd=top).decode().strip()
     except RepoError:
         raise RepoError(f"{top}: the repository has no commit yet (commit something first)") from None
-    branch_raw = subprocess.run(
-        ["git", "-c", "safe.directory=*", "symbolic-ref", "-q", "--short", "HEAD"], cwd=top, capture_output=True, check=False
-    )
-    branch = branch_raw.stdout.decode().strip() or None
+    try:
+        branch: str | None = git("symbolic-ref", "-q", "--short", "HEAD", cwd=top).decode().strip()
+    except RepoError:  # a detached HEAD
+        branch = None
     git_dir = git("rev-parse", "--absolute-git-dir", cwd=top).decode().strip()
     if mode == "full_copy" and os.path.realpath(git_dir) != os.path.join(os.path.realpath(top), ".git"):
         raise RepoError(f"{top}: its .git is not a directory of its own (a worktree or a submodule): use --mode copy")
@@ -245,7 +245,4 @@ def write_tar(plan: Plan, out: BinaryIO, name: str, record: dict[str, object]) -
 
 def record_of(plan: Plan, guest_path: str) -> dict[str, object]:
     """What is recorded of a prepare (and put in the guest copy's git dir)."""
-    out = asdict(plan)
-    for key in ("files", "untracked"):
-        out[key] = len(plan.files if key == "files" else plan.untracked)
-    return {**out, "guest_path": guest_path}
+    return {**asdict(plan), "files": len(plan.files), "untracked": len(plan.untracked), "guest_path": guest_path}

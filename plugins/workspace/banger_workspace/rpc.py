@@ -3,7 +3,7 @@ STDOUT, the changed files its result)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,26 +44,9 @@ def _lifecycle_view(call: Any, vm: Any) -> tuple[Any, Any]:
     return fields.settings, fields.options
 
 
-def prepare_again(agent: Any, paths: Any, vm: Any, record: dict[str, Any], force: bool, note: Callable[[str], None]) -> None:
-    """Copy the repository a workspace came from into it again, as it was sent before;
-    refused when the guest holds changes not exported yet, unless ``force``."""
-    from banger_workspace import ops, repo, summary
-
-    if not force:
-        ops.refuse_unexported(agent, paths, vm, record)
-    try:
-        plan = repo.inspect(record["top"], record.get("mode") or "copy", bool(record.get("include_untracked")))
-    except repo.RepoError as exc:
-        raise BangerError(ErrorCode.BAD_REQUEST, str(exc)) from None
-    plan.subdir = record.get("subdir") or ""
-    ops.prepare(agent, paths, vm, plan, record["guest_path"])
-    for line in summary(plan, record["guest_path"]):
-        note(line)
-
-
 async def prepare(p: PrepareParams, call: Any) -> dict[str, Any]:
     from banger_core.daemon.work import run_blocking
-    from banger_workspace import guest_path, ops, repo, resolved, summary
+    from banger_workspace import guest_path, ops, resolved, summary
 
     vm = _running(call, p.ref)
     settings, options = _lifecycle_view(call, vm)
@@ -72,15 +55,8 @@ async def prepare(p: PrepareParams, call: Any) -> dict[str, Any]:
     untracked = untracked if p.include_untracked is None else p.include_untracked
 
     def work(progress: Any, _cancel: Any) -> dict[str, Any]:
-        try:
-            plan = repo.inspect(p.path, mode, untracked)
-        except repo.RepoError as exc:
-            raise BangerError(ErrorCode.BAD_REQUEST, str(exc)) from None
         agent = call.state.service("agent")
-        old = ops.load_record(call.state.paths, vm.id)
-        if old is not None and not p.force:
-            ops.refuse_unexported(agent, call.state.paths, vm, old)
-        record = ops.prepare(agent, call.state.paths, vm, plan, guest_path(settings))
+        plan, record = ops.prepare_from(agent, call.state.paths, vm, p.path, mode, untracked, guest_path(settings), force=p.force)
         return {"vm": vm.name, **record, "summary": summary(plan, record["guest_path"]), "dirty_files": plan.dirty}
 
     return await run_blocking(call, work)

@@ -83,6 +83,40 @@ def atomic_copy(src: Path, final: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+def copy_sparse(src: Path, dest: Path, mode: int = 0o600) -> int:
+    """Copy ``src`` to a new file ``dest`` of the same size, only its data extents
+    (``SEEK_DATA``/``SEEK_HOLE``: a guest's RAM file is mostly holes); the holes stay
+    holes. Returns the bytes copied."""
+    copied = 0
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            size = os.fstat(sfd).st_size
+            os.ftruncate(dfd, size)
+            pos = 0
+            while pos < size:
+                try:
+                    start = os.lseek(sfd, pos, os.SEEK_DATA)
+                except OSError:  # ENXIO: no data after pos
+                    break
+                end = os.lseek(sfd, start, os.SEEK_HOLE)
+                os.lseek(dfd, start, os.SEEK_SET)
+                off = start
+                while off < end:
+                    n = os.sendfile(dfd, sfd, off, min(end - off, 1 << 30))
+                    if n == 0:
+                        break
+                    off += n
+                copied += off - start
+                pos = end
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    return copied
+
+
 def replace_dir(src: Path, final: Path) -> None:
     """Move the complete dir ``src`` to ``final`` (same filesystem). An existing
     ``final`` is moved aside (``Paths.aside``) first and removed once ``src`` is in;

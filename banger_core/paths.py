@@ -10,6 +10,7 @@ config             ``BANGER_CONFIG_DIR``   ``$XDG_CONFIG_HOME/banger`` (~/.confi
 state (durable)    ``BANGER_STATE_DIR``    ``$XDG_STATE_HOME/banger`` (~/.local/state/banger)
 cache              ``BANGER_CACHE_DIR``    ``$XDG_CACHE_HOME/banger`` (~/.cache/banger)
 runtime (socket)   ``BANGER_RUNTIME_DIR``  ``$XDG_RUNTIME_DIR/banger`` or /tmp/banger-<uid>
+guest memory       ``BANGER_MEMORY_DIR``   /dev/shm/banger-<uid> (a tmpfs: running VMs' RAM)
 =================  ======================  ==========================================
 """
 
@@ -79,6 +80,9 @@ class Paths:
     state_dir: Path
     cache_dir: Path
     runtime_dir: Path
+    #: running QEMU guests' RAM, one file each (``QemuDriver``), so that a snapshot
+    #: copies it and its restores map that copy privately: on a tmpfs
+    memory_dir: Path = Path(f"/dev/shm/banger-{os.getuid()}")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Paths":
@@ -97,11 +101,18 @@ class Paths:
             runtime = Path(env["XDG_RUNTIME_DIR"]) / "banger"
         else:
             runtime = Path(f"/tmp/banger-{os.getuid()}")
+        if env.get("BANGER_MEMORY_DIR"):
+            memory = Path(env["BANGER_MEMORY_DIR"]).expanduser().absolute()
+        elif os.path.isdir("/dev/shm"):
+            memory = Path(f"/dev/shm/banger-{os.getuid()}")
+        else:
+            memory = runtime / "memory"
         return cls(
             config_dir=pick("BANGER_CONFIG_DIR", "XDG_CONFIG_HOME", ".config"),
             state_dir=pick("BANGER_STATE_DIR", "XDG_STATE_HOME", ".local/state"),
             cache_dir=pick("BANGER_CACHE_DIR", "XDG_CACHE_HOME", ".cache"),
             runtime_dir=runtime,
+            memory_dir=memory,
         )
 
     # --- config -------------------------------------------------------------------

@@ -56,6 +56,11 @@ class BangerEnv:
         return self.root / "run"
 
     @property
+    def memory_dir(self) -> Path:
+        """Running QEMU guests' RAM files (BANGER_MEMORY_DIR): a tmpfs, as by default."""
+        return Path("/dev/shm") / self.root.name
+
+    @property
     def config_file(self) -> Path:
         return self.config_dir / "config.toml"
 
@@ -72,6 +77,7 @@ class BangerEnv:
             BANGER_STATE_DIR=str(self.state_dir),
             BANGER_CACHE_DIR=str(self.root / "cache"),
             BANGER_RUNTIME_DIR=str(self.runtime_dir),
+            BANGER_MEMORY_DIR=str(self.memory_dir),
             NO_COLOR="1",
             # the network safety rule: a daemon under test changes no network namespace
             # unless its test names one it made (extra_env BANGER_NETNS=<name>)
@@ -166,9 +172,13 @@ def isolated_env() -> Iterator[BangerEnv]:
         env.stop_daemon()
         leaked = kill_processes_using(root)
         shutil.rmtree(root, ignore_errors=True)
+        ram = sorted(p.name for p in env.memory_dir.glob("*")) if env.memory_dir.is_dir() else []
+        shutil.rmtree(env.memory_dir, ignore_errors=True)
     # VMs outlive the daemon by design; one left running by a test is a leak that
     # would slow every later boot on this machine.
     assert not leaked, f"processes left running by the test (killed): {leaked}"
+    # a VM's RAM file goes with its VMM (stop, kill, delete, a daemon's reconcile)
+    assert not ram, f"guest RAM files left in {env.memory_dir}: {ram}"
 
 
 def make_dist(target: Path, dist: str, plugin: str, code: str, version: str = "0.0.1") -> None:

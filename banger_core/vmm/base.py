@@ -103,6 +103,9 @@ class Driver(ABC):
     binary: str  # the VMM's executable (a name on PATH, or a path)
     #: the NIC kinds (``banger_core.models.NIC.kind``) this VMM can give a guest
     nic_kinds: ClassVar[frozenset[str]] = frozenset({"tap"})
+    #: what this driver's snapshot files are (``compat``): one written in another
+    #: format is not restored
+    snapshot_format: ClassVar[str] = "1"
 
     def check_machine(self, machine: Machine) -> None:
         """Refuse, before anything starts, a machine with devices this VMM lacks."""

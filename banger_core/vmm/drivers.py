@@ -39,6 +39,7 @@ def driver_for(name: str, cfg: "VMMTable", paths: "Paths") -> Driver:
             machine_type=cfg.qemu_machine,
             kvm_probe_timeout=cfg.kvm_probe_timeout_s,
             probe_cache=paths.kvm_probe,
+            memory_dir=paths.memory_dir,
         )
     if name == "firecracker":
         return FirecrackerDriver(binary=cfg.firecracker_binary, links_dir=paths.runtime_dir / "fc")

@@ -14,10 +14,10 @@ from typing import Any
 
 from banger_core.paths import VMFiles
 from banger_core import proc
-from banger_core.fsutil import atomic_write
+from banger_core.fsutil import atomic_write, copy_sparse
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import NIC, HostForward, Machine
-from banger_core.vmm.base import Driver, Launch, kernel_is_elf, process_tag
+from banger_core.vmm.base import Driver, Launch, cmdline, kernel_is_elf, process_tag
 from banger_core.vmm.qmp import QMP
 from banger_core.vmm.tsc import host_tsc_khz, host_tsc_trusted
 
@@ -27,6 +27,7 @@ log = logging.getLogger("banger.vmm.qemu")
 class QemuDriver(Driver):
     name = "qemu"
     nic_kinds = frozenset({"tap", "user"})
+    snapshot_format = "2"  # RAM in a file beside a device-state stream (x-ignore-shared)
 
     def __init__(
         self,
@@ -35,8 +36,10 @@ class QemuDriver(Driver):
         machine_type: str = "auto",
         kvm_probe_timeout: float = 10.0,
         probe_cache: Path | None = None,
+        memory_dir: Path | None = None,
     ) -> None:
         self.binary = binary
+        self.memory_dir = memory_dir
         self.accel = accel
         self.machine_type = machine_type
         self.kvm_probe_timeout = kvm_probe_timeout
@@ -147,7 +150,10 @@ class QemuDriver(Driver):
                     args.append("tsc=reliable")
         return args
 
-    def argv(self, vm_id: str, machine: Machine, run_dir: Path, accel: str) -> list[str]:
+    def argv(self, vm_id: str, machine: Machine, run_dir: Path, accel: str, memory: tuple[Path, bool] | None = None) -> list[str]:
+        """``memory``: the guest's RAM is this file, mapped shared (True: the guest
+        writes it) or privately (False: copy-on-write over it, shared with every other
+        QEMU mapping it so); None: anonymous memory."""
         mtype = self._machine_type(machine)
         micro = mtype == "microvm"
         dev: Callable[[str], str] = (lambda kind: f"virtio-{kind}-device") if micro else (lambda kind: f"virtio-{kind}-pci")
@@ -157,7 +163,7 @@ class QemuDriver(Driver):
             "-name",
             f"{process_tag(vm_id)},process={process_tag(vm_id)}",
             "-M",
-            mtype + (",acpi=on" if micro else ""),
+            mtype + (",acpi=on" if micro else "") + (",memory-backend=ram" if memory else ""),
             "-accel",
             accel,
             "-cpu",
@@ -183,6 +189,12 @@ class QemuDriver(Driver):
             str(VMFiles(run_dir).vmm_pid),
             "-daemonize",
         ]
+        if memory is not None:
+            path, share = memory
+            args += [
+                "-object",
+                f"memory-backend-file,id=ram,size={machine.memory_mib}M,mem-path={path},share={'on' if share else 'off'}",
+            ]
         if machine.initrd:
             args += ["-initrd", machine.initrd]
         for d in machine.drives:
@@ -236,12 +248,34 @@ class QemuDriver(Driver):
         log.info("QEMU for %s uses %s: %s", vm_id, accel.upper(), why)
         return accel
 
+    # --- guest RAM in a file ------------------------------------------------------------
+    def ram_file(self, run_dir: Path) -> Path | None:
+        """Where a VM booted here keeps its RAM (shared mapping, on a tmpfs): named
+        after its directory, which is named after the VM. None: no memory dir set."""
+        return self.memory_dir / f"{run_dir.name}.ram" if self.memory_dir else None
+
+    def _own_ram(self, run_dir: Path) -> tuple[Path, bool] | None:
+        ram = self.ram_file(run_dir)
+        if ram is None:
+            return None
+        ram.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ram.unlink(missing_ok=True)
+        return ram, True
+
+    def shares_ram(self, pid: int, run_dir: Path) -> Path | None:
+        """The RAM file QEMU ``pid`` writes its guest's memory to, if it runs so."""
+        ram = self.ram_file(run_dir)
+        if ram is None or not ram.exists():
+            return None
+        return ram if any(f"mem-path={ram},share=on" in a for a in cmdline(pid)) else None
+
     def launch(self, vm_id: str, machine: Machine, run_dir: Path) -> Launch:
         accel = self._prepare(vm_id, machine, run_dir, "boot")
         # -daemonize: QEMU forks once it has initialised, so configuration errors come
         # back here as an exit status, and the VM is not our child: it outlives both
         # this request and the daemon.
-        proc.run(self.argv(vm_id, machine, run_dir, accel), timeout=60, what="starting QEMU")
+        argv = self.argv(vm_id, machine, run_dir, accel, self._own_ram(run_dir))
+        proc.run(argv, timeout=60, what="starting QEMU")
         pid = int(VMFiles(run_dir).vmm_pid.read_text().strip())
         return Launch(pid=pid, api_socket=str(VMFiles(run_dir).qmp_socket))
 
@@ -301,16 +335,25 @@ class QemuDriver(Driver):
         raise BangerError(ErrorCode.OPERATION_FAILED, f"QEMU could not remove forward {forward.spec()}: {out}")
 
     # --- snapshots: QEMU's migration stream to a file, and back -----------------------
-    STATE = "vmstate"  # in a snapshot's directory: the migration stream (devices + memory)
+    STATE = "vmstate"  # in a snapshot's directory: the migration stream
+    MEMORY = "memory"  # beside it when the guest's RAM was file-backed: a copy of that file
 
     def snapshot(self, pid: int, run_dir: Path, dest: Path) -> None:
         """Migrate the paused guest into ``dest/vmstate`` through an fd QEMU writes
         itself (``fd:``: 7.2 has no ``file:`` URI; ``exec:cat`` is several times slower).
-        The guest stays paused."""
+        A guest whose RAM is a shared file (every booted one) has that file copied to
+        ``dest/memory`` (its data only) and the stream holds device state only
+        (``x-ignore-shared``): restores map the copy privately, so N of them share its
+        pages. Otherwise (a guest restored that way: its RAM is a private mapping) the
+        stream carries the RAM too. The guest stays paused."""
+        ram = self.shares_ram(pid, run_dir)
+        if ram is not None:
+            copy_sparse(ram, dest / self.MEMORY)
         state = dest / self.STATE
         fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             with QMP(str(VMFiles(run_dir).qmp_socket), timeout=30) as q:
+                self._ignore_shared(q, ram is not None)
                 # the default cap (128 MiB/s) is for live migration over a network
                 cap: dict[str, Any] = {"max-bandwidth": 64 << 30}
                 q.execute("migrate-set-parameters", **cap)
@@ -324,6 +367,13 @@ class QemuDriver(Driver):
                 os.close(fd)
         if status != "completed":
             raise BangerError(ErrorCode.OPERATION_FAILED, f"QEMU could not write the snapshot: migration {status}")
+
+    @staticmethod
+    def _ignore_shared(q: QMP, on: bool) -> None:
+        """Both ends of a migration agree on ``x-ignore-shared`` (it changes the
+        stream's RAM header)."""
+        caps: dict[str, Any] = {"capabilities": [{"capability": "x-ignore-shared", "state": on}]}
+        q.execute("migrate-set-capabilities", **caps)
 
     @staticmethod
     def _wait_migration(q: QMP, what: str, timeout: float = 600) -> str:
@@ -342,18 +392,27 @@ class QemuDriver(Driver):
         raise BangerError(ErrorCode.OPERATION_FAILED, f"QEMU {what}: the migration did not finish in {timeout:.0f}s")
 
     def restore(self, vm_id: str, machine: Machine, run_dir: Path, src: Path) -> Launch:
-        """A new QEMU with the same devices, ``-incoming fd:N`` on the snapshot's stream;
-        once it is loaded (the stream says paused: it was made paused), ``cont``."""
+        """A new QEMU with the same devices, ``-incoming defer``, then the snapshot's
+        stream through an fd; once it is loaded (the stream says paused: it was made
+        paused), ``cont``. A snapshot with a memory file: the guest's RAM is a private
+        mapping of it and the stream holds device state only; without one, the RAM
+        comes from the stream into a shared file of the VM's own, as a boot's."""
         accel = self._prepare(vm_id, machine, run_dir, "restore")
-        fd = os.open(src / self.STATE, os.O_RDONLY)
-        try:
-            argv = self.argv(vm_id, machine, run_dir, accel) + ["-incoming", f"fd:{fd}"]
-            proc.run(argv, timeout=60, what="starting QEMU to restore", pass_fds=(fd,))
-        finally:
-            os.close(fd)
+        image = src / self.MEMORY
+        private = image.exists()
+        memory = (image, False) if private else self._own_ram(run_dir)
+        argv = self.argv(vm_id, machine, run_dir, accel, memory) + ["-incoming", "defer"]
+        proc.run(argv, timeout=60, what="starting QEMU to restore")
         pid = int(VMFiles(run_dir).vmm_pid.read_text().strip())
         try:
             with QMP(str(VMFiles(run_dir).qmp_socket), timeout=30) as q:
+                self._ignore_shared(q, private)
+                fd = os.open(src / self.STATE, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    q.send_fd("banger-restore", fd)
+                finally:
+                    os.close(fd)
+                q.execute("migrate-incoming", uri="fd:banger-restore")
                 deadline = time.monotonic() + 600
                 while (status := str(q.execute("query-status").get("status"))) == "inmigrate":
                     if time.monotonic() > deadline:
@@ -380,4 +439,5 @@ class QemuDriver(Driver):
             q.execute("migrate_cancel")
 
     def run_files(self, run_dir: Path) -> list[Path]:
-        return [VMFiles(run_dir).qmp_socket, VMFiles(run_dir).vmm_pid]
+        ram = self.ram_file(run_dir)
+        return [VMFiles(run_dir).qmp_socket, VMFiles(run_dir).vmm_pid] + ([ram] if ram else [])

@@ -118,6 +118,7 @@ class VM(Strict):
 class SnapshotKind(str, enum.Enum):
     USER = "user"  # vm snapshot
     TEMPLATE = "template"  # made for warm `vm run`s (image warm, or the first run)
+    FORK = "fork"  # made by `vm fork` for its forks; goes with the last of them
 
 
 class Snapshot(Strict):
@@ -165,7 +166,7 @@ class Resumed(Strict):
     resumes itself (``vm stop --suspend`` then ``vm start``)."""
 
     snapshot: str  # the snapshot's name ("" for a suspend image)
-    kind: str  # "restore", "template" or "suspend"
+    kind: str  # "restore", "fork", "template" or "suspend"
     source_vm: str  # the name of the VM the snapshot was taken from
     new_identity: bool
     taken_at: datetime

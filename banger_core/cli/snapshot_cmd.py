@@ -26,6 +26,7 @@ def _mib(n: int) -> str:
 def add_vm_commands(vm: typer.Typer) -> None:
     vm.command("snapshot")(vm_snapshot)
     vm.command("restore")(vm_restore)
+    vm.command("fork")(vm_fork)
 
 
 def vm_snapshot(
@@ -60,6 +61,28 @@ def vm_restore(
         return
     style.echo(f"{vm['name']} {style.paint(vm['state'], 'green')} (id {vm['id'][:8]}), restored from {snapshot}")
     style.echo(style.paint(f"ready in {time.monotonic() - t0:.1f}s", "dim", sys.stderr), err=True)
+
+
+def vm_fork(
+    ref: str = typer.Argument(..., help="the running VM to fork (name or ID prefix)"),
+    count: int = typer.Option(1, "--count", "-c", min=1, max=64, help="how many forks"),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="fork names are NAME-1..NAME-N (default: the VM's name)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """N new VMs that go on from a running VM's state now: its processes, memory and
+    disk, each on its own copy-on-write layer and with its own identity (address, DNS
+    name, NAT rules, forwards, hostname, SSH host keys, machine-id, RNG, clock,
+    workspace). The VM runs on; the forks share the memory it had (copy-on-write)."""
+    t0 = time.monotonic()
+    res = _call(
+        "vm.fork", {"ref": ref, "count": count, "name": check_name(name, "fork prefix")}, on_event=Progress(quiet=as_json)
+    )
+    if as_json:
+        echo_json(res)
+        return
+    for vm in res["vms"]:
+        style.echo(f"{vm['name']} {style.paint(vm['state'], 'green')} (id {vm['id'][:8]}), forked from {ref}")
+    style.echo(style.paint(f"{len(res['vms'])} fork(s) ready in {time.monotonic() - t0:.1f}s", "dim", sys.stderr), err=True)
 
 
 @app.command("list")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from banger_core.daemon.rpc import Call
 from banger_core.daemon.work import run_blocking, run_simple
@@ -35,6 +35,19 @@ class RestoreParams(Input):
     name: str | None = None
 
     _check_name = field_validator("name")(_name)
+
+
+class ForkParams(Input):
+    ref: str = Field(description="the running (or paused) VM to fork")
+    count: int = Field(default=1, ge=1, le=64, description="how many forks")
+    name: str | None = Field(default=None, description="the forks' names are NAME-1..NAME-N (default: the VM's name)")
+
+    @model_validator(mode="after")
+    def _names(self) -> "ForkParams":
+        if self.name is not None:
+            validate_vm_name(f"{self.name}-{self.count}", "fork")  # the longest one
+            validate_vm_name(self.name, "fork prefix")
+        return self
 
 
 class SnapshotListParams(Input):
@@ -71,6 +84,16 @@ async def restore(p: RestoreParams, call: Call) -> dict[str, Any]:
     vms = call.state.vms
     vm = await run_blocking(call, lambda prog, cancel: vms.snapshots.restore(p.snapshot, p.name, call.op_id, prog, cancel))
     return vms.show(vm)
+
+
+async def fork(p: ForkParams, call: Call) -> dict[str, Any]:
+    vms = call.state.vms
+
+    def go(progress: Any, cancel: Any) -> list[Any]:
+        return vms.snapshots.fork(vms.resolve(p.ref), p.count, p.name, call.op_id, progress, cancel)
+
+    made = await run_blocking(call, go)
+    return {"vms": [vms.show(v) for v in made]}
 
 
 async def list_(p: SnapshotListParams, call: Call) -> dict[str, Any]:
@@ -134,6 +157,7 @@ def register_vm(register: Callable[..., None]) -> None:
     """The vm built-in's: methods of a VM."""
     register("vm.snapshot", snapshot, SnapshotParams)
     register("vm.restore", restore, RestoreParams)
+    register("vm.fork", fork, ForkParams)
 
 
 def register(register: Callable[..., None]) -> None:

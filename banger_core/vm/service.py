@@ -736,6 +736,10 @@ class VMService:
         if errors:
             log.error("VM %s: destroy had failures: %s", vm.name, errors, extra={"op_id": op_id})
         self.store.delete_vm(vm.id)
+        try:
+            self.snapshots.release(vm.base_snapshot)  # a fork's snapshot goes with its last fork
+        except (OSError, BangerError) as exc:
+            errors.append(exc)
         return errors
 
     def prune(self, op_id: str) -> list[VM]:

@@ -78,6 +78,7 @@ def compat(machine: Machine, driver: "Driver", vm_dir: Path) -> dict[str, Any]:
         "nics": [n.id if n.kind == "tap" else f"{n.id}:{n.kind}" for n in machine.nics],  # slirp has device state
         "agent": machine.agent.kind if machine.agent else None,
         "vmm": driver.identity(),
+        "format": driver.snapshot_format,
     }
 
 
@@ -90,6 +91,7 @@ _WHAT = {
     "nics": "the network devices changed",
     "agent": "the agent channel changed",
     "vmm": "the VMM binary changed",
+    "format": "it was written in an older format (by an older banger)",
 }
 
 
@@ -321,7 +323,7 @@ class SnapshotService:
             src=self.paths.snapshot_dir(snap.id),
             resumed=Resumed(
                 snapshot=snap.name,
-                kind="template" if snap.kind is SnapshotKind.TEMPLATE else "restore",
+                kind={SnapshotKind.TEMPLATE: "template", SnapshotKind.FORK: "fork"}.get(snap.kind, "restore"),
                 source_vm=snap.vm_name,
                 new_identity=True,
                 taken_at=snap.created_at,
@@ -364,6 +366,93 @@ class SnapshotService:
     def _restore_disk(self, snap: Snapshot, vm: VM) -> ResumeFrom:
         self.stand_on(snap, vm)
         return self.resume_from(snap, vm, strict=True)
+
+    # --- forks ------------------------------------------------------------------------------
+    def fork(
+        self, source: VM, count: int, prefix: str | None, op_id: str, progress: "Progress", cancel: threading.Event
+    ) -> list[VM]:
+        """``vm fork``: ``count`` new VMs ``PREFIX-1..N`` that go on from ``source``'s
+        state now, each on its own disk layer and with its own identity (``vm_resumed``
+        with ``kind`` "fork"); ``source`` runs on. One snapshot (kind ``fork``, removed
+        with the last of its forks) is taken, then the forks are restored from it side
+        by side; its memory file is mapped privately by each, so they share its pages.
+        All or nothing: a fork that fails takes the others and the snapshot with it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from banger_core.checks import validate_vm_name
+
+        t0 = time.monotonic()
+        prefix = prefix or source.name
+        names = [f"{prefix}-{i}" for i in range(1, count + 1)]
+        for n in names:
+            try:
+                validate_vm_name(n)
+            except ValueError as exc:
+                raise BangerError(ErrorCode.BAD_REQUEST, f"forks of {prefix!r} would be named {n!r}: {exc}") from None
+        taken = [n for n in names if self.store.find_vms(name=n)]
+        if taken:
+            raise BangerError(ErrorCode.ALREADY_EXISTS, f"VMs named {', '.join(taken)} already exist (choose another --name)")
+        snap_name = f"{prefix[:40].rstrip('-')}-fork-{secrets.token_hex(3)}"
+        snap = self.take(source, snap_name, op_id, kind=SnapshotKind.FORK)
+        progress(
+            "step", {"msg": f"snapshot {snap.name} of {source.name} taken ({time.monotonic() - t0:.2f}s); {source.name} runs on"}
+        )
+
+        def one(name: str) -> VM:
+            vm = VM(
+                id=secrets.token_hex(8),
+                name=name,
+                image=snap.image,
+                spec=snap.spec,
+                driver=snap.driver,
+                project_dir=snap.project_dir,
+                options=snap.options,
+            )
+
+            def quiet(stage: str, data: dict[str, Any]) -> None:  # N starts' steps would interleave
+                if stage == "ready":
+                    progress("step", {"msg": f"{name} ready ({data.get('elapsed_s', 0):.2f}s)"})
+
+            return self.vms.make(
+                vm, op_id, quiet, cancel, prepare=lambda v: self._restore_disk(snap, v), how=f"forks {source.name}"
+            )
+
+        made: list[VM] = []
+        failures: list[tuple[str, BaseException]] = []
+        with ThreadPoolExecutor(max_workers=count, thread_name_prefix="fork") as pool:
+            futures = {n: pool.submit(one, n) for n in names}
+            for n, fut in futures.items():
+                try:
+                    made.append(fut.result())
+                except BaseException as exc:  # every fork is waited for, then all are undone
+                    failures.append((n, exc))
+        if failures:
+            for vm in made:
+                try:
+                    self.vms.delete(vm, op_id, force=True)
+                except BangerError as exc:
+                    log.error("fork %s not undone: %s", vm.name, exc, extra={"op_id": op_id})
+            self.release(snap.id)
+            name, first = failures[0]
+            if isinstance(first, BangerError):
+                first.message = f"fork {name}: {first.message} (no fork is left)"
+                raise first
+            raise first
+        return made
+
+    def release(self, snap_id: str | None) -> None:
+        """A VM standing on ``snap_id`` is gone: a ``fork`` snapshot goes with the last
+        VM (or snapshot) standing on it."""
+        if snap_id is None:
+            return
+        with self._guard:
+            snap = next((s for s in self.store.find_snapshots(snap_id) if s.id == snap_id), None)
+            if snap is None or snap.kind is not SnapshotKind.FORK:
+                return
+            if self.store.vms_on_snapshot(snap.id) or self._snapshots_on(snap):
+                return
+            self.store.delete_snapshot(snap.id)
+            shutil.rmtree(self.paths.snapshot_dir(snap.id), ignore_errors=True)
 
     # --- deleting ------------------------------------------------------------------------------
     def delete(self, snap: Snapshot) -> None:

@@ -98,6 +98,11 @@ class VMMTable(_Table):
     qemu_machine: Literal["auto", "pc", "microvm", "q35"] = "auto"
     firecracker_binary: str = "firecracker"
     kvm_probe_timeout_s: float = Field(default=10.0, gt=0)
+    tcg_tb_size_mib: int = Field(
+        default=0,
+        ge=0,
+        description="QEMU under TCG: the translation cache each VM may grow to, in MiB (0: QEMU's default, up to 1 GiB)",
+    )
     stop_timeout_s: float = Field(default=30.0, gt=0, description="graceful stop, per phase")
     disk_strategy: Literal["auto", "reflink", "qcow2", "sparse"] = "auto"
     boot_args: list[str] = Field(default_factory=list, description="extra kernel arguments for every VM")

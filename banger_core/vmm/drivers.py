@@ -40,6 +40,7 @@ def driver_for(name: str, cfg: "VMMTable", paths: "Paths") -> Driver:
             kvm_probe_timeout=cfg.kvm_probe_timeout_s,
             probe_cache=paths.kvm_probe,
             memory_dir=paths.memory_dir,
+            tb_size_mib=cfg.tcg_tb_size_mib,
         )
     if name == "firecracker":
         return FirecrackerDriver(binary=cfg.firecracker_binary, links_dir=paths.runtime_dir / "fc")

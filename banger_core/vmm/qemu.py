@@ -37,9 +37,11 @@ class QemuDriver(Driver):
         kvm_probe_timeout: float = 10.0,
         probe_cache: Path | None = None,
         memory_dir: Path | None = None,
+        tb_size_mib: int = 0,
     ) -> None:
         self.binary = binary
         self.memory_dir = memory_dir
+        self.tb_size_mib = tb_size_mib
         self.accel = accel
         self.machine_type = machine_type
         self.kvm_probe_timeout = kvm_probe_timeout
@@ -165,7 +167,7 @@ class QemuDriver(Driver):
             "-M",
             mtype + (",acpi=on" if micro else "") + (",memory-backend=ram" if memory else ""),
             "-accel",
-            accel,
+            accel + (f",tb-size={self.tb_size_mib}" if accel == "tcg" and self.tb_size_mib else ""),
             "-cpu",
             "host" if accel == "kvm" else "max",
             "-smp",

@@ -5,7 +5,7 @@ on the host for these guests (checked before and after), their listeners are for
 to the host's 127.0.0.1 as the agent pushes them, and a daemon running as an
 unprivileged user (made here) runs one too.
 
-Boots: two VMs at once (root's daemon), one VM of the unprivileged daemon; one restore.
+Boots: two VMs at once (root's daemon), one VM of the unprivileged daemon; one fork of two.
 """
 
 from __future__ import annotations
@@ -232,21 +232,28 @@ def test_a_restarted_daemon_adopts_the_forwards_of_running_vms(pair):
     wait_for(lambda: "tcp/8181" not in u.forwards("u2"), timeout=15)  # the new daemon watches again
 
 
-def test_a_restored_vm_gets_its_own_forwards(pair):
+def test_forks_get_their_own_forwards(pair):
+    """`vm fork` (restores of one snapshot): each fork's new QEMU forwards every listener
+    it inherited, on host ports of its own."""
     u = pair
     _serve(u, "u2", "8282", "snap")
     wait_for(lambda: "tcp/8282" in u.forwards("u2"), timeout=15)
-    u.run("vm", "snapshot", "u2", "--name", "u2-s", check=True, timeout=300)
-    u.run("vm", "restore", "u2-s", "--name", "u3", check=True, timeout=300)
+    made = json.loads(u.run("vm", "fork", "u2", "--count", "2", "--name", "u3", "--json", check=True, timeout=300).stdout)
+    forks = [v["name"] for v in made["vms"]]
+    assert forks == ["u3-1", "u3-2"]
     try:
-        wait_for(lambda: "tcp/8282" in u.forwards("u3"), timeout=15)
-        mine, theirs = u.forwards("u3")["tcp/8282"]["host"], u.forwards("u2")["tcp/8282"]["host"]
-        assert mine != theirs and u.get(int(mine.split(":")[1])) == "snap\n"
-        assert set(u.forwards("u3")) == set(u.forwards("u2"))  # every listener it inherited
+        wait_for(lambda: all("tcp/8282" in u.forwards(f) for f in forks), timeout=15)
+        hosts = {vm: u.forwards(vm)["tcp/8282"]["host"] for vm in ["u2", *forks]}
+        assert len(set(hosts.values())) == 3, hosts
+        for f in forks:
+            assert u.get(int(hosts[f].split(":")[1])) == "snap\n"
+            assert set(u.forwards(f)) == set(u.forwards("u2"))  # every listener it inherited
     finally:
-        u.run("vm", "delete", "u3", "--force", check=True, timeout=120)
-        u.run("snapshot", "delete", "u2-s", check=True)
-    assert not u.bound(int(mine.split(":")[1]))  # its forwards went with it
+        for f in forks:
+            u.run("vm", "delete", f, "--force", check=True, timeout=120)
+    assert json.loads(u.run("snapshot", "list", "--json", check=True).stdout) == []  # went with the last fork
+    for f in forks:
+        assert not u.bound(int(hosts[f].split(":")[1]))  # its forwards went with it
 
 
 def test_deleting_user_mode_vms_leaves_nothing(pair):

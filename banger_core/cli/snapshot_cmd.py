@@ -87,7 +87,7 @@ def vm_fork(
 
 @app.command("list")
 def snapshot_list(
-    kind: Optional[str] = typer.Option(None, "--kind", help="user | template"),
+    kind: Optional[str] = typer.Option(None, "--kind", help="user | template | fork"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List snapshots and warm-start templates."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 # Bumped when the request/response envelope changes incompatibly. 2: requests carry
 # the CLI's fingerprint (a daemon running other code or config refuses them) and may

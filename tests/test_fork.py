@@ -164,6 +164,26 @@ def test_each_fork_exports_only_its_own_workspace_changes(forked):
     assert n.run("vm", "workspace", "export", "src", check=True, timeout=300).stdout.strip() == ""
 
 
+def test_a_fork_of_a_fork_copies_its_memory_once_and_its_forks_share_it(forked):
+    """f-1's RAM is a private mapping (it was restored): its snapshot's stream carries
+    the RAM, split on its way to disk into a memory file its forks map."""
+    n = forked
+    sh(n, "f-1", "echo from-f-1 > /root/mark")
+    out = json.loads(n.run("vm", "fork", "f-1", "--count", "2", "--name", "g", "--json", check=True, timeout=600).stdout)
+    forks = [v["name"] for v in out["vms"]]
+    snap = next(s for s in json.loads(n.run("snapshot", "list", "--json", check=True).stdout) if s["vm_name"] == "f-1")
+    memory = Path(snap["dir"]) / "memory"
+    assert memory.stat().st_blocks * 512 < 1 << 30 and (Path(snap["dir"]) / "vmstate").stat().st_size < 8 << 20
+    for g in forks:
+        assert sh(n, g, "hostname; cat /root/mark").split() == [g, "from-f-1"]
+        assert sh(n, g, f"kill -0 {n.counter} && echo alive") == "alive"
+        assert str(memory) in Path(f"/proc/{n.show(g)['pid']}/maps").read_text()
+    for g in forks:
+        n.run("vm", "delete", g, "--force", check=True, timeout=120)
+    assert not Path(snap["dir"]).exists()  # with its last fork
+    assert sh(n, "f-1", "cat /root/mark") == "from-f-1"  # f-1 ran on
+
+
 def test_warm_runs_restore_a_template_in_bridge_mode_with_nat(forked):
     n = forked
     runs = []

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from banger_core.fsutil import atomic_write, copy_sparse
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import NIC, HostForward, Machine
 from banger_core.vmm.base import Driver, Launch, cmdline, kernel_is_elf, process_tag
+from banger_core.vmm import qemu_stream
 from banger_core.vmm.qmp import QMP
 from banger_core.vmm.tsc import host_tsc_khz, host_tsc_trusted
 
@@ -341,21 +343,48 @@ class QemuDriver(Driver):
     MEMORY = "memory"  # beside it when the guest's RAM was file-backed: a copy of that file
 
     def snapshot(self, pid: int, run_dir: Path, dest: Path) -> None:
-        """Migrate the paused guest into ``dest/vmstate`` through an fd QEMU writes
-        itself (``fd:``: 7.2 has no ``file:`` URI; ``exec:cat`` is several times slower).
-        A guest whose RAM is a shared file (every booted one) has that file copied to
-        ``dest/memory`` (its data only) and the stream holds device state only
-        (``x-ignore-shared``): restores map the copy privately, so N of them share its
-        pages. Otherwise (a guest restored that way: its RAM is a private mapping) the
-        stream carries the RAM too. The guest stays paused."""
+        """Migrate the paused guest into ``dest`` through an fd QEMU writes itself
+        (``fd:``: 7.2 has no ``file:`` URI; ``exec:cat`` is several times slower), with
+        ``x-ignore-shared``: ``dest/vmstate`` holds device state and ``dest/memory``
+        the guest's RAM, which restores map privately (N of them share its pages). A
+        guest whose RAM is a shared file (every booted one) has that file copied (its
+        data only) and QEMU leaves it out of the stream; a guest whose RAM is a private
+        mapping (a restored one) has it in the stream, which is split on its way to
+        disk (``qemu_stream.split``): its RAM is copied once. The guest stays paused."""
         ram = self.shares_ram(pid, run_dir)
         if ram is not None:
             copy_sparse(ram, dest / self.MEMORY)
-        state = dest / self.STATE
-        fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(dest / self.STATE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            self._migrate(run_dir, fd)
+            return
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        failed: list[BaseException] = []
+
+        def splitter() -> None:
+            try:
+                with os.fdopen(rfd, "rb", buffering=1 << 20) as src, open(dest / self.STATE, "wb") as out:
+                    qemu_stream.split(src, out, str(dest / self.MEMORY))
+            except BaseException as exc:  # reported by the snapshot, below
+                failed.append(exc)
+
+        worker = threading.Thread(target=splitter, name="snapshot-split", daemon=True)
+        worker.start()
+        try:
+            self._migrate(run_dir, wfd)
+        except BangerError:
+            worker.join(timeout=60)  # QEMU closed its end: the splitter sees the stream end
+            if failed:  # what went wrong, rather than "migration failed"
+                raise failed[0] from None
+            raise
+        worker.join(timeout=600)
+        if failed or worker.is_alive():
+            raise failed[0] if failed else BangerError(ErrorCode.OPERATION_FAILED, "splitting the snapshot stream hung")
+
+    def _migrate(self, run_dir: Path, fd: int) -> None:
+        """Hand QEMU ``fd`` (closed here) and migrate the paused guest into it."""
         try:
             with QMP(str(VMFiles(run_dir).qmp_socket), timeout=30) as q:
-                self._ignore_shared(q, ram is not None)
+                self._ignore_shared(q, True)
                 # the default cap (128 MiB/s) is for live migration over a network
                 cap: dict[str, Any] = {"max-bandwidth": 64 << 30}
                 q.execute("migrate-set-parameters", **cap)

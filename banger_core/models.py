@@ -168,6 +168,8 @@ class Resumed(Strict):
     snapshot: str  # the snapshot's name ("" for a suspend image)
     kind: str  # "restore", "fork", "template" or "suspend"
     source_vm: str  # the name of the VM the snapshot was taken from
+    #: its ID (it may be gone since); None when not known
+    source_vm_id: str | None = None
     new_identity: bool
     taken_at: datetime
 

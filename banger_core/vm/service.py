@@ -374,7 +374,9 @@ class VMService:
             pass
         return ResumeFrom(
             src=src,
-            resumed=Resumed(snapshot="", kind="suspend", source_vm=vm.name, new_identity=False, taken_at=taken),
+            resumed=Resumed(
+                snapshot="", kind="suspend", source_vm=vm.name, source_vm_id=vm.id, new_identity=False, taken_at=taken
+            ),
             discard=lambda: shutil.rmtree(src, ignore_errors=True),
             what="its suspend image",
         )

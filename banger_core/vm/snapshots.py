@@ -325,6 +325,7 @@ class SnapshotService:
                 snapshot=snap.name,
                 kind={SnapshotKind.TEMPLATE: "template", SnapshotKind.FORK: "fork"}.get(snap.kind, "restore"),
                 source_vm=snap.vm_name,
+                source_vm_id=snap.vm_id,
                 new_identity=True,
                 taken_at=snap.created_at,
             ),

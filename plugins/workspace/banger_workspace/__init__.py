@@ -15,6 +15,8 @@ part of the VM's snapshots. See README.md beside this file.
 
 from __future__ import annotations
 
+import os
+
 import posixpath
 from typing import TYPE_CHECKING, Any
 
@@ -196,13 +198,21 @@ def vm_resumed(ctx: Any, resumed: Any) -> None:
 
     if not resumed.new_identity or resumed.kind == "template":  # templates never hold a workspace
         return
-    try:
-        agent = ctx.service("agent")
-    except Exception:
-        return
-    if agent.health(ctx.vm.id) is None:
-        return
-    record = ops.read_markers(agent, ctx.paths, ctx.vm, guest_path(ctx.settings))
+    source = getattr(resumed, "source_vm_id", None)  # core 0.9
+    if resumed.kind == "fork" and source and os.path.isdir(ctx.paths.vm_dir(source)):
+        # a fork is of its source as it is now: the source's record is the fork's, and
+        # says whether there is a workspace at all, with no round trip into the guest
+        record = ops.load_record(ctx.paths, source)
+        if record is None:
+            return
+    else:
+        try:
+            agent = ctx.service("agent")
+        except Exception:
+            return
+        if agent.health(ctx.vm.id) is None:
+            return
+        record = ops.read_markers(agent, ctx.paths, ctx.vm, guest_path(ctx.settings))
     if record is not None:
         ops.save_record(ctx.paths, ctx.vm.id, record)
         ctx.log.info("VM %s: holds the workspace of %s (%s)", ctx.vm.name, resumed.source_vm, record.get("head"))

@@ -189,11 +189,43 @@ def test_every_plugin_is_told_the_vm_resumed_in_order_with_what_the_core_knew(fc
     assert all(
         e["snapshot"] == "s1" and e["kind"] == "restore" and e["source_vm"] == "src" and e["new_identity"] for e in resumed
     ), resumed
+    assert {e["source_vm_id"] for e in resumed} == {fc.src["id"]}
     for vm in ("r1", "r2"):
         order = [e["hook"] for e in seen if e.get("vm") == vm]
         assert (
             order.index("prepare_host") < order.index("configure_machine") < order.index("vm_resumed") < order.index("post_boot")
         )
+
+
+def test_a_fork_is_n_restores_of_one_snapshot_that_goes_with_the_last_fork(fc):
+    """`vm fork` on Firecracker: one createSnapshot, then a loadSnapshot per fork, all of
+    one memory file (Firecracker maps it privately: the forks share its pages); each
+    fork on its own disk with its own identity; the source runs on."""
+    before = len(fc.requests())
+    r = fc.run("vm", "fork", "src", "--count", "2", "--name", "k", "--json", check=True)
+    forks = [v["name"] for v in json.loads(r.stdout)["vms"]]
+    assert forks == ["k-1", "k-2"]
+    (snap,) = [s for s in fc.snapshots() if s["kind"] == "fork"]
+    assert snap["vm_name"] == "src" and sorted(snap["vms"]) == forks
+    reqs = fc.requests()[before:]
+    assert [r for r in reqs if r["result"] != "ok"] == []
+    assert len([r for r in reqs if r["op"] == "createSnapshot"]) == 1
+    loads = [r for r in reqs if r["op"] == "loadSnapshot"]
+    assert len(loads) == 2
+    assert {ld["body"]["mem_backend"]["backend_path"] for ld in loads} == {str(Path(snap["dir"]) / "memory")}
+    shown = [fc.show(f) for f in forks]
+    assert len({root_disk(v) for v in shown}) == 2 and all(Path(root_disk(v)).parent == Path(v["dir"]) for v in shown)
+    ids = {(identity_root(fc.show(f)) / "etc" / "machine-id").read_text() for f in forks}
+    assert len(ids) == 2
+    told = [e for e in hooks(fc) if e["hook"] == "vm_resumed" and e["vm"] in forks]
+    assert sorted(e["vm"] for e in told) == forks
+    assert all(e["kind"] == "fork" and e["source_vm_id"] == fc.src["id"] and e["new_identity"] for e in told), told
+    assert fc.show("src")["state"] == "running" and fc.run("vm", "exec", "k-2", "--", "true").returncode == 0
+    fc.run("vm", "delete", "k-1", check=False)  # running: refused without --force
+    fc.run("vm", "delete", "k-1", "--force", check=True)
+    assert [s["kind"] for s in fc.snapshots()].count("fork") == 1  # k-2 still stands on it
+    fc.run("vm", "delete", "k-2", "--force", check=True)
+    assert [s["name"] for s in fc.snapshots()] == ["s1"] and not Path(snap["dir"]).exists()
 
 
 BAD_INPUT = [
@@ -276,7 +308,15 @@ def test_suspend_then_start_loads_the_suspend_image(fc):
     assert not (identity_root(now) / "etc" / "machine-id").exists()
     told = [e for e in hooks(fc) if e["hook"] == "vm_resumed" and e["vm"] == "src"]
     assert told == [
-        {"hook": "vm_resumed", "vm": "src", "snapshot": "", "kind": "suspend", "source_vm": "src", "new_identity": False}
+        {
+            "hook": "vm_resumed",
+            "vm": "src",
+            "snapshot": "",
+            "kind": "suspend",
+            "source_vm": "src",
+            "source_vm_id": fc.src["id"],
+            "new_identity": False,
+        }
     ]
 
 

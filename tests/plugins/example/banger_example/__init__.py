@@ -497,6 +497,7 @@ def vm_resumed(ctx, resumed) -> None:
             "snapshot": resumed.snapshot,
             "kind": resumed.kind,
             "source_vm": resumed.source_vm,
+            "source_vm_id": resumed.source_vm_id,
             "new_identity": resumed.new_identity,
         },
     )

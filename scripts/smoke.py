@@ -322,6 +322,44 @@ def run_network_user(e: Env) -> None:
         e.nothing_left()
 
 
+def run_fork(e: Env) -> None:
+    """vm fork of a user-mode VM running a web server: each fork answers on its own
+    127.0.0.1 forward as itself, reaches the internet, outlives the source; nothing is
+    left once all are deleted (no snapshot, no RAM file)."""
+    with _internet(e):
+        r = e.run("vm", "run", "-d", "--cold", "--name", "u", "--network", "user")
+        check(r.returncode == 0, out(r))
+        serve = (
+            "mkdir -p /tmp/www && hostname > /tmp/www/who && cd /tmp/www && setsid -f python3 -m http.server 8000 >/dev/null 2>&1"
+        )
+        check(e.run("vm", "exec", "u", "--", "bash", "-c", serve).returncode == 0, "the server starts")
+        r = e.run("vm", "fork", "u", "--count", "2", "--name", "uf", "--json")
+        check(r.returncode == 0, out(r))
+        made = json.loads(r.stdout)["vms"]
+        ids = [v["id"] for v in made] + [v["id"] for v in e.vms() if v["name"] == "u"]
+        check(e.run("vm", "delete", "--force", "u").returncode == 0, "delete the source")
+        for v in made:
+            name = v["name"]
+            r = e.run("vm", "exec", name, "--", "bash", "-c", f"hostname > /tmp/www/who && {GET}")
+            check(r.returncode == 0 and r.stdout.strip().endswith(UPLINK.encode()), f"{name} reaches the internet\n" + out(r))
+            deadline = time.monotonic() + 30
+            endpoint = ""
+            while time.monotonic() < deadline and not endpoint.startswith("127.0.0.1:"):
+                ports = json.loads(e.run("vm", "ports", name, "--json", "--no-probe").stdout or "[]")
+                endpoint = next((p["endpoint"] for p in ports if p["port"] == 8000), "")
+                time.sleep(0.3)
+            url = f"http://{endpoint}/who"
+            code = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
+            got = _ns(e.netns, sys.executable, "-c", code)
+            check(got.stdout.strip() == name.encode(), f"{name}'s server answers as {name} on its own forward\n" + out(got))
+        check(e.run("vm", "delete", "--force", *(v["name"] for v in made)).returncode == 0, "delete the forks")
+        e.nothing_left()
+        left = list((e.root / "state" / "snapshots").iterdir())
+        check(not left, f"snapshot dirs left: {left}")
+        ram = [p for p in Path(f"/dev/shm/banger-{os.getuid()}").glob("*.ram") if p.stem in ids]
+        check(not ram, f"RAM files left: {ram}")
+
+
 # --- the workspace plugin ---------------------------------------------------------------
 
 GIT_ENV = {
@@ -501,6 +539,11 @@ SCENARIOS: dict[str, tuple[Callable[[Env], None], bool, str]] = {
         run_network_user,
         False,
         "user mode: egress, nothing on the host, a guest server on its 127.0.0.1 forward, vm ssh",
+    ),
+    "fork": (
+        run_fork,
+        False,
+        "vm fork of a user-mode VM: each fork answers on its own forward as itself, reaches out, outlives the source",
     ),
     "workspace-roundtrip": (
         run_workspace_roundtrip,

@@ -230,9 +230,9 @@ def post_boot(ctx: "StageContext") -> None:
 
 @hookspec
 def vm_resumed(ctx: "StageContext", resumed: "Resumed") -> None:
-    """The VM did not boot: it continues from a snapshot (``vm restore``, a warm
-    ``vm run``/``vm create --warm``) or from its suspend image (``vm start`` after
-    ``vm stop --suspend``). Runs in dependency order after the VMM runs again and
+    """The VM did not boot: it continues from a snapshot (``vm restore``, each fork of
+    ``vm fork``, in parallel, a warm ``vm run``/``vm create --warm``) or from its
+    suspend image (``vm start`` after ``vm stop --suspend``). Runs in dependency order after the VMM runs again and
     before ``post_boot``; ``prepare_host`` and ``configure_machine`` ran as for a boot.
 
     ``resumed.new_identity`` is True when this is a new VM continuing another's state

@@ -295,8 +295,12 @@ def unprivileged(uenv, tmp_path_factory):
     finally:
         subprocess.run(["pkill", "-9", "-u", USER], capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
+        memory = Path(f"/dev/shm/banger-{pw.pw_uid}")  # its daemon's default memory dir
+        ram = list(memory.glob("*")) if memory.is_dir() else []
+        shutil.rmtree(memory, ignore_errors=True)
         if made:
             subprocess.run(["userdel", USER], capture_output=True)
+    assert not ram, f"guest RAM files left: {ram}"
 
 
 def test_an_unprivileged_daemon_runs_a_user_mode_vm(uenv, unprivileged):

@@ -54,3 +54,30 @@ def test_microvm_under_tcg_is_told_the_tsc_rate(tmp_path, monkeypatch):
     # a host where the rate can't be read boots as before
     monkeypatch.setattr("banger_core.vmm.qemu.host_tsc_khz", lambda: None)
     assert append_of(d.argv("v1", machine(tmp_path, elf=True), tmp_path, "tcg")) == ["console=ttyS0", "root=/dev/vda"]
+
+
+def test_guest_ram_is_a_shared_file_in_the_memory_dir_and_a_foreign_dir_is_refused(tmp_path):
+    from banger_core.errors import BangerError
+
+    mem = tmp_path / "mem"
+    d = QemuDriver(memory_dir=mem, tb_size_mib=64)
+    run_dir = tmp_path / "vms" / "0123456789abcdef"
+    memory = d._own_ram(run_dir)
+    assert memory == (mem / "0123456789abcdef.ram", True) and (mem.stat().st_mode & 0o777) == 0o700
+    argv = d.argv("0123456789abcdef", machine(tmp_path, elf=True), run_dir, "tcg", memory)
+    assert argv[argv.index("-M") + 1] == "microvm,acpi=on,memory-backend=ram"
+    assert argv[argv.index("-accel") + 1] == "tcg,tb-size=64"
+    assert f"memory-backend-file,id=ram,size=128M,mem-path={mem}/0123456789abcdef.ram,share=on" in argv
+    assert memory[0] in d.run_files(run_dir)  # removed with the VMM
+    # a restore maps a snapshot's memory privately; KVM ignores the TCG cache size
+    argv = d.argv("0123456789abcdef", machine(tmp_path, elf=True), run_dir, "kvm", (tmp_path / "snap" / "memory", False))
+    assert argv[argv.index("-accel") + 1] == "kvm" and any(a.endswith("/snap/memory,share=off") for a in argv)
+    # a memory dir others can enter (on a world-writable tmpfs: perhaps not ours) is refused
+    mem.chmod(0o755)
+    with pytest.raises(BangerError) as exc:
+        d._own_ram(run_dir)
+    assert "must be a directory owned by uid" in exc.value.message and "BANGER_MEMORY_DIR" in exc.value.message
+    mem.rmdir()
+    mem.symlink_to(tmp_path)
+    with pytest.raises(BangerError):
+        d._own_ram(run_dir)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -259,10 +260,19 @@ class QemuDriver(Driver):
         return self.memory_dir / f"{run_dir.name}.ram" if self.memory_dir else None
 
     def _own_ram(self, run_dir: Path) -> tuple[Path, bool] | None:
+        """A fresh RAM file for a VM about to start, in a memory dir that is this user's
+        alone (it is on a world-writable tmpfs: one made by anyone else is refused)."""
         ram = self.ram_file(run_dir)
         if ram is None:
             return None
         ram.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.lstat(ram.parent)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise BangerError(
+                ErrorCode.OPERATION_FAILED,
+                f"{ram.parent} (guest RAM files) must be a directory owned by uid {os.getuid()} with mode 0700; "
+                "remove it, or set BANGER_MEMORY_DIR",
+            )
         ram.unlink(missing_ok=True)
         return ram, True
 

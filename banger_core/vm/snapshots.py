@@ -351,18 +351,20 @@ class SnapshotService:
         from banger_core.vm.params import random_name
 
         snap = self.resolve(ref)
+        return self._restore_as(snap, name or random_name(), op_id, progress, cancel, f"restores snapshot {snap.name}")
+
+    def _restore_as(self, snap: Snapshot, name: str, op_id: str, progress: "Progress", cancel: threading.Event, how: str) -> VM:
+        """A new VM ``name`` made as ``snap``'s source was, continuing from ``snap``."""
         vm = VM(
             id=secrets.token_hex(8),
-            name=name or random_name(),
+            name=name,
             image=snap.image,
             spec=snap.spec,
             driver=snap.driver,
             project_dir=snap.project_dir,
             options=snap.options,
         )
-        return self.vms.make(
-            vm, op_id, progress, cancel, prepare=lambda v: self._restore_disk(snap, v), how=f"restores snapshot {snap.name}"
-        )
+        return self.vms.make(vm, op_id, progress, cancel, prepare=lambda v: self._restore_disk(snap, v), how=how)
 
     def _restore_disk(self, snap: Snapshot, vm: VM) -> ResumeFrom:
         self.stand_on(snap, vm)
@@ -400,23 +402,11 @@ class SnapshotService:
         )
 
         def one(name: str) -> VM:
-            vm = VM(
-                id=secrets.token_hex(8),
-                name=name,
-                image=snap.image,
-                spec=snap.spec,
-                driver=snap.driver,
-                project_dir=snap.project_dir,
-                options=snap.options,
-            )
-
             def quiet(stage: str, data: dict[str, Any]) -> None:  # N starts' steps would interleave
                 if stage == "ready":
                     progress("step", {"msg": f"{name} ready ({data.get('elapsed_s', 0):.2f}s)"})
 
-            return self.vms.make(
-                vm, op_id, quiet, cancel, prepare=lambda v: self._restore_disk(snap, v), how=f"forks {source.name}"
-            )
+            return self._restore_as(snap, name, op_id, quiet, cancel, f"forks {source.name}")
 
         made: list[VM] = []
         failures: list[tuple[str, BaseException]] = []

@@ -11,6 +11,7 @@ The forks are restores, not boots.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def fnet(tmp_path_factory):
     with uplinked("bgt-fhost", "bgt-finet", UPLINK, INTERNET) as (host, inet):
         with isolated_env() as env:
             env.extra_env["BANGER_CACHE_DIR"] = str(ga.default_cache_dir() / "banger-cache")
+            (env.root / "home" / ".ssh").mkdir(parents=True, mode=0o700)
+            env.extra_env["HOME"] = str(env.root / "home")  # ssh-config --install writes $HOME/.ssh/config
             dns_port = free_port()
             env.write_config(f"[vmm]\naccel = 'tcg'\nstop_timeout_s = 30\n[dns]\nport = {dns_port}\n[network]\ntap_pool = 1\n")
             env.run("image", "pull", "debian-bookworm", check=True, timeout=LONG)  # outside: the cache, a local build
@@ -120,6 +123,15 @@ def test_forks_go_on_from_the_source_each_a_vm_of_its_own(forked):
         # ssh NAME.vm: straight to the fork's address, sshd sees the bridge's
         r = n.run("vm", "ssh", f, "--", "sh", "-c", "echo $SSH_CLIENT; hostname", timeout=120)
         assert r.returncode == 0 and r.stdout.split()[0] == "172.30.0.1" and r.stdout.split()[-1] == f, r.stdout + r.stderr
+    # plain `ssh NAME.vm` (ssh-config's Include; -F: ssh reads the passwd home): each
+    # fork's own host key was pinned under its name, so no warning
+    n.run("ssh-config", "--install", check=True)
+    ssh = ["ssh", "-F", str(n.env.root / "home" / ".ssh" / "config"), "-o", "BatchMode=yes"]
+    for f in FORKS:
+        r = subprocess.run(
+            n.host.argv([*ssh, f"{f}.vm", "hostname"]), env=n.env.env(), capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 0 and r.stdout.strip() == f and r.stderr == "", r.stdout + r.stderr
     ids = {v: sh(n, v, "cat /etc/machine-id") for v in ("src", *FORKS)}
     keys = {v: sh(n, v, "cat /etc/ssh/ssh_host_ed25519_key.pub") for v in ("src", *FORKS)}
     rand = {v: sh(n, v, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'") for v in FORKS}

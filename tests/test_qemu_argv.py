@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 
@@ -56,13 +57,13 @@ def test_microvm_under_tcg_is_told_the_tsc_rate(tmp_path, monkeypatch):
     assert append_of(d.argv("v1", machine(tmp_path, elf=True), tmp_path, "tcg")) == ["console=ttyS0", "root=/dev/vda"]
 
 
-def test_guest_ram_is_a_shared_file_in_the_memory_dir_and_a_foreign_dir_is_refused(tmp_path):
+def test_guest_ram_is_a_shared_file_in_the_memory_dir_and_a_foreign_dir_is_refused(tmp_path, monkeypatch):
     from banger_core.errors import BangerError
 
     mem = tmp_path / "mem"
     d = QemuDriver(memory_dir=mem, tb_size_mib=64)
     run_dir = tmp_path / "vms" / "0123456789abcdef"
-    memory = d._own_ram(run_dir)
+    memory = d._own_ram(run_dir, 128)
     assert memory == (mem / "0123456789abcdef.ram", True) and (mem.stat().st_mode & 0o777) == 0o700
     argv = d.argv("0123456789abcdef", machine(tmp_path, elf=True), run_dir, "tcg", memory)
     assert argv[argv.index("-M") + 1] == "microvm,acpi=on,memory-backend=ram"
@@ -72,12 +73,24 @@ def test_guest_ram_is_a_shared_file_in_the_memory_dir_and_a_foreign_dir_is_refus
     # a restore maps a snapshot's memory privately; KVM ignores the TCG cache size
     argv = d.argv("0123456789abcdef", machine(tmp_path, elf=True), run_dir, "kvm", (tmp_path / "snap" / "memory", False))
     assert argv[argv.index("-accel") + 1] == "kvm" and any(a.endswith("/snap/memory,share=off") for a in argv)
+    # a memory dir without room for the VM's memory (a small /dev/shm, as in a container)
+    real = os.statvfs
+
+    def small(path):
+        st = real(path)
+        return os.statvfs_result((st.f_bsize, 4096, st.f_blocks, 1000, 1000, *st[5:]))
+
+    monkeypatch.setattr(os, "statvfs", small)
+    with pytest.raises(BangerError) as exc:
+        d._own_ram(run_dir, 128)
+    assert "has 3 MiB free, less than the VM's 128 MiB" in exc.value.message, exc.value.message
+    monkeypatch.undo()
     # a memory dir others can enter (on a world-writable tmpfs: perhaps not ours) is refused
     mem.chmod(0o755)
     with pytest.raises(BangerError) as exc:
-        d._own_ram(run_dir)
+        d._own_ram(run_dir, 128)
     assert "must be a directory owned by uid" in exc.value.message and "BANGER_MEMORY_DIR" in exc.value.message
     mem.rmdir()
     mem.symlink_to(tmp_path)
     with pytest.raises(BangerError):
-        d._own_ram(run_dir)
+        d._own_ram(run_dir, 128)

@@ -259,9 +259,11 @@ class QemuDriver(Driver):
         after its directory, which is named after the VM. None: no memory dir set."""
         return self.memory_dir / f"{run_dir.name}.ram" if self.memory_dir else None
 
-    def _own_ram(self, run_dir: Path) -> tuple[Path, bool] | None:
+    def _own_ram(self, run_dir: Path, memory_mib: int) -> tuple[Path, bool] | None:
         """A fresh RAM file for a VM about to start, in a memory dir that is this user's
-        alone (it is on a world-writable tmpfs: one made by anyone else is refused)."""
+        alone (it is on a world-writable tmpfs: one made by anyone else is refused) and
+        has room for the VM's memory (a full tmpfs would kill the VMM with SIGBUS when
+        the guest touches a page it has no room for)."""
         ram = self.ram_file(run_dir)
         if ram is None:
             return None
@@ -274,6 +276,14 @@ class QemuDriver(Driver):
                 "remove it, or set BANGER_MEMORY_DIR",
             )
         ram.unlink(missing_ok=True)
+        fs = os.statvfs(ram.parent)
+        free_mib = fs.f_bavail * fs.f_frsize // 2**20
+        if free_mib < memory_mib:
+            raise BangerError(
+                ErrorCode.OPERATION_FAILED,
+                f"{ram.parent} (guest RAM files) has {free_mib} MiB free, less than the VM's {memory_mib} MiB; "
+                "set BANGER_MEMORY_DIR to a larger tmpfs, or give the VM less memory",
+            )
         return ram, True
 
     def shares_ram(self, pid: int, run_dir: Path) -> Path | None:
@@ -288,7 +298,7 @@ class QemuDriver(Driver):
         # -daemonize: QEMU forks once it has initialised, so configuration errors come
         # back here as an exit status, and the VM is not our child: it outlives both
         # this request and the daemon.
-        argv = self.argv(vm_id, machine, run_dir, accel, self._own_ram(run_dir))
+        argv = self.argv(vm_id, machine, run_dir, accel, self._own_ram(run_dir, machine.memory_mib))
         proc.run(argv, timeout=60, what="starting QEMU")
         pid = int(VMFiles(run_dir).vmm_pid.read_text().strip())
         return Launch(pid=pid, api_socket=str(VMFiles(run_dir).qmp_socket))
@@ -441,7 +451,7 @@ class QemuDriver(Driver):
         accel = self._prepare(vm_id, machine, run_dir, "restore")
         image = src / self.MEMORY
         private = image.exists()
-        memory = (image, False) if private else self._own_ram(run_dir)
+        memory = (image, False) if private else self._own_ram(run_dir, machine.memory_mib)
         argv = self.argv(vm_id, machine, run_dir, accel, memory) + ["-incoming", "defer"]
         proc.run(argv, timeout=60, what="starting QEMU to restore")
         pid = int(VMFiles(run_dir).vmm_pid.read_text().strip())

@@ -192,7 +192,7 @@ def test_pull_builds_once_and_boots_on_microvm(kenv):
     vm = json.loads(kenv.run("vm", "show", "micro", "--json", check=True).stdout)
     assert vm["spec"]["kernel"] == "microvm-6.1"
     argv = Path(f"/proc/{vm['pid']}/cmdline").read_bytes().split(b"\0")
-    assert b"microvm,acpi=on" in argv and b"-initrd" not in argv and k["vmlinux"].encode() in argv
+    assert argv[argv.index(b"-M") + 1].startswith(b"microvm,acpi=on") and b"-initrd" not in argv and k["vmlinux"].encode() in argv
     # told the host's TSC rate (no HPET/PM timer on microvm to calibrate against under TCG)
     append = argv[argv.index(b"-append") + 1].decode()
     assert re.search(r"\btsc_early_khz=\d+\b", append), append

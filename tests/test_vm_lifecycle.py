@@ -299,7 +299,7 @@ def test_extracted_vmlinux_boots_through_pvh_on_microvm(venv_, assets, tmp_path)
     try:
         assert wait_boot(env, "pvh") == ["1"]
         argv = Path(f"/proc/{show(env, 'pvh')['pid']}/cmdline").read_bytes().split(b"\0")
-        assert b"microvm,acpi=on" in argv and any(a.endswith(b"/vmlinux") for a in argv)
+        assert argv[argv.index(b"-M") + 1].startswith(b"microvm,acpi=on") and any(a.endswith(b"/vmlinux") for a in argv)
     finally:
         env.run("vm", "delete", "pvh", "--force", timeout=120, check=True)
         env.run("image", "delete", "bb-pvh", check=True)

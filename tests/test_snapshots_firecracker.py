@@ -226,6 +226,14 @@ def test_a_fork_is_n_restores_of_one_snapshot_that_goes_with_the_last_fork(fc):
     assert [s["kind"] for s in fc.snapshots()].count("fork") == 1  # k-2 still stands on it
     fc.run("vm", "delete", "k-2", "--force", check=True)
     assert [s["name"] for s in fc.snapshots()] == ["s1"] and not Path(snap["dir"]).exists()
+    # a stopped VM is not forked: refused by name, nothing made
+    fc.run("vm", "create", "--name", "cold", "--image", "fcagent", *ARGS, check=True)
+    fc.run("vm", "stop", "cold", "--force", check=True)
+    r = fc.run("vm", "fork", "cold", "--count", "2")
+    assert r.returncode != 0 and "VM cold is stopped: only a running or paused VM is forked" in r.stderr, r.stderr
+    assert [s["name"] for s in fc.snapshots()] == ["s1"]
+    assert "cold-1" not in fc.run("vm", "list", check=True).stdout
+    fc.run("vm", "delete", "cold", check=True)
 
 
 BAD_INPUT = [

@@ -385,6 +385,12 @@ class SnapshotService:
         from banger_core.checks import validate_vm_name
 
         t0 = time.monotonic()
+        source = self.vms.refresh(self.store.get_vm(source.id), op_id)
+        if not source.state.live:
+            raise BangerError(
+                ErrorCode.BAD_REQUEST,
+                f"VM {source.name} is {source.state.value}: only a running or paused VM is forked (banger vm start {source.name})",
+            )
         prefix = prefix or source.name
         names = [f"{prefix}-{i}" for i in range(1, count + 1)]
         for n in names:

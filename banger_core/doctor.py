@@ -28,6 +28,7 @@ def register_core_checks(register: Callable[[str, "CheckFn"], None], doctor: "Do
         register("default image", lambda _s: _default_image_check(rt))
     register("state", lambda _s: _state_check(paths))
     register("runtime dir", lambda _s: _runtime_dir_check(paths))
+    register("memory dir", lambda _s: _memory_dir_check(paths))
     register("daemon", lambda _s: _daemon_check(paths))
     register("qemu", lambda _s: _qemu_check())
     register("kvm", lambda _s: _kvm_check(paths))
@@ -161,6 +162,30 @@ def _runtime_dir_check(paths: "Paths") -> CheckResult:
     if stat.S_IMODE(st.st_mode) & 0o077:
         return CheckResult.fail("runtime dir", f"{d} has mode {oct(stat.S_IMODE(st.st_mode))}; want 0700")
     return CheckResult.ok("runtime dir", f"{d} (0700)")
+
+
+def _memory_dir_check(paths: "Paths") -> CheckResult:
+    """Where running QEMU guests keep their RAM (``QemuDriver``): ours alone, on a
+    tmpfs with room (a VM is refused at start when its memory does not fit)."""
+    d = paths.memory_dir
+    probe = d if d.exists() else d.parent
+    try:
+        fs = os.statvfs(probe)
+    except OSError as exc:
+        return CheckResult.fail("memory dir", f"{d}: {exc.strerror} (set BANGER_MEMORY_DIR)")
+    free = f"{fs.f_bavail * fs.f_frsize / 2**30:.1f} GiB free"
+    if d.is_symlink() or (d.exists() and (not d.is_dir() or d.stat().st_uid != os.getuid())):
+        return CheckResult.fail("memory dir", f"{d} is not a directory of yours: VMs will not start (remove it)")
+    if d.exists() and stat.S_IMODE(d.stat().st_mode) & 0o077:
+        return CheckResult.fail("memory dir", f"{d} has mode {oct(stat.S_IMODE(d.stat().st_mode))}; want 0700")
+    with open("/proc/mounts") as fh:
+        mounts = [ln.split() for ln in fh]
+    best = max(
+        (m for m in mounts if str(probe).startswith(m[1].rstrip("/") + "/") or str(probe) == m[1]), key=lambda m: len(m[1])
+    )
+    if best[2] != "tmpfs":
+        return CheckResult.warn("memory dir", f"{d} is on {best[2]}, not a tmpfs: guest RAM is written back to disk ({free})")
+    return CheckResult.ok("memory dir", f"{d} (tmpfs, {free}{'' if d.exists() else '; created on first use'})")
 
 
 def _daemon_check(paths: "Paths") -> CheckResult:

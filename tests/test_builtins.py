@@ -162,3 +162,19 @@ def test_a_non_essential_builtin_can_be_disabled(benv):
     r = benv.run("plugins", "list", "--json", check=True, BANGER_DISABLE_PLUGINS="catalog")
     listed = {p["name"]: p for p in json.loads(r.stdout)["plugins"]}
     assert listed["catalog"]["reason"] == "disabled by BANGER_DISABLE_PLUGINS"
+
+
+def test_doctor_checks_the_memory_dir_where_guest_ram_lives(benv, tmp_path):
+    def check(**env: str) -> dict:
+        out = json.loads(benv.run("doctor", "--json", **env).stdout)["checks"]
+        return next(c for c in out if c["name"] == "memory dir")
+
+    got = check()  # the env's own, under /dev/shm: not made yet
+    assert got["status"] == "PASS" and "(tmpfs, " in got["detail"] and "created on first use" in got["detail"], got
+    disk = tmp_path / "mem"
+    got = check(BANGER_MEMORY_DIR=str(disk))
+    assert got["status"] == "WARN" and "not a tmpfs" in got["detail"], got
+    disk.mkdir(mode=0o755)
+    disk.chmod(0o755)
+    got = check(BANGER_MEMORY_DIR=str(disk))
+    assert got["status"] == "FAIL" and "want 0700" in got["detail"], got

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import sys
 from typing import TYPE_CHECKING, Callable
 
 from banger_core.context import CheckResult
 from banger_core.errors import BangerError
+from banger_core.fsutil import not_owner_only
 
 if TYPE_CHECKING:  # pragma: no cover
     from banger_core.context import CheckFn, DoctorContext
@@ -156,11 +156,8 @@ def _runtime_dir_check(paths: "Paths") -> CheckResult:
     d = paths.runtime_dir
     if not d.exists():
         return CheckResult.ok("runtime dir", f"{d} (created on first use)")
-    st = d.stat()
-    if st.st_uid != os.getuid():
-        return CheckResult.fail("runtime dir", f"{d} is owned by uid {st.st_uid}, not you ({os.getuid()})")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        return CheckResult.fail("runtime dir", f"{d} has mode {oct(stat.S_IMODE(st.st_mode))}; want 0700")
+    if why := not_owner_only(d):
+        return CheckResult.fail("runtime dir", f"{d} {why}")
     return CheckResult.ok("runtime dir", f"{d} (0700)")
 
 
@@ -174,10 +171,8 @@ def _memory_dir_check(paths: "Paths") -> CheckResult:
     except OSError as exc:
         return CheckResult.fail("memory dir", f"{d}: {exc.strerror} (set BANGER_MEMORY_DIR)")
     free = f"{fs.f_bavail * fs.f_frsize / 2**30:.1f} GiB free"
-    if d.is_symlink() or (d.exists() and (not d.is_dir() or d.stat().st_uid != os.getuid())):
-        return CheckResult.fail("memory dir", f"{d} is not a directory of yours: VMs will not start (remove it)")
-    if d.exists() and stat.S_IMODE(d.stat().st_mode) & 0o077:
-        return CheckResult.fail("memory dir", f"{d} has mode {oct(stat.S_IMODE(d.stat().st_mode))}; want 0700")
+    if (d.exists() or d.is_symlink()) and (why := not_owner_only(d)):
+        return CheckResult.fail("memory dir", f"{d} {why}: QEMU VMs will not start")
     with open("/proc/mounts") as fh:
         mounts = [ln.split() for ln in fh]
     best = max(

@@ -22,6 +22,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,6 +82,19 @@ def atomic_copy(src: Path, final: Path) -> None:
     """Copy a (large) file into place atomically."""
     with atomic_file(final) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def not_owner_only(d: Path) -> str | None:
+    """Why the existing ``d`` is not a directory of this user's alone (a symlink,
+    another owner, a mode open to others), or None when it is."""
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory (a symlink?)"
+    if st.st_uid != os.getuid():
+        return f"is owned by uid {st.st_uid}, not you ({os.getuid()})"
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        return f"has mode {oct(stat.S_IMODE(st.st_mode))}; want 0700"
+    return None
 
 
 def copy_sparse(src: Path, dest: Path, mode: int = 0o600) -> int:

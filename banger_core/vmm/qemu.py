@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import subprocess
 import threading
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 from banger_core.paths import VMFiles
 from banger_core import proc
-from banger_core.fsutil import atomic_write, copy_sparse
+from banger_core.fsutil import atomic_write, copy_sparse, not_owner_only
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import NIC, HostForward, Machine
 from banger_core.vmm.base import Driver, Launch, cmdline, kernel_is_elf, process_tag
@@ -268,14 +267,12 @@ class QemuDriver(Driver):
         if ram is None:
             return None
         ram.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = os.lstat(ram.parent)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        if why := not_owner_only(ram.parent):
             raise BangerError(
                 ErrorCode.OPERATION_FAILED,
-                f"{ram.parent} (guest RAM files) must be a directory owned by uid {os.getuid()} with mode 0700; "
-                "remove it, or set BANGER_MEMORY_DIR",
+                f"{ram.parent} (guest RAM files) must be a directory owned by uid {os.getuid()} with mode 0700: "
+                f"it {why}; remove it, or set BANGER_MEMORY_DIR",
             )
-        ram.unlink(missing_ok=True)
         fs = os.statvfs(ram.parent)
         free_mib = fs.f_bavail * fs.f_frsize // 2**20
         if free_mib < memory_mib:

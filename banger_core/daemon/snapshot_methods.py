@@ -12,6 +12,7 @@ from banger_core.daemon.work import run_blocking, run_simple
 from banger_core.errors import BangerError, ErrorCode
 from banger_core.models import Input, SnapshotKind, validate_vm_name
 from banger_core.vm.params import CreateParams
+from banger_core.vm.snapshots import fork_names
 
 
 def _name(v: str | None) -> str | None:
@@ -44,9 +45,8 @@ class ForkParams(Input):
 
     @model_validator(mode="after")
     def _names(self) -> "ForkParams":
-        if self.name is not None:
-            validate_vm_name(f"{self.name}-{self.count}", "fork")  # the longest one
-            validate_vm_name(self.name, "fork prefix")
+        if self.name is not None:  # refused before the VM is looked up (the default is checked by the fork)
+            fork_names(self.name, self.count)
         return self
 
 

@@ -135,6 +135,15 @@ def write_image(vms: "VMService", vm: VM, driver: "Driver", pid: int, dest: Path
     atomic_write(dest / COMPAT, json.dumps(compat(machine, driver, run_dir), indent=2))
 
 
+def fork_names(prefix: str, count: int) -> list[str]:
+    """The names of ``count`` forks named after ``prefix``: PREFIX-1..PREFIX-N, each a
+    valid VM name (ValueError saying which is not)."""
+    from banger_core.checks import validate_vm_name
+
+    validate_vm_name(prefix, "fork prefix")
+    return [validate_vm_name(f"{prefix}-{i}", "fork") for i in range(1, count + 1)]
+
+
 def image_snapshots(store: "Store", paths: Paths, image: str) -> list[str]:
     """Before ``image`` is deleted or rebuilt (a snapshot's disk layer is an overlay of
     its rootfs: other bytes under it would be a corrupt disk): its templates that no VM
@@ -382,8 +391,6 @@ class SnapshotService:
         All or nothing: a fork that fails takes the others and the snapshot with it."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from banger_core.checks import validate_vm_name
-
         t0 = time.monotonic()
         source = self.vms.refresh(self.store.get_vm(source.id), op_id)
         if not source.state.live:
@@ -392,12 +399,10 @@ class SnapshotService:
                 f"VM {source.name} is {source.state.value}: only a running or paused VM is forked (banger vm start {source.name})",
             )
         prefix = prefix or source.name
-        names = [f"{prefix}-{i}" for i in range(1, count + 1)]
-        for n in names:
-            try:
-                validate_vm_name(n)
-            except ValueError as exc:
-                raise BangerError(ErrorCode.BAD_REQUEST, f"forks of {prefix!r} would be named {n!r}: {exc}") from None
+        try:
+            names = fork_names(prefix, count)
+        except ValueError as exc:
+            raise BangerError(ErrorCode.BAD_REQUEST, str(exc)) from None
         taken = [n for n in names if self.store.find_vms(name=n)]
         if taken:
             raise BangerError(ErrorCode.ALREADY_EXISTS, f"VMs named {', '.join(taken)} already exist (choose another --name)")

@@ -198,7 +198,7 @@ def vm_resumed(ctx: Any, resumed: Any) -> None:
 
     if not resumed.new_identity or resumed.kind == "template":  # templates never hold a workspace
         return
-    source = getattr(resumed, "source_vm_id", None)  # core 0.9
+    source = resumed.source_vm_id
     if resumed.kind == "fork" and source and os.path.isdir(ctx.paths.vm_dir(source)):
         # a fork is of its source as it is now: the source's record is the fork's, and
         # says whether there is a workspace at all, with no round trip into the guest
@@ -222,7 +222,7 @@ def vm_resumed(ctx: Any, resumed: Any) -> None:
 def vm_fields(ctx: Any, detail: bool) -> dict[str, object] | None:
     from banger_workspace import ops
 
-    if not detail or ctx.paths is None:  # FieldsContext.paths: core 0.8
+    if not detail or ctx.paths is None:  # a FieldsContext made without paths (they are optional)
         return None
     record = ops.load_record(ctx.paths, ctx.vm.id)
     if record is None:

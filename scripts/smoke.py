@@ -279,6 +279,18 @@ def _host_state(e: Env) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _forward(e: Env, vm: str, port: int, wait: float = 30) -> str:
+    """The host endpoint ``vm ports`` shows for the guest's ``port`` once it is a
+    127.0.0.1 forward (or what it showed last, after ``wait`` seconds)."""
+    deadline = time.monotonic() + wait
+    endpoint = ""
+    while time.monotonic() < deadline and not endpoint.startswith("127.0.0.1:"):
+        ports = json.loads(e.run("vm", "ports", vm, "--json", "--no-probe").stdout or "[]")
+        endpoint = next((p["endpoint"] for p in ports if p["port"] == port), "")
+        time.sleep(0.3)
+    return endpoint
+
+
 def run_network_user(e: Env) -> None:
     """User mode on the default image: egress with nothing made on the host, a server
     in the guest answers on 127.0.0.1 of the daemon's namespace, and goes with the VM."""
@@ -298,12 +310,7 @@ def run_network_user(e: Env) -> None:
             "cd /tmp && echo hi > hi.txt && setsid -f python3 -m http.server 8000 >/dev/null 2>&1",
         )
         check(r.returncode == 0, out(r))
-        deadline = time.monotonic() + 30
-        endpoint = ""
-        while time.monotonic() < deadline and not endpoint.startswith("127.0.0.1:"):
-            ports = json.loads(e.run("vm", "ports", "u", "--json", "--no-probe").stdout or "[]")
-            endpoint = next((p["endpoint"] for p in ports if p["port"] == 8000), "")
-            time.sleep(0.3)
+        endpoint = _forward(e, "u", 8000)
         check(endpoint.startswith("127.0.0.1:"), f"port 8000 forwarded: {endpoint!r}")
         # vm ssh to a user-mode VM goes through the agent: sshd sees its own loopback
         r = e.run("vm", "ssh", "u", "--", "sh", "-c", "echo $SSH_CLIENT")
@@ -342,12 +349,7 @@ def run_fork(e: Env) -> None:
             name = v["name"]
             r = e.run("vm", "exec", name, "--", "bash", "-c", f"hostname > /tmp/www/who && {GET}")
             check(r.returncode == 0 and r.stdout.strip().endswith(UPLINK.encode()), f"{name} reaches the internet\n" + out(r))
-            deadline = time.monotonic() + 30
-            endpoint = ""
-            while time.monotonic() < deadline and not endpoint.startswith("127.0.0.1:"):
-                ports = json.loads(e.run("vm", "ports", name, "--json", "--no-probe").stdout or "[]")
-                endpoint = next((p["endpoint"] for p in ports if p["port"] == 8000), "")
-                time.sleep(0.3)
+            endpoint = _forward(e, name, 8000)
             url = f"http://{endpoint}/who"
             code = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
             got = _ns(e.netns, sys.executable, "-c", code)
